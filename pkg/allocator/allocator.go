@@ -1,0 +1,784 @@
+// Package allocator hands out LoadBalancer VIPs from IP pools.
+//
+// It is pure and in memory: no API or kernel calls. The controller seeds it
+// from every Service's status (Restore) before the first Assign, so a restart
+// never moves or duplicates an address, and feeds it the IPPools (SetPools).
+// All methods are safe for concurrent use; the upstream service controller
+// calls Assign from several workers at once.
+//
+// Free addresses are kept per pool and family as sorted lists of free ranges
+// with a cursor, so an allocation is a binary search over free ranges, not a
+// scan over taken addresses, and a freed address is reused last.
+package allocator
+
+import (
+	"fmt"
+	"math/big"
+	"net/netip"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+)
+
+// Allocator is the in-memory VIP allocator. The zero value is not usable;
+// call New.
+type Allocator struct {
+	allowUnmanaged bool
+
+	mu       sync.Mutex
+	pools    map[string]*poolState
+	index    []indexEntry // effective ranges of all pools, sorted
+	addrs    map[netip.Addr]*addrState
+	services map[string]*svcState
+	pending  map[string]struct{}
+	groups   map[string]map[netip.Addr]struct{} // share key -> addresses
+}
+
+// poolState is a pool with its effective ranges and free addresses.
+type poolState struct {
+	Pool
+	effective [2][]Range // after removing overlaps with older pools
+	free      [2]*rangeSet
+	cursor    [2]netip.Addr
+	total     [2]*big.Int
+	conflicts []string
+}
+
+type indexEntry struct {
+	r    Range
+	pool *poolState
+}
+
+// addrState is one allocated address.
+type addrState struct {
+	pool     string // the pool it is attributed to; "" when unmanaged
+	inRange  bool   // whether pool still contains it
+	shareKey string // "namespace/key" when owners share it
+	owners   []string
+}
+
+type svcState struct {
+	req   Request
+	alloc Allocation
+}
+
+// New returns an empty allocator. allowUnmanaged lets keeplb.io/ips name
+// addresses outside every pool.
+func New(allowUnmanaged bool) *Allocator {
+	return &Allocator{
+		allowUnmanaged: allowUnmanaged,
+		pools:          map[string]*poolState{},
+		addrs:          map[netip.Addr]*addrState{},
+		services:       map[string]*svcState{},
+		pending:        map[string]struct{}{},
+		groups:         map[string]map[netip.Addr]struct{}{},
+	}
+}
+
+// SetPools replaces the set of pools. Addresses already allocated stay with
+// their Services even when no pool contains them any more; SetPools returns
+// the keys of the Services that had an address fall outside its pool by this
+// call, so the caller can warn them.
+func (a *Allocator) SetPools(pools []Pool) (orphaned []string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+
+	sorted := slices.Clone(pools)
+	sort.SliceStable(sorted, func(i, j int) bool {
+		if sorted[i].Order != sorted[j].Order {
+			return sorted[i].Order < sorted[j].Order
+		}
+		return sorted[i].Name < sorted[j].Name
+	})
+	old := a.pools
+	a.pools = make(map[string]*poolState, len(sorted))
+	a.index = a.index[:0]
+	var claimed [2]*rangeSet
+	claimed[IPv4], claimed[IPv6] = newRangeSet(nil), newRangeSet(nil)
+	var owners [2][]indexEntry // what claimed each range, for conflict names
+	for _, p := range sorted {
+		ps := &poolState{Pool: p}
+		for f := IPv4; f <= IPv6; f++ {
+			own := newRangeSet(rangesOf(p.Ranges, f)).spans
+			eff := claimed[f].subtract(own)
+			if !sameRanges(eff, own) {
+				for _, e := range owners[f] {
+					if overlaps(e.r, own) && !slices.Contains(ps.conflicts, e.pool.Name) {
+						ps.conflicts = append(ps.conflicts, e.pool.Name)
+					}
+				}
+			}
+			for _, r := range own {
+				owners[f] = append(owners[f], indexEntry{r, ps})
+			}
+			claimed[f] = newRangeSet(append(slices.Clone(claimed[f].spans), own...))
+			ps.effective[f] = eff
+			usable := eff
+			if p.AvoidBuggyIPs {
+				usable = withoutBuggy(eff)
+			}
+			ps.free[f] = newRangeSet(usable)
+			ps.total[f] = ps.free[f].size()
+			if o := old[p.Name]; o != nil {
+				ps.cursor[f] = o.cursor[f]
+			}
+			for _, r := range eff {
+				a.index = append(a.index, indexEntry{r, ps})
+			}
+		}
+		a.pools[p.Name] = ps
+	}
+	sort.Slice(a.index, func(i, j int) bool { return a.index[i].r.First.Less(a.index[j].r.First) })
+
+	seen := map[string]bool{}
+	for addr, st := range a.addrs {
+		wasIn := st.inRange
+		if ps := a.lookup(addr); ps != nil {
+			st.pool, st.inRange = ps.Name, true
+			ps.free[FamilyOf(addr)].remove(addr)
+			continue
+		}
+		st.inRange = false
+		if wasIn {
+			for _, o := range st.owners {
+				if !seen[o] {
+					seen[o] = true
+					orphaned = append(orphaned, o)
+				}
+			}
+		}
+	}
+	sort.Strings(orphaned)
+	return orphaned
+}
+
+func rangesOf(rs []Range, f Family) []Range {
+	var out []Range
+	for _, r := range rs {
+		if FamilyOf(r.First) == f {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+func sameRanges(a, b []Range) bool { return slices.Equal(a, b) }
+
+func overlaps(r Range, rs []Range) bool {
+	for _, o := range rs {
+		if !r.Last.Less(o.First) && !o.Last.Less(r.First) {
+			return true
+		}
+	}
+	return false
+}
+
+// lookup returns the pool whose effective ranges contain addr.
+func (a *Allocator) lookup(addr netip.Addr) *poolState {
+	i := sort.Search(len(a.index), func(i int) bool { return !a.index[i].r.Last.Less(addr) })
+	if i < len(a.index) && a.index[i].r.Contains(addr) {
+		return a.index[i].pool
+	}
+	return nil
+}
+
+// Restore records addresses a Service already has in its status, without
+// the checks of Assign: what the API says is allocated is allocated. It
+// fails only when another Service holds one of the addresses and the two
+// may not share it; the caller then leaves this Service to Assign, which
+// gives it a fresh address. Seed the oldest Services first.
+func (a *Allocator) Restore(req Request, addrs []netip.Addr) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if _, ok := a.services[req.Key]; ok {
+		return nil
+	}
+	for _, addr := range addrs {
+		if st := a.addrs[addr]; st != nil && len(st.owners) > 0 {
+			if err := a.canShare(&req, addr, st); err != nil {
+				return err
+			}
+		}
+	}
+	alloc := Allocation{Addrs: slices.Clone(addrs)}
+	for i, addr := range addrs {
+		st := a.record(&req, addr)
+		if st.pool == "" && req.Pool != "" {
+			st.pool = req.Pool // outside every pool now: count it where the Service asked
+		}
+		if i == 0 {
+			alloc.Pool = st.pool
+		}
+		if ps := a.pools[st.pool]; ps != nil && st.inRange {
+			f := FamilyOf(addr)
+			if nx := addr.Next(); !ps.cursor[f].IsValid() || ps.cursor[f].Less(nx) {
+				ps.cursor[f] = nx
+			}
+		}
+	}
+	a.services[req.Key] = &svcState{req: req, alloc: alloc}
+	return nil
+}
+
+// Assign returns the addresses for req: the ones the Service already has
+// when they still satisfy it, else new ones. On failure nothing changes,
+// the Service keeps what it had, and the Service is listed by Pending until
+// it succeeds or is released.
+func (a *Allocator) Assign(req Request) (Allocation, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	alloc, err := a.assign(&req)
+	if err != nil {
+		a.pending[req.Key] = struct{}{}
+		return Allocation{}, err
+	}
+	delete(a.pending, req.Key)
+	return alloc, nil
+}
+
+// Release frees the Service's addresses (those no other Service shares)
+// and reports whether any address went back to a pool.
+func (a *Allocator) Release(key string) (freed bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	delete(a.pending, key)
+	prev := a.services[key]
+	if prev == nil {
+		return false
+	}
+	delete(a.services, key)
+	for _, addr := range prev.alloc.Addrs {
+		if a.drop(key, addr) {
+			freed = true
+		}
+	}
+	return freed
+}
+
+// Lookup returns the Service's current allocation.
+func (a *Allocator) Lookup(key string) (Allocation, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	s := a.services[key]
+	if s == nil {
+		return Allocation{}, false
+	}
+	return Allocation{Pool: s.alloc.Pool, Addrs: slices.Clone(s.alloc.Addrs)}, true
+}
+
+// Pending returns the keys of Services whose last Assign failed, sorted.
+func (a *Allocator) Pending() []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	keys := make([]string, 0, len(a.pending))
+	for k := range a.pending {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}
+
+// wanted returns the families req asks for, primary first.
+func wanted(req *Request) []Family {
+	fams := req.Families
+	if len(fams) == 0 {
+		fams = []Family{IPv4}
+	}
+	if req.Policy == SingleStack {
+		return fams[:1]
+	}
+	if req.Policy == RequireDualStack && len(fams) == 1 {
+		return []Family{fams[0], 1 - fams[0]}
+	}
+	return fams
+}
+
+// planned is one address of a plan: either a given address or one to take
+// from a pool's free set at commit.
+type planned struct {
+	addr netip.Addr
+	take *poolState
+	fam  Family
+}
+
+func (a *Allocator) assign(req *Request) (Allocation, error) {
+	prev := a.services[req.Key]
+	var plan []planned
+	var err error
+	switch {
+	case len(req.IPs) > 0:
+		plan, err = a.planExplicit(req)
+	case req.ShareKey != "" && a.shareGroup(req) != nil:
+		plan, err = a.planShared(req)
+	default:
+		plan = a.planKeep(req, prev)
+		if plan == nil {
+			plan, err = a.planFresh(req)
+		}
+	}
+	if err != nil {
+		return Allocation{}, err
+	}
+	return a.commit(req, prev, plan), nil
+}
+
+func (a *Allocator) planExplicit(req *Request) ([]planned, error) {
+	field := req.IPsSource
+	fams := wanted(req)
+	seen := map[Family]bool{}
+	for _, ip := range req.IPs {
+		f := FamilyOf(ip)
+		if seen[f] {
+			return nil, errorf(ReasonInvalid, field, "gives two %s addresses; give at most one address per family", f)
+		}
+		seen[f] = true
+		if !slices.Contains(req.Families, f) && len(req.Families) > 0 && req.Policy != RequireDualStack {
+			return nil, errorf(ReasonFamily, field, "%s is %s but the Service's spec.ipFamilies is %v; set spec.ipFamilies/ipFamilyPolicy to include %s or give a %s address", ip, f, req.Families, f, req.Families[0])
+		}
+	}
+	if req.Policy == SingleStack && len(req.IPs) > 1 {
+		return nil, errorf(ReasonFamily, field, "gives %d addresses but the Service is SingleStack; give one address or set spec.ipFamilyPolicy to RequireDualStack", len(req.IPs))
+	}
+	if req.Policy == RequireDualStack && len(req.IPs) < 2 {
+		return nil, errorf(ReasonFamily, field, "the Service requires dual-stack; give one IPv4 and one IPv6 address, or remove the annotation")
+	}
+	var plan []planned
+	for _, f := range fams {
+		for _, ip := range req.IPs {
+			if FamilyOf(ip) != f {
+				continue
+			}
+			st := a.addrs[ip]
+			if st != nil && !onlyOwner(st, req.Key) {
+				if err := a.canShare(req, ip, st); err != nil {
+					return nil, err
+				}
+			}
+			ps := a.lookup(ip)
+			switch {
+			case ps != nil:
+				if ok, why := ps.admits(req); !ok {
+					return nil, errorf(ReasonNotAdmitted, field, "%s is in IPPool %s, which does not admit this Service (%s); pick an address of a pool that does", ip, ps.Name, why)
+				}
+				if req.Pool != "" && ps.Name != req.Pool {
+					return nil, errorf(ReasonInvalid, field, "%s is in IPPool %s, not in the IPPool %s named by keeplb.io/pool; make them agree or drop one", ip, ps.Name, req.Pool)
+				}
+			case st != nil:
+				// Ours already (the pool shrank): keeping it moves nothing.
+			case !a.allowUnmanaged:
+				return nil, errorf(ReasonOutsidePools, field, "%s is in no IPPool; add it to an IPPool's spec.addresses or choose an address from `kubectl get ippools`", ip)
+			}
+			plan = append(plan, planned{addr: ip, fam: f})
+		}
+	}
+	return plan, nil
+}
+
+// shareGroup returns the addresses that req's share key holds for other
+// Services.
+func (a *Allocator) shareGroup(req *Request) []netip.Addr {
+	var out []netip.Addr
+	for addr := range a.groups[req.Namespace+"/"+req.ShareKey] {
+		if !onlyOwner(a.addrs[addr], req.Key) {
+			out = append(out, addr)
+		}
+	}
+	slices.SortFunc(out, netip.Addr.Compare)
+	return out
+}
+
+// setShareKey changes the share key of addr, keeping the group index.
+func (a *Allocator) setShareKey(addr netip.Addr, st *addrState, key string) {
+	if st.shareKey == key {
+		return
+	}
+	if g := a.groups[st.shareKey]; g != nil {
+		delete(g, addr)
+		if len(g) == 0 {
+			delete(a.groups, st.shareKey)
+		}
+	}
+	st.shareKey = key
+	if key == "" {
+		return
+	}
+	if a.groups[key] == nil {
+		a.groups[key] = map[netip.Addr]struct{}{}
+	}
+	a.groups[key][addr] = struct{}{}
+}
+
+func (a *Allocator) planShared(req *Request) ([]planned, error) {
+	group := a.shareGroup(req)
+	byFam := map[Family]netip.Addr{}
+	for _, addr := range group {
+		st := a.addrs[addr]
+		if err := a.canShare(req, addr, st); err != nil {
+			return nil, err
+		}
+		if req.Pool != "" && st.pool != req.Pool {
+			return nil, errorf(ReasonSharingConflict, "keeplb.io/share-key", "the Services sharing key %q use IPPool %s, not %s named by keeplb.io/pool; make them agree", req.ShareKey, st.pool, req.Pool)
+		}
+		if ps := a.pools[st.pool]; ps != nil {
+			if ok, why := ps.admits(req); !ok {
+				return nil, errorf(ReasonNotAdmitted, "keeplb.io/share-key", "the shared address %s is in IPPool %s, which does not admit this Service (%s)", addr, ps.Name, why)
+			}
+		}
+		byFam[FamilyOf(addr)] = addr
+	}
+	var plan []planned
+	for _, f := range wanted(req) {
+		addr, ok := byFam[f]
+		if !ok {
+			if req.Policy == PreferDualStack && len(plan) > 0 {
+				continue
+			}
+			if req.Policy == PreferDualStack && f != wanted(req)[0] {
+				continue
+			}
+			return nil, errorf(ReasonSharingConflict, "keeplb.io/share-key", "the Services sharing key %q have no %s address; align spec.ipFamilies/ipFamilyPolicy across them", req.ShareKey, f)
+		}
+		plan = append(plan, planned{addr: addr, fam: f})
+	}
+	if len(plan) == 0 {
+		return nil, errorf(ReasonSharingConflict, "keeplb.io/share-key", "the Services sharing key %q have no address of the families %v", req.ShareKey, wanted(req))
+	}
+	return plan, nil
+}
+
+// planKeep keeps what the Service has when it still satisfies req, adding a
+// missing family from the same pool. It returns nil when a fresh allocation
+// is needed.
+func (a *Allocator) planKeep(req *Request, prev *svcState) []planned {
+	if prev == nil || (req.Pool != "" && prev.alloc.Pool != req.Pool) {
+		return nil
+	}
+	have := map[Family]netip.Addr{}
+	for _, addr := range prev.alloc.Addrs {
+		st := a.addrs[addr]
+		if st == nil || st.pool == "" {
+			continue // an unmanaged address is kept only while named
+		}
+		if !onlyOwner(st, req.Key) && (req.ShareKey == "" || st.shareKey != req.Namespace+"/"+req.ShareKey) {
+			return nil // the Service left the group that shares this address
+		}
+		have[FamilyOf(addr)] = addr
+	}
+	if len(have) == 0 {
+		return nil
+	}
+	ps := a.pools[prev.alloc.Pool]
+	var plan []planned
+	for i, f := range wanted(req) {
+		if addr, ok := have[f]; ok {
+			plan = append(plan, planned{addr: addr, fam: f})
+			continue
+		}
+		if ps != nil && !ps.free[f].empty() {
+			plan = append(plan, planned{take: ps, fam: f})
+			continue
+		}
+		if req.Policy == PreferDualStack && i > 0 {
+			continue
+		}
+		return nil
+	}
+	if len(plan) == 0 {
+		return nil
+	}
+	return plan
+}
+
+func (a *Allocator) planFresh(req *Request) ([]planned, error) {
+	var candidates []*poolState
+	if req.Pool != "" {
+		ps := a.pools[req.Pool]
+		if ps == nil {
+			return nil, errorf(ReasonPoolNotFound, "keeplb.io/pool", "IPPool %q does not exist; create it or name one of `kubectl get ippools`", req.Pool)
+		}
+		if ok, why := ps.admits(req); !ok {
+			return nil, errorf(ReasonNotAdmitted, "keeplb.io/pool", "%s; change the pool's spec.serviceAllocation or name another pool", why)
+		}
+		candidates = []*poolState{ps}
+	} else {
+		var refusals []string
+		for _, ps := range a.pools {
+			if !ps.AutoAssign {
+				continue
+			}
+			if ok, why := ps.admits(req); !ok {
+				refusals = append(refusals, why)
+				continue
+			}
+			candidates = append(candidates, ps)
+		}
+		if len(candidates) == 0 {
+			sort.Strings(refusals)
+			msg := "no IPPool with autoAssign admits this Service"
+			if len(refusals) > 0 {
+				msg += " (" + strings.Join(refusals, "; ") + ")"
+			}
+			return nil, errorf(ReasonNoPool, "", "%s; create an IPPool for namespace %s or set keeplb.io/pool", msg, req.Namespace)
+		}
+		sort.Slice(candidates, func(i, j int) bool {
+			if candidates[i].Priority != candidates[j].Priority {
+				return candidates[i].Priority > candidates[j].Priority
+			}
+			return candidates[i].Name < candidates[j].Name
+		})
+	}
+
+	fams := wanted(req)
+	// Every family from one pool: the first pool that can serve them all.
+	for _, ps := range candidates {
+		if ps.hasFree(fams) {
+			return takeAll(ps, fams), nil
+		}
+	}
+	hasFamilies := func(fs []Family) bool {
+		for _, ps := range candidates {
+			if ps.hasFamilies(fs) {
+				return true
+			}
+		}
+		return false
+	}
+	field := ""
+	if req.Pool != "" {
+		field = "keeplb.io/pool"
+	}
+	if req.Policy == PreferDualStack && len(fams) > 1 {
+		for _, f := range fams {
+			for _, ps := range candidates {
+				if ps.hasFree([]Family{f}) {
+					return takeAll(ps, []Family{f}), nil
+				}
+			}
+		}
+		fams = fams[:1]
+	}
+	if !hasFamilies(fams) {
+		if len(fams) > 1 {
+			return nil, errorf(ReasonFamily, field, "the Service requires dual-stack but no admissible IPPool has both IPv4 and IPv6 addresses; add both families to one pool or use ipFamilyPolicy PreferDualStack")
+		}
+		return nil, errorf(ReasonFamily, field, "no admissible IPPool has %s addresses; add some or change spec.ipFamilies", fams[0])
+	}
+	names := make([]string, 0, len(candidates))
+	for _, ps := range candidates {
+		if ps.hasFamilies(fams) {
+			names = append(names, ps.Name)
+		}
+	}
+	return nil, errorf(ReasonExhausted, field, "IPPool %s has no free %s address; add addresses to the pool or delete an unused LoadBalancer Service (the Service is retried when one is freed)", strings.Join(names, ", "), famList(fams))
+}
+
+func famList(fs []Family) string {
+	s := make([]string, len(fs))
+	for i, f := range fs {
+		s[i] = f.String()
+	}
+	return strings.Join(s, "+")
+}
+
+func (ps *poolState) hasFree(fams []Family) bool {
+	for _, f := range fams {
+		if ps.free[f].empty() {
+			return false
+		}
+	}
+	return true
+}
+
+func (ps *poolState) hasFamilies(fams []Family) bool {
+	for _, f := range fams {
+		if len(ps.effective[f]) == 0 {
+			return false
+		}
+	}
+	return true
+}
+
+func takeAll(ps *poolState, fams []Family) []planned {
+	plan := make([]planned, len(fams))
+	for i, f := range fams {
+		plan[i] = planned{take: ps, fam: f}
+	}
+	return plan
+}
+
+// commit carries out a plan: takes new addresses, records owners, and
+// releases what the Service had and no longer uses.
+func (a *Allocator) commit(req *Request, prev *svcState, plan []planned) Allocation {
+	alloc := Allocation{}
+	for i, p := range plan {
+		addr := p.addr
+		if p.take != nil {
+			addr, _ = p.take.free[p.fam].takeFrom(p.take.cursor[p.fam])
+			p.take.cursor[p.fam] = addr.Next()
+		}
+		st := a.record(req, addr)
+		if i == 0 {
+			alloc.Pool = st.pool
+		}
+		alloc.Addrs = append(alloc.Addrs, addr)
+	}
+	if prev != nil {
+		for _, addr := range prev.alloc.Addrs {
+			if !slices.Contains(alloc.Addrs, addr) {
+				a.drop(req.Key, addr)
+			}
+		}
+	}
+	a.services[req.Key] = &svcState{req: *req, alloc: alloc}
+	return Allocation{Pool: alloc.Pool, Addrs: slices.Clone(alloc.Addrs)}
+}
+
+// record makes req.Key an owner of addr, taking it out of its pool's free
+// set if it was free.
+func (a *Allocator) record(req *Request, addr netip.Addr) *addrState {
+	st := a.addrs[addr]
+	if st == nil {
+		st = &addrState{}
+		if ps := a.lookup(addr); ps != nil {
+			st.pool, st.inRange = ps.Name, true
+			ps.free[FamilyOf(addr)].remove(addr)
+		}
+		a.addrs[addr] = st
+	}
+	if !slices.Contains(st.owners, req.Key) {
+		st.owners = append(st.owners, req.Key)
+	}
+	if onlyOwner(st, req.Key) {
+		key := ""
+		if req.ShareKey != "" {
+			key = req.Namespace + "/" + req.ShareKey
+		}
+		a.setShareKey(addr, st, key)
+	}
+	return st
+}
+
+// drop removes key from addr's owners and frees addr when none is left.
+func (a *Allocator) drop(key string, addr netip.Addr) bool {
+	st := a.addrs[addr]
+	if st == nil {
+		return false
+	}
+	st.owners = slices.DeleteFunc(st.owners, func(o string) bool { return o == key })
+	if len(st.owners) > 0 {
+		return false
+	}
+	delete(a.addrs, addr)
+	a.setShareKey(addr, st, "")
+	if ps := a.pools[st.pool]; ps != nil && st.inRange {
+		if !(ps.AvoidBuggyIPs && isBuggy(addr)) {
+			ps.free[FamilyOf(addr)].add(addr)
+		}
+		return true
+	}
+	return false
+}
+
+func isBuggy(a netip.Addr) bool {
+	if !a.Is4() {
+		return false
+	}
+	b := a.As4()
+	return b[3] == 0 || b[3] == 255
+}
+
+func onlyOwner(st *addrState, key string) bool {
+	return len(st.owners) == 0 || len(st.owners) == 1 && st.owners[0] == key
+}
+
+// canShare checks that req may use addr alongside its current owners.
+func (a *Allocator) canShare(req *Request, addr netip.Addr, st *addrState) error {
+	others := slices.DeleteFunc(slices.Clone(st.owners), func(o string) bool { return o == req.Key })
+	if len(others) == 0 {
+		return nil
+	}
+	if req.ShareKey == "" || st.shareKey != req.Namespace+"/"+req.ShareKey {
+		return errorf(ReasonAddressInUse, req.fieldFor(), "%s is already used by Service %s; choose another address, or give both Services the same keeplb.io/share-key", addr, strings.Join(others, ", "))
+	}
+	for _, o := range others {
+		os := a.services[o]
+		if os == nil {
+			continue
+		}
+		if os.req.Backends != req.Backends {
+			return errorf(ReasonSharingConflict, "keeplb.io/share-key", "cannot share %s with Service %s: both need externalTrafficPolicy Cluster, or the same pod selector, because one node holds the address", addr, o)
+		}
+		for _, p := range req.Ports {
+			if slices.Contains(os.req.Ports, p) {
+				return errorf(ReasonSharingConflict, "keeplb.io/share-key", "cannot share %s with Service %s: both use port %s; change one Service's port or share key", addr, o, p)
+			}
+		}
+	}
+	return nil
+}
+
+func (r *Request) fieldFor() string {
+	if len(r.IPs) > 0 {
+		return r.IPsSource
+	}
+	return "keeplb.io/share-key"
+}
+
+// FamilyStats counts one family of a pool.
+type FamilyStats struct {
+	Total, Free *big.Int
+	Used        int64
+}
+
+// PoolStats is what the controller publishes in an IPPool's status.
+type PoolStats struct {
+	Families [2]FamilyStats
+	// OutOfRange counts addresses attributed to the pool that it no longer
+	// contains.
+	OutOfRange int64
+	// ConflictsWith names older pools that overlap this one.
+	ConflictsWith []string
+}
+
+// Stats returns the statistics of every pool, and of the pools that are
+// gone but still have addresses attributed to them.
+func (a *Allocator) Stats() map[string]PoolStats {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make(map[string]PoolStats, len(a.pools))
+	for name, ps := range a.pools {
+		s := PoolStats{ConflictsWith: slices.Clone(ps.conflicts)}
+		for f := IPv4; f <= IPv6; f++ {
+			s.Families[f] = FamilyStats{Total: new(big.Int).Set(ps.total[f]), Free: ps.free[f].size()}
+		}
+		out[name] = s
+	}
+	for addr, st := range a.addrs {
+		if st.pool == "" {
+			continue
+		}
+		s, ok := out[st.pool]
+		if !ok {
+			s.Families = [2]FamilyStats{{Total: new(big.Int), Free: new(big.Int)}, {Total: new(big.Int), Free: new(big.Int)}}
+		}
+		s.Families[FamilyOf(addr)].Used++
+		if !st.inRange {
+			s.OutOfRange++
+		}
+		out[st.pool] = s
+	}
+	return out
+}
+
+// String describes an allocation for events: "192.0.2.1, 2001:db8::1 from IPPool a".
+func (al Allocation) String() string {
+	s := make([]string, len(al.Addrs))
+	for i, a := range al.Addrs {
+		s[i] = a.String()
+	}
+	if al.Pool == "" {
+		return strings.Join(s, ", ") + " (unmanaged)"
+	}
+	return fmt.Sprintf("%s from IPPool %s", strings.Join(s, ", "), al.Pool)
+}

@@ -1,0 +1,20 @@
+package controlplane
+
+import "syscall"
+
+// sysProcAttr puts the child in its own process group, so that Stop can
+// signal everything it might spawn, and asks the kernel to SIGKILL it when
+// the parent dies, so that a crashed or killed test binary does not leave an
+// etcd and an apiserver behind.
+//
+// Pdeathsig is tied to the OS thread that started the child, not to the
+// whole process. The Go runtime only retires a thread when a goroutine exits
+// while locked to it (runtime.LockOSThread), which nothing here does.
+func sysProcAttr() *syscall.SysProcAttr {
+	return &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+}
+
+// signalGroup sends sig to every process in the process group pgid.
+func signalGroup(pgid int, sig syscall.Signal) error {
+	return syscall.Kill(-pgid, sig)
+}
