@@ -1,13 +1,26 @@
+// Command keeplb is a bare-metal LoadBalancer for Kubernetes. Its
+// subcommands are keeplb's components; see `keeplb --help`.
 package main
 
 import (
-	_ "github.com/spf13/cobra"
-	_ "k8s.io/api/core/v1"
-	_ "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
-	_ "k8s.io/client-go/kubernetes"
-	_ "k8s.io/cloud-provider/controllers/service"
-	_ "k8s.io/component-base/logs"
-	_ "k8s.io/component-base/metrics/legacyregistry"
+	"fmt"
+	"os"
+
+	"k8s.io/component-base/logs"
+
+	"github.com/keeplb/keeplb/pkg/cmd"
 )
 
-func main() {}
+func main() { os.Exit(run()) }
+
+// run is main with an exit code, so that deferred calls run before os.Exit.
+func run() int {
+	// Log lines are buffered; flush them so that the last ones before an
+	// exit are not lost.
+	defer logs.FlushLogs()
+	if err := cmd.NewRootCommand().Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "Error:", err)
+		return 1
+	}
+	return 0
+}

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# bench.sh measures the VIP allocator against a naive one that scans the
+# pool from its start on every allocation. The raw go test output is kept in
+# _output/bench.txt; a markdown table of it, ready for docs/benchmarks.md,
+# goes to stdout.
+#
+#   hack/bench.sh                 run the benchmarks (a few minutes), then the table
+#   hack/bench.sh --table FILE    only turn saved go test -bench output into the table
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+# table reads go test -bench output and prints markdown. It pairs
+# Benchmark<Name>/keeplb/<case> with Benchmark<Name>/naive/<case>, and lists
+# BenchmarkFill on its own, since it has no naive twin. Values are found by
+# their unit rather than by column, because -benchmem adds B/op and
+# allocs/op columns.
+table() {
+  awk '
+    function unit(u,   i) { for (i = 3; i < NF; i++) if ($(i + 1) == u) return $i; return "" }
+    /^goos:/ { goos = $2 }
+    /^goarch:/ { goarch = $2 }
+    /^cpu:/ { cpu = $0; sub(/^cpu: */, "", cpu) }
+    !/^Benchmark/ { next }
+    {
+      name = $1
+      sub(/-[0-9]+$/, "", name)                # the -GOMAXPROCS suffix
+      ns = unit("ns/op")
+      if (ns == "") next
+      n = split(name, part, "/")
+      if (n >= 3 && (part[2] == "keeplb" || part[2] == "naive")) {
+        bench = part[1]; sub(/^Benchmark/, "", bench)
+        fill = part[3]; for (i = 4; i <= n; i++) fill = fill "/" part[i]
+        sub(/^full=/, "", fill)
+        key = bench SUBSEP fill
+        if (!(key in seen)) { seen[key] = 1; order[++rows] = key; rbench[rows] = bench; rfill[rows] = fill }
+        val[key, part[2]] = ns
+      } else if (name == "BenchmarkFill") {
+        fillns = ns; fillalloc = unit("ns/alloc")
+      }
+    }
+    function ratio(naive, keeplb,   r) {
+      if (naive == "" || keeplb == "" || keeplb + 0 == 0) return "n/a"
+      r = naive / keeplb
+      return sprintf(r >= 10 ? "%.0fx" : "%.1fx", r)
+    }
+    END {
+      if (goos != "") printf "Measured on %s/%s%s.\n\n", goos, goarch, (cpu == "" ? "" : ", " cpu)
+      if (rows) {
+        print "| benchmark | fill | ns/op keeplb | ns/op naive | ratio (naive/keeplb) |"
+        print "| --- | ---: | ---: | ---: | ---: |"
+        for (r = 1; r <= rows; r++) {
+          k = val[order[r], "keeplb"]; v = val[order[r], "naive"]
+          printf "| %s | %s | %s | %s | %s |\n", rbench[r], rfill[r], (k == "" ? "-" : k), (v == "" ? "-" : v), ratio(v, k)
+        }
+      }
+      if (fillns != "") {
+        if (rows) print ""
+        print "| benchmark | ns/op (whole pool) | ns/alloc |"
+        print "| --- | ---: | ---: |"
+        printf "| Fill | %s | %s |\n", fillns, (fillalloc == "" ? "-" : fillalloc)
+      }
+      if (!rows && fillns == "") { print "no allocator benchmark results found" > "/dev/stderr"; exit 1 }
+    }
+  ' "$@"
+}
+
+if [[ ${1:-} == --table ]]; then
+  table "${2:--}"
+  exit
+fi
+
+mkdir -p _output
+echo ">> go test -bench ./pkg/allocator/ (a few minutes); raw output in _output/bench.txt" >&2
+go test -run '^$' -bench . -benchmem -count 1 ./pkg/allocator/ | tee _output/bench.txt >&2
+echo >&2
+table _output/bench.txt

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# test.sh is `make test`, and what CI runs: verify, then the unit tests, then
+# the integration tests against a real kube-apiserver and etcd. It stops at
+# the first stage that fails and reports how long each stage took.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+timings=()
+start_all=$SECONDS
+
+summary() {
+  echo
+  printf '  %s\n' "${timings[@]}"
+  printf '  %-12s %5ds\n' total $((SECONDS - start_all))
+}
+
+# stage NAME CMD...: runs CMD under a header and records its duration.
+stage() {
+  local name=$1 start=$SECONDS status=0
+  shift
+  echo
+  echo "==> $name"
+  "$@" || status=$?
+  if ((status != 0)); then
+    timings+=("$(printf '%-12s %5ds  FAILED' "$name" $((SECONDS - start)))")
+    summary
+    echo "==> $name failed" >&2
+    exit "$status"
+  fi
+  timings+=("$(printf '%-12s %5ds' "$name" $((SECONDS - start)))")
+}
+
+unit() {
+  local pkgs
+  # e2e/ needs the control-plane binaries; test-integration.sh runs it.
+  # (errexit does not apply inside a function called from ||, hence the
+  # explicit return.)
+  pkgs=$(go list ./... | grep -v /e2e/) || return
+  # shellcheck disable=SC2086 # one word per package
+  go test -race -count=1 $pkgs
+}
+
+stage verify hack/verify.sh
+stage unit unit
+stage integration hack/test-integration.sh
+
+summary
+echo "==> all passed"

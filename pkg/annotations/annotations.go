@@ -1,0 +1,147 @@
+// Package annotations parses the keeplb.io/* annotations of a Service.
+//
+// It is pure: it reads a Service and returns what the annotations ask for,
+// or an error that names the annotation at fault and how to fix it.
+package annotations
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+
+	v1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/util/validation"
+
+	"github.com/keeplb/keeplb/pkg/allocator"
+	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
+)
+
+// The annotations keeplb reads or writes on Services.
+const (
+	// Prefix starts every keeplb annotation.
+	Prefix = "keeplb.io/"
+	// Pool names the IPPool to draw the address from.
+	Pool = Prefix + "pool"
+	// IPs names the exact addresses, at most one per family.
+	IPs = Prefix + "ips"
+	// ShareKey lets Services of one namespace share an address.
+	ShareKey = Prefix + "share-key"
+	// Forwarding overrides the pool's forwarding mode.
+	Forwarding = Prefix + "forwarding"
+	// Holder is written by the speaker: the node holding the VIP.
+	Holder = Prefix + "holder"
+	// Scheduler chooses the IPVS scheduler (used by the speaker).
+	Scheduler = Prefix + "scheduler"
+)
+
+// known lists every annotation under Prefix, to catch typos.
+var known = []string{Pool, IPs, ShareKey, Forwarding, Holder, Scheduler}
+
+// LoadBalancerIPField names the deprecated Service field keeplb honours.
+const LoadBalancerIPField = "spec.loadBalancerIP"
+
+// Config is what a Service's annotations ask of keeplb.
+type Config struct {
+	// Pool is the IPPool named by keeplb.io/pool.
+	Pool string
+	// IPs are the addresses from keeplb.io/ips or spec.loadBalancerIP.
+	IPs []netip.Addr
+	// IPsSource is the annotation or field IPs came from.
+	IPsSource string
+	// ShareKey is keeplb.io/share-key.
+	ShareKey string
+	// Forwarding is keeplb.io/forwarding, or empty for the pool's default.
+	Forwarding v1alpha1.Forwarding
+	// Warnings are problems that do not stop allocation, such as unknown
+	// keeplb.io annotations.
+	Warnings []string
+}
+
+// Parse reads svc's keeplb annotations. An error is an *allocator.Error
+// with reason InvalidAnnotation naming the annotation.
+func Parse(svc *v1.Service) (Config, error) {
+	var c Config
+	ann := svc.Annotations
+	for k := range ann {
+		if strings.HasPrefix(k, Prefix) && !slices.Contains(known, k) {
+			c.Warnings = append(c.Warnings, fmt.Sprintf("unknown annotation %s is ignored; keeplb reads %s", k, strings.Join(known[:4], ", ")))
+		}
+	}
+	slices.Sort(c.Warnings)
+
+	if v, ok := ann[Pool]; ok {
+		v = strings.TrimSpace(v)
+		if msgs := validation.IsDNS1123Subdomain(v); len(msgs) > 0 {
+			return c, invalid(Pool, "%q is not an IPPool name (%s); use a name from `kubectl get ippools`", v, strings.Join(msgs, "; "))
+		}
+		c.Pool = v
+	}
+
+	if v, ok := ann[IPs]; ok {
+		ips, err := parseIPs(v)
+		if err != nil {
+			return c, err
+		}
+		c.IPs, c.IPsSource = ips, IPs
+		if lb := svc.Spec.LoadBalancerIP; lb != "" {
+			a, err := netip.ParseAddr(lb)
+			if err != nil || !slices.Contains(ips, a.Unmap()) {
+				return c, invalid(IPs, "disagrees with %s %q; remove the deprecated %s", LoadBalancerIPField, lb, LoadBalancerIPField)
+			}
+		}
+	} else if lb := strings.TrimSpace(svc.Spec.LoadBalancerIP); lb != "" {
+		a, err := netip.ParseAddr(lb)
+		if err != nil {
+			return c, invalid(LoadBalancerIPField, "%q is not an IP address; use the keeplb.io/ips annotation instead", lb)
+		}
+		c.IPs, c.IPsSource = []netip.Addr{a.Unmap()}, LoadBalancerIPField
+	}
+
+	if v, ok := ann[ShareKey]; ok {
+		v = strings.TrimSpace(v)
+		if msgs := validation.IsValidLabelValue(v); len(msgs) > 0 || v == "" {
+			return c, invalid(ShareKey, "%q is not a valid key; use up to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit", v)
+		}
+		c.ShareKey = v
+	}
+
+	if v, ok := ann[Forwarding]; ok {
+		f := v1alpha1.Forwarding(strings.TrimSpace(v))
+		if !f.Valid() {
+			return c, invalid(Forwarding, "%q is not a forwarding mode; use nodeport, pod or kube-proxy", v)
+		}
+		c.Forwarding = f
+	}
+	return c, nil
+}
+
+func parseIPs(v string) ([]netip.Addr, error) {
+	var out []netip.Addr
+	seen := map[allocator.Family]bool{}
+	for _, part := range strings.Split(v, ",") {
+		part = strings.TrimSpace(part)
+		if part == "" {
+			continue
+		}
+		a, err := netip.ParseAddr(part)
+		if err != nil || a.Zone() != "" {
+			return nil, invalid(IPs, "%q is not an IP address; write addresses separated by commas, e.g. 192.0.2.10,2001:db8::10", part)
+		}
+		a = a.Unmap()
+		f := allocator.FamilyOf(a)
+		if seen[f] {
+			return nil, invalid(IPs, "gives two %s addresses; give at most one address per family", f)
+		}
+		seen[f] = true
+		out = append(out, a)
+	}
+	if len(out) == 0 {
+		return nil, invalid(IPs, "is empty; give one address per family or remove the annotation")
+	}
+	return out, nil
+}
+
+func invalid(field, format string, args ...any) error {
+	return &allocator.Error{Reason: allocator.ReasonInvalid, Field: field, Msg: fmt.Sprintf(format, args...)}
+}

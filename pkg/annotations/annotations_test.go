@@ -1,0 +1,72 @@
+package annotations
+
+import (
+	"errors"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+
+	v1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/keeplb/keeplb/pkg/allocator"
+)
+
+func TestParse(t *testing.T) {
+	tests := []struct {
+		name     string
+		ann      map[string]string
+		lbIP     string
+		want     Config
+		errField string
+		errText  string
+	}{
+		{name: "none"},
+		{name: "pool", ann: map[string]string{Pool: "edge"}, want: Config{Pool: "edge"}},
+		{name: "bad pool", ann: map[string]string{Pool: "Edge_1"}, errField: Pool, errText: "not an IPPool name"},
+		{name: "ips dual", ann: map[string]string{IPs: "192.0.2.10, 2001:db8::10"}, want: Config{IPs: addrs("192.0.2.10", "2001:db8::10"), IPsSource: IPs}},
+		{name: "ips mapped v4", ann: map[string]string{IPs: "::ffff:192.0.2.1"}, want: Config{IPs: addrs("192.0.2.1"), IPsSource: IPs}},
+		{name: "bad ip", ann: map[string]string{IPs: "192.0.2.300"}, errField: IPs, errText: `"192.0.2.300" is not an IP address`},
+		{name: "two v4", ann: map[string]string{IPs: "192.0.2.1,192.0.2.2"}, errField: IPs, errText: "two IPv4 addresses"},
+		{name: "empty ips", ann: map[string]string{IPs: " , "}, errField: IPs, errText: "is empty"},
+		{name: "loadBalancerIP", lbIP: "192.0.2.7", want: Config{IPs: addrs("192.0.2.7"), IPsSource: LoadBalancerIPField}},
+		{name: "bad loadBalancerIP", lbIP: "nope", errField: LoadBalancerIPField, errText: "not an IP address"},
+		{name: "ips agree with loadBalancerIP", ann: map[string]string{IPs: "192.0.2.7"}, lbIP: "192.0.2.7", want: Config{IPs: addrs("192.0.2.7"), IPsSource: IPs}},
+		{name: "ips disagree with loadBalancerIP", ann: map[string]string{IPs: "192.0.2.8"}, lbIP: "192.0.2.7", errField: IPs, errText: "disagrees with spec.loadBalancerIP"},
+		{name: "share key", ann: map[string]string{ShareKey: "web"}, want: Config{ShareKey: "web"}},
+		{name: "bad share key", ann: map[string]string{ShareKey: "-web-"}, errField: ShareKey, errText: "not a valid key"},
+		{name: "forwarding", ann: map[string]string{Forwarding: "pod"}, want: Config{Forwarding: "pod"}},
+		{name: "bad forwarding", ann: map[string]string{Forwarding: "dsr"}, errField: Forwarding, errText: "use nodeport, pod or kube-proxy"},
+		{name: "typo warns", ann: map[string]string{"keeplb.io/pools": "x"}, want: Config{Warnings: []string{"unknown annotation keeplb.io/pools is ignored; keeplb reads keeplb.io/pool, keeplb.io/ips, keeplb.io/share-key, keeplb.io/forwarding"}}},
+		{name: "others ignored", ann: map[string]string{"example.com/x": "y", Holder: "node-1"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			svc := &v1.Service{ObjectMeta: metav1.ObjectMeta{Annotations: tc.ann}, Spec: v1.ServiceSpec{LoadBalancerIP: tc.lbIP}}
+			got, err := Parse(svc)
+			if tc.errField != "" {
+				var e *allocator.Error
+				if !errors.As(err, &e) || e.Field != tc.errField || e.Reason != allocator.ReasonInvalid || !strings.Contains(e.Msg, tc.errText) {
+					t.Fatalf("Parse error = %v, want %s: ...%s...", err, tc.errField, tc.errText)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got.Pool != tc.want.Pool || !slices.Equal(got.IPs, tc.want.IPs) || got.IPsSource != tc.want.IPsSource ||
+				got.ShareKey != tc.want.ShareKey || got.Forwarding != tc.want.Forwarding || !slices.Equal(got.Warnings, tc.want.Warnings) {
+				t.Fatalf("Parse = %+v, want %+v", got, tc.want)
+			}
+		})
+	}
+}
+
+func addrs(ss ...string) []netip.Addr {
+	out := make([]netip.Addr, len(ss))
+	for i, s := range ss {
+		out[i] = netip.MustParseAddr(s)
+	}
+	return out
+}

@@ -1,0 +1,143 @@
+// Package cmd builds the keeplb command line: one binary whose subcommands
+// are keeplb's components, so that a single image serves them all.
+package cmd
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+	"k8s.io/component-base/logs"
+	logsapi "k8s.io/component-base/logs/api/v1"
+
+	"github.com/keeplb/keeplb/pkg/controller"
+	"github.com/keeplb/keeplb/pkg/version"
+)
+
+// NewRootCommand returns the keeplb command with its subcommands. Errors are
+// not printed by the command itself: the caller prints the one returned by
+// Execute, so that each error appears exactly once.
+func NewRootCommand() *cobra.Command {
+	// Logging is configured per command tree rather than in package state,
+	// so that tests can build as many trees as they like.
+	logging := logsapi.NewLoggingConfiguration()
+	root := &cobra.Command{
+		Use:   "keeplb",
+		Short: "Bare-metal LoadBalancer for Kubernetes",
+		Long: `keeplb gives Services of type LoadBalancer a virtual IP on clusters that
+have no cloud load balancer.
+
+The controller assigns each Service addresses from IPPool resources and
+publishes them, with their ipMode, in the Service status. The speaker, which
+will hold the addresses on nodes with keepalived (VRRP) and forward their
+traffic with IPVS, is not part of this release yet.`,
+		// A failing controller is not a usage mistake; printing the whole
+		// usage after a runtime error buries the error.
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		// Applied before any subcommand runs, so that the subcommand logs
+		// with the chosen format and verbosity from its first line.
+		PersistentPreRunE: func(*cobra.Command, []string) error {
+			return logsapi.ValidateAndApply(logging, nil)
+		},
+	}
+	// SilenceUsage also hides the usage on flag mistakes, where it would
+	// help; point at --help instead.
+	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
+		return fmt.Errorf("%w\nRun '%s --help' for usage.", err, c.CommandPath())
+	})
+	fs := root.PersistentFlags()
+	// -v, -vmodule, --logging-format and friends, which set logging; they
+	// reach klog when PersistentPreRunE applies the configuration.
+	logsapi.AddFlags(logging, fs)
+	// Any remaining klog flag that component-base still supports. The option
+	// keeps it from registering -v and -vmodule a second time, directly on
+	// klog, where they would bypass the configuration above.
+	logs.AddFlags(fs, logs.SkipLoggingConfigurationFlags())
+
+	root.AddCommand(newControllerCommand(), newVersionCommand())
+	return root
+}
+
+// newControllerCommand returns `keeplb controller`.
+func newControllerCommand() *cobra.Command {
+	o := controller.NewOptions()
+	c := &cobra.Command{
+		Use:   "controller",
+		Short: "Assign addresses from IPPools to LoadBalancer Services",
+		Long: `The controller watches Services of type LoadBalancer with keeplb's
+loadBalancerClass (and, with --default-class, those without a class), assigns
+each of them addresses from the IPPools that admit it, and writes the
+addresses and their ipMode to the Service status.
+
+Run it as a Deployment with leader election (manifests/controller); only the
+elected replica works.`,
+		Args: cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			// Before anything reaches the network, so that a typo fails at
+			// once with every mistake listed.
+			if err := o.Validate(); err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(c.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			// Once the first signal started a graceful shutdown, restore
+			// the default handling, so that a second signal ends a shutdown
+			// that hangs.
+			context.AfterFunc(ctx, stop)
+			return controller.Run(ctx, o)
+		},
+	}
+	o.AddFlags(c.Flags())
+	return c
+}
+
+// versionOptions are the flags of `keeplb version`.
+type versionOptions struct {
+	// Output is the format: text or json.
+	Output string
+}
+
+// AddFlags registers the options on fs.
+func (o *versionOptions) AddFlags(fs *pflag.FlagSet) {
+	fs.StringVarP(&o.Output, "output", "o", o.Output, "Output format: text or json.")
+}
+
+// Validate reports an unknown output format.
+func (o *versionOptions) Validate() error {
+	switch o.Output {
+	case "text", "json":
+		return nil
+	}
+	return fmt.Errorf("--output %q: must be text or json", o.Output)
+}
+
+// newVersionCommand returns `keeplb version`.
+func newVersionCommand() *cobra.Command {
+	o := &versionOptions{Output: "text"}
+	c := &cobra.Command{
+		Use:   "version",
+		Short: "Print the version of keeplb",
+		Args:  cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			if err := o.Validate(); err != nil {
+				return err
+			}
+			info := version.Get()
+			if o.Output == "json" {
+				enc := json.NewEncoder(c.OutOrStdout())
+				enc.SetIndent("", "  ")
+				return enc.Encode(info)
+			}
+			_, err := fmt.Fprintln(c.OutOrStdout(), info.String())
+			return err
+		},
+	}
+	o.AddFlags(c.Flags())
+	return c
+}

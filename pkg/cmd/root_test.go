@@ -1,0 +1,137 @@
+package cmd
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"testing"
+
+	"github.com/spf13/cobra"
+	logsapi "k8s.io/component-base/logs/api/v1"
+	"k8s.io/klog/v2"
+
+	"github.com/keeplb/keeplb/pkg/version"
+)
+
+// execute runs a fresh keeplb command tree with args and returns what it
+// wrote to stdout and stderr. extra commands are added to the root, to
+// observe what the root set up. The tests using it must not run in
+// parallel: logging is global to the process, and each run applies it.
+func execute(t *testing.T, args []string, extra ...*cobra.Command) (stdout, stderr string, err error) {
+	t.Helper()
+	defer func() {
+		// Applying a logging configuration twice is an error outside
+		// tests; undo it so the next run can apply its own.
+		if err := logsapi.ResetForTest(nil); err != nil {
+			t.Errorf("reset logging: %v", err)
+		}
+	}()
+	root := NewRootCommand()
+	root.AddCommand(extra...)
+	var out, errOut bytes.Buffer
+	root.SetOut(&out)
+	root.SetErr(&errOut)
+	root.SetArgs(args)
+	err = root.Execute()
+	return out.String(), errOut.String(), err
+}
+
+func TestVersion(t *testing.T) {
+	out, _, err := execute(t, []string{"version"})
+	if err != nil {
+		t.Fatalf("version: %v", err)
+	}
+	if want := version.Get().String() + "\n"; out != want {
+		t.Errorf("version printed %q, want %q", out, want)
+	}
+}
+
+func TestVersionJSON(t *testing.T) {
+	for _, args := range [][]string{{"version", "-o", "json"}, {"version", "--output=json"}} {
+		out, _, err := execute(t, args)
+		if err != nil {
+			t.Fatalf("%v: %v", args, err)
+		}
+		var got version.Info
+		dec := json.NewDecoder(strings.NewReader(out))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&got); err != nil {
+			t.Fatalf("%v printed %q, not a version.Info: %v", args, out, err)
+		}
+		if want := version.Get(); got != want {
+			t.Errorf("%v printed %+v, want %+v", args, got, want)
+		}
+		for _, key := range []string{`"version"`, `"commit"`, `"date"`, `"goVersion"`, `"platform"`} {
+			if !strings.Contains(out, key) {
+				t.Errorf("%v printed %q, without key %s", args, out, key)
+			}
+		}
+	}
+}
+
+func TestVersionBadOutput(t *testing.T) {
+	out, _, err := execute(t, []string{"version", "-o", "yaml"})
+	if err == nil || !strings.Contains(err.Error(), "must be text or json") {
+		t.Errorf("version -o yaml: err = %v, want one naming the formats", err)
+	}
+	if out != "" {
+		t.Errorf("version -o yaml printed %q, want nothing", out)
+	}
+}
+
+func TestControllerValidatesBeforeConnecting(t *testing.T) {
+	// A kubeconfig that does not exist: getting past validation would fail
+	// with a different error, about the file.
+	out, errOut, err := execute(t, []string{"controller", "--workers=0", "--kubeconfig=/nonexistent"})
+	if err == nil {
+		t.Fatal("controller --workers=0 succeeded")
+	}
+	if !strings.Contains(err.Error(), "--workers must be at least 1") {
+		t.Errorf("controller --workers=0: err = %v, want the validation message", err)
+	}
+	if strings.Contains(err.Error(), "nonexistent") {
+		t.Errorf("controller --workers=0: err = %v, mentions the kubeconfig: validation ran too late", err)
+	}
+	// The caller prints the error once; the command prints nothing,
+	// neither the error nor the usage.
+	if out != "" || errOut != "" {
+		t.Errorf("controller --workers=0 printed stdout %q, stderr %q; want nothing", out, errOut)
+	}
+}
+
+func TestControllerHelp(t *testing.T) {
+	out, _, err := execute(t, []string{"controller", "--help"})
+	if err != nil {
+		t.Fatalf("controller --help: %v", err)
+	}
+	for _, flag := range []string{"--load-balancer-class", "--workers", "--kubeconfig", "--v"} {
+		if !strings.Contains(out, flag) {
+			t.Errorf("controller --help does not list %s:\n%s", flag, out)
+		}
+	}
+}
+
+func TestUnknownFlagPointsAtHelp(t *testing.T) {
+	_, _, err := execute(t, []string{"controller", "--no-such-flag"})
+	if err == nil || !strings.Contains(err.Error(), "keeplb controller --help") {
+		t.Errorf("controller --no-such-flag: err = %v, want a pointer to --help", err)
+	}
+}
+
+func TestVerbosityReachesKlog(t *testing.T) {
+	var got string
+	probe := &cobra.Command{
+		Use: "probe",
+		RunE: func(*cobra.Command, []string) error {
+			got = fmt.Sprintf("V(2)=%t V(3)=%t", klog.V(2).Enabled(), klog.V(3).Enabled())
+			return nil
+		},
+	}
+	if _, _, err := execute(t, []string{"-v=2", "probe"}, probe); err != nil {
+		t.Fatalf("-v=2 probe: %v", err)
+	}
+	if want := "V(2)=true V(3)=false"; got != want {
+		t.Errorf("after -v=2: %s, want %s", got, want)
+	}
+}

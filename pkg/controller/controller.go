@@ -1,0 +1,454 @@
+// Package controller runs keeplb's controller: the upstream cloud-provider
+// service controller and keeplb's class controller over keeplb's
+// LoadBalancer implementation, the IPPool status writer, leader election
+// and the metrics endpoint.
+package controller
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	apiequality "k8s.io/apimachinery/pkg/api/equality"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/dynamic/dynamicinformer"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/client-go/tools/leaderelection"
+	"k8s.io/client-go/tools/leaderelection/resourcelock"
+	"k8s.io/client-go/tools/record"
+	servicecontroller "k8s.io/cloud-provider/controllers/service"
+	"k8s.io/component-base/featuregate"
+	k8smetrics "k8s.io/component-base/metrics"
+	controllersmetrics "k8s.io/component-base/metrics/prometheus/controllers"
+	"k8s.io/klog/v2"
+
+	"github.com/keeplb/keeplb/pkg/allocator"
+	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
+	"github.com/keeplb/keeplb/pkg/classcontroller"
+	"github.com/keeplb/keeplb/pkg/metrics"
+	"github.com/keeplb/keeplb/pkg/pools"
+	"github.com/keeplb/keeplb/pkg/provider"
+	"github.com/keeplb/keeplb/pkg/runner"
+)
+
+// Component is the name keeplb's controller records events under.
+const Component = "keeplb-controller"
+
+// Run runs the controller with the given options until ctx is done. With
+// leader election it serves /healthz and /readyz as a standby until it
+// leads, and returns an error if it loses the lead, so that the process
+// restarts with clean state.
+func Run(ctx context.Context, o *Options) error {
+	cfg, err := clientcmd.BuildConfigFromFlags("", o.Kubeconfig)
+	if err != nil {
+		return fmt.Errorf("load kubeconfig: %w", err)
+	}
+	cfg.QPS, cfg.Burst = o.KubeAPIQPS, o.KubeAPIBurst
+	return RunWithConfig(ctx, o, cfg)
+}
+
+// RunWithConfig is Run with a ready REST config, for tests and embedding.
+func RunWithConfig(ctx context.Context, o *Options, cfg *rest.Config) error {
+	if err := o.Validate(); err != nil {
+		return err
+	}
+	cfg = rest.CopyConfig(cfg)
+	cfg.UserAgent = Component
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return err
+	}
+	dyn, err := dynamic.NewForConfig(cfg)
+	if err != nil {
+		return err
+	}
+	c := &Controller{opts: o, client: client, dyn: dyn, metrics: metrics.NewController()}
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	serveErr := make(chan error, 1)
+	if o.MetricsBindAddress != "0" {
+		go func() { serveErr <- c.serve(ctx) }()
+	}
+	go func() {
+		if err := <-serveErr; err != nil {
+			klog.FromContext(ctx).Error(err, "Metrics server failed")
+			cancel()
+		}
+	}()
+
+	if !o.LeaderElect {
+		return c.run(ctx)
+	}
+	lock := &resourcelock.LeaseLock{
+		LeaseMeta:  metav1.ObjectMeta{Namespace: o.LeaderElectNamespace, Name: o.LeaderElectName},
+		Client:     client.CoordinationV1(),
+		LockConfig: resourcelock.ResourceLockConfig{Identity: o.Identity},
+	}
+	var runErr error
+	var lost atomic.Bool
+	le, err := leaderelection.NewLeaderElector(leaderelection.LeaderElectionConfig{
+		Lock:            lock,
+		LeaseDuration:   o.LeaseDuration,
+		RenewDeadline:   o.RenewDeadline,
+		RetryPeriod:     o.RetryPeriod,
+		ReleaseOnCancel: true,
+		Name:            Component,
+		Callbacks: leaderelection.LeaderCallbacks{
+			OnStartedLeading: func(ctx context.Context) { runErr = c.run(ctx) },
+			OnStoppedLeading: func() {
+				if ctx.Err() == nil {
+					lost.Store(true)
+				}
+			},
+		},
+	})
+	if err != nil {
+		return err
+	}
+	le.Run(ctx)
+	if lost.Load() {
+		return errors.New("lost leader election")
+	}
+	return runErr
+}
+
+// Controller is one running keeplb controller.
+type Controller struct {
+	opts    *Options
+	client  kubernetes.Interface
+	dyn     dynamic.Interface
+	metrics *metrics.Controller
+
+	// leading and seeded feed /readyz: a standby is ready, a leader is
+	// ready once the allocator is seeded.
+	leading, seeded atomic.Bool
+
+	alloc    *allocator.Allocator
+	services *kickableServices
+	poolInf  cache.SharedIndexInformer
+	recorder record.EventRecorder
+	runner   *runner.Runner
+
+	// capacity changes whenever an address may have become available
+	// (freed, pools or namespaces changed); pending Services are retried
+	// when it moves.
+	capacity   atomic.Int64
+	kickedAt   int64
+	mu         sync.Mutex
+	poolGauges map[string]bool
+}
+
+func (c *Controller) run(ctx context.Context) error {
+	c.leading.Store(true)
+	defer c.leading.Store(false)
+	logger := klog.FromContext(ctx)
+	o := c.opts
+
+	factory := informers.NewSharedInformerFactory(c.client, 0)
+	dynFactory := dynamicinformer.NewDynamicSharedInformerFactory(c.dyn, 0)
+	c.services = newKickableServices(factory.Core().V1().Services())
+	nodes := factory.Core().V1().Nodes()
+	namespaces := factory.Core().V1().Namespaces()
+	c.poolInf = dynFactory.ForResource(v1alpha1.IPPoolResource).Informer()
+
+	broadcaster := record.NewBroadcaster(record.WithContext(ctx))
+	broadcaster.StartStructuredLogging(3)
+	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: c.client.CoreV1().Events("")})
+	defer broadcaster.Shutdown()
+	c.recorder = broadcaster.NewRecorder(scheme.Scheme, v1.EventSource{Component: Component})
+
+	c.alloc = allocator.New(o.AllowUnmanagedIPs)
+	c.runner = runner.New(c.syncPools, time.Second, 5*time.Second, 5*time.Minute)
+	nsLister := namespaces.Lister()
+	prov := provider.New(provider.Config{
+		Allocator: c.alloc,
+		Pools:     c.pool,
+		Namespaces: func(ns string) map[string]string {
+			if n, err := nsLister.Get(ns); err == nil {
+				return n.Labels
+			}
+			return nil
+		},
+		Recorder:      c.recorder,
+		Metrics:       c.metrics,
+		RetryInterval: o.RetryInterval,
+		OnFreed:       c.capacityChanged,
+		OnChange:      c.runner.Trigger,
+	})
+
+	if _, err := c.poolInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: func(any) { c.capacityChanged() },
+		UpdateFunc: func(old, cur any) {
+			if old.(*unstructured.Unstructured).GetGeneration() != cur.(*unstructured.Unstructured).GetGeneration() {
+				c.capacityChanged()
+			}
+		},
+		DeleteFunc: func(any) { c.capacityChanged() },
+	}); err != nil {
+		return err
+	}
+	if _, err := namespaces.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		UpdateFunc: func(old, cur any) {
+			if !labels.Equals(old.(*v1.Namespace).Labels, cur.(*v1.Namespace).Labels) {
+				c.capacityChanged()
+			}
+		},
+	}); err != nil {
+		return err
+	}
+
+	var upstream *servicecontroller.Controller
+	if o.DefaultClass {
+		var err error
+		upstream, err = servicecontroller.New(prov, c.client, c.services, nodes, o.ClusterName, featuregate.NewFeatureGate())
+		if err != nil {
+			return fmt.Errorf("create service controller: %w", err)
+		}
+	}
+	class, err := classcontroller.New(classcontroller.Config{
+		Class:        o.LoadBalancerClass,
+		DefaultClass: o.DefaultClass,
+		ClusterName:  o.ClusterName,
+		Client:       c.client,
+		Balancer:     prov,
+		Known:        func(key string) bool { _, ok := c.alloc.Lookup(key); return ok },
+		Services:     c.services,
+	})
+	if err != nil {
+		return fmt.Errorf("create class controller: %w", err)
+	}
+
+	// Informers are created lazily: only those asked for before Start run.
+	factory.Start(ctx.Done())
+	dynFactory.Start(ctx.Done())
+	defer factory.Shutdown()
+	defer dynFactory.Shutdown()
+	synced := []cache.InformerSynced{c.services.Informer().HasSynced, namespaces.Informer().HasSynced, c.poolInf.HasSynced}
+	if upstream != nil {
+		synced = append(synced, nodes.Informer().HasSynced)
+	}
+	if !cache.WaitForNamedCacheSyncWithContext(ctx, synced...) {
+		return ctx.Err()
+	}
+
+	// Seed the allocator from what the API says before any allocation.
+	start := time.Now()
+	restored, err := c.seed(ctx, prov)
+	if err != nil {
+		return err
+	}
+	logger.Info("Allocator seeded from Service status", "services", restored, "duration", time.Since(start))
+	c.seeded.Store(true)
+	defer c.seeded.Store(false)
+
+	go c.runner.Run(ctx)
+	if upstream != nil {
+		go upstream.Run(ctx, o.Workers, controllersmetrics.NewControllerManagerMetrics("keeplb"))
+	}
+	go class.Run(ctx, o.Workers)
+	<-ctx.Done()
+	return nil
+}
+
+// seed loads the pools and every address in Service status into the
+// allocator, oldest Service first, so that if two Services claim one
+// address the older keeps it.
+func (c *Controller) seed(ctx context.Context, prov *provider.Provider) (int, error) {
+	if err := c.applyPools(ctx, false); err != nil {
+		return 0, err
+	}
+	svcs, err := c.services.Lister().List(labels.Everything())
+	if err != nil {
+		return 0, err
+	}
+	sort.Slice(svcs, func(i, j int) bool {
+		ti, tj := svcs[i].CreationTimestamp, svcs[j].CreationTimestamp
+		if !ti.Equal(&tj) {
+			return ti.Before(&tj)
+		}
+		return svcs[i].Namespace+"/"+svcs[i].Name < svcs[j].Namespace+"/"+svcs[j].Name
+	})
+	n := 0
+	for _, svc := range svcs {
+		if !c.ours(svc) || len(svc.Status.LoadBalancer.Ingress) == 0 {
+			continue
+		}
+		if err := prov.Restore(svc); err != nil {
+			c.recorder.Eventf(svc, v1.EventTypeWarning, provider.EventAllocationFailed, "address in status not kept: %v", err)
+			continue
+		}
+		n++
+	}
+	return n, nil
+}
+
+// ours reports whether keeplb is responsible for svc's load balancer.
+func (c *Controller) ours(svc *v1.Service) bool {
+	if svc.Spec.Type != v1.ServiceTypeLoadBalancer {
+		return false
+	}
+	if cls := svc.Spec.LoadBalancerClass; cls != nil {
+		return *cls == c.opts.LoadBalancerClass
+	}
+	return c.opts.DefaultClass
+}
+
+func (c *Controller) capacityChanged() {
+	c.capacity.Add(1)
+	if c.runner != nil {
+		c.runner.Trigger()
+	}
+}
+
+// pool returns the named IPPool from the informer cache.
+func (c *Controller) pool(name string) *v1alpha1.IPPool {
+	obj, ok, err := c.poolInf.GetStore().GetByKey(name)
+	if err != nil || !ok {
+		return nil
+	}
+	p, err := v1alpha1.FromUnstructured(obj)
+	if err != nil {
+		return nil
+	}
+	return p
+}
+
+// syncPools is the runner's sync: it applies pool changes to the
+// allocator, writes pool status and metrics, and retries pending Services
+// when capacity may have changed.
+func (c *Controller) syncPools(ctx context.Context) error {
+	return c.applyPools(ctx, true)
+}
+
+func (c *Controller) applyPools(ctx context.Context, writeStatus bool) error {
+	logger := klog.FromContext(ctx)
+	var ippools []*v1alpha1.IPPool
+	for _, obj := range c.poolInf.GetStore().List() {
+		p, err := v1alpha1.FromUnstructured(obj)
+		if err != nil {
+			logger.Error(err, "Ignoring unreadable IPPool")
+			continue
+		}
+		ippools = append(ippools, p)
+	}
+	parsed := pools.Parse(ippools)
+	aps := make([]allocator.Pool, len(parsed))
+	byName := make(map[string]pools.Parsed, len(parsed))
+	for i, p := range parsed {
+		aps[i] = p.Pool
+		byName[p.Pool.Name] = p
+	}
+	gen := c.capacity.Load()
+	for _, key := range c.alloc.SetPools(aps) {
+		c.warnOutsidePool(key)
+	}
+	if !writeStatus {
+		return nil
+	}
+
+	stats := c.alloc.Stats()
+	c.setPoolMetrics(stats)
+	pending := c.alloc.Pending()
+	c.metrics.PendingServices.Set(float64(len(pending)))
+	if gen != c.kickedAt {
+		c.kickedAt = gen
+		c.services.Kick(pending)
+	}
+
+	var errs []error
+	now := metav1.Now()
+	for _, ip := range ippools {
+		st := pools.Status(ip, byName[ip.Name], stats[ip.Name], now)
+		if apiequality.Semantic.DeepEqual(st, ip.Status) {
+			continue
+		}
+		updated := ip.DeepCopy()
+		updated.Status = st
+		u, err := v1alpha1.ToUnstructured(updated)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if _, err := c.dyn.Resource(v1alpha1.IPPoolResource).UpdateStatus(ctx, u, metav1.UpdateOptions{FieldManager: Component}); err != nil {
+			errs = append(errs, fmt.Errorf("update status of IPPool %s: %w", ip.Name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (c *Controller) warnOutsidePool(key string) {
+	ns, name, _ := cache.SplitMetaNamespaceKey(key)
+	svc, err := c.services.Lister().Services(ns).Get(name)
+	if err != nil {
+		return
+	}
+	al, _ := c.alloc.Lookup(key)
+	c.recorder.Eventf(svc, v1.EventTypeWarning, provider.EventAddressOutsidePool,
+		"%s is no longer in an IPPool (the pool shrank, was deleted or now overlaps an older one); the Service keeps it. To move the Service, delete and re-create it or set keeplb.io/ips", al)
+}
+
+func (c *Controller) setPoolMetrics(stats map[string]allocator.PoolStats) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	seen := map[string]bool{}
+	for name, st := range stats {
+		seen[name] = true
+		for f, fs := range st.Families {
+			fam := allocator.Family(f).String()
+			total, _ := fs.Total.Float64()
+			free, _ := fs.Free.Float64()
+			c.metrics.PoolAddresses.WithLabelValues(name, fam).Set(total)
+			c.metrics.PoolAddressesFree.WithLabelValues(name, fam).Set(free)
+			c.metrics.PoolAddressesUsed.WithLabelValues(name, fam).Set(float64(fs.Used))
+		}
+	}
+	for name := range c.poolGauges {
+		if !seen[name] {
+			for _, g := range []*k8smetrics.GaugeVec{c.metrics.PoolAddresses, c.metrics.PoolAddressesFree, c.metrics.PoolAddressesUsed} {
+				g.DeletePartialMatch(map[string]string{"pool": name})
+			}
+		}
+	}
+	c.poolGauges = seen
+}
+
+// serve serves metrics and health until ctx is done.
+func (c *Controller) serve(ctx context.Context) error {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", c.metrics.Handler())
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if c.leading.Load() && !c.seeded.Load() {
+			http.Error(w, "leader is seeding the allocator", http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ok"))
+	})
+	srv := &http.Server{Addr: c.opts.MetricsBindAddress, Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		<-ctx.Done()
+		shutdown, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(shutdown)
+	}()
+	if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("serve metrics on %s: %w", c.opts.MetricsBindAddress, err)
+	}
+	return nil
+}

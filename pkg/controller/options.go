@@ -1,0 +1,129 @@
+package controller
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/pflag"
+	"k8s.io/apimachinery/pkg/util/validation"
+)
+
+// Options are the flags of `keeplb controller`.
+type Options struct {
+	// Kubeconfig is a kubeconfig file; empty means in-cluster config.
+	Kubeconfig string
+	// ClusterName is passed to the LoadBalancer implementation, as
+	// kube-controller-manager's --cluster-name would be.
+	ClusterName string
+	// LoadBalancerClass is the spec.loadBalancerClass keeplb answers to.
+	LoadBalancerClass string
+	// DefaultClass makes keeplb handle Services that set no class.
+	DefaultClass bool
+	// AllowUnmanagedIPs lets keeplb.io/ips name addresses outside every pool.
+	AllowUnmanagedIPs bool
+	// Workers is the number of Services reconciled at once.
+	Workers int
+	// RetryInterval is how often a Service that could not get an address is
+	// retried when nothing it depends on changes.
+	RetryInterval time.Duration
+	// MetricsBindAddress serves /metrics, /healthz and /readyz; "0" disables.
+	MetricsBindAddress string
+	// LeaderElect runs only one active controller among the replicas.
+	LeaderElect bool
+	// LeaderElectNamespace holds the Lease.
+	LeaderElectNamespace string
+	// LeaderElectName is the Lease's name.
+	LeaderElectName string
+	// LeaseDuration, RenewDeadline and RetryPeriod tune leader election.
+	LeaseDuration, RenewDeadline, RetryPeriod time.Duration
+	// Identity names this replica in the Lease; default: hostname.
+	Identity string
+	// KubeAPIQPS and KubeAPIBurst limit requests to the API server.
+	KubeAPIQPS   float32
+	KubeAPIBurst int
+}
+
+// NewOptions returns Options with the defaults.
+func NewOptions() *Options {
+	ns := os.Getenv("POD_NAMESPACE")
+	if ns == "" {
+		ns = "keeplb-system"
+	}
+	id := os.Getenv("POD_NAME")
+	if id == "" {
+		id, _ = os.Hostname()
+	}
+	return &Options{
+		ClusterName:          "kubernetes",
+		LoadBalancerClass:    "keeplb.io/vip",
+		DefaultClass:         true,
+		Workers:              4,
+		RetryInterval:        time.Minute,
+		MetricsBindAddress:   ":10260",
+		LeaderElect:          true,
+		LeaderElectNamespace: ns,
+		LeaderElectName:      "keeplb-controller",
+		LeaseDuration:        15 * time.Second,
+		RenewDeadline:        10 * time.Second,
+		RetryPeriod:          2 * time.Second,
+		Identity:             id,
+		KubeAPIQPS:           50,
+		KubeAPIBurst:         100,
+	}
+}
+
+// AddFlags registers the options on fs.
+func (o *Options) AddFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&o.Kubeconfig, "kubeconfig", o.Kubeconfig, "Path to a kubeconfig file. Empty uses the in-cluster service account.")
+	fs.StringVar(&o.ClusterName, "cluster-name", o.ClusterName, "Cluster name passed to the load balancer implementation.")
+	fs.StringVar(&o.LoadBalancerClass, "load-balancer-class", o.LoadBalancerClass, "spec.loadBalancerClass handled by keeplb. Services of any other class are never touched.")
+	fs.BoolVar(&o.DefaultClass, "default-class", o.DefaultClass, "Also handle LoadBalancer Services that set no spec.loadBalancerClass.")
+	fs.BoolVar(&o.AllowUnmanagedIPs, "allow-unmanaged-ips", o.AllowUnmanagedIPs, "Let keeplb.io/ips and spec.loadBalancerIP name addresses that are in no IPPool.")
+	fs.IntVar(&o.Workers, "workers", o.Workers, "Number of Services reconciled concurrently.")
+	fs.DurationVar(&o.RetryInterval, "retry-interval", o.RetryInterval, "How often a Service without an address is retried when nothing changes. Freed addresses, pool and namespace changes retry it at once.")
+	fs.StringVar(&o.MetricsBindAddress, "metrics-bind-address", o.MetricsBindAddress, "Address serving /metrics, /healthz and /readyz. \"0\" disables it.")
+	fs.BoolVar(&o.LeaderElect, "leader-elect", o.LeaderElect, "Elect one active replica through a Lease.")
+	fs.StringVar(&o.LeaderElectNamespace, "leader-elect-namespace", o.LeaderElectNamespace, "Namespace of the leader election Lease (default $POD_NAMESPACE or keeplb-system).")
+	fs.StringVar(&o.LeaderElectName, "leader-elect-name", o.LeaderElectName, "Name of the leader election Lease.")
+	fs.DurationVar(&o.LeaseDuration, "leader-elect-lease-duration", o.LeaseDuration, "How long a non-renewed Lease stays valid.")
+	fs.DurationVar(&o.RenewDeadline, "leader-elect-renew-deadline", o.RenewDeadline, "How long the leader tries to renew before giving up leadership.")
+	fs.DurationVar(&o.RetryPeriod, "leader-elect-retry-period", o.RetryPeriod, "How often candidates try to acquire or renew the Lease.")
+	fs.StringVar(&o.Identity, "leader-elect-identity", o.Identity, "This replica's identity in the Lease (default $POD_NAME or the hostname).")
+	fs.Float32Var(&o.KubeAPIQPS, "kube-api-qps", o.KubeAPIQPS, "Queries per second to the API server.")
+	fs.IntVar(&o.KubeAPIBurst, "kube-api-burst", o.KubeAPIBurst, "Burst of queries to the API server.")
+}
+
+// Validate reports every invalid option at once.
+func (o *Options) Validate() error {
+	var errs []error
+	if msgs := validation.IsQualifiedName(o.LoadBalancerClass); len(msgs) > 0 || !strings.Contains(o.LoadBalancerClass, "/") {
+		errs = append(errs, fmt.Errorf("--load-balancer-class %q must be a label-style key with a prefix, such as keeplb.io/vip", o.LoadBalancerClass))
+	}
+	if o.Workers < 1 {
+		errs = append(errs, fmt.Errorf("--workers must be at least 1, got %d", o.Workers))
+	}
+	if o.RetryInterval < time.Second {
+		errs = append(errs, fmt.Errorf("--retry-interval must be at least 1s, got %s", o.RetryInterval))
+	}
+	if o.MetricsBindAddress != "0" {
+		if _, _, err := net.SplitHostPort(o.MetricsBindAddress); err != nil {
+			errs = append(errs, fmt.Errorf("--metrics-bind-address %q: %w", o.MetricsBindAddress, err))
+		}
+	}
+	if o.LeaderElect {
+		if o.LeaderElectNamespace == "" || o.LeaderElectName == "" || o.Identity == "" {
+			errs = append(errs, errors.New("--leader-elect needs --leader-elect-namespace, --leader-elect-name and an identity"))
+		}
+		if !(o.LeaseDuration > o.RenewDeadline && o.RenewDeadline > o.RetryPeriod && o.RetryPeriod > 0) {
+			errs = append(errs, fmt.Errorf("leader election needs lease-duration > renew-deadline > retry-period > 0, got %s, %s, %s", o.LeaseDuration, o.RenewDeadline, o.RetryPeriod))
+		}
+	}
+	if o.KubeAPIQPS <= 0 || o.KubeAPIBurst < 1 {
+		errs = append(errs, errors.New("--kube-api-qps and --kube-api-burst must be positive"))
+	}
+	return errors.Join(errs...)
+}
