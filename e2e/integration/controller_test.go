@@ -178,7 +178,8 @@ func TestAnnotations(t *testing.T) {
 func TestExhaustion(t *testing.T) {
 	e := newEnv(t)
 	e.pool("small", `{addresses: ["192.0.2.0/30"]}`)
-	e.startController()
+	metricsAddr := freeAddr(t)
+	e.startController(func(o *controller.Options) { o.MetricsBindAddress = metricsAddr })
 	for i := range 6 {
 		e.create(newService("ns", fmt.Sprintf("s%d", i)))
 	}
@@ -202,6 +203,26 @@ func TestExhaustion(t *testing.T) {
 		p := e.getPool("small")
 		return p.Status.Used == 4 && p.Status.Free == "0", fmt.Sprintf("%+v", p.Status)
 	})
+	eventually(t, 30*time.Second, "metrics to show the full pool and the failures", func() (bool, string) {
+		body, code := scrape(t, "http://"+metricsAddr+"/metrics")
+		want := []string{
+			`keeplb_pool_addresses{family="IPv4",pool="small"} 4`,
+			`keeplb_pool_addresses_used{family="IPv4",pool="small"} 4`,
+			`keeplb_pool_addresses_free{family="IPv4",pool="small"} 0`,
+			`keeplb_services_pending 2`,
+			`keeplb_allocations_total 4`,
+			`keeplb_allocation_failures_total{reason="PoolExhausted"}`,
+		}
+		for _, w := range want {
+			if !strings.Contains(body, w) {
+				return false, fmt.Sprintf("HTTP %d, missing %q", code, w)
+			}
+		}
+		return true, ""
+	})
+	if body, code := scrape(t, "http://"+metricsAddr+"/readyz"); code != 200 {
+		t.Fatalf("/readyz = %d %s on the seeded leader", code, body)
+	}
 	freedIP := ingress(e.get("ns", assigned[0]))[0]
 	start := time.Now()
 	e.delete("ns", assigned[0])
