@@ -52,8 +52,12 @@ type indexEntry struct {
 
 // addrState is one allocated address.
 type addrState struct {
-	pool     string // the pool it is attributed to; "" when unmanaged
-	inRange  bool   // whether pool still contains it
+	// pool is the pool the address was drawn from, which keeps it even when
+	// pool edits put the address outside that pool or in another one; ""
+	// for an unmanaged address. A pool that contains an address whose own
+	// pool is gone adopts it.
+	pool     string
+	inRange  bool   // whether pool contains it today
 	shareKey string // "namespace/key" when owners share it
 	owners   []string
 }
@@ -134,13 +138,15 @@ func (a *Allocator) SetPools(pools []Pool) (orphaned []string) {
 	seen := map[string]bool{}
 	for addr, st := range a.addrs {
 		wasIn := st.inRange
-		if ps := a.lookup(addr); ps != nil {
-			st.pool, st.inRange = ps.Name, true
+		ps := a.lookup(addr)
+		if ps != nil {
 			ps.free[FamilyOf(addr)].remove(addr)
-			continue
+			if st.pool == "" || a.pools[st.pool] == nil {
+				st.pool = ps.Name
+			}
 		}
-		st.inRange = false
-		if wasIn {
+		st.inRange = ps != nil && ps.Name == st.pool
+		if wasIn && !st.inRange {
 			for _, o := range st.owners {
 				if !seen[o] {
 					seen[o] = true
@@ -204,8 +210,12 @@ func (a *Allocator) Restore(req Request, addrs []netip.Addr) error {
 	alloc := Allocation{Addrs: slices.Clone(addrs)}
 	for i, addr := range addrs {
 		st := a.record(&req, addr)
-		if st.pool == "" && req.Pool != "" {
-			st.pool = req.Pool // outside every pool now: count it where the Service asked
+		if req.Pool != "" && st.pool != req.Pool && len(st.owners) == 1 {
+			// The Service asked for this pool and got this address: the
+			// pool edits since (overlaps, shrinking) do not change that.
+			st.pool = req.Pool
+			ps := a.lookup(addr)
+			st.inRange = ps != nil && ps.Name == st.pool
 		}
 		if i == 0 {
 			alloc.Pool = st.pool
@@ -265,6 +275,37 @@ func (a *Allocator) Lookup(key string) (Allocation, bool) {
 		return Allocation{}, false
 	}
 	return Allocation{Pool: s.alloc.Pool, Addrs: slices.Clone(s.alloc.Addrs)}, true
+}
+
+// MarkPending lists key as pending, for failures found before Assign (an
+// unparseable annotation); the next successful Assign or Release clears it.
+func (a *Allocator) MarkPending(key string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.pending[key] = struct{}{}
+}
+
+// IsPending reports whether key's last attempt failed.
+func (a *Allocator) IsPending(key string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	_, ok := a.pending[key]
+	return ok
+}
+
+// ServicesOf returns the keys of the Services holding an address drawn from
+// one of the named pools, sorted.
+func (a *Allocator) ServicesOf(pools map[string]bool) []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var keys []string
+	for key, s := range a.services {
+		if pools[s.alloc.Pool] {
+			keys = append(keys, key)
+		}
+	}
+	sort.Strings(keys)
+	return keys
 }
 
 // Pending returns the keys of Services whose last Assign failed, sorted.
@@ -451,14 +492,17 @@ func (a *Allocator) planShared(req *Request) ([]planned, error) {
 // missing family from the same pool. It returns nil when a fresh allocation
 // is needed.
 func (a *Allocator) planKeep(req *Request, prev *svcState) []planned {
-	if prev == nil || (req.Pool != "" && prev.alloc.Pool != req.Pool) {
+	if prev == nil {
 		return nil
 	}
 	have := map[Family]netip.Addr{}
 	for _, addr := range prev.alloc.Addrs {
 		st := a.addrs[addr]
-		if st == nil || st.pool == "" {
-			continue // an unmanaged address is kept only while named
+		if st == nil {
+			continue
+		}
+		if req.Pool != "" && st.pool != req.Pool {
+			return nil // the Service now names another pool
 		}
 		if !onlyOwner(st, req.Key) && (req.ShareKey == "" || st.shareKey != req.Namespace+"/"+req.ShareKey) {
 			return nil // the Service left the group that shares this address
@@ -470,7 +514,7 @@ func (a *Allocator) planKeep(req *Request, prev *svcState) []planned {
 	}
 	ps := a.pools[prev.alloc.Pool]
 	var plan []planned
-	for i, f := range wanted(req) {
+	for _, f := range wanted(req) {
 		if addr, ok := have[f]; ok {
 			plan = append(plan, planned{addr: addr, fam: f})
 			continue
@@ -479,8 +523,8 @@ func (a *Allocator) planKeep(req *Request, prev *svcState) []planned {
 			plan = append(plan, planned{take: ps, fam: f})
 			continue
 		}
-		if req.Policy == PreferDualStack && i > 0 {
-			continue
+		if req.Policy == PreferDualStack {
+			continue // keep what it has rather than move for a family
 		}
 		return nil
 	}
@@ -671,7 +715,7 @@ func (a *Allocator) drop(key string, addr netip.Addr) bool {
 	}
 	delete(a.addrs, addr)
 	a.setShareKey(addr, st, "")
-	if ps := a.pools[st.pool]; ps != nil && st.inRange {
+	if ps := a.lookup(addr); ps != nil {
 		if !(ps.AvoidBuggyIPs && isBuggy(addr)) {
 			ps.free[FamilyOf(addr)].add(addr)
 		}
@@ -718,11 +762,15 @@ func (a *Allocator) canShare(req *Request, addr netip.Addr, st *addrState) error
 	return nil
 }
 
+// fieldFor names what made req claim an address someone else holds.
 func (r *Request) fieldFor() string {
-	if len(r.IPs) > 0 {
+	switch {
+	case len(r.IPs) > 0:
 		return r.IPsSource
+	case r.ShareKey != "":
+		return "keeplb.io/share-key"
 	}
-	return "keeplb.io/share-key"
+	return "status.loadBalancer.ingress"
 }
 
 // FamilyStats counts one family of a pool.

@@ -199,13 +199,84 @@ func TestUnmanagedAddresses(t *testing.T) {
 	}
 	_, err := a.Assign(req("ns/b", withIPs("100.64.0.1")))
 	wantErr(t, err, ReasonAddressInUse, "keeplb.io/ips", "already used by Service ns/a")
-	// Dropping the annotation moves the Service into a pool.
-	if got := mustAssign(t, a, req("ns/a")); got.Pool != "p" {
-		t.Fatalf("without the annotation got %v, want an address of pool p", got)
+	// Dropping the annotation keeps the address: nothing moves silently.
+	if got := mustAssign(t, a, req("ns/a")); addrs(got) != "100.64.0.1" {
+		t.Fatalf("without the annotation got %v, want to keep 100.64.0.1", got)
+	}
+	// Naming a pool moves it, and frees the unmanaged address.
+	if got := mustAssign(t, a, req("ns/a", withPool("p"))); got.Pool != "p" {
+		t.Fatalf("with keeplb.io/pool got %v, want an address of pool p", got)
 	}
 	if got := mustAssign(t, a, req("ns/b", withIPs("100.64.0.1"))); addrs(got) != "100.64.0.1" {
 		t.Fatalf("the unmanaged address was not released: %v", got)
 	}
+}
+
+// TestNothingMovesSilently covers pool edits and restarts that must leave
+// every address where it is.
+func TestNothingMovesSilently(t *testing.T) {
+	t.Run("restart outside every pool", func(t *testing.T) {
+		a := New(false)
+		a.SetPools([]Pool{pool(t, "p", "192.0.2.0/30")})
+		if err := a.Restore(req("ns/a"), []netip.Addr{netip.MustParseAddr("198.51.100.7")}); err != nil {
+			t.Fatal(err)
+		}
+		if got := mustAssign(t, a, req("ns/a")); addrs(got) != "198.51.100.7" {
+			t.Fatalf("after a restart the out-of-pool address moved to %v", got)
+		}
+	})
+	t.Run("older pool widened over a named pool's address", func(t *testing.T) {
+		older := pool(t, "older", "192.0.2.0/30")
+		older.Order = 1
+		newer := pool(t, "newer", "192.0.2.8/30")
+		newer.Order = 2
+		a := New(false)
+		a.SetPools([]Pool{older, newer})
+		first := mustAssign(t, a, req("ns/a", withPool("newer")))
+		older.Ranges = mustRanges(t, "192.0.2.0/28")
+		orphaned := a.SetPools([]Pool{older, newer})
+		if !slices.Equal(orphaned, []string{"ns/a"}) {
+			t.Fatalf("orphaned = %v; the Service's pool lost its address and must be warned", orphaned)
+		}
+		if got := mustAssign(t, a, req("ns/a", withPool("newer"))); addrs(got) != addrs(first) || got.Pool != "newer" {
+			t.Fatalf("widening an older pool moved the Service from %v to %v", first, got)
+		}
+		st := a.Stats()
+		if st["newer"].OutOfRange != 1 || st["newer"].Families[IPv4].Used != 1 || st["older"].Families[IPv4].Used != 0 {
+			t.Fatalf("stats: newer %+v older %+v", st["newer"], st["older"])
+		}
+		// After a restart too.
+		b := New(false)
+		b.SetPools([]Pool{older, newer})
+		if err := b.Restore(req("ns/a", withPool("newer")), first.Addrs); err != nil {
+			t.Fatal(err)
+		}
+		if got := mustAssign(t, b, req("ns/a", withPool("newer"))); addrs(got) != addrs(first) {
+			t.Fatalf("after a restart the Service moved from %v to %v", first, got)
+		}
+		// Its address is not handed to anyone else.
+		for i := range 15 {
+			if got := mustAssign(t, b, req(fmt.Sprintf("ns/o%d", i), withPool("older"))); addrs(got) == addrs(first) {
+				t.Fatalf("%s handed out twice", addrs(got))
+			}
+		}
+	})
+	t.Run("PreferDualStack fallback is stable", func(t *testing.T) {
+		a := New(false)
+		a.SetPools([]Pool{pool(t, "v6", "2001:db8::/126")})
+		r := req("ns/a", withFamilies(PreferDualStack, IPv4, IPv6))
+		first := mustAssign(t, a, r)
+		for range 5 {
+			if got := mustAssign(t, a, r); addrs(got) != addrs(first) {
+				t.Fatalf("a fallen-back PreferDualStack Service moved from %v to %v", first, got)
+			}
+		}
+		// When the primary family appears, it is added and the IPv6 kept.
+		a.SetPools([]Pool{pool(t, "v6", "2001:db8::/126", "192.0.2.0/30")})
+		if got := mustAssign(t, a, r); addrs(got) != "192.0.2.0,"+addrs(first) {
+			t.Fatalf("got %v", got)
+		}
+	})
 }
 
 func TestSharing(t *testing.T) {

@@ -81,27 +81,41 @@ func RunWithConfig(ctx context.Context, o *Options, cfg *rest.Config) error {
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	serveErr := make(chan error, 1)
+	var serveErr error
+	var serving sync.WaitGroup
 	if o.MetricsBindAddress != "0" {
-		go func() { serveErr <- c.serve(ctx) }()
+		serving.Add(1)
+		go func() {
+			defer serving.Done()
+			if serveErr = c.serve(ctx); serveErr != nil {
+				cancel() // a controller nobody can probe or scrape must not run on
+			}
+		}()
 	}
-	go func() {
-		if err := <-serveErr; err != nil {
-			klog.FromContext(ctx).Error(err, "Metrics server failed")
-			cancel()
-		}
-	}()
+	err = c.elect(ctx)
+	cancel()
+	serving.Wait()
+	return errors.Join(err, serveErr)
+}
 
+// elect runs the controller, under leader election when enabled.
+func (c *Controller) elect(ctx context.Context) error {
+	o := c.opts
 	if !o.LeaderElect {
 		return c.run(ctx)
 	}
 	lock := &resourcelock.LeaseLock{
 		LeaseMeta:  metav1.ObjectMeta{Namespace: o.LeaderElectNamespace, Name: o.LeaderElectName},
-		Client:     client.CoordinationV1(),
+		Client:     c.client.CoordinationV1(),
 		LockConfig: resourcelock.ResourceLockConfig{Identity: o.Identity},
 	}
 	var runErr error
 	var lost atomic.Bool
+	// le.Run starts OnStartedLeading in a goroutine it does not wait for:
+	// running lets us wait for it, electionOver keeps a late start out.
+	var running sync.WaitGroup
+	var runMu sync.Mutex
+	electionOver := false
 	le, err := leaderelection.NewLeaderElector(leaderelection.LeaderElectionConfig{
 		Lock:            lock,
 		LeaseDuration:   o.LeaseDuration,
@@ -110,7 +124,20 @@ func RunWithConfig(ctx context.Context, o *Options, cfg *rest.Config) error {
 		ReleaseOnCancel: true,
 		Name:            Component,
 		Callbacks: leaderelection.LeaderCallbacks{
-			OnStartedLeading: func(ctx context.Context) { runErr = c.run(ctx) },
+			OnStartedLeading: func(ctx context.Context) {
+				runMu.Lock()
+				if electionOver {
+					runMu.Unlock()
+					return
+				}
+				running.Add(1)
+				runMu.Unlock()
+				defer running.Done()
+				err := c.run(ctx)
+				runMu.Lock()
+				runErr = err
+				runMu.Unlock()
+			},
 			OnStoppedLeading: func() {
 				if ctx.Err() == nil {
 					lost.Store(true)
@@ -122,9 +149,15 @@ func RunWithConfig(ctx context.Context, o *Options, cfg *rest.Config) error {
 		return err
 	}
 	le.Run(ctx)
+	runMu.Lock()
+	electionOver = true
+	runMu.Unlock()
+	running.Wait()
 	if lost.Load() {
 		return errors.New("lost leader election")
 	}
+	runMu.Lock()
+	defer runMu.Unlock()
 	return runErr
 }
 
@@ -150,6 +183,7 @@ type Controller struct {
 	// when it moves.
 	capacity   atomic.Int64
 	kickedAt   int64
+	forwarding map[string]v1alpha1.Forwarding // per pool, as last applied
 	mu         sync.Mutex
 	poolGauges map[string]bool
 }
@@ -203,7 +237,20 @@ func (c *Controller) run(ctx context.Context) error {
 	}); err != nil {
 		return err
 	}
+	// The upstream controller ignores label changes, which decide pool
+	// admission (serviceSelector): retry a pending Service when they change.
+	if _, err := c.services.ServiceInformer.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		UpdateFunc: func(old, cur any) {
+			o, n := old.(*v1.Service), cur.(*v1.Service)
+			if key := n.Namespace + "/" + n.Name; !labels.Equals(o.Labels, n.Labels) && c.alloc.IsPending(key) {
+				c.services.Kick([]string{key})
+			}
+		},
+	}); err != nil {
+		return err
+	}
 	if _, err := namespaces.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: func(any) { c.capacityChanged() },
 		UpdateFunc: func(old, cur any) {
 			if !labels.Equals(old.(*v1.Namespace).Labels, cur.(*v1.Namespace).Labels) {
 				c.capacityChanged()
@@ -216,7 +263,7 @@ func (c *Controller) run(ctx context.Context) error {
 	var upstream *servicecontroller.Controller
 	if o.DefaultClass {
 		var err error
-		upstream, err = servicecontroller.New(prov, c.client, c.services, nodes, o.ClusterName, featuregate.NewFeatureGate())
+		upstream, err = servicecontroller.New(prov, c.client, c.services, quietNodes{nodes}, o.ClusterName, featuregate.NewFeatureGate())
 		if err != nil {
 			return fmt.Errorf("create service controller: %w", err)
 		}
@@ -358,8 +405,22 @@ func (c *Controller) applyPools(ctx context.Context, writeStatus bool) error {
 	for _, key := range c.alloc.SetPools(aps) {
 		c.warnOutsidePool(key)
 	}
+	// A pool's forwarding decides its Services' ipMode: re-ensure them.
+	changed := map[string]bool{}
+	forwarding := make(map[string]v1alpha1.Forwarding, len(ippools))
+	for _, ip := range ippools {
+		f := ip.Spec.ForwardingOrDefault()
+		forwarding[ip.Name] = f
+		if old, ok := c.forwarding[ip.Name]; ok && old != f {
+			changed[ip.Name] = true
+		}
+	}
+	c.forwarding = forwarding
 	if !writeStatus {
 		return nil
+	}
+	if len(changed) > 0 {
+		c.services.Kick(c.alloc.ServicesOf(changed))
 	}
 
 	stats := c.alloc.Stats()

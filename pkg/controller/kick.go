@@ -82,3 +82,34 @@ func (c *capturingInformer) AddEventHandlerWithOptions(h cache.ResourceEventHand
 	c.parent.add(h)
 	return c.SharedIndexInformer.AddEventHandlerWithOptions(h, opts)
 }
+
+// quietNodes hands the upstream service controller the Node lister it
+// needs (it lists nodes for EnsureLoadBalancer) but none of the Node events.
+// Those drive its node sync, which calls UpdateLoadBalancer for every
+// Service on each node change: keeplb's addresses do not depend on nodes
+// (the speakers follow nodes), and that sync reads the controller's Service
+// cache without the lock its workers write it under, a data race in
+// k8s.io/cloud-provider v0.37 that the race detector reports.
+type quietNodes struct {
+	coreinformers.NodeInformer
+}
+
+// Informer returns the shared Node informer, with handler registration
+// turned into a no-op.
+func (q quietNodes) Informer() cache.SharedIndexInformer {
+	return noHandlers{q.NodeInformer.Informer()}
+}
+
+type noHandlers struct {
+	cache.SharedIndexInformer
+}
+
+// AddEventHandlerWithResyncPeriod registers nothing; see quietNodes.
+func (noHandlers) AddEventHandlerWithResyncPeriod(cache.ResourceEventHandler, time.Duration) (cache.ResourceEventHandlerRegistration, error) {
+	return nil, nil
+}
+
+// AddEventHandler registers nothing; see quietNodes.
+func (noHandlers) AddEventHandler(cache.ResourceEventHandler) (cache.ResourceEventHandlerRegistration, error) {
+	return nil, nil
+}

@@ -83,7 +83,7 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.LoadBalancerClass, "load-balancer-class", o.LoadBalancerClass, "spec.loadBalancerClass handled by keeplb. Services of any other class are never touched.")
 	fs.BoolVar(&o.DefaultClass, "default-class", o.DefaultClass, "Also handle LoadBalancer Services that set no spec.loadBalancerClass.")
 	fs.BoolVar(&o.AllowUnmanagedIPs, "allow-unmanaged-ips", o.AllowUnmanagedIPs, "Let keeplb.io/ips and spec.loadBalancerIP name addresses that are in no IPPool.")
-	fs.IntVar(&o.Workers, "workers", o.Workers, "Number of Services reconciled concurrently.")
+	fs.IntVar(&o.Workers, "workers", o.Workers, "Number of Services each of the two service reconcilers (classless Services, and Services of --load-balancer-class) works on concurrently.")
 	fs.DurationVar(&o.RetryInterval, "retry-interval", o.RetryInterval, "How often a Service without an address is retried when nothing changes. Freed addresses, pool and namespace changes retry it at once.")
 	fs.StringVar(&o.MetricsBindAddress, "metrics-bind-address", o.MetricsBindAddress, "Address serving /metrics, /healthz and /readyz. \"0\" disables it.")
 	fs.BoolVar(&o.LeaderElect, "leader-elect", o.LeaderElect, "Elect one active replica through a Lease.")

@@ -9,6 +9,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"k8s.io/component-base/metrics"
 	"k8s.io/component-base/metrics/legacyregistry"
+	controllersmetrics "k8s.io/component-base/metrics/prometheus/controllers"
+	// client-go request and workqueue metrics, registered globally.
+	_ "k8s.io/component-base/metrics/prometheus/restclient"
+	_ "k8s.io/component-base/metrics/prometheus/workqueue"
 )
 
 const namespace = "keeplb"
@@ -67,6 +71,7 @@ func NewController() *Controller {
 		}),
 	}
 	m.registry.MustRegister(m.PoolAddresses, m.PoolAddressesUsed, m.PoolAddressesFree, m.Allocations, m.AllocationFailures, m.PendingServices)
+	controllersmetrics.Register() // running_managed_controllers; registers once per process
 	return m
 }
 

@@ -24,6 +24,7 @@ const (
 	ReasonInvalidSelector  = "InvalidSelector"
 	ReasonOverlaps         = "Overlaps"
 	ReasonNoOverlap        = "NoOverlap"
+	ReasonNoAddresses      = "NoAddresses"
 )
 
 // Parsed is one IPPool ready for the allocator, with the problems found
@@ -128,9 +129,12 @@ func Status(ip *v1alpha1.IPPool, parsed Parsed, stats allocator.PoolStats, now m
 	case parsed.SelectorProblem != "":
 		ready.Status, ready.Reason = metav1.ConditionFalse, ReasonInvalidSelector
 		ready.Message = "the pool admits no Service until this is fixed: " + parsed.SelectorProblem
-	case total.Sign() == 0:
+	case total.Sign() == 0 && len(stats.ConflictsWith) > 0:
 		ready.Status, ready.Reason = metav1.ConditionFalse, ReasonOverlaps
 		ready.Message = "every address is owned by an older pool"
+	case total.Sign() == 0:
+		ready.Status, ready.Reason = metav1.ConditionFalse, ReasonNoAddresses
+		ready.Message = "no allocatable address (avoidBuggyIPs skips .0 and .255)"
 	}
 	meta.SetStatusCondition(&st.Conditions, ready)
 

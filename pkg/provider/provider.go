@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
@@ -137,6 +138,7 @@ func (p *Provider) EnsureLoadBalancer(ctx context.Context, _ string, svc *v1.Ser
 		p.cfg.Recorder.Event(svc, v1.EventTypeWarning, EventUnknownAnnotation, w)
 	}
 	if err != nil {
+		p.cfg.Allocator.MarkPending(key(svc))
 		return nil, p.fail(svc, err)
 	}
 	before, had := p.cfg.Allocator.Lookup(key(svc))
@@ -222,6 +224,7 @@ func (p *Provider) fail(svc *v1.Service, err error) error {
 		p.cfg.Metrics.AllocationFailures.WithLabelValues(string(reason)).Inc()
 	}
 	p.cfg.Recorder.Eventf(svc, v1.EventTypeWarning, EventAllocationFailed, "%s: %v", reason, err)
+	p.changed()
 	return api.NewRetryError(fmt.Sprintf("keeplb: %v", err), p.cfg.RetryInterval)
 }
 
@@ -250,7 +253,7 @@ func (p *Provider) pool(name string) *v1alpha1.IPPool {
 // ForwardingFor returns the Service's forwarding mode: its annotation, else
 // its pool's default, else nodeport.
 func ForwardingFor(svc *v1.Service, pool *v1alpha1.IPPool) v1alpha1.Forwarding {
-	if f := v1alpha1.Forwarding(svc.Annotations[annotations.Forwarding]); f.Valid() {
+	if f := v1alpha1.Forwarding(strings.TrimSpace(svc.Annotations[annotations.Forwarding])); f.Valid() {
 		return f
 	}
 	if pool != nil {

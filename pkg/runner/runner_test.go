@@ -20,12 +20,13 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 }
 
 func TestBurstCollapses(t *testing.T) {
-	var runs atomic.Int32
+	var runs, finished atomic.Int32
 	release := make(chan struct{})
 	r := New(func(context.Context) error {
 		if runs.Add(1) == 1 {
 			<-release // hold the first run while triggers pile up
 		}
+		finished.Add(1)
 		return nil
 	}, 0, time.Hour, 0)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -35,12 +36,14 @@ func TestBurstCollapses(t *testing.T) {
 	for range 100 {
 		r.Trigger()
 	}
+	if n := len(r.dirty); n != 1 {
+		t.Fatalf("%d pending marks after 100 triggers, want 1", n)
+	}
 	close(release)
-	waitFor(t, "second run", func() bool { return runs.Load() == 2 })
-	// No third run may follow from the 100 triggers.
-	time.Sleep(50 * time.Millisecond)
-	if n := runs.Load(); n != 2 {
-		t.Fatalf("runs = %d, want 2: a burst of triggers must be one run", n)
+	waitFor(t, "second run to finish", func() bool { return finished.Load() == 2 })
+	// Nothing is left to start a third run: the burst was one run.
+	if n, pending := runs.Load(), len(r.dirty); n != 2 || pending != 0 {
+		t.Fatalf("runs = %d, pending marks = %d; want 2 and 0", n, pending)
 	}
 }
 
