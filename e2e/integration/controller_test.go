@@ -60,6 +60,21 @@ func TestServiceLifecycle(t *testing.T) {
 		}
 	}
 
+	// Changing the pool's forwarding changes its Services' ipMode.
+	u, err := e.dyn.Resource(v1alpha1.IPPoolResource).Get(t.Context(), "kp", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	u.Object["spec"].(map[string]any)["forwarding"] = "nodeport"
+	if _, err := e.dyn.Resource(v1alpha1.IPPoolResource).Update(t.Context(), u, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 15*time.Second, "ipMode Proxy after the pool's forwarding changed to nodeport", func() (bool, string) {
+		s := e.get("app", "vip")
+		ing := s.Status.LoadBalancer.Ingress
+		return len(ing) == 1 && ing[0].IP == kp.IP && *ing[0].IPMode == v1.LoadBalancerIPModeProxy, fmt.Sprintf("%+v", ing)
+	})
+
 	e.delete("app", "web")
 	eventually(t, 30*time.Second, "the Service to be gone", func() (bool, string) {
 		_, err := e.client.CoreV1().Services("app").Get(t.Context(), "web", metav1.GetOptions{})
@@ -79,6 +94,7 @@ func TestAnnotations(t *testing.T) {
 	e.pool("a", `{addresses: ["192.0.2.0/28"]}`)
 	e.pool("b", `{addresses: ["192.0.2.16/28"], autoAssign: false, serviceAllocation: {namespaces: [team]}}`)
 	e.pool("pods", `{addresses: ["192.0.2.32/28"], autoAssign: false, forwarding: pod}`)
+	e.pool("edge", `{addresses: ["192.0.2.48/28"], autoAssign: false, serviceAllocation: {serviceSelector: {matchLabels: {tier: edge}}}}`)
 	e.startController()
 
 	good := []struct {
@@ -164,8 +180,22 @@ func TestAnnotations(t *testing.T) {
 		t.Fatalf("got %v", got)
 	}
 	t.Logf("pending Service assigned %s after its pool was created", time.Since(start).Round(time.Millisecond))
+	// Labels decide serviceSelector admission; the upstream controller does
+	// not watch them, keeplb retries a pending Service when they change.
+	e.create(newService("ns", "unlabelled", ann("keeplb.io/pool", "edge")))
+	e.waitEvent("ns", "unlabelled", v1.EventTypeWarning, "AllocationFailed", "NotAdmitted", "Services with labels tier=edge")
+	s := e.get("ns", "unlabelled")
+	s.Labels = map[string]string{"tier": "edge"}
+	if _, err := e.client.CoreV1().Services("ns").Update(t.Context(), s, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	start = time.Now()
+	if got := ingress(e.waitIngressWithin("ns", "unlabelled", 1, 15*time.Second)); !inPrefix(t, got[0], "192.0.2.48/28") {
+		t.Fatalf("got %v", got)
+	}
+	t.Logf("pending Service assigned %s after its labels were fixed", time.Since(start).Round(time.Millisecond))
 	// Fixing an annotation is picked up too.
-	s := e.get("ns", "malformed-forwarding")
+	s = e.get("ns", "malformed-forwarding")
 	s.Annotations["keeplb.io/forwarding"] = "pod"
 	if _, err := e.client.CoreV1().Services("ns").Update(t.Context(), s, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
@@ -432,10 +462,14 @@ func TestLoadBalancerClass(t *testing.T) {
 
 	// With --default-class=false, classless Services are not ours.
 	stop()
-	e.startController(func(o *controller.Options) { o.DefaultClass = false })
+	e.startController(func(o *controller.Options) { o.DefaultClass, o.AllowUnmanagedIPs = false, true })
 	e.create(newService("ns", "none2"))
 	e.create(newService("ns", "ours2", class("keeplb.io/vip")))
+	e.create(newService("ns", "unmanaged", class("keeplb.io/vip"), ann("keeplb.io/ips", "100.64.0.9")))
 	e.waitIngress("ns", "ours2", 1)
+	if got := ingress(e.waitIngress("ns", "unmanaged", 1)); got[0] != "100.64.0.9" {
+		t.Fatalf("--allow-unmanaged-ips: got %v", got)
+	}
 	if s := e.get("ns", "none2"); len(s.Status.LoadBalancer.Ingress) != 0 || len(s.Finalizers) != 0 {
 		t.Fatalf("a classless Service was handled with --default-class=false: %+v", s.Status)
 	}

@@ -232,8 +232,14 @@ func ingress(s *v1.Service) []string {
 // waitIngress waits until the Service has n ingress addresses and returns it.
 func (e *env) waitIngress(ns, name string, n int) *v1.Service {
 	e.t.Helper()
+	return e.waitIngressWithin(ns, name, n, 30*time.Second)
+}
+
+// waitIngressWithin is waitIngress with a deadline of its own.
+func (e *env) waitIngressWithin(ns, name string, n int, timeout time.Duration) *v1.Service {
+	e.t.Helper()
 	var s *v1.Service
-	eventually(e.t, 30*time.Second, fmt.Sprintf("%s/%s to get %d address(es)", ns, name, n), func() (bool, string) {
+	eventually(e.t, timeout, fmt.Sprintf("%s/%s to get %d address(es)", ns, name, n), func() (bool, string) {
 		s = e.get(ns, name)
 		return len(s.Status.LoadBalancer.Ingress) == n, fmt.Sprint(ingress(s))
 	})
