@@ -53,9 +53,9 @@ type indexEntry struct {
 // addrState is one allocated address.
 type addrState struct {
 	// pool is the pool the address was drawn from, which keeps it even when
-	// pool edits put the address outside that pool or in another one; ""
-	// for an unmanaged address. A pool that contains an address whose own
-	// pool is gone adopts it.
+	// pool edits put the address outside that pool or in another one, or
+	// delete the pool (so re-creating it moves nothing); "" for an
+	// unmanaged address, which a pool that comes to contain it adopts.
 	pool     string
 	inRange  bool   // whether pool contains it today
 	shareKey string // "namespace/key" when owners share it
@@ -141,8 +141,8 @@ func (a *Allocator) SetPools(pools []Pool) (orphaned []string) {
 		ps := a.lookup(addr)
 		if ps != nil {
 			ps.free[FamilyOf(addr)].remove(addr)
-			if st.pool == "" || a.pools[st.pool] == nil {
-				st.pool = ps.Name
+			if st.pool == "" {
+				st.pool = ps.Name // an unmanaged address that a pool now covers
 			}
 		}
 		st.inRange = ps != nil && ps.Name == st.pool

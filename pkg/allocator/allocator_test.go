@@ -254,6 +254,16 @@ func TestNothingMovesSilently(t *testing.T) {
 		if got := mustAssign(t, b, req("ns/a", withPool("newer"))); addrs(got) != addrs(first) {
 			t.Fatalf("after a restart the Service moved from %v to %v", first, got)
 		}
+		// Deleting its pool while another contains the address, then
+		// re-creating the pool, moves nothing either.
+		b.SetPools([]Pool{older})
+		if got := mustAssign(t, b, req("ns/a", withPool("newer"))); addrs(got) != addrs(first) {
+			t.Fatalf("deleting the pool moved the Service from %v to %v", first, got)
+		}
+		b.SetPools([]Pool{older, newer})
+		if got := mustAssign(t, b, req("ns/a", withPool("newer"))); addrs(got) != addrs(first) {
+			t.Fatalf("re-creating the pool moved the Service from %v to %v", first, got)
+		}
 		// Its address is not handed to anyone else.
 		for i := range 15 {
 			if got := mustAssign(t, b, req(fmt.Sprintf("ns/o%d", i), withPool("older"))); addrs(got) == addrs(first) {
