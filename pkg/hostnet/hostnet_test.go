@@ -1,0 +1,107 @@
+package hostnet_test
+
+import (
+	"net/netip"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+
+	"github.com/keeplb/keeplb/pkg/hostnet"
+	hostnettesting "github.com/keeplb/keeplb/pkg/hostnet/testing"
+)
+
+func TestEnsureSysctls(t *testing.T) {
+	f := hostnettesting.New(nil, map[string]string{
+		"net.ipv4.ip_nonlocal_bind":      "0",
+		"net.ipv4.conf.all.arp_ignore":   "1",
+		"net.ipv4.conf.all.arp_announce": "0",
+	})
+	f.MakeReadOnly("net.ipv4.conf.all.arp_announce")
+	err := hostnet.Ensure(f, hostnet.VRRPSysctls())
+	if err == nil || !strings.Contains(err.Error(), "sysctl net.ipv4.conf.all.arp_announce=2") || strings.Contains(err.Error(), "ip_nonlocal_bind") {
+		t.Fatalf("Ensure error = %v; want it to name arp_announce only", err)
+	}
+	if v, _ := f.Sysctl("net.ipv4.ip_nonlocal_bind"); v != "1" {
+		t.Fatalf("ip_nonlocal_bind = %s, want it set to 1", v)
+	}
+}
+
+func TestStaleVIPs(t *testing.T) {
+	pool := netip.MustParsePrefix("192.0.2.0/24")
+	links := []hostnet.Link{
+		{Name: "eth0", Prefixes: []netip.Prefix{
+			netip.MustParsePrefix("192.0.2.5/24"),    // the node's own address, inside the pool range by mistake
+			netip.MustParsePrefix("192.0.2.10/32"),   // a VIP left behind
+			netip.MustParsePrefix("198.51.100.7/32"), // someone else's /32: never ours to touch
+		}},
+		{Name: "eth1", Prefixes: []netip.Prefix{netip.MustParsePrefix("192.0.2.5/32")}},
+	}
+	keep := map[netip.Addr]bool{netip.MustParseAddr("192.0.2.5"): true}
+	got := hostnet.StaleVIPs(links, pool.Contains, keep)
+	if len(got) != 1 || len(got["eth0"]) != 1 || got["eth0"][0].String() != "192.0.2.10/32" {
+		t.Fatalf("StaleVIPs = %v, want only 192.0.2.10/32 on eth0", got)
+	}
+}
+
+// TestNetlinkInNamespace runs the real implementation against a network
+// namespace the test creates.
+func TestNetlinkInNamespace(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create a network namespace")
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		t.Skip("needs iproute2's ip command")
+	}
+	ns := "kl-hostnet-" + strings.ReplaceAll(t.Name(), "/", "-")
+	run := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v\n%s", args, err, out)
+		}
+	}
+	_ = exec.Command("ip", "netns", "del", ns).Run()
+	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
+		t.Skipf("network namespaces are unavailable here: %v %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
+	run("-n", ns, "link", "add", "d0", "type", "veth", "peer", "name", "d1")
+	run("-n", ns, "link", "set", "d1", "up")
+	run("-n", ns, "link", "set", "d0", "up")
+	run("-n", ns, "addr", "add", "10.251.0.2/24", "dev", "d0")
+	run("-n", ns, "addr", "add", "10.251.0.100/32", "dev", "d0")
+	run("-n", ns, "route", "add", "default", "via", "10.251.0.1")
+
+	h, err := hostnet.NewAt("/run/netns/" + ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	links, err := h.Links()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var d0 *hostnet.Link
+	for i := range links {
+		if links[i].Name == "d0" {
+			d0 = &links[i]
+		}
+	}
+	if d0 == nil || !d0.DefaultRoute4 || d0.DefaultRoute6 || len(d0.Prefixes) < 2 {
+		t.Fatalf("d0 = %+v, want two addresses and the IPv4 default route", d0)
+	}
+	stale := hostnet.StaleVIPs(links, netip.MustParsePrefix("10.251.0.0/24").Contains, map[netip.Addr]bool{netip.MustParseAddr("10.251.0.2"): true})
+	for link, ps := range stale {
+		for _, p := range ps {
+			if err := h.DeleteAddress(link, p); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := h.DeleteAddress("d0", netip.MustParsePrefix("10.251.0.100/32")); err != nil {
+		t.Fatalf("deleting an absent address must not fail: %v", err)
+	}
+	out, _ := exec.Command("ip", "-n", ns, "-br", "addr", "show", "d0").CombinedOutput()
+	if strings.Contains(string(out), "10.251.0.100") || !strings.Contains(string(out), "10.251.0.2/24") {
+		t.Fatalf("after cleanup: %s", out)
+	}
+}
