@@ -12,10 +12,10 @@ LDFLAGS  = -s -w \
 	-X github.com/keeplb/keeplb/pkg/version.date=$(DATE)
 
 .DEFAULT_GOAL := help
-.PHONY: help build test test-unit test-integration bench verify tools demo clean
+.PHONY: help build test test-unit test-integration e2e-vrrp bench verify tools demo clean
 
 help: ## List the targets.
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 build: ## Build bin/keeplb, stamped with VERSION, COMMIT and DATE.
 	CGO_ENABLED=0 go build -trimpath -ldflags "$(LDFLAGS)" -o bin/keeplb ./cmd/keeplb
@@ -28,6 +28,9 @@ test-unit: ## Run the unit tests with the race detector (all but e2e/).
 
 test-integration: ## Run the tests against a real kube-apiserver and etcd.
 	hack/test-integration.sh
+
+e2e-vrrp: ## Run the speaker end to end: real keepalived in network namespaces (needs root); prints failover times.
+	hack/e2e-vrrp.sh
 
 bench: ## Benchmark the allocator against a naive one; table in the output, raw in _output/bench.txt.
 	hack/bench.sh

@@ -16,6 +16,7 @@ import (
 	logsapi "k8s.io/component-base/logs/api/v1"
 
 	"github.com/keeplb/keeplb/pkg/controller"
+	"github.com/keeplb/keeplb/pkg/speaker"
 	"github.com/keeplb/keeplb/pkg/version"
 )
 
@@ -60,8 +61,43 @@ traffic with IPVS, is not part of this release yet.`,
 	// klog, where they would bypass the configuration above.
 	logs.AddFlags(fs, logs.SkipLoggingConfigurationFlags())
 
-	root.AddCommand(newControllerCommand(), newVersionCommand())
+	root.AddCommand(newControllerCommand(), newSpeakerCommand(), newVersionCommand())
 	return root
+}
+
+// runUntilSignal runs f with a context cancelled by SIGINT or SIGTERM.
+func runUntilSignal(parent context.Context, f func(context.Context) error) error {
+	ctx, stop := signal.NotifyContext(parent, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	// Once the first signal started a graceful shutdown, restore the default
+	// handling, so that a second signal ends a shutdown that hangs.
+	context.AfterFunc(ctx, stop)
+	return f(ctx)
+}
+
+// newSpeakerCommand returns `keeplb speaker`.
+func newSpeakerCommand() *cobra.Command {
+	o := speaker.NewOptions()
+	c := &cobra.Command{
+		Use:   "speaker",
+		Short: "Hold VIPs on this node with keepalived (VRRP)",
+		Long: `The speaker runs on every node, in the host network namespace. It computes
+the cluster's VRRP plan from the Services, EndpointSlices, Nodes and IPPools
+(every speaker computes the same), runs keepalived with this node's part of
+it, so that each VIP is held by exactly one eligible node, and records the
+holder on the Service (annotation keeplb.io/holder, event VIPAcquired).
+
+Run it as a DaemonSet (manifests/speaker).`,
+		Args: cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			if err := o.Validate(); err != nil {
+				return err
+			}
+			return runUntilSignal(c.Context(), func(ctx context.Context) error { return speaker.Run(ctx, o) })
+		},
+	}
+	o.AddFlags(c.Flags())
+	return c
 }
 
 // newControllerCommand returns `keeplb controller`.
@@ -84,13 +120,7 @@ elected replica works.`,
 			if err := o.Validate(); err != nil {
 				return err
 			}
-			ctx, stop := signal.NotifyContext(c.Context(), os.Interrupt, syscall.SIGTERM)
-			defer stop()
-			// Once the first signal started a graceful shutdown, restore
-			// the default handling, so that a second signal ends a shutdown
-			// that hangs.
-			context.AfterFunc(ctx, stop)
-			return controller.Run(ctx, o)
+			return runUntilSignal(c.Context(), func(ctx context.Context) error { return controller.Run(ctx, o) })
 		},
 	}
 	o.AddFlags(c.Flags())

@@ -1,0 +1,251 @@
+package vrrp
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// The test binary doubles as the small programs that run inside the
+// test's network namespaces: an HTTP responder per node that answers its
+// node name, and the client's prober. TestMain runs them when asked.
+const helperEnv = "KEEPLB_E2E_HELPER"
+
+func TestMain(m *testing.M) {
+	switch mode, arg, _ := strings.Cut(os.Getenv(helperEnv), ":"); mode {
+	case "http":
+		os.Exit(serveName(arg))
+	case "probe":
+		os.Exit(probe(arg))
+	}
+	os.Exit(m.Run())
+}
+
+// serveName answers every HTTP request on port 80 with name.
+func serveName(name string) int {
+	srv := &http.Server{Addr: ":80", ReadHeaderTimeout: time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Connection", "close")
+		fmt.Fprint(w, name)
+	})}
+	if err := srv.ListenAndServe(); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
+}
+
+// probe sends short concurrent requests to "vip,duration,interval" and
+// prints one line per request: start offset in ms, then the answering node
+// or "-". Many short requests, not one client: a single TCP client would
+// hide the real takeover time behind its 1 s SYN retry.
+func probe(arg string) int {
+	parts := strings.Split(arg, ",")
+	if len(parts) != 3 {
+		return 2
+	}
+	vip := parts[0]
+	dur, _ := time.ParseDuration(parts[1])
+	every, _ := time.ParseDuration(parts[2])
+	client := &http.Client{Timeout: 150 * time.Millisecond, Transport: &http.Transport{DisableKeepAlives: true}}
+	start := time.Now()
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	out := bufio.NewWriter(os.Stdout)
+	for t := time.Duration(0); t < dur; t += every {
+		time.Sleep(time.Until(start.Add(t)))
+		wg.Add(1)
+		go func(t time.Duration) {
+			defer wg.Done()
+			who := "-"
+			if resp, err := client.Get("http://" + net.JoinHostPort(vip, "80")); err == nil {
+				b := make([]byte, 64)
+				n, _ := resp.Body.Read(b)
+				resp.Body.Close()
+				who = string(b[:n])
+			}
+			mu.Lock()
+			fmt.Fprintf(out, "%d %s\n", t.Milliseconds(), who)
+			mu.Unlock()
+		}(t)
+	}
+	wg.Wait()
+	out.Flush()
+	return 0
+}
+
+// sample is one probe request: when it started and who answered ("-" for
+// no answer).
+type sample struct {
+	at  time.Duration
+	who string
+}
+
+// runProbe runs the prober in the client namespace and returns its samples
+// sorted by start time. It blocks for dur.
+func runProbe(ctx context.Context, ns, vip string, dur, every time.Duration) ([]sample, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", ns, self)
+	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=probe:%s,%s,%s", helperEnv, vip, dur, every))
+	out, err := cmd.Output()
+	if err != nil {
+		return nil, fmt.Errorf("probe: %w", err)
+	}
+	var ss []sample
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		f := strings.Fields(line)
+		if len(f) != 2 {
+			continue
+		}
+		ms, _ := strconv.Atoi(f[0])
+		ss = append(ss, sample{time.Duration(ms) * time.Millisecond, f[1]})
+	}
+	sortSamples(ss)
+	return ss, nil
+}
+
+func sortSamples(ss []sample) {
+	for i := 1; i < len(ss); i++ {
+		for j := i; j > 0 && ss[j].at < ss[j-1].at; j-- {
+			ss[j], ss[j-1] = ss[j-1], ss[j]
+		}
+	}
+}
+
+// gap measures a takeover from the client's side: from the first request
+// after `from` that the old node did not answer, to the first request the
+// new node answered, and returns the new node.
+func gap(ss []sample, from time.Duration, old string) (time.Duration, string, bool) {
+	var lost time.Duration = -1
+	for _, s := range ss {
+		if s.at < from {
+			continue
+		}
+		if lost < 0 && s.who != old {
+			lost = s.at
+		}
+		if lost >= 0 && s.who != "-" && s.who != old {
+			return s.at - lost, s.who, true
+		}
+	}
+	return 0, "", false
+}
+
+// topology is a switch namespace with a bridge, node namespaces and a
+// client namespace cabled to it, all created by the test.
+type topology struct {
+	t      *testing.T
+	id     string
+	sw     string
+	nodes  []string // namespace names, also the Kubernetes node names
+	ips    map[string]string
+	client string
+	procs  []*exec.Cmd
+}
+
+func ip(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := exec.Command("ip", args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// newTopology builds the namespaces: subnet 10.77.0.0/24, nodes at .11,
+// .12, ..., the client at .100.
+func newTopology(t *testing.T, n int) *topology {
+	t.Helper()
+	id := strconv.Itoa(os.Getpid() % 100000)
+	tp := &topology{t: t, id: id, sw: "klsw" + id, client: "klc" + id, ips: map[string]string{}}
+	t.Cleanup(tp.destroy)
+	ip(t, "netns", "add", tp.sw)
+	ip(t, "-n", tp.sw, "link", "add", "br0", "type", "bridge")
+	ip(t, "-n", tp.sw, "link", "set", "br0", "up")
+	attach := func(ns, addr string, i int) {
+		ip(t, "netns", "add", ns)
+		port := fmt.Sprintf("p%d", i)
+		ip(t, "-n", tp.sw, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns)
+		ip(t, "-n", tp.sw, "link", "set", port, "master", "br0", "up")
+		ip(t, "-n", ns, "addr", "add", addr+"/24", "dev", "eth0")
+		ip(t, "-n", ns, "link", "set", "eth0", "up")
+		ip(t, "-n", ns, "link", "set", "lo", "up")
+	}
+	for i := 0; i < n; i++ {
+		ns := fmt.Sprintf("kln%d-%s", i+1, id)
+		addr := fmt.Sprintf("10.77.0.%d", 11+i)
+		attach(ns, addr, i)
+		tp.nodes = append(tp.nodes, ns)
+		tp.ips[ns] = addr
+		for _, kv := range [][2]string{{"net.ipv4.ip_nonlocal_bind", "1"}, {"net.ipv4.conf.all.arp_ignore", "1"}, {"net.ipv4.conf.all.arp_announce", "2"}} {
+			if out, err := exec.Command("ip", "netns", "exec", ns, "sysctl", "-qw", kv[0]+"="+kv[1]).CombinedOutput(); err != nil {
+				// sysctl may be missing; write /proc/sys directly.
+				path := "/proc/sys/" + strings.ReplaceAll(kv[0], ".", "/")
+				if out2, err2 := exec.Command("ip", "netns", "exec", ns, "sh", "-c", "echo "+kv[1]+" > "+path).CombinedOutput(); err2 != nil {
+					t.Fatalf("set %s in %s: %v %s %s", kv[0], ns, err2, out, out2)
+				}
+			}
+		}
+		tp.start(ns, "http:"+ns)
+	}
+	attach(tp.client, "10.77.0.100", n)
+	return tp
+}
+
+// start runs the test binary in helper mode inside ns.
+func (tp *topology) start(ns, helper string) {
+	self, err := os.Executable()
+	if err != nil {
+		tp.t.Fatal(err)
+	}
+	cmd := exec.Command("ip", "netns", "exec", ns, self)
+	cmd.Env = append(os.Environ(), helperEnv+"="+helper)
+	if err := cmd.Start(); err != nil {
+		tp.t.Fatal(err)
+	}
+	tp.procs = append(tp.procs, cmd)
+}
+
+// holders returns the node namespaces that have vip on eth0.
+func (tp *topology) holders(vip string) []string {
+	var out []string
+	for _, ns := range tp.nodes {
+		o, err := exec.Command("ip", "-n", ns, "-br", "-4", "addr", "show", "dev", "eth0").CombinedOutput()
+		if err == nil && strings.Contains(string(o), " "+vip+"/32") {
+			out = append(out, ns)
+		}
+	}
+	return out
+}
+
+// mac returns the MAC address of eth0 in ns.
+func (tp *topology) mac(ns string) string {
+	f := strings.Fields(ip(tp.t, "-n", ns, "-br", "link", "show", "dev", "eth0"))
+	if len(f) < 3 {
+		tp.t.Fatalf("no MAC in ns %s", ns)
+	}
+	return f[2]
+}
+
+func (tp *topology) destroy() {
+	for _, p := range tp.procs {
+		if p.Process != nil {
+			_ = p.Process.Kill()
+			_ = p.Wait()
+		}
+	}
+	for _, ns := range append([]string{tp.client, tp.sw}, tp.nodes...) {
+		_ = exec.Command("ip", "netns", "del", ns).Run()
+	}
+}

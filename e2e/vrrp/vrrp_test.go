@@ -1,0 +1,458 @@
+// Package vrrp is the speaker's end-to-end test: a real kube-apiserver,
+// keeplb's controller, and one speaker per node with a real keepalived, in
+// network namespaces the test creates (3 nodes and a client on a bridge).
+// It needs root, iproute2, keepalived and the control-plane binaries (run
+// it through `make test` or `make e2e-vrrp`); it skips with a reason
+// otherwise.
+package vrrp
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+
+	"github.com/keeplb/keeplb/pkg/annotations"
+	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
+	"github.com/keeplb/keeplb/pkg/controller"
+	"github.com/keeplb/keeplb/pkg/speaker"
+	"github.com/keeplb/keeplb/pkg/testing/controlplane"
+	"github.com/keeplb/keeplb/pkg/vrrp"
+)
+
+func requireNetns(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create network namespaces")
+	}
+	for _, bin := range []string{"ip", "keepalived"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			t.Skipf("needs %s (apt-get install iproute2 keepalived)", bin)
+		}
+	}
+	ns := fmt.Sprintf("klprobe%d", os.Getpid())
+	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
+		t.Skipf("network namespaces are unavailable here: %v %s", err, out)
+	}
+	_ = exec.Command("ip", "netns", "del", ns).Run()
+}
+
+// cluster is the whole system under test.
+type cluster struct {
+	t        *testing.T
+	tp       *topology
+	cp       *controlplane.ControlPlane
+	client   kubernetes.Interface
+	dyn      dynamic.Interface
+	speakers map[string]context.CancelFunc
+	done     map[string]chan struct{}
+	mu       sync.Mutex
+}
+
+func manifest(rel string) string {
+	p, _ := filepath.Abs(filepath.Join("..", "..", "manifests", rel))
+	return p
+}
+
+func newCluster(t *testing.T) *cluster {
+	requireNetns(t)
+	cp := controlplane.StartForTest(t)
+	if err := cp.Apply(t.Context(), manifest("crd/ippools.keeplb.io.yaml"), manifest("namespace.yaml"), manifest("controller/rbac.yaml"), manifest("speaker/rbac.yaml")); err != nil {
+		t.Fatal(err)
+	}
+	cfg := cp.AdminConfig()
+	c := &cluster{t: t, tp: newTopology(t, 3), cp: cp, client: kubernetes.NewForConfigOrDie(cfg), dyn: dynamic.NewForConfigOrDie(cfg),
+		speakers: map[string]context.CancelFunc{}, done: map[string]chan struct{}{}}
+	for _, ns := range c.tp.nodes {
+		c.node(ns, true, nil)
+	}
+	c.startController()
+	return c
+}
+
+// node creates or updates the Node object of a node namespace.
+func (c *cluster) node(name string, ready bool, labels map[string]string) {
+	ctx := c.t.Context()
+	n, err := c.client.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		n, err = c.client.CoreV1().Nodes().Create(ctx, &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: labels}}, metav1.CreateOptions{})
+		if err != nil {
+			c.t.Fatal(err)
+		}
+	}
+	status := v1.ConditionFalse
+	if ready {
+		status = v1.ConditionTrue
+	}
+	n.Status.Conditions = []v1.NodeCondition{{Type: v1.NodeReady, Status: status, LastHeartbeatTime: metav1.Now()}}
+	n.Status.Addresses = []v1.NodeAddress{{Type: v1.NodeInternalIP, Address: c.tp.ips[name]}}
+	if _, err := c.client.CoreV1().Nodes().UpdateStatus(ctx, n, metav1.UpdateOptions{}); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+func (c *cluster) startController() {
+	o := controller.NewOptions()
+	o.MetricsBindAddress, o.LeaderElect = "0", false
+	cfg := c.cp.ImpersonatedConfig("system:serviceaccount:keeplb-system:keeplb-controller", "system:serviceaccounts", "system:authenticated")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := controller.RunWithConfig(ctx, o, cfg); err != nil && ctx.Err() == nil {
+			c.t.Errorf("controller: %v", err)
+		}
+	}()
+	c.t.Cleanup(func() { cancel(); <-done })
+}
+
+// startSpeaker runs the speaker of one node namespace, as its
+// ServiceAccount, until stopSpeaker.
+func (c *cluster) startSpeaker(ns string) {
+	o := speaker.NewOptions()
+	o.NodeName, o.NetNS, o.MetricsBindAddress = ns, ns, "0"
+	o.RunDir = filepath.Join(os.TempDir(), "keeplb-e2e-"+ns)
+	o.MinSyncInterval = 50 * time.Millisecond
+	_ = os.RemoveAll(o.RunDir)
+	if err := os.MkdirAll(o.RunDir, 0o755); err != nil {
+		c.t.Fatal(err)
+	}
+	var cfg *rest.Config = c.cp.ImpersonatedConfig("system:serviceaccount:keeplb-system:keeplb-speaker", "system:serviceaccounts", "system:authenticated")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	c.mu.Lock()
+	c.speakers[ns], c.done[ns] = cancel, done
+	c.mu.Unlock()
+	go func() {
+		defer close(done)
+		if err := speaker.RunWithConfig(ctx, o, cfg); err != nil && ctx.Err() == nil {
+			c.t.Errorf("speaker %s: %v", ns, err)
+		}
+	}()
+	c.t.Cleanup(func() { c.stopSpeaker(ns) })
+}
+
+// stopSpeaker stops a speaker gracefully (SIGTERM to keepalived) and waits.
+func (c *cluster) stopSpeaker(ns string) {
+	c.mu.Lock()
+	cancel, done := c.speakers[ns], c.done[ns]
+	delete(c.speakers, ns)
+	c.mu.Unlock()
+	if cancel != nil {
+		cancel()
+		<-done
+	}
+}
+
+func (c *cluster) pool(name, spec string) {
+	u := &unstructured.Unstructured{}
+	if err := yamlInto(spec, &u.Object); err != nil {
+		c.t.Fatal(err)
+	}
+	u.Object = map[string]any{"spec": u.Object}
+	u.SetAPIVersion(v1alpha1.SchemeGroupVersion.String())
+	u.SetKind(v1alpha1.IPPoolKind)
+	u.SetName(name)
+	if _, err := c.dyn.Resource(v1alpha1.IPPoolResource).Create(c.t.Context(), u, metav1.CreateOptions{}); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+func (c *cluster) service(name string, mods ...func(*v1.Service)) {
+	_, _ = c.client.CoreV1().Namespaces().Create(c.t.Context(), &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "e2e"}}, metav1.CreateOptions{})
+	s := &v1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "e2e", Name: name},
+		Spec: v1.ServiceSpec{Type: v1.ServiceTypeLoadBalancer, Selector: map[string]string{"app": name},
+			Ports: []v1.ServicePort{{Port: 80, TargetPort: intstr.FromInt32(80), Protocol: v1.ProtocolTCP}}},
+	}
+	for _, m := range mods {
+		m(s)
+	}
+	if _, err := c.client.CoreV1().Services("e2e").Create(c.t.Context(), s, metav1.CreateOptions{}); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+// vip waits for the Service's address.
+func (c *cluster) vip(name string) string {
+	var ip string
+	eventually(c.t, 30*time.Second, "address of "+name, func() bool {
+		s, err := c.client.CoreV1().Services("e2e").Get(c.t.Context(), name, metav1.GetOptions{})
+		if err == nil && len(s.Status.LoadBalancer.Ingress) > 0 {
+			ip = s.Status.LoadBalancer.Ingress[0].IP
+		}
+		return ip != ""
+	})
+	return ip
+}
+
+// holder waits until exactly one node holds vip and returns it.
+func (c *cluster) holder(vip string, timeout time.Duration) string {
+	var h []string
+	eventually(c.t, timeout, "exactly one holder of "+vip, func() bool {
+		h = c.tp.holders(vip)
+		return len(h) == 1
+	})
+	return h[0]
+}
+
+func eventually(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestVRRP covers issue scenarios 1, 3 and 4: one holder, reachable,
+// holder recorded; crash and graceful failover measured from the client.
+func TestVRRP(t *testing.T) {
+	for _, advert := range []time.Duration{time.Second, 100 * time.Millisecond, 20 * time.Millisecond} {
+		t.Run(advert.String(), func(t *testing.T) {
+			c := newCluster(t)
+			c.pool("vips", fmt.Sprintf(`{addresses: ["10.77.0.200-10.77.0.250"], vrrp: {advertisementInterval: "%s"}}`, advert))
+			for _, ns := range c.tp.nodes {
+				c.startSpeaker(ns)
+			}
+			c.service("web")
+			vip := c.vip("web")
+			holder := c.holder(vip, 15*time.Second)
+
+			// The client reaches the holder, and ARP resolves to it.
+			ss, err := runProbe(t.Context(), c.tp.client, vip, 500*time.Millisecond, 50*time.Millisecond)
+			if err != nil {
+				t.Fatal(err)
+			}
+			answered := 0
+			for _, s := range ss {
+				if s.who == holder {
+					answered++
+				} else if s.who != "-" {
+					t.Fatalf("%s answered for %s, held by %s", s.who, vip, holder)
+				}
+			}
+			if answered == 0 {
+				t.Fatalf("no answer from %s through %s", holder, vip)
+			}
+			if neigh := ip(t, "-n", c.tp.client, "neigh", "show", vip); !strings.Contains(neigh, c.tp.mac(holder)) {
+				t.Fatalf("client ARP for %s = %q, want %s's MAC %s", vip, neigh, holder, c.tp.mac(holder))
+			}
+			eventually(t, 15*time.Second, "keeplb.io/holder annotation", func() bool {
+				s, err := c.client.CoreV1().Services("e2e").Get(t.Context(), "web", metav1.GetOptions{})
+				return err == nil && s.Annotations[annotations.Holder] == holder
+			})
+
+			// Graceful: stop the holder's speaker; keepalived's priority-0
+			// advert hands over at once.
+			bound := advert + advert*time.Duration(256-vrrp.TopPriority+2)/256 + 300*time.Millisecond
+			measure := func(name string, act func(), bound time.Duration) string {
+				var wg sync.WaitGroup
+				var ss []sample
+				var perr error
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					ss, perr = runProbe(context.Background(), c.tp.client, vip, 500*time.Millisecond+6*advert, 10*time.Millisecond)
+				}()
+				time.Sleep(300 * time.Millisecond)
+				act()
+				wg.Wait()
+				if perr != nil {
+					t.Fatal(perr)
+				}
+				g, newHolder, ok := gap(ss, 300*time.Millisecond, holder)
+				if !ok {
+					t.Fatalf("%s: no other node answered after the %s failover", name, advert)
+				}
+				t.Logf("%s failover at advert %s: client saw %s without answers (bound %s); %s -> %s", name, advert, g, bound, holder, newHolder)
+				if g > bound {
+					t.Errorf("%s failover took %s, above %s", name, g, bound)
+				}
+				return newHolder
+			}
+			newHolder := measure("graceful", func() { c.stopSpeaker(holder) }, bound)
+			if h := c.holder(vip, 5*time.Second); h != newHolder {
+				t.Fatalf("holder after graceful failover is %s, client saw %s", h, newHolder)
+			}
+			c.startSpeaker(holder)
+
+			// Crash: take the holder's link down and kill its speaker.
+			holder = newHolder
+			crashBound := vrrp.MasterDown(advert, vrrp.TopPriority-2) + 300*time.Millisecond
+			crashed := holder
+			measure("crash", func() {
+				ip(t, "-n", crashed, "link", "set", "eth0", "down")
+				c.stopSpeaker(crashed)
+			}, crashBound)
+			others := slices.DeleteFunc(slices.Clone(c.tp.nodes), func(n string) bool { return n == crashed })
+			eventually(t, 5*time.Second, "one holder among the others", func() bool {
+				h := c.tp.holders(vip)
+				return len(h) == 1 && slices.Contains(others, h[0])
+			})
+		})
+	}
+}
+
+// snapshot returns vip -> holders for each vip.
+func (c *cluster) snapshot(vips []string) map[string][]string {
+	out := map[string][]string{}
+	for _, v := range vips {
+		out[v] = c.tp.holders(v)
+	}
+	return out
+}
+
+// steady watches the holders of vips for d and fails at the first change.
+func (c *cluster) steady(what string, vips []string, want map[string][]string, d time.Duration) {
+	c.t.Helper()
+	end := time.Now().Add(d)
+	for time.Now().Before(end) {
+		for v, h := range c.snapshot(vips) {
+			if !slices.Equal(h, want[v]) {
+				c.t.Fatalf("%s: %s moved from %v to %v", what, v, want[v], h)
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestSpreadAndStability covers scenarios 2 and 6: 20 VIPs spread over
+// three nodes within twice the fair share; restarting a speaker that holds
+// nothing and adding a 21st VIP move none of them; a speaker that comes back
+// takes nothing back before the preempt delay.
+func TestSpreadAndStability(t *testing.T) {
+	c := newCluster(t)
+	c.pool("vips", `{addresses: ["10.77.0.200-10.77.0.250"], vrrp: {advertisementInterval: "100ms"}}`)
+	for _, ns := range c.tp.nodes {
+		c.startSpeaker(ns)
+	}
+	var vips []string
+	for i := range 20 {
+		c.service(fmt.Sprintf("s%02d", i))
+	}
+	for i := range 20 {
+		vips = append(vips, c.vip(fmt.Sprintf("s%02d", i)))
+	}
+	fair := (len(vips) + len(c.tp.nodes) - 1) / len(c.tp.nodes)
+	// New instances go to whichever node adds them first; the planned
+	// masters take them over once the preempt delay has passed.
+	var count map[string]int
+	start := time.Now()
+	eventually(t, vrrp.PreemptDelay+20*time.Second, "20 VIPs spread within twice the fair share", func() bool {
+		count = map[string]int{}
+		for _, v := range vips {
+			h := c.tp.holders(v)
+			if len(h) != 1 {
+				return false
+			}
+			count[h[0]]++
+		}
+		for _, k := range count {
+			if k > 2*fair {
+				return false
+			}
+		}
+		return len(count) == 3
+	})
+	t.Logf("20 VIPs over 3 nodes after %s: %v (bound %d each)", time.Since(start).Round(100*time.Millisecond), count, 2*fair)
+	// Settle: no move for a while means the plan is reached.
+	before := c.snapshot(vips)
+	c.steady("settled", vips, before, time.Second)
+
+	// A 21st VIP moves none of the 20.
+	c.service("s20")
+	v21 := c.vip("s20")
+	c.holder(v21, 15*time.Second)
+	c.steady("adding a 21st VIP", vips, before, 2*time.Second)
+
+	// A speaker that comes back takes nothing back before the delay.
+	back := c.tp.holders(vips[0])[0]
+	c.stopSpeaker(back)
+	eventually(t, 10*time.Second, "VIPs to leave "+back, func() bool {
+		for _, v := range vips {
+			if h := c.tp.holders(v); len(h) != 1 || h[0] == back {
+				return false
+			}
+		}
+		return true
+	})
+	moved := c.snapshot(vips)
+	c.startSpeaker(back)
+	c.steady("a speaker coming back, within the preempt delay", vips, moved, vrrp.PreemptDelay/2)
+	// Restarting it while it holds nothing moves nothing.
+	c.stopSpeaker(back)
+	c.startSpeaker(back)
+	c.steady("restarting a speaker that holds nothing", vips, moved, 2*time.Second)
+}
+
+// TestUnicastAndLocal covers scenario 5: unicast adverts, and a Local
+// Service's VIP held where its endpoint is, moving with it.
+func TestUnicastAndLocal(t *testing.T) {
+	c := newCluster(t)
+	c.pool("uni", `{addresses: ["10.77.0.200-10.77.0.220"], vrrp: {advertisementInterval: "100ms", unicast: true}}`)
+	for _, ns := range c.tp.nodes {
+		c.startSpeaker(ns)
+	}
+	c.service("uni")
+	vip := c.vip("uni")
+	holder := c.holder(vip, 15*time.Second)
+	c.stopSpeaker(holder)
+	if h := c.holder(vip, 5*time.Second); h == holder {
+		t.Fatal("unicast: the VIP did not move when its holder stopped")
+	}
+	c.startSpeaker(holder)
+
+	c.service("local", func(s *v1.Service) { s.Spec.ExternalTrafficPolicy = v1.ServiceExternalTrafficPolicyLocal })
+	lvip := c.vip("local")
+	first := c.holder(lvip, 15*time.Second)
+	// Put the only endpoint on another node: the VIP follows it.
+	target := c.tp.nodes[0]
+	if target == first {
+		target = c.tp.nodes[1]
+	}
+	ready := true
+	es := &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Namespace: "e2e", Name: "local-1", Labels: map[string]string{discoveryv1.LabelServiceName: "local"}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{"10.244.0.5"}, NodeName: &target, Conditions: discoveryv1.EndpointConditions{Ready: &ready}}},
+	}
+	created, err := c.client.DiscoveryV1().EndpointSlices("e2e").Create(t.Context(), es, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "the Local VIP on the endpoint's node "+target, func() bool {
+		h := c.tp.holders(lvip)
+		return len(h) == 1 && h[0] == target
+	})
+	// The endpoint moves: so does the VIP.
+	next := c.tp.nodes[2]
+	if next == target {
+		next = c.tp.nodes[0]
+	}
+	created.Endpoints[0].NodeName = &next
+	if _, err := c.client.DiscoveryV1().EndpointSlices("e2e").Update(t.Context(), created, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "the Local VIP to follow its endpoint to "+next, func() bool {
+		h := c.tp.holders(lvip)
+		return len(h) == 1 && h[0] == next
+	})
+}

@@ -1,0 +1,191 @@
+package keepalived_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"k8s.io/klog/v2/ktesting"
+
+	"github.com/keeplb/keeplb/pkg/keepalived"
+	keepalivedtesting "github.com/keeplb/keeplb/pkg/keepalived/testing"
+)
+
+// eventually polls cond every 5ms until it holds or 5s passed.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+	}
+}
+
+// stays checks that cond holds throughout d.
+func stays(t *testing.T, what string, d time.Duration, cond func() bool) {
+	t.Helper()
+	for end := time.Now().Add(d); time.Now().Before(end); time.Sleep(5 * time.Millisecond) {
+		if !cond() {
+			t.Fatalf("%s no longer holds", what)
+		}
+	}
+}
+
+type supervised struct {
+	fake *keepalivedtesting.Fake
+	sup  *keepalived.Supervisor
+	stop func() // cancels Run and waits for it to return
+}
+
+func startSupervisor(t *testing.T, o keepalived.SupervisorOptions) supervised {
+	t.Helper()
+	if o.ConfigPath == "" {
+		o.ConfigPath = filepath.Join(t.TempDir(), "keepalived.conf")
+	}
+	fake := keepalivedtesting.NewFake(o.ConfigPath)
+	sup, err := keepalived.NewSupervisor(fake, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, ctx := ktesting.NewTestContext(t)
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Go(func() { sup.Run(ctx) })
+	stop := sync.OnceFunc(func() { cancel(); wg.Wait() })
+	t.Cleanup(stop)
+	return supervised{fake: fake, sup: sup, stop: stop}
+}
+
+func TestSupervisorStartsAfterFirstApply(t *testing.T) {
+	s := startSupervisor(t, keepalived.SupervisorOptions{})
+	stays(t, "not started before any Apply", 50*time.Millisecond, func() bool { return !s.fake.Running() })
+	if _, err := s.sup.Apply([]byte("A")); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "started with A", func() bool { return s.fake.Running() && string(s.fake.Config()) == "A" })
+	if st := s.sup.Status(); !st.Running || st.Restarts != 0 || st.Reloads != 0 {
+		t.Errorf("status %+v", st)
+	}
+	s.stop()
+	if s.fake.Running() || s.sup.Status().Running {
+		t.Error("still running after Run returned")
+	}
+}
+
+func TestSupervisorStartsWithExistingFile(t *testing.T) {
+	// The file already holds these bytes (say, from a previous run):
+	// Apply changes nothing but still starts keepalived.
+	path := filepath.Join(t.TempDir(), "keepalived.conf")
+	if _, err := keepalived.WriteAtomic(path, []byte("A")); err != nil {
+		t.Fatal(err)
+	}
+	s := startSupervisor(t, keepalived.SupervisorOptions{ConfigPath: path})
+	if changed, err := s.sup.Apply([]byte("A")); err != nil || changed {
+		t.Fatalf("Apply = %v, %v; want unchanged", changed, err)
+	}
+	eventually(t, "started", s.fake.Running)
+}
+
+func TestSupervisorReloadsOncePerBurst(t *testing.T) {
+	const window = 200 * time.Millisecond
+	s := startSupervisor(t, keepalived.SupervisorOptions{ReloadWindow: window})
+	s.sup.Apply([]byte("v0"))
+	eventually(t, "started", s.fake.Running)
+
+	for i := 1; i <= 10; i++ {
+		changed, err := s.sup.Apply(fmt.Appendf(nil, "v%d", i))
+		if err != nil || !changed {
+			t.Fatalf("Apply v%d = %v, %v", i, changed, err)
+		}
+	}
+	eventually(t, "one reload", func() bool { return s.fake.Reloads() == 1 })
+	if got := string(s.fake.Config()); got != "v10" {
+		t.Errorf("keepalived loaded %q, want the last bytes v10", got)
+	}
+	stays(t, "a single reload", 2*window, func() bool { return s.fake.Reloads() == 1 })
+	if st := s.sup.Status(); st.Reloads != 1 {
+		t.Errorf("Status().Reloads = %d, want 1", st.Reloads)
+	}
+}
+
+func TestSupervisorNeverReloadsIdenticalBytes(t *testing.T) {
+	const window = 50 * time.Millisecond
+	s := startSupervisor(t, keepalived.SupervisorOptions{ReloadWindow: window})
+	s.sup.Apply([]byte("A"))
+	eventually(t, "started", s.fake.Running)
+
+	// The same bytes: nothing written, nothing reloaded.
+	if changed, _ := s.sup.Apply([]byte("A")); changed {
+		t.Error("Apply of identical bytes reported a change")
+	}
+	// A change and back within the window: the file changed twice, but
+	// keepalived already runs these bytes.
+	s.sup.Apply([]byte("B"))
+	s.sup.Apply([]byte("A"))
+	stays(t, "no reload", 4*window, func() bool { return s.fake.Reloads() == 0 })
+	if s.fake.Starts() != 1 {
+		t.Errorf("%d starts, want 1", s.fake.Starts())
+	}
+}
+
+func TestSupervisorRestartsWithBackoff(t *testing.T) {
+	s := startSupervisor(t, keepalived.SupervisorOptions{MinBackoff: 20 * time.Millisecond, MaxBackoff: 80 * time.Millisecond})
+	s.sup.Apply([]byte("A"))
+	eventually(t, "started", s.fake.Running)
+
+	// While it is down, the configuration changes: the restart loads it.
+	s.fake.FailStarts(3)
+	crash := errors.New("segfault")
+	s.fake.Crash(crash)
+	s.sup.Apply([]byte("B"))
+	eventually(t, "restarted", s.fake.Running)
+	st := s.sup.Status()
+	if st.Restarts != 4 { // three failed starts, then one that worked
+		t.Errorf("Restarts = %d, want 4", st.Restarts)
+	}
+	if !st.Running || st.LastExit == nil {
+		t.Errorf("status %+v", st)
+	}
+	if got := string(s.fake.Config()); got != "B" {
+		t.Errorf("restarted with %q, want B", got)
+	}
+	if s.fake.Reloads() != 0 {
+		t.Errorf("%d reloads; the restart should have loaded B", s.fake.Reloads())
+	}
+}
+
+func TestSupervisorBackoffIsCapped(t *testing.T) {
+	// Starts keep failing. With a 5ms minimum doubling up to a 20ms cap,
+	// one second fits about 50 attempts; without the cap, 7.
+	s := startSupervisor(t, keepalived.SupervisorOptions{MinBackoff: 5 * time.Millisecond, MaxBackoff: 20 * time.Millisecond})
+	s.fake.FailStarts(1_000_000)
+	s.sup.Apply([]byte("A"))
+	time.Sleep(time.Second) // the time to count attempts in
+	s.stop()
+	if r := s.sup.Status().Restarts; r < 20 {
+		t.Errorf("%d restarts in 1s; backoff not capped at 20ms?", r)
+	}
+}
+
+func TestSupervisorStopsOnCancel(t *testing.T) {
+	s := startSupervisor(t, keepalived.SupervisorOptions{})
+	s.sup.Apply([]byte("A"))
+	eventually(t, "started", s.fake.Running)
+	s.stop()
+	if s.fake.Running() {
+		t.Error("keepalived still running after Run returned")
+	}
+	if st := s.sup.Status(); st.Running || st.Restarts != 0 {
+		t.Errorf("status %+v after stop", st)
+	}
+}
+
+func TestNewSupervisorValidates(t *testing.T) {
+	if _, err := keepalived.NewSupervisor(keepalivedtesting.NewFake("x"), keepalived.SupervisorOptions{}); err == nil {
+		t.Error("NewSupervisor accepted an empty ConfigPath")
+	}
+}

@@ -1,0 +1,78 @@
+package metrics
+
+import (
+	"net/http"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"k8s.io/component-base/metrics"
+	"k8s.io/component-base/metrics/legacyregistry"
+)
+
+// Speaker holds the speaker's metrics.
+type Speaker struct {
+	registry metrics.KubeRegistry
+
+	// VRRPState is 1 while this node is MASTER for the VIP, 0 while BACKUP
+	// and -1 in FAULT.
+	VRRPState *metrics.GaugeVec
+	// Transitions counts VRRP state changes by instance and new state.
+	Transitions *metrics.CounterVec
+	// Reloads counts keepalived reloads; Restarts its restarts.
+	Reloads, Restarts *metrics.Gauge
+	// KeepalivedUp is 1 while keepalived runs.
+	KeepalivedUp *metrics.Gauge
+	// RenderDuration times computing the plan and rendering keepalived.conf.
+	RenderDuration *metrics.Histogram
+	// Problems is the number of VRRP plan problems by severity.
+	Problems *metrics.GaugeVec
+}
+
+// NewSpeaker creates and registers the speaker metrics.
+func NewSpeaker() *Speaker {
+	m := &Speaker{
+		registry: metrics.NewKubeRegistry(),
+		VRRPState: metrics.NewGaugeVec(&metrics.GaugeOpts{
+			Namespace: namespace, Name: "vrrp_state",
+			Help:           "VRRP state of a VIP on this node: 1 MASTER, 0 BACKUP, -1 FAULT.",
+			StabilityLevel: metrics.ALPHA,
+		}, []string{"vip", "node"}),
+		Transitions: metrics.NewCounterVec(&metrics.CounterOpts{
+			Namespace: namespace, Name: "vrrp_transitions_total",
+			Help:           "VRRP state changes reported by keepalived, by instance and new state.",
+			StabilityLevel: metrics.ALPHA,
+		}, []string{"instance", "state"}),
+		Reloads: metrics.NewGauge(&metrics.GaugeOpts{
+			Namespace: namespace, Name: "keepalived_reloads",
+			Help:           "Number of keepalived reloads since the speaker started.",
+			StabilityLevel: metrics.ALPHA,
+		}),
+		Restarts: metrics.NewGauge(&metrics.GaugeOpts{
+			Namespace: namespace, Name: "keepalived_restarts",
+			Help:           "Number of times keepalived was restarted after it exited.",
+			StabilityLevel: metrics.ALPHA,
+		}),
+		KeepalivedUp: metrics.NewGauge(&metrics.GaugeOpts{
+			Namespace: namespace, Name: "keepalived_up",
+			Help:           "1 while keepalived runs.",
+			StabilityLevel: metrics.ALPHA,
+		}),
+		RenderDuration: metrics.NewHistogram(&metrics.HistogramOpts{
+			Namespace: namespace, Name: "speaker_render_duration_seconds",
+			Help:           "Time to compute the VRRP plan and render keepalived.conf.",
+			Buckets:        metrics.ExponentialBuckets(0.0001, 4, 10),
+			StabilityLevel: metrics.ALPHA,
+		}),
+		Problems: metrics.NewGaugeVec(&metrics.GaugeOpts{
+			Namespace: namespace, Name: "vrrp_plan_problems",
+			Help:           "Problems in the VRRP plan (VRID ranges, interfaces), by severity.",
+			StabilityLevel: metrics.ALPHA,
+		}, []string{"severity"}),
+	}
+	m.registry.MustRegister(m.VRRPState, m.Transitions, m.Reloads, m.Restarts, m.KeepalivedUp, m.RenderDuration, m.Problems)
+	return m
+}
+
+// Handler serves these metrics with the process-wide ones.
+func (m *Speaker) Handler() http.Handler {
+	return metrics.HandlerFor(prometheus.Gatherers{m.registry, legacyregistry.DefaultGatherer}, metrics.HandlerOpts{})
+}

@@ -1,0 +1,109 @@
+package speaker
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/pflag"
+)
+
+// Options are the flags of `keeplb speaker`.
+type Options struct {
+	// NodeName is this node's name (downward API spec.nodeName).
+	NodeName string
+	// Kubeconfig is a kubeconfig file; empty means in-cluster config.
+	Kubeconfig string
+	// LoadBalancerClass and DefaultClass select keeplb's Services, as for
+	// the controller; both must be set alike on controller and speakers.
+	LoadBalancerClass string
+	DefaultClass      bool
+	// RunDir holds keepalived.conf, its pid files, notify FIFO and track
+	// files.
+	RunDir string
+	// Keepalived is the command that runs keepalived (a wrapper may come
+	// first, e.g. "ip netns exec NS keepalived").
+	Keepalived []string
+	// ReloadWindow debounces keepalived reloads.
+	ReloadWindow time.Duration
+	// MinSyncInterval bounds how often the speaker recomputes its state.
+	MinSyncInterval time.Duration
+	// MetricsBindAddress serves /metrics and /healthz; "0" disables.
+	MetricsBindAddress string
+	// SkipSysctls leaves sysctls alone (they are set on the node already).
+	SkipSysctls bool
+	// NetNS, for tests and the demo, runs the node side (addresses,
+	// keepalived) in the named network namespace while the speaker itself
+	// stays in its own, where it reaches the API server.
+	NetNS string
+	// KubeAPIQPS and KubeAPIBurst limit requests to the API server.
+	KubeAPIQPS   float32
+	KubeAPIBurst int
+}
+
+// NewOptions returns Options with the defaults.
+func NewOptions() *Options {
+	return &Options{
+		NodeName:           os.Getenv("NODE_NAME"),
+		LoadBalancerClass:  "keeplb.io/vip",
+		DefaultClass:       true,
+		RunDir:             "/run/keeplb",
+		Keepalived:         []string{"keepalived"},
+		ReloadWindow:       100 * time.Millisecond,
+		MinSyncInterval:    100 * time.Millisecond,
+		MetricsBindAddress: ":10261",
+		KubeAPIQPS:         20,
+		KubeAPIBurst:       40,
+	}
+}
+
+// AddFlags registers the options on fs.
+func (o *Options) AddFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&o.NodeName, "node-name", o.NodeName, "Name of this node (default $NODE_NAME, set from the downward API).")
+	fs.StringVar(&o.Kubeconfig, "kubeconfig", o.Kubeconfig, "Path to a kubeconfig file. Empty uses the in-cluster service account.")
+	fs.StringVar(&o.LoadBalancerClass, "load-balancer-class", o.LoadBalancerClass, "spec.loadBalancerClass handled by keeplb; must match the controller's.")
+	fs.BoolVar(&o.DefaultClass, "default-class", o.DefaultClass, "Also handle LoadBalancer Services that set no class; must match the controller's.")
+	fs.StringVar(&o.RunDir, "run-dir", o.RunDir, "Directory for keepalived.conf, its pid files, notify FIFO and track files.")
+	fs.StringSliceVar(&o.Keepalived, "keepalived", o.Keepalived, "Command that runs keepalived, comma-separated words.")
+	fs.DurationVar(&o.ReloadWindow, "reload-window", o.ReloadWindow, "A burst of changes within this window is one keepalived reload.")
+	fs.DurationVar(&o.MinSyncInterval, "min-sync-interval", o.MinSyncInterval, "Shortest time between two syncs.")
+	fs.StringVar(&o.MetricsBindAddress, "metrics-bind-address", o.MetricsBindAddress, "Address serving /metrics and /healthz. \"0\" disables it.")
+	fs.BoolVar(&o.SkipSysctls, "skip-sysctls", o.SkipSysctls, "Do not check or set the sysctls VRRP needs.")
+	fs.StringVar(&o.NetNS, "netns", o.NetNS, "For tests and demos: manage addresses and run keepalived in this named network namespace (ip netns). Implies --skip-sysctls for the speaker's own namespace.")
+	fs.Float32Var(&o.KubeAPIQPS, "kube-api-qps", o.KubeAPIQPS, "Queries per second to the API server.")
+	fs.IntVar(&o.KubeAPIBurst, "kube-api-burst", o.KubeAPIBurst, "Burst of queries to the API server.")
+}
+
+// withDefaults returns a copy of o, so that Run's adjustments never leak
+// into the caller's Options.
+func (o *Options) withDefaults() *Options {
+	c := *o
+	c.Keepalived = append([]string(nil), o.Keepalived...)
+	return &c
+}
+
+// Validate reports every invalid option at once.
+func (o *Options) Validate() error {
+	var errs []error
+	if o.NodeName == "" {
+		errs = append(errs, errors.New("--node-name (or $NODE_NAME) is required: the speaker must know which node it runs on"))
+	}
+	if !strings.Contains(o.LoadBalancerClass, "/") {
+		errs = append(errs, fmt.Errorf("--load-balancer-class %q must be a prefixed name such as keeplb.io/vip", o.LoadBalancerClass))
+	}
+	if o.RunDir == "" || len(o.Keepalived) == 0 {
+		errs = append(errs, errors.New("--run-dir and --keepalived must not be empty"))
+	}
+	if o.ReloadWindow < 0 || o.MinSyncInterval < 0 {
+		errs = append(errs, errors.New("--reload-window and --min-sync-interval must not be negative"))
+	}
+	if o.MetricsBindAddress != "0" {
+		if _, _, err := net.SplitHostPort(o.MetricsBindAddress); err != nil {
+			errs = append(errs, fmt.Errorf("--metrics-bind-address %q: %w", o.MetricsBindAddress, err))
+		}
+	}
+	return errors.Join(errs...)
+}

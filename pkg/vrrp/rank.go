@@ -1,0 +1,179 @@
+package vrrp
+
+import (
+	"cmp"
+	"slices"
+)
+
+// score is the rendezvous weight of choice (a node, or a VRID) for key (an
+// instance, or a Local address). Every speaker must compute the same scores,
+// across versions too: changing this function moves VIPs cluster-wide, and a
+// mixed-version cluster would disagree about them during a rollout.
+func score(key, choice string) uint64 {
+	// FNV-1a 64 over key, a zero byte and choice, then the splitmix64
+	// finaliser: FNV alone spreads short, similar strings poorly.
+	const offset, prime = 14695981039346656037, 1099511628211
+	h := uint64(offset)
+	for i := 0; i < len(key); i++ {
+		h = (h ^ uint64(key[i])) * prime
+	}
+	h *= prime // the zero separator
+	for i := 0; i < len(choice); i++ {
+		h = (h ^ uint64(choice[i])) * prime
+	}
+	h ^= h >> 30
+	h *= 0xbf58476d1ce4e5b9
+	h ^= h >> 27
+	h *= 0x94d049bb133111eb
+	h ^= h >> 31
+	return h
+}
+
+// rendezvous orders nodes by descending score for key; ties (never seen in
+// practice) by name.
+func rendezvous(key string, nodes []string) []string {
+	type scored struct {
+		node string
+		s    uint64
+	}
+	sc := make([]scored, len(nodes))
+	for i, n := range nodes {
+		sc[i] = scored{n, score(key, n)}
+	}
+	slices.SortFunc(sc, func(a, b scored) int {
+		if c := cmp.Compare(b.s, a.s); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.node, b.node)
+	})
+	out := make([]string, len(sc))
+	for i, s := range sc {
+		out[i] = s.node
+	}
+	return out
+}
+
+// balancedOrders returns, for each of the shared instances keyed by keys, a
+// preference order over members (sorted, unique): the instance's master is
+// the first eligible node of its order. The orders depend only on keys and
+// members, never on which members are Ready, so a node going NotReady moves
+// only the instances it was first eligible for, and coming back moves only
+// those back.
+//
+// Pure rendezvous hashing gives a node Binomial(K, 1/N) first places, which
+// for 16 instances and 7 nodes exceeds twice the fair share about one time in
+// four. So the first two places are balanced:
+//
+//   - first places: pairs (instance, node) are taken by descending score, a
+//     node taking at most ceil(K/N) instances;
+//   - second places: the instances first-placed on a node x are spread over
+//     the other nodes the same way, at most ceil(|x's|/(N-1)) each, so that
+//     when x is down its instances do not all land on one node;
+//   - the remaining places follow the score.
+func balancedOrders(keys []string, members []string) [][]string {
+	k, n := len(keys), len(members)
+	orders := make([][]string, k)
+	for i, key := range keys {
+		orders[i] = rendezvous(key, members)
+	}
+	if n < 2 {
+		return orders
+	}
+	type pair struct {
+		inst, node int
+		s          uint64
+	}
+	byScore := func(ps []pair) {
+		slices.SortFunc(ps, func(a, b pair) int {
+			if c := cmp.Compare(b.s, a.s); c != 0 {
+				return c
+			}
+			if c := cmp.Compare(a.inst, b.inst); c != 0 {
+				return c
+			}
+			return cmp.Compare(a.node, b.node)
+		})
+	}
+	scores := make([][]uint64, k)
+	pairs := make([]pair, 0, k*n)
+	for i, key := range keys {
+		scores[i] = make([]uint64, n)
+		for j, m := range members {
+			scores[i][j] = score(key, m)
+			pairs = append(pairs, pair{i, j, scores[i][j]})
+		}
+	}
+	byScore(pairs)
+
+	first := make([]int, k)
+	for i := range first {
+		first[i] = -1
+	}
+	load := make([]int, n)
+	capFirst := (k + n - 1) / n
+	for _, p := range pairs {
+		if first[p.inst] < 0 && load[p.node] < capFirst {
+			first[p.inst] = p.node
+			load[p.node]++
+		}
+	}
+
+	second := make([]int, k)
+	for x := range n {
+		var mine []int
+		for i := range k {
+			if first[i] == x {
+				mine = append(mine, i)
+			}
+		}
+		if len(mine) == 0 {
+			continue
+		}
+		ps := make([]pair, 0, len(mine)*(n-1))
+		for _, i := range mine {
+			second[i] = -1
+			for j := range n {
+				if j != x {
+					ps = append(ps, pair{i, j, scores[i][j]})
+				}
+			}
+		}
+		byScore(ps)
+		capSecond := (len(mine) + n - 2) / (n - 1)
+		got := make([]int, n)
+		for _, p := range ps {
+			if second[p.inst] < 0 && got[p.node] < capSecond {
+				second[p.inst] = p.node
+				got[p.node]++
+			}
+		}
+	}
+
+	for i := range k {
+		f, s := members[first[i]], members[second[i]]
+		order := make([]string, 0, n)
+		order = append(order, f, s)
+		for _, m := range orders[i] {
+			if m != f && m != s {
+				order = append(order, m)
+			}
+		}
+		orders[i] = order
+	}
+	return orders
+}
+
+// priorities gives the eligible nodes of order their base priorities: top
+// for the first, one less for each next, never below 1.
+func priorities(order []string, eligible map[string]bool, top int) map[string]int {
+	out := make(map[string]int)
+	r := 0
+	for _, n := range order {
+		if !eligible[n] {
+			continue
+		}
+		out[n] = max(1, top-r)
+		r++
+	}
+	return out
+}

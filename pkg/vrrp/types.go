@@ -1,0 +1,244 @@
+package vrrp
+
+import (
+	"fmt"
+	"net/netip"
+	"time"
+
+	"k8s.io/apimachinery/pkg/labels"
+
+	"github.com/keeplb/keeplb/pkg/allocator"
+)
+
+// ExcludeLabel on a Node keeps it from holding any VIP, as for cloud load
+// balancers. kubeadm sets it on control-plane nodes.
+const ExcludeLabel = "node.kubernetes.io/exclude-from-external-load-balancers"
+
+// Priorities, track values and timers the plan uses. They are part of the
+// contract between speakers: every speaker of a cluster must use the same.
+const (
+	// TopPriority is the base priority of the first choice of a shared
+	// instance; the k-th choice gets TopPriority-k, never below 1. 255 is
+	// left to address owners, which keepalived never lets us be.
+	TopPriority = 254
+	// LocalTopPriority is the base priority of the first choice of a Local
+	// instance, so that LocalLift lifts any node above every unlifted one.
+	LocalTopPriority = 127
+	// LocalLift is the track-file value of a node with a ready local
+	// endpoint: added to its base priority, it outranks every node without.
+	LocalLift = 127
+	// TrackFault is the track-file value of a node without a ready local
+	// endpoint while another eligible node has one. With weight 1 it is
+	// below -253, which puts the instance in FAULT on that node: it neither
+	// holds the VIP nor competes for it.
+	TrackFault = -254
+	// Version is the VRRP version of every instance (RFC 5798, VRRPv3).
+	Version = 3
+	// DefaultAdvert is the advertisement interval of a pool that sets none.
+	DefaultAdvert = time.Second
+	// MinAdvert and MaxAdvert bound the interval VRRPv3 can carry: a 12-bit
+	// count of centiseconds.
+	MinAdvert = 10 * time.Millisecond
+	MaxAdvert = 4095 * 10 * time.Millisecond
+	// PreemptDelay is how long a node that ranks above the current master
+	// waits before taking an instance over (keepalived preempt_delay; it
+	// also runs after keepalived starts). It is the anti-flap mechanism: see
+	// the package documentation.
+	PreemptDelay = 60 * time.Second
+)
+
+// maxBuckets is the number of shared instances of a pool and family when its
+// VRID range has room. With 32, the instances a node masters are within
+// 1.125x of the fair share for 2-7 nodes and within 2x for up to 64, and
+// stay within 2x with two nodes down; 16 did not (one instance was too large
+// a share for 9 nodes less two). Adverts cost per instance, so the count is
+// capped; a narrow VRID range lowers it further (see bucketCount).
+const maxBuckets = 32
+
+// Node is the plan's view of a Kubernetes Node.
+type Node struct {
+	// Name is the Node's name.
+	Name string
+	// Labels are the Node's labels, for pool node selectors and ExcludeLabel.
+	Labels map[string]string
+	// Ready is the Node's Ready condition.
+	Ready bool
+	// InternalIPs are the Node's InternalIP addresses in status order; the
+	// first of a family is the node's address for unicast VRRP.
+	InternalIPs []netip.Addr
+}
+
+// Pool is the plan's view of an IPPool's spec.vrrp.
+type Pool struct {
+	// Name is the IPPool's name.
+	Name string
+	// FirstVRID and LastVRID are the inclusive VRID range the pool may use
+	// (spec.vrrp.virtualRouterIDs; see ParseVRIDRange).
+	FirstVRID, LastVRID int
+	// Advert is the advertisement interval; zero means DefaultAdvert.
+	Advert time.Duration
+	// Unicast sends adverts to the other eligible nodes' InternalIPs.
+	Unicast bool
+	// Interface is the interface to put VIPs on; empty means choose per
+	// node and VIP (see ChooseInterface).
+	Interface string
+	// NodeSelector restricts the nodes that may hold the pool's VIPs; nil
+	// means every node.
+	NodeSelector labels.Selector
+	// Order settles VRID overlaps between pools: the lower Order keeps the
+	// overlapping VRIDs (use creation order, as pools.Parse does); equal
+	// Orders fall back to the name.
+	Order int
+}
+
+// VIP is one load-balancer address of one Service.
+type VIP struct {
+	// Addr is the address.
+	Addr netip.Addr
+	// Pool is the name of the IPPool the address belongs to.
+	Pool string
+	// Service is the owning Service as "namespace/name". Services sharing
+	// an address give one VIP each.
+	Service string
+	// Local is set when the Service has externalTrafficPolicy Local.
+	Local bool
+	// LocalNodes are the nodes with a ready local endpoint of a Local
+	// Service. They only change track-file values (TrackValues), never the
+	// plan that Compute returns.
+	LocalNodes []string
+	// Created is the Service's creationTimestamp. When two Local addresses
+	// want the same VRID, the older one keeps it, so that adding a Service
+	// never moves an existing one.
+	Created time.Time
+}
+
+// Input is everything the plan depends on: cluster-wide data only, so that
+// every speaker computes the same plan. Order of the slices does not matter.
+type Input struct {
+	// Nodes are all Nodes of the cluster, Ready or not.
+	Nodes []Node
+	// Pools are all IPPools.
+	Pools []Pool
+	// VIPs are the addresses of all LoadBalancer Services keeplb serves.
+	VIPs []VIP
+}
+
+// Instance is one VRRP instance: a group of VIPs of one pool and family that
+// moves between nodes as a whole.
+type Instance struct {
+	// Name is a stable keepalived instance name, also usable as a file name:
+	// kl_<pool>_<v4|v6>_b<NN> for shared instances and
+	// kl_<pool>_<v4|v6>_<address> for Local ones, with '-' for the dots or
+	// colons of the address.
+	Name string
+	// Pool is the IPPool the VIPs belong to.
+	Pool string
+	// Family is the address family of every VIP of the instance.
+	Family allocator.Family
+	// VRID is the virtual router ID, unique per interface and family.
+	VRID int
+	// Version is the VRRP version, always Version (3).
+	Version int
+	// Advert is the advertisement interval, a multiple of 10ms.
+	Advert time.Duration
+	// Unicast sends adverts to peers (see UnicastPeers) instead of multicast.
+	Unicast bool
+	// Interface is the pool's interface, or empty to choose per node (see
+	// Place).
+	Interface string
+	// VIPs are the addresses, sorted; each is added as a /32 or /128.
+	VIPs []netip.Addr
+	// Priorities maps every eligible node to its base priority (1-254);
+	// nodes not listed take no part. The highest is the intended master.
+	Priorities map[string]int
+	// TrackFile is set on Local instances: render a track_file with weight 1
+	// whose value each node writes from TrackValues.
+	TrackFile bool
+	// PreemptDelay is keepalived's preempt_delay. It needs the instance to
+	// start in state BACKUP, which every instance should.
+	PreemptDelay time.Duration
+}
+
+// Master returns the node with the highest base priority, or "" when no
+// node is eligible. For a Local instance the endpoints decide at run time.
+func (i *Instance) Master() string {
+	best, bestPrio := "", 0
+	for n, p := range i.Priorities {
+		if p > bestPrio || p == bestPrio && n < best {
+			best, bestPrio = n, p
+		}
+	}
+	return best
+}
+
+// Plan is the VRRP layout of the cluster, identical on every speaker.
+type Plan struct {
+	// Instances are sorted by Name.
+	Instances []Instance
+	// Problems are the configuration problems found, sorted. A problem
+	// affects only the pools and VIPs it names.
+	Problems []Problem
+}
+
+// Severity says how bad a Problem is.
+type Severity int
+
+const (
+	// Warning: everything is announced, but not as configured or not as
+	// well as it could be.
+	Warning Severity = iota
+	// Error: some VIPs are not announced, or not with their Local policy.
+	Error
+)
+
+// String returns "Warning" or "Error", as Kubernetes event types spell them.
+func (s Severity) String() string {
+	if s == Error {
+		return "Error"
+	}
+	return "Warning"
+}
+
+// Reasons of Problems, CamelCase for events and conditions.
+const (
+	// ReasonInvalidVRIDs: a pool's VRID range is not within 1-255.
+	ReasonInvalidVRIDs = "InvalidVRIDs"
+	// ReasonVRIDOverlap: two pools that may share an interface have
+	// overlapping VRID ranges.
+	ReasonVRIDOverlap = "VRIDOverlap"
+	// ReasonVRIDsExhausted: a pool has fewer usable VRIDs than instances.
+	ReasonVRIDsExhausted = "VRIDsExhausted"
+	// ReasonAdvertInterval: an advert interval VRRPv3 cannot carry.
+	ReasonAdvertInterval = "AdvertInterval"
+	// ReasonDuplicatePool: one pool name given twice.
+	ReasonDuplicatePool = "DuplicatePool"
+	// ReasonUnknownPool: a VIP names a pool that does not exist.
+	ReasonUnknownPool = "UnknownPool"
+	// ReasonAddressConflict: one address given from two pools.
+	ReasonAddressConflict = "AddressConflict"
+	// ReasonInvalidVIP: a VIP without a valid address.
+	ReasonInvalidVIP = "InvalidVIP"
+	// ReasonNoEligibleNode: no Ready node may hold a pool's VIPs.
+	ReasonNoEligibleNode = "NoEligibleNode"
+	// ReasonLimitedSpread: a pool has too few shared instances to spread
+	// masters over its nodes.
+	ReasonLimitedSpread = "LimitedSpread"
+)
+
+// Problem is one configuration problem, phrased for the user: what is wrong,
+// what the speakers do about it, and what to change.
+type Problem struct {
+	// Severity says whether VIPs are affected (Error) or not (Warning).
+	Severity Severity
+	// Reason is one of the Reason constants.
+	Reason string
+	// Pool is the IPPool to look at; empty when none is known.
+	Pool string
+	// Message says what is wrong, what the speakers do, and what to change.
+	Message string
+}
+
+// String formats p for logs.
+func (p Problem) String() string {
+	return fmt.Sprintf("%s %s: %s", p.Severity, p.Reason, p.Message)
+}
