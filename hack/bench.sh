@@ -72,7 +72,39 @@ if [[ ${1:-} == --table ]]; then
 fi
 
 mkdir -p _output
-echo ">> go test -bench ./pkg/allocator/ (a few minutes); raw output in _output/bench.txt" >&2
+echo ">> go test -bench ./pkg/allocator/; raw output in _output/bench.txt" >&2
 go test -run '^$' -bench . -benchmem -count 1 ./pkg/allocator/ | tee _output/bench.txt >&2
 echo >&2
 table _output/bench.txt
+
+# The speaker: one sync's pure work (plan and keepalived.conf) for 1,000
+# VIPs over 3 pools, and the plan alone.
+echo >&2
+echo ">> go test -bench ./pkg/speaker/ ./pkg/vrrp/" >&2
+go test -run '^$' -bench 'BenchmarkRender|BenchmarkCompute' -benchmem -count 1 ./pkg/speaker/ ./pkg/vrrp/ | tee _output/bench-speaker.txt >&2
+echo
+echo "| benchmark | ns/op | B/op | allocs/op |"
+echo "| --- | ---: | ---: | ---: |"
+awk '/^Benchmark/ { n = $1; sub(/-[0-9]+$/, "", n); for (i = 3; i < NF; i++) { if ($(i+1) == "ns/op") ns = $i; if ($(i+1) == "B/op") b = $i; if ($(i+1) == "allocs/op") a = $i }
+  printf "| %s | %s | %s | %s |\n", n, ns, b, a }' _output/bench-speaker.txt
+
+# Real keepalived, in network namespaces: needs root. Reload-to-visible for
+# 1,000 VIPs, and failover measured from a client next to the theoretical
+# Master_Down_Interval (3 x advert + skew).
+if [[ $(id -u) -ne 0 ]] || ! command -v keepalived >/dev/null; then
+  echo ">> skipping the keepalived measurements: they need root and keepalived" >&2
+  exit 0
+fi
+echo >&2
+echo ">> keepalived reload with 1,000 VIPs, and failover at 1s, 100ms, 20ms adverts (about 2 minutes)" >&2
+go test -count=1 -v -run 'TestE2EReload1000VIPs' ./pkg/keepalived/ 2>&1 | grep -E 'reload to|graceful takeover of' | sed 's/^ *[a-z_0-9]*\.go:[0-9]*: /  /' || true
+hack/e2e-vrrp.sh -run 'TestVRRP' > _output/failover.txt 2>&1 || { cat _output/failover.txt >&2; exit 1; }
+echo
+echo "| advert | failover | measured from the client | bound | Master_Down_Interval (priority 252) |"
+echo "| ---: | --- | ---: | ---: | ---: |"
+awk '/failover at advert/ {
+  for (i = 1; i <= NF; i++) { if ($i == "advert") adv = $(i+1); if ($i == "saw") m = $(i+1); if ($i == "(bound") b = $(i+1) }
+  sub(/:$/, "", adv); sub(/\)[;]?$/, "", b); kind = $2
+  if (adv ~ /ms$/) { a = adv; sub(/ms$/, "", a); a = a / 1000 } else { a = adv; sub(/s$/, "", a) }
+  md = 3 * a + (256 - 252) * a / 256
+  printf "| %s | %s | %s | %s | %.3fs |\n", adv, kind, m, b, md }' _output/failover.txt

@@ -124,18 +124,22 @@ func sortSamples(ss []sample) {
 }
 
 // gap measures a takeover from the client's side: from the first request
-// after `from` that the old node did not answer, to the first request the
-// new node answered, and returns the new node.
-func gap(ss []sample, from time.Duration, old string) (time.Duration, string, bool) {
+// the old node stopped answering (for good) to the first request another
+// node answered, and returns that node. It does not depend on when the
+// prober started relative to the failure.
+func gap(ss []sample, old string) (time.Duration, string, bool) {
 	var lost time.Duration = -1
+	seenOld := false
 	for _, s := range ss {
-		if s.at < from {
-			continue
-		}
-		if lost < 0 && s.who != old {
+		switch {
+		case s.who == old:
+			seenOld, lost = true, -1 // an earlier miss was noise
+		case lost < 0 && seenOld:
 			lost = s.at
-		}
-		if lost >= 0 && s.who != "-" && s.who != old {
+			if s.who != "-" {
+				return 0, s.who, true
+			}
+		case lost >= 0 && s.who != "-":
 			return s.at - lost, s.who, true
 		}
 	}
