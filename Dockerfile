@@ -2,7 +2,7 @@
 #
 # One image for both keeplb components: the controller (Deployment, runs as
 # the non-root user below) and the speaker (DaemonSet, runs keepalived and
-# IPVS; its manifest will run it as root with NET_ADMIN and NET_RAW).
+# IPVS; manifests/speaker runs it as root with only NET_ADMIN and NET_RAW).
 #
 #   docker build --build-arg VERSION=v0.1.0 \
 #     --build-arg COMMIT=$(git rev-parse HEAD) \

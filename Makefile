@@ -41,8 +41,8 @@ verify: ## Check formatting, go vet, and that go.mod files are tidy.
 tools: ## Build (once; cached) kube-apiserver, kubectl and etcd, and print their directory.
 	hack/tools.sh
 
-demo: ## Not available yet: arrives with the speaker and dataplane.
-	@echo "make demo is not available yet: it arrives with the speaker and dataplane work. Nothing was run." >&2; exit 1
+demo: ## Not available yet: arrives with the IPVS dataplane.
+	@echo "make demo is not available yet: it arrives with the IPVS dataplane work. Nothing was run." >&2; exit 1
 
 clean: ## Remove build and benchmark output.
 	rm -rf bin/ _output/

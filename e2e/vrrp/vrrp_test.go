@@ -265,6 +265,18 @@ func TestVRRP(t *testing.T) {
 				s, err := c.client.CoreV1().Services("e2e").Get(t.Context(), "web", metav1.GetOptions{})
 				return err == nil && s.Annotations[annotations.Holder] == holder
 			})
+			eventually(t, 15*time.Second, "a VIPAcquired event naming "+holder, func() bool {
+				evs, err := c.client.CoreV1().Events("e2e").List(t.Context(), metav1.ListOptions{FieldSelector: "involvedObject.name=web,reason=" + speaker.EventVIPAcquired})
+				if err != nil {
+					return false
+				}
+				for _, ev := range evs.Items {
+					if strings.Contains(ev.Message, "Node "+holder+" holds "+vip) {
+						return true
+					}
+				}
+				return false
+			})
 
 			// Graceful: stop the holder's speaker; keepalived's priority-0
 			// advert hands over at once.
@@ -395,8 +407,14 @@ func TestSpreadAndStability(t *testing.T) {
 	// A 21st VIP moves none of the 20.
 	c.service("s20")
 	v21 := c.vip("s20")
-	c.holder(v21, 15*time.Second)
+	h21 := c.holder(v21, 15*time.Second)
 	c.steady("adding a 21st VIP", vips, before, 2*time.Second)
+	// It may join an instance that is MASTER already, for which keepalived
+	// reports no state change: the holder is recorded all the same.
+	eventually(t, 10*time.Second, "the holder of the 21st VIP recorded", func() bool {
+		s, err := c.client.CoreV1().Services("e2e").Get(t.Context(), "s20", metav1.GetOptions{})
+		return err == nil && s.Annotations[annotations.Holder] == h21
+	})
 
 	// A speaker that comes back takes nothing back before the delay.
 	back := c.tp.holders(vips[0])[0]

@@ -34,9 +34,9 @@ func NewRootCommand() *cobra.Command {
 have no cloud load balancer.
 
 The controller assigns each Service addresses from IPPool resources and
-publishes them, with their ipMode, in the Service status. The speaker, which
-will hold the addresses on nodes with keepalived (VRRP) and forward their
-traffic with IPVS, is not part of this release yet.`,
+publishes them, with their ipMode, in the Service status. The speaker runs on
+every node and holds each address on exactly one of them with keepalived
+(VRRP); forwarding with IPVS comes in a later release.`,
 		// A failing controller is not a usage mistake; printing the whole
 		// usage after a runtime error buries the error.
 		SilenceUsage:  true,

@@ -68,7 +68,7 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.BoolVar(&o.DefaultClass, "default-class", o.DefaultClass, "Also handle LoadBalancer Services that set no class; must match the controller's.")
 	fs.StringVar(&o.RunDir, "run-dir", o.RunDir, "Directory for keepalived.conf, its pid files, notify FIFO and track files.")
 	fs.StringSliceVar(&o.Keepalived, "keepalived", o.Keepalived, "Command that runs keepalived, comma-separated words.")
-	fs.DurationVar(&o.ReloadWindow, "reload-window", o.ReloadWindow, "A burst of changes within this window is one keepalived reload.")
+	fs.DurationVar(&o.ReloadWindow, "reload-window", o.ReloadWindow, "A burst of changes within this window is one keepalived reload (0 means the default, 100ms).")
 	fs.DurationVar(&o.MinSyncInterval, "min-sync-interval", o.MinSyncInterval, "Shortest time between two syncs.")
 	fs.StringVar(&o.MetricsBindAddress, "metrics-bind-address", o.MetricsBindAddress, "Address serving /metrics and /healthz. \"0\" disables it.")
 	fs.BoolVar(&o.SkipSysctls, "skip-sysctls", o.SkipSysctls, "Do not check or set the sysctls VRRP needs.")

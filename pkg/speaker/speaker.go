@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"maps"
 	"strconv"
 	"sync"
 	"time"
@@ -40,6 +41,10 @@ import (
 	"github.com/keeplb/keeplb/pkg/runner"
 	"github.com/keeplb/keeplb/pkg/vrrp"
 )
+
+// kubeIPVSLink is the dummy device where kube-proxy in IPVS mode binds
+// load-balancer addresses; its addresses are kube-proxy's, never ours.
+const kubeIPVSLink = "kube-ipvs0"
 
 // Component is the name the speaker records events under.
 const Component = "keeplb-speaker"
@@ -138,6 +143,8 @@ type Speaker struct {
 	synced    bool
 	healthyMu sync.Mutex
 
+	lastProblems string // the plan problems last logged
+
 	mu     sync.Mutex
 	plan   vrrp.Plan
 	owners map[netip.Addr][]string
@@ -225,10 +232,14 @@ func (s *Speaker) sync(ctx context.Context) error {
 	}
 	s.metrics.RenderDuration.Observe(time.Since(start).Seconds())
 	sev := map[string]float64{"Warning": 0, "Error": 0}
+	problems := fmt.Sprint(plan.Problems)
 	for _, p := range plan.Problems {
 		sev[p.Severity.String()]++
-		logger.V(2).Info("VRRP plan problem", "problem", p)
+		if problems != s.lastProblems {
+			logger.Info("VRRP plan problem", "severity", p.Severity, "reason", p.Reason, "pool", p.Pool, "message", p.Message)
+		}
 	}
+	s.lastProblems = problems
 	for k, v := range sev {
 		s.metrics.Problems.WithLabelValues(k).Set(v)
 	}
@@ -245,7 +256,38 @@ func (s *Speaker) sync(ctx context.Context) error {
 	}
 	s.mu.Lock()
 	s.plan, s.owners = plan, owners
+	states := maps.Clone(s.states)
 	s.mu.Unlock()
+	s.reconcileHolders(ctx, plan, owners, states)
+	return nil
+}
+
+// reconcileHolders makes the state metrics and the holder annotations
+// follow what keepalived last reported, for the current plan: keepalived
+// reports nothing when a reload adds a VIP to an instance it already
+// masters, so this runs on every sync, not only on state changes.
+func (s *Speaker) reconcileHolders(ctx context.Context, plan vrrp.Plan, owners map[netip.Addr][]string, states map[string]keepalived.State) {
+	s.metrics.VRRPState.Reset()
+	for _, inst := range plan.For(s.opts.NodeName) {
+		st, ok := states[inst.Name]
+		if !ok {
+			continue
+		}
+		val := map[keepalived.State]float64{keepalived.StateMaster: 1, keepalived.StateFault: -1}[st]
+		for _, vip := range inst.VIPs {
+			s.metrics.VRRPState.WithLabelValues(vip.String(), s.opts.NodeName).Set(val)
+			if st != keepalived.StateMaster {
+				continue
+			}
+			for _, key := range owners[vip] {
+				s.markHolder(ctx, key, vip)
+			}
+		}
+	}
+}
+
+// refreshProcessMetrics samples keepalived's status, on every scrape.
+func (s *Speaker) refreshProcessMetrics() {
 	st := s.sup.Status()
 	s.metrics.Reloads.Set(float64(st.Reloads))
 	s.metrics.Restarts.Set(float64(st.Restarts))
@@ -254,7 +296,6 @@ func (s *Speaker) sync(ctx context.Context) error {
 		up = 1
 	}
 	s.metrics.KeepalivedUp.Set(up)
-	return nil
 }
 
 func (s *Speaker) collect() Inputs {
@@ -283,28 +324,16 @@ func (s *Speaker) watch(ctx context.Context, events <-chan keepalived.Event) {
 	for ev := range events {
 		s.metrics.Transitions.WithLabelValues(ev.Instance, string(ev.State)).Inc()
 		s.mu.Lock()
-		s.states[ev.Instance] = ev.State
-		var vips []netip.Addr
-		for _, inst := range s.plan.Instances {
-			if inst.Name == ev.Instance {
-				vips = inst.VIPs
-			}
+		switch ev.State {
+		case keepalived.StateDeleted, keepalived.StateStop:
+			delete(s.states, ev.Instance)
+		default:
+			s.states[ev.Instance] = ev.State
 		}
-		owners := s.owners
 		s.mu.Unlock()
-		val := map[keepalived.State]float64{keepalived.StateMaster: 1, keepalived.StateFault: -1}[ev.State]
-		for _, vip := range vips {
-			s.metrics.VRRPState.WithLabelValues(vip.String(), s.opts.NodeName).Set(val)
-		}
-		logger.Info("VRRP state changed", "instance", ev.Instance, "state", ev.State, "vips", len(vips))
-		if ev.State != keepalived.StateMaster {
-			continue
-		}
-		for _, vip := range vips {
-			for _, key := range owners[vip] {
-				s.markHolder(ctx, key, vip)
-			}
-		}
+		logger.Info("VRRP state changed", "instance", ev.Instance, "state", ev.State, "priority", ev.Priority)
+		// Holders, events and metrics follow in the next sync, at once.
+		s.runner.Trigger()
 	}
 }
 
@@ -316,10 +345,10 @@ func (s *Speaker) markHolder(ctx context.Context, key string, vip netip.Addr) {
 		return
 	}
 	svc := obj.(*v1.Service)
-	s.recorder.Eventf(svc, v1.EventTypeNormal, EventVIPAcquired, "Node %s holds %s", s.opts.NodeName, vip)
 	if svc.Annotations[annotations.Holder] == s.opts.NodeName {
-		return
+		return // recorded already; the event went out with the patch
 	}
+	s.recorder.Eventf(svc, v1.EventTypeNormal, EventVIPAcquired, "Node %s holds %s", s.opts.NodeName, vip)
 	patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]string{annotations.Holder: s.opts.NodeName}}})
 	if _, err := s.client.CoreV1().Services(ns).Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: Component}); err != nil {
 		klog.FromContext(ctx).Error(err, "Recording the VIP holder failed", "service", key)
@@ -346,6 +375,9 @@ func (s *Speaker) removeVIPs(ctx context.Context) error {
 	}
 	var errs []error
 	for link, ps := range hostnet.StaleVIPs(links, func(a netip.Addr) bool { return idx.find(a) != "" }, keep) {
+		if link == kubeIPVSLink {
+			continue // kube-proxy's (IPVS mode) copies of kube-proxy-forwarded VIPs
+		}
 		for _, p := range ps {
 			klog.FromContext(ctx).Info("Removing VIP", "address", p, "interface", link)
 			if err := s.net.DeleteAddress(link, p); err != nil {
@@ -359,7 +391,11 @@ func (s *Speaker) removeVIPs(ctx context.Context) error {
 // serve serves metrics and health until ctx is done.
 func (s *Speaker) serve(ctx context.Context) {
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", s.metrics.Handler())
+	metricsHandler := s.metrics.Handler()
+	mux.HandleFunc("/metrics", func(w http.ResponseWriter, r *http.Request) {
+		s.refreshProcessMetrics()
+		metricsHandler.ServeHTTP(w, r)
+	})
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		s.healthyMu.Lock()
 		synced := s.synced
