@@ -1,0 +1,538 @@
+package dataplane
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/keeplb/keeplb/pkg/allocator"
+	"github.com/keeplb/keeplb/pkg/annotations"
+	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
+	"github.com/keeplb/keeplb/pkg/ipvs"
+	"github.com/keeplb/keeplb/pkg/pools"
+	"github.com/keeplb/keeplb/pkg/provider"
+	"github.com/keeplb/keeplb/pkg/vrrp"
+)
+
+// Inputs is what the dataplane reads from the API. It has the fields of
+// speaker.Inputs, in the same order, so the speaker converts with
+// dataplane.Inputs(in).
+type Inputs struct {
+	Services []*v1.Service
+	Slices   []*discoveryv1.EndpointSlice
+	Nodes    []*v1.Node
+	Pools    []*v1alpha1.IPPool
+	// Class and DefaultClass decide which Services are keeplb's, by the
+	// same rule as the controller.
+	Class        string
+	DefaultClass bool
+}
+
+// DefaultScheduler is the IPVS scheduler used without keeplb.io/scheduler.
+const DefaultScheduler = "rr"
+
+// Schedulers are the IPVS schedulers keeplb.io/scheduler may name.
+var Schedulers = []string{"rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "mh"}
+
+// State is the IPVS table a node should have, and what goes with it.
+type State struct {
+	// IPVS is the desired table of keeplb's virtual servers.
+	IPVS ipvs.Table
+	// SNAT lists the real servers whose forwarded traffic must be
+	// masqueraded, sorted.
+	SNAT []SNAT
+	// Owners maps each virtual server to its Service, "namespace/name".
+	Owners map[ipvs.Key]string
+
+	ranges    []allocator.Range
+	kubeProxy map[ipvs.Key]bool
+}
+
+// Owns reports whether keeplb owns the virtual server k: its address lies
+// in one of the pools, and no Service forwarded by kube-proxy uses it. Pass
+// it to Diff and Sync.
+func (s State) Owns(k ipvs.Key) bool {
+	if s.kubeProxy[k] {
+		return false
+	}
+	for _, r := range s.ranges {
+		if r.Contains(k.Address) {
+			return true
+		}
+	}
+	return false
+}
+
+// SNAT is one real server of one virtual server whose traffic needs
+// masquerading.
+type SNAT struct {
+	Virtual ipvs.Key
+	Real    netip.AddrPort
+}
+
+// String returns e.g. "TCP/192.0.2.1:80 -> 10.0.0.1:30080".
+func (s SNAT) String() string { return s.Virtual.String() + " -> " + s.Real.String() }
+
+// Problem is something in a Service the dataplane cannot do as asked; it
+// does the closest safe thing and says so here, for an event.
+type Problem struct {
+	// Service is "namespace/name".
+	Service string
+	// Field is the annotation or field at fault.
+	Field string
+	// Message says what was done instead and how to fix it.
+	Message string
+}
+
+// String returns "namespace/name: field: message".
+func (p Problem) String() string { return p.Service + ": " + p.Field + ": " + p.Message }
+
+// endpoint is one EndpointSlice endpoint reduced to what forwarding needs.
+type endpoint struct {
+	addr   netip.Addr
+	port   uint16
+	node   string
+	weight int // 1 ready, 0 serving but terminating
+}
+
+// nodeInfo is a Node reduced to what forwarding needs.
+type nodeInfo struct {
+	name     string
+	eligible bool // Ready and not excluded
+	ip4, ip6 netip.Addr
+}
+
+func (n nodeInfo) ip(v6 bool) netip.Addr {
+	if v6 {
+		return n.ip6
+	}
+	return n.ip4
+}
+
+type computer struct {
+	in       Inputs
+	node     string
+	self     *v1.Node
+	nodes    []nodeInfo
+	slices   map[string][]*discoveryv1.EndpointSlice
+	st       State
+	problems []Problem
+}
+
+// Desired returns the IPVS table node should have, with the problems found.
+// It is pure and deterministic.
+func Desired(in Inputs, node string) (State, []Problem) {
+	c := &computer{
+		in:     in,
+		node:   node,
+		slices: map[string][]*discoveryv1.EndpointSlice{},
+		st: State{
+			IPVS:      ipvs.Table{},
+			Owners:    map[ipvs.Key]string{},
+			kubeProxy: map[ipvs.Key]bool{},
+		},
+	}
+	for _, n := range in.Nodes {
+		if n.Name == node {
+			c.self = n
+		}
+		c.nodes = append(c.nodes, infoOf(n))
+	}
+	slices.SortFunc(c.nodes, func(a, b nodeInfo) int { return strings.Compare(a.name, b.name) })
+	for _, s := range in.Slices {
+		if name := s.Labels[discoveryv1.LabelServiceName]; name != "" {
+			k := s.Namespace + "/" + name
+			c.slices[k] = append(c.slices[k], s)
+		}
+	}
+	parsed := pools.Parse(in.Pools)
+	admits := map[string]bool{}
+	for _, p := range parsed {
+		c.st.ranges = append(c.st.ranges, p.Pool.Ranges...)
+		admits[p.Pool.Name] = c.poolAdmitsSelf(p.Pool.Name)
+	}
+	poolOf := func(a netip.Addr) (string, bool) {
+		for _, p := range parsed {
+			for _, r := range p.Pool.Ranges {
+				if r.Contains(a) {
+					return p.Pool.Name, true
+				}
+			}
+		}
+		return "", false
+	}
+
+	svcs := slices.Clone(in.Services)
+	slices.SortFunc(svcs, func(a, b *v1.Service) int {
+		if c := a.CreationTimestamp.Compare(b.CreationTimestamp.Time); c != 0 {
+			return c // the older Service keeps a contested port
+		}
+		return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name)
+	})
+	for _, svc := range svcs {
+		if !c.ours(svc) {
+			continue
+		}
+		for _, ing := range svc.Status.LoadBalancer.Ingress {
+			a, err := netip.ParseAddr(ing.IP)
+			if err != nil {
+				continue
+			}
+			a = a.Unmap()
+			pool, ok := poolOf(a)
+			if !ok {
+				continue
+			}
+			c.service(svc, a, c.pool(pool), admits[pool])
+		}
+	}
+	slices.SortFunc(c.st.SNAT, func(a, b SNAT) int {
+		if c := a.Virtual.Compare(b.Virtual); c != 0 {
+			return c
+		}
+		return a.Real.Compare(b.Real)
+	})
+	c.st.SNAT = slices.Compact(c.st.SNAT)
+	return c.st, c.problems
+}
+
+func (c *computer) ours(svc *v1.Service) bool {
+	if svc.Spec.Type != v1.ServiceTypeLoadBalancer {
+		return false
+	}
+	if cl := svc.Spec.LoadBalancerClass; cl != nil {
+		return *cl == c.in.Class
+	}
+	return c.in.DefaultClass
+}
+
+func (c *computer) pool(name string) *v1alpha1.IPPool {
+	for _, p := range c.in.Pools {
+		if p.Name == name {
+			return p
+		}
+	}
+	return nil
+}
+
+// poolAdmitsSelf reports whether this node may hold the pool's VIPs, by the
+// rule of the VRRP plan (Ready aside: a NotReady node keeps its table so
+// that it forwards at once when it comes back).
+func (c *computer) poolAdmitsSelf(name string) bool {
+	var lbls map[string]string
+	if c.self != nil {
+		lbls = c.self.Labels
+	}
+	if _, excluded := lbls[vrrp.ExcludeLabel]; excluded {
+		return false
+	}
+	p := c.pool(name)
+	if p == nil || p.Spec.VRRP == nil || p.Spec.VRRP.NodeSelector == nil {
+		return true
+	}
+	sel, err := metav1.LabelSelectorAsSelector(p.Spec.VRRP.NodeSelector)
+	if err != nil {
+		return false // an invalid selector admits no node, as in the plan
+	}
+	return sel.Matches(labels.Set(lbls))
+}
+
+func (c *computer) problem(svc *v1.Service, field, format string, args ...any) {
+	c.problems = append(c.problems, Problem{Service: svc.Namespace + "/" + svc.Name, Field: field, Message: fmt.Sprintf(format, args...)})
+}
+
+// service adds the virtual servers of one address of svc.
+func (c *computer) service(svc *v1.Service, vip netip.Addr, pool *v1alpha1.IPPool, admitted bool) {
+	key := svc.Namespace + "/" + svc.Name
+	mode := c.mode(svc, pool)
+	if mode == v1alpha1.ForwardingKubeProxy {
+		for _, p := range svc.Spec.Ports {
+			if proto, ok := protocol(p.Protocol); ok {
+				c.st.kubeProxy[ipvs.Key{Address: vip, Protocol: proto, Port: uint16(p.Port)}] = true
+			}
+		}
+		return
+	}
+	if !admitted {
+		return
+	}
+	if mode == v1alpha1.ForwardingNodePort {
+		for _, p := range svc.Spec.Ports {
+			if p.NodePort == 0 {
+				field := "spec.ports[" + portName(p) + "].nodePort"
+				if a := svc.Spec.AllocateLoadBalancerNodePorts; a != nil && !*a {
+					field = "spec.allocateLoadBalancerNodePorts"
+				}
+				c.problem(svc, field, "nodeport forwarding needs a NodePort for every port; forwarding to pods instead (set %s pod to say so, or allocate NodePorts)", annotations.Forwarding)
+				mode = v1alpha1.ForwardingPod
+				break
+			}
+		}
+	}
+	local := svc.Spec.ExternalTrafficPolicy == v1.ServiceExternalTrafficPolicyLocal
+	vs := ipvs.VirtualServer{Address: vip, Scheduler: c.scheduler(svc)}
+	if svc.Spec.SessionAffinity == v1.ServiceAffinityClientIP {
+		vs.Persistent = true
+		vs.Timeout = time.Duration(v1.DefaultClientIPServiceAffinitySeconds) * time.Second
+		if cfg := svc.Spec.SessionAffinityConfig; cfg != nil && cfg.ClientIP != nil && cfg.ClientIP.TimeoutSeconds != nil && *cfg.ClientIP.TimeoutSeconds > 0 {
+			vs.Timeout = time.Duration(*cfg.ClientIP.TimeoutSeconds) * time.Second
+		}
+	}
+	v6 := vip.Is6()
+	var perNode map[string]int // Local nodeport: ready endpoints per node
+	if mode == v1alpha1.ForwardingNodePort {
+		if local {
+			perNode = c.localWeights(key, v6)
+		}
+		if !slices.ContainsFunc(c.nodes, func(n nodeInfo) bool { return n.eligible && n.ip(v6).IsValid() }) {
+			c.problem(svc, "status.loadBalancer.ingress", "no Ready node has an %s InternalIP, so %s has no NodePort to forward to", familyName(v6), vip)
+		}
+	}
+	for _, p := range svc.Spec.Ports {
+		proto, ok := protocol(p.Protocol)
+		if !ok {
+			c.problem(svc, "spec.ports["+portName(p)+"].protocol", "IPVS cannot forward protocol %q; the port is not forwarded", p.Protocol)
+			continue
+		}
+		vs := vs
+		vs.Protocol, vs.Port = proto, uint16(p.Port)
+		k := vs.Key()
+		if owner, taken := c.st.Owners[k]; taken {
+			c.problem(svc, "spec.ports["+portName(p)+"]", "%s is already forwarded for %s; this port is not forwarded", k, owner)
+			continue
+		}
+		var reals []ipvs.RealServer
+		snat := true
+		switch mode {
+		case v1alpha1.ForwardingNodePort:
+			reals = c.nodePortReals(uint16(p.NodePort), v6, local, perNode)
+		case v1alpha1.ForwardingPod:
+			reals = c.podReals(key, p, v6, local)
+			snat = !local
+		}
+		c.st.IPVS[k] = ipvs.Entry{Virtual: vs, Reals: reals}
+		c.st.Owners[k] = key
+		if snat {
+			for _, r := range reals {
+				c.st.SNAT = append(c.st.SNAT, SNAT{Virtual: k, Real: r.AddrPort()})
+			}
+		}
+	}
+}
+
+func (c *computer) mode(svc *v1.Service, pool *v1alpha1.IPPool) v1alpha1.Forwarding {
+	if v, ok := svc.Annotations[annotations.Forwarding]; ok && !v1alpha1.Forwarding(strings.TrimSpace(v)).Valid() {
+		c.problem(svc, annotations.Forwarding, "%q is not a forwarding mode (nodeport, pod or kube-proxy); using the pool's", v)
+	}
+	return provider.ForwardingFor(svc, pool)
+}
+
+func (c *computer) scheduler(svc *v1.Service) string {
+	v, ok := svc.Annotations[annotations.Scheduler]
+	if !ok {
+		return DefaultScheduler
+	}
+	s := strings.TrimSpace(v)
+	if !slices.Contains(Schedulers, s) {
+		c.problem(svc, annotations.Scheduler, "%q is not an IPVS scheduler keeplb knows; using %s. Use one of %s", v, DefaultScheduler, strings.Join(Schedulers, ", "))
+		return DefaultScheduler
+	}
+	return s
+}
+
+// nodePortReals returns the NodePorts of the eligible nodes; with Local,
+// only those in perNode, weighted by their ready local endpoints.
+func (c *computer) nodePortReals(nodePort uint16, v6, local bool, perNode map[string]int) []ipvs.RealServer {
+	var out []ipvs.RealServer
+	for _, n := range c.nodes {
+		ip := n.ip(v6)
+		if !n.eligible || !ip.IsValid() {
+			continue
+		}
+		w := 1
+		if local {
+			ready, ok := perNode[n.name]
+			if !ok {
+				continue
+			}
+			w = max(ready, 0)
+		}
+		out = append(out, ipvs.RealServer{Address: ip, Port: nodePort, Weight: w})
+	}
+	return dedupe(out)
+}
+
+// localWeights counts the ready endpoints of a Service per node; nodes with
+// only serving terminating endpoints map to 0.
+func (c *computer) localWeights(key string, v6 bool) map[string]int {
+	out := map[string]int{}
+	for _, s := range c.slices[key] {
+		if !sliceFamily(s, v6) {
+			continue
+		}
+		for _, ep := range s.Endpoints {
+			w, ok := weightOf(ep)
+			if !ok || ep.NodeName == nil {
+				continue
+			}
+			out[*ep.NodeName] += w
+		}
+	}
+	return out
+}
+
+// podReals returns the endpoints of one Service port.
+func (c *computer) podReals(key string, p v1.ServicePort, v6, local bool) []ipvs.RealServer {
+	var out []ipvs.RealServer
+	for _, s := range c.slices[key] {
+		if !sliceFamily(s, v6) {
+			continue
+		}
+		port, ok := targetPort(s, p)
+		if !ok {
+			continue
+		}
+		for _, ep := range s.Endpoints {
+			w, ok := weightOf(ep)
+			if !ok || len(ep.Addresses) == 0 {
+				continue
+			}
+			if local && (ep.NodeName == nil || *ep.NodeName != c.node) {
+				continue
+			}
+			a, err := netip.ParseAddr(ep.Addresses[0])
+			if err != nil || a.Unmap().Is6() != v6 {
+				continue
+			}
+			out = append(out, ipvs.RealServer{Address: a.Unmap(), Port: port, Weight: w})
+		}
+	}
+	return dedupe(out)
+}
+
+// targetPort returns the port a slice resolved for the Service port: the
+// slice port of the same name and protocol. A slice that lists no ports at
+// all (managed by hand) gets a numeric targetPort as is; a named one that a
+// slice does not resolve is not forwarded to that slice's endpoints.
+func targetPort(s *discoveryv1.EndpointSlice, p v1.ServicePort) (uint16, bool) {
+	want := p.Protocol
+	if want == "" {
+		want = v1.ProtocolTCP
+	}
+	for _, sp := range s.Ports {
+		name, proto := "", v1.ProtocolTCP
+		if sp.Name != nil {
+			name = *sp.Name
+		}
+		if sp.Protocol != nil {
+			proto = *sp.Protocol
+		}
+		if name == p.Name && proto == want && sp.Port != nil && *sp.Port > 0 && *sp.Port < 65536 {
+			return uint16(*sp.Port), true
+		}
+	}
+	if len(s.Ports) > 0 || p.TargetPort.Type == intstr.String {
+		return 0, false
+	}
+	if tp := p.TargetPort.IntValue(); tp > 0 && tp < 65536 {
+		return uint16(tp), true
+	}
+	return uint16(p.Port), true
+}
+
+// weightOf returns 1 for a ready endpoint, 0 for one that is terminating
+// but still serving, and false for any other.
+func weightOf(ep discoveryv1.Endpoint) (int, bool) {
+	ready := ep.Conditions.Ready == nil || *ep.Conditions.Ready
+	serving := ready
+	if ep.Conditions.Serving != nil {
+		serving = *ep.Conditions.Serving
+	}
+	terminating := ep.Conditions.Terminating != nil && *ep.Conditions.Terminating
+	switch {
+	case ready && !terminating:
+		return 1, true
+	case serving && terminating:
+		return 0, true
+	}
+	return 0, false
+}
+
+// dedupe sorts reals and keeps one per address and port, the highest
+// weight: an endpoint may sit in two slices while it moves between them.
+func dedupe(rs []ipvs.RealServer) []ipvs.RealServer {
+	slices.SortFunc(rs, func(a, b ipvs.RealServer) int {
+		if c := ipvs.CompareReal(a, b); c != 0 {
+			return c
+		}
+		return b.Weight - a.Weight
+	})
+	return slices.CompactFunc(rs, func(a, b ipvs.RealServer) bool { return a.AddrPort() == b.AddrPort() })
+}
+
+func sliceFamily(s *discoveryv1.EndpointSlice, v6 bool) bool {
+	if v6 {
+		return s.AddressType == discoveryv1.AddressTypeIPv6
+	}
+	return s.AddressType == discoveryv1.AddressTypeIPv4
+}
+
+func infoOf(n *v1.Node) nodeInfo {
+	ni := nodeInfo{name: n.Name}
+	_, excluded := n.Labels[vrrp.ExcludeLabel]
+	for _, cond := range n.Status.Conditions {
+		if cond.Type == v1.NodeReady {
+			ni.eligible = cond.Status == v1.ConditionTrue && !excluded
+		}
+	}
+	for _, a := range n.Status.Addresses {
+		if a.Type != v1.NodeInternalIP {
+			continue
+		}
+		ip, err := netip.ParseAddr(a.Address)
+		if err != nil {
+			continue
+		}
+		ip = ip.Unmap()
+		if ip.Is4() && !ni.ip4.IsValid() {
+			ni.ip4 = ip
+		} else if ip.Is6() && !ni.ip6.IsValid() {
+			ni.ip6 = ip
+		}
+	}
+	return ni
+}
+
+func protocol(p v1.Protocol) (string, bool) {
+	switch p {
+	case v1.ProtocolTCP, "":
+		return ipvs.TCP, true
+	case v1.ProtocolUDP:
+		return ipvs.UDP, true
+	case v1.ProtocolSCTP:
+		return ipvs.SCTP, true
+	}
+	return "", false
+}
+
+func portName(p v1.ServicePort) string {
+	if p.Name != "" {
+		return p.Name
+	}
+	return fmt.Sprint(p.Port)
+}
+
+func familyName(v6 bool) string {
+	if v6 {
+		return "IPv6"
+	}
+	return "IPv4"
+}

@@ -1,0 +1,61 @@
+// Package dataplane computes the IPVS table a node should have and brings
+// the kernel's table there: compute (Desired, pure) → diff (Diff, pure) →
+// apply (Apply, thin). Sync does all three with one dump of the table.
+//
+// # What is programmed
+//
+// For every Service keeplb handles (type LoadBalancer, class ours, by the
+// same rule as the controller and the VRRP plan) and every address of its
+// status that lies in an IPPool whose VIPs this node may hold (the pool's
+// spec.vrrp.nodeSelector matches the node, which lacks the
+// node.kubernetes.io/exclude-from-external-load-balancers label), each port
+// becomes a virtual server VIP:port/protocol. Virtual servers are
+// programmed on every node that may hold the VIP, not only on the VRRP
+// master: IPVS only sees packets for local addresses, so they are inert
+// until keepalived moves the VIP here, and a failover needs no IPVS change.
+//
+// The scheduler comes from keeplb.io/scheduler (default rr); an unknown one
+// is reported as a Problem and rr is used. sessionAffinity ClientIP becomes
+// persistence with the Service's timeout (default 3 hours, as Kubernetes).
+//
+// Real servers depend on the forwarding mode (keeplb.io/forwarding, else
+// the pool's spec.forwarding, else nodeport):
+//
+//   - nodeport: InternalIP:NodePort (of the VIP's family) of every Ready
+//     node without the exclusion label. With externalTrafficPolicy Local,
+//     only nodes with a local endpoint, weighted by their number of ready
+//     endpoints; a node whose endpoints are all terminating keeps weight 0.
+//   - pod: the endpoints of the Service's EndpointSlices of the VIP's family,
+//     on the port the slice resolved for the Service port (so named
+//     targetPorts work). Ready endpoints get weight 1; terminating endpoints
+//     that still serve get weight 0 (established connections drain, no new
+//     ones) until they leave the slice. With Local, only this node's.
+//   - kube-proxy: no virtual server; see Ownership.
+//
+// A Service with allocateLoadBalancerNodePorts false has no NodePorts, so
+// nodeport forwarding is impossible: it is reported as a Problem and the
+// Service is forwarded to its pods instead, which reaches the same
+// backends. Failing closed (no forwarding at all) would turn a
+// configuration detail into an outage; kube-proxy forwarding would need a
+// different ipMode, which is the controller's decision, not the speaker's.
+//
+// Forwarding is always NAT (masquerade): NodePorts and pod ports differ from
+// the Service port, and DR or tunnel cannot rewrite ports. Replies must come
+// back through this node, so forwarded traffic is SNATed, except for Local
+// Services forwarded to this node's own pods: those reply through this node
+// anyway, and keeping the client address is why users choose Local.
+// State.SNAT lists what needs masquerading, for the nftables layer.
+//
+// # Ownership
+//
+// keeplb owns a virtual server when its address lies in one of its pools,
+// except the ports of Services forwarded by kube-proxy (kube-proxy in IPVS
+// mode programs those itself). Diff never adds, changes or deletes a
+// virtual server outside that scope: kube-proxy's and everybody else's stay
+// as they are, and Sync does not even read their real servers. The table
+// is never flushed.
+//
+// Consequently a virtual server whose pool was deleted, or whose Service
+// switched to kube-proxy forwarding, is no longer keeplb's and stays; the
+// caller may widen the scope with the addresses it programmed before.
+package dataplane
