@@ -52,6 +52,20 @@ func TestNetlinkInNamespace(t *testing.T) {
 		t.Skipf("network namespaces are unavailable here: %v %s", err, out)
 	}
 	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
+	// The kernel accepts a NAT real server only at an address it can route
+	// to: give the namespace the real servers' subnets.
+	for _, args := range [][]string{
+		{"link", "set", "lo", "up"},
+		{"link", "add", "v0", "type", "veth", "peer", "name", "v1"},
+		{"addr", "add", "10.0.0.254/24", "dev", "v0"},
+		{"-6", "addr", "add", "fd00::fe/64", "dev", "v0", "nodad"},
+		{"link", "set", "v0", "up"},
+		{"link", "set", "v1", "up"},
+	} {
+		if out, err := exec.Command("ip", append([]string{"-n", ns}, args...)...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v %s", args, err, out)
+		}
+	}
 
 	h, err := ipvs.NewAt("/run/netns/" + ns)
 	if err != nil {
@@ -83,7 +97,7 @@ func TestNetlinkInNamespace(t *testing.T) {
 		t.Fatalf("kernel table =\n%s\nwant\n%s", got, want)
 	}
 
-	vs4.Scheduler, vs4.Persistent, vs4.Timeout = "lc", true, time.Minute
+	vs4.Scheduler, vs4.Persistent, vs4.Timeout = "sh", true, time.Minute // sh: a scheduler module the VM has
 	r4.Weight = 0
 	must(h.UpdateVirtualServer(vs4))
 	must(h.UpdateRealServer(vs4.Key(), r4))
