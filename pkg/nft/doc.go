@@ -1,0 +1,82 @@
+// Package nft writes keeplb's nftables table, inet keeplb: masquerading
+// for traffic IPVS forwards in NAT mode, and the Services'
+// spec.loadBalancerSourceRanges. Transaction builds the table as plain
+// data (a knftables.Transaction) from Rules; Sync runs it; Delete and
+// Cleanup remove the table on a clean exit. Nothing here reads the kernel:
+// every sync rewrites the whole table in one atomic transaction, so the
+// result depends on Rules alone, and no other table is ever touched.
+//
+// # Table
+//
+//	set snat-v4, snat-v6         VIP . proto . port . real address . real port
+//	set filtered-v4, filtered-v6 VIP . proto . port that have source ranges
+//	set allowed-v4, allowed-v6   VIP . proto . port . source CIDR (interval)
+//	chain ipvs-masquerade type nat hook postrouting priority srcnat
+//	chain source-ranges   type filter hook input priority filter
+//
+// Two rules per chain, one per family; the sets carry the data, so the
+// rule count does not grow with Services or real servers. An empty Rules
+// still writes the table, its chains and its empty sets: the table's
+// presence says keeplb runs here, and every sync writes the same shape.
+//
+// # Masquerading, and why it matches on conntrack
+//
+// IPVS schedules a connection in the LOCAL_IN hook (priority 99, after
+// the filter chains) and, in NAT mode, rewrites the destination to the real
+// server and sends the packet out through LOCAL_OUT and POSTROUTING. With
+// net.ipv4.vs.conntrack=1 the packet keeps its conntrack entry: IPVS only
+// rewrites the entry's reply tuple, so in POSTROUTING the original tuple
+// still holds client → VIP:port while the packet itself is addressed to
+// the real server. The ipvs-masquerade rule matches
+//
+//	meta l4proto { tcp, udp, sctp }
+//	ct original ip daddr . meta l4proto . ct original proto-dst . ip daddr . th dport @snat-v4
+//
+// (the protocol match also tells nft the type of ct original proto-dst,
+// which it cannot concatenate otherwise), that is, "a connection opened to
+// VIP:port/proto, leaving for this real server", and masquerades it.
+// Replies then come back to this node; the NAT reverses the masquerade and
+// IPVS (FORWARD hook) restores VIP:port as source, as in kube-proxy's IPVS
+// mode. NAT chains only see a connection's first packet, and the
+// masquerade binding lives in the conntrack entry, so rewriting the table
+// does not disturb established connections.
+//
+// The alternatives do not work or are less precise:
+//
+//   - ct status dnat does not match: IPVS alters the reply tuple
+//     itself (nf_conntrack_alter_reply) and sets no DNAT status bit.
+//   - nftables has no IPVS match (iptables' -m ipvs has no nft
+//     counterpart that knftables can express).
+//   - Marking VIP traffic before IPVS and masquerading marked packets (the
+//     kube-proxy way) takes a packet-mark bit that others (kube-proxy,
+//     CNIs) also use, and cannot tell real servers apart: the real server
+//     is only chosen by IPVS, after every filter chain. Matching the real
+//     server lets Local Services forwarded to this node's own pods keep
+//     the client address while other real servers of the same VIP, if
+//     any, are masqueraded.
+//
+// Without net.ipv4.vs.conntrack=1 IPVS untracks its packets, the ct
+// expressions never match, nothing is masqueraded, and replies from real
+// servers on other nodes bypass this node. Setting the sysctl is the
+// speaker's job; this package only writes rules.
+//
+// # Source ranges
+//
+// When keeplb publishes ipMode Proxy, kube-proxy leaves the VIP alone, so
+// keeplb enforces loadBalancerSourceRanges itself. The source-ranges
+// chain hooks input at priority filter (0), so it runs before IPVS
+// (LOCAL_IN 99) sees the packet, and it sees the packet exactly as IPVS
+// will: after routing decided it is local, with the VIP still as its
+// destination. Its rule drops a packet whose destination VIP . proto .
+// port is in filtered-v4 and whose VIP . proto . port . source is not in
+// allowed-v4 (likewise for IPv6). A VIP:port without ranges is not in
+// filtered and is open to all. Ranges of the other family are ignored, so
+// an IPv6 VIP whose ranges are all IPv4 admits no IPv6 client, the
+// fail-closed reading Kubernetes gives the field.
+//
+// Only traffic reaching this node from elsewhere is filtered: IPVS
+// schedules connections that local processes open to the VIP in LOCAL_OUT,
+// so they never reach input. Non-port protocols (ICMP) are not filtered.
+// Nested ranges are reduced to the outermost, because interval sets with
+// concatenated keys reject overlapping elements.
+package nft

@@ -1,0 +1,334 @@
+package nft_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netns"
+	"sigs.k8s.io/knftables"
+
+	"github.com/keeplb/keeplb/pkg/ipvs"
+	"github.com/keeplb/keeplb/pkg/nft"
+)
+
+// The tests in this file run the generated ruleset in a real kernel, in
+// network namespaces of their own. The kernel needs nftables and
+// conntrack, not IPVS: the masquerade test emulates what IPVS NAT does to
+// a connection with an nftables DNAT.
+
+// requireKernel skips t unless it can create network namespaces and run
+// nft in them.
+func requireKernel(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("skipped: needs root to create network namespaces (run as root to test the ruleset in a real kernel)")
+	}
+	for _, bin := range []string{"ip", "nft"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			t.Skipf("skipped: %s not found in PATH (apt-get install iproute2 nftables)", bin)
+		}
+	}
+}
+
+var nsSeq atomic.Int32
+
+// newNetns creates a network namespace with lo up, deleted when t ends,
+// and returns its name. It skips t if namespaces or nftables are
+// unavailable.
+func newNetns(t *testing.T, suffix string) string {
+	t.Helper()
+	name := fmt.Sprintf("kltest-%d-%d-%s", os.Getpid(), nsSeq.Add(1), suffix)
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		t.Skipf("skipped: ip netns add failed, network namespaces unavailable: %v: %s", err, out)
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
+			t.Errorf("ip netns del %s: %v: %s", name, err, out)
+		}
+	})
+	run(t, "ip", "-n", name, "link", "set", "lo", "up")
+	if out, err := exec.Command("ip", "netns", "exec", name, "nft", "list", "tables").CombinedOutput(); err != nil {
+		t.Skipf("skipped: nftables unusable in a network namespace: %v: %s", err, out)
+	}
+	return name
+}
+
+// run runs a command and returns its output; it fails t on error.
+func run(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v: %s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// nftIn runs nft in namespace ns with stdin, returning output and error.
+func nftIn(ns, stdin string, args ...string) (string, error) {
+	cmd := exec.Command("ip", append([]string{"netns", "exec", ns, "nft"}, args...)...)
+	cmd.Stdin = strings.NewReader(stdin)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+// inNetns runs f on a thread of its own in namespace name: sockets f
+// opens and processes it starts live there. The thread stays locked and
+// dies with its goroutine, so no other goroutine ever runs in name.
+func inNetns(t *testing.T, name string, f func() error) error {
+	t.Helper()
+	h, err := netns.GetFromName(name)
+	if err != nil {
+		t.Fatalf("opening netns %s: %v", name, err)
+	}
+	defer h.Close()
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: see above
+		if err := netns.Set(h); err != nil {
+			errc <- fmt.Errorf("entering netns %s: %w", name, err)
+			return
+		}
+		errc <- f()
+	}()
+	return <-errc
+}
+
+// realNFT runs nft.Sync and nft.Cleanup through knftables' real
+// implementation in namespace ns. knftables.New execs nft to probe it, so
+// it runs there too.
+type realNFT struct {
+	t  *testing.T
+	ns string
+}
+
+func (r realNFT) sync(in nft.Rules) error {
+	return inNetns(r.t, r.ns, func() error {
+		n, err := nft.New()
+		if err != nil {
+			return err
+		}
+		return nft.Sync(context.Background(), n, in)
+	})
+}
+
+func (r realNFT) cleanup() error {
+	return inNetns(r.t, r.ns, func() error {
+		n, err := nft.New()
+		if err != nil {
+			return err
+		}
+		return nft.Cleanup(context.Background(), n)
+	})
+}
+
+// TestKernelAcceptsRuleset applies every golden case with knftables' real
+// implementation, twice, next to a foreign table, then cleans up. It is
+// what checks the syntax (the Fake does not parse rules) and that nested
+// source ranges, which the kernel rejects in a concatenated interval set,
+// are reduced (dualstack has some).
+func TestKernelAcceptsRuleset(t *testing.T) {
+	requireKernel(t)
+	for _, tc := range goldenCases {
+		t.Run(tc.name, func(t *testing.T) {
+			ns := newNetns(t, "rules")
+			foreign := "table ip keeplb {\n\tchain input {\n\t\ttype filter hook input priority filter; policy accept;\n\t\ttcp dport 22 accept\n\t}\n}\n"
+			if out, err := nftIn(ns, foreign, "-f", "-"); err != nil {
+				t.Fatalf("adding a foreign table: %v: %s", err, out)
+			}
+			before, _ := nftIn(ns, "", "list", "table", "ip", "keeplb")
+
+			r := realNFT{t, ns}
+			if err := r.cleanup(); err != nil {
+				t.Fatalf("Cleanup without our table: %v", err)
+			}
+			if err := r.sync(tc.in); err != nil {
+				t.Fatalf("first Sync: %v", err)
+			}
+			first, err := nftIn(ns, "", "list", "table", "inet", "keeplb")
+			if err != nil {
+				t.Fatalf("nft list table inet keeplb: %v: %s", err, first)
+			}
+			if err := r.sync(tc.in); err != nil {
+				t.Fatalf("second Sync: %v", err)
+			}
+			second, _ := nftIn(ns, "", "list", "table", "inet", "keeplb")
+			if first != second {
+				t.Errorf("second Sync changed the table:\nfirst:\n%s\nsecond:\n%s", first, second)
+			}
+			// Every element the Fake holds is in the kernel's table.
+			fake := knftables.NewFake(nft.Family, nft.Table)
+			sync(t, fake, tc.in)
+			for name, set := range fake.Table.Sets {
+				for _, e := range set.Elements {
+					if k := strings.Join(e.Key, " . "); !strings.Contains(second, k) {
+						t.Errorf("set %s: element %s missing from the kernel:\n%s", name, k, second)
+					}
+				}
+			}
+			if after, _ := nftIn(ns, "", "list", "table", "ip", "keeplb"); after != before {
+				t.Errorf("Sync changed table ip keeplb:\nbefore:\n%s\nafter:\n%s", before, after)
+			}
+
+			if err := r.cleanup(); err != nil {
+				t.Fatalf("Cleanup: %v", err)
+			}
+			if out, err := nftIn(ns, "", "list", "table", "inet", "keeplb"); err == nil {
+				t.Errorf("table inet keeplb survived Cleanup:\n%s", out)
+			}
+			if after, _ := nftIn(ns, "", "list", "table", "ip", "keeplb"); after != before {
+				t.Errorf("Cleanup changed table ip keeplb:\nbefore:\n%s\nafter:\n%s", before, after)
+			}
+		})
+	}
+}
+
+// listen opens a TCP listener on addr in namespace ns and reports the
+// source address of every connection it accepts.
+func listen(t *testing.T, ns, addr string) <-chan netip.Addr {
+	t.Helper()
+	var ln net.Listener
+	if err := inNetns(t, ns, func() (err error) {
+		ln, err = net.Listen("tcp", addr)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	peers := make(chan netip.Addr, 16)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			peers <- c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap()
+			c.Close()
+		}
+	}()
+	return peers
+}
+
+// dial connects from src to dst in namespace ns; it reports whether the
+// connection was established.
+func dial(t *testing.T, ns, src, dst string) bool {
+	t.Helper()
+	err := inNetns(t, ns, func() error {
+		d := net.Dialer{
+			LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr(src), 0)),
+			Timeout:   700 * time.Millisecond,
+		}
+		c, err := d.Dial("tcp", dst)
+		if err != nil {
+			return err
+		}
+		return c.Close()
+	})
+	var nerr net.Error
+	if err != nil && !(errors.As(err, &nerr) && nerr.Timeout()) {
+		t.Fatalf("dial %s from %s: %v", dst, src, err)
+	}
+	return err == nil
+}
+
+// TestKernelSourceRanges sends real TCP connections through the
+// source-ranges chain: over lo, so they traverse input as IPVS's would.
+func TestKernelSourceRanges(t *testing.T) {
+	requireKernel(t)
+	ns := newNetns(t, "ranges")
+	for _, a := range []string{"192.0.2.10/32", "198.51.100.7/32", "203.0.113.7/32", "2001:db8::10/128", "2001:db8:1::7/128", "2001:db8:2::7/128"} {
+		run(t, "ip", "-n", ns, "addr", "add", a, "dev", "lo", "nodad")
+	}
+	listen(t, ns, "192.0.2.10:8443")
+	listen(t, ns, "192.0.2.10:8444")
+	listen(t, ns, "[2001:db8::10]:8443")
+	in := nft.Rules{SourceRanges: map[ipvs.Key][]netip.Prefix{
+		key(ipvs.TCP, "192.0.2.10:8443"):     prefixes("198.51.100.0/24", "2001:db8:1::/48"),
+		key(ipvs.TCP, "192.0.2.10:8444"):     nil,
+		key(ipvs.TCP, "[2001:db8::10]:8443"): prefixes("2001:db8:1::/48"),
+	}}
+	if err := (realNFT{t, ns}).sync(in); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		src, dst string
+		want     bool
+	}{
+		{"198.51.100.7", "192.0.2.10:8443", true},
+		{"203.0.113.7", "192.0.2.10:8443", false},
+		{"203.0.113.7", "192.0.2.10:8444", true}, // no ranges: open
+		{"2001:db8:1::7", "[2001:db8::10]:8443", true},
+		{"2001:db8:2::7", "[2001:db8::10]:8443", false},
+	} {
+		if got := dial(t, ns, tc.src, tc.dst); got != tc.want {
+			t.Errorf("connection from %s to %s established = %v, want %v", tc.src, tc.dst, got, tc.want)
+		}
+	}
+	out, _ := nftIn(ns, "", "list", "chain", "inet", "keeplb", nft.ChainSourceRanges)
+	if strings.Contains(out, "counter packets 0 ") {
+		t.Errorf("a drop counter stayed 0 although connections were dropped:\n%s", out)
+	}
+}
+
+// TestKernelMasquerade checks the ipvs-masquerade chain's conntrack
+// match. IPVS NAT with net.ipv4.vs.conntrack=1 leaves the connection's
+// original tuple at client → VIP:port and sends the packet to the real
+// server; an nftables DNAT in output does the same to the conntrack entry
+// and the packet, so the chain sees what it would see behind IPVS.
+func TestKernelMasquerade(t *testing.T) {
+	requireKernel(t)
+	lb, backend := newNetns(t, "lb"), newNetns(t, "be")
+	veth := fmt.Sprintf("klnft%d", nsSeq.Add(1))
+	run(t, "ip", "-n", lb, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", backend)
+	run(t, "ip", "-n", lb, "addr", "add", "10.99.0.1/24", "dev", veth)
+	run(t, "ip", "-n", lb, "link", "set", veth, "up")
+	run(t, "ip", "-n", backend, "addr", "add", "10.99.0.2/24", "dev", "eth0")
+	run(t, "ip", "-n", backend, "link", "set", "eth0", "up")
+	run(t, "ip", "-n", backend, "route", "add", "default", "via", "10.99.0.1")
+	for _, a := range []string{"192.0.2.10/32", "198.51.100.7/32"} {
+		run(t, "ip", "-n", lb, "addr", "add", a, "dev", "lo")
+	}
+	emulation := `table ip ipvs-emulation {
+	chain output {
+		type nat hook output priority -100; policy accept;
+		ip daddr 192.0.2.10 tcp dport { 80, 81 } dnat to 10.99.0.2:8080
+	}
+}
+`
+	if out, err := nftIn(lb, emulation, "-f", "-"); err != nil {
+		t.Fatalf("adding the IPVS emulation: %v: %s", err, out)
+	}
+	peers := listen(t, backend, "10.99.0.2:8080")
+	in := nft.Rules{SNAT: snat(key(ipvs.TCP, "192.0.2.10:80"), "10.99.0.2:8080")}
+	if err := (realNFT{t, lb}).sync(in); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		dst  string
+		want string
+	}{
+		{"192.0.2.10:80", "10.99.0.1"},    // listed: masqueraded to lb's address
+		{"192.0.2.10:81", "198.51.100.7"}, // same real server, other VIP port: not listed
+	} {
+		if !dial(t, lb, "198.51.100.7", tc.dst) {
+			t.Fatalf("connection to %s failed", tc.dst)
+		}
+		select {
+		case got := <-peers:
+			if got.String() != tc.want {
+				t.Errorf("via %s the real server saw %s, want %s", tc.dst, got, tc.want)
+			}
+		case <-time.After(2 * time.Second):
+			t.Fatalf("the real server accepted nothing via %s", tc.dst)
+		}
+	}
+}

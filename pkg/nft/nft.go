@@ -1,0 +1,345 @@
+package nft
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"strconv"
+
+	"sigs.k8s.io/knftables"
+
+	"github.com/keeplb/keeplb/pkg/dataplane"
+	"github.com/keeplb/keeplb/pkg/ipvs"
+)
+
+// Family and Table name keeplb's nftables table, inet keeplb.
+const (
+	Family = knftables.InetFamily
+	Table  = "keeplb"
+)
+
+// Chain names.
+const (
+	// ChainSNAT masquerades what IPVS forwards to the SNAT real servers.
+	ChainSNAT = "ipvs-masquerade"
+	// ChainSourceRanges drops what loadBalancerSourceRanges do not allow.
+	ChainSourceRanges = "source-ranges"
+)
+
+// Rules is what the table expresses.
+type Rules struct {
+	// SNAT lists the real servers whose forwarded traffic is masqueraded,
+	// as dataplane.State.SNAT.
+	SNAT []dataplane.SNAT
+	// SourceRanges maps a virtual server to the source CIDRs allowed to
+	// reach it. A virtual server absent, or with no ranges, is open to all;
+	// ranges of the other address family than the VIP's are ignored.
+	SourceRanges map[ipvs.Key][]netip.Prefix
+}
+
+// protocols are the port-carrying protocols IPVS forwards, in nft syntax.
+const protocols = "{ tcp, udp, sctp }"
+
+// family is what differs between the IPv4 and IPv6 halves of the table.
+type family struct {
+	v6     bool
+	suffix string // of set names
+	ip     string // payload protocol in rules
+	addr   string // nft address type
+}
+
+func families() [2]family {
+	return [2]family{
+		{v6: false, suffix: "v4", ip: "ip", addr: "ipv4_addr"},
+		{v6: true, suffix: "v6", ip: "ip6", addr: "ipv6_addr"},
+	}
+}
+
+func (f family) index() int {
+	if f.v6 {
+		return 1
+	}
+	return 0
+}
+
+func (f family) snatSet() string     { return "snat-" + f.suffix }
+func (f family) filteredSet() string { return "filtered-" + f.suffix }
+func (f family) allowedSet() string  { return "allowed-" + f.suffix }
+
+// elements are the set elements of one family, each a concatenated key.
+type elements struct {
+	snat, filtered, allowed [][]string
+}
+
+// Transaction adds to tx the operations that (re)write keeplb's table to
+// express in: the table is created if missing, deleted and written anew,
+// all within tx, so running tx is atomic and idempotent. It touches no
+// other table. On invalid input it returns an error and leaves tx as it
+// was.
+func Transaction(tx *knftables.Transaction, in Rules) error {
+	els, err := compute(in)
+	if err != nil {
+		return err
+	}
+	table := &knftables.Table{
+		Family:  Family,
+		Name:    Table,
+		Comment: knftables.PtrTo("keeplb: masquerading for IPVS NAT, loadBalancerSourceRanges"),
+	}
+	// Add then delete: deleting a missing table is an error, and nft
+	// 1.0.6 has no destroy. Recreating (rather than flushing) also drops
+	// whatever an older keeplb put in the table under other names.
+	tx.Add(table)
+	tx.Delete(&knftables.Table{Family: Family, Name: Table})
+	tx.Add(table)
+
+	tx.Add(&knftables.Chain{
+		Family:   Family,
+		Table:    Table,
+		Name:     ChainSNAT,
+		Type:     knftables.PtrTo(knftables.NATType),
+		Hook:     knftables.PtrTo(knftables.PostroutingHook),
+		Priority: knftables.PtrTo(knftables.SNATPriority),
+		Comment:  knftables.PtrTo("masquerade connections IPVS forwarded from a VIP to a listed real server"),
+	})
+	tx.Add(&knftables.Chain{
+		Family: Family,
+		Table:  Table,
+		Name:   ChainSourceRanges,
+		Type:   knftables.PtrTo(knftables.FilterType),
+		Hook:   knftables.PtrTo(knftables.InputHook),
+		// filter (0) runs before IPVS schedules in LOCAL_IN (99).
+		Priority: knftables.PtrTo(knftables.FilterPriority),
+		Comment:  knftables.PtrTo("drop traffic to VIP ports from outside loadBalancerSourceRanges"),
+	})
+
+	for _, f := range families() {
+		tx.Add(&knftables.Set{
+			Family:  Family,
+			Table:   Table,
+			Name:    f.snatSet(),
+			Type:    f.addr + " . inet_proto . inet_service . " + f.addr + " . inet_service",
+			Comment: knftables.PtrTo("VIP . protocol . port . real server . port to masquerade"),
+		})
+		tx.Add(&knftables.Set{
+			Family:  Family,
+			Table:   Table,
+			Name:    f.filteredSet(),
+			Type:    f.addr + " . inet_proto . inet_service",
+			Comment: knftables.PtrTo("VIP . protocol . port with loadBalancerSourceRanges"),
+		})
+		tx.Add(&knftables.Set{
+			Family:  Family,
+			Table:   Table,
+			Name:    f.allowedSet(),
+			Type:    f.addr + " . inet_proto . inet_service . " + f.addr,
+			Flags:   []knftables.SetFlag{knftables.IntervalFlag},
+			Comment: knftables.PtrTo("VIP . protocol . port . allowed source range"),
+		})
+	}
+
+	for _, f := range families() {
+		tx.Add(&knftables.Rule{
+			Family: Family,
+			Table:  Table,
+			Chain:  ChainSNAT,
+			// nft needs the protocols to type ct original proto-dst
+			// (else "variable sized data types (invalid) in concat").
+			Rule: knftables.Concat(
+				"meta l4proto", protocols,
+				"ct original", f.ip, "daddr . meta l4proto . ct original proto-dst .",
+				f.ip, "daddr . th dport",
+				"@"+f.snatSet(), "masquerade",
+			),
+		})
+	}
+	for _, f := range families() {
+		tx.Add(&knftables.Rule{
+			Family: Family,
+			Table:  Table,
+			Chain:  ChainSourceRanges,
+			Rule: knftables.Concat(
+				f.ip, "daddr . meta l4proto . th dport", "@"+f.filteredSet(),
+				f.ip, "daddr . meta l4proto . th dport .", f.ip, "saddr", "!=", "@"+f.allowedSet(),
+				"counter drop",
+			),
+		})
+	}
+
+	for _, f := range families() {
+		e := els[f.index()]
+		addElements(tx, f.snatSet(), e.snat)
+		addElements(tx, f.filteredSet(), e.filtered)
+		addElements(tx, f.allowedSet(), e.allowed)
+	}
+	return nil
+}
+
+func addElements(tx *knftables.Transaction, set string, keys [][]string) {
+	for _, k := range keys {
+		tx.Add(&knftables.Element{Family: Family, Table: Table, Set: set, Key: k})
+	}
+}
+
+// Delete adds to tx the operations that remove keeplb's table, whether or
+// not it exists.
+func Delete(tx *knftables.Transaction) {
+	tx.Add(&knftables.Table{Family: Family, Name: Table})
+	tx.Delete(&knftables.Table{Family: Family, Name: Table})
+}
+
+// New returns a knftables.Interface for keeplb's table. It fails where
+// nft is missing or nftables is unusable.
+func New() (knftables.Interface, error) {
+	return knftables.New(Family, Table)
+}
+
+// Sync rewrites keeplb's table to express in, in one transaction.
+func Sync(ctx context.Context, nft knftables.Interface, in Rules) error {
+	tx := nft.NewTransaction()
+	if err := Transaction(tx, in); err != nil {
+		return err
+	}
+	if err := nft.Run(ctx, tx); err != nil {
+		return fmt.Errorf("writing nftables table %s %s: %w", Family, Table, err)
+	}
+	return nil
+}
+
+// Cleanup removes keeplb's table, for a clean exit.
+func Cleanup(ctx context.Context, nft knftables.Interface) error {
+	tx := nft.NewTransaction()
+	Delete(tx)
+	if err := nft.Run(ctx, tx); err != nil {
+		return fmt.Errorf("deleting nftables table %s %s: %w", Family, Table, err)
+	}
+	return nil
+}
+
+// compute validates in and returns the sorted, deduplicated set elements
+// per family: index 0 IPv4, 1 IPv6.
+func compute(in Rules) ([2]elements, error) {
+	var out [2]elements
+	var errs []error
+
+	snat := slices.Clone(in.SNAT)
+	slices.SortFunc(snat, func(a, b dataplane.SNAT) int {
+		return cmp.Or(a.Virtual.Compare(b.Virtual), a.Real.Compare(b.Real))
+	})
+	snat = slices.Compact(snat)
+	for _, s := range snat {
+		vip, proto, err := virtual(s.Virtual)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("SNAT %s: %w", s, err))
+			continue
+		}
+		rip := s.Real.Addr().Unmap()
+		switch {
+		case !rip.IsValid():
+			errs = append(errs, fmt.Errorf("SNAT %s: invalid real server address", s))
+			continue
+		case rip.Is6() != vip.Is6():
+			errs = append(errs, fmt.Errorf("SNAT %s: real server and VIP are of different address families", s))
+			continue
+		case s.Real.Port() == 0:
+			errs = append(errs, fmt.Errorf("SNAT %s: real server port 0", s))
+			continue
+		}
+		i := familyIndex(vip)
+		out[i].snat = append(out[i].snat, []string{vip.String(), proto, port(s.Virtual.Port), rip.String(), port(s.Real.Port())})
+	}
+
+	keys := slices.SortedFunc(maps.Keys(in.SourceRanges), ipvs.Key.Compare)
+	for _, k := range keys {
+		ranges := in.SourceRanges[k]
+		if len(ranges) == 0 {
+			continue // open to all
+		}
+		vip, proto, err := virtual(k)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("source ranges of %s: %w", k, err))
+			continue
+		}
+		allowed, err := outermost(ranges, vip.Is6())
+		if err != nil {
+			errs = append(errs, fmt.Errorf("source ranges of %s: %w", k, err))
+			continue
+		}
+		i := familyIndex(vip)
+		vkey := []string{vip.String(), proto, port(k.Port)}
+		out[i].filtered = append(out[i].filtered, vkey)
+		for _, p := range allowed {
+			out[i].allowed = append(out[i].allowed, append(slices.Clone(vkey), p.String()))
+		}
+	}
+	return out, errors.Join(errs...)
+}
+
+// virtual validates a virtual server and returns its address and nft
+// protocol name.
+func virtual(k ipvs.Key) (netip.Addr, string, error) {
+	vip := k.Address.Unmap()
+	if !vip.IsValid() {
+		return vip, "", errors.New("invalid VIP")
+	}
+	if k.Port == 0 {
+		return vip, "", errors.New("port 0")
+	}
+	var proto string
+	switch k.Protocol {
+	case ipvs.TCP:
+		proto = "tcp"
+	case ipvs.UDP:
+		proto = "udp"
+	case ipvs.SCTP:
+		proto = "sctp"
+	default:
+		return vip, "", fmt.Errorf("unknown protocol %q", k.Protocol)
+	}
+	return vip, proto, nil
+}
+
+// outermost returns the ranges of one family, masked, sorted, without
+// those another contains: interval sets with concatenated keys reject
+// overlapping elements, and CIDRs overlap only by nesting.
+func outermost(ranges []netip.Prefix, v6 bool) ([]netip.Prefix, error) {
+	var ps []netip.Prefix
+	for _, p := range ranges {
+		if !p.IsValid() {
+			return nil, fmt.Errorf("invalid source range %q", p)
+		}
+		if a := p.Addr(); a.Is4In6() && p.Bits() >= 96 {
+			p = netip.PrefixFrom(a.Unmap(), p.Bits()-96)
+		}
+		if p.Addr().Is6() == v6 {
+			ps = append(ps, p.Masked())
+		}
+	}
+	slices.SortFunc(ps, func(a, b netip.Prefix) int {
+		return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
+	})
+	// Sorted by address then length, a range that contains a later one
+	// comes first, and every range between them lies inside it too, so
+	// comparing with the last kept range is enough.
+	var out []netip.Prefix
+	for _, p := range ps {
+		if n := len(out); n > 0 && out[n-1].Contains(p.Addr()) {
+			continue
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}
+
+func familyIndex(a netip.Addr) int {
+	if a.Is6() {
+		return 1
+	}
+	return 0
+}
+
+func port(p uint16) string { return strconv.Itoa(int(p)) }

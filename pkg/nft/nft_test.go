@@ -1,0 +1,405 @@
+package nft_test
+
+import (
+	"context"
+	"flag"
+	"maps"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"sigs.k8s.io/knftables"
+
+	"github.com/keeplb/keeplb/pkg/dataplane"
+	"github.com/keeplb/keeplb/pkg/ipvs"
+	"github.com/keeplb/keeplb/pkg/nft"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
+
+func key(proto, addrPort string) ipvs.Key {
+	ap := netip.MustParseAddrPort(addrPort)
+	return ipvs.Key{Address: ap.Addr(), Protocol: proto, Port: ap.Port()}
+}
+
+func snat(v ipvs.Key, reals ...string) []dataplane.SNAT {
+	var out []dataplane.SNAT
+	for _, r := range reals {
+		out = append(out, dataplane.SNAT{Virtual: v, Real: netip.MustParseAddrPort(r)})
+	}
+	return out
+}
+
+func prefixes(ss ...string) []netip.Prefix {
+	out := []netip.Prefix{}
+	for _, s := range ss {
+		out = append(out, netip.MustParsePrefix(s))
+	}
+	return out
+}
+
+var (
+	web4  = key(ipvs.TCP, "192.0.2.10:80")
+	dns4  = key(ipvs.UDP, "192.0.2.10:53")
+	sctp4 = key(ipvs.SCTP, "192.0.2.11:3868")
+	ssh4  = key(ipvs.TCP, "192.0.2.12:22")
+	web6  = key(ipvs.TCP, "[2001:db8::10]:443")
+)
+
+// dualStack has both families, all protocols, nested and foreign-family
+// ranges, and a virtual server whose ranges admit none of its family.
+func dualStack() nft.Rules {
+	return nft.Rules{
+		SNAT: slices.Concat(
+			snat(web4, "10.0.0.1:30080", "10.0.0.2:30080"),
+			snat(dns4, "10.0.0.1:30053"),
+			snat(sctp4, "10.244.1.5:3868"),
+			snat(web6, "[fd00::1]:30443", "[fd00::2]:30443"),
+		),
+		SourceRanges: map[ipvs.Key][]netip.Prefix{
+			web4: prefixes("198.51.100.0/24", "10.1.0.0/16", "10.0.0.0/8", "2001:db8:1::/48"),
+			dns4: nil, // open to all
+			ssh4: prefixes("2001:db8:1::/48"),
+			web6: prefixes("2001:db8:1::/48", "2001:db8:2::/48", "203.0.113.0/24"),
+		},
+	}
+}
+
+var goldenCases = []struct {
+	name string
+	in   nft.Rules
+}{
+	{"empty", nft.Rules{}},
+	{"ipv4-snat", nft.Rules{SNAT: snat(web4, "10.0.0.1:30080", "10.0.0.2:30080")}},
+	{"ipv6-source-ranges", nft.Rules{SourceRanges: map[ipvs.Key][]netip.Prefix{web6: prefixes("2001:db8:1::/48")}}},
+	{"dualstack", dualStack()},
+}
+
+func sync(t *testing.T, fake *knftables.Fake, in nft.Rules) {
+	t.Helper()
+	if err := nft.Sync(context.Background(), fake, in); err != nil {
+		t.Fatalf("Sync: %v", err)
+	}
+}
+
+func TestGolden(t *testing.T) {
+	for _, tc := range goldenCases {
+		t.Run(tc.name, func(t *testing.T) {
+			fake := knftables.NewFake(nft.Family, nft.Table)
+			sync(t, fake, tc.in)
+			got := fake.Dump()
+			path := filepath.Join("testdata", tc.name+".nft")
+			if *update {
+				if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatalf("%v (run with -update to create it)", err)
+			}
+			if got != string(want) {
+				t.Errorf("dump differs from %s (run with -update to accept):\n got:\n%s\nwant:\n%s", path, got, want)
+			}
+		})
+	}
+}
+
+func TestSyncIsIdempotent(t *testing.T) {
+	for _, tc := range goldenCases {
+		t.Run(tc.name, func(t *testing.T) {
+			fake := knftables.NewFake(nft.Family, nft.Table)
+			sync(t, fake, tc.in)
+			first := fake.Dump()
+			sync(t, fake, tc.in)
+			if second := fake.Dump(); second != first {
+				t.Errorf("second sync changed the table:\nfirst:\n%s\nsecond:\n%s", first, second)
+			}
+		})
+	}
+}
+
+// TestSyncRewrites checks that a sync leaves nothing of the previous one:
+// syncing A, then B, then A again gives what syncing A alone gives.
+func TestSyncRewrites(t *testing.T) {
+	a, b := dualStack(), nft.Rules{SNAT: snat(key(ipvs.TCP, "192.0.2.99:8080"), "10.9.9.9:31000")}
+	alone := knftables.NewFake(nft.Family, nft.Table)
+	sync(t, alone, a)
+
+	fake := knftables.NewFake(nft.Family, nft.Table)
+	sync(t, fake, a)
+	sync(t, fake, b)
+	if strings.Contains(fake.Dump(), "192.0.2.10") {
+		t.Errorf("after syncing B, A's elements remain:\n%s", fake.Dump())
+	}
+	sync(t, fake, a)
+	if got, want := fake.Dump(), alone.Dump(); got != want {
+		t.Errorf("A, B, A differs from A:\n got:\n%s\nwant:\n%s", got, want)
+	}
+}
+
+// TestInputOrderIrrelevant checks that shuffled, duplicated input gives
+// the same table.
+func TestInputOrderIrrelevant(t *testing.T) {
+	in := dualStack()
+	want := knftables.NewFake(nft.Family, nft.Table)
+	sync(t, want, in)
+
+	shuffled := slices.Clone(in.SNAT)
+	slices.Reverse(shuffled)
+	shuffled = append(shuffled, in.SNAT[0], in.SNAT[3])
+	ranges := map[ipvs.Key][]netip.Prefix{}
+	for k, ps := range in.SourceRanges {
+		ps = slices.Clone(ps)
+		slices.Reverse(ps)
+		ranges[k] = append(ps, ps...)
+	}
+	got := knftables.NewFake(nft.Family, nft.Table)
+	sync(t, got, nft.Rules{SNAT: shuffled, SourceRanges: ranges})
+	if got.Dump() != want.Dump() {
+		t.Errorf("shuffled input gives another table:\n got:\n%s\nwant:\n%s", got.Dump(), want.Dump())
+	}
+}
+
+// TestEmpty documents the choice: without input the table, its chains and
+// rules stay, and every set is empty.
+func TestEmpty(t *testing.T) {
+	for _, in := range []nft.Rules{{}, {SourceRanges: map[ipvs.Key][]netip.Prefix{web4: {}, web6: nil}}} {
+		fake := knftables.NewFake(nft.Family, nft.Table)
+		sync(t, fake, in)
+		if fake.Table == nil {
+			t.Fatal("no table after syncing empty input")
+		}
+		if got := slices.Sorted(maps.Keys(fake.Table.Chains)); !slices.Equal(got, []string{nft.ChainSNAT, nft.ChainSourceRanges}) {
+			t.Errorf("chains = %v", got)
+		}
+		for name, ch := range fake.Table.Chains {
+			if len(ch.Rules) != 2 {
+				t.Errorf("chain %s has %d rules, want 2 (one per family)", name, len(ch.Rules))
+			}
+		}
+		if len(fake.Table.Sets) != 6 {
+			t.Errorf("%d sets, want 6", len(fake.Table.Sets))
+		}
+		for name, s := range fake.Table.Sets {
+			if len(s.Elements) != 0 {
+				t.Errorf("set %s has elements %v", name, s.Elements)
+			}
+		}
+	}
+}
+
+// elements returns a set's elements as "a . b . c" strings.
+func elements(t *testing.T, fake *knftables.Fake, set string) []string {
+	t.Helper()
+	s := fake.Table.Sets[set]
+	if s == nil {
+		t.Fatalf("no set %s", set)
+	}
+	out := []string{}
+	for _, e := range s.Elements {
+		out = append(out, strings.Join(e.Key, " . "))
+	}
+	return out
+}
+
+func TestElements(t *testing.T) {
+	fake := knftables.NewFake(nft.Family, nft.Table)
+	sync(t, fake, dualStack())
+	for _, tc := range []struct {
+		set  string
+		want []string
+	}{
+		{"snat-v4", []string{
+			"192.0.2.10 . tcp . 80 . 10.0.0.1 . 30080",
+			"192.0.2.10 . tcp . 80 . 10.0.0.2 . 30080",
+			"192.0.2.10 . udp . 53 . 10.0.0.1 . 30053",
+			"192.0.2.11 . sctp . 3868 . 10.244.1.5 . 3868",
+		}},
+		{"snat-v6", []string{
+			"2001:db8::10 . tcp . 443 . fd00::1 . 30443",
+			"2001:db8::10 . tcp . 443 . fd00::2 . 30443",
+		}},
+		// dns4 has no ranges: open, so not filtered. ssh4 has only IPv6
+		// ranges: filtered, and nothing allowed.
+		{"filtered-v4", []string{"192.0.2.10 . tcp . 80", "192.0.2.12 . tcp . 22"}},
+		// 10.1.0.0/16 lies in 10.0.0.0/8; the IPv6 range is ignored.
+		{"allowed-v4", []string{
+			"192.0.2.10 . tcp . 80 . 10.0.0.0/8",
+			"192.0.2.10 . tcp . 80 . 198.51.100.0/24",
+		}},
+		{"filtered-v6", []string{"2001:db8::10 . tcp . 443"}},
+		{"allowed-v6", []string{
+			"2001:db8::10 . tcp . 443 . 2001:db8:1::/48",
+			"2001:db8::10 . tcp . 443 . 2001:db8:2::/48",
+		}},
+	} {
+		if got := elements(t, fake, tc.set); !slices.Equal(got, tc.want) {
+			t.Errorf("%s:\n got %q\nwant %q", tc.set, got, tc.want)
+		}
+	}
+}
+
+func TestSourceRangeNormalization(t *testing.T) {
+	vip := key(ipvs.TCP, "192.0.2.10:443")
+	for _, tc := range []struct {
+		name   string
+		ranges []string
+		want   []string
+	}{
+		{"host bits are masked", []string{"10.1.2.3/8"}, []string{"10.0.0.0/8"}},
+		{"4in6 becomes IPv4", []string{"::ffff:198.51.100.0/120"}, []string{"198.51.100.0/24"}},
+		{"duplicates", []string{"10.0.0.0/8", "10.0.0.0/8"}, []string{"10.0.0.0/8"}},
+		{"nested, inner first", []string{"10.1.2.0/24", "10.1.0.0/16", "10.2.0.0/16"}, []string{"10.1.0.0/16", "10.2.0.0/16"}},
+		{"all", []string{"10.0.0.0/8", "0.0.0.0/0"}, []string{"0.0.0.0/0"}},
+		{"adjacent stay", []string{"10.0.1.0/24", "10.0.0.0/24"}, []string{"10.0.0.0/24", "10.0.1.0/24"}},
+		{"other family only", []string{"::/0"}, []string{}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fake := knftables.NewFake(nft.Family, nft.Table)
+			sync(t, fake, nft.Rules{SourceRanges: map[ipvs.Key][]netip.Prefix{vip: prefixes(tc.ranges...)}})
+			if got := elements(t, fake, "filtered-v4"); !slices.Equal(got, []string{"192.0.2.10 . tcp . 443"}) {
+				t.Errorf("filtered-v4 = %q", got)
+			}
+			var want []string
+			for _, w := range tc.want {
+				want = append(want, "192.0.2.10 . tcp . 443 . "+w)
+			}
+			if got := elements(t, fake, "allowed-v4"); !slices.Equal(got, want) {
+				t.Errorf("allowed-v4:\n got %q\nwant %q", got, want)
+			}
+		})
+	}
+}
+
+// TestRules pins the rule text, which the golden files also hold, to the
+// matching the package doc argues for.
+func TestRules(t *testing.T) {
+	fake := knftables.NewFake(nft.Family, nft.Table)
+	sync(t, fake, nft.Rules{})
+	var got []string
+	for _, c := range []string{nft.ChainSNAT, nft.ChainSourceRanges} {
+		ch := fake.Table.Chains[c]
+		got = append(got, string(*ch.Type)+" "+string(*ch.Hook)+" "+string(*ch.Priority))
+		for _, r := range ch.Rules {
+			got = append(got, r.Rule)
+		}
+	}
+	want := []string{
+		"nat postrouting srcnat",
+		"meta l4proto { tcp, udp, sctp } ct original ip daddr . meta l4proto . ct original proto-dst . ip daddr . th dport @snat-v4 masquerade",
+		"meta l4proto { tcp, udp, sctp } ct original ip6 daddr . meta l4proto . ct original proto-dst . ip6 daddr . th dport @snat-v6 masquerade",
+		"filter input filter",
+		"ip daddr . meta l4proto . th dport @filtered-v4 ip daddr . meta l4proto . th dport . ip saddr != @allowed-v4 counter drop",
+		"ip6 daddr . meta l4proto . th dport @filtered-v6 ip6 daddr . meta l4proto . th dport . ip6 saddr != @allowed-v6 counter drop",
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("rules:\n got %q\nwant %q", got, want)
+	}
+}
+
+// foreign fills fake with tables that are not ours, one of them named
+// keeplb in another family, and returns their dump.
+func foreign(t *testing.T, fake *knftables.Fake) string {
+	t.Helper()
+	tx := fake.NewTransaction()
+	for _, tbl := range []struct {
+		family knftables.Family
+		name   string
+	}{{knftables.InetFamily, "kube-proxy"}, {knftables.IPv4Family, "keeplb"}, {knftables.IPv6Family, "filter"}} {
+		tx.Add(&knftables.Table{Family: tbl.family, Name: tbl.name})
+		tx.Add(&knftables.Chain{Family: tbl.family, Table: tbl.name, Name: "input",
+			Type: knftables.PtrTo(knftables.FilterType), Hook: knftables.PtrTo(knftables.InputHook), Priority: knftables.PtrTo(knftables.FilterPriority)})
+		tx.Add(&knftables.Set{Family: tbl.family, Table: tbl.name, Name: "snat-v4", Type: "ipv4_addr"})
+		tx.Add(&knftables.Element{Family: tbl.family, Table: tbl.name, Set: "snat-v4", Key: []string{"192.0.2.10"}})
+		tx.Add(&knftables.Rule{Family: tbl.family, Table: tbl.name, Chain: "input", Rule: "ip saddr @snat-v4 drop"})
+	}
+	if err := fake.Run(context.Background(), tx); err != nil {
+		t.Fatal(err)
+	}
+	return fake.Dump()
+}
+
+func TestForeignTablesSurvive(t *testing.T) {
+	fake := knftables.NewFake("", "") // no default table: holds any
+	before := foreign(t, fake)
+
+	sync(t, fake, dualStack())
+	sync(t, fake, nft.Rules{})
+	var others []string
+	for _, l := range strings.SplitAfter(fake.Dump(), "\n") {
+		if !strings.Contains(l, " inet keeplb ") && !strings.HasSuffix(l, " inet keeplb\n") {
+			others = append(others, l)
+		}
+	}
+	if got := strings.Join(others, ""); got != before {
+		t.Errorf("sync changed other tables:\n got:\n%s\nwant:\n%s", got, before)
+	}
+	if fake.Tables[nft.Family][nft.Table] == nil {
+		t.Fatal("sync wrote no inet keeplb table")
+	}
+
+	if err := nft.Cleanup(context.Background(), fake); err != nil {
+		t.Fatal(err)
+	}
+	if got := fake.Dump(); got != before {
+		t.Errorf("cleanup changed other tables:\n got:\n%s\nwant:\n%s", got, before)
+	}
+}
+
+func TestCleanup(t *testing.T) {
+	fake := knftables.NewFake(nft.Family, nft.Table)
+	if err := nft.Cleanup(context.Background(), fake); err != nil {
+		t.Fatalf("Cleanup without a table: %v", err)
+	}
+	sync(t, fake, dualStack())
+	if err := nft.Cleanup(context.Background(), fake); err != nil {
+		t.Fatal(err)
+	}
+	if fake.Table != nil || fake.Dump() != "" {
+		t.Errorf("table left after Cleanup:\n%s", fake.Dump())
+	}
+}
+
+func TestInvalidInput(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		in   nft.Rules
+		want string
+	}{
+		{"unknown protocol", nft.Rules{SNAT: snat(key("ICMP", "192.0.2.10:80"), "10.0.0.1:80")}, `unknown protocol "ICMP"`},
+		{"mixed families", nft.Rules{SNAT: snat(web4, "[fd00::1]:80")}, "different address families"},
+		{"invalid VIP", nft.Rules{SNAT: []dataplane.SNAT{{Virtual: ipvs.Key{Protocol: ipvs.TCP, Port: 80}, Real: netip.MustParseAddrPort("10.0.0.1:80")}}}, "invalid VIP"},
+		{"invalid real server", nft.Rules{SNAT: []dataplane.SNAT{{Virtual: web4}}}, "invalid real server"},
+		{"real port 0", nft.Rules{SNAT: snat(web4, "10.0.0.1:0")}, "real server port 0"},
+		{"VIP port 0", nft.Rules{SourceRanges: map[ipvs.Key][]netip.Prefix{key(ipvs.TCP, "192.0.2.10:0"): prefixes("10.0.0.0/8")}}, "port 0"},
+		{"invalid range", nft.Rules{SourceRanges: map[ipvs.Key][]netip.Prefix{web4: {{}}}}, "invalid source range"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fake := knftables.NewFake(nft.Family, nft.Table)
+			tx := fake.NewTransaction()
+			err := nft.Transaction(tx, tc.in)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error = %v, want one containing %q", err, tc.want)
+			}
+			if n := tx.NumOperations(); n != 0 {
+				t.Errorf("failed Transaction left %d operations in tx", n)
+			}
+			if err := nft.Sync(context.Background(), fake, tc.in); err == nil || fake.Table != nil {
+				t.Errorf("Sync wrote a table from invalid input (err %v)", err)
+			}
+		})
+	}
+}
+
+// TestTransactionNeedsMatchingInterface checks that an Interface made for
+// another table cannot be used by mistake.
+func TestTransactionNeedsMatchingInterface(t *testing.T) {
+	fake := knftables.NewFake(knftables.IPv4Family, "other")
+	if err := nft.Sync(context.Background(), fake, dualStack()); err == nil {
+		t.Error("Sync through an Interface for ip other succeeded")
+	}
+}
