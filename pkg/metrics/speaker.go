@@ -25,6 +25,23 @@ type Speaker struct {
 	RenderDuration *metrics.Histogram
 	// Problems is the number of VRRP plan problems by severity.
 	Problems *metrics.GaugeVec
+
+	// The IPVS metrics below are served only after RegisterIPVS, so that a
+	// speaker without --ipvs exports nothing about a dataplane it does not
+	// run.
+
+	// IPVSAvailable is 1 when the speaker programs IPVS and 0 when IPVS
+	// forwarding is on but the kernel has no IPVS (the speaker then only
+	// holds VIPs).
+	IPVSAvailable *metrics.Gauge
+	// IPVSSyncDuration times one IPVS sync: the desired table, one dump of
+	// the kernel's, the diff and the changes sent.
+	IPVSSyncDuration *metrics.Histogram
+	// IPVSVirtualServers is the number of virtual servers keeplb wants on
+	// this node; IPVSRealServers the number of their real servers.
+	IPVSVirtualServers, IPVSRealServers *metrics.Gauge
+	// IPVSSyncErrors counts IPVS syncs that failed, wholly or in part.
+	IPVSSyncErrors *metrics.Counter
 }
 
 // NewSpeaker creates and registers the speaker metrics.
@@ -67,9 +84,41 @@ func NewSpeaker() *Speaker {
 			Help:           "Problems in the VRRP plan (VRID ranges, interfaces), by severity.",
 			StabilityLevel: metrics.ALPHA,
 		}, []string{"severity"}),
+		IPVSAvailable: metrics.NewGauge(&metrics.GaugeOpts{
+			Namespace: namespace, Name: "ipvs_available",
+			Help:           "1 when the speaker programs IPVS, 0 when IPVS forwarding is on but the kernel has no IPVS (load ip_vs).",
+			StabilityLevel: metrics.ALPHA,
+		}),
+		IPVSSyncDuration: metrics.NewHistogram(&metrics.HistogramOpts{
+			Namespace: namespace, Name: "ipvs_sync_duration_seconds",
+			Help:           "Time to compute this node's IPVS table, read the kernel's and send the changes.",
+			Buckets:        metrics.ExponentialBuckets(0.0001, 4, 10),
+			StabilityLevel: metrics.ALPHA,
+		}),
+		IPVSVirtualServers: metrics.NewGauge(&metrics.GaugeOpts{
+			Namespace: namespace, Name: "ipvs_virtual_servers",
+			Help:           "Number of IPVS virtual servers keeplb wants on this node.",
+			StabilityLevel: metrics.ALPHA,
+		}),
+		IPVSRealServers: metrics.NewGauge(&metrics.GaugeOpts{
+			Namespace: namespace, Name: "ipvs_real_servers",
+			Help:           "Number of real servers of the IPVS virtual servers keeplb wants on this node.",
+			StabilityLevel: metrics.ALPHA,
+		}),
+		IPVSSyncErrors: metrics.NewCounter(&metrics.CounterOpts{
+			Namespace: namespace, Name: "ipvs_sync_errors_total",
+			Help:           "Number of IPVS syncs that failed, wholly or in part.",
+			StabilityLevel: metrics.ALPHA,
+		}),
 	}
 	m.registry.MustRegister(m.VRRPState, m.Transitions, m.Reloads, m.Restarts, m.KeepalivedUp, m.RenderDuration, m.Problems)
 	return m
+}
+
+// RegisterIPVS adds the IPVS metrics to those served. Call it once, when
+// the speaker runs the IPVS dataplane; until then they record nothing.
+func (m *Speaker) RegisterIPVS() {
+	m.registry.MustRegister(m.IPVSAvailable, m.IPVSSyncDuration, m.IPVSVirtualServers, m.IPVSRealServers, m.IPVSSyncErrors)
 }
 
 // Handler serves these metrics with the process-wide ones.

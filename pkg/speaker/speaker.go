@@ -2,6 +2,10 @@
 // EndpointSlices, Nodes and IPPools, computes the cluster's VRRP plan (the
 // same on every node), renders this node's part as keepalived.conf, keeps
 // keepalived running with it, and reports which node holds each VIP.
+//
+// With --ipvs (experimental, off by default) it also programs the node's
+// IPVS table for keeplb's VIPs after each VRRP step (see package dataplane
+// and ipvsStep); without it, it never touches IPVS.
 package speaker
 
 import (
@@ -36,6 +40,7 @@ import (
 	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/hostnet"
+	"github.com/keeplb/keeplb/pkg/ipvs"
 	"github.com/keeplb/keeplb/pkg/keepalived"
 	"github.com/keeplb/keeplb/pkg/metrics"
 	"github.com/keeplb/keeplb/pkg/runner"
@@ -86,6 +91,7 @@ func RunWithConfig(ctx context.Context, o *Options, cfg *rest.Config) error {
 }
 
 // RunWith is Run with a ready REST config and host network, for tests.
+// With o.IPVS it opens the kernel's IPVS (of o.NetNS) all the same.
 func RunWith(ctx context.Context, o *Options, cfg *rest.Config, net hostnet.Interface) error {
 	if err := o.Validate(); err != nil {
 		return err
@@ -119,7 +125,14 @@ func RunWith(ctx context.Context, o *Options, cfg *rest.Config, net hostnet.Inte
 	if err != nil {
 		return err
 	}
-	s := &Speaker{opts: o, client: client, dyn: dyn, net: net, sup: sup, layout: layout, metrics: metrics.NewSpeaker(), states: map[string]keepalived.State{}}
+	m := metrics.NewSpeaker()
+	var dp *ipvsStep
+	if o.IPVS {
+		if dp, err = newIPVSStep(ctx, o, func() (ipvs.Interface, error) { return openIPVS(o.NetNS) }, net, m); err != nil {
+			return err
+		}
+	}
+	s := &Speaker{opts: o, client: client, dyn: dyn, net: net, sup: sup, layout: layout, metrics: m, dp: dp, states: map[string]keepalived.State{}}
 	return s.run(ctx)
 }
 
@@ -132,6 +145,8 @@ type Speaker struct {
 	sup     *keepalived.Supervisor
 	layout  Layout
 	metrics *metrics.Speaker
+	// dp is the IPVS dataplane, nil without --ipvs.
+	dp *ipvsStep
 
 	services  cache.SharedIndexInformer
 	slices    cache.SharedIndexInformer
@@ -153,6 +168,9 @@ type Speaker struct {
 
 func (s *Speaker) run(ctx context.Context) error {
 	logger := klog.FromContext(ctx)
+	if s.dp != nil {
+		defer s.dp.close()
+	}
 	factory := informers.NewSharedInformerFactory(s.client, 0)
 	dynFactory := dynamicinformer.NewDynamicSharedInformerFactory(s.dyn, 0)
 	s.services = factory.Core().V1().Services().Informer()
@@ -173,6 +191,9 @@ func (s *Speaker) run(ctx context.Context) error {
 	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: s.client.CoreV1().Events("")})
 	defer broadcaster.Shutdown()
 	s.recorder = broadcaster.NewRecorder(scheme.Scheme, v1.EventSource{Component: Component, Host: s.opts.NodeName})
+	if s.dp != nil {
+		s.dp.recorder = s.recorder
+	}
 
 	if s.opts.MetricsBindAddress != "0" {
 		go s.serve(ctx)
@@ -208,7 +229,11 @@ func (s *Speaker) run(ctx context.Context) error {
 	stopSup()
 	<-supDone
 	logger.Info("keepalived stopped; removing VIPs")
-	return s.removeVIPs(context.WithoutCancel(ctx))
+	err = s.removeVIPs(context.WithoutCancel(ctx))
+	if s.dp != nil {
+		err = errors.Join(err, s.dp.exit(context.WithoutCancel(ctx), s.collect()))
+	}
+	return err
 }
 
 // sync computes the plan and applies this node's share of it.
@@ -259,6 +284,10 @@ func (s *Speaker) sync(ctx context.Context) error {
 	states := maps.Clone(s.states)
 	s.mu.Unlock()
 	s.reconcileHolders(ctx, plan, owners, states)
+	if s.dp != nil {
+		// IPVS after VRRP: a failure here leaves the VIPs held.
+		return s.dp.sync(ctx, in)
+	}
 	return nil
 }
 

@@ -1,0 +1,519 @@
+package speaker
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net/http/httptest"
+	"net/netip"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/spf13/pflag"
+	v1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/tools/record"
+
+	"github.com/keeplb/keeplb/pkg/annotations"
+	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
+	"github.com/keeplb/keeplb/pkg/dataplane"
+	hostnettesting "github.com/keeplb/keeplb/pkg/hostnet/testing"
+	"github.com/keeplb/keeplb/pkg/ipvs"
+	ipvstesting "github.com/keeplb/keeplb/pkg/ipvs/testing"
+	"github.com/keeplb/keeplb/pkg/metrics"
+)
+
+// ipvsCluster is two Ready nodes and one pool, 192.0.2.0/24 and
+// 2001:db8::/64, forwarding to NodePorts; web has VIP 192.0.2.1.
+func ipvsCluster() Inputs {
+	n1, n2 := node("n1", "10.0.0.1"), node("n2", "10.0.0.2")
+	n1.Status.Addresses = append(n1.Status.Addresses, v1.NodeAddress{Type: v1.NodeInternalIP, Address: "fd00::1"})
+	n2.Status.Addresses = append(n2.Status.Addresses, v1.NodeAddress{Type: v1.NodeInternalIP, Address: "fd00::2"})
+	p := ippool("p", []string{"192.0.2.0/24", "2001:db8::/64"}, nil)
+	p.Spec.Forwarding = v1alpha1.ForwardingNodePort
+	return Inputs{
+		Class: "keeplb.io/vip", DefaultClass: true,
+		Nodes:    []*v1.Node{n1, n2},
+		Pools:    []*v1alpha1.IPPool{p},
+		Services: []*v1.Service{fwdService("web", "192.0.2.1", 80, 30080)},
+	}
+}
+
+func fwdService(name, ip string, port, nodePort int32) *v1.Service {
+	s := lbService("ns", name, ip, false, nil)
+	s.Spec.Ports = []v1.ServicePort{{Name: "p", Protocol: v1.ProtocolTCP, Port: port, TargetPort: intstr.FromInt32(8080), NodePort: nodePort}}
+	return s
+}
+
+func annotate(s *v1.Service, k, v string) *v1.Service {
+	s = s.DeepCopy()
+	if s.Annotations == nil {
+		s.Annotations = map[string]string{}
+	}
+	s.Annotations[k] = v
+	return s
+}
+
+func vsKey(ip string, port uint16) ipvs.Key {
+	return ipvs.Key{Address: netip.MustParseAddr(ip), Protocol: ipvs.TCP, Port: port}
+}
+
+func rs(ip string, port uint16) ipvs.RealServer {
+	return ipvs.RealServer{Address: netip.MustParseAddr(ip), Port: port, Weight: 1}
+}
+
+// webEntry is what ipvsCluster asks of every node for web.
+func webEntry() ipvs.Entry {
+	return ipvs.Entry{
+		Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.1"), Protocol: ipvs.TCP, Port: 80, Scheduler: "rr"},
+		Reals:   []ipvs.RealServer{rs("10.0.0.1", 30080), rs("10.0.0.2", 30080)},
+	}
+}
+
+func tableOf(es ...ipvs.Entry) ipvs.Table {
+	t := ipvs.Table{}
+	for _, e := range es {
+		t[e.Virtual.Key()] = e
+	}
+	return t
+}
+
+// kubeProxyEntry is a virtual server of kube-proxy's, outside every pool.
+func kubeProxyEntry() ipvs.Entry {
+	return ipvs.Entry{
+		Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("10.96.0.1"), Protocol: ipvs.TCP, Port: 443, Scheduler: "rr"},
+		Reals:   []ipvs.RealServer{rs("10.0.0.1", 6443)},
+	}
+}
+
+type ipvsFixture struct {
+	fake     *ipvstesting.Fake
+	net      *hostnettesting.Fake
+	metrics  *metrics.Speaker
+	recorder *record.FakeRecorder
+	step     *ipvsStep
+}
+
+func newIPVSFixture(t *testing.T, mutate func(*Options)) *ipvsFixture {
+	t.Helper()
+	f := &ipvsFixture{
+		fake:     ipvstesting.New(),
+		net:      hostnettesting.New(nil, map[string]string{"net.ipv4.vs.conntrack": "0", "net.ipv4.ip_forward": "0", "net.ipv6.conf.all.forwarding": "0"}),
+		metrics:  metrics.NewSpeaker(),
+		recorder: record.NewFakeRecorder(100),
+	}
+	o := NewOptions()
+	o.NodeName, o.IPVS = "n1", true
+	if mutate != nil {
+		mutate(o)
+	}
+	step, err := newIPVSStep(t.Context(), o, func() (ipvs.Interface, error) { return f.fake, nil }, f.net, f.metrics)
+	if err != nil {
+		t.Fatal(err)
+	}
+	step.recorder = f.recorder
+	f.step = step
+	return f
+}
+
+func (f *ipvsFixture) sync(t *testing.T, in Inputs) {
+	t.Helper()
+	if err := f.step.sync(t.Context(), in); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (f *ipvsFixture) wantTable(t *testing.T, what string, want ipvs.Table) {
+	t.Helper()
+	if got := f.fake.Table(); !got.Equal(want) {
+		t.Fatalf("%s: IPVS table\n%s\nwant\n%s", what, got, want)
+	}
+}
+
+func (f *ipvsFixture) sysctl(t *testing.T, name string) string {
+	t.Helper()
+	v, err := f.net.Sysctl(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// metric returns the value of the sample named name (with its labels, if
+// any) that m serves, or -1 if it serves none.
+func metric(t *testing.T, m *metrics.Speaker, name string) float64 {
+	t.Helper()
+	for line := range strings.Lines(scrape(t, m)) {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), name+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				t.Fatalf("%s: %v", line, err)
+			}
+			return f
+		}
+	}
+	return -1
+}
+
+func TestIPVSStepProgramsDesired(t *testing.T) {
+	f := newIPVSFixture(t, nil)
+	for _, name := range []string{"net.ipv4.vs.conntrack", "net.ipv4.ip_forward"} {
+		if v := f.sysctl(t, name); v != "1" {
+			t.Errorf("sysctl %s = %s after start, want 1", name, v)
+		}
+	}
+	in := ipvsCluster()
+	f.sync(t, in)
+	f.wantTable(t, "after the first sync", tableOf(webEntry()))
+	if v := f.sysctl(t, "net.ipv6.conf.all.forwarding"); v != "0" {
+		t.Errorf("IPv6 forwarding set to %s without an IPv6 VIP", v)
+	}
+	if got := metric(t, f.metrics, "keeplb_ipvs_available"); got != 1 {
+		t.Errorf("ipvs_available = %v, want 1", got)
+	}
+	if vs, reals := metric(t, f.metrics, "keeplb_ipvs_virtual_servers"), metric(t, f.metrics, "keeplb_ipvs_real_servers"); vs != 1 || reals != 2 {
+		t.Errorf("virtual servers %v, real servers %v; want 1 and 2", vs, reals)
+	}
+	if n := metric(t, f.metrics, "keeplb_ipvs_sync_duration_seconds_count"); n != 1 {
+		t.Errorf("sync duration observed %v times, want 1", n)
+	}
+
+	// Unchanged inputs: nothing to write.
+	f.fake.ResetCalls()
+	f.sync(t, in)
+	if w := f.fake.Writes(); len(w) != 0 {
+		t.Errorf("a sync with unchanged inputs wrote %v", w)
+	}
+
+	// An IPv6 VIP: its virtual server, and IPv6 forwarding on.
+	in.Services = append(in.Services, fwdService("web6", "2001:db8::1", 53, 30053))
+	f.sync(t, in)
+	want := tableOf(webEntry(), ipvs.Entry{
+		Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("2001:db8::1"), Protocol: ipvs.TCP, Port: 53, Scheduler: "rr"},
+		Reals:   []ipvs.RealServer{rs("fd00::1", 30053), rs("fd00::2", 30053)},
+	})
+	f.wantTable(t, "with an IPv6 VIP", want)
+	if v := f.sysctl(t, "net.ipv6.conf.all.forwarding"); v != "1" {
+		t.Errorf("IPv6 forwarding = %s with an IPv6 VIP, want 1", v)
+	}
+	if n := metric(t, f.metrics, "keeplb_ipvs_sync_errors_total"); n != 0 {
+		t.Errorf("sync errors = %v, want 0", n)
+	}
+}
+
+func TestIPVSStepLeavesForeignVirtualServersAlone(t *testing.T) {
+	f := newIPVSFixture(t, nil)
+	in := ipvsCluster()
+	// kube-proxy forwards api's VIP; its virtual server is kube-proxy's.
+	in.Services = append(in.Services, annotate(fwdService("api", "192.0.2.9", 443, 30443), annotations.Forwarding, string(v1alpha1.ForwardingKubeProxy)))
+	kubeAPI := ipvs.Entry{
+		Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.9"), Protocol: ipvs.TCP, Port: 443, Scheduler: "wrr"},
+		Reals:   []ipvs.RealServer{rs("10.244.0.5", 8443)},
+	}
+	// A leftover in our pool that nothing wants: ours, so deleted.
+	stale := ipvs.Entry{
+		Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.200"), Protocol: ipvs.UDP, Port: 53, Scheduler: "rr"},
+		Reals:   []ipvs.RealServer{rs("10.0.0.7", 30053)},
+	}
+	f.fake.SeedTable(tableOf(kubeProxyEntry(), kubeAPI, stale))
+	f.sync(t, in)
+	f.wantTable(t, "after a sync", tableOf(webEntry(), kubeProxyEntry(), kubeAPI))
+	// Not even read: Sync dumps only what is in scope.
+	for _, c := range f.fake.Calls() {
+		if c.Method == "RealServers" && (c.Virtual == kubeProxyEntry().Virtual.Key() || c.Virtual == kubeAPI.Virtual.Key()) {
+			t.Errorf("read the real servers of a foreign virtual server: %s", c)
+		}
+	}
+	// Exit deletes only ours.
+	if err := f.step.exit(t.Context(), in); err != nil {
+		t.Fatal(err)
+	}
+	f.wantTable(t, "after exit", tableOf(kubeProxyEntry(), kubeAPI))
+}
+
+func TestIPVSStepDeletesWhatLeftItsScope(t *testing.T) {
+	t.Run("pool deleted", func(t *testing.T) {
+		f := newIPVSFixture(t, nil)
+		in := ipvsCluster()
+		f.fake.Seed(kubeProxyEntry().Virtual, kubeProxyEntry().Reals...)
+		f.sync(t, in)
+		f.wantTable(t, "before", tableOf(webEntry(), kubeProxyEntry()))
+		in.Pools = nil
+		f.sync(t, in)
+		f.wantTable(t, "after the pool was deleted", tableOf(kubeProxyEntry()))
+	})
+	t.Run("switched to kube-proxy", func(t *testing.T) {
+		f := newIPVSFixture(t, nil)
+		in := ipvsCluster()
+		f.sync(t, in)
+		in.Services = []*v1.Service{annotate(in.Services[0], annotations.Forwarding, string(v1alpha1.ForwardingKubeProxy))}
+		f.sync(t, in)
+		f.wantTable(t, "after web switched to kube-proxy forwarding", ipvs.Table{})
+		// Now kube-proxy (IPVS mode) programs it: it stays, sync after sync.
+		kp := webEntry()
+		kp.Reals = []ipvs.RealServer{rs("10.244.1.3", 8080)}
+		f.fake.Seed(kp.Virtual, kp.Reals...)
+		f.sync(t, in)
+		f.sync(t, in)
+		f.wantTable(t, "kube-proxy's virtual server", tableOf(kp))
+	})
+	t.Run("taken over by kube-proxy first", func(t *testing.T) {
+		f := newIPVSFixture(t, nil)
+		in := ipvsCluster()
+		f.sync(t, in)
+		// kube-proxy updates the virtual server before our next sync.
+		kp := webEntry()
+		kp.Reals = []ipvs.RealServer{rs("10.244.1.3", 8080)}
+		f.fake.Seed(kp.Virtual, kp.Reals...)
+		in.Services = []*v1.Service{annotate(in.Services[0], annotations.Forwarding, string(v1alpha1.ForwardingKubeProxy))}
+		f.sync(t, in)
+		f.wantTable(t, "kube-proxy's version", tableOf(kp))
+		if err := f.step.exit(t.Context(), in); err != nil {
+			t.Fatal(err)
+		}
+		f.wantTable(t, "after exit", tableOf(kp))
+	})
+	t.Run("delete failed, retried", func(t *testing.T) {
+		f := newIPVSFixture(t, nil)
+		in := ipvsCluster()
+		f.sync(t, in)
+		in.Pools = nil
+		f.fake.FailWith(func(c ipvstesting.Call) error {
+			if c.Method == "DeleteVirtualServer" {
+				return fmt.Errorf("injected: %w", syscall.EBUSY)
+			}
+			return nil
+		})
+		if err := f.step.sync(t.Context(), in); err == nil {
+			t.Fatal("a failed delete was not reported")
+		}
+		if n := metric(t, f.metrics, "keeplb_ipvs_sync_errors_total"); n != 1 {
+			t.Errorf("sync errors = %v, want 1", n)
+		}
+		f.wantTable(t, "after the failed delete", tableOf(webEntry()))
+		f.fake.FailWith(nil)
+		f.sync(t, in)
+		f.wantTable(t, "after the retry", ipvs.Table{})
+	})
+	t.Run("half programmed, then left", func(t *testing.T) {
+		f := newIPVSFixture(t, nil)
+		in := ipvsCluster()
+		f.fake.FailWith(func(c ipvstesting.Call) error {
+			if c.Method == "AddRealServer" && c.Real == rs("10.0.0.2", 30080).AddrPort() {
+				return fmt.Errorf("injected: %w", syscall.EINVAL)
+			}
+			return nil
+		})
+		if err := f.step.sync(t.Context(), in); err == nil {
+			t.Fatal("a failed AddRealServer was not reported")
+		}
+		half := webEntry()
+		half.Reals = half.Reals[:1]
+		f.wantTable(t, "after the failed add", tableOf(half))
+		// What the kernel has, not what was asked, is remembered: it is
+		// not mistaken for another program's.
+		f.fake.FailWith(nil)
+		in.Pools = nil
+		f.sync(t, in)
+		f.wantTable(t, "after the pool was deleted", ipvs.Table{})
+	})
+}
+
+func TestIPVSStepExit(t *testing.T) {
+	for _, keep := range []bool{false, true} {
+		t.Run(fmt.Sprintf("keep=%v", keep), func(t *testing.T) {
+			f := newIPVSFixture(t, func(o *Options) { o.KeepIPVSOnExit = keep })
+			in := ipvsCluster()
+			f.fake.Seed(kubeProxyEntry().Virtual, kubeProxyEntry().Reals...)
+			f.sync(t, in)
+			// Ours though never programmed by this speaker: in our pool.
+			other := ipvs.Entry{Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.150"), Protocol: ipvs.TCP, Port: 8080, Scheduler: "rr"}}
+			f.fake.Seed(other.Virtual)
+			// web's address left the pool since the last sync: programmed, so
+			// still ours.
+			in.Pools[0].Spec.Addresses = []string{"192.0.2.128/25"}
+			if err := f.step.exit(t.Context(), in); err != nil {
+				t.Fatal(err)
+			}
+			want := tableOf(kubeProxyEntry())
+			if keep {
+				want = tableOf(kubeProxyEntry(), webEntry(), other)
+			}
+			f.wantTable(t, "after exit", want)
+		})
+	}
+}
+
+func TestIPVSStepWithoutIPVS(t *testing.T) {
+	net := hostnettesting.New(nil, map[string]string{"net.ipv4.ip_forward": "0"})
+	m := metrics.NewSpeaker()
+	o := NewOptions()
+	o.NodeName, o.IPVS = "n1", true
+	step, err := newIPVSStep(t.Context(), o, func() (ipvs.Interface, error) {
+		return nil, fmt.Errorf("%w: family not found", ipvs.ErrNoIPVS)
+	}, net, m)
+	if err != nil {
+		t.Fatalf("a kernel without IPVS stopped the speaker: %v", err)
+	}
+	if got := metric(t, m, "keeplb_ipvs_available"); got != 0 {
+		t.Errorf("ipvs_available = %v, want 0", got)
+	}
+	if v, _ := net.Sysctl("net.ipv4.ip_forward"); v != "0" {
+		t.Errorf("ip_forward set to %s without IPVS", v)
+	}
+	in := ipvsCluster()
+	if err := step.sync(t.Context(), in); err != nil {
+		t.Errorf("sync without IPVS: %v", err)
+	}
+	if err := step.exit(t.Context(), in); err != nil {
+		t.Errorf("exit without IPVS: %v", err)
+	}
+	if n := metric(t, m, "keeplb_ipvs_sync_duration_seconds_count"); n != 0 {
+		t.Errorf("sync duration observed %v times without IPVS", n)
+	}
+
+	// Any other failure to open IPVS stops the speaker.
+	if _, err := newIPVSStep(t.Context(), o, func() (ipvs.Interface, error) { return nil, errors.New("socket: permission denied") }, net, metrics.NewSpeaker()); err == nil {
+		t.Error("a failure to open IPVS other than ErrNoIPVS was ignored")
+	}
+}
+
+func TestIPVSStepSysctls(t *testing.T) {
+	open := func() (ipvs.Interface, error) { return ipvstesting.New(), nil }
+	o := NewOptions()
+	o.NodeName, o.IPVS = "n1", true
+	net := hostnettesting.New(nil, map[string]string{"net.ipv4.vs.conntrack": "0", "net.ipv4.ip_forward": "1"})
+	net.MakeReadOnly("net.ipv4.vs.conntrack")
+	_, err := newIPVSStep(t.Context(), o, open, net, metrics.NewSpeaker())
+	if err == nil || !strings.Contains(err.Error(), "net.ipv4.vs.conntrack") {
+		t.Fatalf("error = %v, want one naming net.ipv4.vs.conntrack", err)
+	}
+
+	// --skip-sysctls leaves them alone, also the IPv6 one.
+	o.SkipSysctls = true
+	net = hostnettesting.New(nil, map[string]string{"net.ipv4.vs.conntrack": "0", "net.ipv6.conf.all.forwarding": "0"})
+	step, err := newIPVSStep(t.Context(), o, open, net, metrics.NewSpeaker())
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := ipvsCluster()
+	in.Services = append(in.Services, fwdService("web6", "2001:db8::1", 53, 30053))
+	if err := step.sync(t.Context(), in); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"net.ipv4.vs.conntrack", "net.ipv6.conf.all.forwarding"} {
+		if v, _ := net.Sysctl(name); v != "0" {
+			t.Errorf("--skip-sysctls: %s set to %s", name, v)
+		}
+	}
+
+	// A read-only IPv6 sysctl fails the sync, naming it, but IPv4 is
+	// programmed all the same.
+	o.SkipSysctls = false
+	net = hostnettesting.New(nil, map[string]string{"net.ipv4.vs.conntrack": "1", "net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "0"})
+	net.MakeReadOnly("net.ipv6.conf.all.forwarding")
+	fake := ipvstesting.New()
+	step, err = newIPVSStep(t.Context(), o, func() (ipvs.Interface, error) { return fake, nil }, net, metrics.NewSpeaker())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := step.sync(t.Context(), in); err == nil || !strings.Contains(err.Error(), "net.ipv6.conf.all.forwarding") {
+		t.Fatalf("sync error = %v, want one naming net.ipv6.conf.all.forwarding", err)
+	}
+	if _, ok := fake.Table()[webEntry().Virtual.Key()]; !ok {
+		t.Error("the IPv4 virtual server was not programmed after the IPv6 sysctl failed")
+	}
+}
+
+func TestIPVSStepReportsProblemsOnce(t *testing.T) {
+	f := newIPVSFixture(t, nil)
+	in := ipvsCluster()
+	in.Services = []*v1.Service{annotate(in.Services[0], annotations.Scheduler, "fastest")}
+	for range 3 {
+		f.sync(t, in)
+	}
+	events := drain(f.recorder)
+	if len(events) != 1 || !strings.HasPrefix(events[0], "Warning "+EventForwardingProblem+" "+annotations.Scheduler+": ") || !strings.Contains(events[0], "fastest") {
+		t.Fatalf("events after three syncs with one problem: %q, want one Warning naming the annotation", events)
+	}
+	// Fixed, then broken again: reported again.
+	good := in.Services[0].DeepCopy()
+	delete(good.Annotations, annotations.Scheduler)
+	f.sync(t, Inputs{Class: in.Class, DefaultClass: true, Nodes: in.Nodes, Pools: in.Pools, Services: []*v1.Service{good}})
+	if events := drain(f.recorder); len(events) != 0 {
+		t.Fatalf("events once fixed: %q", events)
+	}
+	f.sync(t, in)
+	if events := drain(f.recorder); len(events) != 1 {
+		t.Fatalf("events when broken again: %q, want one", events)
+	}
+}
+
+func drain(r *record.FakeRecorder) []string {
+	var out []string
+	for {
+		select {
+		case e := <-r.Events:
+			out = append(out, e)
+		default:
+			return out
+		}
+	}
+}
+
+// Without --ipvs nothing changes: the flags default to off and the IPVS
+// metrics are not served.
+func TestIPVSOffByDefault(t *testing.T) {
+	o := NewOptions()
+	fs := pflag.NewFlagSet("speaker", pflag.ContinueOnError)
+	o.AddFlags(fs)
+	if err := fs.Parse(nil); err != nil {
+		t.Fatal(err)
+	}
+	if o.IPVS || o.KeepIPVSOnExit {
+		t.Fatalf("defaults: --ipvs=%v --keep-ipvs-on-exit=%v, want both off", o.IPVS, o.KeepIPVSOnExit)
+	}
+	if fl := fs.Lookup("ipvs"); fl == nil || !strings.Contains(fl.Usage, "xperimental") {
+		t.Errorf("--ipvs help does not say it is experimental: %+v", fl)
+	}
+	if err := fs.Parse([]string{"--ipvs", "--keep-ipvs-on-exit"}); err != nil || !o.IPVS || !o.KeepIPVSOnExit {
+		t.Fatalf("--ipvs --keep-ipvs-on-exit parsed to %v %v (%v)", o.IPVS, o.KeepIPVSOnExit, err)
+	}
+
+	m := metrics.NewSpeaker()
+	if body := scrape(t, m); strings.Contains(body, "keeplb_ipvs_") {
+		t.Errorf("IPVS metrics served without --ipvs:\n%s", body)
+	}
+	if _, err := newIPVSStep(t.Context(), &Options{NodeName: "n1", SkipSysctls: true}, func() (ipvs.Interface, error) { return ipvstesting.New(), nil }, hostnettesting.New(nil, nil), m); err != nil {
+		t.Fatal(err)
+	}
+	if body := scrape(t, m); !strings.Contains(body, "keeplb_ipvs_available 1") {
+		t.Errorf("keeplb_ipvs_available not served with --ipvs:\n%s", body)
+	}
+}
+
+func scrape(t *testing.T, m *metrics.Speaker) string {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	m.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	b, err := io.ReadAll(rec.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// The step computes exactly what the dataplane package computes.
+func TestIPVSStepMatchesDataplane(t *testing.T) {
+	f := newIPVSFixture(t, nil)
+	in := ipvsCluster()
+	in.Services = append(in.Services, fwdService("dns", "192.0.2.2", 53, 30053), fwdService("outside-pools", "198.51.100.1", 80, 30081))
+	f.sync(t, in)
+	st, _ := dataplane.Desired(dataplane.Inputs(in), "n1")
+	if len(st.IPVS) != 2 {
+		t.Fatalf("fixture: desired has %d virtual servers, want 2", len(st.IPVS))
+	}
+	f.wantTable(t, "after a sync", st.IPVS)
+}
