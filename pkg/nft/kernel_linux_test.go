@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"os/exec"
 	"runtime"
 	"strings"
@@ -19,6 +18,7 @@ import (
 
 	"github.com/keeplb/keeplb/pkg/ipvs"
 	"github.com/keeplb/keeplb/pkg/nft"
+	netnstest "github.com/keeplb/keeplb/pkg/testing/netns"
 )
 
 // The tests in this file run the generated ruleset in a real kernel, in
@@ -30,33 +30,18 @@ import (
 // nft in them.
 func requireKernel(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("skipped: needs root to create network namespaces (run as root to test the ruleset in a real kernel)")
-	}
-	for _, bin := range []string{"ip", "nft"} {
-		if _, err := exec.LookPath(bin); err != nil {
-			t.Skipf("skipped: %s not found in PATH (apt-get install iproute2 nftables)", bin)
-		}
-	}
+	netnstest.Require(t, "apt-get install iproute2 nftables", "ip", "nft")
 }
 
-var nsSeq atomic.Int32
+// vethSeq numbers veth names, unique within the test binary.
+var vethSeq atomic.Int32
 
 // newNetns creates a network namespace with lo up, deleted when t ends,
 // and returns its name. It skips t if namespaces or nftables are
 // unavailable.
 func newNetns(t *testing.T, suffix string) string {
 	t.Helper()
-	name := fmt.Sprintf("kltest-%d-%d-%s", os.Getpid(), nsSeq.Add(1), suffix)
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		t.Skipf("skipped: ip netns add failed, network namespaces unavailable: %v: %s", err, out)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
-			t.Errorf("ip netns del %s: %v: %s", name, err, out)
-		}
-	})
-	run(t, "ip", "-n", name, "link", "set", "lo", "up")
+	name := netnstest.New(t, suffix)
 	if out, err := exec.Command("ip", "netns", "exec", name, "nft", "list", "tables").CombinedOutput(); err != nil {
 		t.Skipf("skipped: nftables unusable in a network namespace: %v: %s", err, out)
 	}
@@ -287,7 +272,7 @@ func TestKernelSourceRanges(t *testing.T) {
 func TestKernelMasquerade(t *testing.T) {
 	requireKernel(t)
 	lb, backend := newNetns(t, "lb"), newNetns(t, "be")
-	veth := fmt.Sprintf("klnft%d", nsSeq.Add(1))
+	veth := fmt.Sprintf("klnft%d", vethSeq.Add(1))
 	run(t, "ip", "-n", lb, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", backend)
 	run(t, "ip", "-n", lb, "addr", "add", "10.99.0.1/24", "dev", veth)
 	run(t, "ip", "-n", lb, "link", "set", veth, "up")
