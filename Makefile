@@ -12,7 +12,7 @@ LDFLAGS  = -s -w \
 	-X github.com/keeplb/keeplb/pkg/version.date=$(DATE)
 
 .DEFAULT_GOAL := help
-.PHONY: help build test test-unit test-integration e2e-vrrp bench verify tools demo clean
+.PHONY: help build test test-unit test-integration e2e-vrrp e2e bench verify tools demo clean
 
 help: ## List the targets.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -31,6 +31,9 @@ test-integration: ## Run the tests against a real kube-apiserver and etcd.
 
 e2e-vrrp: ## Run the speaker end to end: real keepalived in network namespaces (needs root); prints failover times.
 	hack/e2e-vrrp.sh
+
+e2e: ## Run the IPVS dataplane tests in a qemu VM with a stock kernel (experimental; not in make test yet).
+	hack/e2e.sh
 
 bench: ## Benchmark the allocator against a naive one; table in the output, raw in _output/bench.txt.
 	hack/bench.sh
