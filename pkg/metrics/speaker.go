@@ -42,6 +42,10 @@ type Speaker struct {
 	IPVSVirtualServers, IPVSRealServers *metrics.Gauge
 	// IPVSSyncErrors counts IPVS syncs that failed, wholly or in part.
 	IPVSSyncErrors *metrics.Counter
+	// NFTSyncErrors counts failed writes of keeplb's nftables table (its
+	// masquerading and loadBalancerSourceRanges), and failed deletions of
+	// it on exit.
+	NFTSyncErrors *metrics.Counter
 }
 
 // NewSpeaker creates and registers the speaker metrics.
@@ -110,6 +114,11 @@ func NewSpeaker() *Speaker {
 			Help:           "Number of IPVS syncs that failed, wholly or in part.",
 			StabilityLevel: metrics.ALPHA,
 		}),
+		NFTSyncErrors: metrics.NewCounter(&metrics.CounterOpts{
+			Namespace: namespace, Name: "nft_sync_errors_total",
+			Help:           "Number of failed writes (or, on exit, deletions) of keeplb's nftables table, inet keeplb.",
+			StabilityLevel: metrics.ALPHA,
+		}),
 	}
 	m.registry.MustRegister(m.VRRPState, m.Transitions, m.Reloads, m.Restarts, m.KeepalivedUp, m.RenderDuration, m.Problems)
 	return m
@@ -118,7 +127,7 @@ func NewSpeaker() *Speaker {
 // RegisterIPVS adds the IPVS metrics to those served. Call it once, when
 // the speaker runs the IPVS dataplane; until then they record nothing.
 func (m *Speaker) RegisterIPVS() {
-	m.registry.MustRegister(m.IPVSAvailable, m.IPVSSyncDuration, m.IPVSVirtualServers, m.IPVSRealServers, m.IPVSSyncErrors)
+	m.registry.MustRegister(m.IPVSAvailable, m.IPVSSyncDuration, m.IPVSVirtualServers, m.IPVSRealServers, m.IPVSSyncErrors, m.NFTSyncErrors)
 }
 
 // Handler serves these metrics with the process-wide ones.

@@ -4,16 +4,20 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/tools/record"
+	servicehelper "k8s.io/cloud-provider/service/helpers"
 	"k8s.io/klog/v2"
+	"sigs.k8s.io/knftables"
 
 	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/hostnet"
 	"github.com/keeplb/keeplb/pkg/ipvs"
 	"github.com/keeplb/keeplb/pkg/metrics"
+	"github.com/keeplb/keeplb/pkg/nft"
 )
 
 // EventForwardingProblem is recorded as a Warning on a Service when the
@@ -57,9 +61,11 @@ func openIPVS(netns string) (ipvs.Interface, error) {
 }
 
 // ipvsStep is the speaker's IPVS dataplane: after the VRRP step of every
-// sync it brings this node's IPVS table to dataplane.Desired, and on exit
-// it deletes keeplb's virtual servers. Only the runner calls it, one call
-// at a time, so it needs no lock.
+// sync it brings this node's IPVS table to dataplane.Desired, then writes
+// keeplb's nftables table (package nft: masquerading for what IPVS
+// forwards, loadBalancerSourceRanges); on exit it deletes keeplb's virtual
+// servers and the table. Only the runner calls it, one call at a time, so
+// it needs no lock.
 type ipvsStep struct {
 	node string
 	// h is nil when the kernel has no IPVS: every call is then a no-op and
@@ -80,6 +86,15 @@ type ipvsStep struct {
 	problems       map[dataplane.Problem]bool
 	loggedProblems string
 	ipv6Ready      bool // ipv6Sysctls hold
+
+	// nft is keeplb's nftables table; nil when nft is unusable here or
+	// with --netns (see openNFT), and the IPVS step then runs without
+	// masquerading or source ranges.
+	nft knftables.Interface
+	// nftApplied is the text of the last transaction nft ran successfully:
+	// a sync that renders the same text skips running nft. Cleared by
+	// exit and by a failed run.
+	nftApplied string
 }
 
 // newIPVSStep opens IPVS with open and checks the sysctls it needs. A
@@ -105,8 +120,35 @@ func newIPVSStep(ctx context.Context, o *Options, open func() (ipvs.Interface, e
 		d.sysctls = net
 	}
 	d.h = h
+	d.nft = openNFT(ctx, o)
 	m.IPVSAvailable.Set(1)
 	return d, nil
+}
+
+// openNFT opens keeplb's nftables table, or returns nil, having logged why
+// and how to fix it: IPVS forwarding goes on without masquerading and
+// without loadBalancerSourceRanges, as it goes on without IPVS.
+//
+// With --netns the node side is another network namespace than the
+// speaker's, and knftables execs nft in the speaker's own, with no way to
+// wrap the command (as ip netns exec would): rather than write the table
+// into the wrong namespace, the step runs without nftables there.
+func openNFT(ctx context.Context, o *Options) knftables.Interface {
+	logger := klog.FromContext(ctx)
+	if o.NetNS != "" {
+		logger.Info("IPVS forwarding with --netns runs without keeplb's nftables table: nothing is masqueraded and loadBalancerSourceRanges are not enforced", "netns", o.NetNS)
+		return nil
+	}
+	open := o.openNFT
+	if open == nil {
+		open = nft.New
+	}
+	n, err := open()
+	if err != nil {
+		logger.Error(err, "IPVS forwarding (--ipvs) runs without keeplb's nftables table: nothing is masqueraded (replies from other nodes' NodePorts and pods get lost) and loadBalancerSourceRanges are not enforced. Install nft v1.0.1 or later in the speaker's image, make sure the kernel has nftables (modprobe nf_tables) and the speaker has CAP_NET_ADMIN, and restart it")
+		return nil
+	}
+	return n
 }
 
 func closeIPVS(h ipvs.Interface) {
@@ -148,11 +190,89 @@ func (d *ipvsStep) sync(ctx context.Context, in Inputs) error {
 	}
 	d.metrics.IPVSVirtualServers.Set(float64(len(st.IPVS)))
 	d.metrics.IPVSRealServers.Set(float64(reals))
-	if err := errors.Join(errs...); err != nil {
+	if err = errors.Join(errs...); err != nil {
 		d.metrics.IPVSSyncErrors.Inc()
-		return fmt.Errorf("IPVS sync: %w", err)
+		err = fmt.Errorf("IPVS sync: %w", err)
 	}
-	return nil
+	// The table after IPVS, even when IPVS failed in part: it follows the
+	// desired state alone, and what IPVS did program needs it.
+	if nftErr := d.syncNFT(ctx, in, st); nftErr != nil {
+		d.metrics.NFTSyncErrors.Inc()
+		err = errors.Join(err, nftErr)
+	}
+	return err
+}
+
+// nftRules returns what keeplb's nftables table must express for st: the
+// masquerading st asks for, and the source ranges of every virtual server
+// keeplb forwards (st.Owners: kube-proxy-forwarded Services are
+// kube-proxy's business, and it enforces their ranges itself). Ranges are
+// read with the cloud-provider helper, so the legacy annotation counts
+// too; a Service whose ranges allow all (the default) is left open. A
+// Service whose ranges do not parse is closed, and the error returned: a
+// mistyped filter must not open what it meant to restrict.
+func nftRules(in Inputs, st dataplane.State) (nft.Rules, error) {
+	rules := nft.Rules{SNAT: st.SNAT, SourceRanges: map[ipvs.Key][]netip.Prefix{}}
+	var errs []error
+	for k, owner := range st.Owners {
+		svc := serviceByKey(in, owner)
+		if svc == nil {
+			continue
+		}
+		set, err := servicehelper.GetLoadBalancerSourceRanges(svc)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("service %s: %w; closing %s to every client", owner, err, k))
+			rules.SourceRanges[k] = []netip.Prefix{otherFamily(k.Address)}
+			continue
+		}
+		if servicehelper.IsAllowAll(set) {
+			continue
+		}
+		for _, s := range set.StringSlice() {
+			p, err := netip.ParsePrefix(s)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("service %s: source range %q: %w; closing %s to every client", owner, s, err, k))
+				rules.SourceRanges[k] = []netip.Prefix{otherFamily(k.Address)}
+				break
+			}
+			rules.SourceRanges[k] = append(rules.SourceRanges[k], p)
+		}
+	}
+	return rules, errors.Join(errs...)
+}
+
+// otherFamily returns a range of the other address family than vip's: as
+// the only source range of a virtual server it admits no client (nft
+// ignores ranges of the other family, and filters the VIP all the same).
+func otherFamily(vip netip.Addr) netip.Prefix {
+	if vip.Unmap().Is4() {
+		return netip.MustParsePrefix("::/128")
+	}
+	return netip.MustParsePrefix("0.0.0.0/32")
+}
+
+// syncNFT rewrites keeplb's nftables table for st, unless the transaction
+// is the one last run.
+func (d *ipvsStep) syncNFT(ctx context.Context, in Inputs, st dataplane.State) error {
+	if d.nft == nil {
+		return nil
+	}
+	rules, rulesErr := nftRules(in, st)
+	tx := d.nft.NewTransaction()
+	if err := nft.Transaction(tx, rules); err != nil {
+		return errors.Join(rulesErr, fmt.Errorf("nftables table %s %s: %w", nft.Family, nft.Table, err))
+	}
+	text := tx.String()
+	if text == d.nftApplied {
+		return rulesErr
+	}
+	d.nftApplied = ""
+	if err := d.nft.Run(ctx, tx); err != nil {
+		return errors.Join(rulesErr, fmt.Errorf("writing nftables table %s %s: %w", nft.Family, nft.Table, err))
+	}
+	d.nftApplied = text
+	klog.FromContext(ctx).V(2).Info("nftables table written", "snat", len(rules.SNAT), "sourceRanges", len(rules.SourceRanges))
+	return rulesErr
 }
 
 // exit deletes keeplb's virtual servers (those of its pools, and those it
@@ -163,16 +283,27 @@ func (d *ipvsStep) exit(ctx context.Context, in Inputs) error {
 	}
 	logger := klog.FromContext(ctx)
 	if d.keepOnExit {
-		logger.Info("Leaving IPVS virtual servers in place (--keep-ipvs-on-exit)", "programmed", len(d.programmed))
+		logger.Info("Leaving IPVS virtual servers and the nftables table in place (--keep-ipvs-on-exit)", "programmed", len(d.programmed))
 		return nil
 	}
 	st, _ := dataplane.Desired(dataplane.Inputs(in), d.node)
 	res, err := d.apply(ctx, ipvs.Table{}, st.Owns)
 	logger.Info("Removed IPVS virtual servers", "deleted", res.VirtualDeleted, "failed", res.Failed)
 	if err != nil {
-		return fmt.Errorf("remove IPVS virtual servers: %w", err)
+		err = fmt.Errorf("remove IPVS virtual servers: %w", err)
 	}
-	return nil
+	// The table after the virtual servers: no window where IPVS forwards
+	// a VIP's traffic unmasqueraded or unfiltered.
+	if d.nft != nil {
+		d.nftApplied = ""
+		if nftErr := nft.Cleanup(ctx, d.nft); nftErr != nil {
+			d.metrics.NFTSyncErrors.Inc()
+			err = errors.Join(err, nftErr)
+		} else {
+			logger.Info("Removed the nftables table", "table", nft.Family+" "+nft.Table)
+		}
+	}
+	return err
 }
 
 // apply brings the virtual servers that owns selects, and those programmed

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http/httptest"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -15,6 +16,7 @@ import (
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/tools/record"
+	"sigs.k8s.io/knftables"
 
 	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
@@ -23,6 +25,7 @@ import (
 	"github.com/keeplb/keeplb/pkg/ipvs"
 	ipvstesting "github.com/keeplb/keeplb/pkg/ipvs/testing"
 	"github.com/keeplb/keeplb/pkg/metrics"
+	"github.com/keeplb/keeplb/pkg/nft"
 )
 
 // ipvsCluster is two Ready nodes and one pool, 192.0.2.0/24 and
@@ -88,8 +91,17 @@ func kubeProxyEntry() ipvs.Entry {
 	}
 }
 
+// fakeNFT makes o open a fake nftables table, so no test writes the
+// host's.
+func fakeNFT(o *Options) *knftables.Fake {
+	fake := knftables.NewFake(nft.Family, nft.Table)
+	o.openNFT = func() (knftables.Interface, error) { return fake, nil }
+	return fake
+}
+
 type ipvsFixture struct {
 	fake     *ipvstesting.Fake
+	nft      *knftables.Fake
 	net      *hostnettesting.Fake
 	metrics  *metrics.Speaker
 	recorder *record.FakeRecorder
@@ -106,6 +118,7 @@ func newIPVSFixture(t *testing.T, mutate func(*Options)) *ipvsFixture {
 	}
 	o := NewOptions()
 	o.NodeName, o.IPVS = "n1", true
+	f.nft = fakeNFT(o)
 	if mutate != nil {
 		mutate(o)
 	}
@@ -351,6 +364,7 @@ func TestIPVSStepWithoutIPVS(t *testing.T) {
 	m := metrics.NewSpeaker()
 	o := NewOptions()
 	o.NodeName, o.IPVS = "n1", true
+	nftFake := fakeNFT(o)
 	step, err := newIPVSStep(t.Context(), o, func() (ipvs.Interface, error) {
 		return nil, fmt.Errorf("%w: family not found", ipvs.ErrNoIPVS)
 	}, net, m)
@@ -373,6 +387,9 @@ func TestIPVSStepWithoutIPVS(t *testing.T) {
 	if n := metric(t, m, "keeplb_ipvs_sync_duration_seconds_count"); n != 0 {
 		t.Errorf("sync duration observed %v times without IPVS", n)
 	}
+	if nftFake.Table != nil || nftFake.LastTransaction != nil {
+		t.Errorf("nftables table written without IPVS:\n%s", nftFake.Dump())
+	}
 
 	// Any other failure to open IPVS stops the speaker.
 	if _, err := newIPVSStep(t.Context(), o, func() (ipvs.Interface, error) { return nil, errors.New("socket: permission denied") }, net, metrics.NewSpeaker()); err == nil {
@@ -384,6 +401,7 @@ func TestIPVSStepSysctls(t *testing.T) {
 	open := func() (ipvs.Interface, error) { return ipvstesting.New(), nil }
 	o := NewOptions()
 	o.NodeName, o.IPVS = "n1", true
+	fakeNFT(o)
 	net := hostnettesting.New(nil, map[string]string{"net.ipv4.vs.conntrack": "0", "net.ipv4.ip_forward": "1"})
 	net.MakeReadOnly("net.ipv4.vs.conntrack")
 	_, err := newIPVSStep(t.Context(), o, open, net, metrics.NewSpeaker())
@@ -483,10 +501,12 @@ func TestIPVSOffByDefault(t *testing.T) {
 	}
 
 	m := metrics.NewSpeaker()
-	if body := scrape(t, m); strings.Contains(body, "keeplb_ipvs_") {
+	if body := scrape(t, m); strings.Contains(body, "keeplb_ipvs_") || strings.Contains(body, "keeplb_nft_") {
 		t.Errorf("IPVS metrics served without --ipvs:\n%s", body)
 	}
-	if _, err := newIPVSStep(t.Context(), &Options{NodeName: "n1", SkipSysctls: true}, func() (ipvs.Interface, error) { return ipvstesting.New(), nil }, hostnettesting.New(nil, nil), m); err != nil {
+	on := &Options{NodeName: "n1", SkipSysctls: true}
+	fakeNFT(on)
+	if _, err := newIPVSStep(t.Context(), on, func() (ipvs.Interface, error) { return ipvstesting.New(), nil }, hostnettesting.New(nil, nil), m); err != nil {
 		t.Fatal(err)
 	}
 	if body := scrape(t, m); !strings.Contains(body, "keeplb_ipvs_available 1") {
@@ -516,4 +536,168 @@ func TestIPVSStepMatchesDataplane(t *testing.T) {
 		t.Fatalf("fixture: desired has %d virtual servers, want 2", len(st.IPVS))
 	}
 	f.wantTable(t, "after a sync", st.IPVS)
+}
+
+// nftElements returns the elements of a set of the fake's table, each as
+// "a . b . c"; nil if the table or set does not exist.
+func nftElements(t *testing.T, fake *knftables.Fake, set string) []string {
+	t.Helper()
+	if fake.Table == nil || fake.Table.Sets[set] == nil {
+		return nil
+	}
+	var out []string
+	for _, e := range fake.Table.Sets[set].Elements {
+		out = append(out, strings.Join(e.Key, " . "))
+	}
+	slices.Sort(out)
+	return out
+}
+
+func wantElements(t *testing.T, fake *knftables.Fake, set string, want ...string) {
+	t.Helper()
+	if got := nftElements(t, fake, set); !slices.Equal(got, want) {
+		t.Errorf("set %s = %q, want %q", set, got, want)
+	}
+}
+
+// nftCluster is ipvsCluster with source ranges on web (the field), on api
+// (the legacy annotation), and on kp, which kube-proxy forwards.
+func nftCluster() Inputs {
+	in := ipvsCluster()
+	web := in.Services[0]
+	web.Spec.LoadBalancerSourceRanges = []string{"198.51.100.0/24", "203.0.113.7/32"}
+	api := annotate(fwdService("api", "192.0.2.3", 443, 30443), v1.AnnotationLoadBalancerSourceRangesKey, "10.1.0.0/16")
+	open := fwdService("open", "192.0.2.4", 8080, 30808) // no ranges: open to all
+	kp := annotate(fwdService("kp", "192.0.2.2", 80, 30081), annotations.Forwarding, string(v1alpha1.ForwardingKubeProxy))
+	kp.Spec.LoadBalancerSourceRanges = []string{"192.0.2.128/25"}
+	in.Services = append(in.Services, api, open, kp)
+	return in
+}
+
+func TestIPVSStepWritesNFTables(t *testing.T) {
+	f := newIPVSFixture(t, nil)
+	f.sync(t, nftCluster())
+	wantElements(t, f.nft, "filtered-v4",
+		"192.0.2.1 . tcp . 80",
+		"192.0.2.3 . tcp . 443",
+	)
+	wantElements(t, f.nft, "allowed-v4",
+		"192.0.2.1 . tcp . 80 . 198.51.100.0/24",
+		"192.0.2.1 . tcp . 80 . 203.0.113.7/32",
+		"192.0.2.3 . tcp . 443 . 10.1.0.0/16",
+	)
+	// Every NodePort real server is masqueraded; kp (192.0.2.2) is
+	// kube-proxy's and appears nowhere.
+	wantElements(t, f.nft, "snat-v4",
+		"192.0.2.1 . tcp . 80 . 10.0.0.1 . 30080",
+		"192.0.2.1 . tcp . 80 . 10.0.0.2 . 30080",
+		"192.0.2.3 . tcp . 443 . 10.0.0.1 . 30443",
+		"192.0.2.3 . tcp . 443 . 10.0.0.2 . 30443",
+		"192.0.2.4 . tcp . 8080 . 10.0.0.1 . 30808",
+		"192.0.2.4 . tcp . 8080 . 10.0.0.2 . 30808",
+	)
+	if dump := f.nft.Dump(); strings.Contains(dump, "192.0.2.2 ") {
+		t.Errorf("the kube-proxy-forwarded Service is in the table:\n%s", dump)
+	}
+	for _, set := range []string{"filtered-v6", "allowed-v6", "snat-v6"} {
+		wantElements(t, f.nft, set)
+	}
+	if got := metric(t, f.metrics, "keeplb_nft_sync_errors_total"); got != 0 {
+		t.Errorf("nft_sync_errors_total = %v, want 0", got)
+	}
+}
+
+func TestIPVSStepSkipsUnchangedNFTables(t *testing.T) {
+	f := newIPVSFixture(t, nil)
+	in := nftCluster()
+	f.sync(t, in)
+	// Something only a rewrite of the table would remove.
+	tx := f.nft.NewTransaction()
+	tx.Add(&knftables.Element{Family: nft.Family, Table: nft.Table, Set: "allowed-v4", Key: []string{"192.0.2.1", "tcp", "80", "192.0.2.99/32"}})
+	if err := f.nft.Run(t.Context(), tx); err != nil {
+		t.Fatal(err)
+	}
+	before := f.nft.Dump()
+	if !strings.Contains(before, "192.0.2.99/32") {
+		t.Fatalf("marker not in the table:\n%s", before)
+	}
+	f.sync(t, in)
+	if after := f.nft.Dump(); after != before {
+		t.Fatalf("an unchanged sync rewrote the table:\n%s\nwas\n%s", after, before)
+	}
+
+	// A change rewrites it.
+	in.Services[0] = in.Services[0].DeepCopy()
+	in.Services[0].Spec.LoadBalancerSourceRanges = []string{"198.51.100.0/25"}
+	f.sync(t, in)
+	wantElements(t, f.nft, "allowed-v4",
+		"192.0.2.1 . tcp . 80 . 198.51.100.0/25",
+		"192.0.2.3 . tcp . 443 . 10.1.0.0/16",
+	)
+}
+
+func TestIPVSStepClosesInvalidSourceRanges(t *testing.T) {
+	f := newIPVSFixture(t, nil)
+	in := ipvsCluster()
+	in.Services[0] = annotate(in.Services[0], v1.AnnotationLoadBalancerSourceRangesKey, "10.0.0.0/8,not-a-cidr")
+	err := f.step.sync(t.Context(), in)
+	if err == nil || !strings.Contains(err.Error(), "ns/web") {
+		t.Fatalf("sync error = %v, want one naming ns/web", err)
+	}
+	wantElements(t, f.nft, "filtered-v4", "192.0.2.1 . tcp . 80")
+	wantElements(t, f.nft, "allowed-v4")
+	if got := metric(t, f.metrics, "keeplb_nft_sync_errors_total"); got != 1 {
+		t.Errorf("nft_sync_errors_total = %v, want 1", got)
+	}
+	if got := metric(t, f.metrics, "keeplb_ipvs_sync_errors_total"); got != 0 {
+		t.Errorf("ipvs_sync_errors_total = %v, want 0: IPVS did its part", got)
+	}
+	f.wantTable(t, "with invalid source ranges", tableOf(webEntry()))
+}
+
+func TestIPVSStepNFTablesExit(t *testing.T) {
+	for _, keep := range []bool{false, true} {
+		t.Run(fmt.Sprintf("keep=%v", keep), func(t *testing.T) {
+			f := newIPVSFixture(t, func(o *Options) { o.KeepIPVSOnExit = keep })
+			in := nftCluster()
+			f.sync(t, in)
+			if f.nft.Table == nil {
+				t.Fatal("no table after sync")
+			}
+			if err := f.step.exit(t.Context(), in); err != nil {
+				t.Fatal(err)
+			}
+			if present := f.nft.Table != nil; present != keep {
+				t.Fatalf("table present after exit = %v, want %v:\n%s", present, keep, f.nft.Dump())
+			}
+		})
+	}
+}
+
+func TestIPVSStepWithoutNFTables(t *testing.T) {
+	t.Run("nft missing", func(t *testing.T) {
+		f := newIPVSFixture(t, func(o *Options) {
+			o.openNFT = func() (knftables.Interface, error) {
+				return nil, errors.New(`could not find nftables binary: exec: "nft": executable file not found in $PATH`)
+			}
+		})
+		if f.step.nft != nil {
+			t.Fatal("nft opened though opening failed")
+		}
+		f.sync(t, nftCluster())
+		f.wantTable(t, "without nft", tableOf(webEntry(),
+			ipvs.Entry{Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.3"), Protocol: ipvs.TCP, Port: 443, Scheduler: "rr"}, Reals: []ipvs.RealServer{rs("10.0.0.1", 30443), rs("10.0.0.2", 30443)}},
+			ipvs.Entry{Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.4"), Protocol: ipvs.TCP, Port: 8080, Scheduler: "rr"}, Reals: []ipvs.RealServer{rs("10.0.0.1", 30808), rs("10.0.0.2", 30808)}},
+		))
+		if err := f.step.exit(t.Context(), nftCluster()); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Run("netns", func(t *testing.T) {
+		f := newIPVSFixture(t, func(o *Options) { o.NetNS = "node1" })
+		f.sync(t, nftCluster())
+		if f.nft.Table != nil || f.nft.LastTransaction != nil {
+			t.Fatalf("with --netns the speaker's own namespace got a table:\n%s", f.nft.Dump())
+		}
+	})
 }

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
+	"sigs.k8s.io/knftables"
 )
 
 // Options are the flags of `keeplb speaker`.
@@ -45,9 +46,14 @@ type Options struct {
 	// IPVS programs this node's IPVS table for keeplb's VIPs, besides
 	// holding them with VRRP. Experimental, so off by default.
 	IPVS bool
-	// KeepIPVSOnExit leaves keeplb's IPVS virtual servers in place when the
-	// speaker exits, instead of deleting them.
+	// KeepIPVSOnExit leaves keeplb's IPVS virtual servers, and its
+	// nftables table, in place when the speaker exits, instead of deleting
+	// them.
 	KeepIPVSOnExit bool
+
+	// openNFT opens keeplb's nftables table for the IPVS step; nil means
+	// nft.New. Tests set a fake here.
+	openNFT func() (knftables.Interface, error)
 }
 
 // NewOptions returns Options with the defaults.
@@ -81,8 +87,8 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.NetNS, "netns", o.NetNS, "For tests and demos: manage addresses and run keepalived in this named network namespace (ip netns). Implies --skip-sysctls for the speaker's own namespace.")
 	fs.Float32Var(&o.KubeAPIQPS, "kube-api-qps", o.KubeAPIQPS, "Queries per second to the API server.")
 	fs.IntVar(&o.KubeAPIBurst, "kube-api-burst", o.KubeAPIBurst, "Burst of queries to the API server.")
-	fs.BoolVar(&o.IPVS, "ipvs", o.IPVS, "Experimental, until the VM end-to-end test lands: also forward VIP traffic with IPVS on this node (virtual servers to NodePorts or pods; SNAT is not set up yet). Off: the speaker only holds VIPs with VRRP. On a kernel without IPVS the speaker logs an error and goes on holding VIPs.")
-	fs.BoolVar(&o.KeepIPVSOnExit, "keep-ipvs-on-exit", o.KeepIPVSOnExit, "With --ipvs: leave keeplb's IPVS virtual servers in place when the speaker exits, for upgrades, so the next speaker finds them programmed and only reconciles them. By default they are deleted on exit, so that a removed keeplb leaves no forwarding behind.")
+	fs.BoolVar(&o.IPVS, "ipvs", o.IPVS, "Experimental, until the VM end-to-end test lands: also forward VIP traffic with IPVS on this node (virtual servers to NodePorts or pods, with keeplb's nftables table inet keeplb for masquerading and loadBalancerSourceRanges; needs nft v1.0.1+, and with --netns runs without that table). Off: the speaker only holds VIPs with VRRP. On a kernel without IPVS the speaker logs an error and goes on holding VIPs.")
+	fs.BoolVar(&o.KeepIPVSOnExit, "keep-ipvs-on-exit", o.KeepIPVSOnExit, "With --ipvs: leave keeplb's IPVS virtual servers and its nftables table in place when the speaker exits, for upgrades, so the next speaker finds them programmed and only reconciles them. By default both are deleted on exit, so that a removed keeplb leaves no forwarding behind.")
 }
 
 // withDefaults returns a copy of o, so that Run's adjustments never leak
