@@ -5,7 +5,9 @@ package cmd
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"syscall"
@@ -16,6 +18,7 @@ import (
 	logsapi "k8s.io/component-base/logs/api/v1"
 
 	"github.com/keeplb/keeplb/pkg/controller"
+	"github.com/keeplb/keeplb/pkg/migrate"
 	"github.com/keeplb/keeplb/pkg/speaker"
 	"github.com/keeplb/keeplb/pkg/version"
 )
@@ -61,7 +64,7 @@ every node and holds each address on exactly one of them with keepalived
 	// klog, where they would bypass the configuration above.
 	logs.AddFlags(fs, logs.SkipLoggingConfigurationFlags())
 
-	root.AddCommand(newControllerCommand(), newSpeakerCommand(), newVersionCommand())
+	root.AddCommand(newControllerCommand(), newSpeakerCommand(), newVersionCommand(), newMigrateCommand())
 	return root
 }
 
@@ -169,5 +172,74 @@ func newVersionCommand() *cobra.Command {
 		},
 	}
 	o.AddFlags(c.Flags())
+	return c
+}
+
+// newMigrateCommand returns `keeplb migrate`, the group of converters from
+// other VIP tools.
+func newMigrateCommand() *cobra.Command {
+	c := &cobra.Command{
+		Use:   "migrate",
+		Short: "Convert the configuration of another VIP tool to keeplb resources",
+		Args:  cobra.NoArgs,
+	}
+	c.AddCommand(newMigrateKeepalivedVIPCommand())
+	return c
+}
+
+// newMigrateKeepalivedVIPCommand returns `keeplb migrate keepalived-vip`.
+func newMigrateKeepalivedVIPCommand() *cobra.Command {
+	var file string
+	o := migrate.Options{PoolName: migrate.DefaultPoolName}
+	c := &cobra.Command{
+		Use:   "keepalived-vip --configmap FILE",
+		Short: "Convert keepalived-vip's ConfigMap to an IPPool and Service stubs",
+		Long: `Reads the ConfigMap of kubernetes/contrib keepalived-vip (data maps
+<VIP> to <namespace>/<service>[:NAT|DR|PROXY]) and prints, as YAML on stdout,
+an IPPool holding every VIP and, for each Service, a stub for server-side
+apply that makes it type LoadBalancer with keeplb.io/pool, keeplb.io/ips and
+keeplb.io/forwarding. Nothing is sent to the cluster.
+
+Differences to review are printed on stderr as "warning:" lines. An invalid
+entry is reported and skipped; the others are still converted, and the
+command then exits non-zero. See docs/migration.md.`,
+		Example: `  kubectl -n kube-system get configmap vip-configmap -o yaml > vip.yaml
+  keeplb migrate keepalived-vip --configmap vip.yaml --vrid 50-81 > keeplb.yaml
+  kubectl apply --server-side --field-manager=keeplb-migrate -f keeplb.yaml`,
+		Args: cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			if file == "" {
+				return errors.New("--configmap is required: a file, or - for stdin")
+			}
+			var in []byte
+			var err error
+			if file == "-" {
+				in, err = io.ReadAll(c.InOrStdin())
+			} else {
+				in, err = os.ReadFile(file)
+			}
+			if err != nil {
+				return err
+			}
+			r, err := migrate.KeepalivedVIP(in, o)
+			if err != nil {
+				return err
+			}
+			for _, w := range r.Warnings {
+				fmt.Fprintf(c.ErrOrStderr(), "warning: %s\n", w)
+			}
+			if _, err := c.OutOrStdout().Write(r.YAML); err != nil {
+				return err
+			}
+			if len(r.Errors) > 0 {
+				return fmt.Errorf("%d invalid entries were not converted:\n%w", len(r.Errors), errors.Join(r.Errors...))
+			}
+			return nil
+		},
+	}
+	fs := c.Flags()
+	fs.StringVar(&file, "configmap", "", "keepalived-vip's ConfigMap manifest (YAML or JSON), or - for stdin.")
+	fs.StringVar(&o.PoolName, "pool-name", o.PoolName, "Name of the generated IPPool.")
+	fs.StringVar(&o.VRID, "vrid", "", "spec.vrrp.virtualRouterIDs of the IPPool: a VRID or a range first-last (keepalived-vip used one VRID, 50 in its manifests).")
 	return c
 }

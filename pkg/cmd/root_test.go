@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -133,5 +135,48 @@ func TestVerbosityReachesKlog(t *testing.T) {
 	}
 	if want := "V(2)=true V(3)=false"; got != want {
 		t.Errorf("after -v=2: %s, want %s", got, want)
+	}
+}
+
+func TestMigrateKeepalivedVIP(t *testing.T) {
+	cm := filepath.Join(t.TempDir(), "vip.yaml")
+	data := "kind: ConfigMap\ndata:\n  10.0.0.10: default/web:dr\n  10.0.0.11: default/api\n  10.0.0.12: default/Bad\n"
+	if err := os.WriteFile(cm, []byte(data), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, errOut, err := execute(t, []string{"migrate", "keepalived-vip", "--configmap", cm, "--pool-name", "legacy", "--vrid", "50-81"})
+	if err == nil || !strings.Contains(err.Error(), `entry "10.0.0.12"`) {
+		t.Errorf("err = %v, want one naming the invalid entry", err)
+	}
+	for _, want := range []string{"kind: IPPool", "name: legacy", "virtualRouterIDs: 50-81", "keeplb.io/ips: 10.0.0.10", "keeplb.io/ips: 10.0.0.11", "type: LoadBalancer"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("stdout lacks %q:\n%s", want, out)
+		}
+	}
+	if !strings.HasPrefix(errOut, `warning: entry "10.0.0.10" (default/web, DR)`) {
+		t.Errorf("stderr = %q, want the DR warning", errOut)
+	}
+}
+
+func TestMigrateKeepalivedVIPStdin(t *testing.T) {
+	root := NewRootCommand()
+	var out, errOut bytes.Buffer
+	root.SetIn(strings.NewReader("kind: ConfigMap\ndata: {10.0.0.10: default/web}\n"))
+	root.SetOut(&out)
+	root.SetErr(&errOut)
+	root.SetArgs([]string{"migrate", "keepalived-vip", "--configmap", "-"})
+	err := root.Execute()
+	// As in execute: let the next run apply its own logging configuration.
+	if err := logsapi.ResetForTest(nil); err != nil {
+		t.Errorf("reset logging: %v", err)
+	}
+	if err != nil {
+		t.Fatalf("migrate from stdin: %v", err)
+	}
+	if !strings.Contains(out.String(), "keeplb.io/ips: 10.0.0.10") || errOut.Len() != 0 {
+		t.Errorf("stdout %q, stderr %q", out.String(), errOut.String())
+	}
+	if _, _, err := execute(t, []string{"migrate", "keepalived-vip"}); err == nil || !strings.Contains(err.Error(), "--configmap is required") {
+		t.Errorf("without --configmap: err = %v", err)
 	}
 }

@@ -1,0 +1,225 @@
+package migrate
+
+import (
+	"flag"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	"sigs.k8s.io/yaml"
+
+	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files in testdata")
+
+// render is what the command prints: stdout, then stderr.
+func render(r Result) string {
+	var b strings.Builder
+	b.WriteString("=== stdout\n")
+	b.Write(r.YAML)
+	b.WriteString("=== stderr\n")
+	for _, w := range r.Warnings {
+		b.WriteString("warning: " + w + "\n")
+	}
+	for _, err := range r.Errors {
+		b.WriteString("error: " + err.Error() + "\n")
+	}
+	return b.String()
+}
+
+func TestKeepalivedVIP(t *testing.T) {
+	tests := []struct {
+		name string
+		opts Options
+		// errs are substrings of the per-entry errors, in order.
+		errs []string
+		// warnings are substrings each of which some warning contains.
+		warnings []string
+		// services is the number of Service stubs.
+		services int
+	}{
+		{name: "nat", services: 2},
+		{name: "dr-proxy", services: 2, warnings: []string{`"10.0.0.20" (default/web, DR)`, `"10.0.0.21" (shop/cart, PROXY)`}},
+		{name: "lowercase-modes", services: 3, warnings: []string{`default/api, DR`, `default/db, PROXY`}},
+		{name: "ipv6", services: 2, warnings: []string{`"2001:db8::11" (default/v6only, DR)`}},
+		{name: "invalid-vip", services: 1, errs: []string{
+			`entry "10.0.0.256": the key is not an IP address`,
+			`entry "224.0.0.5": 224.0.0.5 is not a unicast address`,
+			`entry "not-an-ip": the key is not an IP address`,
+		}},
+		{name: "invalid-service", services: 1, errs: []string{
+			`entry "10.0.0.50": value "web" is not a service reference`,
+			`entry "10.0.0.51": "Default" is not a valid namespace`,
+			`entry "10.0.0.52": "Web" is not a valid Service name`,
+			`entry "10.0.0.53": forwarding mode "LVS" is unknown`,
+			`entry "10.0.0.54": value "/web" is not a service reference`,
+		}},
+		{name: "duplicate-family", services: 1, errs: []string{
+			`entry "10.0.0.61": Service default/web already gets IPv4 10.0.0.60 from entry "10.0.0.60"`,
+		}},
+		{name: "shared-same-namespace", services: 2, warnings: []string{
+			"Services dns/dns-tcp, dns/dns-udp share an address with keeplb.io/share-key: keepalived-vip-2001-0db8-0000-0000-0000-0000-0000-0070; their ports must not overlap",
+		}},
+		{name: "shared-other-namespace", services: 1, errs: []string{
+			`entry "2001:db8:0::80": 2001:db8::80 is used by Services team-a/web, team-b/web; keeplb shares an address only between Services of one namespace`,
+			`entry "2001:db8::80": 2001:db8::80 is used by Services team-a/web, team-b/web`,
+		}},
+		{name: "vrid", opts: Options{PoolName: "legacy", VRID: "50"}, services: 2, warnings: []string{"--vrid 50 is a single VRID", "50-81"}},
+		{name: "vrid-range", opts: Options{VRID: "50-81"}, services: 2},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			input := tt.name
+			if strings.HasPrefix(tt.name, "vrid") {
+				input = "nat"
+			}
+			in, err := os.ReadFile(filepath.Join("testdata", input+".yaml"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			r, err := KeepalivedVIP(in, tt.opts)
+			if err != nil {
+				t.Fatalf("KeepalivedVIP: %v", err)
+			}
+			if len(r.Errors) != len(tt.errs) {
+				t.Errorf("got %d errors, want %d:\n%s", len(r.Errors), len(tt.errs), render(r))
+			} else {
+				for i, want := range tt.errs {
+					if !strings.Contains(r.Errors[i].Error(), want) {
+						t.Errorf("error %d = %q, want it to contain %q", i, r.Errors[i], want)
+					}
+				}
+			}
+			for _, want := range tt.warnings {
+				found := false
+				for _, w := range r.Warnings {
+					found = found || strings.Contains(w, want)
+				}
+				if !found {
+					t.Errorf("no warning contains %q; warnings: %q", want, r.Warnings)
+				}
+			}
+			if len(tt.warnings) == 0 && len(r.Warnings) > 0 {
+				t.Errorf("unexpected warnings: %q", r.Warnings)
+			}
+			_, services := parseStream(t, r.YAML)
+			if len(services) != tt.services {
+				t.Errorf("got %d Services, want %d", len(services), tt.services)
+			}
+
+			// Deterministic: a second run renders the same.
+			r2, _ := KeepalivedVIP(in, tt.opts)
+			got := render(r)
+			if got != render(r2) {
+				t.Errorf("two runs differ:\n%s\n---\n%s", got, render(r2))
+			}
+			golden := filepath.Join("testdata", tt.name+".golden")
+			if *update {
+				if err := os.WriteFile(golden, []byte(got), 0o644); err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			want, err := os.ReadFile(golden)
+			if err != nil {
+				t.Fatalf("%v (run go test -update to create it)", err)
+			}
+			if got != string(want) {
+				t.Errorf("output differs from %s (run go test -update after checking):\ngot:\n%s\nwant:\n%s", golden, got, want)
+			}
+		})
+	}
+}
+
+// parseStream splits a YAML stream and decodes each document strictly into
+// the keeplb IPPool or the core Service type.
+func parseStream(t *testing.T, stream []byte) ([]v1alpha1.IPPool, []corev1.Service) {
+	t.Helper()
+	var pools []v1alpha1.IPPool
+	var services []corev1.Service
+	for i, doc := range strings.Split(string(stream), "\n---\n") {
+		var meta struct{ Kind string }
+		if err := yaml.Unmarshal([]byte(doc), &meta); err != nil {
+			t.Fatalf("document %d does not parse: %v\n%s", i, err, doc)
+		}
+		switch meta.Kind {
+		case "":
+			if i != 0 {
+				t.Errorf("document %d has no kind:\n%s", i, doc)
+			}
+		case v1alpha1.IPPoolKind:
+			var p v1alpha1.IPPool
+			if err := yaml.UnmarshalStrict([]byte(doc), &p); err != nil {
+				t.Fatalf("document %d is not an IPPool: %v", i, err)
+			}
+			if p.APIVersion != v1alpha1.SchemeGroupVersion.String() || p.Spec.AutoAssign == nil || *p.Spec.AutoAssign || p.Spec.Forwarding != "" {
+				t.Errorf("IPPool %+v: want apiVersion keeplb.io/v1alpha1, autoAssign false, no forwarding", p)
+			}
+			pools = append(pools, p)
+		case "Service":
+			var s corev1.Service
+			if err := yaml.UnmarshalStrict([]byte(doc), &s); err != nil {
+				t.Fatalf("document %d is not a Service: %v", i, err)
+			}
+			if s.APIVersion != "v1" || s.Spec.Type != corev1.ServiceTypeLoadBalancer || s.Annotations["keeplb.io/ips"] == "" || s.Annotations["keeplb.io/forwarding"] != "pod" {
+				t.Errorf("Service %s/%s: %+v", s.Namespace, s.Name, s)
+			}
+			services = append(services, s)
+		default:
+			t.Errorf("document %d has unexpected kind %s", i, meta.Kind)
+		}
+	}
+	if len(services) > 0 && len(pools) != 1 {
+		t.Errorf("got %d IPPools, want 1", len(pools))
+	}
+	return pools, services
+}
+
+func TestParsedPool(t *testing.T) {
+	in, err := os.ReadFile(filepath.Join("testdata", "ipv6.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := KeepalivedVIP(in, Options{VRID: "50-81"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pools, services := parseStream(t, r.YAML)
+	want := []string{"10.0.0.10/32", "2001:db8::10/128", "2001:db8::11/128"}
+	if got := pools[0].Spec.Addresses; strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Errorf("addresses = %v, want %v", got, want)
+	}
+	if pools[0].Name != DefaultPoolName || pools[0].Spec.VRRP == nil || pools[0].Spec.VRRP.VirtualRouterIDs != "50-81" {
+		t.Errorf("pool = %+v, want name %s and VRIDs 50-81", pools[0], DefaultPoolName)
+	}
+	for _, s := range services {
+		if s.Name == "web" && s.Annotations["keeplb.io/ips"] != "10.0.0.10,2001:db8::10" {
+			t.Errorf("web: keeplb.io/ips = %q", s.Annotations["keeplb.io/ips"])
+		}
+		if s.Annotations["keeplb.io/pool"] != DefaultPoolName {
+			t.Errorf("%s: keeplb.io/pool = %q", s.Name, s.Annotations["keeplb.io/pool"])
+		}
+	}
+}
+
+func TestWholeInputErrors(t *testing.T) {
+	for _, tt := range []struct {
+		name, in string
+		opts     Options
+		want     string
+	}{
+		{"not yaml", "data: [", Options{}, "reading the ConfigMap"},
+		{"wrong kind", "kind: Secret\ndata: {a: b}\n", Options{}, "is a Secret, not a ConfigMap"},
+		{"empty", "kind: ConfigMap\n", Options{}, "no data"},
+		{"bad vrid", "kind: ConfigMap\ndata: {10.0.0.1: a/b}\n", Options{VRID: "0-300"}, "--vrid"},
+		{"bad pool name", "kind: ConfigMap\ndata: {10.0.0.1: a/b}\n", Options{PoolName: "Not_A_Name"}, "--pool-name"},
+	} {
+		_, err := KeepalivedVIP([]byte(tt.in), tt.opts)
+		if err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%s: err = %v, want one containing %q", tt.name, err, tt.want)
+		}
+	}
+}
