@@ -16,6 +16,7 @@ import (
 
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/controller"
+	"github.com/keeplb/keeplb/pkg/status"
 )
 
 // Scenario 1: an address from the right pool with the right ipMode, the
@@ -252,6 +253,24 @@ func TestExhaustion(t *testing.T) {
 	})
 	if body, code := scrape(t, "http://"+metricsAddr+"/readyz"); code != 200 {
 		t.Fatalf("/readyz = %d %s on the seeded leader", code, body)
+	}
+	// keeplb status, against the real API server (its field selectors
+	// included): the pending Services show why.
+	rep, err := status.Collect(t.Context(), e.client, e.dyn, status.Options{LoadBalancerClass: "keeplb.io/vip", DefaultClass: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	problems := map[string]string{}
+	for _, s := range rep.Services {
+		problems[s.Name] = s.Problem
+	}
+	for _, p := range pending {
+		if !strings.Contains(problems[p], "PoolExhausted") {
+			t.Fatalf("keeplb status shows %q for pending %s, want its PoolExhausted warning", problems[p], p)
+		}
+	}
+	if len(rep.Pools) != 1 || rep.Pools[0].Name != "small" {
+		t.Fatalf("keeplb status pools = %+v", rep.Pools)
 	}
 	freedIP := ingress(e.get("ns", assigned[0]))[0]
 	start := time.Now()

@@ -14,12 +14,16 @@ import (
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/component-base/logs"
 	logsapi "k8s.io/component-base/logs/api/v1"
 
 	"github.com/keeplb/keeplb/pkg/controller"
 	"github.com/keeplb/keeplb/pkg/migrate"
 	"github.com/keeplb/keeplb/pkg/speaker"
+	"github.com/keeplb/keeplb/pkg/status"
 	"github.com/keeplb/keeplb/pkg/version"
 )
 
@@ -64,7 +68,7 @@ every node and holds each address on exactly one of them with keepalived
 	// klog, where they would bypass the configuration above.
 	logs.AddFlags(fs, logs.SkipLoggingConfigurationFlags())
 
-	root.AddCommand(newControllerCommand(), newSpeakerCommand(), newVersionCommand(), newMigrateCommand())
+	root.AddCommand(newControllerCommand(), newSpeakerCommand(), newVersionCommand(), newMigrateCommand(), newStatusCommand())
 	return root
 }
 
@@ -241,5 +245,58 @@ command then exits non-zero. See docs/migration.md.`,
 	fs.StringVar(&file, "configmap", "", "keepalived-vip's ConfigMap manifest (YAML or JSON), or - for stdin.")
 	fs.StringVar(&o.PoolName, "pool-name", o.PoolName, "Name of the generated IPPool.")
 	fs.StringVar(&o.VRID, "vrid", "", "spec.vrrp.virtualRouterIDs of the IPPool: a VRID or a range first-last (keepalived-vip used one VRID, 50 in its manifests).")
+	return c
+}
+
+// newStatusCommand returns `keeplb status`.
+func newStatusCommand() *cobra.Command {
+	var kubeconfig string
+	out := &versionOptions{Output: "text"}
+	o := status.Options{LoadBalancerClass: "keeplb.io/vip", DefaultClass: true}
+	c := &cobra.Command{
+		Use:   "status",
+		Short: "Show the IPPools and keeplb's Services with their VIPs",
+		Long: `Reads the cluster and prints two tables: the IPPools with their address
+counts and Ready and Conflicting conditions, and keeplb's LoadBalancer
+Services with their VIPs (and ipMode), the pool each address belongs to, the
+node holding it (annotation keeplb.io/holder), the forwarding mode and, for
+pending Services, the most recent Warning event.
+
+Set --load-balancer-class and --default-class as on the controller, so that
+the same Services count as keeplb's. Nothing is written to the cluster.`,
+		Args: cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			if err := out.Validate(); err != nil {
+				return err
+			}
+			rules := clientcmd.NewDefaultClientConfigLoadingRules()
+			rules.ExplicitPath = kubeconfig
+			cfg, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{}).ClientConfig()
+			if err != nil {
+				return fmt.Errorf("load kubeconfig: %w", err)
+			}
+			kube, err := kubernetes.NewForConfig(cfg)
+			if err != nil {
+				return err
+			}
+			dyn, err := dynamic.NewForConfig(cfg)
+			if err != nil {
+				return err
+			}
+			r, err := status.Collect(c.Context(), kube, dyn, o)
+			if err != nil {
+				return err
+			}
+			if out.Output == "json" {
+				return status.WriteJSON(c.OutOrStdout(), r)
+			}
+			return status.WriteText(c.OutOrStdout(), r)
+		},
+	}
+	fs := c.Flags()
+	fs.StringVar(&kubeconfig, "kubeconfig", "", "Path to a kubeconfig file. Empty uses $KUBECONFIG, ~/.kube/config, then the in-cluster service account.")
+	out.AddFlags(fs)
+	fs.StringVar(&o.LoadBalancerClass, "load-balancer-class", o.LoadBalancerClass, "spec.loadBalancerClass handled by keeplb, as set on the controller.")
+	fs.BoolVar(&o.DefaultClass, "default-class", o.DefaultClass, "Count LoadBalancer Services that set no spec.loadBalancerClass as keeplb's, as on the controller.")
 	return c
 }

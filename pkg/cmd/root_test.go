@@ -180,3 +180,15 @@ func TestMigrateKeepalivedVIPStdin(t *testing.T) {
 		t.Errorf("without --configmap: err = %v", err)
 	}
 }
+
+func TestStatusBadOutputBeforeConnecting(t *testing.T) {
+	// A kubeconfig that does not exist: the output format is checked first.
+	_, _, err := execute(t, []string{"status", "-o", "yaml", "--kubeconfig", filepath.Join(t.TempDir(), "missing")})
+	if err == nil || !strings.Contains(err.Error(), "must be text or json") {
+		t.Errorf("status -o yaml: err = %v, want one naming the formats", err)
+	}
+	_, _, err = execute(t, []string{"status", "--kubeconfig", filepath.Join(t.TempDir(), "missing")})
+	if err == nil || !strings.Contains(err.Error(), "kubeconfig") {
+		t.Errorf("status with a missing kubeconfig: err = %v, want one about the kubeconfig", err)
+	}
+}

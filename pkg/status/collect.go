@@ -1,0 +1,230 @@
+package status
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"slices"
+	"sort"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/keeplb/keeplb/pkg/annotations"
+	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
+	"github.com/keeplb/keeplb/pkg/pools"
+	"github.com/keeplb/keeplb/pkg/provider"
+)
+
+// Options select keeplb's Services, as the controller's flags of the same
+// names do.
+type Options struct {
+	// LoadBalancerClass is the spec.loadBalancerClass keeplb answers to.
+	LoadBalancerClass string
+	// DefaultClass counts Services that set no class as keeplb's.
+	DefaultClass bool
+}
+
+// Collect reads the IPPools, the Services and the Warning events about
+// Services (one LIST each) and builds the report.
+func Collect(ctx context.Context, kube kubernetes.Interface, dyn dynamic.Interface, o Options) (Report, error) {
+	ul, err := dyn.Resource(v1alpha1.IPPoolResource).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return Report{}, fmt.Errorf("list IPPools: %w", err)
+	}
+	ippools := make([]*v1alpha1.IPPool, 0, len(ul.Items))
+	for i := range ul.Items {
+		p, err := v1alpha1.FromUnstructured(&ul.Items[i])
+		if err != nil {
+			return Report{}, err
+		}
+		ippools = append(ippools, p)
+	}
+	svcs, err := kube.CoreV1().Services(metav1.NamespaceAll).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return Report{}, fmt.Errorf("list Services: %w", err)
+	}
+	// One LIST for every Service rather than one per pending Service.
+	evs, err := kube.CoreV1().Events(metav1.NamespaceAll).List(ctx, metav1.ListOptions{
+		FieldSelector: fields.Set{"involvedObject.kind": "Service", "type": v1.EventTypeWarning}.String(),
+	})
+	if err != nil {
+		return Report{}, fmt.Errorf("list events: %w", err)
+	}
+	return Build(ippools, svcs.Items, evs.Items, o), nil
+}
+
+// Build makes the report from API objects. Services that are not keeplb's
+// are left out.
+func Build(ippools []*v1alpha1.IPPool, svcs []v1.Service, events []v1.Event, o Options) Report {
+	r := Report{Pools: []Pool{}, Services: []Service{}}
+	byName := make(map[string]*v1alpha1.IPPool, len(ippools))
+	for _, p := range ippools {
+		byName[p.Name] = p
+		r.Pools = append(r.Pools, poolRow(p))
+	}
+	sort.Slice(r.Pools, func(i, j int) bool { return r.Pools[i].Name < r.Pools[j].Name })
+	parsed := pools.Parse(ippools)
+	warnings := lastWarnings(events)
+
+	for i := range svcs {
+		svc := &svcs[i]
+		if !ours(svc, o) {
+			continue
+		}
+		row := Service{Namespace: svc.Namespace, Name: svc.Name, VIPs: []VIP{}, Pools: []string{}, Holder: svc.Annotations[annotations.Holder]}
+		var pool *v1alpha1.IPPool
+		for _, ing := range svc.Status.LoadBalancer.Ingress {
+			v := VIP{IP: ing.IP}
+			if v.IP == "" {
+				v.IP = ing.Hostname
+			}
+			if ing.IPMode != nil {
+				v.IPMode = string(*ing.IPMode)
+			}
+			row.VIPs = append(row.VIPs, v)
+			a, err := netip.ParseAddr(ing.IP)
+			if err != nil {
+				continue
+			}
+			name := findPool(parsed, a.Unmap())
+			if name == "" || slices.Contains(row.Pools, name) {
+				continue
+			}
+			row.Pools = append(row.Pools, name)
+			if pool == nil {
+				pool = byName[name]
+			}
+		}
+		if pool == nil {
+			// Pending: the pool the Service asks for, if it exists, gives
+			// the default forwarding it will get.
+			pool = byName[svc.Annotations[annotations.Pool]]
+		}
+		row.Forwarding = string(provider.ForwardingFor(svc, pool))
+		if row.Pending() {
+			row.Problem = warnings.last(svc)
+		}
+		r.Services = append(r.Services, row)
+	}
+	sort.Slice(r.Services, func(i, j int) bool {
+		a, b := r.Services[i], r.Services[j]
+		if a.Namespace != b.Namespace {
+			return a.Namespace < b.Namespace
+		}
+		return a.Name < b.Name
+	})
+	return r
+}
+
+func poolRow(p *v1alpha1.IPPool) Pool {
+	st := p.Status
+	return Pool{
+		Name:        p.Name,
+		Addresses:   append([]string{}, p.Spec.Addresses...),
+		Total:       st.Total,
+		Used:        st.Used,
+		Free:        st.Free,
+		OutOfRange:  st.OutOfRange,
+		Ready:       condition(st.Conditions, v1alpha1.ConditionReady),
+		Conflicting: condition(st.Conditions, v1alpha1.ConditionConflicting),
+	}
+}
+
+func condition(cs []metav1.Condition, t string) Condition {
+	c := meta.FindStatusCondition(cs, t)
+	if c == nil {
+		return Condition{}
+	}
+	return Condition{Status: string(c.Status), Reason: c.Reason, Message: c.Message}
+}
+
+// ours reports whether keeplb handles svc's load balancer; the rule of the
+// controller and the speaker.
+func ours(svc *v1.Service, o Options) bool {
+	if svc.Spec.Type != v1.ServiceTypeLoadBalancer {
+		return false
+	}
+	if c := svc.Spec.LoadBalancerClass; c != nil {
+		return *c == o.LoadBalancerClass
+	}
+	return o.DefaultClass
+}
+
+// findPool returns the pool containing a, the older pool first where two
+// overlap (parsed is in that order), as the allocator decides.
+func findPool(parsed []pools.Parsed, a netip.Addr) string {
+	for _, p := range parsed {
+		for _, r := range p.Pool.Ranges {
+			if r.Contains(a) {
+				return p.Pool.Name
+			}
+		}
+	}
+	return ""
+}
+
+// warningIndex holds the most recent Warning event of each Service, by
+// namespace, name and UID: an event about an earlier Service of the same
+// name must not be reported on its successor.
+type warningIndex map[string]*v1.Event
+
+func warningKey(ns, name string, uid types.UID) string {
+	return ns + "/" + name + "/" + string(uid)
+}
+
+// lastWarnings indexes events. The filter repeats the field selector, which
+// not every client (fakes among them) applies.
+func lastWarnings(events []v1.Event) warningIndex {
+	out := warningIndex{}
+	for i := range events {
+		ev := &events[i]
+		if ev.Type != v1.EventTypeWarning || ev.InvolvedObject.Kind != "Service" {
+			continue
+		}
+		ns := ev.InvolvedObject.Namespace
+		if ns == "" {
+			ns = ev.Namespace
+		}
+		key := warningKey(ns, ev.InvolvedObject.Name, ev.InvolvedObject.UID)
+		if prev, ok := out[key]; !ok || eventTime(ev).After(eventTime(prev)) {
+			out[key] = ev
+		}
+	}
+	return out
+}
+
+// last returns the message of svc's most recent Warning event, counting
+// events that name no UID as svc's.
+func (ix warningIndex) last(svc *v1.Service) string {
+	var best *v1.Event
+	for _, uid := range []types.UID{svc.UID, ""} {
+		if ev := ix[warningKey(svc.Namespace, svc.Name, uid)]; ev != nil && (best == nil || eventTime(ev).After(eventTime(best))) {
+			best = ev
+		}
+	}
+	if best == nil {
+		return ""
+	}
+	return best.Message
+}
+
+// eventTime is when the event last happened, whichever API wrote it.
+func eventTime(ev *v1.Event) time.Time {
+	t := ev.LastTimestamp.Time
+	if s := ev.Series; s != nil && s.LastObservedTime.After(t) {
+		t = s.LastObservedTime.Time
+	}
+	for _, c := range []time.Time{ev.EventTime.Time, ev.FirstTimestamp.Time, ev.CreationTimestamp.Time} {
+		if t.IsZero() {
+			t = c
+		}
+	}
+	return t
+}
