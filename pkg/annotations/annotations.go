@@ -145,3 +145,18 @@ func parseIPs(v string) ([]netip.Addr, error) {
 func invalid(field, format string, args ...any) error {
 	return &allocator.Error{Reason: allocator.ReasonInvalid, Field: field, Msg: fmt.Sprintf(format, args...)}
 }
+
+// Handles reports whether keeplb is responsible for svc's load balancer:
+// svc is of type LoadBalancer and either sets class as its
+// spec.loadBalancerClass, or sets none while defaultClass holds. The
+// controller, the speaker, the dataplane and `keeplb status` all decide by
+// this one rule.
+func Handles(svc *v1.Service, class string, defaultClass bool) bool {
+	if svc.Spec.Type != v1.ServiceTypeLoadBalancer {
+		return false
+	}
+	if c := svc.Spec.LoadBalancerClass; c != nil {
+		return *c == class
+	}
+	return defaultClass
+}

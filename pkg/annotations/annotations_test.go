@@ -70,3 +70,26 @@ func addrs(ss ...string) []netip.Addr {
 	}
 	return out
 }
+
+func TestHandles(t *testing.T) {
+	ours, other := "keeplb.io/vip", "example.com/lb"
+	lb := func(class *string) *v1.Service {
+		return &v1.Service{Spec: v1.ServiceSpec{Type: v1.ServiceTypeLoadBalancer, LoadBalancerClass: class}}
+	}
+	for _, tc := range []struct {
+		name         string
+		svc          *v1.Service
+		defaultClass bool
+		want         bool
+	}{
+		{"our class", lb(&ours), false, true},
+		{"no class, default on", lb(nil), true, true},
+		{"no class, default off", lb(nil), false, false},
+		{"other class", lb(&other), true, false},
+		{"not a LoadBalancer", &v1.Service{Spec: v1.ServiceSpec{Type: v1.ServiceTypeClusterIP}}, true, false},
+	} {
+		if got := Handles(tc.svc, ours, tc.defaultClass); got != tc.want {
+			t.Errorf("%s: Handles = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}

@@ -38,6 +38,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/keeplb/keeplb/pkg/allocator"
+	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/classcontroller"
 	"github.com/keeplb/keeplb/pkg/metrics"
@@ -347,13 +348,7 @@ func (c *Controller) seed(ctx context.Context, prov *provider.Provider) (int, er
 
 // ours reports whether keeplb is responsible for svc's load balancer.
 func (c *Controller) ours(svc *v1.Service) bool {
-	if svc.Spec.Type != v1.ServiceTypeLoadBalancer {
-		return false
-	}
-	if cls := svc.Spec.LoadBalancerClass; cls != nil {
-		return *cls == c.opts.LoadBalancerClass
-	}
-	return c.opts.DefaultClass
+	return annotations.Handles(svc, c.opts.LoadBalancerClass, c.opts.DefaultClass)
 }
 
 func (c *Controller) capacityChanged() {

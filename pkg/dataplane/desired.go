@@ -160,14 +160,8 @@ func Desired(in Inputs, node string) (State, []Problem) {
 		admits[p.Pool.Name] = c.poolAdmitsSelf(p.Pool.Name)
 	}
 	poolOf := func(a netip.Addr) (string, bool) {
-		for _, p := range parsed {
-			for _, r := range p.Pool.Ranges {
-				if r.Contains(a) {
-					return p.Pool.Name, true
-				}
-			}
-		}
-		return "", false
+		name := pools.Find(parsed, a)
+		return name, name != ""
 	}
 
 	svcs := slices.Clone(in.Services)
@@ -205,13 +199,7 @@ func Desired(in Inputs, node string) (State, []Problem) {
 }
 
 func (c *computer) ours(svc *v1.Service) bool {
-	if svc.Spec.Type != v1.ServiceTypeLoadBalancer {
-		return false
-	}
-	if cl := svc.Spec.LoadBalancerClass; cl != nil {
-		return *cl == c.in.Class
-	}
-	return c.in.DefaultClass
+	return annotations.Handles(svc, c.in.Class, c.in.DefaultClass)
 }
 
 func (c *computer) pool(name string) *v1alpha1.IPPool {

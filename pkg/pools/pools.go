@@ -6,6 +6,7 @@ package pools
 import (
 	"fmt"
 	"math/big"
+	"net/netip"
 	"sort"
 	"strings"
 
@@ -146,4 +147,18 @@ func Status(ip *v1alpha1.IPPool, parsed Parsed, stats allocator.PoolStats, now m
 	}
 	meta.SetStatusCondition(&st.Conditions, conflict)
 	return st
+}
+
+// Find returns the name of the pool containing a, or "". parsed must be in
+// Parse's order, so that where two pools overlap the older one wins, as
+// the allocator decides.
+func Find(parsed []Parsed, a netip.Addr) string {
+	for _, p := range parsed {
+		for _, r := range p.Pool.Ranges {
+			if r.Contains(a) {
+				return p.Pool.Name
+			}
+		}
+	}
+	return ""
 }

@@ -2,6 +2,7 @@ package pools
 
 import (
 	"math/big"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -105,5 +106,16 @@ func TestStatus(t *testing.T) {
 	st4 := Status(shadowed, Parse([]*v1alpha1.IPPool{shadowed})[0], stats(0, 0, 0, "0", "older"), now)
 	if r := meta.FindStatusCondition(st4.Conditions, v1alpha1.ConditionReady); r.Status != metav1.ConditionFalse || r.Reason != ReasonOverlaps {
 		t.Fatalf("fully shadowed pool Ready = %+v", r)
+	}
+}
+
+func TestFindPrefersTheOlderPool(t *testing.T) {
+	newer := ippool("newer", 5, "192.0.2.0/28")
+	older := ippool("older", 1, "192.0.2.8/29")
+	parsed := Parse([]*v1alpha1.IPPool{newer, older})
+	for addr, want := range map[string]string{"192.0.2.9": "older", "192.0.2.1": "newer", "198.51.100.1": ""} {
+		if got := Find(parsed, netip.MustParseAddr(addr)); got != want {
+			t.Errorf("Find(%s) = %q, want %q", addr, got, want)
+		}
 	}
 }

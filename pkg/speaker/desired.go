@@ -12,6 +12,7 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/keeplb/keeplb/pkg/allocator"
+	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/hostnet"
 	"github.com/keeplb/keeplb/pkg/keepalived"
@@ -31,32 +32,6 @@ type Inputs struct {
 	DefaultClass bool
 }
 
-// poolIndex finds the pool of an address, the older pool first where two
-// overlap, as the allocator decides.
-type poolIndex []pools.Parsed
-
-func (ix poolIndex) find(a netip.Addr) string {
-	for _, p := range ix {
-		for _, r := range p.Pool.Ranges {
-			if r.Contains(a) {
-				return p.Pool.Name
-			}
-		}
-	}
-	return ""
-}
-
-// ours reports whether keeplb handles svc's load balancer.
-func (in *Inputs) ours(svc *v1.Service) bool {
-	if svc.Spec.Type != v1.ServiceTypeLoadBalancer {
-		return false
-	}
-	if c := svc.Spec.LoadBalancerClass; c != nil {
-		return *c == in.Class
-	}
-	return in.DefaultClass
-}
-
 // defaultSlice is how many VRIDs a pool that keeps the default range gets.
 const defaultSlice = 32
 
@@ -70,7 +45,6 @@ const defaultSlice = 32
 // spec.vrrp.virtualRouterIDs to pin a pool's VRIDs.
 func PlanInput(in Inputs) (vrrp.Input, map[netip.Addr][]string) {
 	parsed := pools.Parse(in.Pools)
-	ix := poolIndex(parsed)
 	var out vrrp.Input
 	explicit := make([]bool, 256)
 	shared := map[string]bool{}
@@ -136,7 +110,7 @@ func PlanInput(in Inputs) (vrrp.Input, map[netip.Addr][]string) {
 	local := localNodes(in.Slices)
 	owners := map[netip.Addr][]string{}
 	for _, svc := range in.Services {
-		if !in.ours(svc) {
+		if !annotations.Handles(svc, in.Class, in.DefaultClass) {
 			continue
 		}
 		key := svc.Namespace + "/" + svc.Name
@@ -146,7 +120,7 @@ func PlanInput(in Inputs) (vrrp.Input, map[netip.Addr][]string) {
 				continue
 			}
 			a = a.Unmap()
-			pool := ix.find(a)
+			pool := pools.Find(parsed, a)
 			if pool == "" {
 				continue
 			}
@@ -289,6 +263,3 @@ func KeepalivedConfig(plan vrrp.Plan, node string, nodes []vrrp.Node, links []ho
 	}
 	return cfg, errs
 }
-
-// parsedPools parses the pools of in, in allocation order.
-func parsedPools(in Inputs) []pools.Parsed { return pools.Parse(in.Pools) }

@@ -59,10 +59,6 @@ func annotate(s *v1.Service, k, v string) *v1.Service {
 	return s
 }
 
-func vsKey(ip string, port uint16) ipvs.Key {
-	return ipvs.Key{Address: netip.MustParseAddr(ip), Protocol: ipvs.TCP, Port: port}
-}
-
 func rs(ip string, port uint16) ipvs.RealServer {
 	return ipvs.RealServer{Address: netip.MustParseAddr(ip), Port: port, Weight: 1}
 }

@@ -43,6 +43,7 @@ import (
 	"github.com/keeplb/keeplb/pkg/ipvs"
 	"github.com/keeplb/keeplb/pkg/keepalived"
 	"github.com/keeplb/keeplb/pkg/metrics"
+	"github.com/keeplb/keeplb/pkg/pools"
 	"github.com/keeplb/keeplb/pkg/runner"
 	"github.com/keeplb/keeplb/pkg/vrrp"
 )
@@ -388,7 +389,7 @@ func (s *Speaker) markHolder(ctx context.Context, key string, vip netip.Addr) {
 // our pools and is not one of the node's own addresses.
 func (s *Speaker) removeVIPs(ctx context.Context) error {
 	in := s.collect()
-	idx := poolIndex(parsedPools(in))
+	parsed := pools.Parse(in.Pools)
 	keep := map[netip.Addr]bool{}
 	for _, n := range in.Nodes {
 		if n.Name != s.opts.NodeName {
@@ -403,7 +404,7 @@ func (s *Speaker) removeVIPs(ctx context.Context) error {
 		return err
 	}
 	var errs []error
-	for link, ps := range hostnet.StaleVIPs(links, func(a netip.Addr) bool { return idx.find(a) != "" }, keep) {
+	for link, ps := range hostnet.StaleVIPs(links, func(a netip.Addr) bool { return pools.Find(parsed, a) != "" }, keep) {
 		if link == kubeIPVSLink {
 			continue // kube-proxy's (IPVS mode) copies of kube-proxy-forwarded VIPs
 		}
@@ -444,6 +445,3 @@ func (s *Speaker) serve(ctx context.Context) {
 		klog.FromContext(ctx).Error(err, "Metrics server failed")
 	}
 }
-
-// HolderOf is a helper for tools: the node recorded as holding svc's VIP.
-func HolderOf(svc *v1.Service) string { return svc.Annotations[annotations.Holder] }

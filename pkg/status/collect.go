@@ -75,7 +75,7 @@ func Build(ippools []*v1alpha1.IPPool, svcs []v1.Service, events []v1.Event, o O
 
 	for i := range svcs {
 		svc := &svcs[i]
-		if !ours(svc, o) {
+		if !annotations.Handles(svc, o.LoadBalancerClass, o.DefaultClass) {
 			continue
 		}
 		row := Service{Namespace: svc.Namespace, Name: svc.Name, VIPs: []VIP{}, Pools: []string{}, Holder: svc.Annotations[annotations.Holder]}
@@ -93,7 +93,7 @@ func Build(ippools []*v1alpha1.IPPool, svcs []v1.Service, events []v1.Event, o O
 			if err != nil {
 				continue
 			}
-			name := findPool(parsed, a.Unmap())
+			name := pools.Find(parsed, a.Unmap())
 			if name == "" || slices.Contains(row.Pools, name) {
 				continue
 			}
@@ -147,28 +147,6 @@ func condition(cs []metav1.Condition, t string) Condition {
 
 // ours reports whether keeplb handles svc's load balancer; the rule of the
 // controller and the speaker.
-func ours(svc *v1.Service, o Options) bool {
-	if svc.Spec.Type != v1.ServiceTypeLoadBalancer {
-		return false
-	}
-	if c := svc.Spec.LoadBalancerClass; c != nil {
-		return *c == o.LoadBalancerClass
-	}
-	return o.DefaultClass
-}
-
-// findPool returns the pool containing a, the older pool first where two
-// overlap (parsed is in that order), as the allocator decides.
-func findPool(parsed []pools.Parsed, a netip.Addr) string {
-	for _, p := range parsed {
-		for _, r := range p.Pool.Ranges {
-			if r.Contains(a) {
-				return p.Pool.Name
-			}
-		}
-	}
-	return ""
-}
 
 // warningIndex holds the most recent Warning event of each Service, by
 // namespace, name and UID: an event about an earlier Service of the same
