@@ -36,8 +36,9 @@ set -euo pipefail
 # Modules loaded at boot, in this order (each after its dependencies).
 # crc32c_generic comes first: libcrc32c asks the crypto API for "crc32c" and
 # would otherwise need a request_module round trip.
-modules="crc32c_generic virtio_pci 9p 9pnet_virtio
-  ip_vs ip_vs_rr ip_vs_wrr ip_vs_sh nf_conntrack nf_nat
+modules="crc32c_generic virtio_pci 9p 9pnet_virtio virtio_net
+  ip_vs ip_vs_rr ip_vs_wrr ip_vs_sh ip_vs_lc ip_vs_wlc ip_vs_mh
+  nf_conntrack nf_conntrack_netlink nf_nat
   nf_tables nft_nat nft_masq nft_chain_nat nft_ct
   veth bridge dummy ${KEEPLB_VM_EXTRA_MODULES:-}"
 # Host programs copied into the initrd, to the same folder, replacing busybox's
@@ -252,6 +253,12 @@ while read -r m params; do
   insmod "/lib/modules/$kver/$m" $params || echo "vm: insmod $m failed"
 done </etc/vm/modules
 ip link set lo up
+# With KEEPLB_VM_NET=user, run.sh gives the VM a NIC on qemu's user-mode
+# network: the host's loopback is 10.0.2.2 from here.
+if [ -e /sys/class/net/eth0 ]; then
+  ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up && ip route add default via 10.0.2.2 ||
+    echo "vm: cannot configure eth0"
+fi
 
 fail() { echo "vm: $*"; poweroff -f; }
 opts=trans=virtio,version=9p2000.L,msize=262144

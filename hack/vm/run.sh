@@ -28,6 +28,10 @@
 #                       /dev/kvm is usable and the CPU shows vmx/svm)
 #   KEEPLB_VM_DIR       a build directory to use instead of running build.sh
 #   KEEPLB_VM_APPEND    extra kernel command line
+#   KEEPLB_VM_NET       "user" gives the VM a NIC (eth0, 10.0.2.15/24) on
+#                       qemu's user-mode network, where 10.0.2.2 is the
+#                       host's loopback: the VM reaches an API server that
+#                       listens on the host's 127.0.0.1. Default: no NIC.
 set -uo pipefail
 
 usage() {
@@ -84,6 +88,11 @@ for s in "${shares[@]}"; do
   echo "share$i $s" >>"$ctl/mounts"
   i=$((i + 1))
 done
+case ${KEEPLB_VM_NET:-} in
+  "") ;;
+  user) args+=(-netdev "user,id=net0" -device "virtio-net-pci,netdev=net0") ;;
+  *) echo "run.sh: KEEPLB_VM_NET=$KEEPLB_VM_NET: only \"user\" is known" >&2; exit 125 ;;
+esac
 args+=(-fsdev "local,id=fsctl,path=${ctl//,/,,},security_model=none"
   -device "virtio-9p-pci,fsdev=fsctl,mount_tag=ctl")
 

@@ -52,7 +52,7 @@ var _ Interface = (*Netlink)(nil)
 
 // New returns an Interface for the current network namespace.
 func New() (*Netlink, error) {
-	h, err := netlink.NewHandle()
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, fmt.Errorf("open netlink: %w", err)
 	}
@@ -68,7 +68,9 @@ func NewAt(nsPath string) (*Netlink, error) {
 		return nil, fmt.Errorf("open network namespace %s: %w", nsPath, err)
 	}
 	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
+	// Only rtnetlink: without a family list netlink opens xfrm and
+	// netfilter sockets too, which fail on kernels without those modules.
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, fmt.Errorf("open netlink in %s: %w", nsPath, err)
 	}

@@ -60,6 +60,34 @@ var ErrNoQEMU = errors.New("qemu-system-x86_64 not found: install it (apt-get in
 // only itself), -test.v and -test.count=1, followed by args. See Run.
 func RunSelf(tb testing.TB, args ...string) {
 	tb.Helper()
+	RunSelfWith(tb, Options{}, args...)
+}
+
+// Options tune a VM run; the zero value is run.sh's defaults.
+type Options struct {
+	// Net gives the VM a NIC on qemu's user-mode network: the host's
+	// loopback is 10.0.2.2 from inside (KEEPLB_VM_NET=user of run.sh).
+	Net bool
+	// Memory is the VM's memory, e.g. "1G" (default 512M).
+	Memory string
+	// Shares are more host folders to share at the same paths.
+	Shares []string
+}
+
+func (o Options) env() []string {
+	var env []string
+	if o.Net {
+		env = append(env, "KEEPLB_VM_NET=user")
+	}
+	if o.Memory != "" {
+		env = append(env, "KEEPLB_VM_MEM="+o.Memory)
+	}
+	return env
+}
+
+// RunSelfWith is RunSelf with options.
+func RunSelfWith(tb testing.TB, opts Options, args ...string) {
+	tb.Helper()
 	if InVM() {
 		tb.Fatal("vm.RunSelf called inside the VM: guard it with vm.InVM()")
 	}
@@ -71,7 +99,7 @@ func RunSelf(tb testing.TB, args ...string) {
 	for i, p := range parts {
 		parts[i] = "^" + regexp.QuoteMeta(p) + "$"
 	}
-	Run(tb, exe, append([]string{"-test.run=" + strings.Join(parts, "/"), "-test.v", "-test.count=1"}, args...)...)
+	RunWith(tb, opts, exe, append([]string{"-test.run=" + strings.Join(parts, "/"), "-test.v", "-test.count=1"}, args...)...)
 }
 
 // Run boots the VM and runs testBinary with args inside it as root, in the
@@ -82,6 +110,12 @@ func RunSelf(tb testing.TB, args ...string) {
 // shortly before the test deadline.
 func Run(tb testing.TB, testBinary string, args ...string) {
 	tb.Helper()
+	RunWith(tb, Options{}, testBinary, args...)
+}
+
+// RunWith is Run with options.
+func RunWith(tb testing.TB, opts Options, testBinary string, args ...string) {
+	tb.Helper()
 	bin, err := filepath.Abs(testBinary)
 	if err != nil {
 		tb.Fatalf("vm: %v", err)
@@ -90,7 +124,7 @@ func Run(tb testing.TB, testBinary string, args ...string) {
 	if err != nil {
 		tb.Fatalf("vm: %v", err)
 	}
-	shares := []string{cwd, filepath.Dir(bin)}
+	shares := append([]string{cwd, filepath.Dir(bin)}, opts.Shares...)
 	if root, err := repoRoot(); err == nil {
 		shares = append([]string{root}, shares...)
 	}
@@ -105,7 +139,7 @@ func Run(tb testing.TB, testBinary string, args ...string) {
 	}
 	start := time.Now()
 	w := &logWriter{tb: tb}
-	rc, err := Exec(ctx, w, shares, append([]string{bin}, args...)...)
+	rc, err := ExecWith(ctx, w, opts.env(), shares, append([]string{bin}, args...)...)
 	w.flush()
 	switch {
 	case errors.Is(err, ErrNoQEMU):
@@ -127,6 +161,12 @@ func Run(tb testing.TB, testBinary string, args ...string) {
 // VM first if needed. The VM's timeout is ctx's deadline, if it has one
 // (else run.sh's default); cancelling ctx kills the VM.
 func Exec(ctx context.Context, out io.Writer, shares []string, argv ...string) (int, error) {
+	return ExecWith(ctx, out, nil, shares, argv...)
+}
+
+// ExecWith is Exec with more environment for hack/vm/run.sh (its
+// KEEPLB_VM_* variables).
+func ExecWith(ctx context.Context, out io.Writer, env []string, shares []string, argv ...string) (int, error) {
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
 		return 0, ErrNoQEMU
 	}
@@ -140,9 +180,10 @@ func Exec(ctx context.Context, out io.Writer, shares []string, argv ...string) (
 	cmd.Stdout = out
 	cmd.Stderr = out
 	setProcessGroup(cmd) // so that cancelling kills qemu too, not only the script
+	cmd.Env = append(os.Environ(), env...)
 	if dl, ok := ctx.Deadline(); ok {
 		secs := max(int(time.Until(dl).Seconds()), 1)
-		cmd.Env = append(os.Environ(), "KEEPLB_VM_TIMEOUT="+strconv.Itoa(secs))
+		cmd.Env = append(cmd.Env, "KEEPLB_VM_TIMEOUT="+strconv.Itoa(secs))
 	}
 	cmd.WaitDelay = 10 * time.Second
 	err = cmd.Run()

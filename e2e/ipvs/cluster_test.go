@@ -1,0 +1,261 @@
+package ipvs_e2e
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/utils/ptr"
+
+	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
+	"github.com/keeplb/keeplb/pkg/lab"
+	"github.com/keeplb/keeplb/pkg/speaker"
+)
+
+// cluster is the node side (a lab with one speaker per node) and the API
+// objects that describe it.
+type cluster struct {
+	t        *testing.T
+	lab      *lab.Lab
+	cfg      *rest.Config
+	client   kubernetes.Interface
+	dyn      dynamic.Interface
+	mu       *sync.Mutex
+	speakers map[string]func()
+}
+
+// at returns c for subtest t: failures end t, not its parent.
+func (c *cluster) at(t *testing.T) *cluster {
+	cc := *c
+	cc.t = t
+	return &cc
+}
+
+const ns = "e2e"
+
+func newCluster(t *testing.T, cfg *rest.Config) *cluster {
+	l, err := lab.New("klab", 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(l.Close)
+	c := &cluster{t: t, lab: l, cfg: cfg, client: kubernetes.NewForConfigOrDie(cfg), dyn: dynamic.NewForConfigOrDie(cfg), mu: &sync.Mutex{}, speakers: map[string]func(){}}
+	if _, err := c.client.CoreV1().Namespaces().Create(t.Context(), &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range l.Nodes {
+		node := &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: n.Name}}
+		node, err := c.client.CoreV1().Nodes().Create(t.Context(), node, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		node.Status.Conditions = []v1.NodeCondition{{Type: v1.NodeReady, Status: v1.ConditionTrue, LastHeartbeatTime: metav1.Now()}}
+		node.Status.Addresses = []v1.NodeAddress{{Type: v1.NodeInternalIP, Address: n.IP.String()}}
+		if _, err := c.client.CoreV1().Nodes().UpdateStatus(t.Context(), node, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return c
+}
+
+// startSpeaker runs node's speaker, with IPVS, as its ServiceAccount.
+func (c *cluster) startSpeaker(node string) {
+	o := speaker.NewOptions()
+	o.NodeName, o.NetNS, o.MetricsBindAddress, o.IPVS = node, node, "0", true
+	o.RunDir = filepath.Join(os.TempDir(), "keeplb-e2e-"+node)
+	o.MinSyncInterval = 50 * time.Millisecond
+	_ = os.RemoveAll(o.RunDir)
+	if err := os.MkdirAll(o.RunDir, 0o755); err != nil {
+		c.t.Fatal(err)
+	}
+	cfg := rest.CopyConfig(c.cfg)
+	cfg.Impersonate = rest.ImpersonationConfig{UserName: "system:serviceaccount:keeplb-system:keeplb-speaker", Groups: []string{"system:serviceaccounts", "system:authenticated"}}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := speaker.RunWithConfig(ctx, o, cfg); err != nil && ctx.Err() == nil {
+			c.t.Errorf("speaker %s: %v", node, err)
+		}
+	}()
+	c.mu.Lock()
+	c.speakers[node] = func() { cancel(); <-done }
+	c.mu.Unlock()
+	c.t.Cleanup(func() { c.stopSpeaker(node) })
+}
+
+// stopSpeaker stops node's speaker gracefully and waits for it.
+func (c *cluster) stopSpeaker(node string) {
+	c.mu.Lock()
+	stop := c.speakers[node]
+	delete(c.speakers, node)
+	c.mu.Unlock()
+	if stop != nil {
+		stop()
+	}
+}
+
+func (c *cluster) pool(name, spec string) {
+	u := &unstructured.Unstructured{}
+	if err := yamlInto(spec, &u.Object); err != nil {
+		c.t.Fatal(err)
+	}
+	u.Object = map[string]any{"spec": u.Object}
+	u.SetAPIVersion(v1alpha1.SchemeGroupVersion.String())
+	u.SetKind(v1alpha1.IPPoolKind)
+	u.SetName(name)
+	if _, err := c.dyn.Resource(v1alpha1.IPPoolResource).Create(c.t.Context(), u, metav1.CreateOptions{}); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+// service creates a LoadBalancer Service with one port, 80 → 8080, and
+// returns its VIP once the controller assigned it.
+func (c *cluster) service(name string, proto v1.Protocol, mods ...func(*v1.Service)) netip.Addr {
+	c.t.Helper()
+	s := &v1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, Annotations: map[string]string{}},
+		Spec: v1.ServiceSpec{Type: v1.ServiceTypeLoadBalancer, Selector: map[string]string{"app": name},
+			Ports: []v1.ServicePort{{Name: "p", Port: 80, TargetPort: intstr.FromString("serve"), Protocol: proto}}},
+	}
+	for _, m := range mods {
+		m(s)
+	}
+	if _, err := c.client.CoreV1().Services(ns).Create(c.t.Context(), s, metav1.CreateOptions{}); err != nil {
+		c.t.Fatal(err)
+	}
+	var vip netip.Addr
+	c.eventually(30*time.Second, "an address for "+name, func() bool {
+		s, err := c.client.CoreV1().Services(ns).Get(c.t.Context(), name, metav1.GetOptions{})
+		if err == nil && len(s.Status.LoadBalancer.Ingress) > 0 {
+			vip, _ = netip.ParseAddr(s.Status.LoadBalancer.Ingress[0].IP)
+		}
+		return vip.IsValid()
+	})
+	return vip
+}
+
+// endpoint is one endpoint of a slice: a pod and its conditions.
+type endpoint struct {
+	pod                         *lab.Pod
+	ready, serving, terminating bool
+}
+
+func ready(p *lab.Pod) endpoint { return endpoint{pod: p, ready: true, serving: true} }
+
+// slice writes the Service's EndpointSlice, as the EndpointSlice
+// controller would: port "serve" is 8080 of proto.
+func (c *cluster) slice(svc string, proto v1.Protocol, eps ...endpoint) {
+	c.t.Helper()
+	es := &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Namespace: ns, Name: svc + "-1", Labels: map[string]string{discoveryv1.LabelServiceName: svc}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Ports:       []discoveryv1.EndpointPort{{Name: ptr.To("p"), Port: ptr.To[int32](8080), Protocol: ptr.To(proto)}},
+	}
+	for _, e := range eps {
+		es.Endpoints = append(es.Endpoints, discoveryv1.Endpoint{
+			Addresses: []string{e.pod.IP.String()},
+			NodeName:  ptr.To(e.pod.Node),
+			Conditions: discoveryv1.EndpointConditions{
+				Ready: ptr.To(e.ready), Serving: ptr.To(e.serving), Terminating: ptr.To(e.terminating),
+			},
+		})
+	}
+	api := c.client.DiscoveryV1().EndpointSlices(ns)
+	old, err := api.Get(c.t.Context(), es.Name, metav1.GetOptions{})
+	if err == nil {
+		es.ResourceVersion = old.ResourceVersion
+		_, err = api.Update(c.t.Context(), es, metav1.UpdateOptions{})
+	} else {
+		_, err = api.Create(c.t.Context(), es, metav1.CreateOptions{})
+	}
+	if err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+// holders returns the nodes that have vip on eth0.
+func (c *cluster) holders(vip netip.Addr) []string {
+	var out []string
+	for _, n := range c.lab.Nodes {
+		o, err := exec.Command("ip", "-n", n.Name, "-br", "-4", "addr", "show", "dev", "eth0").CombinedOutput()
+		if err == nil && strings.Contains(string(o), " "+vip.String()+"/32") {
+			out = append(out, n.Name)
+		}
+	}
+	return out
+}
+
+// holder waits until exactly one node holds vip and returns it.
+func (c *cluster) holder(vip netip.Addr) string {
+	c.t.Helper()
+	var h []string
+	c.eventually(30*time.Second, "exactly one holder of "+vip.String(), func() bool {
+		h = c.holders(vip)
+		return len(h) == 1
+	})
+	return h[0]
+}
+
+// ipvsadm runs ipvsadm in node's namespace.
+func (c *cluster) ipvsadm(node string, args ...string) string {
+	c.t.Helper()
+	out, err := exec.Command("ip", append([]string{"netns", "exec", node, "ipvsadm"}, args...)...).CombinedOutput()
+	if err != nil {
+		c.t.Fatalf("ipvsadm %s in %s: %v: %s", strings.Join(args, " "), node, err, out)
+	}
+	return string(out)
+}
+
+func (c *cluster) eventually(timeout time.Duration, what string, cond func() bool) {
+	c.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			c.t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// answers sends n HTTP requests to addr from the client namespace, one
+// after the other, and returns who answered, failing the test on an error.
+func (c *cluster) answers(client string, addr netip.AddrPort, n int) []lab.Answer {
+	c.t.Helper()
+	var out []lab.Answer
+	for range n {
+		a, err := lab.Get(c.t.Context(), client, addr, "/", 3*time.Second)
+		if err != nil {
+			c.t.Fatalf("GET %s from %s: %v", addr, client, err)
+		}
+		out = append(out, a)
+	}
+	return out
+}
+
+func names(as []lab.Answer) []string {
+	var out []string
+	for _, a := range as {
+		out = append(out, a.Name)
+	}
+	return out
+}
+
+func fmtGap(d time.Duration) string {
+	return fmt.Sprintf("%.0f ms", float64(d)/float64(time.Millisecond))
+}
