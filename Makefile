@@ -12,7 +12,7 @@ LDFLAGS  = -s -w \
 	-X github.com/keeplb/keeplb/pkg/version.date=$(DATE)
 
 .DEFAULT_GOAL := help
-.PHONY: help build test test-unit test-integration e2e-vrrp e2e bench verify tools demo clean
+.PHONY: help build test test-unit test-integration e2e-vrrp e2e bench verify tools demo demo-down clean
 
 help: ## List the targets.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -44,8 +44,11 @@ verify: ## Check formatting, go vet, and that go.mod files are tidy.
 tools: ## Build (once; cached) kube-apiserver, kubectl and etcd, and print their directory.
 	hack/tools.sh
 
-demo: ## Not available yet: arrives with the IPVS dataplane.
-	@echo "make demo is not available yet: it arrives with the IPVS dataplane work. Nothing was run." >&2; exit 1
+demo: ## Run all of keeplb locally (control plane, controller, 3 nodes with speakers) and leave it up.
+	hack/demo.sh
+
+demo-down: ## Stop what make demo started.
+	@if [ -x _output/bin/keeplb-demo ]; then _output/bin/keeplb-demo down; else echo "No demo is running."; fi
 
 clean: ## Remove build and benchmark output.
 	rm -rf bin/ _output/

@@ -81,27 +81,13 @@ func TestDataplane(t *testing.T) {
 	}
 	dir := t.TempDir()
 	path := filepath.Join(dir, "kubeconfig")
-	if err := writeVMKubeconfig(cp.KubeconfigPath(), path); err != nil {
+	// The API server's certificate names "kubernetes", not 10.0.2.2.
+	if err := vm.WriteKubeconfig(cp.KubeconfigPath(), path, "kubernetes"); err != nil {
 		t.Fatal(err)
 	}
 	start := time.Now()
 	vm.RunSelfWith(t, vm.Options{Net: true, Memory: "1536M", Shares: []string{dir}}, "-lab.kubeconfig="+path)
 	t.Logf("VM run (boot, scenarios, shutdown): %s", time.Since(start).Round(100*time.Millisecond))
-}
-
-// writeVMKubeconfig rewrites the harness's kubeconfig for the VM: the API
-// server listens on the host's 127.0.0.1, which is 10.0.2.2 there, and its
-// certificate names "kubernetes".
-func writeVMKubeconfig(from, to string) error {
-	cfg, err := clientcmd.LoadFromFile(from)
-	if err != nil {
-		return err
-	}
-	for _, c := range cfg.Clusters {
-		c.Server = strings.Replace(c.Server, "127.0.0.1", "10.0.2.2", 1)
-		c.TLSServerName = "kubernetes"
-	}
-	return clientcmd.WriteToFile(*cfg, to)
 }
 
 func startController(t *testing.T, cp *controlplane.ControlPlane) {

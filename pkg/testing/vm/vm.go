@@ -37,6 +37,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"k8s.io/client-go/tools/clientcmd"
 )
 
 // EnvInVM is set to "1" by the VM's init for every command it runs.
@@ -277,4 +279,24 @@ func (w *logWriter) flush() {
 
 func (w *logWriter) line(s string) {
 	w.tb.Log("vm| " + strings.TrimRight(s, "\r"))
+}
+
+// HostLoopback is the host's 127.0.0.1 as the VM sees it on qemu's
+// user-mode network (Options.Net).
+const HostLoopback = "10.0.2.2"
+
+// WriteKubeconfig rewrites the kubeconfig at from, of an API server
+// listening on the host's 127.0.0.1, for use inside the VM, to to: the
+// server becomes HostLoopback, and TLS checks the name serverName (one of
+// the names in the server's certificate) instead of the address.
+func WriteKubeconfig(from, to, serverName string) error {
+	cfg, err := clientcmd.LoadFromFile(from)
+	if err != nil {
+		return err
+	}
+	for _, c := range cfg.Clusters {
+		c.Server = strings.Replace(c.Server, "127.0.0.1", HostLoopback, 1)
+		c.TLSServerName = serverName
+	}
+	return clientcmd.WriteToFile(*cfg, to)
 }
