@@ -47,13 +47,7 @@ func ipv6Sysctls() []hostnet.Requirement {
 // openIPVS opens IPVS in the speaker's node-side network namespace: the
 // one named by --netns, else the current one.
 func openIPVS(netns string) (ipvs.Interface, error) {
-	var h *ipvs.Netlink
-	var err error
-	if netns != "" {
-		h, err = ipvs.NewAt("/run/netns/" + netns)
-	} else {
-		h, err = ipvs.New()
-	}
+	h, err := ipvs.NewAt(netnsPath(netns))
 	if err != nil {
 		return nil, err // not a typed nil in an interface
 	}
@@ -87,9 +81,9 @@ type ipvsStep struct {
 	loggedProblems string
 	ipv6Ready      bool // ipv6Sysctls hold
 
-	// nft is keeplb's nftables table; nil when nft is unusable here or
-	// with --netns (see openNFT), and the IPVS step then runs without
-	// masquerading or source ranges.
+	// nft is keeplb's nftables table, in the node-side namespace; nil when
+	// nft is unusable there (see openNFT), and the IPVS step then runs
+	// without masquerading or source ranges.
 	nft knftables.Interface
 	// nftApplied is the text of the last transaction nft ran successfully:
 	// a sync that renders the same text skips running nft. Cleared by
@@ -125,30 +119,31 @@ func newIPVSStep(ctx context.Context, o *Options, open func() (ipvs.Interface, e
 	return d, nil
 }
 
-// openNFT opens keeplb's nftables table, or returns nil, having logged why
-// and how to fix it: IPVS forwarding goes on without masquerading and
-// without loadBalancerSourceRanges, as it goes on without IPVS.
-//
-// With --netns the node side is another network namespace than the
-// speaker's, and knftables execs nft in the speaker's own, with no way to
-// wrap the command (as ip netns exec would): rather than write the table
-// into the wrong namespace, the step runs without nftables there.
+// openNFT opens keeplb's nftables table in the speaker's node-side network
+// namespace (the one named by --netns, else the current one), or returns
+// nil, having logged why and how to fix it: IPVS forwarding goes on
+// without masquerading and without loadBalancerSourceRanges, as it goes on
+// without IPVS.
 func openNFT(ctx context.Context, o *Options) knftables.Interface {
-	logger := klog.FromContext(ctx)
-	if o.NetNS != "" {
-		logger.Info("IPVS forwarding with --netns runs without keeplb's nftables table: nothing is masqueraded and loadBalancerSourceRanges are not enforced", "netns", o.NetNS)
-		return nil
-	}
 	open := o.openNFT
 	if open == nil {
-		open = nft.New
+		open = nft.NewAt
 	}
-	n, err := open()
+	n, err := open(netnsPath(o.NetNS))
 	if err != nil {
-		logger.Error(err, "IPVS forwarding (--ipvs) runs without keeplb's nftables table: nothing is masqueraded (replies from other nodes' NodePorts and pods get lost) and loadBalancerSourceRanges are not enforced. Install nft v1.0.1 or later in the speaker's image, make sure the kernel has nftables (modprobe nf_tables) and the speaker has CAP_NET_ADMIN, and restart it")
+		klog.FromContext(ctx).Error(err, "IPVS forwarding (--ipvs) runs without keeplb's nftables table: nothing is masqueraded (replies from other nodes' NodePorts and pods get lost) and loadBalancerSourceRanges are not enforced. Install nft v1.0.1 or later in the speaker's image, make sure the kernel has nftables (modprobe nf_tables) and the speaker has CAP_NET_ADMIN, and restart it")
 		return nil
 	}
 	return n
+}
+
+// netnsPath returns the path of the network namespace --netns names, or ""
+// for the speaker's own.
+func netnsPath(netns string) string {
+	if netns == "" {
+		return ""
+	}
+	return "/run/netns/" + netns
 }
 
 func closeIPVS(h ipvs.Interface) {

@@ -91,7 +91,7 @@ func kubeProxyEntry() ipvs.Entry {
 // host's.
 func fakeNFT(o *Options) *knftables.Fake {
 	fake := knftables.NewFake(nft.Family, nft.Table)
-	o.openNFT = func() (knftables.Interface, error) { return fake, nil }
+	o.openNFT = func(string) (knftables.Interface, error) { return fake, nil }
 	return fake
 }
 
@@ -673,7 +673,7 @@ func TestIPVSStepNFTablesExit(t *testing.T) {
 func TestIPVSStepWithoutNFTables(t *testing.T) {
 	t.Run("nft missing", func(t *testing.T) {
 		f := newIPVSFixture(t, func(o *Options) {
-			o.openNFT = func() (knftables.Interface, error) {
+			o.openNFT = func(string) (knftables.Interface, error) {
 				return nil, errors.New(`could not find nftables binary: exec: "nft": executable file not found in $PATH`)
 			}
 		})
@@ -689,11 +689,28 @@ func TestIPVSStepWithoutNFTables(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
-	t.Run("netns", func(t *testing.T) {
-		f := newIPVSFixture(t, func(o *Options) { o.NetNS = "node1" })
-		f.sync(t, nftCluster())
-		if f.nft.Table != nil || f.nft.LastTransaction != nil {
-			t.Fatalf("with --netns the speaker's own namespace got a table:\n%s", f.nft.Dump())
+}
+
+// TestIPVSStepNFTablesInNetns checks that with --netns the table is opened
+// in the named namespace (nft.NewAt runs nft there) and written.
+func TestIPVSStepNFTablesInNetns(t *testing.T) {
+	var opened []string
+	f := newIPVSFixture(t, func(o *Options) {
+		o.NetNS = "node1"
+		inner := o.openNFT
+		o.openNFT = func(nsPath string) (knftables.Interface, error) {
+			opened = append(opened, nsPath)
+			return inner(nsPath)
 		}
 	})
+	if !slices.Equal(opened, []string{"/run/netns/node1"}) {
+		t.Fatalf("nftables opened in %q, want only /run/netns/node1", opened)
+	}
+	f.sync(t, nftCluster())
+	if f.nft.Table == nil {
+		t.Fatal("with --netns no nftables table was written")
+	}
+	if len(nftElements(t, f.nft, "snat-v4")) == 0 {
+		t.Error("with --netns the table masquerades nothing")
+	}
 }
