@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
+	"slices"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
@@ -24,6 +26,11 @@ import (
 // IPVS dataplane cannot forward it as asked and does the closest safe thing
 // instead (see dataplane.Problem).
 const EventForwardingProblem = "ForwardingProblem"
+
+// EventIPVSUnavailable is recorded as a Warning on each Service a node
+// would forward with IPVS when that node's kernel has no IPVS: the node
+// may hold the Service's VIP, but nothing forwards its traffic.
+const EventIPVSUnavailable = "IPVSUnavailable"
 
 // ipvsSysctls returns the sysctls IPVS forwarding needs on every node.
 // They exist only once the ip_vs module is loaded.
@@ -65,6 +72,11 @@ type ipvsStep struct {
 	// h is nil when the kernel has no IPVS: every call is then a no-op and
 	// the speaker only holds VIPs.
 	h ipvs.Interface
+	// noIPVS is true when h is nil because the kernel has no IPVS;
+	// unavailableWarned holds the Services ("namespace/name") already
+	// told so by an IPVSUnavailable event, so each gets one per process.
+	noIPVS            bool
+	unavailableWarned map[string]bool
 	// sysctls is nil with --skip-sysctls.
 	sysctls    hostnet.Interface
 	keepOnExit bool
@@ -101,6 +113,7 @@ func newIPVSStep(ctx context.Context, o *Options, open func() (ipvs.Interface, e
 	if errors.Is(err, ipvs.ErrNoIPVS) {
 		klog.FromContext(ctx).Error(err, "IPVS forwarding (--ipvs) is off on this node: the kernel has no IPVS. Load the ip_vs module (modprobe ip_vs) and restart the speaker; meanwhile it only holds VIPs with VRRP")
 		m.IPVSAvailable.Set(0)
+		d.noIPVS, d.unavailableWarned = true, map[string]bool{}
 		return d, nil
 	}
 	if err != nil {
@@ -162,6 +175,9 @@ func (d *ipvsStep) close() {
 // sync brings this node's IPVS table to what in asks for.
 func (d *ipvsStep) sync(ctx context.Context, in Inputs) error {
 	if d.h == nil {
+		if d.noIPVS {
+			d.warnUnavailable(in)
+		}
 		return nil
 	}
 	start := time.Now()
@@ -397,6 +413,30 @@ func (d *ipvsStep) report(ctx context.Context, in Inputs, problems []dataplane.P
 	}
 	d.loggedProblems = logged
 	d.problems = seen
+}
+
+// warnUnavailable records an IPVSUnavailable Warning on each Service this
+// node would forward (those st.Owners names: Services of pools whose VIPs
+// it may hold, not forwarded by kube-proxy) that has not had one from this
+// process yet. Once per Service, not per sync: the condition lasts until
+// the speaker restarts, and repeating it would only add noise.
+func (d *ipvsStep) warnUnavailable(in Inputs) {
+	if d.recorder == nil {
+		return
+	}
+	st, _ := dataplane.Desired(dataplane.Inputs(in), d.node)
+	for _, owner := range slices.Sorted(maps.Values(st.Owners)) {
+		if d.unavailableWarned[owner] {
+			continue
+		}
+		svc := serviceByKey(in, owner)
+		if svc == nil {
+			continue
+		}
+		d.unavailableWarned[owner] = true
+		d.recorder.Eventf(svc, v1.EventTypeWarning, EventIPVSUnavailable,
+			"Node %s may hold this Service's VIP but cannot forward its traffic: the node's kernel has no IPVS. Load it (modprobe ip_vs) on %s and restart the keeplb speaker there", d.node, d.node)
+	}
 }
 
 // serviceByKey returns the Service "namespace/name" of in, or nil.

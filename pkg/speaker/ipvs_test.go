@@ -714,3 +714,46 @@ func TestIPVSStepNFTablesInNetns(t *testing.T) {
 		t.Error("with --netns the table masquerades nothing")
 	}
 }
+
+// TestIPVSStepWarnsWithoutIPVS checks the IPVSUnavailable events: one per
+// Service this node would forward, once per process, none for Services it
+// would not forward.
+func TestIPVSStepWarnsWithoutIPVS(t *testing.T) {
+	o := NewOptions()
+	o.NodeName, o.IPVS = "n1", true
+	fakeNFT(o)
+	step, err := newIPVSStep(t.Context(), o, func() (ipvs.Interface, error) {
+		return nil, fmt.Errorf("%w: family not found", ipvs.ErrNoIPVS)
+	}, hostnettesting.New(nil, nil), metrics.NewSpeaker())
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := record.NewFakeRecorder(100)
+	step.recorder = rec
+	in := ipvsCluster()
+	// Outside every pool: not keeplb's to forward.
+	in.Services = append(in.Services, fwdService("elsewhere", "198.51.100.1", 80, 30081))
+	for range 3 {
+		if err := step.sync(t.Context(), in); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := drain(rec)
+	if len(got) != 1 {
+		t.Fatalf("after 3 syncs got %d events, want 1 (web, once):\n%s", len(got), strings.Join(got, "\n"))
+	}
+	for _, want := range []string{"Warning", EventIPVSUnavailable, "Node n1", "modprobe ip_vs", "restart"} {
+		if !strings.Contains(got[0], want) {
+			t.Errorf("event %q lacks %q", got[0], want)
+		}
+	}
+	in.Services = append(in.Services, fwdService("api", "192.0.2.2", 443, 30443))
+	for range 2 {
+		if err := step.sync(t.Context(), in); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := drain(rec); len(got) != 1 || !strings.Contains(got[0], EventIPVSUnavailable) {
+		t.Errorf("a new Service got events %q, want one IPVSUnavailable", got)
+	}
+}
