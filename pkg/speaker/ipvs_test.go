@@ -477,23 +477,23 @@ func drain(r *record.FakeRecorder) []string {
 	}
 }
 
-// Without --ipvs nothing changes: the flags default to off and the IPVS
+// --ipvs is on by default and can be turned off; without it the IPVS
 // metrics are not served.
-func TestIPVSOffByDefault(t *testing.T) {
+func TestIPVSOnByDefault(t *testing.T) {
 	o := NewOptions()
 	fs := pflag.NewFlagSet("speaker", pflag.ContinueOnError)
 	o.AddFlags(fs)
 	if err := fs.Parse(nil); err != nil {
 		t.Fatal(err)
 	}
-	if o.IPVS || o.KeepIPVSOnExit {
-		t.Fatalf("defaults: --ipvs=%v --keep-ipvs-on-exit=%v, want both off", o.IPVS, o.KeepIPVSOnExit)
+	if !o.IPVS || o.KeepIPVSOnExit {
+		t.Fatalf("defaults: --ipvs=%v --keep-ipvs-on-exit=%v, want on and off", o.IPVS, o.KeepIPVSOnExit)
 	}
-	if fl := fs.Lookup("ipvs"); fl == nil || !strings.Contains(fl.Usage, "xperimental") {
-		t.Errorf("--ipvs help does not say it is experimental: %+v", fl)
+	if fl := fs.Lookup("ipvs"); fl == nil || strings.Contains(fl.Usage, "xperimental") || fl.DefValue != "true" {
+		t.Errorf("--ipvs: want default true and no \"experimental\" in its help: %+v", fl)
 	}
-	if err := fs.Parse([]string{"--ipvs", "--keep-ipvs-on-exit"}); err != nil || !o.IPVS || !o.KeepIPVSOnExit {
-		t.Fatalf("--ipvs --keep-ipvs-on-exit parsed to %v %v (%v)", o.IPVS, o.KeepIPVSOnExit, err)
+	if err := fs.Parse([]string{"--ipvs=false", "--keep-ipvs-on-exit"}); err != nil || o.IPVS || !o.KeepIPVSOnExit {
+		t.Fatalf("--ipvs=false --keep-ipvs-on-exit parsed to %v %v (%v)", o.IPVS, o.KeepIPVSOnExit, err)
 	}
 
 	m := metrics.NewSpeaker()

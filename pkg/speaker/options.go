@@ -44,7 +44,9 @@ type Options struct {
 	KubeAPIQPS   float32
 	KubeAPIBurst int
 	// IPVS programs this node's IPVS table for keeplb's VIPs, besides
-	// holding them with VRRP. Experimental, so off by default.
+	// holding them with VRRP. On by default: the controller publishes
+	// ipMode Proxy for nodeport and pod forwarding, so kube-proxy leaves
+	// those VIPs alone and nothing else forwards their traffic.
 	IPVS bool
 	// KeepIPVSOnExit leaves keeplb's IPVS virtual servers, and its
 	// nftables table, in place when the speaker exits, instead of deleting
@@ -70,6 +72,7 @@ func NewOptions() *Options {
 		MetricsBindAddress: ":10261",
 		KubeAPIQPS:         20,
 		KubeAPIBurst:       40,
+		IPVS:               true,
 	}
 }
 
@@ -88,7 +91,7 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.NetNS, "netns", o.NetNS, "For tests and demos: manage addresses, run keepalived and (with --ipvs) program IPVS and keeplb's nftables table in this named network namespace (ip netns, /run/netns/NAME). Implies --skip-sysctls for the speaker's own namespace.")
 	fs.Float32Var(&o.KubeAPIQPS, "kube-api-qps", o.KubeAPIQPS, "Queries per second to the API server.")
 	fs.IntVar(&o.KubeAPIBurst, "kube-api-burst", o.KubeAPIBurst, "Burst of queries to the API server.")
-	fs.BoolVar(&o.IPVS, "ipvs", o.IPVS, "Experimental, until the VM end-to-end test lands: also forward VIP traffic with IPVS on this node (virtual servers to NodePorts or pods, with keeplb's nftables table inet keeplb for masquerading and loadBalancerSourceRanges; needs nft v1.0.1+; with --netns both live in that namespace). Off: the speaker only holds VIPs with VRRP. On a kernel without IPVS the speaker logs an error and goes on holding VIPs.")
+	fs.BoolVar(&o.IPVS, "ipvs", o.IPVS, "Also forward VIP traffic with IPVS on this node (virtual servers to NodePorts or pods, with keeplb's nftables table inet keeplb for masquerading and loadBalancerSourceRanges; needs nft v1.0.1+; with --netns both live in that namespace). --ipvs=false: the speaker only holds VIPs with VRRP, and Services forwarded by nodeport or pod get no traffic. On a kernel without IPVS the speaker logs an error, records an IPVSUnavailable Warning event on each Service it would forward, and goes on holding VIPs.")
 	fs.BoolVar(&o.KeepIPVSOnExit, "keep-ipvs-on-exit", o.KeepIPVSOnExit, "With --ipvs: leave keeplb's IPVS virtual servers and its nftables table in place when the speaker exits, for upgrades, so the next speaker finds them programmed and only reconciles them. By default both are deleted on exit, so that a removed keeplb leaves no forwarding behind.")
 }
 
