@@ -15,6 +15,7 @@ import (
 	"k8s.io/klog/v2"
 	"sigs.k8s.io/knftables"
 
+	"github.com/keeplb/keeplb/pkg/conntrack"
 	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/hostnet"
 	"github.com/keeplb/keeplb/pkg/ipvs"
@@ -38,6 +39,7 @@ func ipvsSysctls() []hostnet.Requirement {
 	return []hostnet.Requirement{
 		{Name: "net.ipv4.vs.conntrack", Value: "1", Why: "lets netfilter see IPVS connections, so forwarded traffic can be masqueraded"},
 		{Name: "net.ipv4.ip_forward", Value: "1", Why: "lets the replies of IPVS-forwarded IPv4 traffic pass through this node"},
+		{Name: "net.ipv4.vs.expire_nodest_conn", Value: "1", Why: "makes IPVS drop its connection entries to a removed real server on their next packet, so clients (UDP ones above all) are rescheduled instead of sending into the void"},
 	}
 }
 
@@ -97,6 +99,10 @@ type ipvsStep struct {
 	// nft is unusable there (see openNFT), and the IPVS step then runs
 	// without masquerading or source ranges.
 	nft knftables.Interface
+	// ct clears the conntrack entries of UDP real servers that leave a
+	// virtual server; nil when it could not be opened (see openConntrack).
+	ct conntrack.Interface
+
 	// nftApplied is the text of the last transaction nft ran successfully:
 	// a sync that renders the same text skips running nft. Cleared by
 	// exit and by a failed run.
@@ -121,13 +127,14 @@ func newIPVSStep(ctx context.Context, o *Options, open func() (ipvs.Interface, e
 	}
 	if !o.SkipSysctls {
 		if err := hostnet.Ensure(net, ipvsSysctls()); err != nil {
-			closeIPVS(h)
+			closeHandle(h)
 			return nil, fmt.Errorf("IPVS forwarding (--ipvs) needs these sysctls: %w", err)
 		}
 		d.sysctls = net
 	}
 	d.h = h
 	d.nft = openNFT(ctx, o)
+	d.ct = openConntrack(ctx, o)
 	m.IPVSAvailable.Set(1)
 	return d, nil
 }
@@ -150,6 +157,29 @@ func openNFT(ctx context.Context, o *Options) knftables.Interface {
 	return n
 }
 
+// openConntrack opens the conntrack table of the speaker's node-side
+// network namespace, or returns nil, having logged why: IPVS forwarding
+// goes on, but UDP clients of a removed real server keep sending to it
+// until their conntrack entries time out.
+func openConntrack(ctx context.Context, o *Options) conntrack.Interface {
+	open := o.openConntrack
+	if open == nil {
+		open = func(nsPath string) (conntrack.Interface, error) {
+			c, err := conntrack.NewAt(nsPath)
+			if err != nil {
+				return nil, err // not a typed nil in an interface
+			}
+			return c, nil
+		}
+	}
+	c, err := open(netnsPath(o.NetNS))
+	if err != nil {
+		klog.FromContext(ctx).Error(err, "IPVS forwarding (--ipvs) runs without clearing conntrack: UDP clients of a removed real server keep sending to it until their entries time out. Make sure the kernel has nf_conntrack and the speaker has CAP_NET_ADMIN, and restart it")
+		return nil
+	}
+	return c
+}
+
 // netnsPath returns the path of the network namespace --netns names, or ""
 // for the speaker's own.
 func netnsPath(netns string) string {
@@ -159,16 +189,20 @@ func netnsPath(netns string) string {
 	return "/run/netns/" + netns
 }
 
-func closeIPVS(h ipvs.Interface) {
+// closeHandle closes h if it can be closed.
+func closeHandle(h any) {
 	if c, ok := h.(interface{ Close() }); ok {
 		c.Close()
 	}
 }
 
-// close releases the IPVS handle.
+// close releases the IPVS and conntrack handles.
 func (d *ipvsStep) close() {
 	if d.h != nil {
-		closeIPVS(d.h)
+		closeHandle(d.h)
+	}
+	if d.ct != nil {
+		closeHandle(d.ct)
 	}
 }
 
@@ -346,6 +380,7 @@ func (d *ipvsStep) apply(ctx context.Context, desired ipvs.Table, owns func(ipvs
 		return before || owns(k)
 	}
 	res, err := dataplane.Apply(d.h, dataplane.Diff(current, desired, scope))
+	d.clearUDP(ctx, res.Removed)
 	// Remember what the kernel now has in scope: desired, unless something
 	// failed, then what a fresh dump shows.
 	next := ipvs.Table{}
@@ -371,6 +406,32 @@ func (d *ipvsStep) apply(ctx context.Context, desired ipvs.Table, owns func(ipvs
 	}
 	d.programmed = next
 	return res, err
+}
+
+// clearUDP deletes the conntrack entries of the UDP flows to each removed
+// real server through its VIP:port, as kube-proxy does: UDP has no
+// connection to end, so a client that keeps its source port would go on
+// sending to the dead backend until the entry times out. A failure is
+// logged, not returned: the real server is gone already, and a retry of
+// the sync would not see it again.
+func (d *ipvsStep) clearUDP(ctx context.Context, removed []dataplane.Removal) {
+	if d.ct == nil {
+		return
+	}
+	logger := klog.FromContext(ctx)
+	for _, r := range removed {
+		if r.Virtual.Protocol != ipvs.UDP {
+			continue
+		}
+		n, err := d.ct.DeleteUDP(netip.AddrPortFrom(r.Virtual.Address, r.Virtual.Port), r.Real)
+		if err != nil {
+			logger.Error(err, "Clearing the conntrack entries of a removed UDP real server failed; its clients keep sending to it until the entries time out", "removed", r)
+			continue
+		}
+		if n > 0 {
+			logger.V(2).Info("Cleared conntrack entries of a removed UDP real server", "removed", r, "entries", n)
+		}
+	}
 }
 
 // ensureIPv6 sets the IPv6 forwarding sysctl once t has an IPv6 virtual

@@ -20,6 +20,8 @@ import (
 
 	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
+	"github.com/keeplb/keeplb/pkg/conntrack"
+	conntracktesting "github.com/keeplb/keeplb/pkg/conntrack/testing"
 	"github.com/keeplb/keeplb/pkg/dataplane"
 	hostnettesting "github.com/keeplb/keeplb/pkg/hostnet/testing"
 	"github.com/keeplb/keeplb/pkg/ipvs"
@@ -98,6 +100,7 @@ func fakeNFT(o *Options) *knftables.Fake {
 type ipvsFixture struct {
 	fake     *ipvstesting.Fake
 	nft      *knftables.Fake
+	ct       *conntracktesting.Fake
 	net      *hostnettesting.Fake
 	metrics  *metrics.Speaker
 	recorder *record.FakeRecorder
@@ -108,13 +111,15 @@ func newIPVSFixture(t *testing.T, mutate func(*Options)) *ipvsFixture {
 	t.Helper()
 	f := &ipvsFixture{
 		fake:     ipvstesting.New(),
-		net:      hostnettesting.New(nil, map[string]string{"net.ipv4.vs.conntrack": "0", "net.ipv4.ip_forward": "0", "net.ipv6.conf.all.forwarding": "0"}),
+		net:      hostnettesting.New(nil, map[string]string{"net.ipv4.vs.conntrack": "0", "net.ipv4.ip_forward": "0", "net.ipv4.vs.expire_nodest_conn": "0", "net.ipv6.conf.all.forwarding": "0"}),
+		ct:       conntracktesting.New(),
 		metrics:  metrics.NewSpeaker(),
 		recorder: record.NewFakeRecorder(100),
 	}
 	o := NewOptions()
 	o.NodeName, o.IPVS = "n1", true
 	f.nft = fakeNFT(o)
+	o.openConntrack = func(string) (conntrack.Interface, error) { return f.ct, nil }
 	if mutate != nil {
 		mutate(o)
 	}
@@ -168,7 +173,7 @@ func metric(t *testing.T, m *metrics.Speaker, name string) float64 {
 
 func TestIPVSStepProgramsDesired(t *testing.T) {
 	f := newIPVSFixture(t, nil)
-	for _, name := range []string{"net.ipv4.vs.conntrack", "net.ipv4.ip_forward"} {
+	for _, name := range []string{"net.ipv4.vs.conntrack", "net.ipv4.ip_forward", "net.ipv4.vs.expire_nodest_conn"} {
 		if v := f.sysctl(t, name); v != "1" {
 			t.Errorf("sysctl %s = %s after start, want 1", name, v)
 		}
@@ -426,7 +431,7 @@ func TestIPVSStepSysctls(t *testing.T) {
 	// A read-only IPv6 sysctl fails the sync, naming it, but IPv4 is
 	// programmed all the same.
 	o.SkipSysctls = false
-	net = hostnettesting.New(nil, map[string]string{"net.ipv4.vs.conntrack": "1", "net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "0"})
+	net = hostnettesting.New(nil, map[string]string{"net.ipv4.vs.conntrack": "1", "net.ipv4.ip_forward": "1", "net.ipv4.vs.expire_nodest_conn": "1", "net.ipv6.conf.all.forwarding": "0"})
 	net.MakeReadOnly("net.ipv6.conf.all.forwarding")
 	fake := ipvstesting.New()
 	step, err = newIPVSStep(t.Context(), o, func() (ipvs.Interface, error) { return fake, nil }, net, metrics.NewSpeaker())
@@ -756,4 +761,46 @@ func TestIPVSStepWarnsWithoutIPVS(t *testing.T) {
 	if got := drain(rec); len(got) != 1 || !strings.Contains(got[0], EventIPVSUnavailable) {
 		t.Errorf("a new Service got events %q, want one IPVSUnavailable", got)
 	}
+}
+
+// TestIPVSStepClearsUDPConntrack checks that a UDP real server leaving a
+// virtual server (its node gone, then its Service gone) loses its
+// conntrack flows through that VIP:port, and nothing else does.
+func TestIPVSStepClearsUDPConntrack(t *testing.T) {
+	f := newIPVSFixture(t, nil)
+	in := ipvsCluster()
+	dns := fwdService("dns", "192.0.2.5", 53, 30053)
+	dns.Spec.Ports[0].Protocol = v1.ProtocolUDP
+	in.Services = append(in.Services, dns)
+	f.sync(t, in)
+	flow := func(proto uint8, vip, real string) conntrack.Flow {
+		c := netip.MustParseAddrPort("198.51.100.7:40000")
+		return conntrack.Flow{Protocol: proto,
+			Original: conntrack.Tuple{Src: c, Dst: netip.MustParseAddrPort(vip)},
+			Reply:    conntrack.Tuple{Src: netip.MustParseAddrPort(real), Dst: netip.MustParseAddrPort("10.0.0.1:61000")}}
+	}
+	toN1 := flow(conntrack.UDP, "192.0.2.5:53", "10.0.0.1:30053")
+	toN2 := flow(conntrack.UDP, "192.0.2.5:53", "10.0.0.2:30053")
+	tcpToN2 := flow(conntrack.TCP, "192.0.2.1:80", "10.0.0.2:30080")
+	f.ct.Add(toN1, toN2, tcpToN2)
+
+	// n2 leaves: its real servers go, and only its UDP flow with them.
+	in.Nodes = in.Nodes[:1]
+	f.sync(t, in)
+	if got := f.ct.Flows(); len(got) != 2 || got[0] != toN1 || got[1] != tcpToN2 {
+		t.Fatalf("after n2 left, conntrack holds %+v, want n1's UDP flow and the TCP flow", got)
+	}
+	// The Service goes: its virtual server is deleted with n1's real
+	// server, whose flow goes too.
+	in.Services = in.Services[:1]
+	f.sync(t, in)
+	if got := f.ct.Flows(); len(got) != 1 || got[0] != tcpToN2 {
+		t.Fatalf("after dns was deleted, conntrack holds %+v, want only the TCP flow", got)
+	}
+	// A failure to clear is logged, not a failed sync.
+	f.ct.FailWith(errors.New("netlink: operation not permitted"))
+	in.Services = append(in.Services, dns)
+	f.sync(t, in)
+	in.Services = in.Services[:1]
+	f.sync(t, in)
 }

@@ -10,6 +10,8 @@ import (
 
 	"github.com/spf13/pflag"
 	"sigs.k8s.io/knftables"
+
+	"github.com/keeplb/keeplb/pkg/conntrack"
 )
 
 // Options are the flags of `keeplb speaker`.
@@ -57,6 +59,10 @@ type Options struct {
 	// network namespace at nsPath ("" for the current one); nil means
 	// nft.NewAt. Tests set a fake here.
 	openNFT func(nsPath string) (knftables.Interface, error)
+	// openConntrack opens the conntrack table for the IPVS step in the
+	// network namespace at nsPath; nil means conntrack.NewAt. Tests set a
+	// fake here.
+	openConntrack func(nsPath string) (conntrack.Interface, error)
 }
 
 // NewOptions returns Options with the defaults.
