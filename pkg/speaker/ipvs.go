@@ -7,6 +7,7 @@ import (
 	"maps"
 	"net/netip"
 	"slices"
+	"sync"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
@@ -67,10 +68,17 @@ func openIPVS(netns string) (ipvs.Interface, error) {
 // sync it brings this node's IPVS table to dataplane.Desired, then writes
 // keeplb's nftables table (package nft: masquerading for what IPVS
 // forwards, loadBalancerSourceRanges); on exit it deletes keeplb's virtual
-// servers and the table. Only the runner calls it, one call at a time, so
-// it needs no lock.
+// servers and the table. Only the runner calls sync and exit, one call at
+// a time; the metrics scrape reads the kernel's counters through the same
+// IPVS handle meanwhile (see stats), so kernel calls hold mu.
 type ipvsStep struct {
 	node string
+	// mu serializes the use of h (a netlink socket, not safe for
+	// concurrent use) and guards owners.
+	mu sync.Mutex
+	// owners maps each virtual server keeplb programmed in the last sync to
+	// its Service: the virtual servers whose counters are exported.
+	owners map[ipvs.Key]string
 	// h is nil when the kernel has no IPVS: every call is then a no-op and
 	// the speaker only holds VIPs.
 	h ipvs.Interface
@@ -133,6 +141,7 @@ func newIPVSStep(ctx context.Context, o *Options, open func() (ipvs.Interface, e
 		d.sysctls = net
 	}
 	d.h = h
+	m.RegisterIPVSStats(d.stats)
 	d.nft = openNFT(ctx, o)
 	d.ct = openConntrack(ctx, o)
 	m.IPVSAvailable.Set(1)
@@ -221,7 +230,15 @@ func (d *ipvsStep) sync(ctx context.Context, in Inputs) error {
 	if err := d.ensureIPv6(st.IPVS); err != nil {
 		errs = append(errs, err) // IPv4 is unaffected: program anyway
 	}
+	d.mu.Lock()
 	res, err := d.apply(ctx, st.IPVS, st.Owns)
+	d.owners = map[ipvs.Key]string{}
+	for k := range d.programmed {
+		if owner, ok := st.Owners[k]; ok {
+			d.owners[k] = owner
+		}
+	}
+	d.mu.Unlock()
 	if err != nil {
 		errs = append(errs, err)
 	}
@@ -332,7 +349,10 @@ func (d *ipvsStep) exit(ctx context.Context, in Inputs) error {
 		return nil
 	}
 	st, _ := dataplane.Desired(dataplane.Inputs(in), d.node)
+	d.mu.Lock()
 	res, err := d.apply(ctx, ipvs.Table{}, st.Owns)
+	d.owners = nil
+	d.mu.Unlock()
 	logger.Info("Removed IPVS virtual servers", "deleted", res.VirtualDeleted, "failed", res.Failed)
 	if err != nil {
 		err = fmt.Errorf("remove IPVS virtual servers: %w", err)
@@ -406,6 +426,31 @@ func (d *ipvsStep) apply(ctx context.Context, desired ipvs.Table, owns func(ipvs
 	}
 	d.programmed = next
 	return res, err
+}
+
+// stats returns the kernel's counters of the virtual servers keeplb
+// programmed in the last sync, for the metrics scrape. It reads them when
+// asked rather than keeping the last sync's dump: syncs can be minutes
+// apart. Virtual servers of others (kube-proxy's, an operator's) are left
+// out. A failed read returns nothing: the series are missing from that
+// scrape rather than wrong.
+func (d *ipvsStep) stats() []metrics.VirtualServerStats {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.h == nil || len(d.owners) == 0 {
+		return nil
+	}
+	vss, err := d.h.VirtualServers()
+	if err != nil {
+		return nil
+	}
+	var out []metrics.VirtualServerStats
+	for _, vs := range vss {
+		if owner, ok := d.owners[vs.Key()]; ok {
+			out = append(out, metrics.VirtualServerStats{Service: owner, Key: vs.Key(), Stats: vs.Stats})
+		}
+	}
+	return out
 }
 
 // clearUDP deletes the conntrack entries of the UDP flows to each removed

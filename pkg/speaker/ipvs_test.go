@@ -16,6 +16,7 @@ import (
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/tools/record"
+	"k8s.io/component-base/metrics/testutil"
 	"sigs.k8s.io/knftables"
 
 	"github.com/keeplb/keeplb/pkg/annotations"
@@ -803,4 +804,54 @@ func TestIPVSStepClearsUDPConntrack(t *testing.T) {
 	f.sync(t, in)
 	in.Services = in.Services[:1]
 	f.sync(t, in)
+}
+
+// TestIPVSStepExportsStats checks the per-virtual-server counters: read
+// from the kernel at scrape time, for keeplb's virtual servers only,
+// labelled with their Service; gone once the speaker removed them.
+func TestIPVSStepExportsStats(t *testing.T) {
+	f := newIPVSFixture(t, nil)
+	kp := kubeProxyEntry()
+	f.fake.Seed(kp.Virtual, kp.Reals...)
+	f.fake.SetStats(kp.Virtual.Key(), ipvs.Stats{Connections: 99, PacketsIn: 99, BytesIn: 99})
+	in := ipvsCluster()
+	f.sync(t, in)
+	srv := httptest.NewServer(f.metrics.Handler())
+	defer srv.Close()
+	names := []string{"keeplb_ipvs_connections_total", "keeplb_ipvs_packets_total", "keeplb_ipvs_bytes_total"}
+	header := `
+# HELP keeplb_ipvs_connections_total [ALPHA] Connections IPVS scheduled to one of keeplb's virtual servers on this node, since the virtual server was created (the kernel counts in 32 bits, so it wraps).
+# TYPE keeplb_ipvs_connections_total counter
+`
+	want := func(conns int) string {
+		return header + `keeplb_ipvs_connections_total{port="80",protocol="TCP",service="ns/web",vip="192.0.2.1"} ` + strconv.Itoa(conns) + "\n"
+	}
+	if err := testutil.ScrapeAndCompare(srv.URL, strings.NewReader(want(0)), names[0]); err != nil {
+		t.Errorf("after the first sync: %v", err)
+	}
+	// Traffic between syncs shows at the next scrape, without a sync.
+	if !f.fake.SetStats(webEntry().Virtual.Key(), ipvs.Stats{Connections: 7, PacketsIn: 70, PacketsOut: 60, BytesIn: 7000, BytesOut: 60000}) {
+		t.Fatal("web's virtual server missing")
+	}
+	if err := testutil.ScrapeAndCompare(srv.URL, strings.NewReader(want(7)), names[0]); err != nil {
+		t.Errorf("after traffic: %v", err)
+	}
+	body := scrape(t, f.metrics)
+	for _, line := range []string{
+		`keeplb_ipvs_packets_total{direction="out",port="80",protocol="TCP",service="ns/web",vip="192.0.2.1"} 60`,
+		`keeplb_ipvs_bytes_total{direction="in",port="80",protocol="TCP",service="ns/web",vip="192.0.2.1"} 7000`,
+	} {
+		if !strings.Contains(body, line) {
+			t.Errorf("scrape lacks %s", line)
+		}
+	}
+	if strings.Contains(body, "10.96.0.1") {
+		t.Errorf("kube-proxy's virtual server exported:\n%s", body)
+	}
+	if err := f.step.exit(t.Context(), in); err != nil {
+		t.Fatal(err)
+	}
+	if body := scrape(t, f.metrics); strings.Contains(body, "keeplb_ipvs_connections_total{") {
+		t.Errorf("counters exported after exit removed the virtual servers:\n%s", body)
+	}
 }
