@@ -34,9 +34,11 @@ LABEL org.opencontainers.image.title="keeplb" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${COMMIT}" \
       org.opencontainers.image.created="${DATE}"
-# keepalived is only used by the speaker; the controller ignores it.
+# keepalived and nft (keeplb's nftables table: masquerading for IPVS,
+# loadBalancerSourceRanges) are only used by the speaker; the controller
+# ignores them.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends keepalived \
+ && apt-get install -y --no-install-recommends keepalived nftables \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/keeplb /usr/local/bin/keeplb
 # Non-root by default, for the controller (its Deployment also sets

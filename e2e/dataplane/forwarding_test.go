@@ -17,7 +17,6 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -32,8 +31,6 @@ import (
 	"github.com/keeplb/keeplb/pkg/nft"
 	"github.com/keeplb/keeplb/pkg/testing/netns"
 	"github.com/keeplb/keeplb/pkg/testing/vm"
-
-	"golang.org/x/sys/unix"
 )
 
 // helperEnv makes the test binary a helper instead of running tests:
@@ -212,16 +209,14 @@ func TestForwardingNodePort(t *testing.T) {
 		t.Logf("without nftables rules, as expected the request fails: %v", err)
 	}
 
-	// The nftables table, written by nft.Sync inside lb.
+	// The nftables table, written by nft.Sync into lb through nft.NewAt,
+	// as the speaker does with --netns.
 	syncNFT := func(rules nft.Rules) {
 		t.Helper()
-		err := inNetns(lb, func() error {
-			nf, err := nft.New()
-			if err != nil {
-				return err
-			}
-			return nft.Sync(context.Background(), nf, rules)
-		})
+		nf, err := nft.NewAt("/run/netns/" + lb)
+		if err == nil {
+			err = nft.Sync(context.Background(), nf, rules)
+		}
 		if err != nil {
 			t.Fatalf("nft.Sync in %s: %v", lb, err)
 		}
@@ -372,27 +367,4 @@ func request(ns, url string) (string, error) {
 		return "", fmt.Errorf("%v: %s", err, strings.TrimSpace(stderr.String()))
 	}
 	return stdout.String(), nil
-}
-
-// inNetns runs f on an OS thread that has entered the network namespace
-// ns, so that the commands f starts (knftables runs nft) run there. The
-// thread is never unlocked, so it exits with the goroutine rather than
-// return to the pool in the wrong namespace.
-func inNetns(ns string, f func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		fd, err := unix.Open("/run/netns/"+ns, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer unix.Close(fd)
-		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("setns %s: %w", ns, err)
-			return
-		}
-		errc <- f()
-	}()
-	return <-errc
 }

@@ -42,8 +42,8 @@ have no cloud load balancer.
 
 The controller assigns each Service addresses from IPPool resources and
 publishes them, with their ipMode, in the Service status. The speaker runs on
-every node and holds each address on exactly one of them with keepalived
-(VRRP); forwarding with IPVS comes in a later release.`,
+every node, holds each address on exactly one of them with keepalived
+(VRRP), and forwards its traffic to NodePorts or pods with IPVS.`,
 		// A failing controller is not a usage mistake; printing the whole
 		// usage after a runtime error buries the error.
 		SilenceUsage:  true,

@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"net/netip"
 	"slices"
 
 	"github.com/keeplb/keeplb/pkg/ipvs"
@@ -53,6 +54,9 @@ type Op struct {
 	Virtual ipvs.VirtualServer
 	// Real is the real server, for the real-server kinds.
 	Real ipvs.RealServer
+	// Reals are, for DeleteVirtual, the real servers the virtual server
+	// had: they leave it with it (see Result.Removed).
+	Reals []ipvs.RealServer
 }
 
 // String returns e.g. "AddReal TCP/192.0.2.1:80 -> 10.0.0.1:30080 w1 masq".
@@ -105,7 +109,7 @@ func Diff(current, desired ipvs.Table, ours func(ipvs.Key) bool) []Op {
 	}
 	for k, have := range current {
 		if _, keep := desired[k]; !keep && ours(k) {
-			ops = append(ops, Op{Kind: DeleteVirtual, Virtual: have.Virtual})
+			ops = append(ops, Op{Kind: DeleteVirtual, Virtual: have.Virtual, Reals: have.Reals})
 		}
 	}
 	slices.SortFunc(ops, compareOps)
@@ -150,6 +154,15 @@ func sorted(rs []ipvs.RealServer) []ipvs.RealServer {
 	return slices.SortedFunc(slices.Values(rs), ipvs.CompareReal)
 }
 
+// Removal is a real server that left a virtual server.
+type Removal struct {
+	Virtual ipvs.Key
+	Real    netip.AddrPort
+}
+
+// String returns e.g. "UDP/192.0.2.1:53 -> 10.0.0.1:30053".
+func (r Removal) String() string { return r.Virtual.String() + " -> " + r.Real.String() }
+
 // Result counts what Apply did.
 type Result struct {
 	VirtualAdded, VirtualUpdated, VirtualDeleted int
@@ -157,6 +170,11 @@ type Result struct {
 	// Failed counts ops that failed or were skipped because their virtual
 	// server could not be created.
 	Failed int
+	// Removed lists the real servers that left a virtual server: deleted
+	// from it, or deleted with it. Their UDP flows need clearing from
+	// conntrack: UDP has no connection to close, so clients would go on
+	// sending to them.
+	Removed []Removal
 }
 
 // Changes returns the number of ops applied.
@@ -200,6 +218,9 @@ func Apply(h ipvs.Interface, ops []Op) (Result, error) {
 			if err = h.DeleteVirtualServer(k); err == nil || ipvs.IsNotFound(err) {
 				err = nil
 				res.VirtualDeleted++
+				for _, r := range op.Reals {
+					res.Removed = append(res.Removed, Removal{Virtual: k, Real: r.AddrPort()})
+				}
 			}
 		case AddReal:
 			if err = h.AddRealServer(k, op.Real); err == nil {
@@ -213,6 +234,7 @@ func Apply(h ipvs.Interface, ops []Op) (Result, error) {
 			if err = h.DeleteRealServer(k, op.Real.AddrPort()); err == nil || ipvs.IsNotFound(err) {
 				err = nil
 				res.RealDeleted++
+				res.Removed = append(res.Removed, Removal{Virtual: k, Real: op.Real.AddrPort()})
 			}
 		default:
 			err = fmt.Errorf("unknown op kind %d", op.Kind)

@@ -348,3 +348,28 @@ func BenchmarkNaivePerService1000x10(b *testing.B) {
 		f.ResetCalls()
 	}
 }
+
+// TestSyncReportsRemovedReals checks Result.Removed: the real servers
+// deleted from a virtual server, and those deleted with one; not those
+// whose weight changed, nor those of virtual servers that are not ours.
+func TestSyncReportsRemovedReals(t *testing.T) {
+	f := ipvstesting.New()
+	f.SeedTable(foreign)
+	dns := vs("192.0.2.5", "UDP", 53, "rr")
+	gone := vs("192.0.2.6", "UDP", 53, "rr")
+	f.Seed(dns, rs("10.1.1.1", 53, 1), rs("10.1.1.2", 53, 1), rs("10.1.1.3", 53, 1))
+	f.Seed(gone, rs("10.1.2.1", 53, 1))
+	ours := func(k ipvs.Key) bool { return k.Address == dns.Address || k.Address == gone.Address }
+	want := ipvs.Table{dns.Key(): entry(dns, rs("10.1.1.1", 53, 1), rs("10.1.1.2", 53, 0))}
+	res, err := Sync(f, want, ours)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := fmt.Sprint(res.Removed)
+	if wantRemoved := "[UDP/192.0.2.5:53 -> 10.1.1.3:53 UDP/192.0.2.6:53 -> 10.1.2.1:53]"; got != wantRemoved {
+		t.Errorf("Removed = %s, want %s", got, wantRemoved)
+	}
+	if res, err := Sync(f, want, ours); err != nil || len(res.Removed) != 0 {
+		t.Errorf("a second Sync removed %v (%v), want nothing", res.Removed, err)
+	}
+}

@@ -102,6 +102,19 @@ type VirtualServer struct {
 	// Timeout is the persistence timeout, in whole seconds; zero unless
 	// Persistent.
 	Timeout time.Duration
+	// Stats are the kernel's counters, filled in by VirtualServers.
+	// They are not settings: Equal ignores them and writes never send
+	// them.
+	Stats Stats
+}
+
+// Stats are a virtual server's traffic counters since it was created. In
+// is from clients, Out is replies to them. The kernel counts connections
+// and packets in 32 bits (as moby/ipvs reads them), so they wrap.
+type Stats struct {
+	Connections           uint64
+	PacketsIn, PacketsOut uint64
+	BytesIn, BytesOut     uint64
 }
 
 // Key returns the virtual server's identity.
@@ -109,8 +122,10 @@ func (v VirtualServer) Key() Key {
 	return Key{Address: v.Address, Protocol: v.Protocol, Port: v.Port}
 }
 
-// Equal reports whether v and o are the same, settings included.
+// Equal reports whether v and o are the same, settings included, stats
+// aside.
 func (v VirtualServer) Equal(o VirtualServer) bool {
+	v.Stats, o.Stats = Stats{}, Stats{}
 	return v == o
 }
 

@@ -181,3 +181,18 @@ func TestFakeRoundTrip(t *testing.T) {
 		t.Errorf("DeleteVirtualServer: %v, table %v", err, f.Table())
 	}
 }
+
+// Counters change with traffic, not with settings: a virtual server whose
+// counters moved is still the one programmed, or every sync would update.
+func TestVirtualServerEqualIgnoresStats(t *testing.T) {
+	a := ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.1"), Protocol: ipvs.TCP, Port: 80, Scheduler: "rr"}
+	b := a
+	b.Stats = ipvs.Stats{Connections: 5, BytesIn: 100}
+	if !a.Equal(b) {
+		t.Error("virtual servers differing only in stats are not Equal")
+	}
+	b.Scheduler = "wrr"
+	if a.Equal(b) {
+		t.Error("virtual servers with different schedulers are Equal")
+	}
+}

@@ -248,7 +248,13 @@ func fromService(s *mobyipvs.Service) (VirtualServer, bool) {
 	if !ok {
 		return VirtualServer{}, false
 	}
-	vs := VirtualServer{Address: a.Unmap(), Protocol: proto, Port: s.Port, Scheduler: s.SchedName}
+	vs := VirtualServer{Address: a.Unmap(), Protocol: proto, Port: s.Port, Scheduler: s.SchedName, Stats: Stats{
+		Connections: uint64(s.Stats.Connections),
+		PacketsIn:   uint64(s.Stats.PacketsIn),
+		PacketsOut:  uint64(s.Stats.PacketsOut),
+		BytesIn:     s.Stats.BytesIn,
+		BytesOut:    s.Stats.BytesOut,
+	}}
 	if s.Flags&svcFlagPersistent != 0 {
 		vs.Persistent = true
 		vs.Timeout = time.Duration(s.Timeout) * time.Second

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -16,6 +17,7 @@ import (
 	"github.com/vishvananda/netns"
 	"sigs.k8s.io/knftables"
 
+	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/ipvs"
 	"github.com/keeplb/keeplb/pkg/nft"
 	netnstest "github.com/keeplb/keeplb/pkg/testing/netns"
@@ -89,31 +91,69 @@ func inNetns(t *testing.T, name string, f func() error) error {
 }
 
 // realNFT runs nft.Sync and nft.Cleanup through knftables' real
-// implementation in namespace ns. knftables.New execs nft to probe it, so
-// it runs there too.
+// implementation in namespace ns, opened with nft.NewAt.
 type realNFT struct {
 	t  *testing.T
 	ns string
 }
 
+func (r realNFT) open() knftables.Interface {
+	r.t.Helper()
+	n, err := nft.NewAt("/run/netns/" + r.ns)
+	if err != nil {
+		r.t.Fatalf("nft.NewAt(%s): %v", r.ns, err)
+	}
+	return n
+}
+
 func (r realNFT) sync(in nft.Rules) error {
-	return inNetns(r.t, r.ns, func() error {
-		n, err := nft.New()
-		if err != nil {
-			return err
-		}
-		return nft.Sync(context.Background(), n, in)
-	})
+	return nft.Sync(context.Background(), r.open(), in)
 }
 
 func (r realNFT) cleanup() error {
-	return inNetns(r.t, r.ns, func() error {
-		n, err := nft.New()
-		if err != nil {
-			return err
+	return nft.Cleanup(context.Background(), r.open())
+}
+
+// TestNewAtWritesTheNamedNamespace checks that every call of the
+// Interface NewAt returns, its constructor's probe included, runs nft in
+// the named namespace: the table appears there, its listing is read from
+// there, and the test's own namespace never gets it.
+func TestNewAtWritesTheNamedNamespace(t *testing.T) {
+	requireKernel(t)
+	ns := newNetns(t, "at")
+	_, hostErr := exec.Command("nft", "list", "table", "inet", "keeplb").CombinedOutput()
+	hostHadTable := hostErr == nil
+	r := realNFT{t, ns}
+	n := r.open()
+	in := nft.Rules{SNAT: []dataplane.SNAT{{Virtual: ipvs.Key{Address: netip.MustParseAddr("192.0.2.1"), Protocol: ipvs.TCP, Port: 80}, Real: netip.MustParseAddrPort("10.0.0.1:30080")}}}
+	if err := nft.Sync(t.Context(), n, in); err != nil {
+		t.Fatalf("Sync through NewAt: %v", err)
+	}
+	if out, err := nftIn(ns, "", "list", "table", "inet", "keeplb"); err != nil || !strings.Contains(out, "10.0.0.1") {
+		t.Fatalf("table inet keeplb missing from namespace %s: %v:\n%s", ns, err, out)
+	}
+	sets, err := n.List(t.Context(), "set")
+	if err != nil || !slices.Contains(sets, "snat-v4") {
+		t.Errorf("List(set) through NewAt = %v, %v; want snat-v4 among them", sets, err)
+	}
+	elems, err := n.ListElements(t.Context(), "set", "snat-v4")
+	if err != nil || len(elems) != 1 {
+		t.Errorf("ListElements(snat-v4) through NewAt = %d elements, %v; want 1", len(elems), err)
+	}
+	if !hostHadTable {
+		if out, err := exec.Command("nft", "list", "table", "inet", "keeplb").CombinedOutput(); err == nil {
+			t.Errorf("the test's own namespace got table inet keeplb:\n%s", out)
 		}
-		return nft.Cleanup(context.Background(), n)
-	})
+	}
+	if err := nft.Cleanup(t.Context(), n); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := nftIn(ns, "", "list", "table", "inet", "keeplb"); err == nil {
+		t.Errorf("table inet keeplb survived Cleanup through NewAt:\n%s", out)
+	}
+	if _, err := nft.NewAt("/run/netns/kltest-no-such-namespace"); err == nil {
+		t.Error("NewAt of a missing namespace succeeded")
+	}
 }
 
 // TestKernelAcceptsRuleset applies every golden case with knftables' real

@@ -4,7 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
+	"slices"
+	"sync"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
@@ -13,6 +16,7 @@ import (
 	"k8s.io/klog/v2"
 	"sigs.k8s.io/knftables"
 
+	"github.com/keeplb/keeplb/pkg/conntrack"
 	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/hostnet"
 	"github.com/keeplb/keeplb/pkg/ipvs"
@@ -25,12 +29,18 @@ import (
 // instead (see dataplane.Problem).
 const EventForwardingProblem = "ForwardingProblem"
 
+// EventIPVSUnavailable is recorded as a Warning on each Service a node
+// would forward with IPVS when that node's kernel has no IPVS: the node
+// may hold the Service's VIP, but nothing forwards its traffic.
+const EventIPVSUnavailable = "IPVSUnavailable"
+
 // ipvsSysctls returns the sysctls IPVS forwarding needs on every node.
 // They exist only once the ip_vs module is loaded.
 func ipvsSysctls() []hostnet.Requirement {
 	return []hostnet.Requirement{
 		{Name: "net.ipv4.vs.conntrack", Value: "1", Why: "lets netfilter see IPVS connections, so forwarded traffic can be masqueraded"},
 		{Name: "net.ipv4.ip_forward", Value: "1", Why: "lets the replies of IPVS-forwarded IPv4 traffic pass through this node"},
+		{Name: "net.ipv4.vs.expire_nodest_conn", Value: "1", Why: "makes IPVS drop its connection entries to a removed real server on their next packet, so clients (UDP ones above all) are rescheduled instead of sending into the void"},
 	}
 }
 
@@ -47,13 +57,7 @@ func ipv6Sysctls() []hostnet.Requirement {
 // openIPVS opens IPVS in the speaker's node-side network namespace: the
 // one named by --netns, else the current one.
 func openIPVS(netns string) (ipvs.Interface, error) {
-	var h *ipvs.Netlink
-	var err error
-	if netns != "" {
-		h, err = ipvs.NewAt("/run/netns/" + netns)
-	} else {
-		h, err = ipvs.New()
-	}
+	h, err := ipvs.NewAt(netnsPath(netns))
 	if err != nil {
 		return nil, err // not a typed nil in an interface
 	}
@@ -64,13 +68,25 @@ func openIPVS(netns string) (ipvs.Interface, error) {
 // sync it brings this node's IPVS table to dataplane.Desired, then writes
 // keeplb's nftables table (package nft: masquerading for what IPVS
 // forwards, loadBalancerSourceRanges); on exit it deletes keeplb's virtual
-// servers and the table. Only the runner calls it, one call at a time, so
-// it needs no lock.
+// servers and the table. Only the runner calls sync and exit, one call at
+// a time; the metrics scrape reads the kernel's counters through the same
+// IPVS handle meanwhile (see stats), so kernel calls hold mu.
 type ipvsStep struct {
 	node string
+	// mu serializes the use of h (a netlink socket, not safe for
+	// concurrent use) and guards owners.
+	mu sync.Mutex
+	// owners maps each virtual server keeplb programmed in the last sync to
+	// its Service: the virtual servers whose counters are exported.
+	owners map[ipvs.Key]string
 	// h is nil when the kernel has no IPVS: every call is then a no-op and
 	// the speaker only holds VIPs.
 	h ipvs.Interface
+	// noIPVS is true when h is nil because the kernel has no IPVS;
+	// unavailableWarned holds the Services ("namespace/name") already
+	// told so by an IPVSUnavailable event, so each gets one per process.
+	noIPVS            bool
+	unavailableWarned map[string]bool
 	// sysctls is nil with --skip-sysctls.
 	sysctls    hostnet.Interface
 	keepOnExit bool
@@ -87,10 +103,14 @@ type ipvsStep struct {
 	loggedProblems string
 	ipv6Ready      bool // ipv6Sysctls hold
 
-	// nft is keeplb's nftables table; nil when nft is unusable here or
-	// with --netns (see openNFT), and the IPVS step then runs without
-	// masquerading or source ranges.
+	// nft is keeplb's nftables table, in the node-side namespace; nil when
+	// nft is unusable there (see openNFT), and the IPVS step then runs
+	// without masquerading or source ranges.
 	nft knftables.Interface
+	// ct clears the conntrack entries of UDP real servers that leave a
+	// virtual server; nil when it could not be opened (see openConntrack).
+	ct conntrack.Interface
+
 	// nftApplied is the text of the last transaction nft ran successfully:
 	// a sync that renders the same text skips running nft. Cleared by
 	// exit and by a failed run.
@@ -107,6 +127,7 @@ func newIPVSStep(ctx context.Context, o *Options, open func() (ipvs.Interface, e
 	if errors.Is(err, ipvs.ErrNoIPVS) {
 		klog.FromContext(ctx).Error(err, "IPVS forwarding (--ipvs) is off on this node: the kernel has no IPVS. Load the ip_vs module (modprobe ip_vs) and restart the speaker; meanwhile it only holds VIPs with VRRP")
 		m.IPVSAvailable.Set(0)
+		d.noIPVS, d.unavailableWarned = true, map[string]bool{}
 		return d, nil
 	}
 	if err != nil {
@@ -114,59 +135,92 @@ func newIPVSStep(ctx context.Context, o *Options, open func() (ipvs.Interface, e
 	}
 	if !o.SkipSysctls {
 		if err := hostnet.Ensure(net, ipvsSysctls()); err != nil {
-			closeIPVS(h)
+			closeHandle(h)
 			return nil, fmt.Errorf("IPVS forwarding (--ipvs) needs these sysctls: %w", err)
 		}
 		d.sysctls = net
 	}
 	d.h = h
+	m.RegisterIPVSStats(d.stats)
 	d.nft = openNFT(ctx, o)
+	d.ct = openConntrack(ctx, o)
 	m.IPVSAvailable.Set(1)
 	return d, nil
 }
 
-// openNFT opens keeplb's nftables table, or returns nil, having logged why
-// and how to fix it: IPVS forwarding goes on without masquerading and
-// without loadBalancerSourceRanges, as it goes on without IPVS.
-//
-// With --netns the node side is another network namespace than the
-// speaker's, and knftables execs nft in the speaker's own, with no way to
-// wrap the command (as ip netns exec would): rather than write the table
-// into the wrong namespace, the step runs without nftables there.
+// openNFT opens keeplb's nftables table in the speaker's node-side network
+// namespace (the one named by --netns, else the current one), or returns
+// nil, having logged why and how to fix it: IPVS forwarding goes on
+// without masquerading and without loadBalancerSourceRanges, as it goes on
+// without IPVS.
 func openNFT(ctx context.Context, o *Options) knftables.Interface {
-	logger := klog.FromContext(ctx)
-	if o.NetNS != "" {
-		logger.Info("IPVS forwarding with --netns runs without keeplb's nftables table: nothing is masqueraded and loadBalancerSourceRanges are not enforced", "netns", o.NetNS)
-		return nil
-	}
 	open := o.openNFT
 	if open == nil {
-		open = nft.New
+		open = nft.NewAt
 	}
-	n, err := open()
+	n, err := open(netnsPath(o.NetNS))
 	if err != nil {
-		logger.Error(err, "IPVS forwarding (--ipvs) runs without keeplb's nftables table: nothing is masqueraded (replies from other nodes' NodePorts and pods get lost) and loadBalancerSourceRanges are not enforced. Install nft v1.0.1 or later in the speaker's image, make sure the kernel has nftables (modprobe nf_tables) and the speaker has CAP_NET_ADMIN, and restart it")
+		klog.FromContext(ctx).Error(err, "IPVS forwarding (--ipvs) runs without keeplb's nftables table: nothing is masqueraded (replies from other nodes' NodePorts and pods get lost) and loadBalancerSourceRanges are not enforced. Install nft v1.0.1 or later in the speaker's image, make sure the kernel has nftables (modprobe nf_tables) and the speaker has CAP_NET_ADMIN, and restart it")
 		return nil
 	}
 	return n
 }
 
-func closeIPVS(h ipvs.Interface) {
+// openConntrack opens the conntrack table of the speaker's node-side
+// network namespace, or returns nil, having logged why: IPVS forwarding
+// goes on, but UDP clients of a removed real server keep sending to it
+// until their conntrack entries time out.
+func openConntrack(ctx context.Context, o *Options) conntrack.Interface {
+	open := o.openConntrack
+	if open == nil {
+		open = func(nsPath string) (conntrack.Interface, error) {
+			c, err := conntrack.NewAt(nsPath)
+			if err != nil {
+				return nil, err // not a typed nil in an interface
+			}
+			return c, nil
+		}
+	}
+	c, err := open(netnsPath(o.NetNS))
+	if err != nil {
+		klog.FromContext(ctx).Error(err, "IPVS forwarding (--ipvs) runs without clearing conntrack: UDP clients of a removed real server keep sending to it until their entries time out. Make sure the kernel has nf_conntrack and the speaker has CAP_NET_ADMIN, and restart it")
+		return nil
+	}
+	return c
+}
+
+// netnsPath returns the path of the network namespace --netns names, or ""
+// for the speaker's own.
+func netnsPath(netns string) string {
+	if netns == "" {
+		return ""
+	}
+	return "/run/netns/" + netns
+}
+
+// closeHandle closes h if it can be closed.
+func closeHandle(h any) {
 	if c, ok := h.(interface{ Close() }); ok {
 		c.Close()
 	}
 }
 
-// close releases the IPVS handle.
+// close releases the IPVS and conntrack handles.
 func (d *ipvsStep) close() {
 	if d.h != nil {
-		closeIPVS(d.h)
+		closeHandle(d.h)
+	}
+	if d.ct != nil {
+		closeHandle(d.ct)
 	}
 }
 
 // sync brings this node's IPVS table to what in asks for.
 func (d *ipvsStep) sync(ctx context.Context, in Inputs) error {
 	if d.h == nil {
+		if d.noIPVS {
+			d.warnUnavailable(in)
+		}
 		return nil
 	}
 	start := time.Now()
@@ -176,7 +230,15 @@ func (d *ipvsStep) sync(ctx context.Context, in Inputs) error {
 	if err := d.ensureIPv6(st.IPVS); err != nil {
 		errs = append(errs, err) // IPv4 is unaffected: program anyway
 	}
+	d.mu.Lock()
 	res, err := d.apply(ctx, st.IPVS, st.Owns)
+	d.owners = map[ipvs.Key]string{}
+	for k := range d.programmed {
+		if owner, ok := st.Owners[k]; ok {
+			d.owners[k] = owner
+		}
+	}
+	d.mu.Unlock()
 	if err != nil {
 		errs = append(errs, err)
 	}
@@ -287,7 +349,10 @@ func (d *ipvsStep) exit(ctx context.Context, in Inputs) error {
 		return nil
 	}
 	st, _ := dataplane.Desired(dataplane.Inputs(in), d.node)
+	d.mu.Lock()
 	res, err := d.apply(ctx, ipvs.Table{}, st.Owns)
+	d.owners = nil
+	d.mu.Unlock()
 	logger.Info("Removed IPVS virtual servers", "deleted", res.VirtualDeleted, "failed", res.Failed)
 	if err != nil {
 		err = fmt.Errorf("remove IPVS virtual servers: %w", err)
@@ -335,6 +400,7 @@ func (d *ipvsStep) apply(ctx context.Context, desired ipvs.Table, owns func(ipvs
 		return before || owns(k)
 	}
 	res, err := dataplane.Apply(d.h, dataplane.Diff(current, desired, scope))
+	d.clearUDP(ctx, res.Removed)
 	// Remember what the kernel now has in scope: desired, unless something
 	// failed, then what a fresh dump shows.
 	next := ipvs.Table{}
@@ -360,6 +426,57 @@ func (d *ipvsStep) apply(ctx context.Context, desired ipvs.Table, owns func(ipvs
 	}
 	d.programmed = next
 	return res, err
+}
+
+// stats returns the kernel's counters of the virtual servers keeplb
+// programmed in the last sync, for the metrics scrape. It reads them when
+// asked rather than keeping the last sync's dump: syncs can be minutes
+// apart. Virtual servers of others (kube-proxy's, an operator's) are left
+// out. A failed read returns nothing: the series are missing from that
+// scrape rather than wrong.
+func (d *ipvsStep) stats() []metrics.VirtualServerStats {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.h == nil || len(d.owners) == 0 {
+		return nil
+	}
+	vss, err := d.h.VirtualServers()
+	if err != nil {
+		return nil
+	}
+	var out []metrics.VirtualServerStats
+	for _, vs := range vss {
+		if owner, ok := d.owners[vs.Key()]; ok {
+			out = append(out, metrics.VirtualServerStats{Service: owner, Key: vs.Key(), Stats: vs.Stats})
+		}
+	}
+	return out
+}
+
+// clearUDP deletes the conntrack entries of the UDP flows to each removed
+// real server through its VIP:port, as kube-proxy does: UDP has no
+// connection to end, so a client that keeps its source port would go on
+// sending to the dead backend until the entry times out. A failure is
+// logged, not returned: the real server is gone already, and a retry of
+// the sync would not see it again.
+func (d *ipvsStep) clearUDP(ctx context.Context, removed []dataplane.Removal) {
+	if d.ct == nil {
+		return
+	}
+	logger := klog.FromContext(ctx)
+	for _, r := range removed {
+		if r.Virtual.Protocol != ipvs.UDP {
+			continue
+		}
+		n, err := d.ct.DeleteUDP(netip.AddrPortFrom(r.Virtual.Address, r.Virtual.Port), r.Real)
+		if err != nil {
+			logger.Error(err, "Clearing the conntrack entries of a removed UDP real server failed; its clients keep sending to it until the entries time out", "removed", r)
+			continue
+		}
+		if n > 0 {
+			logger.V(2).Info("Cleared conntrack entries of a removed UDP real server", "removed", r, "entries", n)
+		}
+	}
 }
 
 // ensureIPv6 sets the IPv6 forwarding sysctl once t has an IPv6 virtual
@@ -402,6 +519,30 @@ func (d *ipvsStep) report(ctx context.Context, in Inputs, problems []dataplane.P
 	}
 	d.loggedProblems = logged
 	d.problems = seen
+}
+
+// warnUnavailable records an IPVSUnavailable Warning on each Service this
+// node would forward (those st.Owners names: Services of pools whose VIPs
+// it may hold, not forwarded by kube-proxy) that has not had one from this
+// process yet. Once per Service, not per sync: the condition lasts until
+// the speaker restarts, and repeating it would only add noise.
+func (d *ipvsStep) warnUnavailable(in Inputs) {
+	if d.recorder == nil {
+		return
+	}
+	st, _ := dataplane.Desired(dataplane.Inputs(in), d.node)
+	for _, owner := range slices.Sorted(maps.Values(st.Owners)) {
+		if d.unavailableWarned[owner] {
+			continue
+		}
+		svc := serviceByKey(in, owner)
+		if svc == nil {
+			continue
+		}
+		d.unavailableWarned[owner] = true
+		d.recorder.Eventf(svc, v1.EventTypeWarning, EventIPVSUnavailable,
+			"Node %s may hold this Service's VIP but cannot forward its traffic: the node's kernel has no IPVS. Load it (modprobe ip_vs) on %s and restart the keeplb speaker there", d.node, d.node)
+	}
 }
 
 // serviceByKey returns the Service "namespace/name" of in, or nil.

@@ -16,10 +16,13 @@ import (
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/tools/record"
+	"k8s.io/component-base/metrics/testutil"
 	"sigs.k8s.io/knftables"
 
 	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
+	"github.com/keeplb/keeplb/pkg/conntrack"
+	conntracktesting "github.com/keeplb/keeplb/pkg/conntrack/testing"
 	"github.com/keeplb/keeplb/pkg/dataplane"
 	hostnettesting "github.com/keeplb/keeplb/pkg/hostnet/testing"
 	"github.com/keeplb/keeplb/pkg/ipvs"
@@ -91,13 +94,14 @@ func kubeProxyEntry() ipvs.Entry {
 // host's.
 func fakeNFT(o *Options) *knftables.Fake {
 	fake := knftables.NewFake(nft.Family, nft.Table)
-	o.openNFT = func() (knftables.Interface, error) { return fake, nil }
+	o.openNFT = func(string) (knftables.Interface, error) { return fake, nil }
 	return fake
 }
 
 type ipvsFixture struct {
 	fake     *ipvstesting.Fake
 	nft      *knftables.Fake
+	ct       *conntracktesting.Fake
 	net      *hostnettesting.Fake
 	metrics  *metrics.Speaker
 	recorder *record.FakeRecorder
@@ -108,13 +112,15 @@ func newIPVSFixture(t *testing.T, mutate func(*Options)) *ipvsFixture {
 	t.Helper()
 	f := &ipvsFixture{
 		fake:     ipvstesting.New(),
-		net:      hostnettesting.New(nil, map[string]string{"net.ipv4.vs.conntrack": "0", "net.ipv4.ip_forward": "0", "net.ipv6.conf.all.forwarding": "0"}),
+		net:      hostnettesting.New(nil, map[string]string{"net.ipv4.vs.conntrack": "0", "net.ipv4.ip_forward": "0", "net.ipv4.vs.expire_nodest_conn": "0", "net.ipv6.conf.all.forwarding": "0"}),
+		ct:       conntracktesting.New(),
 		metrics:  metrics.NewSpeaker(),
 		recorder: record.NewFakeRecorder(100),
 	}
 	o := NewOptions()
 	o.NodeName, o.IPVS = "n1", true
 	f.nft = fakeNFT(o)
+	o.openConntrack = func(string) (conntrack.Interface, error) { return f.ct, nil }
 	if mutate != nil {
 		mutate(o)
 	}
@@ -168,7 +174,7 @@ func metric(t *testing.T, m *metrics.Speaker, name string) float64 {
 
 func TestIPVSStepProgramsDesired(t *testing.T) {
 	f := newIPVSFixture(t, nil)
-	for _, name := range []string{"net.ipv4.vs.conntrack", "net.ipv4.ip_forward"} {
+	for _, name := range []string{"net.ipv4.vs.conntrack", "net.ipv4.ip_forward", "net.ipv4.vs.expire_nodest_conn"} {
 		if v := f.sysctl(t, name); v != "1" {
 			t.Errorf("sysctl %s = %s after start, want 1", name, v)
 		}
@@ -426,7 +432,7 @@ func TestIPVSStepSysctls(t *testing.T) {
 	// A read-only IPv6 sysctl fails the sync, naming it, but IPv4 is
 	// programmed all the same.
 	o.SkipSysctls = false
-	net = hostnettesting.New(nil, map[string]string{"net.ipv4.vs.conntrack": "1", "net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "0"})
+	net = hostnettesting.New(nil, map[string]string{"net.ipv4.vs.conntrack": "1", "net.ipv4.ip_forward": "1", "net.ipv4.vs.expire_nodest_conn": "1", "net.ipv6.conf.all.forwarding": "0"})
 	net.MakeReadOnly("net.ipv6.conf.all.forwarding")
 	fake := ipvstesting.New()
 	step, err = newIPVSStep(t.Context(), o, func() (ipvs.Interface, error) { return fake, nil }, net, metrics.NewSpeaker())
@@ -477,23 +483,23 @@ func drain(r *record.FakeRecorder) []string {
 	}
 }
 
-// Without --ipvs nothing changes: the flags default to off and the IPVS
+// --ipvs is on by default and can be turned off; without it the IPVS
 // metrics are not served.
-func TestIPVSOffByDefault(t *testing.T) {
+func TestIPVSOnByDefault(t *testing.T) {
 	o := NewOptions()
 	fs := pflag.NewFlagSet("speaker", pflag.ContinueOnError)
 	o.AddFlags(fs)
 	if err := fs.Parse(nil); err != nil {
 		t.Fatal(err)
 	}
-	if o.IPVS || o.KeepIPVSOnExit {
-		t.Fatalf("defaults: --ipvs=%v --keep-ipvs-on-exit=%v, want both off", o.IPVS, o.KeepIPVSOnExit)
+	if !o.IPVS || o.KeepIPVSOnExit {
+		t.Fatalf("defaults: --ipvs=%v --keep-ipvs-on-exit=%v, want on and off", o.IPVS, o.KeepIPVSOnExit)
 	}
-	if fl := fs.Lookup("ipvs"); fl == nil || !strings.Contains(fl.Usage, "xperimental") {
-		t.Errorf("--ipvs help does not say it is experimental: %+v", fl)
+	if fl := fs.Lookup("ipvs"); fl == nil || strings.Contains(fl.Usage, "xperimental") || fl.DefValue != "true" {
+		t.Errorf("--ipvs: want default true and no \"experimental\" in its help: %+v", fl)
 	}
-	if err := fs.Parse([]string{"--ipvs", "--keep-ipvs-on-exit"}); err != nil || !o.IPVS || !o.KeepIPVSOnExit {
-		t.Fatalf("--ipvs --keep-ipvs-on-exit parsed to %v %v (%v)", o.IPVS, o.KeepIPVSOnExit, err)
+	if err := fs.Parse([]string{"--ipvs=false", "--keep-ipvs-on-exit"}); err != nil || o.IPVS || !o.KeepIPVSOnExit {
+		t.Fatalf("--ipvs=false --keep-ipvs-on-exit parsed to %v %v (%v)", o.IPVS, o.KeepIPVSOnExit, err)
 	}
 
 	m := metrics.NewSpeaker()
@@ -673,7 +679,7 @@ func TestIPVSStepNFTablesExit(t *testing.T) {
 func TestIPVSStepWithoutNFTables(t *testing.T) {
 	t.Run("nft missing", func(t *testing.T) {
 		f := newIPVSFixture(t, func(o *Options) {
-			o.openNFT = func() (knftables.Interface, error) {
+			o.openNFT = func(string) (knftables.Interface, error) {
 				return nil, errors.New(`could not find nftables binary: exec: "nft": executable file not found in $PATH`)
 			}
 		})
@@ -689,11 +695,163 @@ func TestIPVSStepWithoutNFTables(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
-	t.Run("netns", func(t *testing.T) {
-		f := newIPVSFixture(t, func(o *Options) { o.NetNS = "node1" })
-		f.sync(t, nftCluster())
-		if f.nft.Table != nil || f.nft.LastTransaction != nil {
-			t.Fatalf("with --netns the speaker's own namespace got a table:\n%s", f.nft.Dump())
+}
+
+// TestIPVSStepNFTablesInNetns checks that with --netns the table is opened
+// in the named namespace (nft.NewAt runs nft there) and written.
+func TestIPVSStepNFTablesInNetns(t *testing.T) {
+	var opened []string
+	f := newIPVSFixture(t, func(o *Options) {
+		o.NetNS = "node1"
+		inner := o.openNFT
+		o.openNFT = func(nsPath string) (knftables.Interface, error) {
+			opened = append(opened, nsPath)
+			return inner(nsPath)
 		}
 	})
+	if !slices.Equal(opened, []string{"/run/netns/node1"}) {
+		t.Fatalf("nftables opened in %q, want only /run/netns/node1", opened)
+	}
+	f.sync(t, nftCluster())
+	if f.nft.Table == nil {
+		t.Fatal("with --netns no nftables table was written")
+	}
+	if len(nftElements(t, f.nft, "snat-v4")) == 0 {
+		t.Error("with --netns the table masquerades nothing")
+	}
+}
+
+// TestIPVSStepWarnsWithoutIPVS checks the IPVSUnavailable events: one per
+// Service this node would forward, once per process, none for Services it
+// would not forward.
+func TestIPVSStepWarnsWithoutIPVS(t *testing.T) {
+	o := NewOptions()
+	o.NodeName, o.IPVS = "n1", true
+	fakeNFT(o)
+	step, err := newIPVSStep(t.Context(), o, func() (ipvs.Interface, error) {
+		return nil, fmt.Errorf("%w: family not found", ipvs.ErrNoIPVS)
+	}, hostnettesting.New(nil, nil), metrics.NewSpeaker())
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := record.NewFakeRecorder(100)
+	step.recorder = rec
+	in := ipvsCluster()
+	// Outside every pool: not keeplb's to forward.
+	in.Services = append(in.Services, fwdService("elsewhere", "198.51.100.1", 80, 30081))
+	for range 3 {
+		if err := step.sync(t.Context(), in); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := drain(rec)
+	if len(got) != 1 {
+		t.Fatalf("after 3 syncs got %d events, want 1 (web, once):\n%s", len(got), strings.Join(got, "\n"))
+	}
+	for _, want := range []string{"Warning", EventIPVSUnavailable, "Node n1", "modprobe ip_vs", "restart"} {
+		if !strings.Contains(got[0], want) {
+			t.Errorf("event %q lacks %q", got[0], want)
+		}
+	}
+	in.Services = append(in.Services, fwdService("api", "192.0.2.2", 443, 30443))
+	for range 2 {
+		if err := step.sync(t.Context(), in); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := drain(rec); len(got) != 1 || !strings.Contains(got[0], EventIPVSUnavailable) {
+		t.Errorf("a new Service got events %q, want one IPVSUnavailable", got)
+	}
+}
+
+// TestIPVSStepClearsUDPConntrack checks that a UDP real server leaving a
+// virtual server (its node gone, then its Service gone) loses its
+// conntrack flows through that VIP:port, and nothing else does.
+func TestIPVSStepClearsUDPConntrack(t *testing.T) {
+	f := newIPVSFixture(t, nil)
+	in := ipvsCluster()
+	dns := fwdService("dns", "192.0.2.5", 53, 30053)
+	dns.Spec.Ports[0].Protocol = v1.ProtocolUDP
+	in.Services = append(in.Services, dns)
+	f.sync(t, in)
+	flow := func(proto uint8, vip, real string) conntrack.Flow {
+		c := netip.MustParseAddrPort("198.51.100.7:40000")
+		return conntrack.Flow{Protocol: proto,
+			Original: conntrack.Tuple{Src: c, Dst: netip.MustParseAddrPort(vip)},
+			Reply:    conntrack.Tuple{Src: netip.MustParseAddrPort(real), Dst: netip.MustParseAddrPort("10.0.0.1:61000")}}
+	}
+	toN1 := flow(conntrack.UDP, "192.0.2.5:53", "10.0.0.1:30053")
+	toN2 := flow(conntrack.UDP, "192.0.2.5:53", "10.0.0.2:30053")
+	tcpToN2 := flow(conntrack.TCP, "192.0.2.1:80", "10.0.0.2:30080")
+	f.ct.Add(toN1, toN2, tcpToN2)
+
+	// n2 leaves: its real servers go, and only its UDP flow with them.
+	in.Nodes = in.Nodes[:1]
+	f.sync(t, in)
+	if got := f.ct.Flows(); len(got) != 2 || got[0] != toN1 || got[1] != tcpToN2 {
+		t.Fatalf("after n2 left, conntrack holds %+v, want n1's UDP flow and the TCP flow", got)
+	}
+	// The Service goes: its virtual server is deleted with n1's real
+	// server, whose flow goes too.
+	in.Services = in.Services[:1]
+	f.sync(t, in)
+	if got := f.ct.Flows(); len(got) != 1 || got[0] != tcpToN2 {
+		t.Fatalf("after dns was deleted, conntrack holds %+v, want only the TCP flow", got)
+	}
+	// A failure to clear is logged, not a failed sync.
+	f.ct.FailWith(errors.New("netlink: operation not permitted"))
+	in.Services = append(in.Services, dns)
+	f.sync(t, in)
+	in.Services = in.Services[:1]
+	f.sync(t, in)
+}
+
+// TestIPVSStepExportsStats checks the per-virtual-server counters: read
+// from the kernel at scrape time, for keeplb's virtual servers only,
+// labelled with their Service; gone once the speaker removed them.
+func TestIPVSStepExportsStats(t *testing.T) {
+	f := newIPVSFixture(t, nil)
+	kp := kubeProxyEntry()
+	f.fake.Seed(kp.Virtual, kp.Reals...)
+	f.fake.SetStats(kp.Virtual.Key(), ipvs.Stats{Connections: 99, PacketsIn: 99, BytesIn: 99})
+	in := ipvsCluster()
+	f.sync(t, in)
+	srv := httptest.NewServer(f.metrics.Handler())
+	defer srv.Close()
+	names := []string{"keeplb_ipvs_connections_total", "keeplb_ipvs_packets_total", "keeplb_ipvs_bytes_total"}
+	header := `
+# HELP keeplb_ipvs_connections_total [ALPHA] Connections IPVS scheduled to one of keeplb's virtual servers on this node, since the virtual server was created (the kernel counts in 32 bits, so it wraps).
+# TYPE keeplb_ipvs_connections_total counter
+`
+	want := func(conns int) string {
+		return header + `keeplb_ipvs_connections_total{port="80",protocol="TCP",service="ns/web",vip="192.0.2.1"} ` + strconv.Itoa(conns) + "\n"
+	}
+	if err := testutil.ScrapeAndCompare(srv.URL, strings.NewReader(want(0)), names[0]); err != nil {
+		t.Errorf("after the first sync: %v", err)
+	}
+	// Traffic between syncs shows at the next scrape, without a sync.
+	if !f.fake.SetStats(webEntry().Virtual.Key(), ipvs.Stats{Connections: 7, PacketsIn: 70, PacketsOut: 60, BytesIn: 7000, BytesOut: 60000}) {
+		t.Fatal("web's virtual server missing")
+	}
+	if err := testutil.ScrapeAndCompare(srv.URL, strings.NewReader(want(7)), names[0]); err != nil {
+		t.Errorf("after traffic: %v", err)
+	}
+	body := scrape(t, f.metrics)
+	for _, line := range []string{
+		`keeplb_ipvs_packets_total{direction="out",port="80",protocol="TCP",service="ns/web",vip="192.0.2.1"} 60`,
+		`keeplb_ipvs_bytes_total{direction="in",port="80",protocol="TCP",service="ns/web",vip="192.0.2.1"} 7000`,
+	} {
+		if !strings.Contains(body, line) {
+			t.Errorf("scrape lacks %s", line)
+		}
+	}
+	if strings.Contains(body, "10.96.0.1") {
+		t.Errorf("kube-proxy's virtual server exported:\n%s", body)
+	}
+	if err := f.step.exit(t.Context(), in); err != nil {
+		t.Fatal(err)
+	}
+	if body := scrape(t, f.metrics); strings.Contains(body, "keeplb_ipvs_connections_total{") {
+		t.Errorf("counters exported after exit removed the virtual servers:\n%s", body)
+	}
 }

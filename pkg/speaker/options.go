@@ -10,6 +10,8 @@ import (
 
 	"github.com/spf13/pflag"
 	"sigs.k8s.io/knftables"
+
+	"github.com/keeplb/keeplb/pkg/conntrack"
 )
 
 // Options are the flags of `keeplb speaker`.
@@ -44,16 +46,23 @@ type Options struct {
 	KubeAPIQPS   float32
 	KubeAPIBurst int
 	// IPVS programs this node's IPVS table for keeplb's VIPs, besides
-	// holding them with VRRP. Experimental, so off by default.
+	// holding them with VRRP. On by default: the controller publishes
+	// ipMode Proxy for nodeport and pod forwarding, so kube-proxy leaves
+	// those VIPs alone and nothing else forwards their traffic.
 	IPVS bool
 	// KeepIPVSOnExit leaves keeplb's IPVS virtual servers, and its
 	// nftables table, in place when the speaker exits, instead of deleting
 	// them.
 	KeepIPVSOnExit bool
 
-	// openNFT opens keeplb's nftables table for the IPVS step; nil means
-	// nft.New. Tests set a fake here.
-	openNFT func() (knftables.Interface, error)
+	// openNFT opens keeplb's nftables table for the IPVS step in the
+	// network namespace at nsPath ("" for the current one); nil means
+	// nft.NewAt. Tests set a fake here.
+	openNFT func(nsPath string) (knftables.Interface, error)
+	// openConntrack opens the conntrack table for the IPVS step in the
+	// network namespace at nsPath; nil means conntrack.NewAt. Tests set a
+	// fake here.
+	openConntrack func(nsPath string) (conntrack.Interface, error)
 }
 
 // NewOptions returns Options with the defaults.
@@ -69,6 +78,7 @@ func NewOptions() *Options {
 		MetricsBindAddress: ":10261",
 		KubeAPIQPS:         20,
 		KubeAPIBurst:       40,
+		IPVS:               true,
 	}
 }
 
@@ -84,10 +94,10 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&o.MinSyncInterval, "min-sync-interval", o.MinSyncInterval, "Shortest time between two syncs.")
 	fs.StringVar(&o.MetricsBindAddress, "metrics-bind-address", o.MetricsBindAddress, "Address serving /metrics and /healthz. \"0\" disables it.")
 	fs.BoolVar(&o.SkipSysctls, "skip-sysctls", o.SkipSysctls, "Do not check or set the sysctls VRRP needs.")
-	fs.StringVar(&o.NetNS, "netns", o.NetNS, "For tests and demos: manage addresses and run keepalived in this named network namespace (ip netns). Implies --skip-sysctls for the speaker's own namespace.")
+	fs.StringVar(&o.NetNS, "netns", o.NetNS, "For tests and demos: manage addresses, run keepalived and (with --ipvs) program IPVS and keeplb's nftables table in this named network namespace (ip netns, /run/netns/NAME). Implies --skip-sysctls for the speaker's own namespace.")
 	fs.Float32Var(&o.KubeAPIQPS, "kube-api-qps", o.KubeAPIQPS, "Queries per second to the API server.")
 	fs.IntVar(&o.KubeAPIBurst, "kube-api-burst", o.KubeAPIBurst, "Burst of queries to the API server.")
-	fs.BoolVar(&o.IPVS, "ipvs", o.IPVS, "Experimental, until the VM end-to-end test lands: also forward VIP traffic with IPVS on this node (virtual servers to NodePorts or pods, with keeplb's nftables table inet keeplb for masquerading and loadBalancerSourceRanges; needs nft v1.0.1+, and with --netns runs without that table). Off: the speaker only holds VIPs with VRRP. On a kernel without IPVS the speaker logs an error and goes on holding VIPs.")
+	fs.BoolVar(&o.IPVS, "ipvs", o.IPVS, "Also forward VIP traffic with IPVS on this node (virtual servers to NodePorts or pods, with keeplb's nftables table inet keeplb for masquerading and loadBalancerSourceRanges; needs nft v1.0.1+; with --netns both live in that namespace). --ipvs=false: the speaker only holds VIPs with VRRP, and Services forwarded by nodeport or pod get no traffic. On a kernel without IPVS the speaker logs an error, records an IPVSUnavailable Warning event on each Service it would forward, and goes on holding VIPs.")
 	fs.BoolVar(&o.KeepIPVSOnExit, "keep-ipvs-on-exit", o.KeepIPVSOnExit, "With --ipvs: leave keeplb's IPVS virtual servers and its nftables table in place when the speaker exits, for upgrades, so the next speaker finds them programmed and only reconciles them. By default both are deleted on exit, so that a removed keeplb leaves no forwarding behind.")
 }
 

@@ -3,9 +3,9 @@
 // same on every node), renders this node's part as keepalived.conf, keeps
 // keepalived running with it, and reports which node holds each VIP.
 //
-// With --ipvs (experimental, off by default) it also programs the node's
-// IPVS table for keeplb's VIPs after each VRRP step (see package dataplane
-// and ipvsStep); without it, it never touches IPVS.
+// With --ipvs (on by default) it also programs the node's IPVS table for
+// keeplb's VIPs after each VRRP step (see package dataplane and ipvsStep);
+// with --ipvs=false it never touches IPVS.
 package speaker
 
 import (

@@ -48,7 +48,8 @@ func (c Call) String() string {
 }
 
 type entry struct {
-	vs    ipvs.VirtualServer
+	vs    ipvs.VirtualServer // Stats zero: stats are kept apart
+	stats ipvs.Stats
 	reals map[netip.AddrPort]ipvs.RealServer
 }
 
@@ -71,7 +72,8 @@ func New() *Fake { return &Fake{table: map[ipvs.Key]*entry{}} }
 func (f *Fake) Seed(vs ipvs.VirtualServer, reals ...ipvs.RealServer) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	e := &entry{vs: vs, reals: map[netip.AddrPort]ipvs.RealServer{}}
+	e := &entry{vs: vs, stats: vs.Stats, reals: map[netip.AddrPort]ipvs.RealServer{}}
+	e.vs.Stats = ipvs.Stats{}
 	for _, r := range reals {
 		e.reals[r.AddrPort()] = r
 	}
@@ -83,6 +85,20 @@ func (f *Fake) SeedTable(t ipvs.Table) {
 	for _, e := range t {
 		f.Seed(e.Virtual, e.Reals...)
 	}
+}
+
+// SetStats sets the counters of the virtual server k, as traffic would;
+// false if there is no such virtual server. VirtualServers reports them;
+// updates keep them; a deleted and re-added virtual server starts at zero.
+func (f *Fake) SetStats(k ipvs.Key, st ipvs.Stats) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	e := f.table[k]
+	if e == nil {
+		return false
+	}
+	e.stats = st
+	return true
 }
 
 // Table returns a copy of the whole table, real servers sorted.
@@ -150,7 +166,9 @@ func (f *Fake) VirtualServers() ([]ipvs.VirtualServer, error) {
 	}
 	out := make([]ipvs.VirtualServer, 0, len(f.table))
 	for _, e := range f.table {
-		out = append(out, e.vs)
+		vs := e.vs
+		vs.Stats = e.stats
+		out = append(out, vs)
 	}
 	return out, nil
 }
@@ -203,6 +221,7 @@ func (f *Fake) AddVirtualServer(vs ipvs.VirtualServer) error {
 	if f.table[k] != nil {
 		return errorf(syscall.EEXIST, "virtual server %s exists", k)
 	}
+	vs.Stats = ipvs.Stats{} // the kernel ignores counters in a write
 	f.table[k] = &entry{vs: vs, reals: map[netip.AddrPort]ipvs.RealServer{}}
 	return nil
 }
@@ -222,6 +241,7 @@ func (f *Fake) UpdateVirtualServer(vs ipvs.VirtualServer) error {
 	if err := validVirtual(vs); err != nil {
 		return err
 	}
+	vs.Stats = ipvs.Stats{} // the kernel ignores counters in a write
 	e.vs = vs
 	return nil
 }

@@ -7,8 +7,11 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"runtime"
 	"sync/atomic"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // seq makes names unique within a test binary; the PID across binaries.
@@ -46,4 +49,28 @@ func New(tb testing.TB, suffix string) string {
 		tb.Fatalf("ip -n %s link set lo up: %v: %s", name, err, out)
 	}
 	return name
+}
+
+// Do runs f on a thread of its own that has entered the network namespace
+// name, and returns f's error: sockets f opens and processes it starts
+// live there. The thread is never unlocked, so it dies with its goroutine
+// rather than run other goroutines in name.
+func Do(tb testing.TB, name string, f func() error) error {
+	tb.Helper()
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: see above
+		fd, err := unix.Open("/run/netns/"+name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			errc <- fmt.Errorf("open netns %s: %w", name, err)
+			return
+		}
+		defer unix.Close(fd)
+		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("enter netns %s: %w", name, err)
+			return
+		}
+		errc <- f()
+	}()
+	return <-errc
 }

@@ -1,0 +1,54 @@
+// Package conntrack is keeplb's boundary to the kernel's connection
+// tracking table, for one job: when a UDP real server leaves a virtual
+// server, delete the conntrack entries of flows to that VIP:port whose
+// replies come from that real server. UDP has no connection to close, so
+// without this a client that keeps sending from the same port stays bound
+// to the dead backend until its entry times out (kube-proxy clears the
+// same entries for the same reason).
+//
+// Flow and Matches are pure; Netlink implements Interface over
+// github.com/vishvananda/netlink for one network namespace; package
+// conntracktesting has a fake that models the table.
+package conntrack
+
+import "net/netip"
+
+// Protocol numbers of the flows Interface deals with.
+const (
+	// UDP is IPPROTO_UDP.
+	UDP uint8 = 17
+	// TCP is IPPROTO_TCP.
+	TCP uint8 = 6
+)
+
+// Tuple is one direction of a flow.
+type Tuple struct {
+	Src, Dst netip.AddrPort
+}
+
+// Flow is a conntrack entry: the tuple of its first packet (Original) and
+// the tuple replies are expected to carry (Reply). For a flow IPVS or a
+// DNAT forwarded, Original.Dst is the VIP:port and Reply.Src the real
+// server.
+type Flow struct {
+	Protocol        uint8
+	Original, Reply Tuple
+}
+
+// Matches reports whether f is a UDP flow opened to vip whose replies come
+// from real: the flows DeleteUDP deletes. Addresses compare unmapped, so
+// an IPv4-mapped IPv6 address matches its IPv4 form.
+func Matches(f Flow, vip, real netip.AddrPort) bool {
+	return f.Protocol == UDP && same(f.Original.Dst, vip) && same(f.Reply.Src, real)
+}
+
+func same(a, b netip.AddrPort) bool {
+	return a.Port() == b.Port() && a.Addr().Unmap() == b.Addr().Unmap()
+}
+
+// Interface is what keeplb needs from connection tracking.
+type Interface interface {
+	// DeleteUDP deletes the UDP flows opened to vip whose replies come
+	// from real (see Matches), and returns how many it deleted.
+	DeleteUDP(vip, real netip.AddrPort) (int, error)
+}

@@ -1,0 +1,134 @@
+package conntrack_test
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"os/exec"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/keeplb/keeplb/pkg/conntrack"
+	netnstest "github.com/keeplb/keeplb/pkg/testing/netns"
+)
+
+// TestKernelDeleteUDP makes real conntrack entries in a network namespace
+// of its own, with an nftables DNAT standing in for IPVS (both leave the
+// VIP in the original tuple and the real server in the reply tuple), and
+// checks that DeleteUDP removes exactly the matching ones.
+func TestKernelDeleteUDP(t *testing.T) {
+	netnstest.Require(t, "apt-get install iproute2 nftables", "ip", "nft")
+	ns := netnstest.New(t, "ct")
+	for _, args := range [][]string{
+		{"addr", "add", "192.0.2.1/32", "dev", "lo"},
+		{"addr", "add", "10.0.0.2/32", "dev", "lo"},
+		{"addr", "add", "10.0.0.3/32", "dev", "lo"},
+	} {
+		if out, err := exec.Command("ip", append([]string{"-n", ns}, args...)...).CombinedOutput(); err != nil {
+			t.Skipf("skipped: ip %s: %v: %s", strings.Join(args, " "), err, out)
+		}
+	}
+	// Any NAT chain makes the namespace track connections.
+	rules := `table ip ct-test {
+	chain out {
+		type nat hook output priority -100;
+		ip daddr 192.0.2.1 udp sport 40001 dnat to 10.0.0.3:5353
+		ip daddr 192.0.2.1 udp dport { 53, 54 } dnat to 10.0.0.2:5353
+	}
+}
+`
+	cmd := exec.Command("ip", "netns", "exec", ns, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(rules)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Skipf("skipped: nftables NAT (and so conntrack) unavailable in a network namespace: %v: %s", err, out)
+	}
+
+	type send struct{ from, to string }
+	sends := []send{
+		{"10.0.0.2:40000", "192.0.2.1:53"},  // -> 10.0.0.2:5353: matches
+		{"10.0.0.2:40002", "192.0.2.1:53"},  // -> 10.0.0.2:5353: matches
+		{"10.0.0.2:40001", "192.0.2.1:53"},  // -> 10.0.0.3:5353: other real server
+		{"10.0.0.2:40000", "192.0.2.1:54"},  // -> 10.0.0.2:5353: other VIP port
+		{"10.0.0.3:40000", "10.0.0.2:5353"}, // not through the VIP
+	}
+	if err := netnstest.Do(t, ns, func() error {
+		for _, s := range sends {
+			c, err := net.DialUDP("udp", net.UDPAddrFromAddrPort(netip.MustParseAddrPort(s.from)), net.UDPAddrFromAddrPort(netip.MustParseAddrPort(s.to)))
+			if err != nil {
+				return err
+			}
+			_, err = c.Write([]byte("ping"))
+			c.Close()
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	list := func() []string {
+		t.Helper()
+		h, err := netns.GetFromPath("/run/netns/" + ns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer h.Close()
+		nh, err := netlink.NewHandleAt(h, unix.NETLINK_NETFILTER)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer nh.Close()
+		flows, err := nh.ConntrackTableList(netlink.ConntrackTable, unix.AF_INET)
+		if err != nil {
+			t.Fatalf("listing conntrack: %v", err)
+		}
+		var out []string
+		for _, f := range flows {
+			if f.Forward.Protocol == unix.IPPROTO_UDP {
+				out = append(out, fmt.Sprintf("%s:%d>%s:%d reply %s:%d", f.Forward.SrcIP, f.Forward.SrcPort, f.Forward.DstIP, f.Forward.DstPort, f.Reverse.SrcIP, f.Reverse.SrcPort))
+			}
+		}
+		slices.Sort(out)
+		return out
+	}
+	before := list()
+	if len(before) == 0 {
+		t.Skip("skipped: no conntrack entries for UDP in a network namespace (nf_conntrack unavailable?)")
+	}
+	want := []string{
+		"10.0.0.2:40000>192.0.2.1:53 reply 10.0.0.2:5353",
+		"10.0.0.2:40000>192.0.2.1:54 reply 10.0.0.2:5353",
+		"10.0.0.2:40001>192.0.2.1:53 reply 10.0.0.3:5353",
+		"10.0.0.2:40002>192.0.2.1:53 reply 10.0.0.2:5353",
+		"10.0.0.3:40000>10.0.0.2:5353 reply 10.0.0.2:5353",
+	}
+	if !slices.Equal(before, want) {
+		t.Fatalf("conntrack entries before\n%s\nwant\n%s", strings.Join(before, "\n"), strings.Join(want, "\n"))
+	}
+
+	ct, err := conntrack.NewAt("/run/netns/" + ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ct.Close()
+	n, err := ct.DeleteUDP(netip.MustParseAddrPort("192.0.2.1:53"), netip.MustParseAddrPort("10.0.0.2:5353"))
+	if err != nil {
+		t.Fatalf("DeleteUDP: %v", err)
+	}
+	if n != 2 {
+		t.Errorf("DeleteUDP deleted %d entries, want 2", n)
+	}
+	wantLeft := []string{want[1], want[2], want[4]}
+	if got := list(); !slices.Equal(got, wantLeft) {
+		t.Errorf("conntrack entries after DeleteUDP\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(wantLeft, "\n"))
+	}
+	if n, err := ct.DeleteUDP(netip.MustParseAddrPort("192.0.2.1:53"), netip.MustParseAddrPort("10.0.0.2:5353")); err != nil || n != 0 {
+		t.Errorf("second DeleteUDP = %d, %v; want 0", n, err)
+	}
+}

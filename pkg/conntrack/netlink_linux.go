@@ -1,0 +1,80 @@
+package conntrack
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// Netlink implements Interface with conntrack netlink messages, in the
+// network namespace it was opened in.
+type Netlink struct {
+	h *netlink.Handle
+}
+
+var _ Interface = (*Netlink)(nil)
+
+// NewAt returns an Interface for the network namespace at nsPath (such as
+// /run/netns/NAME); "" means the current one.
+func NewAt(nsPath string) (*Netlink, error) {
+	if nsPath == "" {
+		h, err := netlink.NewHandle(unix.NETLINK_NETFILTER)
+		if err != nil {
+			return nil, fmt.Errorf("open conntrack netlink socket: %w", err)
+		}
+		return &Netlink{h: h}, nil
+	}
+	ns, err := netns.GetFromPath(nsPath)
+	if err != nil {
+		return nil, fmt.Errorf("open network namespace %s: %w", nsPath, err)
+	}
+	defer ns.Close() // the socket keeps the namespace alive
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_NETFILTER)
+	if err != nil {
+		return nil, fmt.Errorf("open conntrack netlink socket in %s: %w", nsPath, err)
+	}
+	return &Netlink{h: h}, nil
+}
+
+// Close releases the netlink socket.
+func (n *Netlink) Close() { n.h.Close() }
+
+// DeleteUDP is part of Interface. The kernel has no filter for reply
+// tuples, so the library dumps the family's table and deletes the
+// matching entries one by one.
+func (n *Netlink) DeleteUDP(vip, real netip.AddrPort) (int, error) {
+	family := netlink.InetFamily(unix.AF_INET)
+	if vip.Addr().Unmap().Is6() {
+		family = unix.AF_INET6
+	}
+	deleted, err := n.h.ConntrackDeleteFilters(netlink.ConntrackTable, family, filter{vip: vip, real: real})
+	if err != nil {
+		return int(deleted), fmt.Errorf("delete UDP conntrack entries to %s from %s: %w", vip, real, err)
+	}
+	return int(deleted), nil
+}
+
+// filter is a netlink.CustomConntrackFilter for Matches.
+type filter struct{ vip, real netip.AddrPort }
+
+// MatchConntrackFlow is part of netlink.CustomConntrackFilter.
+func (f filter) MatchConntrackFlow(c *netlink.ConntrackFlow) bool {
+	return Matches(fromNetlink(c), f.vip, f.real)
+}
+
+func fromNetlink(c *netlink.ConntrackFlow) Flow {
+	return Flow{
+		Protocol: c.Forward.Protocol,
+		Original: Tuple{Src: addrPort(c.Forward.SrcIP, c.Forward.SrcPort), Dst: addrPort(c.Forward.DstIP, c.Forward.DstPort)},
+		Reply:    Tuple{Src: addrPort(c.Reverse.SrcIP, c.Reverse.SrcPort), Dst: addrPort(c.Reverse.DstIP, c.Reverse.DstPort)},
+	}
+}
+
+func addrPort(ip net.IP, port uint16) netip.AddrPort {
+	a, _ := netip.AddrFromSlice(ip)
+	return netip.AddrPortFrom(a.Unmap(), port)
+}
