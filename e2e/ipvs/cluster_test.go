@@ -239,9 +239,9 @@ func (c *cluster) answers(client string, addr netip.AddrPort, n int) []lab.Answe
 	c.t.Helper()
 	var out []lab.Answer
 	for range n {
-		a, err := lab.Get(c.t.Context(), client, addr, "/", 3*time.Second)
+		a, err := lab.Get(c.t.Context(), client, addr, "/", 5*time.Second)
 		if err != nil {
-			c.t.Fatalf("GET %s from %s: %v", addr, client, err)
+			c.t.Fatalf("GET %s from %s after %d answers %v: %v\n%s", addr, client, len(out), names(out), err, c.dump())
 		}
 		out = append(out, a)
 	}
@@ -258,4 +258,16 @@ func names(as []lab.Answer) []string {
 
 func fmtGap(d time.Duration) string {
 	return fmt.Sprintf("%.0f ms", float64(d)/float64(time.Millisecond))
+}
+
+// dump returns every node's IPVS table and connections, for a failure.
+func (c *cluster) dump() string {
+	var b strings.Builder
+	for _, n := range c.lab.Nodes {
+		for _, args := range [][]string{{"-Ln"}, {"-Lnc"}} {
+			out, _ := exec.Command("ip", append([]string{"netns", "exec", n.Name, "ipvsadm"}, args...)...).CombinedOutput()
+			fmt.Fprintf(&b, "%s: ipvsadm %s\n%s", n.Name, args[0], out)
+		}
+	}
+	return b.String()
 }
