@@ -275,3 +275,44 @@ func field(obj any, path string) any {
 	}
 	return obj
 }
+
+// TestValuesDocumented checks that every value is commented in values.yaml
+// and listed in the chart's README: a top-level value, or each value of a
+// top-level group such as controller.
+func TestValuesDocumented(t *testing.T) {
+	data, err := os.ReadFile(filepath.Join(chartPath, "values.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	readme, err := os.ReadFile(filepath.Join(chartPath, "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := regexp.MustCompile(`^( {0,2})([A-Za-z][A-Za-z0-9]*):(.*)$`)
+	group, prev := "", ""
+	for _, line := range strings.Split(string(data), "\n") {
+		m := key.FindStringSubmatch(line)
+		if m == nil {
+			prev = line
+			continue
+		}
+		name := m[2]
+		if m[1] == "" {
+			group = ""
+			if strings.TrimSpace(m[3]) == "" {
+				group = name // a group of values, such as controller
+				prev = line
+				continue
+			}
+		} else {
+			name = group + "." + name
+		}
+		if !strings.HasPrefix(strings.TrimSpace(prev), "#") {
+			t.Errorf("values.yaml: %s has no comment above it", name)
+		}
+		if !strings.Contains(string(readme), "| `"+name+"` |") {
+			t.Errorf("README.md does not list %s in its table of values", name)
+		}
+		prev = line
+	}
+}
