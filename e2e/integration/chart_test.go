@@ -93,7 +93,7 @@ func TestChart(t *testing.T) {
 				t.Fatalf("dry-run apply of the chart: %v\n%s", err, r.Manifest())
 			}
 			t.Logf("kubectl apply --dry-run=server of the chart:\n%s", out)
-			objs, err := chart.Decode(r.Manifest())
+			objs, err := r.Objects()
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -119,13 +119,9 @@ func chartDir(t *testing.T) string { return manifestPath(t, "charts/keeplb") }
 // defaults and returns its objects, CRDs included.
 func renderChart(t *testing.T, namespace string, values map[string]any) []*unstructured.Unstructured {
 	t.Helper()
-	r, err := chart.Render(chartDir(t), chart.Release{Name: "keeplb", Namespace: namespace}, values)
+	objs, err := chart.RenderObjects(chartDir(t), chart.Release{Name: "keeplb", Namespace: namespace}, values)
 	if err != nil {
 		t.Fatal(err)
-	}
-	objs, err := chart.Decode(r.Manifest())
-	if err != nil {
-		t.Fatalf("rendered chart: %v\n%s", err, r.Manifest())
 	}
 	return objs
 }

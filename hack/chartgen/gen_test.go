@@ -242,13 +242,9 @@ func TestGenerateRefuses(t *testing.T) {
 // defaults and returns its objects, CRDs included.
 func render(t *testing.T, namespace string, values map[string]any) []*unstructured.Unstructured {
 	t.Helper()
-	r, err := chart.Render(chartPath, chart.Release{Name: "keeplb", Namespace: namespace}, values)
+	objs, err := chart.RenderObjects(chartPath, chart.Release{Name: "keeplb", Namespace: namespace}, values)
 	if err != nil {
 		t.Fatal(err)
-	}
-	objs, err := chart.Decode(r.Manifest())
-	if err != nil {
-		t.Fatalf("rendered chart: %v\n%s", err, r.Manifest())
 	}
 	return objs
 }

@@ -119,6 +119,25 @@ func (r *Rendered) Manifest() string {
 	return b.String()
 }
 
+// RenderObjects renders the chart as Render does and returns the objects
+// of its Manifest.
+func RenderObjects(dir string, rel Release, values map[string]any) ([]*unstructured.Unstructured, error) {
+	r, err := Render(dir, rel, values)
+	if err != nil {
+		return nil, err
+	}
+	return r.Objects()
+}
+
+// Objects decodes the objects of Manifest.
+func (r *Rendered) Objects() ([]*unstructured.Unstructured, error) {
+	objs, err := Decode(r.Manifest())
+	if err != nil {
+		return nil, fmt.Errorf("rendered chart: %w", err)
+	}
+	return objs, nil
+}
+
 // funcs are the template functions of Helm's that the chart may use.
 var funcs = template.FuncMap{
 	// toYaml marshals as Helm's does (with sigs.k8s.io/yaml, as Helm
