@@ -12,7 +12,7 @@ LDFLAGS  = -s -w \
 	-X github.com/keeplb/keeplb/pkg/version.date=$(DATE)
 
 .DEFAULT_GOAL := help
-.PHONY: help build test test-unit test-integration e2e-vrrp e2e bench verify tools demo demo-down clean
+.PHONY: help build test test-unit test-integration e2e-vrrp e2e bench verify chart tools demo demo-down clean
 
 help: ## List the targets.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -40,6 +40,9 @@ bench: ## Benchmark the allocator against a naive one; table in the output, raw 
 
 verify: ## Check formatting, go vet, and that go.mod files are tidy.
 	hack/verify.sh
+
+chart: ## Regenerate the Helm chart's templates and CRD (manifests/charts/keeplb) from the kustomize base.
+	go run ./hack/chartgen
 
 tools: ## Build (once; cached) kube-apiserver, kubectl and etcd, and print their directory.
 	hack/tools.sh
