@@ -4,6 +4,9 @@
 # a control plane, keeplb's controller and three nodes with a speaker each,
 # shows Services getting VIPs, traffic and a failover, and leaves it all
 # running. `make demo-down` stops it.
+#
+# KEEPLB_DEMO_STATE overrides the state folder (default _output/demo), for
+# the test of this script (e2e/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
@@ -34,4 +37,4 @@ if [[ ! -e /proc/net/ip_vs ]] && ! modprobe -q ip_vs 2>/dev/null; then
   vmdir=$(hack/vm/build.sh)
 fi
 say "starting the demo"
-exec _output/bin/keeplb-demo up -tools "$tools" -vm-dir "$vmdir"
+exec _output/bin/keeplb-demo up -tools "$tools" -vm-dir "$vmdir" ${KEEPLB_DEMO_STATE:+-state "$KEEPLB_DEMO_STATE"}

@@ -143,7 +143,7 @@ func (a *nodeAgent) failover(ctx context.Context, req request) (response, error)
 		return response{}, err
 	}
 	var res response
-	var cut, lastOK, firstOK time.Time
+	var cut, prevOK time.Time
 	after := 0
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) && after < 10 {
@@ -157,23 +157,27 @@ func (a *nodeAgent) failover(ctx context.Context, req request) (response, error)
 		at := time.Now()
 		ans, err := lab.Get(ctx, a.client, ap, "/", 250*time.Millisecond)
 		res.Sent++
-		switch {
-		case err != nil:
+		if err != nil {
 			res.Failed++
-		case cut.IsZero():
-			lastOK = at
-		default:
-			if firstOK.IsZero() {
-				firstOK, res.By = at, ans.Name
+		} else {
+			// The gap is the longest wait between two answers: what a
+			// client retrying at once would have waited.
+			if !prevOK.IsZero() && at.Sub(prevOK) > res.Gap {
+				res.Gap = at.Sub(prevOK)
 			}
-			after++
+			prevOK = at
+			if !cut.IsZero() {
+				if after == 0 {
+					res.By = ans.Name
+				}
+				after++
+			}
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	if firstOK.IsZero() {
+	if after == 0 {
 		return res, fmt.Errorf("no answer through %s within 30 s of cutting %s off", ap, req.Node)
 	}
-	res.Gap = firstOK.Sub(lastOK)
 	return res, nil
 }
 

@@ -354,16 +354,27 @@ func (s *Speaker) watch(ctx context.Context, events <-chan keepalived.Event) {
 	for ev := range events {
 		s.metrics.Transitions.WithLabelValues(ev.Instance, string(ev.State)).Inc()
 		s.mu.Lock()
-		switch ev.State {
-		case keepalived.StateDeleted, keepalived.StateStop:
-			delete(s.states, ev.Instance)
-		default:
-			s.states[ev.Instance] = ev.State
-		}
+		applyEvent(s.states, ev)
 		s.mu.Unlock()
 		logger.Info("VRRP state changed", "instance", ev.Instance, "state", ev.State, "priority", ev.Priority)
 		// Holders, events and metrics follow in the next sync, at once.
 		s.runner.Trigger()
+	}
+}
+
+// applyEvent updates the instances' states with one keepalived event.
+func applyEvent(states map[string]keepalived.State, ev keepalived.Event) {
+	switch ev.State {
+	case keepalived.StateDeleted, keepalived.StateStop:
+		delete(states, ev.Instance)
+	case keepalived.StateMasterRxLowerPri:
+		// Still the master: keepalived saw a lower-priority advert (a
+		// node that took over while this one was cut off) and forces an
+		// election that this one wins. Recording this as the state would
+		// stop this node from claiming the holder annotation.
+		states[ev.Instance] = keepalived.StateMaster
+	default:
+		states[ev.Instance] = ev.State
 	}
 }
 
