@@ -20,7 +20,7 @@ help: ## List the targets.
 build: ## Build bin/keeplb, stamped with VERSION, COMMIT and DATE.
 	CGO_ENABLED=0 go build -trimpath -ldflags "$(LDFLAGS)" -o bin/keeplb ./cmd/keeplb
 
-test: ## Run everything CI runs: verify, unit and integration tests.
+test: ## Run everything CI runs: verify, unit, integration and IPVS end-to-end tests.
 	hack/test.sh
 
 test-unit: ## Run the unit tests with the race detector (all but e2e/).
@@ -32,7 +32,7 @@ test-integration: ## Run the tests against a real kube-apiserver and etcd.
 e2e-vrrp: ## Run the speaker end to end: real keepalived in network namespaces (needs root); prints failover times.
 	hack/e2e-vrrp.sh
 
-e2e: ## Run the IPVS dataplane tests in a qemu VM with a stock kernel (experimental; not in make test yet).
+e2e: ## Run the tests that need IPVS (in a qemu VM where the host kernel lacks it), the demo's among them.
 	hack/e2e.sh
 
 bench: ## Benchmark the allocator against a naive one; table in the output, raw in _output/bench.txt.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # test.sh is `make test`, and what CI runs: verify, then the unit tests, then
-# the integration tests against a real kube-apiserver and etcd. It stops at
+# the integration tests against a real kube-apiserver and etcd, then the
+# tests that need IPVS (hack/e2e.sh: in a VM where the host kernel has none). It stops at
 # the first stage that fails and reports how long each stage took.
 set -euo pipefail
 
@@ -45,6 +46,7 @@ unit() {
 stage verify hack/verify.sh
 stage unit unit
 stage integration hack/test-integration.sh
+stage e2e hack/e2e.sh
 
 summary
 echo "==> all passed"

@@ -54,6 +54,10 @@ type State struct {
 
 	ranges    []allocator.Range
 	kubeProxy map[ipvs.Key]bool
+	// order and portNames record, within one Service's part, its virtual
+	// servers in the order they were made and their ports' names.
+	order     []ipvs.Key
+	portNames map[ipvs.Key]string
 }
 
 // Owns reports whether keeplb owns the virtual server k: its address lies
@@ -123,13 +127,21 @@ type computer struct {
 	self     *v1.Node
 	nodes    []nodeInfo
 	slices   map[string][]*discoveryv1.EndpointSlice
+	parsed   []pools.Parsed
+	admits   map[string]bool // pool name: may this node hold its VIPs
 	st       State
 	problems []Problem
 }
 
 // Desired returns the IPVS table node should have, with the problems found.
-// It is pure and deterministic.
+// It is pure and deterministic. A speaker that syncs again and again uses
+// a Cache, which gives the same result without recomputing the Services
+// that did not change.
 func Desired(in Inputs, node string) (State, []Problem) {
+	return (&Cache{}).Desired(in, node)
+}
+
+func newComputer(in Inputs, node string) *computer {
 	c := &computer{
 		in:     in,
 		node:   node,
@@ -139,6 +151,7 @@ func Desired(in Inputs, node string) (State, []Problem) {
 			Owners:    map[ipvs.Key]string{},
 			kubeProxy: map[ipvs.Key]bool{},
 		},
+		admits: map[string]bool{},
 	}
 	for _, n := range in.Nodes {
 		if n.Name == node {
@@ -153,49 +166,88 @@ func Desired(in Inputs, node string) (State, []Problem) {
 			c.slices[k] = append(c.slices[k], s)
 		}
 	}
-	parsed := pools.Parse(in.Pools)
-	admits := map[string]bool{}
-	for _, p := range parsed {
+	c.parsed = pools.Parse(in.Pools)
+	for _, p := range c.parsed {
 		c.st.ranges = append(c.st.ranges, p.Pool.Ranges...)
-		admits[p.Pool.Name] = c.poolAdmitsSelf(p.Pool.Name)
+		c.admits[p.Pool.Name] = c.poolAdmitsSelf(p.Pool.Name)
 	}
-	poolOf := func(a netip.Addr) (string, bool) {
-		name := pools.Find(parsed, a)
-		return name, name != ""
-	}
+	return c
+}
 
-	svcs := slices.Clone(in.Services)
+// sortedServices returns the Services oldest first: the older Service
+// keeps a contested port.
+func sortedServices(in []*v1.Service) []*v1.Service {
+	svcs := slices.Clone(in)
 	slices.SortFunc(svcs, func(a, b *v1.Service) int {
 		if c := a.CreationTimestamp.Compare(b.CreationTimestamp.Time); c != 0 {
-			return c // the older Service keeps a contested port
+			return c
 		}
 		return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name)
 	})
-	for _, svc := range svcs {
-		if !c.ours(svc) {
+	return svcs
+}
+
+// part computes one Service's share of the desired state on its own, as
+// if no other Service existed: merge settles contested ports.
+func (c *computer) part(svc *v1.Service) part {
+	saved, savedProblems := c.st, c.problems
+	c.st = State{IPVS: ipvs.Table{}, Owners: map[ipvs.Key]string{}, kubeProxy: map[ipvs.Key]bool{}}
+	c.problems = nil
+	for _, ing := range svc.Status.LoadBalancer.Ingress {
+		a, err := netip.ParseAddr(ing.IP)
+		if err != nil {
 			continue
 		}
-		for _, ing := range svc.Status.LoadBalancer.Ingress {
-			a, err := netip.ParseAddr(ing.IP)
-			if err != nil {
-				continue
+		a = a.Unmap()
+		name := pools.Find(c.parsed, a)
+		if name == "" {
+			continue
+		}
+		c.service(svc, a, c.pool(name), c.admits[name])
+	}
+	p := part{problems: c.problems}
+	for k := range c.st.kubeProxy {
+		p.kubeProxy = append(p.kubeProxy, k)
+	}
+	for _, k := range c.st.order {
+		p.entries = append(p.entries, partEntry{entry: c.st.IPVS[k], port: c.st.portNames[k]})
+	}
+	p.snat = c.st.SNAT
+	c.st, c.problems = saved, savedProblems
+	return p
+}
+
+// merge adds a Service's part to the state, in Service order: a port
+// another Service took first is a problem, not a virtual server.
+func (c *computer) merge(svc *v1.Service, p part) {
+	key := svc.Namespace + "/" + svc.Name
+	c.problems = append(c.problems, p.problems...)
+	for _, k := range p.kubeProxy {
+		c.st.kubeProxy[k] = true
+	}
+	var skip map[ipvs.Key]bool // rare: allocated only for a contested port
+	for _, e := range p.entries {
+		k := e.entry.Virtual.Key()
+		if owner, taken := c.st.Owners[k]; taken {
+			c.problem(svc, "spec.ports["+e.port+"]", "%s is already forwarded for %s; this port is not forwarded", k, owner)
+			if skip == nil {
+				skip = map[ipvs.Key]bool{}
 			}
-			a = a.Unmap()
-			pool, ok := poolOf(a)
-			if !ok {
-				continue
-			}
-			c.service(svc, a, c.pool(pool), admits[pool])
+			skip[k] = true
+			continue
+		}
+		c.st.IPVS[k] = e.entry
+		c.st.Owners[k] = key
+	}
+	if skip == nil {
+		c.st.SNAT = append(c.st.SNAT, p.snat...)
+		return
+	}
+	for _, sn := range p.snat {
+		if !skip[sn.Virtual] {
+			c.st.SNAT = append(c.st.SNAT, sn)
 		}
 	}
-	slices.SortFunc(c.st.SNAT, func(a, b SNAT) int {
-		if c := a.Virtual.Compare(b.Virtual); c != 0 {
-			return c
-		}
-		return a.Real.Compare(b.Real)
-	})
-	c.st.SNAT = slices.Compact(c.st.SNAT)
-	return c.st, c.problems
 }
 
 func (c *computer) ours(svc *v1.Service) bool {
@@ -308,6 +360,11 @@ func (c *computer) service(svc *v1.Service, vip netip.Addr, pool *v1alpha1.IPPoo
 		}
 		c.st.IPVS[k] = ipvs.Entry{Virtual: vs, Reals: reals}
 		c.st.Owners[k] = key
+		c.st.order = append(c.st.order, k)
+		if c.st.portNames == nil {
+			c.st.portNames = map[ipvs.Key]string{}
+		}
+		c.st.portNames[k] = portName(p)
 		if snat {
 			for _, r := range reals {
 				c.st.SNAT = append(c.st.SNAT, SNAT{Virtual: k, Real: r.AddrPort()})

@@ -73,6 +73,9 @@ func openIPVS(netns string) (ipvs.Interface, error) {
 // IPVS handle meanwhile (see stats), so kernel calls hold mu.
 type ipvsStep struct {
 	node string
+	// desired remembers each Service's part of the desired state, so a
+	// sync recomputes only the Services whose objects changed.
+	desired dataplane.Cache
 	// mu serializes the use of h (a netlink socket, not safe for
 	// concurrent use) and guards owners.
 	mu sync.Mutex
@@ -115,6 +118,8 @@ type ipvsStep struct {
 	// a sync that renders the same text skips running nft. Cleared by
 	// exit and by a failed run.
 	nftApplied string
+	// snatApplied is the masquerading that transaction wrote.
+	snatApplied []dataplane.SNAT
 }
 
 // newIPVSStep opens IPVS with open and checks the sysctls it needs. A
@@ -224,11 +229,22 @@ func (d *ipvsStep) sync(ctx context.Context, in Inputs) error {
 		return nil
 	}
 	start := time.Now()
-	st, problems := dataplane.Desired(dataplane.Inputs(in), d.node)
+	st, problems := d.desired.Desired(dataplane.Inputs(in), d.node)
 	d.report(ctx, in, problems)
 	var errs []error
 	if err := d.ensureIPv6(st.IPVS); err != nil {
 		errs = append(errs, err) // IPv4 is unaffected: program anyway
+	}
+	// Masquerading must be in place before IPVS sends a connection to a
+	// new real server (its replies would bypass this node otherwise), and
+	// must stay for a leaving one until IPVS no longer schedules to it:
+	// first the table for the union of what was and what will be, then
+	// IPVS, then the table for what is.
+	// Problems with the Services' source ranges are reported by the
+	// second call.
+	_, preErr := d.writeNFT(ctx, in, st, d.snatApplied)
+	if preErr != nil {
+		d.metrics.NFTSyncErrors.Inc()
 	}
 	d.mu.Lock()
 	res, err := d.apply(ctx, st.IPVS, st.Owns)
@@ -258,11 +274,12 @@ func (d *ipvsStep) sync(ctx context.Context, in Inputs) error {
 	}
 	// The table after IPVS, even when IPVS failed in part: it follows the
 	// desired state alone, and what IPVS did program needs it.
-	if nftErr := d.syncNFT(ctx, in, st); nftErr != nil {
+	rulesErr, nftErr := d.writeNFT(ctx, in, st, nil)
+	if nftErr = errors.Join(rulesErr, nftErr); nftErr != nil {
 		d.metrics.NFTSyncErrors.Inc()
 		err = errors.Join(err, nftErr)
 	}
-	return err
+	return errors.Join(preErr, err)
 }
 
 // nftRules returns what keeplb's nftables table must express for st: the
@@ -313,28 +330,45 @@ func otherFamily(vip netip.Addr) netip.Prefix {
 	return netip.MustParsePrefix("0.0.0.0/32")
 }
 
-// syncNFT rewrites keeplb's nftables table for st, unless the transaction
-// is the one last run.
-func (d *ipvsStep) syncNFT(ctx context.Context, in Inputs, st dataplane.State) error {
+// writeNFT rewrites keeplb's nftables table for st, masquerading also
+// what keep lists, unless the transaction is the one last run. It returns
+// the problems of the Services' source ranges (the table closes those
+// Services) apart from the failure to write.
+func (d *ipvsStep) writeNFT(ctx context.Context, in Inputs, st dataplane.State, keep []dataplane.SNAT) (rulesErr, err error) {
 	if d.nft == nil {
-		return nil
+		return nil, nil
 	}
 	rules, rulesErr := nftRules(in, st)
+	if len(keep) > 0 {
+		rules.SNAT = unionSNAT(rules.SNAT, keep)
+	}
 	tx := d.nft.NewTransaction()
 	if err := nft.Transaction(tx, rules); err != nil {
-		return errors.Join(rulesErr, fmt.Errorf("nftables table %s %s: %w", nft.Family, nft.Table, err))
+		return rulesErr, fmt.Errorf("nftables table %s %s: %w", nft.Family, nft.Table, err)
 	}
 	text := tx.String()
 	if text == d.nftApplied {
-		return rulesErr
+		return rulesErr, nil
 	}
 	d.nftApplied = ""
 	if err := d.nft.Run(ctx, tx); err != nil {
-		return errors.Join(rulesErr, fmt.Errorf("writing nftables table %s %s: %w", nft.Family, nft.Table, err))
+		return rulesErr, fmt.Errorf("writing nftables table %s %s: %w", nft.Family, nft.Table, err)
 	}
-	d.nftApplied = text
+	d.nftApplied, d.snatApplied = text, rules.SNAT
 	klog.FromContext(ctx).V(2).Info("nftables table written", "snat", len(rules.SNAT), "sourceRanges", len(rules.SourceRanges))
-	return rulesErr
+	return rulesErr, nil
+}
+
+// unionSNAT returns a and b merged, sorted, without duplicates.
+func unionSNAT(a, b []dataplane.SNAT) []dataplane.SNAT {
+	out := append(slices.Clone(a), b...)
+	slices.SortFunc(out, func(x, y dataplane.SNAT) int {
+		if c := x.Virtual.Compare(y.Virtual); c != 0 {
+			return c
+		}
+		return x.Real.Compare(y.Real)
+	})
+	return slices.Compact(out)
 }
 
 // exit deletes keeplb's virtual servers (those of its pools, and those it
@@ -360,7 +394,7 @@ func (d *ipvsStep) exit(ctx context.Context, in Inputs) error {
 	// The table after the virtual servers: no window where IPVS forwards
 	// a VIP's traffic unmasqueraded or unfiltered.
 	if d.nft != nil {
-		d.nftApplied = ""
+		d.nftApplied, d.snatApplied = "", nil
 		if nftErr := nft.Cleanup(ctx, d.nft); nftErr != nil {
 			d.metrics.NFTSyncErrors.Inc()
 			err = errors.Join(err, nftErr)
