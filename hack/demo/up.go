@@ -41,7 +41,9 @@ type pids struct {
 
 const demoNS = "demo"
 
-func (c config) path(elem ...string) string { return filepath.Join(append([]string{c.state}, elem...)...) }
+func (c config) path(elem ...string) string {
+	return filepath.Join(append([]string{c.state}, elem...)...)
+}
 
 func alive(pid int) bool { return pid > 0 && syscall.Kill(pid, 0) == nil }
 
