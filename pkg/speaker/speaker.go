@@ -238,10 +238,18 @@ func (s *Speaker) run(ctx context.Context) error {
 }
 
 // sync computes the plan and applies this node's share of it.
-func (s *Speaker) sync(ctx context.Context) error {
+func (s *Speaker) sync(ctx context.Context) (err error) {
 	logger := klog.FromContext(ctx)
 	start := time.Now()
 	in := s.collect()
+	// IPVS before VRRP: a new VIP then comes up with its virtual servers
+	// and masquerading in place, instead of refusing connections until the
+	// next step. Its error does not stop VRRP: a node whose IPVS failed
+	// still holds its VIPs.
+	if s.dp != nil {
+		dpErr := s.dp.sync(ctx, in)
+		defer func() { err = errors.Join(dpErr, err) }()
+	}
 	pin, owners := PlanInput(in)
 	plan := vrrp.Compute(pin)
 	links, err := s.net.Links()
@@ -285,10 +293,6 @@ func (s *Speaker) sync(ctx context.Context) error {
 	states := maps.Clone(s.states)
 	s.mu.Unlock()
 	s.reconcileHolders(ctx, plan, owners, states)
-	if s.dp != nil {
-		// IPVS after VRRP: a failure here leaves the VIPs held.
-		return s.dp.sync(ctx, in)
-	}
 	return nil
 }
 
