@@ -33,7 +33,7 @@ go build -o _output/bin/keeplb-demo ./hack/demo
 ln -sf "$tools/kubectl" _output/bin/kubectl
 vmdir=
 if [[ ! -e /proc/net/ip_vs ]] && ! modprobe -q ip_vs 2>/dev/null; then
-  say "the host kernel has no IPVS: building the VM for the node side (first run: about a minute, installs qemu; cached in ~/.cache/keeplb/vm)"
+  say "the host kernel has no IPVS: building the VM for the node side (first run: about 20 s, plus installing qemu with apt; cached in ~/.cache/keeplb/vm)"
   vmdir=$(hack/vm/build.sh)
 fi
 say "starting the demo"

@@ -145,7 +145,7 @@ func up(c config) error {
 	if err := readJSON(c.path("node.json"), &lay); err != nil {
 		return err
 	}
-	pr.step("node side up: nodes %s, each with one pod (web-1..3, answering HTTP on 8080 with their name) and a speaker (keepalived + IPVS); client %s at %s",
+	pr.step("node side up: nodes %s, each with one pod (demo-web-1..3, answering HTTP on 8080 with its name) and a speaker (keepalived + IPVS); client %s at %s",
 		strings.Join(nodeNames(lay), ", "), lay.Client, lay.ClientIP)
 
 	cfg, err := clientcmd.BuildConfigFromFlags("", c.path("kubeconfig"))
@@ -268,7 +268,7 @@ func failover(c config, cs kubernetes.Interface, pr progress, svc string, vip ne
 	if _, err := send(c.state, request{Op: "restore", Node: old}, 30*time.Second); err != nil {
 		return fmt.Errorf("restore %s: %w", old, err)
 	}
-	pr.step("%s is back (link up, speaker restarted); it takes its VIPs back after the pool's preempt delay", old)
+	pr.step("%s is back (link up, speaker restarted); it takes back the VIPs it is preferred for after the 60 s preempt delay", old)
 	return nil
 }
 

@@ -130,7 +130,7 @@ func newIPVSStep(ctx context.Context, o *Options, open func() (ipvs.Interface, e
 	d := &ipvsStep{node: o.NodeName, keepOnExit: o.KeepIPVSOnExit, metrics: m, programmed: ipvs.Table{}, problems: map[dataplane.Problem]bool{}}
 	h, err := open()
 	if errors.Is(err, ipvs.ErrNoIPVS) {
-		klog.FromContext(ctx).Error(err, "IPVS forwarding (--ipvs) is off on this node: the kernel has no IPVS. Load the ip_vs module (modprobe ip_vs) and restart the speaker; meanwhile it only holds VIPs with VRRP")
+		klog.FromContext(ctx).Error(err, "IPVS forwarding (--ipvs) is off on this node: the kernel has no IPVS. Load the ip_vs module (modprobe ip_vs) and delete the speaker's pod (its init container sets the IPVS sysctls); meanwhile it only holds VIPs with VRRP")
 		m.IPVSAvailable.Set(0)
 		d.noIPVS, d.unavailableWarned = true, map[string]bool{}
 		return d, nil

@@ -240,7 +240,12 @@ func (s *Speaker) run(ctx context.Context) error {
 // sync computes the plan and applies this node's share of it.
 func (s *Speaker) sync(ctx context.Context) (err error) {
 	logger := klog.FromContext(ctx)
-	start := time.Now()
+	defer func() {
+		// The runner retries a failed sync; this says why it had to.
+		if err != nil {
+			logger.Error(err, "Sync failed; retrying")
+		}
+	}()
 	in := s.collect()
 	// IPVS before VRRP: a new VIP then comes up with its virtual servers
 	// and masquerading in place, instead of refusing connections until the
@@ -250,6 +255,7 @@ func (s *Speaker) sync(ctx context.Context) (err error) {
 		dpErr := s.dp.sync(ctx, in)
 		defer func() { err = errors.Join(dpErr, err) }()
 	}
+	start := time.Now()
 	pin, owners := PlanInput(in)
 	plan := vrrp.Compute(pin)
 	links, err := s.net.Links()
