@@ -11,6 +11,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
 say() { printf '[%5ds] %s\n' $((SECONDS - start)) "$*"; }
+# quietly runs a long step, saying every 30 s that it still runs: no silent
+# minutes on a first run.
+quietly() {
+  local what=$1 hb rc=0
+  shift
+  (while sleep 30; do say "... still $what"; done) >&2 &
+  hb=$!
+  "$@" || rc=$?
+  kill "$hb" 2>/dev/null
+  wait "$hb" 2>/dev/null || true
+  return "$rc"
+}
 
 missing=()
 for p in keepalived iproute2 ipvsadm; do
@@ -25,16 +37,16 @@ fi
 [[ $(id -u) == 0 ]] || { echo "make demo: needs root (network namespaces, IPVS); run it as root" >&2; exit 1; }
 
 say "building kube-apiserver, kubectl and etcd from the Go module proxy (first run: about 5 minutes on 2 cores; cached in ~/.cache/keeplb/tools)"
-tools=$(hack/tools.sh)
+tools=$(quietly "building kube-apiserver, kubectl and etcd" hack/tools.sh)
 say "building keeplb and keeplb-demo into _output/bin"
 mkdir -p _output/bin
-go build -o _output/bin/keeplb ./cmd/keeplb
-go build -o _output/bin/keeplb-demo ./hack/demo
+quietly "building keeplb" go build -o _output/bin/keeplb ./cmd/keeplb
+quietly "building keeplb-demo" go build -o _output/bin/keeplb-demo ./hack/demo
 ln -sf "$tools/kubectl" _output/bin/kubectl
 vmdir=
 if [[ ! -e /proc/net/ip_vs ]] && ! modprobe -q ip_vs 2>/dev/null; then
   say "the host kernel has no IPVS: building the VM for the node side (first run: about 20 s, plus installing qemu with apt; cached in ~/.cache/keeplb/vm)"
-  vmdir=$(hack/vm/build.sh)
+  vmdir=$(quietly "building the VM" hack/vm/build.sh)
 fi
 say "starting the demo"
 exec _output/bin/keeplb-demo up -tools "$tools" -vm-dir "$vmdir" ${KEEPLB_DEMO_STATE:+-state "$KEEPLB_DEMO_STATE"}
