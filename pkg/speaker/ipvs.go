@@ -7,6 +7,7 @@ import (
 	"maps"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -230,6 +231,12 @@ func (d *ipvsStep) sync(ctx context.Context, in Inputs) error {
 	}
 	start := time.Now()
 	st, problems := d.desired.Desired(dataplane.Inputs(in), d.node)
+	var rules nft.Rules
+	if d.nft != nil {
+		var rangeProblems []dataplane.Problem
+		rules, rangeProblems = nftRules(in, st)
+		problems = append(problems, rangeProblems...)
+	}
 	d.report(ctx, in, problems)
 	var errs []error
 	if err := d.ensureIPv6(st.IPVS); err != nil {
@@ -240,9 +247,7 @@ func (d *ipvsStep) sync(ctx context.Context, in Inputs) error {
 	// must stay for a leaving one until IPVS no longer schedules to it:
 	// first the table for the union of what was and what will be, then
 	// IPVS, then the table for what is.
-	// Problems with the Services' source ranges are reported by the
-	// second call.
-	_, preErr := d.writeNFT(ctx, in, st, d.snatApplied)
+	preErr := d.writeNFT(ctx, rules, d.snatApplied)
 	if preErr != nil {
 		d.metrics.NFTSyncErrors.Inc()
 	}
@@ -274,8 +279,7 @@ func (d *ipvsStep) sync(ctx context.Context, in Inputs) error {
 	}
 	// The table after IPVS, even when IPVS failed in part: it follows the
 	// desired state alone, and what IPVS did program needs it.
-	rulesErr, nftErr := d.writeNFT(ctx, in, st, nil)
-	if nftErr = errors.Join(rulesErr, nftErr); nftErr != nil {
+	if nftErr := d.writeNFT(ctx, rules, nil); nftErr != nil {
 		d.metrics.NFTSyncErrors.Inc()
 		err = errors.Join(err, nftErr)
 	}
@@ -288,20 +292,36 @@ func (d *ipvsStep) sync(ctx context.Context, in Inputs) error {
 // kube-proxy's business, and it enforces their ranges itself). Ranges are
 // read with the cloud-provider helper, so the legacy annotation counts
 // too; a Service whose ranges allow all (the default) is left open. A
-// Service whose ranges do not parse is closed, and the error returned: a
-// mistyped filter must not open what it meant to restrict.
-func nftRules(in Inputs, st dataplane.State) (nft.Rules, error) {
+// Service whose ranges do not parse is closed, and reported as a problem
+// (a Warning event): a mistyped filter must not open what it meant to
+// restrict. The API server validates the field, so in practice only the
+// annotation can be wrong.
+func nftRules(in Inputs, st dataplane.State) (nft.Rules, []dataplane.Problem) {
 	rules := nft.Rules{SNAT: st.SNAT, SourceRanges: map[ipvs.Key][]netip.Prefix{}}
-	var errs []error
-	for k, owner := range st.Owners {
+	var problems []dataplane.Problem
+	reported := map[string]bool{}
+	closeIt := func(k ipvs.Key, owner string, svc *v1.Service) {
+		rules.SourceRanges[k] = []netip.Prefix{otherFamily(k.Address)}
+		if reported[owner] {
+			return
+		}
+		reported[owner] = true
+		field, value := "spec.loadBalancerSourceRanges", strings.Join(svc.Spec.LoadBalancerSourceRanges, ",")
+		if len(svc.Spec.LoadBalancerSourceRanges) == 0 {
+			field, value = v1.AnnotationLoadBalancerSourceRangesKey, svc.Annotations[v1.AnnotationLoadBalancerSourceRangesKey]
+		}
+		problems = append(problems, dataplane.Problem{Service: owner, Field: field, Message: fmt.Sprintf(
+			"%q is not a comma-separated list of CIDRs; until it is (e.g. 203.0.113.0/24,198.51.100.7/32), the VIP's ports are closed to every client", value)})
+	}
+	for _, k := range slices.SortedFunc(maps.Keys(st.Owners), ipvs.Key.Compare) {
+		owner := st.Owners[k]
 		svc := serviceByKey(in, owner)
 		if svc == nil {
 			continue
 		}
 		set, err := servicehelper.GetLoadBalancerSourceRanges(svc)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("service %s: %w; closing %s to every client", owner, err, k))
-			rules.SourceRanges[k] = []netip.Prefix{otherFamily(k.Address)}
+			closeIt(k, owner, svc)
 			continue
 		}
 		if servicehelper.IsAllowAll(set) {
@@ -310,14 +330,13 @@ func nftRules(in Inputs, st dataplane.State) (nft.Rules, error) {
 		for _, s := range set.StringSlice() {
 			p, err := netip.ParsePrefix(s)
 			if err != nil {
-				errs = append(errs, fmt.Errorf("service %s: source range %q: %w; closing %s to every client", owner, s, err, k))
-				rules.SourceRanges[k] = []netip.Prefix{otherFamily(k.Address)}
+				closeIt(k, owner, svc)
 				break
 			}
 			rules.SourceRanges[k] = append(rules.SourceRanges[k], p)
 		}
 	}
-	return rules, errors.Join(errs...)
+	return rules, problems
 }
 
 // otherFamily returns a range of the other address family than vip's: as
@@ -330,33 +349,30 @@ func otherFamily(vip netip.Addr) netip.Prefix {
 	return netip.MustParsePrefix("0.0.0.0/32")
 }
 
-// writeNFT rewrites keeplb's nftables table for st, masquerading also
-// what keep lists, unless the transaction is the one last run. It returns
-// the problems of the Services' source ranges (the table closes those
-// Services) apart from the failure to write.
-func (d *ipvsStep) writeNFT(ctx context.Context, in Inputs, st dataplane.State, keep []dataplane.SNAT) (rulesErr, err error) {
+// writeNFT rewrites keeplb's nftables table with rules, masquerading also
+// what keep lists, unless the transaction is the one last run.
+func (d *ipvsStep) writeNFT(ctx context.Context, rules nft.Rules, keep []dataplane.SNAT) error {
 	if d.nft == nil {
-		return nil, nil
+		return nil
 	}
-	rules, rulesErr := nftRules(in, st)
 	if len(keep) > 0 {
 		rules.SNAT = unionSNAT(rules.SNAT, keep)
 	}
 	tx := d.nft.NewTransaction()
 	if err := nft.Transaction(tx, rules); err != nil {
-		return rulesErr, fmt.Errorf("nftables table %s %s: %w", nft.Family, nft.Table, err)
+		return fmt.Errorf("nftables table %s %s: %w", nft.Family, nft.Table, err)
 	}
 	text := tx.String()
 	if text == d.nftApplied {
-		return rulesErr, nil
+		return nil
 	}
 	d.nftApplied = ""
 	if err := d.nft.Run(ctx, tx); err != nil {
-		return rulesErr, fmt.Errorf("writing nftables table %s %s: %w", nft.Family, nft.Table, err)
+		return fmt.Errorf("writing nftables table %s %s: %w", nft.Family, nft.Table, err)
 	}
 	d.nftApplied, d.snatApplied = text, rules.SNAT
 	klog.FromContext(ctx).V(2).Info("nftables table written", "snat", len(rules.SNAT), "sourceRanges", len(rules.SourceRanges))
-	return rulesErr, nil
+	return nil
 }
 
 // unionSNAT returns a and b merged, sorted, without duplicates.
@@ -575,7 +591,7 @@ func (d *ipvsStep) warnUnavailable(in Inputs) {
 		}
 		d.unavailableWarned[owner] = true
 		d.recorder.Eventf(svc, v1.EventTypeWarning, EventIPVSUnavailable,
-			"Node %s may hold this Service's VIP but cannot forward its traffic: the node's kernel has no IPVS. Load it (modprobe ip_vs) on %s and restart the keeplb speaker there", d.node, d.node)
+			"Node %s may hold this Service's VIP but cannot forward its traffic: the node's kernel has no IPVS. Load it (modprobe ip_vs) on %s, then delete the keeplb speaker's pod there (its init container sets the IPVS sysctls)", d.node, d.node)
 	}
 }
 

@@ -638,23 +638,33 @@ func TestIPVSStepSkipsUnchangedNFTables(t *testing.T) {
 	)
 }
 
+// TestIPVSStepClosesInvalidSourceRanges: a legacy source-ranges
+// annotation that does not parse closes the Service's VIP ports and is a
+// Warning event naming the annotation, once; not a sync error (retrying
+// cannot fix it), and other Services are unaffected.
 func TestIPVSStepClosesInvalidSourceRanges(t *testing.T) {
 	f := newIPVSFixture(t, nil)
 	in := ipvsCluster()
 	in.Services[0] = annotate(in.Services[0], v1.AnnotationLoadBalancerSourceRangesKey, "10.0.0.0/8,not-a-cidr")
-	err := f.step.sync(t.Context(), in)
-	if err == nil || !strings.Contains(err.Error(), "ns/web") {
-		t.Fatalf("sync error = %v, want one naming ns/web", err)
-	}
+	in.Services = append(in.Services, fwdService("open", "192.0.2.4", 8080, 30808))
+	f.sync(t, in)
+	f.sync(t, in)
 	wantElements(t, f.nft, "filtered-v4", "192.0.2.1 . tcp . 80")
 	wantElements(t, f.nft, "allowed-v4")
-	if got := metric(t, f.metrics, "keeplb_nft_sync_errors_total"); got != 1 {
-		t.Errorf("nft_sync_errors_total = %v, want 1", got)
+	for _, name := range []string{"keeplb_nft_sync_errors_total", "keeplb_ipvs_sync_errors_total"} {
+		if got := metric(t, f.metrics, name); got != 0 {
+			t.Errorf("%s = %v, want 0: the table and IPVS did their part", name, got)
+		}
 	}
-	if got := metric(t, f.metrics, "keeplb_ipvs_sync_errors_total"); got != 0 {
-		t.Errorf("ipvs_sync_errors_total = %v, want 0: IPVS did its part", got)
+	events := drain(f.recorder)
+	if len(events) != 1 || !strings.Contains(events[0], "Warning ForwardingProblem "+v1.AnnotationLoadBalancerSourceRangesKey+":") ||
+		!strings.Contains(events[0], `"10.0.0.0/8,not-a-cidr"`) || !strings.Contains(events[0], "closed to every client") {
+		t.Errorf("events = %q; want one Warning naming the annotation, the bad value and that the VIP is closed", events)
 	}
-	f.wantTable(t, "with invalid source ranges", tableOf(webEntry()))
+	f.wantTable(t, "with invalid source ranges", tableOf(webEntry(), ipvs.Entry{
+		Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.4"), Protocol: ipvs.TCP, Port: 8080, Scheduler: "rr"},
+		Reals:   []ipvs.RealServer{rs("10.0.0.1", 30808), rs("10.0.0.2", 30808)},
+	}))
 }
 
 func TestIPVSStepNFTablesExit(t *testing.T) {
@@ -748,7 +758,7 @@ func TestIPVSStepWarnsWithoutIPVS(t *testing.T) {
 	if len(got) != 1 {
 		t.Fatalf("after 3 syncs got %d events, want 1 (web, once):\n%s", len(got), strings.Join(got, "\n"))
 	}
-	for _, want := range []string{"Warning", EventIPVSUnavailable, "Node n1", "modprobe ip_vs", "restart"} {
+	for _, want := range []string{"Warning", EventIPVSUnavailable, "Node n1", "modprobe ip_vs", "delete the keeplb speaker's pod"} {
 		if !strings.Contains(got[0], want) {
 			t.Errorf("event %q lacks %q", got[0], want)
 		}
