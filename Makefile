@@ -44,7 +44,7 @@ verify: ## Check formatting, go vet, and that go.mod files are tidy.
 chart: ## Regenerate the Helm chart's templates and CRD (manifests/charts/keeplb) from the kustomize base.
 	go run ./hack/chartgen
 
-tools: ## Build (once; cached) kube-apiserver, kubectl and etcd, and print their directory.
+tools: ## Build (once; cached) kube-apiserver, kubectl, etcd and helm, and print their directory.
 	hack/tools.sh
 
 demo: ## Run all of keeplb locally (control plane, controller, 3 nodes with speakers) and leave it up.

@@ -36,8 +36,8 @@ if ((${#missing[@]})); then
 fi
 [[ $(id -u) == 0 ]] || { echo "make demo: needs root (network namespaces, IPVS); run it as root" >&2; exit 1; }
 
-say "building kube-apiserver, kubectl and etcd from the Go module proxy (first run: about 5 minutes on 2 cores; cached in ~/.cache/keeplb/tools)"
-tools=$(quietly "building kube-apiserver, kubectl and etcd" hack/tools.sh)
+say "building kube-apiserver, kubectl, etcd and helm from the Go module proxy (first run: about 6 minutes on 2 cores; cached in ~/.cache/keeplb/tools)"
+tools=$(quietly "building kube-apiserver, kubectl, etcd and helm" hack/tools.sh)
 say "building keeplb and keeplb-demo into _output/bin"
 mkdir -p _output/bin
 quietly "building keeplb" go build -o _output/bin/keeplb ./cmd/keeplb

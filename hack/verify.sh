@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # verify.sh checks what review should not have to: gofmt, go vet, and that
-# the keeplb module and the tool modules (tools/k8s, tools/etcd) are tidy.
-# It changes no file. Every check runs even after one fails, so that a
-# single run lists every problem; the exit status is 1 if any failed.
+# the keeplb module and the tool modules (tools/k8s, tools/etcd, tools/helm)
+# are tidy. It changes no file. Every check runs even after one fails, so
+# that a single run lists every problem; the exit status is 1 if any failed.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,7 +23,7 @@ go vet ./... || failed+=("go vet")
 # go mod tidy -diff prints what tidy would change and fails, without
 # writing go.mod or go.sum: nothing to restore, and no clash with someone
 # editing them at the same time.
-for mod in . tools/k8s tools/etcd; do
+for mod in . tools/k8s tools/etcd tools/helm; do
   echo ">> go mod tidy ($mod)"
   if ! (cd "$mod" && go mod tidy -diff); then
     echo "$mod/go.mod or go.sum is not tidy: run go mod tidy in $mod" >&2
