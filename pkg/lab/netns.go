@@ -8,37 +8,18 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/keeplb/keeplb/pkg/nsthread"
 )
 
-// Do runs f on an OS thread inside namespace ns. Sockets f opens belong to
-// ns for their whole life, whichever goroutine uses them later; commands
-// it starts run in ns. The thread is never given back to the Go runtime
-// (it exits with its goroutine), so no other goroutine runs in ns.
-func Do(ns string, f func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		fd, err := unix.Open("/run/netns/"+ns, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			errc <- fmt.Errorf("open namespace %s: %w", ns, err)
-			return
-		}
-		defer unix.Close(fd)
-		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("enter namespace %s: %w", ns, err)
-			return
-		}
-		errc <- f()
-	}()
-	return <-errc
-}
+// Do runs f on an OS thread inside the named namespace ns (package
+// nsthread): sockets f opens belong to ns for their whole life, commands
+// it starts run in ns.
+func Do(ns string, f func() error) error { return nsthread.Do(nsthread.Path(ns), f) }
 
 func writeSysctl(k, v string) error {
 	return os.WriteFile("/proc/sys/"+strings.ReplaceAll(k, ".", "/"), []byte(v), 0o644)

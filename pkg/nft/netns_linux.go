@@ -2,11 +2,9 @@ package nft
 
 import (
 	"context"
-	"fmt"
-	"runtime"
-
-	"golang.org/x/sys/unix"
 	"sigs.k8s.io/knftables"
+
+	"github.com/keeplb/keeplb/pkg/nsthread"
 )
 
 // NewAt returns a knftables.Interface for keeplb's table in the network
@@ -16,10 +14,8 @@ import (
 // knftables execs nft, which acts on the namespace it runs in, and offers
 // no way to wrap the command (as ip netns exec would). A child process
 // inherits the network namespace of the thread that forks it, so every
-// call that may exec nft (knftables.New's own probe included) runs on a
-// goroutine locked to a thread that has entered the namespace. That
-// thread is never unlocked: it exits with its goroutine instead of going
-// back to the scheduler in the wrong namespace.
+// call that may exec nft (knftables.New's own probe included) runs through
+// package nsthread, on a thread that has entered the namespace.
 func NewAt(nsPath string) (knftables.Interface, error) {
 	if nsPath == "" {
 		return New()
@@ -39,39 +35,12 @@ type netnsNFT struct {
 
 var _ knftables.Interface = (*netnsNFT)(nil)
 
-// inNetns runs f on a fresh thread in the network namespace at path and
-// returns its results. The namespace is opened per call, so a namespace
-// deleted and recreated under the same name is found again.
-func inNetns[T any](path string, f func() (T, error)) (T, error) {
-	type result struct {
-		v   T
-		err error
-	}
-	c := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: see NewAt
-		var zero T
-		fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			c <- result{zero, fmt.Errorf("open network namespace %s: %w", path, err)}
-			return
-		}
-		defer unix.Close(fd)
-		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
-			c <- result{zero, fmt.Errorf("enter network namespace %s: %w", path, err)}
-			return
-		}
-		v, err := f()
-		c <- result{v, err}
-	}()
-	r := <-c
-	return r.v, r.err
-}
+// inNetns runs f in the namespace at path. The namespace is opened per
+// call, so a namespace deleted and recreated under the same name is found
+// again.
+func inNetns[T any](path string, f func() (T, error)) (T, error) { return nsthread.Call(path, f) }
 
-func (n *netnsNFT) do(f func() error) error {
-	_, err := inNetns(n.path, func() (struct{}, error) { return struct{}{}, f() })
-	return err
-}
+func (n *netnsNFT) do(f func() error) error { return nsthread.Do(n.path, f) }
 
 // NewTransaction is part of knftables.Interface. It builds data only, so
 // it runs here.

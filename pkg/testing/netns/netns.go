@@ -7,11 +7,10 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"runtime"
 	"sync/atomic"
 	"testing"
 
-	"golang.org/x/sys/unix"
+	"github.com/keeplb/keeplb/pkg/nsthread"
 )
 
 // seq makes names unique within a test binary; the PID across binaries.
@@ -52,25 +51,9 @@ func New(tb testing.TB, suffix string) string {
 }
 
 // Do runs f on a thread of its own that has entered the network namespace
-// name, and returns f's error: sockets f opens and processes it starts
-// live there. The thread is never unlocked, so it dies with its goroutine
-// rather than run other goroutines in name.
+// name (package nsthread), and returns f's error: sockets f opens and
+// processes it starts live there.
 func Do(tb testing.TB, name string, f func() error) error {
 	tb.Helper()
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: see above
-		fd, err := unix.Open("/run/netns/"+name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			errc <- fmt.Errorf("open netns %s: %w", name, err)
-			return
-		}
-		defer unix.Close(fd)
-		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("enter netns %s: %w", name, err)
-			return
-		}
-		errc <- f()
-	}()
-	return <-errc
+	return nsthread.Do(nsthread.Path(name), f)
 }
