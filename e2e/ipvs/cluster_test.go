@@ -15,16 +15,15 @@ import (
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/utils/ptr"
 
-	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/lab"
 	"github.com/keeplb/keeplb/pkg/speaker"
+	"github.com/keeplb/keeplb/pkg/testing/keeplbtest"
 )
 
 // cluster is the node side (a lab with one speaker per node) and the API
@@ -84,7 +83,7 @@ func (c *cluster) startSpeaker(node string) {
 		c.t.Fatal(err)
 	}
 	cfg := rest.CopyConfig(c.cfg)
-	cfg.Impersonate = rest.ImpersonationConfig{UserName: "system:serviceaccount:keeplb-system:keeplb-speaker", Groups: []string{"system:serviceaccounts", "system:authenticated"}}
+	cfg.Impersonate = rest.ImpersonationConfig{UserName: keeplbtest.SpeakerUser, Groups: keeplbtest.Groups}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
@@ -107,20 +106,6 @@ func (c *cluster) stopSpeaker(node string) {
 	c.mu.Unlock()
 	if stop != nil {
 		stop()
-	}
-}
-
-func (c *cluster) pool(name, spec string) {
-	u := &unstructured.Unstructured{}
-	if err := yamlInto(spec, &u.Object); err != nil {
-		c.t.Fatal(err)
-	}
-	u.Object = map[string]any{"spec": u.Object}
-	u.SetAPIVersion(v1alpha1.SchemeGroupVersion.String())
-	u.SetKind(v1alpha1.IPPoolKind)
-	u.SetName(name)
-	if _, err := c.dyn.Resource(v1alpha1.IPPoolResource).Create(c.t.Context(), u, metav1.CreateOptions{}); err != nil {
-		c.t.Fatal(err)
 	}
 }
 

@@ -27,24 +27,16 @@ import (
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
-	"sigs.k8s.io/yaml"
 
 	"github.com/keeplb/keeplb/pkg/annotations"
-	"github.com/keeplb/keeplb/pkg/controller"
 	"github.com/keeplb/keeplb/pkg/ipvs"
 	"github.com/keeplb/keeplb/pkg/lab"
 	"github.com/keeplb/keeplb/pkg/testing/controlplane"
+	"github.com/keeplb/keeplb/pkg/testing/keeplbtest"
 	"github.com/keeplb/keeplb/pkg/testing/vm"
 )
 
 var kubeconfig = flag.String("lab.kubeconfig", "", "internal: the node side's kubeconfig when the test runs in the VM")
-
-func yamlInto(s string, out *map[string]any) error { return yaml.Unmarshal([]byte(s), out) }
-
-func manifest(rel string) string {
-	p, _ := filepath.Abs(filepath.Join("..", "..", "manifests", rel))
-	return p
-}
 
 // TestDataplane runs the scenarios of the dataplane on a real IPVS kernel.
 func TestDataplane(t *testing.T) {
@@ -71,10 +63,8 @@ func TestDataplane(t *testing.T) {
 		}
 	}
 	cp := controlplane.StartForTest(t)
-	if err := cp.Apply(t.Context(), manifest("crd/ippools.keeplb.io.yaml"), manifest("namespace.yaml"), manifest("controller/rbac.yaml"), manifest("speaker/rbac.yaml")); err != nil {
-		t.Fatal(err)
-	}
-	startController(t, cp)
+	keeplbtest.Install(t, cp)
+	keeplbtest.StartController(t, cp)
 	if hostIPVS {
 		scenarios(t, cp.AdminConfig())
 		return
@@ -88,21 +78,6 @@ func TestDataplane(t *testing.T) {
 	start := time.Now()
 	vm.RunSelfWith(t, vm.Options{Net: true, Memory: "1536M", Shares: []string{dir}}, "-lab.kubeconfig="+path)
 	t.Logf("VM run (boot, scenarios, shutdown): %s", time.Since(start).Round(100*time.Millisecond))
-}
-
-func startController(t *testing.T, cp *controlplane.ControlPlane) {
-	o := controller.NewOptions()
-	o.MetricsBindAddress, o.LeaderElect = "0", false
-	cfg := cp.ImpersonatedConfig("system:serviceaccount:keeplb-system:keeplb-controller", "system:serviceaccounts", "system:authenticated")
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		if err := controller.RunWithConfig(ctx, o, cfg); err != nil && ctx.Err() == nil {
-			t.Errorf("controller: %v", err)
-		}
-	}()
-	t.Cleanup(func() { cancel(); <-done })
 }
 
 // Foreign is a virtual server keeplb must leave alone: what kube-proxy's
@@ -150,7 +125,7 @@ func scenarios(t *testing.T, cfg *rest.Config) {
 		foreignBefore[n.Name] = c.ipvsadm(n.Name, "-Ln", "-t", foreign)
 	}
 
-	c.pool("lab", `{addresses: ["`+lab.VIPRange+`"], forwarding: pod, vrrp: {advertisementInterval: "`+advert.String()+`"}}`)
+	keeplbtest.CreatePool(t, c.dyn, "lab", `{addresses: ["`+lab.VIPRange+`"], forwarding: pod, vrrp: {advertisementInterval: "`+advert.String()+`"}}`)
 	for _, n := range c.lab.Nodes {
 		c.startSpeaker(n.Name)
 	}

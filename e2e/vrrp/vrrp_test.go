@@ -24,17 +24,15 @@ import (
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
 	"github.com/keeplb/keeplb/pkg/annotations"
-	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
-	"github.com/keeplb/keeplb/pkg/controller"
 	"github.com/keeplb/keeplb/pkg/speaker"
 	"github.com/keeplb/keeplb/pkg/testing/controlplane"
+	"github.com/keeplb/keeplb/pkg/testing/keeplbtest"
 	"github.com/keeplb/keeplb/pkg/vrrp"
 )
 
@@ -67,24 +65,17 @@ type cluster struct {
 	mu       sync.Mutex
 }
 
-func manifest(rel string) string {
-	p, _ := filepath.Abs(filepath.Join("..", "..", "manifests", rel))
-	return p
-}
-
 func newCluster(t *testing.T) *cluster {
 	requireNetns(t)
 	cp := controlplane.StartForTest(t)
-	if err := cp.Apply(t.Context(), manifest("crd/ippools.keeplb.io.yaml"), manifest("namespace.yaml"), manifest("controller/rbac.yaml"), manifest("speaker/rbac.yaml")); err != nil {
-		t.Fatal(err)
-	}
+	keeplbtest.Install(t, cp)
 	cfg := cp.AdminConfig()
 	c := &cluster{t: t, tp: newTopology(t, 3), cp: cp, client: kubernetes.NewForConfigOrDie(cfg), dyn: dynamic.NewForConfigOrDie(cfg),
 		speakers: map[string]context.CancelFunc{}, done: map[string]chan struct{}{}}
 	for _, ns := range c.tp.nodes {
 		c.node(ns, true, nil)
 	}
-	c.startController()
+	keeplbtest.StartController(t, cp)
 	return c
 }
 
@@ -109,21 +100,6 @@ func (c *cluster) node(name string, ready bool, labels map[string]string) {
 	}
 }
 
-func (c *cluster) startController() {
-	o := controller.NewOptions()
-	o.MetricsBindAddress, o.LeaderElect = "0", false
-	cfg := c.cp.ImpersonatedConfig("system:serviceaccount:keeplb-system:keeplb-controller", "system:serviceaccounts", "system:authenticated")
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		if err := controller.RunWithConfig(ctx, o, cfg); err != nil && ctx.Err() == nil {
-			c.t.Errorf("controller: %v", err)
-		}
-	}()
-	c.t.Cleanup(func() { cancel(); <-done })
-}
-
 // startSpeaker runs the speaker of one node namespace, as its
 // ServiceAccount, until stopSpeaker.
 func (c *cluster) startSpeaker(ns string) { c.startSpeakerServing(ns, "0") }
@@ -138,7 +114,7 @@ func (c *cluster) startSpeakerServing(ns, metricsAddr string) {
 	if err := os.MkdirAll(o.RunDir, 0o755); err != nil {
 		c.t.Fatal(err)
 	}
-	var cfg *rest.Config = c.cp.ImpersonatedConfig("system:serviceaccount:keeplb-system:keeplb-speaker", "system:serviceaccounts", "system:authenticated")
+	var cfg *rest.Config = c.cp.ImpersonatedConfig(keeplbtest.SpeakerUser, keeplbtest.Groups...)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	c.mu.Lock()
@@ -162,20 +138,6 @@ func (c *cluster) stopSpeaker(ns string) {
 	if cancel != nil {
 		cancel()
 		<-done
-	}
-}
-
-func (c *cluster) pool(name, spec string) {
-	u := &unstructured.Unstructured{}
-	if err := yamlInto(spec, &u.Object); err != nil {
-		c.t.Fatal(err)
-	}
-	u.Object = map[string]any{"spec": u.Object}
-	u.SetAPIVersion(v1alpha1.SchemeGroupVersion.String())
-	u.SetKind(v1alpha1.IPPoolKind)
-	u.SetName(name)
-	if _, err := c.dyn.Resource(v1alpha1.IPPoolResource).Create(c.t.Context(), u, metav1.CreateOptions{}); err != nil {
-		c.t.Fatal(err)
 	}
 }
 
@@ -234,7 +196,7 @@ func TestVRRP(t *testing.T) {
 	for _, advert := range []time.Duration{time.Second, 100 * time.Millisecond, 20 * time.Millisecond} {
 		t.Run(advert.String(), func(t *testing.T) {
 			c := newCluster(t)
-			c.pool("vips", fmt.Sprintf(`{addresses: ["10.77.0.200-10.77.0.250"], vrrp: {advertisementInterval: "%s"}}`, advert))
+			keeplbtest.CreatePool(t, c.dyn, "vips", fmt.Sprintf(`{addresses: ["10.77.0.200-10.77.0.250"], vrrp: {advertisementInterval: "%s"}}`, advert))
 			for _, ns := range c.tp.nodes {
 				c.startSpeaker(ns)
 			}
@@ -367,7 +329,7 @@ func (c *cluster) steady(what string, vips []string, want map[string][]string, d
 // takes nothing back before the preempt delay.
 func TestSpreadAndStability(t *testing.T) {
 	c := newCluster(t)
-	c.pool("vips", `{addresses: ["10.77.0.200-10.77.0.250"], vrrp: {advertisementInterval: "100ms"}}`)
+	keeplbtest.CreatePool(t, c.dyn, "vips", `{addresses: ["10.77.0.200-10.77.0.250"], vrrp: {advertisementInterval: "100ms"}}`)
 	for _, ns := range c.tp.nodes {
 		c.startSpeaker(ns)
 	}
@@ -440,7 +402,7 @@ func TestSpreadAndStability(t *testing.T) {
 // Service's VIP held where its endpoint is, moving with it.
 func TestUnicastAndLocal(t *testing.T) {
 	c := newCluster(t)
-	c.pool("uni", `{addresses: ["10.77.0.200-10.77.0.220"], vrrp: {advertisementInterval: "100ms", unicast: true}}`)
+	keeplbtest.CreatePool(t, c.dyn, "uni", `{addresses: ["10.77.0.200-10.77.0.220"], vrrp: {advertisementInterval: "100ms", unicast: true}}`)
 	// Left behind by a crash: a pool address on a node. Not ours: a /32
 	// outside every pool. The speaker removes the node1, keeps the second.
 	node1 := c.tp.nodes[0]
