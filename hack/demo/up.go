@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -208,14 +209,7 @@ func up(c config) error {
 		fmt.Printf("\n$ kubectl %s\n%s\n", strings.Join(args, " "), out)
 	}
 
-	names := slices.Sorted(func(yield func(string) bool) {
-		for n := range vips {
-			if !yield(n) {
-				return
-			}
-		}
-	})
-	for _, name := range names {
+	for _, name := range slices.Sorted(maps.Keys(vips)) {
 		holder, err := waitHolder(ctx, cs, name, "", 30*time.Second)
 		if err != nil {
 			return err

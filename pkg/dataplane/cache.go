@@ -56,9 +56,6 @@ func (ca *Cache) Desired(in Inputs, node string) (State, []Problem) {
 		ca.parts = map[string]part{}
 		ca.global = g
 	}
-	if ca.parts == nil {
-		ca.parts = map[string]part{}
-	}
 	ca.Hits, ca.Misses = 0, 0
 	seen := make(map[string]bool, len(in.Services))
 	for _, svc := range sortedServices(in.Services) {

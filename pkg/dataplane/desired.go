@@ -54,10 +54,6 @@ type State struct {
 
 	ranges    []allocator.Range
 	kubeProxy map[ipvs.Key]bool
-	// order and portNames record, within one Service's part, its virtual
-	// servers in the order they were made and their ports' names.
-	order     []ipvs.Key
-	portNames map[ipvs.Key]string
 }
 
 // Owns reports whether keeplb owns the virtual server k: its address lies
@@ -131,6 +127,9 @@ type computer struct {
 	admits   map[string]bool // pool name: may this node hold its VIPs
 	st       State
 	problems []Problem
+	// entries are the virtual servers of the Service part computes, in
+	// the order they were made, with their ports' names.
+	entries []partEntry
 }
 
 // Desired returns the IPVS table node should have, with the problems found.
@@ -192,7 +191,7 @@ func sortedServices(in []*v1.Service) []*v1.Service {
 func (c *computer) part(svc *v1.Service) part {
 	saved, savedProblems := c.st, c.problems
 	c.st = State{IPVS: ipvs.Table{}, Owners: map[ipvs.Key]string{}, kubeProxy: map[ipvs.Key]bool{}}
-	c.problems = nil
+	c.problems, c.entries = nil, nil
 	for _, ing := range svc.Status.LoadBalancer.Ingress {
 		a, err := netip.ParseAddr(ing.IP)
 		if err != nil {
@@ -209,9 +208,7 @@ func (c *computer) part(svc *v1.Service) part {
 	for k := range c.st.kubeProxy {
 		p.kubeProxy = append(p.kubeProxy, k)
 	}
-	for _, k := range c.st.order {
-		p.entries = append(p.entries, partEntry{entry: c.st.IPVS[k], port: c.st.portNames[k]})
-	}
+	p.entries = c.entries
 	p.snat = c.st.SNAT
 	c.st, c.problems = saved, savedProblems
 	return p
@@ -360,11 +357,7 @@ func (c *computer) service(svc *v1.Service, vip netip.Addr, pool *v1alpha1.IPPoo
 		}
 		c.st.IPVS[k] = ipvs.Entry{Virtual: vs, Reals: reals}
 		c.st.Owners[k] = key
-		c.st.order = append(c.st.order, k)
-		if c.st.portNames == nil {
-			c.st.portNames = map[ipvs.Key]string{}
-		}
-		c.st.portNames[k] = portName(p)
+		c.entries = append(c.entries, partEntry{entry: c.st.IPVS[k], port: portName(p)})
 		if snat {
 			for _, r := range reals {
 				c.st.SNAT = append(c.st.SNAT, SNAT{Virtual: k, Real: r.AddrPort()})

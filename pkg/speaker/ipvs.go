@@ -580,7 +580,7 @@ func (d *ipvsStep) warnUnavailable(in Inputs) {
 	if d.recorder == nil {
 		return
 	}
-	st, _ := dataplane.Desired(dataplane.Inputs(in), d.node)
+	st, _ := d.desired.Desired(dataplane.Inputs(in), d.node)
 	for _, owner := range slices.Sorted(maps.Values(st.Owners)) {
 		if d.unavailableWarned[owner] {
 			continue
