@@ -1,12 +1,9 @@
 package ipvs_e2e
 
 import (
-	"context"
 	"fmt"
 	"net/netip"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -74,28 +71,10 @@ func newCluster(t *testing.T, cfg *rest.Config) *cluster {
 
 // startSpeaker runs node's speaker, with IPVS, as its ServiceAccount.
 func (c *cluster) startSpeaker(node string) {
-	o := speaker.NewOptions()
-	o.NodeName, o.NetNS, o.MetricsBindAddress, o.IPVS = node, node, "0", true
-	o.RunDir = filepath.Join(os.TempDir(), "keeplb-e2e-"+node)
-	o.MinSyncInterval = 50 * time.Millisecond
-	_ = os.RemoveAll(o.RunDir)
-	if err := os.MkdirAll(o.RunDir, 0o755); err != nil {
-		c.t.Fatal(err)
-	}
-	cfg := rest.CopyConfig(c.cfg)
-	cfg.Impersonate = rest.ImpersonationConfig{UserName: keeplbtest.SpeakerUser, Groups: keeplbtest.Groups}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		if err := speaker.RunWithConfig(ctx, o, cfg); err != nil && ctx.Err() == nil {
-			c.t.Errorf("speaker %s: %v", node, err)
-		}
-	}()
+	stop := keeplbtest.StartSpeaker(c.t, c.cfg, node, func(o *speaker.Options) { o.IPVS = true })
 	c.mu.Lock()
-	c.speakers[node] = func() { cancel(); <-done }
+	c.speakers[node] = stop
 	c.mu.Unlock()
-	c.t.Cleanup(func() { c.stopSpeaker(node) })
 }
 
 // stopSpeaker stops node's speaker gracefully and waits for it.

@@ -14,7 +14,6 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -27,7 +26,6 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
 
 	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/speaker"
@@ -60,8 +58,7 @@ type cluster struct {
 	cp       *controlplane.ControlPlane
 	client   kubernetes.Interface
 	dyn      dynamic.Interface
-	speakers map[string]context.CancelFunc
-	done     map[string]chan struct{}
+	speakers map[string]func() // stop functions
 	mu       sync.Mutex
 }
 
@@ -71,7 +68,7 @@ func newCluster(t *testing.T) *cluster {
 	keeplbtest.Install(t, cp)
 	cfg := cp.AdminConfig()
 	c := &cluster{t: t, tp: newTopology(t, 3), cp: cp, client: kubernetes.NewForConfigOrDie(cfg), dyn: dynamic.NewForConfigOrDie(cfg),
-		speakers: map[string]context.CancelFunc{}, done: map[string]chan struct{}{}}
+		speakers: map[string]func(){}}
 	for _, ns := range c.tp.nodes {
 		c.node(ns, true, nil)
 	}
@@ -106,38 +103,20 @@ func (c *cluster) startSpeaker(ns string) { c.startSpeakerServing(ns, "0") }
 
 // startSpeakerServing is startSpeaker with a metrics address.
 func (c *cluster) startSpeakerServing(ns, metricsAddr string) {
-	o := speaker.NewOptions()
-	o.NodeName, o.NetNS, o.MetricsBindAddress = ns, ns, metricsAddr
-	o.RunDir = filepath.Join(os.TempDir(), "keeplb-e2e-"+ns)
-	o.MinSyncInterval = 50 * time.Millisecond
-	_ = os.RemoveAll(o.RunDir)
-	if err := os.MkdirAll(o.RunDir, 0o755); err != nil {
-		c.t.Fatal(err)
-	}
-	var cfg *rest.Config = c.cp.ImpersonatedConfig(keeplbtest.SpeakerUser, keeplbtest.Groups...)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
+	stop := keeplbtest.StartSpeaker(c.t, c.cp.AdminConfig(), ns, func(o *speaker.Options) { o.MetricsBindAddress = metricsAddr })
 	c.mu.Lock()
-	c.speakers[ns], c.done[ns] = cancel, done
+	c.speakers[ns] = stop
 	c.mu.Unlock()
-	go func() {
-		defer close(done)
-		if err := speaker.RunWithConfig(ctx, o, cfg); err != nil && ctx.Err() == nil {
-			c.t.Errorf("speaker %s: %v", ns, err)
-		}
-	}()
-	c.t.Cleanup(func() { c.stopSpeaker(ns) })
 }
 
 // stopSpeaker stops a speaker gracefully (SIGTERM to keepalived) and waits.
 func (c *cluster) stopSpeaker(ns string) {
 	c.mu.Lock()
-	cancel, done := c.speakers[ns], c.done[ns]
+	stop := c.speakers[ns]
 	delete(c.speakers, ns)
 	c.mu.Unlock()
-	if cancel != nil {
-		cancel()
-		<-done
+	if stop != nil {
+		stop()
 	}
 }
 

@@ -1,7 +1,7 @@
 // Package keeplbtest puts keeplb on a test control plane (package
 // controlplane): its CRD, namespace and RBAC from manifests/, its
 // controller running in the test process as its ServiceAccount, and
-// IPPools from YAML. The end-to-end tests of the speaker and the dataplane
+// IPPools from YAML, speakers in network namespaces. The end-to-end tests of the speaker and the dataplane
 // share it.
 package keeplbtest
 
@@ -10,15 +10,19 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
+	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/rest"
 	"sigs.k8s.io/yaml"
 
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/controller"
+	"github.com/keeplb/keeplb/pkg/speaker"
 	"github.com/keeplb/keeplb/pkg/testing/controlplane"
 )
 
@@ -84,6 +88,41 @@ func StartController(tb testing.TB, cp *controlplane.ControlPlane, mods ...func(
 		}
 	}()
 	tb.Cleanup(func() { cancel(); <-done })
+}
+
+// StartSpeaker runs the speaker of node, whose node side is the network
+// namespace of the same name (--netns), as the speaker's ServiceAccount
+// through admin (an admin config), with a fresh run folder, no metrics and
+// syncs at most every 50 ms unless mods say otherwise. stop stops it
+// gracefully (keepalived gets SIGTERM) and waits; the test's end calls it
+// too. A speaker that stops on its own fails the test.
+func StartSpeaker(tb testing.TB, admin *rest.Config, node string, mods ...func(*speaker.Options)) (stop func()) {
+	tb.Helper()
+	o := speaker.NewOptions()
+	o.NodeName, o.NetNS, o.MetricsBindAddress = node, node, "0"
+	o.RunDir = filepath.Join(os.TempDir(), "keeplb-e2e-"+node)
+	o.MinSyncInterval = 50 * time.Millisecond
+	for _, m := range mods {
+		m(o)
+	}
+	_ = os.RemoveAll(o.RunDir)
+	if err := os.MkdirAll(o.RunDir, 0o755); err != nil {
+		tb.Fatal(err)
+	}
+	cfg := rest.CopyConfig(admin)
+	cfg.Impersonate = rest.ImpersonationConfig{UserName: SpeakerUser, Groups: Groups}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := speaker.RunWithConfig(ctx, o, cfg); err != nil && ctx.Err() == nil {
+			tb.Errorf("speaker %s: %v", node, err)
+		}
+	}()
+	var once sync.Once
+	stop = func() { once.Do(func() { cancel(); <-done }) }
+	tb.Cleanup(stop)
+	return stop
 }
 
 // CreatePool creates the IPPool name with the spec given in YAML.
