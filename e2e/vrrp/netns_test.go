@@ -43,24 +43,37 @@ func serveName(name string) int {
 	return 0
 }
 
-// probe sends short concurrent requests to "vip,duration,interval" and
-// prints one line per request: start offset in ms, then the answering node
-// or "-". Many short requests, not one client: a single TCP client would
-// hide the real takeover time behind its 1 s SYN retry.
+// probe sends short concurrent requests to "vip,max,interval[,old]" and
+// prints one line per request as it completes: start offset in ms, then
+// the answering node or "-". Many short requests, not one client: a single
+// TCP client would hide the real takeover time behind its 1 s SYN retry.
+// With old, it stops 100 ms after another node first answers, so that a
+// slow handover under load is measured rather than cut off.
 func probe(arg string) int {
 	parts := strings.Split(arg, ",")
-	if len(parts) != 3 {
+	if len(parts) < 3 {
 		return 2
 	}
 	vip := parts[0]
-	dur, _ := time.ParseDuration(parts[1])
+	maxDur, _ := time.ParseDuration(parts[1])
 	every, _ := time.ParseDuration(parts[2])
+	old := ""
+	if len(parts) > 3 {
+		old = parts[3]
+	}
 	client := &http.Client{Timeout: 150 * time.Millisecond, Transport: &http.Transport{DisableKeepAlives: true}}
 	start := time.Now()
 	var mu sync.Mutex
 	var wg sync.WaitGroup
+	end := maxDur
 	out := bufio.NewWriter(os.Stdout)
-	for t := time.Duration(0); t < dur; t += every {
+	for t := time.Duration(0); ; t += every {
+		mu.Lock()
+		stop := t >= end
+		mu.Unlock()
+		if stop {
+			break
+		}
 		time.Sleep(time.Until(start.Add(t)))
 		wg.Add(1)
 		go func(t time.Duration) {
@@ -73,12 +86,15 @@ func probe(arg string) int {
 				who = string(b[:n])
 			}
 			mu.Lock()
+			defer mu.Unlock()
 			fmt.Fprintf(out, "%d %s\n", t.Milliseconds(), who)
-			mu.Unlock()
+			out.Flush()
+			if old != "" && who != old && who != "-" {
+				end = min(end, time.Since(start)+100*time.Millisecond)
+			}
 		}(t)
 	}
 	wg.Wait()
-	out.Flush()
 	return 0
 }
 
@@ -89,27 +105,41 @@ type sample struct {
 	who string
 }
 
-// runProbe runs the prober in the client namespace and returns its samples
-// sorted by start time. It blocks for dur.
-func runProbe(ctx context.Context, ns, vip string, dur, every time.Duration) ([]sample, error) {
+// runProbe runs the prober in the client namespace for at most maxDur
+// and returns its samples sorted by start time. With old, the prober stops
+// soon after another node answers, and runProbe closes seen (if not nil)
+// once old has answered: the moment a failover may begin.
+func runProbe(ctx context.Context, ns, vip string, maxDur, every time.Duration, old string, seen chan<- struct{}) ([]sample, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return nil, err
 	}
 	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", ns, self)
-	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=probe:%s,%s,%s", helperEnv, vip, dur, every))
-	out, err := cmd.Output()
+	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=probe:%s,%s,%s,%s", helperEnv, vip, maxDur, every, old))
+	cmd.Stderr = os.Stderr
+	stdout, err := cmd.StdoutPipe()
 	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("probe: %w", err)
 	}
 	var ss []sample
-	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
-		f := strings.Fields(line)
+	sc := bufio.NewScanner(stdout)
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
 		if len(f) != 2 {
 			continue
 		}
 		ms, _ := strconv.Atoi(f[0])
 		ss = append(ss, sample{time.Duration(ms) * time.Millisecond, f[1]})
+		if seen != nil && old != "" && f[1] == old {
+			close(seen)
+			seen = nil
+		}
+	}
+	if err := cmd.Wait(); err != nil {
+		return nil, fmt.Errorf("probe: %w", err)
 	}
 	sortSamples(ss)
 	return ss, nil

@@ -184,7 +184,7 @@ func TestVRRP(t *testing.T) {
 			holder := c.holder(vip, 15*time.Second)
 
 			// The client reaches the holder, and ARP resolves to it.
-			ss, err := runProbe(t.Context(), c.tp.client, vip, 500*time.Millisecond, 50*time.Millisecond)
+			ss, err := runProbe(t.Context(), c.tp.client, vip, 500*time.Millisecond, 50*time.Millisecond, "", nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -228,12 +228,22 @@ func TestVRRP(t *testing.T) {
 				var wg sync.WaitGroup
 				var ss []sample
 				var perr error
+				seen := make(chan struct{})
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
-					ss, perr = runProbe(context.Background(), c.tp.client, vip, 500*time.Millisecond+6*advert, 10*time.Millisecond)
+					// Up to 10 s: a loaded CI machine can be slow to
+					// hand over, and bound, not the window, judges it.
+					ss, perr = runProbe(context.Background(), c.tp.client, vip, 10*time.Second, 10*time.Millisecond, holder, seen)
 				}()
-				time.Sleep(300 * time.Millisecond)
+				// Act once the prober has seen the holder answer, however
+				// long the prober took to start.
+				select {
+				case <-seen:
+				case <-time.After(10 * time.Second):
+					wg.Wait()
+					t.Fatalf("%s: the prober never reached %s through %s", name, holder, vip)
+				}
 				act()
 				wg.Wait()
 				if perr != nil {
@@ -241,9 +251,7 @@ func TestVRRP(t *testing.T) {
 				}
 				if os.Getenv("KEEPLB_E2E_SAMPLES") != "" {
 					for _, s := range ss {
-						if s.at > 200*time.Millisecond && s.at < 300*time.Millisecond+4*advert+300*time.Millisecond {
-							t.Logf("sample %s %s", s.at, s.who)
-						}
+						t.Logf("sample %s %s", s.at, s.who)
 					}
 				}
 				g, newHolder, ok := gap(ss, holder)
