@@ -35,10 +35,11 @@ LABEL org.opencontainers.image.title="keeplb" \
       org.opencontainers.image.revision="${COMMIT}" \
       org.opencontainers.image.created="${DATE}"
 # keepalived and nft (keeplb's nftables table: masquerading for IPVS,
-# loadBalancerSourceRanges) are only used by the speaker; the controller
-# ignores them.
+# loadBalancerSourceRanges) are only used by the speaker, and modprobe
+# (kmod) only by its init container, keeplb prepare-node, to load ip_vs on
+# kernels older than 5.16; the controller ignores all three.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends keepalived nftables \
+ && apt-get install -y --no-install-recommends keepalived nftables kmod \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/keeplb /usr/local/bin/keeplb
 # Non-root by default, for the controller (its Deployment also sets

@@ -3,7 +3,8 @@
 # hack/vm where the host kernel has none (a stock Debian kernel under qemu;
 # the first run builds it, about 20 s, and installs qemu with apt as root):
 #   pkg/ipvs        our IPVS boundary against the real kernel
-#   e2e/dataplane   client -> VIP -> IPVS -> NodePort with keeplb's nftables
+#   e2e/dataplane   client -> VIP -> IPVS -> NodePort with keeplb's nftables; keeplb prepare-node
+#                   loading ip_vs on a kernel that had it unloaded
 #   e2e/ipvs        the dataplane scenarios with real speakers and keepalived
 #   e2e/demo        make demo's script, and what it prints
 # They run one package at a time, after the integration tests (make test

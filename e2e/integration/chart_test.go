@@ -49,7 +49,7 @@ func TestChart(t *testing.T) {
 				"nodeSelector":      map[string]any{"keeplb.io/speaker": "true"},
 				"tolerations":       []any{},
 				"priorityClassName": "",
-				"setSysctls":        false,
+				"prepareNode":       false,
 			},
 		}},
 		// A null drops a default key, as the chart's README tells.

@@ -31,6 +31,8 @@ import (
 	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/ipvs"
 	"github.com/keeplb/keeplb/pkg/lab"
+	"github.com/keeplb/keeplb/pkg/nsthread"
+	"github.com/keeplb/keeplb/pkg/speaker"
 	"github.com/keeplb/keeplb/pkg/testing/controlplane"
 	"github.com/keeplb/keeplb/pkg/testing/keeplbtest"
 	"github.com/keeplb/keeplb/pkg/testing/vm"
@@ -110,12 +112,18 @@ func scenarios(t *testing.T, cfg *rest.Config) {
 		pods = append(pods, p)
 		serve(t, c, p.Name, netip.AddrPortFrom(p.IP, 8080), p.Name)
 		serve(t, c, n.Name, netip.AddrPortFrom(n.IP, 30080), n.Name)
-		if err := lab.Sysctls(n.Name, map[string]string{
-			// What the speaker sets on a real node; with --netns the
-			// speaker leaves the namespace's sysctls to the test.
-			"net.ipv4.vs.conntrack": "1", "net.ipv4.vs.expire_nodest_conn": "1",
-		}); err != nil {
+		// What the speaker DaemonSet's init container runs on a real
+		// node; with --netns the speaker leaves the namespace's sysctls
+		// alone. A new namespace starts with vs.conntrack=0, without which
+		// nothing below is masqueraded.
+		if err := speaker.PrepareNode(t.Context(), &speaker.PrepareOptions{IPVS: true, NetNS: n.Name}); err != nil {
 			t.Fatal(err)
+		}
+		for name, want := range map[string]string{"ipv4/vs/conntrack": "1", "ipv4/vs/expire_nodest_conn": "1", "ipv4/ip_forward": "1", "ipv4/conf/all/arp_ignore": "1"} {
+			got, err := nsthread.Call(nsthread.Path(n.Name), func() ([]byte, error) { return os.ReadFile("/proc/sys/net/" + name) })
+			if err != nil || strings.TrimSpace(string(got)) != want {
+				t.Fatalf("%s after prepare-node: net/%s = %q (%v), want %s", n.Name, name, got, err, want)
+			}
 		}
 		c.ipvsadm(n.Name, "-A", "-t", foreign, "-s", "rr")
 		c.ipvsadm(n.Name, "-a", "-t", foreign, "-r", p.IP.String()+":53", "-m")

@@ -167,7 +167,7 @@ var edits = map[string][]edit{
 				"      {{- end }}")},
 		{line: "      tolerations:", change: replace(withBlock(6, "tolerations", ".Values.speaker.tolerations"))},
 		{line: "      initContainers:", change: wrap(
-			"      {{- if .Values.speaker.setSysctls }}",
+			"      {{- if .Values.speaker.prepareNode }}",
 			"      {{- end }}")},
 		{after: "        - name: speaker", line: "          args:", change: appendLines(extraArgs(12, ".Values.speaker.extraArgs"))},
 		{line: "          resources:", change: replace(toYAMLBlock(10, "resources", ".Values.speaker.resources"))},

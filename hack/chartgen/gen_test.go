@@ -117,7 +117,7 @@ func TestValues(t *testing.T) {
 			"nodeSelector":      map[string]any{"keeplb.io/speaker": "true"},
 			"tolerations":       []any{},
 			"priorityClassName": "",
-			"setSysctls":        false,
+			"prepareNode":       false,
 		},
 	})
 	byKey := map[string]*unstructured.Unstructured{}

@@ -52,10 +52,10 @@ func runNode(state, keeplb, kubeconfig, where string) error {
 	a.client = client
 	lay := layout{Client: client, ClientIP: clientIP.String(), Where: where}
 	for i, n := range l.Nodes {
-		// What the speaker's init container sets on a real node; with
-		// --netns the speaker leaves the namespace's sysctls alone.
-		if err := lab.Sysctls(n.Name, map[string]string{"net.ipv4.vs.conntrack": "1", "net.ipv4.vs.expire_nodest_conn": "1"}); err != nil {
-			return err
+		// What the speaker DaemonSet's init container runs on a real node;
+		// with --netns the speaker leaves the namespace's sysctls alone.
+		if out, err := exec.Command(keeplb, "prepare-node", "--netns="+n.Name).CombinedOutput(); err != nil {
+			return fmt.Errorf("keeplb prepare-node --netns=%s: %w\n%s", n.Name, err, out)
 		}
 		p, err := l.AddPod(n, fmt.Sprintf("web-%d", i+1))
 		if err != nil {

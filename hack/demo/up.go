@@ -146,7 +146,7 @@ func up(c config) error {
 	if err := readJSON(c.path("node.json"), &lay); err != nil {
 		return err
 	}
-	pr.step("node side up: nodes %s, each with one pod (demo-web-1..3, answering HTTP on 8080 with its name) and a speaker (keepalived + IPVS); client %s at %s",
+	pr.step("node side up: nodes %s, each with one pod (demo-web-1..3, answering HTTP on 8080 with its name), prepared by keeplb prepare-node (the speaker DaemonSet's init container) and running a speaker (keepalived + IPVS); client %s at %s",
 		strings.Join(nodeNames(lay), ", "), lay.Client, lay.ClientIP)
 
 	cfg, err := clientcmd.BuildConfigFromFlags("", c.path("kubeconfig"))

@@ -68,7 +68,7 @@ every node, holds each address on exactly one of them with keepalived
 	// klog, where they would bypass the configuration above.
 	logs.AddFlags(fs, logs.SkipLoggingConfigurationFlags())
 
-	root.AddCommand(newControllerCommand(), newSpeakerCommand(), newVersionCommand(), newMigrateCommand(), newStatusCommand())
+	root.AddCommand(newControllerCommand(), newSpeakerCommand(), newPrepareNodeCommand(), newVersionCommand(), newMigrateCommand(), newStatusCommand())
 	return root
 }
 
@@ -101,6 +101,31 @@ Run it as a DaemonSet (manifests/speaker).`,
 				return err
 			}
 			return runUntilSignal(c.Context(), func(ctx context.Context) error { return speaker.Run(ctx, o) })
+		},
+	}
+	o.AddFlags(c.Flags())
+	return c
+}
+
+// newPrepareNodeCommand returns `keeplb prepare-node`.
+func newPrepareNodeCommand() *cobra.Command {
+	o := speaker.NewPrepareOptions()
+	c := &cobra.Command{
+		Use:   "prepare-node",
+		Short: "Load IPVS and set the sysctls the speaker needs (its init container)",
+		Long: `prepare-node readies a node for the speaker: it loads IPVS (the ip_vs
+module) and sets the sysctls VRRP and IPVS forwarding need, naming each one it
+cannot set. The speaker DaemonSet runs it as a privileged init container, so
+that the speaker itself needs no more than NET_ADMIN and NET_RAW.
+
+A kernel without IPVS is logged, not an error: the speaker then holds VIPs
+with VRRP but forwards nothing.`,
+		Args: cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			if err := o.Validate(); err != nil {
+				return err
+			}
+			return speaker.PrepareNode(c.Context(), o)
 		},
 	}
 	o.AddFlags(c.Flags())

@@ -59,6 +59,9 @@ func New() (*Netlink, error) {
 	return &Netlink{h: h, sysctlRoot: "/proc/sys"}, nil
 }
 
+// Close releases the netlink socket.
+func (n *Netlink) Close() { n.h.Close() }
+
 // NewAt returns an Interface for the network namespace at nsPath (such as
 // /run/netns/NAME). Its sysctls are still those of the calling process's
 // namespace, so it is meant for tests and tools, not for the speaker.

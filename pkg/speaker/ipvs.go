@@ -142,7 +142,7 @@ func newIPVSStep(ctx context.Context, o *Options, open func() (ipvs.Interface, e
 	if !o.SkipSysctls {
 		if err := hostnet.Ensure(net, ipvsSysctls()); err != nil {
 			closeHandle(h)
-			return nil, fmt.Errorf("IPVS forwarding (--ipvs) needs these sysctls: %w", err)
+			return nil, fmt.Errorf("IPVS forwarding (--ipvs) needs these sysctls, which the speaker DaemonSet's init container (keeplb prepare-node) sets once ip_vs is loaded; see that container's log, or delete this pod to run it again: %w", err)
 		}
 		d.sysctls = net
 	}

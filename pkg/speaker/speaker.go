@@ -111,7 +111,7 @@ func RunWith(ctx context.Context, o *Options, cfg *rest.Config, net hostnet.Inte
 	}
 	if !o.SkipSysctls {
 		if err := hostnet.Ensure(net, hostnet.VRRPSysctls()); err != nil {
-			return fmt.Errorf("the speaker needs these sysctls: %w", err)
+			return fmt.Errorf("the speaker needs these sysctls, which its DaemonSet's init container (keeplb prepare-node) sets; see that container's log, or delete this pod to run it again: %w", err)
 		}
 	}
 	layout := Layout{RunDir: o.RunDir}

@@ -74,6 +74,10 @@ type Options struct {
 	Memory string
 	// Shares are more host folders to share at the same paths.
 	Shares []string
+	// SkipModules are modules of the VM's list (hack/vm/build.sh) to leave
+	// unloaded at boot, by their names (e.g. "ip_vs"), for tests of what
+	// loads them on demand (keeplb.skipmods= on the kernel command line).
+	SkipModules []string
 }
 
 func (o Options) env() []string {
@@ -83,6 +87,9 @@ func (o Options) env() []string {
 	}
 	if o.Memory != "" {
 		env = append(env, "KEEPLB_VM_MEM="+o.Memory)
+	}
+	if len(o.SkipModules) > 0 {
+		env = append(env, "KEEPLB_VM_APPEND=keeplb.skipmods="+strings.Join(o.SkipModules, ","))
 	}
 	return env
 }
