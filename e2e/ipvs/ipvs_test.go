@@ -25,6 +25,7 @@ import (
 	"time"
 
 	v1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
@@ -178,6 +179,42 @@ func scenarios(t *testing.T, cfg *rest.Config) {
 		got := names(c.answers(client, port(vip), 8))
 		if len(slices.Compact(slices.Sorted(slices.Values(got)))) != 1 {
 			t.Errorf("sh scheduler: one client was answered by %v; want one pod every time", got)
+		}
+	})
+	// A scheduler this kernel has no module for (the VM has none for sed):
+	// every node's kernel refuses that virtual server, and each speaker
+	// says so on the Service, naming the annotation and the module.
+	t.Run("missing-scheduler", func(t *testing.T) {
+		c := c.at(t)
+		vip := c.service("nosched", v1.ProtocolTCP, func(s *v1.Service) { s.Annotations[annotations.Scheduler] = "sed" })
+		c.slice("nosched", v1.ProtocolTCP, all...)
+		var last []string
+		c.eventually(30*time.Second, "a ForwardingProblem event from every node naming the missing scheduler", func() bool {
+			evs, err := c.client.CoreV1().Events(ns).List(t.Context(), metav1.ListOptions{FieldSelector: "involvedObject.name=nosched,reason=" + speaker.EventForwardingProblem})
+			if err != nil {
+				return false
+			}
+			last = last[:0]
+			for _, ev := range evs.Items {
+				last = append(last, ev.Message)
+			}
+			for _, n := range c.lab.Nodes {
+				if !slices.ContainsFunc(last, func(m string) bool {
+					return strings.Contains(m, "node "+n.Name+"'s kernel has no IPVS scheduler \"sed\"") && strings.Contains(m, "modprobe ip_vs_sed")
+				}) {
+					return false
+				}
+			}
+			return true
+		})
+		t.Logf("events: %q", last)
+		for _, n := range c.lab.Nodes {
+			if got := c.ipvsadm(n.Name, "-Ln"); strings.Contains(got, port(vip).String()+" ") {
+				t.Errorf("%s has a virtual server for %s with a scheduler it lacks:\n%s", n.Name, vip, got)
+			}
+		}
+		if err := c.client.CoreV1().Services(ns).Delete(t.Context(), "nosched", metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
 		}
 	})
 	// 2. Local + pod: only the holder's pod, and it sees the client.

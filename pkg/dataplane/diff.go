@@ -175,6 +175,9 @@ type Result struct {
 	// conntrack: UDP has no connection to close, so clients would go on
 	// sending to them.
 	Removed []Removal
+	// Errors holds, for each virtual server with an op that failed, the
+	// first error, so that it can be told to the Service that owns it.
+	Errors map[ipvs.Key]error
 }
 
 // Changes returns the number of ops applied.
@@ -242,6 +245,12 @@ func Apply(h ipvs.Interface, ops []Op) (Result, error) {
 		if err != nil {
 			res.Failed++
 			errs = append(errs, fmt.Errorf("%s: %w", op, err))
+			if res.Errors == nil {
+				res.Errors = map[ipvs.Key]error{}
+			}
+			if _, seen := res.Errors[k]; !seen {
+				res.Errors[k] = err
+			}
 		}
 	}
 	return res, errors.Join(errs...)

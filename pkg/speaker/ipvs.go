@@ -237,7 +237,6 @@ func (d *ipvsStep) sync(ctx context.Context, in Inputs) error {
 		rules, rangeProblems = nftRules(in, st)
 		problems = append(problems, rangeProblems...)
 	}
-	d.report(ctx, in, problems)
 	var errs []error
 	if err := d.ensureIPv6(st.IPVS); err != nil {
 		errs = append(errs, err) // IPv4 is unaffected: program anyway
@@ -263,6 +262,14 @@ func (d *ipvsStep) sync(ctx context.Context, in Inputs) error {
 	if err != nil {
 		errs = append(errs, err)
 	}
+	// What the kernel refused is told to the Services it belongs to, as
+	// the desired state's own problems are.
+	for _, k := range slices.SortedFunc(maps.Keys(res.Errors), ipvs.Key.Compare) {
+		if owner, ok := st.Owners[k]; ok {
+			problems = append(problems, dataplane.KernelProblem(d.node, owner, st.IPVS[k].Virtual, res.Errors[k]))
+		}
+	}
+	d.report(ctx, in, problems)
 	if res.Changes() > 0 || res.Failed > 0 {
 		klog.FromContext(ctx).V(2).Info("IPVS table changed", "result", res)
 	}

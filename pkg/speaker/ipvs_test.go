@@ -471,6 +471,37 @@ func TestIPVSStepReportsProblemsOnce(t *testing.T) {
 	}
 }
 
+// A scheduler the node's kernel lacks (its module missing): that Service's
+// virtual server fails, with one Warning naming the annotation, the node
+// and the module, however many syncs fail; the other Service is forwarded.
+// Once the module is there, the next sync programs it.
+func TestIPVSStepReportsKernelRefusalOnce(t *testing.T) {
+	f := newIPVSFixture(t, nil)
+	f.fake.SetSchedulers("rr", "wrr")
+	in := ipvsCluster()
+	in.Services = []*v1.Service{annotate(in.Services[0], annotations.Scheduler, "mh"), fwdService("other", "192.0.2.2", 80, 30081)}
+	for range 3 {
+		if err := f.step.sync(t.Context(), in); err == nil {
+			t.Fatal("sync succeeded with a scheduler the kernel lacks")
+		}
+	}
+	events := drain(f.recorder)
+	if len(events) != 1 || !strings.HasPrefix(events[0], "Warning "+EventForwardingProblem+" "+annotations.Scheduler+": node n1's kernel") || !strings.Contains(events[0], "modprobe ip_vs_mh") {
+		t.Fatalf("events after three failed syncs: %q, want one Warning naming the annotation, the node and the module", events)
+	}
+	if got := f.fake.Table(); len(got) != 1 {
+		t.Fatalf("kernel table:\n%s\nwant the other Service's virtual server alone", got)
+	}
+	f.fake.SetSchedulers(ipvstesting.Schedulers...)
+	f.sync(t, in)
+	if got := f.fake.Table(); len(got) != 2 {
+		t.Fatalf("kernel table once the module is there:\n%s\nwant both virtual servers", got)
+	}
+	if events := drain(f.recorder); len(events) != 0 {
+		t.Fatalf("events once fixed: %q", events)
+	}
+}
+
 func drain(r *record.FakeRecorder) []string {
 	var out []string
 	for {

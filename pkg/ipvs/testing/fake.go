@@ -59,6 +59,8 @@ type Fake struct {
 	table map[ipvs.Key]*entry
 	calls []Call
 	fail  func(Call) error
+	// schedulers the kernel has; nil means Schedulers.
+	schedulers []string
 }
 
 var _ ipvs.Interface = (*Fake)(nil)
@@ -195,13 +197,26 @@ func (f *Fake) lookup(k ipvs.Key) (*entry, error) {
 	return e, nil
 }
 
-func validVirtual(vs ipvs.VirtualServer) error {
+// SetSchedulers makes the fake a kernel with only these IPVS schedulers
+// (as when the other modules are missing): adding or changing a virtual
+// server to another one fails with ENOENT, as the kernel does.
+func (f *Fake) SetSchedulers(names ...string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.schedulers = slices.Clone(names)
+}
+
+func (f *Fake) validVirtual(vs ipvs.VirtualServer) error {
+	schedulers := f.schedulers
+	if schedulers == nil {
+		schedulers = Schedulers
+	}
 	switch {
 	case !vs.Address.IsValid():
 		return errorf(syscall.EINVAL, "virtual server %s has no address", vs.Key())
 	case vs.Protocol != ipvs.TCP && vs.Protocol != ipvs.UDP && vs.Protocol != ipvs.SCTP:
 		return errorf(syscall.EPROTONOSUPPORT, "virtual server %s: protocol %q", vs.Key(), vs.Protocol)
-	case !slices.Contains(Schedulers, vs.Scheduler):
+	case !slices.Contains(schedulers, vs.Scheduler):
 		return errorf(syscall.ENOENT, "virtual server %s: no scheduler %q", vs.Key(), vs.Scheduler)
 	}
 	return nil
@@ -215,7 +230,7 @@ func (f *Fake) AddVirtualServer(vs ipvs.VirtualServer) error {
 	if err := f.begin(Call{Method: "AddVirtualServer", Virtual: k}); err != nil {
 		return err
 	}
-	if err := validVirtual(vs); err != nil {
+	if err := f.validVirtual(vs); err != nil {
 		return err
 	}
 	if f.table[k] != nil {
@@ -238,7 +253,7 @@ func (f *Fake) UpdateVirtualServer(vs ipvs.VirtualServer) error {
 	if err != nil {
 		return err
 	}
-	if err := validVirtual(vs); err != nil {
+	if err := f.validVirtual(vs); err != nil {
 		return err
 	}
 	vs.Stats = ipvs.Stats{} // the kernel ignores counters in a write
