@@ -93,3 +93,41 @@ func TestMinInterval(t *testing.T) {
 		}
 	}
 }
+
+func TestRetryDelay(t *testing.T) {
+	for _, tc := range []struct {
+		retry, resync time.Duration
+		failures      int
+		want          time.Duration
+	}{
+		{time.Second, 5 * time.Minute, 1, time.Second},
+		{time.Second, 5 * time.Minute, 2, 2 * time.Second},
+		{time.Second, 5 * time.Minute, 4, 8 * time.Second},
+		{time.Second, 5 * time.Minute, 6, 32 * time.Second},
+		{time.Second, 5 * time.Minute, 7, 32 * time.Second}, // MaxRetryFactor
+		{time.Second, 5 * time.Minute, 1000, 32 * time.Second},
+		{time.Second, 10 * time.Second, 5, 10 * time.Second}, // never beyond resync
+		{time.Second, 0, 9, 32 * time.Second},                // no resync
+		{5 * time.Second, 5 * time.Minute, 3, 20 * time.Second},
+	} {
+		if got := RetryDelay(tc.retry, tc.resync, tc.failures); got != tc.want {
+			t.Errorf("RetryDelay(%s, %s, %d) = %s, want %s", tc.retry, tc.resync, tc.failures, got, tc.want)
+		}
+	}
+}
+
+// A trigger runs at once even while a failing sync backs off: a change
+// that may fix it is tried without waiting.
+func TestTriggerDuringBackoff(t *testing.T) {
+	var runs atomic.Int32
+	r := New(func(context.Context) error {
+		runs.Add(1)
+		return errors.New("boom")
+	}, 0, time.Hour, 0)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go r.Run(ctx)
+	waitFor(t, "first run", func() bool { return runs.Load() == 1 })
+	r.Trigger()
+	waitFor(t, "the triggered run, well before the hour of backoff", func() bool { return runs.Load() == 2 })
+}

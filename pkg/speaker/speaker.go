@@ -243,7 +243,7 @@ func (s *Speaker) sync(ctx context.Context) (err error) {
 	defer func() {
 		// The runner retries a failed sync; this says why it had to.
 		if err != nil {
-			logger.Error(err, "Sync failed; retrying")
+			logger.Error(err, "Sync failed; retrying, less often while it keeps failing, and at once on any change")
 		}
 	}()
 	in := s.collect()
