@@ -346,20 +346,32 @@ func (c *computer) service(svc *v1.Service, vip netip.Addr, pool *v1alpha1.IPPoo
 			c.problem(svc, "spec.ports["+portName(p)+"]", "%s is already forwarded for %s; this port is not forwarded", k, owner)
 			continue
 		}
-		var reals []ipvs.RealServer
-		snat := true
+		var reals, unmasqueraded []ipvs.RealServer
 		switch mode {
 		case v1alpha1.ForwardingNodePort:
 			reals = c.nodePortReals(uint16(p.NodePort), v6, local, perNode)
+			// This node's own share goes to its own endpoints, not to its
+			// NodePort: IPVS hands a connection to a local real server
+			// straight to the socket layer, past the hooks where kube-proxy
+			// translates NodePorts, so nothing would answer there.
+			if self := c.selfInfo(); self.eligible {
+				own := c.podReals(key, p, v6, true)
+				reals = dedupe(append(reals, own...))
+				if local {
+					unmasqueraded = own // as in pod forwarding: keep the client's address
+				}
+			}
 		case v1alpha1.ForwardingPod:
 			reals = c.podReals(key, p, v6, local)
-			snat = !local
+			if local {
+				unmasqueraded = reals
+			}
 		}
 		c.st.IPVS[k] = ipvs.Entry{Virtual: vs, Reals: reals}
 		c.st.Owners[k] = key
 		c.entries = append(c.entries, partEntry{entry: c.st.IPVS[k], port: portName(p)})
-		if snat {
-			for _, r := range reals {
+		for _, r := range reals {
+			if !slices.Contains(unmasqueraded, r) {
 				c.st.SNAT = append(c.st.SNAT, SNAT{Virtual: k, Real: r.AddrPort()})
 			}
 		}
@@ -386,13 +398,14 @@ func (c *computer) scheduler(svc *v1.Service) string {
 	return s
 }
 
-// nodePortReals returns the NodePorts of the eligible nodes; with Local,
-// only those in perNode, weighted by their ready local endpoints.
+// nodePortReals returns the NodePorts of the eligible nodes other than this
+// one; with Local, only those in perNode, weighted by their ready local
+// endpoints.
 func (c *computer) nodePortReals(nodePort uint16, v6, local bool, perNode map[string]int) []ipvs.RealServer {
 	var out []ipvs.RealServer
 	for _, n := range c.nodes {
 		ip := n.ip(v6)
-		if !n.eligible || !ip.IsValid() {
+		if !n.eligible || !ip.IsValid() || n.name == c.node {
 			continue
 		}
 		w := 1
@@ -406,6 +419,17 @@ func (c *computer) nodePortReals(nodePort uint16, v6, local bool, perNode map[st
 		out = append(out, ipvs.RealServer{Address: ip, Port: nodePort, Weight: w})
 	}
 	return dedupe(out)
+}
+
+// selfInfo returns this node's entry (zero, so not eligible, when the
+// node has no Node object).
+func (c *computer) selfInfo() nodeInfo {
+	for _, n := range c.nodes {
+		if n.name == c.node {
+			return n
+		}
+	}
+	return nodeInfo{}
 }
 
 // localWeights counts the ready endpoints of a Service per node; nodes with

@@ -30,7 +30,10 @@ func webSlices() []*discoveryv1.EndpointSlice {
 
 func TestDesired(t *testing.T) {
 	const vip, vip6 = "192.0.2.1", "2001:db8::1"
-	nodePorts := []ipvs.RealServer{rs("10.0.0.1", 30080, 1), rs("10.0.0.2", 30080, 1), rs("10.0.0.3", 30080, 1)}
+	// nodeport on n1: the other nodes' NodePorts, and n1's own pod in
+	// place of n1's NodePort (a Service without slices has none).
+	remotes := []ipvs.RealServer{rs("10.0.0.2", 30080, 1), rs("10.0.0.3", 30080, 1)}
+	nodePorts := append(slices.Clone(remotes), rs("10.1.1.1", 8080, 1))
 	pods := []ipvs.RealServer{rs("10.1.1.1", 8080, 1), rs("10.1.2.1", 8080, 1), rs("10.1.3.1", 8080, 0)}
 	persist := func(v ipvs.VirtualServer, d time.Duration) ipvs.VirtualServer {
 		v.Persistent, v.Timeout = true, d
@@ -43,6 +46,7 @@ func TestDesired(t *testing.T) {
 		edit     func(*Inputs)
 		want     ipvs.Table
 		noSNAT   bool     // no real server needs masquerading
+		keepSrc  []string // real servers (ip:port) not masqueraded
 		problems []string // fields of the expected problems
 	}{
 		{
@@ -57,10 +61,11 @@ func TestDesired(t *testing.T) {
 			want: table(entry(vs(vip, "TCP", 80, "rr"), nodePorts...)),
 		},
 		{
-			name: "nodeport local: nodes with endpoints, terminating-only at weight 0",
-			fwd:  v1alpha1.ForwardingNodePort,
-			svcs: []*v1.Service{service("web", []string{vip}, local)},
-			want: table(entry(vs(vip, "TCP", 80, "rr"), rs("10.0.0.1", 30080, 1), rs("10.0.0.2", 30080, 1), rs("10.0.0.3", 30080, 0))),
+			name:    "nodeport local: nodes with endpoints, terminating-only at weight 0",
+			fwd:     v1alpha1.ForwardingNodePort,
+			svcs:    []*v1.Service{service("web", []string{vip}, local)},
+			want:    table(entry(vs(vip, "TCP", 80, "rr"), rs("10.0.0.2", 30080, 1), rs("10.0.0.3", 30080, 0), rs("10.1.1.1", 8080, 1))),
+			keepSrc: []string{"10.1.1.1:8080"},
 		},
 		{
 			name: "nodeport local weights by ready endpoints",
@@ -113,9 +118,10 @@ func TestDesired(t *testing.T) {
 				v1.ServicePort{Name: "sig", Protocol: v1.ProtocolSCTP, Port: 3868, NodePort: 30068},
 			))},
 			want: table(
-				entry(persist(vs(vip, "UDP", 53, "rr"), 3*time.Hour), rs("10.0.0.1", 30053, 1), rs("10.0.0.2", 30053, 1), rs("10.0.0.3", 30053, 1)),
-				entry(persist(vs(vip, "TCP", 53, "rr"), 3*time.Hour), rs("10.0.0.1", 30054, 1), rs("10.0.0.2", 30054, 1), rs("10.0.0.3", 30054, 1)),
-				entry(persist(vs(vip, "SCTP", 3868, "rr"), 3*time.Hour), rs("10.0.0.1", 30068, 1), rs("10.0.0.2", 30068, 1), rs("10.0.0.3", 30068, 1)),
+				// No slice of "dns": no pod of n1 stands in for its NodePort.
+				entry(persist(vs(vip, "UDP", 53, "rr"), 3*time.Hour), rs("10.0.0.2", 30053, 1), rs("10.0.0.3", 30053, 1)),
+				entry(persist(vs(vip, "TCP", 53, "rr"), 3*time.Hour), rs("10.0.0.2", 30054, 1), rs("10.0.0.3", 30054, 1)),
+				entry(persist(vs(vip, "SCTP", 3868, "rr"), 3*time.Hour), rs("10.0.0.2", 30068, 1), rs("10.0.0.3", 30068, 1)),
 			),
 		},
 		{
@@ -135,7 +141,7 @@ func TestDesired(t *testing.T) {
 			svcs: []*v1.Service{service("web", []string{vip, vip6})},
 			want: table(
 				entry(vs(vip, "TCP", 80, "rr"), nodePorts...),
-				entry(vs(vip6, "TCP", 80, "rr"), rs("fd00::1", 30080, 1), rs("fd00::2", 30080, 1), rs("fd00::3", 30080, 1)),
+				entry(vs(vip6, "TCP", 80, "rr"), rs("fd00::2", 30080, 1), rs("fd00::3", 30080, 1), rs("fd01::1", 8080, 1)),
 			),
 		},
 		{
@@ -175,7 +181,7 @@ func TestDesired(t *testing.T) {
 			fwd:  v1alpha1.ForwardingNodePort,
 			svcs: []*v1.Service{service("web", []string{vip})},
 			edit: func(in *Inputs) { in.Nodes[1].Labels = map[string]string{vrrp.ExcludeLabel: ""} },
-			want: table(entry(vs(vip, "TCP", 80, "rr"), rs("10.0.0.1", 30080, 1), rs("10.0.0.3", 30080, 1))),
+			want: table(entry(vs(vip, "TCP", 80, "rr"), rs("10.0.0.3", 30080, 1), rs("10.1.1.1", 8080, 1))),
 		},
 		{
 			name: "an excluded node holds no VIP, so programs nothing",
@@ -237,7 +243,7 @@ func TestDesired(t *testing.T) {
 		{
 			name: "explicit class ours",
 			svcs: []*v1.Service{service("a", []string{vip}, func(s *v1.Service) { s.Spec.LoadBalancerClass = ptr(class) })},
-			want: table(entry(vs(vip, "TCP", 80, "rr"), nodePorts...)),
+			want: table(entry(vs(vip, "TCP", 80, "rr"), remotes...)),
 		},
 		{
 			name: "shared VIP: different ports coexist, the older Service keeps a contested port",
@@ -247,8 +253,8 @@ func TestDesired(t *testing.T) {
 				service("old", []string{vip}),
 			},
 			want: table(
-				entry(vs(vip, "TCP", 80, "rr"), nodePorts...),
-				entry(vs(vip, "TCP", 81, "rr"), rs("10.0.0.1", 31001, 1), rs("10.0.0.2", 31001, 1), rs("10.0.0.3", 31001, 1)),
+				entry(vs(vip, "TCP", 80, "rr"), remotes...),
+				entry(vs(vip, "TCP", 81, "rr"), rs("10.0.0.2", 31001, 1), rs("10.0.0.3", 31001, 1)),
 			),
 			problems: []string{"spec.ports[80]"},
 		},
@@ -279,7 +285,9 @@ func TestDesired(t *testing.T) {
 			if !tt.noSNAT {
 				for k, e := range tt.want {
 					for _, r := range e.Reals {
-						wantSNAT = append(wantSNAT, SNAT{Virtual: k, Real: r.AddrPort()})
+						if !slices.Contains(tt.keepSrc, r.AddrPort().String()) {
+							wantSNAT = append(wantSNAT, SNAT{Virtual: k, Real: r.AddrPort()})
+						}
 					}
 				}
 			}

@@ -21,10 +21,14 @@
 // Real servers depend on the forwarding mode (keeplb.io/forwarding, else
 // the pool's spec.forwarding, else nodeport):
 //
-//   - nodeport: InternalIP:NodePort (of the VIP's family) of every Ready
-//     node without the exclusion label. With externalTrafficPolicy Local,
-//     only nodes with a local endpoint, weighted by their number of ready
-//     endpoints; a node whose endpoints are all terminating keeps weight 0.
+//   - nodeport: InternalIP:NodePort (of the VIP's family) of every other
+//     Ready node without the exclusion label. With externalTrafficPolicy
+//     Local, only nodes with a local endpoint, weighted by their number of
+//     ready endpoints; a node whose endpoints are all terminating keeps
+//     weight 0. This node's own NodePort is replaced by its own endpoints
+//     (as pod forwarding gives them): IPVS hands a connection for a local
+//     real server to the local socket layer, past the hooks where
+//     kube-proxy translates NodePorts, where nothing would answer.
 //   - pod: the endpoints of the Service's EndpointSlices of the VIP's family,
 //     on the port the slice resolved for the Service port (so named
 //     targetPorts work). Ready endpoints get weight 1; terminating endpoints
@@ -43,7 +47,8 @@
 // the Service port, and DR or tunnel cannot rewrite ports. Replies must come
 // back through this node, so forwarded traffic is SNATed, except for Local
 // Services forwarded to this node's own pods: those reply through this node
-// anyway, and keeping the client address is why users choose Local.
+// anyway, and keeping the client address is why users choose Local. The
+// same holds for this node's own pods under nodeport forwarding with Local.
 // State.SNAT lists what needs masquerading, for the nftables layer.
 //
 // # Ownership

@@ -17,7 +17,7 @@ import (
 // protocol × session affinity through Desired, and checks what each
 // combination must give: the virtual server's protocol and persistence,
 // the real servers of the mode and policy, and masquerading everywhere
-// but Local pod forwarding.
+// but to this node's own pods under Local.
 func TestDesiredMatrix(t *testing.T) {
 	const vip = "192.0.2.1"
 	modes := []v1alpha1.Forwarding{v1alpha1.ForwardingNodePort, v1alpha1.ForwardingPod, v1alpha1.ForwardingKubeProxy}
@@ -68,10 +68,12 @@ func TestDesiredMatrix(t *testing.T) {
 						local := policy == v1.ServiceExternalTrafficPolicyLocal
 						var want []ipvs.RealServer
 						switch {
+						// nodeport: the other nodes' NodePorts, and this node's
+						// own pods in place of its own NodePort.
 						case mode == v1alpha1.ForwardingNodePort && !local:
-							want = []ipvs.RealServer{rs("10.0.0.1", 30080, 1), rs("10.0.0.2", 30080, 1), rs("10.0.0.3", 30080, 1)}
+							want = []ipvs.RealServer{rs("10.0.0.2", 30080, 1), rs("10.0.0.3", 30080, 1), rs("10.1.1.1", 8080, 1)}
 						case mode == v1alpha1.ForwardingNodePort && local:
-							want = []ipvs.RealServer{rs("10.0.0.1", 30080, 1), rs("10.0.0.2", 30080, 1)}
+							want = []ipvs.RealServer{rs("10.0.0.2", 30080, 1), rs("10.1.1.1", 8080, 1)}
 						case mode == v1alpha1.ForwardingPod && !local:
 							want = []ipvs.RealServer{rs("10.1.1.1", 8080, 1), rs("10.1.2.1", 8080, 1), rs("10.1.2.2", 8080, 0)}
 						default: // pod, Local: this node's pods only
@@ -81,8 +83,8 @@ func TestDesiredMatrix(t *testing.T) {
 							t.Errorf("real servers %v; want %v", e.Reals, want)
 						}
 						wantSNAT := len(want)
-						if mode == v1alpha1.ForwardingPod && local {
-							wantSNAT = 0
+						if local { // this node's own pods keep the client's address
+							wantSNAT--
 						}
 						if len(st.SNAT) != wantSNAT {
 							t.Errorf("%d real servers masqueraded; want %d: %v", len(st.SNAT), wantSNAT, st.SNAT)

@@ -34,14 +34,17 @@ import (
 // ipvsCluster is two Ready nodes and one pool, 192.0.2.0/24 and
 // 2001:db8::/64, forwarding to NodePorts; web has VIP 192.0.2.1.
 func ipvsCluster() Inputs {
-	n1, n2 := node("n1", "10.0.0.1"), node("n2", "10.0.0.2")
+	// n1 is this node: nodeport forwarding sends to the others' NodePorts
+	// (and to n1's own pods, of which these Services have none).
+	n1, n2, n3 := node("n1", "10.0.0.1"), node("n2", "10.0.0.2"), node("n3", "10.0.0.3")
 	n1.Status.Addresses = append(n1.Status.Addresses, v1.NodeAddress{Type: v1.NodeInternalIP, Address: "fd00::1"})
 	n2.Status.Addresses = append(n2.Status.Addresses, v1.NodeAddress{Type: v1.NodeInternalIP, Address: "fd00::2"})
+	n3.Status.Addresses = append(n3.Status.Addresses, v1.NodeAddress{Type: v1.NodeInternalIP, Address: "fd00::3"})
 	p := ippool("p", []string{"192.0.2.0/24", "2001:db8::/64"}, nil)
 	p.Spec.Forwarding = v1alpha1.ForwardingNodePort
 	return Inputs{
 		Class: "keeplb.io/vip", DefaultClass: true,
-		Nodes:    []*v1.Node{n1, n2},
+		Nodes:    []*v1.Node{n1, n2, n3},
 		Pools:    []*v1alpha1.IPPool{p},
 		Services: []*v1.Service{fwdService("web", "192.0.2.1", 80, 30080)},
 	}
@@ -70,7 +73,7 @@ func rs(ip string, port uint16) ipvs.RealServer {
 func webEntry() ipvs.Entry {
 	return ipvs.Entry{
 		Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.1"), Protocol: ipvs.TCP, Port: 80, Scheduler: "rr"},
-		Reals:   []ipvs.RealServer{rs("10.0.0.1", 30080), rs("10.0.0.2", 30080)},
+		Reals:   []ipvs.RealServer{rs("10.0.0.2", 30080), rs("10.0.0.3", 30080)},
 	}
 }
 
@@ -207,7 +210,7 @@ func TestIPVSStepProgramsDesired(t *testing.T) {
 	f.sync(t, in)
 	want := tableOf(webEntry(), ipvs.Entry{
 		Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("2001:db8::1"), Protocol: ipvs.TCP, Port: 53, Scheduler: "rr"},
-		Reals:   []ipvs.RealServer{rs("fd00::1", 30053), rs("fd00::2", 30053)},
+		Reals:   []ipvs.RealServer{rs("fd00::2", 30053), rs("fd00::3", 30053)},
 	})
 	f.wantTable(t, "with an IPv6 VIP", want)
 	if v := f.sysctl(t, "net.ipv6.conf.all.forwarding"); v != "1" {
@@ -325,7 +328,7 @@ func TestIPVSStepDeletesWhatLeftItsScope(t *testing.T) {
 			t.Fatal("a failed AddRealServer was not reported")
 		}
 		half := webEntry()
-		half.Reals = half.Reals[:1]
+		half.Reals = half.Reals[1:] // 10.0.0.3 only
 		f.wantTable(t, "after the failed add", tableOf(half))
 		// What the kernel has, not what was asked, is remembered: it is
 		// not mistaken for another program's.
@@ -622,12 +625,12 @@ func TestIPVSStepWritesNFTables(t *testing.T) {
 	// Every NodePort real server is masqueraded; kp (192.0.2.2) is
 	// kube-proxy's and appears nowhere.
 	wantElements(t, f.nft, "snat-v4",
-		"192.0.2.1 . tcp . 80 . 10.0.0.1 . 30080",
 		"192.0.2.1 . tcp . 80 . 10.0.0.2 . 30080",
-		"192.0.2.3 . tcp . 443 . 10.0.0.1 . 30443",
+		"192.0.2.1 . tcp . 80 . 10.0.0.3 . 30080",
 		"192.0.2.3 . tcp . 443 . 10.0.0.2 . 30443",
-		"192.0.2.4 . tcp . 8080 . 10.0.0.1 . 30808",
+		"192.0.2.3 . tcp . 443 . 10.0.0.3 . 30443",
 		"192.0.2.4 . tcp . 8080 . 10.0.0.2 . 30808",
+		"192.0.2.4 . tcp . 8080 . 10.0.0.3 . 30808",
 	)
 	if dump := f.nft.Dump(); strings.Contains(dump, "192.0.2.2 ") {
 		t.Errorf("the kube-proxy-forwarded Service is in the table:\n%s", dump)
@@ -694,7 +697,7 @@ func TestIPVSStepClosesInvalidSourceRanges(t *testing.T) {
 	}
 	f.wantTable(t, "with invalid source ranges", tableOf(webEntry(), ipvs.Entry{
 		Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.4"), Protocol: ipvs.TCP, Port: 8080, Scheduler: "rr"},
-		Reals:   []ipvs.RealServer{rs("10.0.0.1", 30808), rs("10.0.0.2", 30808)},
+		Reals:   []ipvs.RealServer{rs("10.0.0.2", 30808), rs("10.0.0.3", 30808)},
 	}))
 }
 
@@ -729,8 +732,8 @@ func TestIPVSStepWithoutNFTables(t *testing.T) {
 		}
 		f.sync(t, nftCluster())
 		f.wantTable(t, "without nft", tableOf(webEntry(),
-			ipvs.Entry{Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.3"), Protocol: ipvs.TCP, Port: 443, Scheduler: "rr"}, Reals: []ipvs.RealServer{rs("10.0.0.1", 30443), rs("10.0.0.2", 30443)}},
-			ipvs.Entry{Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.4"), Protocol: ipvs.TCP, Port: 8080, Scheduler: "rr"}, Reals: []ipvs.RealServer{rs("10.0.0.1", 30808), rs("10.0.0.2", 30808)}},
+			ipvs.Entry{Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.3"), Protocol: ipvs.TCP, Port: 443, Scheduler: "rr"}, Reals: []ipvs.RealServer{rs("10.0.0.2", 30443), rs("10.0.0.3", 30443)}},
+			ipvs.Entry{Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.4"), Protocol: ipvs.TCP, Port: 8080, Scheduler: "rr"}, Reals: []ipvs.RealServer{rs("10.0.0.2", 30808), rs("10.0.0.3", 30808)}},
 		))
 		if err := f.step.exit(t.Context(), nftCluster()); err != nil {
 			t.Fatal(err)
@@ -821,23 +824,27 @@ func TestIPVSStepClearsUDPConntrack(t *testing.T) {
 			Original: conntrack.Tuple{Src: c, Dst: netip.MustParseAddrPort(vip)},
 			Reply:    conntrack.Tuple{Src: netip.MustParseAddrPort(real), Dst: netip.MustParseAddrPort("10.0.0.1:61000")}}
 	}
-	toN1 := flow(conntrack.UDP, "192.0.2.5:53", "10.0.0.1:30053")
+	toN3 := flow(conntrack.UDP, "192.0.2.5:53", "10.0.0.3:30053")
 	toN2 := flow(conntrack.UDP, "192.0.2.5:53", "10.0.0.2:30053")
 	tcpToN2 := flow(conntrack.TCP, "192.0.2.1:80", "10.0.0.2:30080")
-	f.ct.Add(toN1, toN2, tcpToN2)
+	f.ct.Add(toN3, toN2, tcpToN2)
+	holds := func(want ...conntrack.Flow) bool {
+		got := f.ct.Flows()
+		return len(got) == len(want) && !slices.ContainsFunc(want, func(w conntrack.Flow) bool { return !slices.Contains(got, w) })
+	}
 
 	// n2 leaves: its real servers go, and only its UDP flow with them.
-	in.Nodes = in.Nodes[:1]
+	in.Nodes = []*v1.Node{in.Nodes[0], in.Nodes[2]}
 	f.sync(t, in)
-	if got := f.ct.Flows(); len(got) != 2 || got[0] != toN1 || got[1] != tcpToN2 {
-		t.Fatalf("after n2 left, conntrack holds %+v, want n1's UDP flow and the TCP flow", got)
+	if !holds(toN3, tcpToN2) {
+		t.Fatalf("after n2 left, conntrack holds %+v, want n3's UDP flow and the TCP flow", f.ct.Flows())
 	}
-	// The Service goes: its virtual server is deleted with n1's real
+	// The Service goes: its virtual server is deleted with n3's real
 	// server, whose flow goes too.
 	in.Services = in.Services[:1]
 	f.sync(t, in)
-	if got := f.ct.Flows(); len(got) != 1 || got[0] != tcpToN2 {
-		t.Fatalf("after dns was deleted, conntrack holds %+v, want only the TCP flow", got)
+	if !holds(tcpToN2) {
+		t.Fatalf("after dns was deleted, conntrack holds %+v, want only the TCP flow", f.ct.Flows())
 	}
 	// A failure to clear is logged, not a failed sync.
 	f.ct.FailWith(errors.New("netlink: operation not permitted"))
@@ -933,7 +940,7 @@ func TestIPVSStepMasqueradesBeforeForwarding(t *testing.T) {
 	f.step.h = orderingIPVS{Fake: f.fake, t: t, nft: f.nft}
 	in := ipvsCluster()
 	f.sync(t, in)
-	// n2 leaves, n3 arrives: one real server deleted, one added.
+	// n2 leaves, n4 arrives: one real server deleted, one added.
 	in.Nodes = slices.Clone(in.Nodes)
 	for i, n := range in.Nodes {
 		if n.Name == "n2" {
@@ -942,10 +949,10 @@ func TestIPVSStepMasqueradesBeforeForwarding(t *testing.T) {
 			in.Nodes[i] = n
 		}
 	}
-	in.Nodes = append(in.Nodes, node("n3", "10.0.0.3"))
+	in.Nodes = append(in.Nodes, node("n4", "10.0.0.4"))
 	f.sync(t, in)
 	wantElements(t, f.nft, "snat-v4",
-		"192.0.2.1 . tcp . 80 . 10.0.0.1 . 30080",
 		"192.0.2.1 . tcp . 80 . 10.0.0.3 . 30080",
+		"192.0.2.1 . tcp . 80 . 10.0.0.4 . 30080",
 	)
 }
