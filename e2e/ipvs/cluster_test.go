@@ -5,7 +5,6 @@ import (
 	"net/netip"
 	"os/exec"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -31,8 +30,7 @@ type cluster struct {
 	cfg      *rest.Config
 	client   kubernetes.Interface
 	dyn      dynamic.Interface
-	mu       *sync.Mutex
-	speakers map[string]func()
+	speakers *keeplbtest.Speakers
 }
 
 // at returns c for subtest t: failures end t, not its parent.
@@ -50,7 +48,7 @@ func newCluster(t *testing.T, cfg *rest.Config) *cluster {
 		t.Fatal(err)
 	}
 	t.Cleanup(l.Close)
-	c := &cluster{t: t, lab: l, cfg: cfg, client: kubernetes.NewForConfigOrDie(cfg), dyn: dynamic.NewForConfigOrDie(cfg), mu: &sync.Mutex{}, speakers: map[string]func(){}}
+	c := &cluster{t: t, lab: l, cfg: cfg, client: kubernetes.NewForConfigOrDie(cfg), dyn: dynamic.NewForConfigOrDie(cfg), speakers: keeplbtest.NewSpeakers(t, cfg, func(o *speaker.Options) { o.IPVS = true })}
 	if _, err := c.client.CoreV1().Namespaces().Create(t.Context(), &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -70,23 +68,10 @@ func newCluster(t *testing.T, cfg *rest.Config) *cluster {
 }
 
 // startSpeaker runs node's speaker, with IPVS, as its ServiceAccount.
-func (c *cluster) startSpeaker(node string) {
-	stop := keeplbtest.StartSpeaker(c.t, c.cfg, node, func(o *speaker.Options) { o.IPVS = true })
-	c.mu.Lock()
-	c.speakers[node] = stop
-	c.mu.Unlock()
-}
+func (c *cluster) startSpeaker(node string) { c.speakers.Start(node) }
 
 // stopSpeaker stops node's speaker gracefully and waits for it.
-func (c *cluster) stopSpeaker(node string) {
-	c.mu.Lock()
-	stop := c.speakers[node]
-	delete(c.speakers, node)
-	c.mu.Unlock()
-	if stop != nil {
-		stop()
-	}
-}
+func (c *cluster) stopSpeaker(node string) { c.speakers.Stop(node) }
 
 // service creates a LoadBalancer Service with one port, 80 → 8080, and
 // returns its VIP once the controller assigned it.

@@ -19,17 +19,13 @@ import (
 	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/ipvs"
 	"github.com/keeplb/keeplb/pkg/lab"
+	netnstest "github.com/keeplb/keeplb/pkg/testing/netns"
 )
 
 func requireIPVS(b *testing.B) {
-	if os.Geteuid() != 0 {
-		b.Skip("needs root")
-	}
+	netnstest.Require(b, "apt-get install iproute2 ipvsadm", "ip", "ipvsadm")
 	if err := ipvs.Available(); err != nil {
 		b.Skipf("needs IPVS (make bench runs this in the VM): %v", err)
-	}
-	if _, err := exec.LookPath("ipvsadm"); err != nil {
-		b.Skip("needs ipvsadm")
 	}
 }
 

@@ -58,8 +58,7 @@ type cluster struct {
 	cp       *controlplane.ControlPlane
 	client   kubernetes.Interface
 	dyn      dynamic.Interface
-	speakers map[string]func() // stop functions
-	mu       sync.Mutex
+	speakers *keeplbtest.Speakers
 }
 
 func newCluster(t *testing.T) *cluster {
@@ -68,7 +67,7 @@ func newCluster(t *testing.T) *cluster {
 	keeplbtest.Install(t, cp)
 	cfg := cp.AdminConfig()
 	c := &cluster{t: t, tp: newTopology(t, 3), cp: cp, client: kubernetes.NewForConfigOrDie(cfg), dyn: dynamic.NewForConfigOrDie(cfg),
-		speakers: map[string]func(){}}
+		speakers: keeplbtest.NewSpeakers(t, cfg)}
 	for _, ns := range c.tp.nodes {
 		c.node(ns, true, nil)
 	}
@@ -103,22 +102,11 @@ func (c *cluster) startSpeaker(ns string) { c.startSpeakerServing(ns, "0") }
 
 // startSpeakerServing is startSpeaker with a metrics address.
 func (c *cluster) startSpeakerServing(ns, metricsAddr string) {
-	stop := keeplbtest.StartSpeaker(c.t, c.cp.AdminConfig(), ns, func(o *speaker.Options) { o.MetricsBindAddress = metricsAddr })
-	c.mu.Lock()
-	c.speakers[ns] = stop
-	c.mu.Unlock()
+	c.speakers.Start(ns, func(o *speaker.Options) { o.MetricsBindAddress = metricsAddr })
 }
 
 // stopSpeaker stops a speaker gracefully (SIGTERM to keepalived) and waits.
-func (c *cluster) stopSpeaker(ns string) {
-	c.mu.Lock()
-	stop := c.speakers[ns]
-	delete(c.speakers, ns)
-	c.mu.Unlock()
-	if stop != nil {
-		stop()
-	}
-}
+func (c *cluster) stopSpeaker(ns string) { c.speakers.Stop(ns) }
 
 func (c *cluster) service(name string, mods ...func(*v1.Service)) {
 	_, _ = c.client.CoreV1().Namespaces().Create(c.t.Context(), &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "e2e"}}, metav1.CreateOptions{})

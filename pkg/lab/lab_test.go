@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	netnstest "github.com/keeplb/keeplb/pkg/testing/netns"
 )
 
 // TestLab builds a two-node lab on the host's kernel (namespaces, veth
@@ -16,12 +18,7 @@ import (
 // the real source; a node cut off the LAN is unreachable; Close leaves no
 // namespace behind.
 func TestLab(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for network namespaces")
-	}
-	if _, err := exec.LookPath("ip"); err != nil {
-		t.Skip("needs iproute2's ip")
-	}
+	netnstest.Require(t, "apt-get install iproute2", "ip")
 	prefix := fmt.Sprintf("kllab%d", os.Getpid()%100000)
 	l, err := New(prefix, 2)
 	if err != nil {

@@ -1,7 +1,6 @@
 package nsthread_test
 
 import (
-	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -10,22 +9,15 @@ import (
 	"testing"
 
 	"github.com/keeplb/keeplb/pkg/nsthread"
+	netnstest "github.com/keeplb/keeplb/pkg/testing/netns"
 )
 
 // TestCall enters two fresh namespaces, one with a veth pair, and sees
 // each one's links; the caller's thread stays where it was; a namespace
 // that does not exist is an error.
 func TestCall(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for network namespaces")
-	}
-	a, b := fmt.Sprintf("kl-nst-a-%d", os.Getpid()), fmt.Sprintf("kl-nst-b-%d", os.Getpid())
-	for _, ns := range []string{a, b} {
-		if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
-			t.Skipf("network namespaces unavailable: %v %s", err, out)
-		}
-		defer exec.Command("ip", "netns", "del", ns).Run()
-	}
+	netnstest.Require(t, "apt-get install iproute2", "ip")
+	a, b := netnstest.New(t, "a"), netnstest.New(t, "b")
 	if out, err := exec.Command("ip", "-n", a, "link", "add", "v0", "type", "veth", "peer", "name", "v1").CombinedOutput(); err != nil {
 		t.Fatalf("veth in %s: %v %s", a, err, out)
 	}

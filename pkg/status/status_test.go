@@ -4,11 +4,11 @@ import (
 	"bytes"
 	"encoding/json"
 	"flag"
-	"os"
 	"path/filepath"
 	"reflect"
-	"strings"
 	"testing"
+
+	"github.com/keeplb/keeplb/pkg/testing/golden"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files in testdata")
@@ -62,7 +62,7 @@ func TestWriteText(t *testing.T) {
 			if err := WriteText(&buf, tc.report); err != nil {
 				t.Fatal(err)
 			}
-			golden(t, filepath.Join("testdata", tc.name+".txt"), buf.Bytes())
+			golden.Check(t, filepath.Join("testdata", tc.name+".txt"), buf.Bytes(), *update)
 		})
 	}
 }
@@ -72,7 +72,7 @@ func TestWriteJSON(t *testing.T) {
 	if err := WriteJSON(&buf, sampleReport()); err != nil {
 		t.Fatal(err)
 	}
-	golden(t, filepath.Join("testdata", "full.json"), buf.Bytes())
+	golden.Check(t, filepath.Join("testdata", "full.json"), buf.Bytes(), *update)
 	var got Report
 	dec := json.NewDecoder(&buf)
 	dec.DisallowUnknownFields()
@@ -110,25 +110,5 @@ func TestTruncate(t *testing.T) {
 		if got := Truncate(tc.in, tc.n); got != tc.want {
 			t.Errorf("Truncate(%q, %d) = %q, want %q", tc.in, tc.n, got, tc.want)
 		}
-	}
-}
-
-func golden(t *testing.T, path string, got []byte) {
-	t.Helper()
-	if *update {
-		if err := os.WriteFile(path, got, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		return
-	}
-	want, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatalf("%v (run go test -update to create it)", err)
-	}
-	if !bytes.Equal(got, want) {
-		t.Errorf("output differs from %s (go test -update rewrites it):\n--- got\n%s\n--- want\n%s", path, got, want)
-	}
-	if strings.Contains(string(got), "\t") {
-		t.Errorf("output contains a tab")
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -123,6 +124,42 @@ func StartSpeaker(tb testing.TB, admin *rest.Config, node string, mods ...func(*
 	stop = func() { once.Do(func() { cancel(); <-done }) }
 	tb.Cleanup(stop)
 	return stop
+}
+
+// Speakers are the running speakers of a test, by node, so that the test
+// can stop one (gracefully) and start it again. Safe for concurrent use.
+type Speakers struct {
+	tb    testing.TB
+	admin *rest.Config
+	mods  []func(*speaker.Options)
+	mu    sync.Mutex
+	stops map[string]func()
+}
+
+// NewSpeakers returns an empty set whose speakers StartSpeaker runs with
+// admin and mods.
+func NewSpeakers(tb testing.TB, admin *rest.Config, mods ...func(*speaker.Options)) *Speakers {
+	return &Speakers{tb: tb, admin: admin, mods: mods, stops: map[string]func(){}}
+}
+
+// Start runs node's speaker (see StartSpeaker), with more mods if given.
+func (s *Speakers) Start(node string, mods ...func(*speaker.Options)) {
+	stop := StartSpeaker(s.tb, s.admin, node, append(slices.Clone(s.mods), mods...)...)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.stops[node] = stop
+}
+
+// Stop stops node's speaker gracefully and waits for it; a node without a
+// running speaker is left alone.
+func (s *Speakers) Stop(node string) {
+	s.mu.Lock()
+	stop := s.stops[node]
+	delete(s.stops, node)
+	s.mu.Unlock()
+	if stop != nil {
+		stop()
+	}
 }
 
 // CreatePool creates the IPPool name with the spec given in YAML.
