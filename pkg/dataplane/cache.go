@@ -7,6 +7,7 @@ import (
 
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/keeplb/keeplb/pkg/ipvs"
 )
@@ -96,26 +97,29 @@ func (ca *Cache) Desired(in Inputs, node string) (State, []Problem) {
 // rule, the Nodes and the pools. Empty when an object has no
 // resourceVersion, which disables the cache.
 func globalKey(in Inputs, node string) string {
-	var b strings.Builder
-	b.WriteString(node + "\x00" + in.Class + "\x00" + strconv.FormatBool(in.DefaultClass))
-	nodes := make([]string, 0, len(in.Nodes))
-	for _, n := range in.Nodes {
-		if n.ResourceVersion == "" {
-			return ""
-		}
-		nodes = append(nodes, n.Name+"="+n.ResourceVersion)
+	nodes, ok := versions(in.Nodes)
+	if !ok {
+		return ""
 	}
-	slices.Sort(nodes)
-	pools := make([]string, 0, len(in.Pools))
-	for _, p := range in.Pools {
-		if p.ResourceVersion == "" {
-			return ""
-		}
-		pools = append(pools, p.Name+"="+p.ResourceVersion)
+	pools, ok := versions(in.Pools)
+	if !ok {
+		return ""
 	}
-	slices.Sort(pools)
-	b.WriteString("\x00" + strings.Join(nodes, ",") + "\x00" + strings.Join(pools, ","))
-	return b.String()
+	return strings.Join([]string{node, in.Class, strconv.FormatBool(in.DefaultClass), nodes, pools}, "\x00")
+}
+
+// versions lists objs as sorted name=resourceVersion pairs; false when
+// one has no resourceVersion.
+func versions[T metav1.Object](objs []T) (string, bool) {
+	out := make([]string, 0, len(objs))
+	for _, o := range objs {
+		if o.GetResourceVersion() == "" {
+			return "", false
+		}
+		out = append(out, o.GetName()+"="+o.GetResourceVersion())
+	}
+	slices.Sort(out)
+	return strings.Join(out, ","), true
 }
 
 // fingerprint identifies a Service's own inputs: it and its slices, by

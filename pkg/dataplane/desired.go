@@ -118,15 +118,18 @@ func (n nodeInfo) ip(v6 bool) netip.Addr {
 }
 
 type computer struct {
-	in       Inputs
-	node     string
-	self     *v1.Node
-	nodes    []nodeInfo
-	slices   map[string][]*discoveryv1.EndpointSlice
-	parsed   []pools.Parsed
-	admits   map[string]bool // pool name: may this node hold its VIPs
-	st       State
-	problems []Problem
+	in   Inputs
+	node string
+	self *v1.Node
+	// selfEligible: this node is Ready and not excluded, so it serves its
+	// own share of nodeport traffic (see service).
+	selfEligible bool
+	nodes        []nodeInfo
+	slices       map[string][]*discoveryv1.EndpointSlice
+	parsed       []pools.Parsed
+	admits       map[string]bool // pool name: may this node hold its VIPs
+	st           State
+	problems     []Problem
 	// entries are the virtual servers of the Service part computes, in
 	// the order they were made, with their ports' names.
 	entries []partEntry
@@ -153,10 +156,11 @@ func newComputer(in Inputs, node string) *computer {
 		admits: map[string]bool{},
 	}
 	for _, n := range in.Nodes {
+		info := infoOf(n)
 		if n.Name == node {
-			c.self = n
+			c.self, c.selfEligible = n, info.eligible
 		}
-		c.nodes = append(c.nodes, infoOf(n))
+		c.nodes = append(c.nodes, info)
 	}
 	slices.SortFunc(c.nodes, func(a, b nodeInfo) int { return strings.Compare(a.name, b.name) })
 	for _, s := range in.Slices {
@@ -354,7 +358,7 @@ func (c *computer) service(svc *v1.Service, vip netip.Addr, pool *v1alpha1.IPPoo
 			// NodePort: IPVS hands a connection to a local real server
 			// straight to the socket layer, past the hooks where kube-proxy
 			// translates NodePorts, so nothing would answer there.
-			if self := c.selfInfo(); self.eligible {
+			if c.selfEligible {
 				own := c.podReals(key, p, v6, true)
 				reals = dedupe(append(reals, own...))
 				if local {
@@ -419,17 +423,6 @@ func (c *computer) nodePortReals(nodePort uint16, v6, local bool, perNode map[st
 		out = append(out, ipvs.RealServer{Address: ip, Port: nodePort, Weight: w})
 	}
 	return dedupe(out)
-}
-
-// selfInfo returns this node's entry (zero, so not eligible, when the
-// node has no Node object).
-func (c *computer) selfInfo() nodeInfo {
-	for _, n := range c.nodes {
-		if n.name == c.node {
-			return n
-		}
-	}
-	return nodeInfo{}
 }
 
 // localWeights counts the ready endpoints of a Service per node; nodes with
