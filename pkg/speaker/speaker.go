@@ -10,7 +10,6 @@ package speaker
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
@@ -23,8 +22,6 @@ import (
 
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/informers"
@@ -37,7 +34,6 @@ import (
 	"k8s.io/client-go/tools/record"
 	"k8s.io/klog/v2"
 
-	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/hostnet"
 	"github.com/keeplb/keeplb/pkg/ipvs"
@@ -302,30 +298,6 @@ func (s *Speaker) sync(ctx context.Context) (err error) {
 	return nil
 }
 
-// reconcileHolders makes the state metrics and the holder annotations
-// follow what keepalived last reported, for the current plan: keepalived
-// reports nothing when a reload adds a VIP to an instance it already
-// masters, so this runs on every sync, not only on state changes.
-func (s *Speaker) reconcileHolders(ctx context.Context, plan vrrp.Plan, owners map[netip.Addr][]string, states map[string]keepalived.State) {
-	s.metrics.VRRPState.Reset()
-	for _, inst := range plan.For(s.opts.NodeName) {
-		st, ok := states[inst.Name]
-		if !ok {
-			continue
-		}
-		val := map[keepalived.State]float64{keepalived.StateMaster: 1, keepalived.StateFault: -1}[st]
-		for _, vip := range inst.VIPs {
-			s.metrics.VRRPState.WithLabelValues(vip.String(), s.opts.NodeName).Set(val)
-			if st != keepalived.StateMaster {
-				continue
-			}
-			for _, key := range owners[vip] {
-				s.markHolder(ctx, key, vip)
-			}
-		}
-	}
-}
-
 // refreshProcessMetrics samples keepalived's status, on every scrape.
 func (s *Speaker) refreshProcessMetrics() {
 	st := s.sup.Status()
@@ -355,55 +327,6 @@ func (s *Speaker) collect() Inputs {
 		}
 	}
 	return in
-}
-
-// watch follows keepalived's state changes: metrics, and on MASTER the
-// holder annotation and a VIPAcquired event on each Service of the VIPs.
-func (s *Speaker) watch(ctx context.Context, events <-chan keepalived.Event) {
-	logger := klog.FromContext(ctx)
-	for ev := range events {
-		s.metrics.Transitions.WithLabelValues(ev.Instance, string(ev.State)).Inc()
-		s.mu.Lock()
-		applyEvent(s.states, ev)
-		s.mu.Unlock()
-		logger.Info("VRRP state changed", "instance", ev.Instance, "state", ev.State, "priority", ev.Priority)
-		// Holders, events and metrics follow in the next sync, at once.
-		s.runner.Trigger()
-	}
-}
-
-// applyEvent updates the instances' states with one keepalived event.
-func applyEvent(states map[string]keepalived.State, ev keepalived.Event) {
-	switch ev.State {
-	case keepalived.StateDeleted, keepalived.StateStop:
-		delete(states, ev.Instance)
-	case keepalived.StateMasterRxLowerPri:
-		// Still the master: keepalived saw a lower-priority advert (a
-		// node that took over while this one was cut off) and forces an
-		// election that this one wins. Recording this as the state would
-		// stop this node from claiming the holder annotation.
-		states[ev.Instance] = keepalived.StateMaster
-	default:
-		states[ev.Instance] = ev.State
-	}
-}
-
-// markHolder records this node as the holder of vip on the Service.
-func (s *Speaker) markHolder(ctx context.Context, key string, vip netip.Addr) {
-	ns, name, _ := cache.SplitMetaNamespaceKey(key)
-	obj, ok, _ := s.services.GetStore().GetByKey(key)
-	if !ok {
-		return
-	}
-	svc := obj.(*v1.Service)
-	if svc.Annotations[annotations.Holder] == s.opts.NodeName {
-		return // recorded already; the event went out with the patch
-	}
-	s.recorder.Eventf(svc, v1.EventTypeNormal, EventVIPAcquired, "Node %s holds %s", s.opts.NodeName, vip)
-	patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]string{annotations.Holder: s.opts.NodeName}}})
-	if _, err := s.client.CoreV1().Services(ns).Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: Component}); err != nil {
-		klog.FromContext(ctx).Error(err, "Recording the VIP holder failed", "service", key)
-	}
 }
 
 // removeVIPs removes from this node every host address that lies in one of
