@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/spf13/pflag"
 	corev1 "k8s.io/api/core/v1"
 	"sigs.k8s.io/yaml"
 
@@ -67,8 +68,21 @@ func TestKeepalivedVIP(t *testing.T) {
 			`entry "2001:db8:0::80": 2001:db8::80 is used by Services team-a/web, team-b/web; keeplb shares an address only between Services of one namespace`,
 			`entry "2001:db8::80": 2001:db8::80 is used by Services team-a/web, team-b/web`,
 		}},
-		{name: "vrid", opts: Options{PoolName: "legacy", VRID: "50"}, services: 2, warnings: []string{"--vrid 50 is a single VRID", "50-81"}},
-		{name: "vrid-range", opts: Options{VRID: "50-81"}, services: 2},
+		{name: "vrid", opts: Options{PoolName: "legacy", VRID: "50"}, services: 2, warnings: []string{
+			"--vrid 50 contains VRID 50, keepalived-vip's",
+			"--vrid 50 is a single VRID",
+			"such as 51-82",
+		}},
+		{name: "vrid-range", opts: Options{VRID: "51-82"}, services: 2},
+		{name: "vrid-range-with-keepalived-vip", opts: Options{VRID: "50-81"}, services: 2, warnings: []string{
+			"--vrid 50-81 contains VRID 50, keepalived-vip's: until keepalived-vip is removed",
+			"such as 51-82",
+		}},
+		{name: "vrid-keepalived-vip-vrid", opts: Options{VRID: "1-32", KeepalivedVIPVRID: 32}, services: 2, warnings: []string{
+			"--vrid 1-32 contains VRID 32",
+			"such as 33-64",
+		}},
+		{name: "vrid-other-keepalived-vip-vrid", opts: Options{VRID: "50-81", KeepalivedVIPVRID: 7}, services: 2},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -216,10 +230,31 @@ func TestWholeInputErrors(t *testing.T) {
 		{"empty", "kind: ConfigMap\n", Options{}, "no data"},
 		{"bad vrid", "kind: ConfigMap\ndata: {10.0.0.1: a/b}\n", Options{VRID: "0-300"}, "--vrid"},
 		{"bad pool name", "kind: ConfigMap\ndata: {10.0.0.1: a/b}\n", Options{PoolName: "Not_A_Name"}, "--pool-name"},
+		{"bad keepalived-vip vrid", "kind: ConfigMap\ndata: {10.0.0.1: a/b}\n", Options{KeepalivedVIPVRID: 256}, "--keepalived-vip-vrid 256"},
 	} {
 		_, err := KeepalivedVIP([]byte(tt.in), tt.opts)
 		if err == nil || !strings.Contains(err.Error(), tt.want) {
 			t.Errorf("%s: err = %v, want one containing %q", tt.name, err, tt.want)
+		}
+	}
+}
+
+func TestAddFlags(t *testing.T) {
+	for _, tt := range []struct {
+		args []string
+		want Options
+	}{
+		{nil, Options{PoolName: DefaultPoolName, KeepalivedVIPVRID: DefaultKeepalivedVIPVRID}},
+		{[]string{"--pool-name=legacy", "--vrid=1-32", "--keepalived-vip-vrid=7"}, Options{PoolName: "legacy", VRID: "1-32", KeepalivedVIPVRID: 7}},
+	} {
+		o := Options{PoolName: DefaultPoolName}
+		fs := pflag.NewFlagSet("migrate", pflag.ContinueOnError)
+		o.AddFlags(fs)
+		if err := fs.Parse(tt.args); err != nil {
+			t.Fatalf("%q: %v", tt.args, err)
+		}
+		if o != tt.want {
+			t.Errorf("%q: options = %+v, want %+v", tt.args, o, tt.want)
 		}
 	}
 }
