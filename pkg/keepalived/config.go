@@ -2,7 +2,9 @@
 // keepalived (VRRP only) under supervision.
 //
 // The configuration is data: a typed Config, validated and rendered by an
-// embedded text/template into bytes (Render); WriteAtomic writes those bytes
+// embedded text/template into bytes (Render, or RenderValid, which leaves
+// out the instances that fail validation instead of failing as a whole, so
+// that one bad instance never stops the others); WriteAtomic writes those bytes
 // only when they changed; a Supervisor reloads keepalived, debounced, only
 // when the bytes it loaded differ from the current ones, and restarts it
 // with backoff when it exits. WatchFIFO turns keepalived's notify FIFO into
@@ -27,7 +29,10 @@ package keepalived
 
 import (
 	"bytes"
+	"cmp"
+	"crypto/sha256"
 	_ "embed"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -75,6 +80,11 @@ type TrackFile struct {
 type Instance struct {
 	// Name identifies the instance in the configuration and in Events.
 	Name string
+	// Comment is written in the instance's block, for people reading the
+	// file: say where the instance comes from, above all when Name had to
+	// be shortened (FitName). One line of printable characters, at most
+	// MaxCommentLen bytes.
+	Comment string
 	// Interface is the network interface that sends and receives adverts
 	// and holds the VIPs.
 	Interface string
@@ -119,11 +129,63 @@ type Instance struct {
 }
 
 // Render validates c and returns keepalived.conf. The output depends only
-// on c's content, not on the order of its slices.
+// on c's content, not on the order of its slices. Any problem fails it; see
+// RenderValid for rendering around bad instances.
 func Render(c Config) ([]byte, error) {
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
+	return render(c)
+}
+
+// RenderValid is Render without the instances that fail validation: each
+// is left out, with the track files only it used, and returned with why.
+// Of two instances that clash (a name, a VRID on one interface, an advert
+// address, a VIP), the one whose name sorts first stays. A track file that
+// fails validation is left out with the instances that use it. The error is
+// only for c's global settings (RouterID, NotifyFIFO, the GARP timers), and
+// then nothing is rendered.
+func RenderValid(c Config) ([]byte, []InstanceError, error) {
+	chk := c.check()
+	if err := errors.Join(chk.global...); err != nil {
+		return nil, nil, err
+	}
+	c.Instances = chk.kept
+	used := map[string]bool{}
+	for _, in := range chk.kept {
+		used[in.TrackFile] = true
+	}
+	var files []TrackFile
+	for _, f := range c.TrackFiles {
+		// A file only dropped instances used goes with them; one no
+		// instance uses stays, as Render would write it.
+		if chk.trackFiles[f.Name] == nil && (used[f.Name] || !chk.trackUsed[f.Name]) {
+			files = append(files, f)
+		}
+	}
+	c.TrackFiles = files
+	data, err := render(c)
+	if err != nil {
+		return nil, nil, err
+	}
+	return data, chk.dropped, nil
+}
+
+// InstanceError is why RenderValid left an instance out.
+type InstanceError struct {
+	// Instance is the instance's name.
+	Instance string
+	// Err says what is wrong with it.
+	Err error
+}
+
+// Error implements error.
+func (e InstanceError) Error() string { return fmt.Sprintf("instance %q: %v", e.Instance, e.Err) }
+
+// Unwrap returns Err.
+func (e InstanceError) Unwrap() error { return e.Err }
+
+func render(c Config) ([]byte, error) {
 	var buf bytes.Buffer
 	if err := confTemplate.Execute(&buf, newView(c)); err != nil {
 		return nil, fmt.Errorf("render keepalived.conf: %w", err)
@@ -136,83 +198,191 @@ var confText string
 
 var confTemplate = template.Must(template.New("keepalived.conf").Parse(confText))
 
+// MaxNameLen is the longest name (instance, track file, router ID) Render
+// accepts. keepalived 2.2.7 itself has no limit on these names; this one
+// keeps every configuration line far below its parser's 1023 bytes
+// (MAXBUF in lib/parser.h), a track file's name below the 249 bytes its
+// temporary file (name + "XXXXXX") leaves of NAME_MAX, and logs and
+// metric labels readable. FitName makes any name fit.
+const MaxNameLen = 64
+
+// MaxCommentLen is the longest Instance.Comment Render accepts: its line
+// stays within keepalived's 1023 bytes.
+const MaxCommentLen = 512
+
 var (
 	// identRE is what Render accepts as a name: no white space, quotes,
 	// braces, comment (#, !) or substitution ($) characters.
-	identRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+	identRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,` + strconv.Itoa(MaxNameLen-1) + `}$`)
 	// ifaceRE is a Linux interface name (IFNAMSIZ-1 bytes).
 	ifaceRE = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,15}$`)
 	// pathRE is an absolute path keepalived's parser takes as one word.
 	pathRE = regexp.MustCompile(`^/[A-Za-z0-9_.+/-]*$`)
 )
 
+// FitName returns name if Render accepts it as a name, and otherwise a name
+// it accepts, derived from name alone: characters Render refuses become
+// '_', and the result keeps the last tail bytes of name, then as much of
+// its start as fits, with '_' and 8 hex digits of name's SHA-256 in
+// between (a name that would start with neither a letter nor a digit gets
+// an "x" first). Names that fit are unchanged, so Kubernetes names of up to
+// MaxNameLen characters keep their instances across upgrades; two names
+// that do not fit map to one with odds of 2^-32.
+func FitName(name string, tail int) string {
+	if identRE.MatchString(name) {
+		return name
+	}
+	clean := []byte(name)
+	for i, b := range clean {
+		if !isNameByte(b) {
+			clean[i] = '_'
+		}
+	}
+	sum := sha256.Sum256([]byte(name))
+	hash := "_" + hex.EncodeToString(sum[:4])
+	tail = max(0, min(tail, len(clean), MaxNameLen-len(hash)-1))
+	head := string(clean[:len(clean)-tail])
+	if head == "" || !isAlnum(head[0]) {
+		head = "x" + head
+	}
+	head = head[:min(len(head), MaxNameLen-len(hash)-tail)]
+	return head + hash + string(clean[len(clean)-tail:])
+}
+
+func isAlnum(b byte) bool {
+	return b >= 'a' && b <= 'z' || b >= 'A' && b <= 'Z' || b >= '0' && b <= '9'
+}
+
+func isNameByte(b byte) bool { return isAlnum(b) || b == '_' || b == '.' || b == '-' }
+
 // Validate reports every problem in c, joined.
 func (c Config) Validate() error {
-	var errs []error
+	chk := c.check()
+	errs := chk.global
+	for _, f := range c.TrackFiles {
+		if err := chk.trackFiles[f.Name]; err != nil {
+			errs = append(errs, err)
+			chk.trackFiles[f.Name] = nil // report a duplicate once
+		}
+	}
+	for _, d := range chk.dropped {
+		errs = append(errs, d)
+	}
+	return errors.Join(errs...)
+}
+
+// checked is c's validation: the global problems, the track files with
+// problems, and the instances kept and dropped.
+type checked struct {
+	global     []error
+	trackFiles map[string]error // name -> its problem, nil when valid
+	trackUsed  map[string]bool  // track files some instance names
+	kept       []Instance
+	dropped    []InstanceError
+}
+
+func (c Config) check() checked {
+	chk := checked{trackFiles: map[string]error{}, trackUsed: map[string]bool{}}
 	if c.RouterID != "" && !identRE.MatchString(c.RouterID) {
-		errs = append(errs, fmt.Errorf("router ID %q: want %s", c.RouterID, identRE))
+		chk.global = append(chk.global, fmt.Errorf("router ID %q: want %s", c.RouterID, identRE))
 	}
 	if c.NotifyFIFO != "" {
-		errs = append(errs, checkPath("notify FIFO", c.NotifyFIFO))
+		if err := checkPath("notify FIFO", c.NotifyFIFO); err != nil {
+			chk.global = append(chk.global, err)
+		}
 	}
-	errs = append(errs,
-		checkSeconds("GARP master delay", c.GARPMasterDelay),
-		checkSeconds("GARP master refresh", c.GARPMasterRefresh))
+	for _, err := range []error{checkSeconds("GARP master delay", c.GARPMasterDelay), checkSeconds("GARP master refresh", c.GARPMasterRefresh)} {
+		if err != nil {
+			chk.global = append(chk.global, err)
+		}
+	}
 
-	trackFiles := map[string]bool{}
 	for _, f := range c.TrackFiles {
-		if !identRE.MatchString(f.Name) {
-			errs = append(errs, fmt.Errorf("track file name %q: want %s", f.Name, identRE))
+		var err error
+		switch _, dup := chk.trackFiles[f.Name]; {
+		case dup:
+			err = fmt.Errorf("track file %q: duplicate name", f.Name)
+		case !identRE.MatchString(f.Name):
+			err = fmt.Errorf("track file name %q: want %s", f.Name, identRE)
+		default:
+			err = checkPath("track file "+f.Name, f.Path)
 		}
-		if trackFiles[f.Name] {
-			errs = append(errs, fmt.Errorf("track file %q: duplicate name", f.Name))
+		if err != nil || chk.trackFiles[f.Name] == nil {
+			chk.trackFiles[f.Name] = err
 		}
-		trackFiles[f.Name] = true
-		errs = append(errs, checkPath("track file "+f.Name, f.Path))
 	}
 
+	// In name order, so that of two clashing instances the same one stays
+	// whatever the order of c.Instances.
+	sorted := slices.SortedStableFunc(slices.Values(c.Instances), func(a, b Instance) int {
+		return cmp.Or(strings.Compare(a.Name, b.Name), strings.Compare(fmt.Sprint(a), fmt.Sprint(b)))
+	})
 	names := map[string]bool{}
 	vrids := map[string]string{}       // interface/family/VRID -> instance
 	anchors := map[netip.Addr]string{} // anchor -> instance
 	vips := map[netip.Addr]string{}    // VIP -> instance
-	var valid []Instance
-	for _, in := range c.Instances {
-		if names[in.Name] {
-			errs = append(errs, fmt.Errorf("instance %q: duplicate name", in.Name))
+	for _, in := range sorted {
+		chk.trackUsed[in.TrackFile] = in.TrackFile != ""
+		err := in.validate(chk.trackFiles)
+		if err == nil {
+			err = in.clash(names, vrids, anchors, vips)
 		}
-		names[in.Name] = true
-		if err := in.validate(trackFiles); err != nil {
-			errs = append(errs, err)
+		if err != nil {
+			chk.dropped = append(chk.dropped, InstanceError{Instance: in.Name, Err: err})
 			continue
 		}
-		valid = append(valid, in)
-		key := fmt.Sprintf("%s/%s/%d", in.Interface, family(in.IPv6), in.VRID)
-		if other, ok := vrids[key]; ok {
-			errs = append(errs, fmt.Errorf("instance %q: VRID %d already used on %s (%s) by %q", in.Name, in.VRID, in.Interface, family(in.IPv6), other))
-		} else if other, ok := anchors[in.anchor()]; ok {
-			errs = append(errs, fmt.Errorf("instance %q: advert address %s already used by %q; set AdvertAddr on one of them", in.Name, in.anchor(), other))
-		}
-		vrids[key] = in.Name
+		chk.kept = append(chk.kept, in)
+		names[in.Name] = true
+		vrids[in.vridKey()] = in.Name
 		anchors[in.anchor()] = in.Name
 		for _, p := range in.VIPs {
-			if other, ok := vips[p.Addr()]; ok {
-				errs = append(errs, fmt.Errorf("instance %q: VIP %s already in %q", in.Name, p.Addr(), other))
-			}
 			vips[p.Addr()] = in.Name
 		}
 	}
-	for _, in := range valid {
-		if other, ok := vips[in.anchor()]; ok {
-			errs = append(errs, fmt.Errorf("instance %q: advert address %s is a VIP of %q", in.Name, in.anchor(), other))
+	return chk
+}
+
+// clash reports what in shares with the instances already kept.
+func (in Instance) clash(names map[string]bool, vrids map[string]string, anchors map[netip.Addr]string, vips map[netip.Addr]string) error {
+	var errs []error
+	if names[in.Name] {
+		errs = append(errs, errors.New("duplicate name"))
+	}
+	if other, ok := vrids[in.vridKey()]; ok {
+		errs = append(errs, fmt.Errorf("VRID %d already used on %s (%s) by %q", in.VRID, in.Interface, family(in.IPv6), other))
+	} else if other, ok := anchors[in.anchor()]; ok {
+		errs = append(errs, fmt.Errorf("advert address %s already used by %q; set AdvertAddr on one of them", in.anchor(), other))
+	}
+	if other, ok := vips[in.anchor()]; ok {
+		errs = append(errs, fmt.Errorf("advert address %s is a VIP of %q", in.anchor(), other))
+	}
+	for _, p := range in.VIPs {
+		if other, ok := vips[p.Addr()]; ok {
+			errs = append(errs, fmt.Errorf("VIP %s already in %q", p.Addr(), other))
+		}
+		if other, ok := anchors[p.Addr()]; ok {
+			errs = append(errs, fmt.Errorf("VIP %s is the advert address of %q", p.Addr(), other))
+		}
+		if p.Addr() == in.anchor() {
+			errs = append(errs, fmt.Errorf("advert address %s is a VIP of %q", in.anchor(), in.Name))
 		}
 	}
 	return errors.Join(errs...)
 }
 
-func (in Instance) validate(trackFiles map[string]bool) error {
+func (in Instance) vridKey() string {
+	return fmt.Sprintf("%s/%s/%d", in.Interface, family(in.IPv6), in.VRID)
+}
+
+// validate reports the problems of in alone; trackFiles maps the track
+// files to their problems.
+func (in Instance) validate(trackFiles map[string]error) error {
 	var errs []error
 	if !identRE.MatchString(in.Name) {
 		errs = append(errs, fmt.Errorf("name: want %s", identRE))
+	}
+	if len(in.Comment) > MaxCommentLen || strings.ContainsFunc(in.Comment, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
+		errs = append(errs, fmt.Errorf("comment %q: want one line of at most %d bytes", in.Comment, MaxCommentLen))
 	}
 	if !ifaceRE.MatchString(in.Interface) {
 		errs = append(errs, fmt.Errorf("interface %q: want %s", in.Interface, ifaceRE))
@@ -290,8 +460,12 @@ func (in Instance) validate(trackFiles map[string]bool) error {
 		errs = append(errs, fmt.Errorf("advert address %s: not %s", a, fam))
 	}
 
-	if in.TrackFile != "" && !trackFiles[in.TrackFile] {
-		errs = append(errs, fmt.Errorf("track file %q: not in Config.TrackFiles", in.TrackFile))
+	if in.TrackFile != "" {
+		if err, ok := trackFiles[in.TrackFile]; !ok {
+			errs = append(errs, fmt.Errorf("track file %q: not in Config.TrackFiles", in.TrackFile))
+		} else if err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if in.TrackWeight < -254 || in.TrackWeight > 254 {
 		errs = append(errs, fmt.Errorf("track weight %d: want -254-254", in.TrackWeight))
@@ -299,10 +473,7 @@ func (in Instance) validate(trackFiles map[string]bool) error {
 	if in.TrackFile == "" && in.TrackWeight != 0 {
 		errs = append(errs, errors.New("track weight without a track file"))
 	}
-	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("instance %q: %w", in.Name, err)
-	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // anchor returns the address in this instance's adverts: AdvertAddr, or
@@ -358,6 +529,7 @@ type view struct {
 
 type instanceView struct {
 	Name, Interface string
+	Comment         string
 	VRID, Priority  int
 	Version         int
 	AdvertInterval  string
@@ -384,6 +556,7 @@ func newView(c Config) view {
 	for _, in := range c.Instances {
 		iv := instanceView{
 			Name:           in.Name,
+			Comment:        in.Comment,
 			Interface:      in.Interface,
 			VRID:           in.VRID,
 			Priority:       in.Priority,

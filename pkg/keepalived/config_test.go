@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"flag"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os/exec"
 	"path/filepath"
@@ -33,6 +34,16 @@ func addrs(ss ...string) []netip.Addr {
 	}
 	return as
 }
+
+// longNode is a Node name FitName has to shorten for router_id: four DNS
+// labels, 253 characters, the most Kubernetes allows.
+var longNode = strings.Repeat("n", 63) + "." + strings.Repeat("o", 63) + "." + strings.Repeat("d", 63) + "." + strings.Repeat("e", 61)
+
+// longTail is what tells apart the instances of one pool; FitName keeps it.
+const longTail = "_v6_2001-db8-85a3-8d3-1319-8a2e-370-7348"
+
+// longInstance is a Local instance of an IPPool with a long name, shortened.
+var longInstance = keepalived.FitName("kl_pool-with-a-very-long-name-for-the-edge-routers.example.internal"+longTail, len(longTail))
 
 // goldenCases are rendered into testdata/<name>.conf. Interfaces are eth0
 // and eth1, which the config test creates in its own network namespace.
@@ -109,6 +120,18 @@ var goldenCases = []struct {
 			Name: "keeplb_eth1_v4_17", Interface: "eth1", VRID: 17, Priority: 120,
 			AdvertInterval: 100 * time.Millisecond, Version: 3,
 			VIPs: manyVIPs("198.51.100.0", 64),
+		}},
+	}},
+	{"long_names", keepalived.Config{
+		RouterID:   keepalived.FitName(longNode, 0),
+		NotifyFIFO: "/run/keeplb/notify.fifo",
+		TrackFiles: []keepalived.TrackFile{{Name: longInstance, Path: "/run/keeplb/track/" + longInstance}},
+		Instances: []keepalived.Instance{{
+			Name:      longInstance,
+			Comment:   "IPPool pool-with-a-very-long-name-for-the-edge-routers.example.internal, Service default/web",
+			Interface: "eth0", VRID: 30, Priority: 100, AdvertInterval: time.Second, Version: 3, IPv6: true,
+			TrackFile: longInstance, TrackWeight: 1,
+			VIPs: prefixes("2001:db8:85a3:8d3:1319:8a2e:370:7348/128"),
 		}},
 	}},
 	{"dual_stack", keepalived.Config{
@@ -245,6 +268,11 @@ func TestValidate(t *testing.T) {
 		{"version 0", with(func(in *keepalived.Instance) { in.Version = 0 }), "want 2 or 3"},
 		{"bad name", with(func(in *keepalived.Instance) { in.Name = "a b" }), "name"},
 		{"name with comment", with(func(in *keepalived.Instance) { in.Name = "a#b" }), "name"},
+		{"comment with a newline", with(func(in *keepalived.Instance) { in.Comment = "pool p\n}" }), "comment"},
+		{"comment too long", with(func(in *keepalived.Instance) { in.Comment = strings.Repeat("c", keepalived.MaxCommentLen+1) }), "comment"},
+		{"longest comment", with(func(in *keepalived.Instance) { in.Comment = strings.Repeat("c", keepalived.MaxCommentLen) }), ""},
+		{"name too long", with(func(in *keepalived.Instance) { in.Name = strings.Repeat("n", keepalived.MaxNameLen+1) }), "name"},
+		{"longest name", with(func(in *keepalived.Instance) { in.Name = strings.Repeat("n", keepalived.MaxNameLen) }), ""},
 		{"bad interface", with(func(in *keepalived.Instance) { in.Interface = "eth0 dev" }), "interface"},
 		{"long interface", with(func(in *keepalived.Instance) { in.Interface = "abcdefghijklmnop" }), "interface"},
 		{"IPv6 VIP in IPv4 instance", with(func(in *keepalived.Instance) { in.VIPs = prefixes("2001:db8::1/128") }), "not IPv4"},
@@ -344,5 +372,139 @@ func TestValidateReportsAll(t *testing.T) {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q lacks %q", err, want)
 		}
+	}
+}
+
+// TestFitName: names Render accepts stay as they are (instances keep their
+// names across upgrades); any other becomes one it accepts, the same every
+// time, keeping its tail, and different for names that differ anywhere.
+func TestFitName(t *testing.T) {
+	for _, name := range []string{"n1", "kl_vips_v4_b00", "node-1.example.internal", strings.Repeat("a", keepalived.MaxNameLen)} {
+		if got := keepalived.FitName(name, 7); got != name {
+			t.Errorf("FitName(%q) = %q, want it unchanged", name, got)
+		}
+	}
+	long := "kl_" + strings.Repeat("p", 200)
+	for _, tc := range []struct {
+		name     string
+		tail     int
+		wantTail string
+	}{
+		{long + "_v4_b00", 7, "_v4_b00"},
+		{long + "_v4_b01", 7, "_v4_b01"},
+		{"kl_" + strings.Repeat("p", 199) + "q_v4_b00", 7, "_v4_b00"}, // differs from the first only where it is cut
+		{longNode, 0, ""},
+		{"a b", 0, ""},
+		{"a_b", 0, ""}, // valid: unchanged, and not what "a b" becomes
+		{"-starts-with-a-dash", 0, ""},
+		{"", 0, ""},
+		{"ünïcode", 0, ""},
+		{strings.Repeat("x", 300), 500, ""}, // tail longer than the room
+	} {
+		got := keepalived.FitName(tc.name, tc.tail)
+		if got != keepalived.FitName(tc.name, tc.tail) {
+			t.Errorf("FitName(%q) is not deterministic", tc.name)
+		}
+		if !strings.HasSuffix(got, tc.wantTail) {
+			t.Errorf("FitName(%q) = %q, want the tail %q kept", tc.name, got, tc.wantTail)
+		}
+		c := keepalived.Config{RouterID: got, Instances: []keepalived.Instance{{
+			Name: got, Interface: "eth0", VRID: 1, Priority: 100, AdvertInterval: time.Second, Version: 3,
+		}}}
+		if err := c.Validate(); err != nil {
+			t.Errorf("FitName(%q) = %q, which Render refuses: %v", tc.name, got, err)
+		}
+	}
+	seen := map[string]string{}
+	for _, name := range []string{long + "_v4_b00", long + "_v4_b01", "kl_" + strings.Repeat("p", 199) + "q_v4_b00", "a b", "a/b", "a_b"} {
+		got := keepalived.FitName(name, 7)
+		if other, ok := seen[got]; ok {
+			t.Errorf("FitName gives %q for both %q and %q", got, other, name)
+		}
+		seen[got] = name
+	}
+}
+
+// TestRenderValid: a bad instance is left out, with why; the rest renders.
+func TestRenderValid(t *testing.T) {
+	inst := func(name string, vrid int, iface, vip string) keepalived.Instance {
+		return keepalived.Instance{Name: name, Interface: iface, VRID: vrid, Priority: 100, AdvertInterval: time.Second, Version: 3, VIPs: prefixes(vip)}
+	}
+	zoned := inst("a_zoned_peer", 1, "eth0", "192.0.2.1/32")
+	zoned.IPv6, zoned.VIPs = true, prefixes("2001:db8::1/128")
+	zoned.UnicastSrc, zoned.UnicastPeers = netip.MustParseAddr("2001:db8::10"), addrs("2001:db8::11", "fe80::12%eth0")
+	tracked := inst("c_tracked", 4, "eth0", "192.0.2.4/32")
+	tracked.TrackFile, tracked.TrackWeight = "c_tracked", 1
+	badTrack := inst("f_bad_track", 6, "eth0", "192.0.2.6/32")
+	badTrack.TrackFile, badTrack.TrackWeight = "bad track", 1
+	c := keepalived.Config{
+		RouterID: "n1",
+		TrackFiles: []keepalived.TrackFile{
+			{Name: "c_tracked", Path: "/run/keeplb/track/c_tracked"},
+			{Name: "bad track", Path: "/run/keeplb/track/bad"},
+			{Name: "unused", Path: "/run/keeplb/track/unused"},
+		},
+		Instances: []keepalived.Instance{
+			inst("e_same_anchor", 2, "eth1", "198.51.100.1/32"), // 169.254.0.2, as b_good's
+			zoned,
+			inst("b_good", 2, "eth0", "192.0.2.2/32"),
+			tracked,
+			inst("d_same_vip", 5, "eth0", "192.0.2.2/32"),
+			badTrack,
+			inst("g_anchor_as_vip", 7, "eth0", "169.254.0.2/32"),
+		},
+	}
+	if _, err := keepalived.Render(c); err == nil {
+		t.Fatal("Render accepted a configuration with bad instances")
+	}
+	before := fmt.Sprint(c)
+	data, dropped, err := keepalived.RenderValid(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(c) != before {
+		t.Error("RenderValid modified its input")
+	}
+	got := map[string]string{}
+	for _, d := range dropped {
+		got[d.Instance] = d.Error()
+	}
+	want := map[string]string{
+		"a_zoned_peer":    "unicast peer fe80::12%eth0",
+		"d_same_vip":      `VIP 192.0.2.2 already in "b_good"`,
+		"e_same_anchor":   `advert address 169.254.0.2 already used by "b_good"`,
+		"f_bad_track":     `track file name "bad track"`,
+		"g_anchor_as_vip": `VIP 169.254.0.2 is the advert address of "b_good"`,
+	}
+	if len(got) != len(want) {
+		t.Errorf("dropped %v, want %v", got, slices.Sorted(maps.Keys(want)))
+	}
+	for name, w := range want {
+		if !strings.Contains(got[name], w) || !strings.Contains(got[name], name) {
+			t.Errorf("dropped %q: %q, want it to say %q", name, got[name], w)
+		}
+	}
+	// What stays renders exactly as Render renders it alone.
+	ok := c
+	ok.Instances = []keepalived.Instance{c.Instances[2], c.Instances[3]}
+	ok.TrackFiles = []keepalived.TrackFile{c.TrackFiles[0], c.TrackFiles[2]}
+	want2, err := keepalived.Render(ok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(data, want2) {
+		t.Errorf("RenderValid rendered\n%s\nwant\n%s", data, want2)
+	}
+	// Which of two clashing instances stays does not depend on their order.
+	slices.Reverse(c.Instances)
+	again, _, err := keepalived.RenderValid(c)
+	if err != nil || !bytes.Equal(again, data) {
+		t.Errorf("RenderValid depends on the order of the instances (err %v)", err)
+	}
+
+	// Global settings fail it as a whole.
+	c.RouterID = "a b"
+	if _, _, err := keepalived.RenderValid(c); err == nil || !strings.Contains(err.Error(), "router ID") {
+		t.Errorf("RenderValid with a bad router ID: %v, want an error", err)
 	}
 }
