@@ -13,6 +13,7 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/keeplb/keeplb/pkg/allocator"
+	"github.com/keeplb/keeplb/pkg/keepalived"
 )
 
 // Compute returns the cluster's VRRP plan. It is pure and deterministic: the
@@ -324,7 +325,7 @@ func (c *computer) group(p *pool, fam allocator.Family, vs []*address, nodes []N
 		if len(vips) == 0 {
 			continue
 		}
-		name := fmt.Sprintf("kl_%s_%s_b%02d", sanitize(p.Name), fs, b)
+		name := instanceName(p.Name, fs, fmt.Sprintf("b%02d", b))
 		c.plan.Instances = append(c.plan.Instances,
 			base(name, p.usable[b], vips, priorities(orders[b], eligible, TopPriority), false))
 	}
@@ -334,7 +335,7 @@ func (c *computer) group(p *pool, fam allocator.Family, vs []*address, nodes []N
 			continue
 		}
 		order := rendezvous(p.Name+"/"+a.addr.String(), members)
-		name := fmt.Sprintf("kl_%s_%s_%s", sanitize(p.Name), fs, addrName(a.addr))
+		name := instanceName(p.Name, fs, addrName(a.addr))
 		c.plan.Instances = append(c.plan.Instances,
 			base(name, vrid, []netip.Addr{a.addr}, priorities(order, eligible, LocalTopPriority), true))
 	}
@@ -403,6 +404,16 @@ func firstOf(as []netip.Addr, f allocator.Family) netip.Addr {
 		}
 	}
 	return netip.Addr{}
+}
+
+// instanceName is kl_<pool>_<family>_<what>, unless that is too long for
+// keepalived: then the pool's part is cut short and followed by a hash of
+// the whole name, and the end, which tells a pool's instances apart, stays
+// (keepalived.FitName). Names that fit never change, so an upgrade renames
+// no instance: a rename would move its VIPs.
+func instanceName(pool, fam, what string) string {
+	tail := "_" + fam + "_" + what
+	return keepalived.FitName("kl_"+sanitize(pool)+tail, len(tail))
 }
 
 // sanitize keeps a pool name usable in instance and file names. IPPool

@@ -13,6 +13,7 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/keeplb/keeplb/pkg/allocator"
+	"github.com/keeplb/keeplb/pkg/keepalived"
 )
 
 // readyNodes returns n Ready nodes node-0..node-(n-1), each with an IPv4
@@ -791,6 +792,70 @@ func TestBucketCount(t *testing.T) {
 		if got := bucketCount(s); got != want {
 			t.Errorf("bucketCount(%d) = %d, want %d", s, got, want)
 		}
+	}
+}
+
+// TestLongNamesFit: whatever the IPPool's name (up to 253 characters) and
+// address, instance names fit keepalived.MaxNameLen, keep their family and
+// bucket or address, and stay distinct; names that fit are unchanged.
+func TestLongNamesFit(t *testing.T) {
+	long := strings.Repeat("edge-routers.", 19) + "example" // 254: one more than the API allows, to be safe
+	long2 := long[:len(long)-1] + "f"                       // differs only past where names are cut
+	twenty := "edge-pool-ipv6-local"
+	v6 := netip.MustParseAddr("2001:db8:85a3:8d3:1319:8a2e:370:7348")
+	v6long := netip.MustParseAddr("fd12:3456:789a:bcde:f012:3456:789a:bcde") // 39 characters, the longest spelling
+	in := Input{
+		Nodes: readyNodes(2),
+		Pools: []Pool{
+			{Name: long, FirstVRID: 1, LastVRID: 40},
+			{Name: long2, FirstVRID: 41, LastVRID: 80, Interface: "eth1"},
+			{Name: twenty, FirstVRID: 81, LastVRID: 90},
+			{Name: "short", FirstVRID: 91, LastVRID: 100},
+		},
+		VIPs: append(append(shared(long, seq("192.0.2.1", 40)), shared(long2, seq("198.51.100.1", 40))...),
+			local(long, netip.MustParseAddr("192.0.2.200"), 0),
+			local(long2, v6, 1),
+			local(twenty, v6long, 2),
+			local("short", netip.MustParseAddr("203.0.113.9"), 3),
+			VIP{Addr: netip.MustParseAddr("203.0.113.1"), Pool: "short", Service: "a/b"},
+		),
+	}
+	p := Compute(in)
+	if len(p.Problems) != 0 {
+		t.Fatalf("problems: %v", p.Problems)
+	}
+	seen := map[string]bool{}
+	for _, inst := range p.Instances {
+		if len(inst.Name) > keepalived.MaxNameLen {
+			t.Errorf("instance %s: %d characters, above keepalived.MaxNameLen", inst.Name, len(inst.Name))
+		}
+		if seen[inst.Name] {
+			t.Errorf("two instances named %s", inst.Name)
+		}
+		seen[inst.Name] = true
+		fam := "_v4_"
+		if inst.Family == allocator.IPv6 {
+			fam = "_v6_"
+		}
+		suffix := fmt.Sprintf("%s%s", fam, addrName(inst.VIPs[0]))
+		if !inst.TrackFile {
+			suffix = fam + "b"
+		}
+		if !strings.Contains(inst.Name, suffix) || !strings.HasPrefix(inst.Name, "kl_") {
+			t.Errorf("instance %s (pool %s) lost its kl_ prefix or its %s part", inst.Name, inst.Pool, suffix)
+		}
+	}
+	// Short names are what they always were.
+	short := netip.MustParseAddr("203.0.113.1")
+	for _, name := range []string{fmt.Sprintf("kl_short_v4_b%02d", bucketOf(short, bucketCount(10))), "kl_short_v4_203-0-113-9"} {
+		instanceByName(t, p, name)
+	}
+	if full := "kl_" + twenty + "_v6_" + addrName(v6long); instanceOf(t, p, v6long.String()).Name == full {
+		t.Errorf("Local IPv6 instance of a 20-character pool kept its %d-character name %s", len(full), full)
+	}
+	// The same input gives the same names: every speaker agrees on them.
+	if !reflect.DeepEqual(names(Compute(in)), names(p)) {
+		t.Error("names differ between two computations")
 	}
 }
 
