@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -114,6 +115,42 @@ func TestWatchFIFO(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("no event from the reused FIFO")
+	}
+}
+
+// TestWatchFIFOSkipsLongLines: a line longer than bufio.Scanner's 64 KiB,
+// which used to end the watch for good, is skipped, and the next event
+// still arrives.
+func TestWatchFIFOSkipsLongLines(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "notify.fifo")
+	events, err := keepalived.WatchFIFO(t.Context(), path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	long := "INSTANCE \"" + strings.Repeat("x", 100<<10) + "\" MASTER 100\n"
+	if _, err := w.WriteString(long + "INSTANCE \"a\" MASTER 100\n" + long + long + "INSTANCE \"a\" BACKUP 90\n"); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []keepalived.Event{
+		{Instance: "a", State: keepalived.StateMaster, Priority: 100},
+		{Instance: "a", State: keepalived.StateBackup, Priority: 90},
+	} {
+		select {
+		case got, ok := <-events:
+			if !ok {
+				t.Fatal("the watch ended at an over-long line")
+			}
+			if got != want {
+				t.Fatalf("got %+v, want %+v", got, want)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("no event after an over-long line, want %+v", want)
+		}
 	}
 }
 
