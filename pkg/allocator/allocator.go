@@ -200,6 +200,10 @@ func (a *Allocator) Restore(req Request, addrs []netip.Addr) error {
 	if _, ok := a.services[req.Key]; ok {
 		return nil
 	}
+	addrs, err := plainAddrs(addrs, "status.loadBalancer.ingress")
+	if err != nil {
+		return err
+	}
 	for _, addr := range addrs {
 		if st := a.addrs[addr]; st != nil && len(st.owners) > 0 {
 			if err := a.canShare(&req, addr, st); err != nil {
@@ -335,6 +339,23 @@ func wanted(req *Request) []Family {
 	return fams
 }
 
+// plainAddrs returns addrs with IPv4-mapped addresses written as IPv4 and
+// duplicates dropped, or an error naming field if one has a zone: a zoned
+// address would pass for a different key than its plain form, so recording
+// one could hand the same address to two Services.
+func plainAddrs(addrs []netip.Addr, field string) ([]netip.Addr, error) {
+	out := make([]netip.Addr, 0, len(addrs))
+	for _, addr := range addrs {
+		if addr.Zone() != "" {
+			return nil, errorf(ReasonInvalid, field, "%s has a zone; a LoadBalancer address belongs to no one link, so give it without %%%s", addr, addr.Zone())
+		}
+		if addr = addr.Unmap(); !slices.Contains(out, addr) {
+			out = append(out, addr)
+		}
+	}
+	return out, nil
+}
+
 // planned is one address of a plan: either a given address or one to take
 // from a pool's free set at commit.
 type planned struct {
@@ -344,9 +365,13 @@ type planned struct {
 }
 
 func (a *Allocator) assign(req *Request) (Allocation, error) {
+	ips, err := plainAddrs(req.IPs, req.IPsSource)
+	if err != nil {
+		return Allocation{}, err
+	}
+	req.IPs = ips
 	prev := a.services[req.Key]
 	var plan []planned
-	var err error
 	switch {
 	case len(req.IPs) > 0:
 		plan, err = a.planExplicit(req)

@@ -480,6 +480,49 @@ func TestRestore(t *testing.T) {
 	}
 }
 
+// TestZonedAddressesRefused is a regression test: a zoned address (a
+// spec.loadBalancerIP of 2001:db8::5%eth0, which the API server only warns
+// about) was recorded as a pool address, split the free set at zoned bounds,
+// and later Services were handed zoned addresses.
+func TestZonedAddressesRefused(t *testing.T) {
+	a := New(false)
+	a.SetPools([]Pool{pool(t, "v6", "2001:db8::/125")})
+	zoned := req("ns/z", withFamilies(SingleStack, IPv6), func(r *Request) {
+		r.IPs, r.IPsSource = []netip.Addr{netip.MustParseAddr("2001:db8::5%eth0")}, "spec.loadBalancerIP"
+	})
+	_, err := a.Assign(zoned)
+	wantErr(t, err, ReasonInvalid, "spec.loadBalancerIP", "2001:db8::5%eth0 has a zone")
+	err = a.Restore(req("ns/r", withFamilies(SingleStack, IPv6)), []netip.Addr{netip.MustParseAddr("2001:db8::6%eth0")})
+	wantErr(t, err, ReasonInvalid, "status.loadBalancer.ingress", "has a zone")
+	if _, ok := a.Lookup("ns/r"); ok {
+		t.Fatal("Restore recorded a zoned address")
+	}
+	for i := range 8 {
+		al := mustAssign(t, a, req(fmt.Sprintf("ns/s%d", i), withFamilies(SingleStack, IPv6)))
+		if al.Addrs[0].Zone() != "" {
+			t.Fatalf("s%d was handed the zoned %s", i, al.Addrs[0])
+		}
+	}
+	if st := a.Stats()["v6"].Families[IPv6]; st.Used != 8 || st.Free.Sign() != 0 {
+		t.Fatalf("stats = %+v, want all 8 used and none free", st)
+	}
+}
+
+// TestMappedAddressesAreIPv4 checks that an IPv4-mapped address given to
+// Assign or Restore is the IPv4 address: one key per address.
+func TestMappedAddressesAreIPv4(t *testing.T) {
+	a := New(false)
+	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/30")})
+	if err := a.Restore(req("ns/a"), []netip.Addr{netip.MustParseAddr("::ffff:192.0.2.1")}); err != nil {
+		t.Fatal(err)
+	}
+	if al, _ := a.Lookup("ns/a"); addrs(al) != "192.0.2.1" {
+		t.Fatalf("restored %s, want 192.0.2.1", addrs(al))
+	}
+	_, err := a.Assign(req("ns/b", withIPs("::ffff:192.0.2.1")))
+	wantErr(t, err, ReasonAddressInUse, "keeplb.io/ips", "192.0.2.1 is already used by Service ns/a")
+}
+
 func TestConcurrentAssignNeverDuplicates(t *testing.T) {
 	a := New(false)
 	a.SetPools([]Pool{pool(t, "p", "10.0.0.0/22")})

@@ -3,27 +3,51 @@ package allocator
 import (
 	"fmt"
 	"math/big"
+	mbits "math/bits"
 	"net/netip"
 	"sort"
 	"strings"
 )
 
-// Range is an inclusive span of addresses of one family.
+// Range is an inclusive span of addresses of one family. Build it with
+// ParseRange: a Range never holds zoned or IPv4-mapped addresses.
 type Range struct {
 	First, Last netip.Addr
+	// cidr records that the entry was written as a CIDR rather than
+	// first-last, so that String writes it back the same way.
+	cidr bool
 }
 
-// String formats r as "first-last", or a single address.
+// String formats r as ParseRange reads it back: "192.0.2.0/28" for a CIDR,
+// "192.0.2.10-192.0.2.20" otherwise (a single address too).
 func (r Range) String() string {
-	if r.First == r.Last {
-		return r.First.String()
+	if r.cidr {
+		return netip.PrefixFrom(r.First, r.bits()).String()
 	}
 	return r.First.String() + "-" + r.Last.String()
 }
 
-// Contains reports whether a lies in r.
+// bits returns the prefix length of a CIDR range.
+func (r Range) bits() int {
+	f, l := r.First.As16(), r.Last.As16()
+	host := 0
+	for i := 15; i >= 0; i-- {
+		x := f[i] ^ l[i]
+		if x == 0xff {
+			host += 8
+			continue
+		}
+		host += mbits.TrailingZeros8(^x)
+		break
+	}
+	return r.First.BitLen() - host
+}
+
+// Contains reports whether a lies in r. A zoned address lies in no range
+// (a pool's addresses belong to no one link), nor does an IPv4-mapped one
+// (callers unmap it to IPv4 first).
 func (r Range) Contains(a netip.Addr) bool {
-	return a.BitLen() == r.First.BitLen() && r.First.Compare(a) <= 0 && a.Compare(r.Last) <= 0
+	return a.Zone() == "" && a.BitLen() == r.First.BitLen() && r.First.Compare(a) <= 0 && a.Compare(r.Last) <= 0
 }
 
 // Size returns the number of addresses in r.
@@ -34,11 +58,26 @@ func (r Range) Size() *big.Int {
 	return n.Add(n, big.NewInt(1))
 }
 
+// The IPv4-mapped block ::ffff:0:0/96. Kubernetes and Go treat its
+// addresses as IPv4, so an IPv6 pool must not contain them: the same
+// address would be an IPv6 VIP here and an IPv4 one everywhere else.
+var (
+	mappedFirst = netip.MustParseAddr("::ffff:0:0")
+	mappedLast  = netip.MustParseAddr("::ffff:ffff:ffff")
+)
+
 // ParseRange parses a pool address entry: a CIDR ("192.0.2.0/28") or an
 // inclusive range ("192.0.2.10-192.0.2.20"). A CIDR must have no host bits
-// set, so that a typo does not silently become a different network.
+// set, so that a typo does not silently become a different network. An entry
+// written entirely in IPv4-mapped form (::ffff:192.0.2.0/120) is the IPv4
+// range it maps; zones, and IPv6 entries reaching into the IPv4-mapped block
+// (::/80, say), are refused.
 func ParseRange(s string) (Range, error) {
 	s = strings.TrimSpace(s)
+	if strings.Contains(s, "%") {
+		return Range{}, fmt.Errorf("%q has a zone; a pool's addresses belong to no one link, write them without %%<zone>", s)
+	}
+	var r Range
 	if first, last, ok := strings.Cut(s, "-"); ok {
 		a, err := netip.ParseAddr(strings.TrimSpace(first))
 		if err != nil {
@@ -48,24 +87,30 @@ func ParseRange(s string) (Range, error) {
 		if err != nil {
 			return Range{}, fmt.Errorf("%q: end of range: %w", s, err)
 		}
-		a, b = a.Unmap(), b.Unmap()
-		if a.Is4() != b.Is4() {
+		r = Range{First: a.Unmap(), Last: b.Unmap()}
+		if r.First.Is4() != r.Last.Is4() {
 			return Range{}, fmt.Errorf("%q: range mixes IPv4 and IPv6", s)
 		}
-		if b.Less(a) {
+		if r.Last.Less(r.First) {
 			return Range{}, fmt.Errorf("%q: range starts after it ends", s)
 		}
-		return Range{a, b}, nil
+	} else {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return Range{}, fmt.Errorf("%q is neither a CIDR nor a range first-last", s)
+		}
+		if p.Masked() != p {
+			return Range{}, fmt.Errorf("%q has host bits set; did you mean %s?", s, p.Masked())
+		}
+		if p.Addr().Is4In6() && p.Bits() >= 96 {
+			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+		}
+		r = Range{First: p.Addr(), Last: lastOf(p), cidr: true}
 	}
-	p, err := netip.ParsePrefix(s)
-	if err != nil {
-		return Range{}, fmt.Errorf("%q is neither a CIDR nor a range first-last", s)
+	if r.First.Is6() && r.First.Compare(mappedLast) <= 0 && mappedFirst.Compare(r.Last) <= 0 {
+		return Range{}, fmt.Errorf("%q reaches into ::ffff:0:0/96, the IPv4-mapped addresses, which Kubernetes treats as IPv4; write IPv4 addresses as IPv4 (192.0.2.0/24) and keep IPv6 entries out of ::ffff:0:0/96", s)
 	}
-	if p.Masked() != p {
-		return Range{}, fmt.Errorf("%q has host bits set; did you mean %s?", s, p.Masked())
-	}
-	p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-(p.Addr().BitLen()-p.Addr().Unmap().BitLen()))
-	return Range{p.Addr(), lastOf(p)}, nil
+	return r, nil
 }
 
 // lastOf returns the highest address of p.
@@ -94,7 +139,10 @@ type rangeSet struct {
 
 // newRangeSet builds a set from possibly overlapping ranges.
 func newRangeSet(rs []Range) *rangeSet {
-	spans := append([]Range(nil), rs...)
+	spans := make([]Range, 0, len(rs))
+	for _, r := range rs {
+		spans = append(spans, Range{First: r.First, Last: r.Last})
+	}
 	sort.Slice(spans, func(i, j int) bool { return spans[i].First.Less(spans[j].First) })
 	out := spans[:0]
 	for _, r := range spans {
@@ -176,7 +224,7 @@ func (s *rangeSet) removeAt(i int, a netip.Addr) {
 	case sp.Last == a:
 		sp.Last = a.Prev()
 	default:
-		right := Range{a.Next(), sp.Last}
+		right := Range{First: a.Next(), Last: sp.Last}
 		sp.Last = a.Prev()
 		s.spans = append(s.spans, Range{})
 		copy(s.spans[i+2:], s.spans[i+1:])
@@ -203,7 +251,7 @@ func (s *rangeSet) add(a netip.Addr) {
 	default:
 		s.spans = append(s.spans, Range{})
 		copy(s.spans[i+1:], s.spans[i:])
-		s.spans[i] = Range{a, a}
+		s.spans[i] = Range{First: a, Last: a}
 	}
 }
 
@@ -211,7 +259,7 @@ func (s *rangeSet) add(a netip.Addr) {
 func (s *rangeSet) subtract(rs []Range) []Range {
 	var out []Range
 	for _, r := range rs {
-		cur := r
+		cur := Range{First: r.First, Last: r.Last}
 		done := false
 		for i := s.search(r.First); i < len(s.spans) && !done; i++ {
 			sp := s.spans[i]
@@ -219,7 +267,7 @@ func (s *rangeSet) subtract(rs []Range) []Range {
 				break
 			}
 			if cur.First.Less(sp.First) {
-				out = append(out, Range{cur.First, sp.First.Prev()})
+				out = append(out, Range{First: cur.First, Last: sp.First.Prev()})
 			}
 			if !sp.Last.Less(cur.Last) {
 				done = true
@@ -256,7 +304,7 @@ func withoutBuggy(rs []Range) []Range {
 		for block := lo &^ 0xff; ; block += 256 {
 			s, e := max(lo, block+1), min(hi, block+254)
 			if s <= e {
-				out = append(out, Range{fromV4(s), fromV4(e)})
+				out = append(out, Range{First: fromV4(s), Last: fromV4(e)})
 			}
 			if block+255 >= hi {
 				break

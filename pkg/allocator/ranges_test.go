@@ -26,6 +26,21 @@ func TestParseRange(t *testing.T) {
 		{in: "192.0.2.20-192.0.2.10", err: "starts after it ends"},
 		{in: "192.0.2.1-2001:db8::1", err: "mixes IPv4 and IPv6"},
 		{in: "192.0.2.1-x", err: "end of range"},
+		// Written in IPv4-mapped form, an entry is the IPv4 range it maps.
+		{in: "::ffff:192.0.2.0/120", first: "192.0.2.0", last: "192.0.2.255"},
+		{in: "::ffff:0:0/96", first: "0.0.0.0", last: "255.255.255.255"},
+		{in: "::ffff:192.0.2.1-::ffff:192.0.2.9", first: "192.0.2.1", last: "192.0.2.9"},
+		{in: "::/96", first: "::", last: "::ffff:ffff"},
+		// Regression: ::/80 was accepted as one IPv6 range holding all of
+		// ::ffff:0:0/96, so an IPv6 pool handed out IPv4-mapped addresses.
+		{in: "::/80", err: "reaches into ::ffff:0:0/96"},
+		{in: "::fffe:0:0/95", err: "reaches into ::ffff:0:0/96"},
+		{in: "::1-::1:0:0:0", err: "reaches into ::ffff:0:0/96"},
+		{in: "::fffe:0:0-::ffff:192.0.2.1", err: "mixes IPv4 and IPv6"},
+		// Regression: a zoned range bound was accepted with its zone.
+		{in: "2001:db8::1%eth0-2001:db8::5", err: "has a zone"},
+		{in: "2001:db8::1-2001:db8::5%eth0", err: "has a zone"},
+		{in: "fe80::/64%eth0", err: "has a zone"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.in, func(t *testing.T) {
@@ -42,7 +57,48 @@ func TestParseRange(t *testing.T) {
 			if r.First.String() != tc.first || r.Last.String() != tc.last {
 				t.Fatalf("ParseRange(%q) = %s, want %s-%s", tc.in, r, tc.first, tc.last)
 			}
+			if back, err := ParseRange(r.String()); err != nil || back != r {
+				t.Fatalf("ParseRange(%q) = %v, %v; want %v back from its String", r.String(), back, err, r)
+			}
 		})
+	}
+}
+
+// TestRangeString checks that String writes an entry back the way it was
+// written, so that it parses to the same range (a single address was
+// written bare, which ParseRange refuses).
+func TestRangeString(t *testing.T) {
+	for in, want := range map[string]string{
+		"192.0.2.0/28":              "192.0.2.0/28",
+		"192.0.2.7/32":              "192.0.2.7/32",
+		"192.0.2.7-192.0.2.7":       "192.0.2.7-192.0.2.7",
+		" 192.0.2.1 - 192.0.2.9":    "192.0.2.1-192.0.2.9",
+		"2001:db8::/64":             "2001:db8::/64",
+		"::ffff:192.0.2.0/120":      "192.0.2.0/24",
+		"2001:db8::-2001:db8::ffff": "2001:db8::-2001:db8::ffff",
+	} {
+		r := mustRanges(t, in)[0]
+		if got := r.String(); got != want {
+			t.Errorf("String(ParseRange(%q)) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+// TestRangeContainsNoZone is a regression test: a zoned address compared
+// inside a range by its bits alone, so a zoned spec.loadBalancerIP was taken
+// for a pool address and split the free set at zoned bounds.
+func TestRangeContainsNoZone(t *testing.T) {
+	r := mustRanges(t, "2001:db8::/120")[0]
+	if !r.Contains(netip.MustParseAddr("2001:db8::5")) {
+		t.Fatal("2001:db8::5 not in 2001:db8::/120")
+	}
+	for _, s := range []string{"2001:db8::5%eth0", "::ffff:192.0.2.1"} {
+		if r.Contains(netip.MustParseAddr(s)) {
+			t.Errorf("%s in %s", s, r)
+		}
+	}
+	if v4 := mustRanges(t, "192.0.2.0/24")[0]; v4.Contains(netip.MustParseAddr("::ffff:192.0.2.1")) {
+		t.Error("an IPv4 range contains an IPv4-mapped address; callers unmap")
 	}
 }
 
@@ -105,7 +161,7 @@ func TestWithoutBuggy(t *testing.T) {
 	for _, r := range got {
 		parts = append(parts, r.String())
 	}
-	if want := "192.0.2.250-192.0.2.254,192.0.3.1-192.0.3.2,198.51.100.1,2001:db8::-2001:db8::3"; strings.Join(parts, ",") != want {
+	if want := "192.0.2.250-192.0.2.254,192.0.3.1-192.0.3.2,198.51.100.1-198.51.100.1,2001:db8::/126"; strings.Join(parts, ",") != want {
 		t.Fatalf("withoutBuggy = %s, want %s", strings.Join(parts, ","), want)
 	}
 	all := withoutBuggy(mustRanges(t, "255.255.255.0/24"))
