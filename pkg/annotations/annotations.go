@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"unicode"
 
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/util/validation"
@@ -35,8 +36,13 @@ const (
 	Scheduler = Prefix + "scheduler"
 )
 
-// known lists every annotation under Prefix, to catch typos.
-var known = []string{Pool, IPs, ShareKey, Forwarding, Holder, Scheduler}
+// settable lists the annotations a user may set, for the hint given when an
+// unknown one (most likely a typo) is found.
+var settable = []string{Pool, IPs, ShareKey, Forwarding, Scheduler}
+
+// known lists every annotation under Prefix, to catch typos: the settable
+// ones and the one the speaker writes.
+var known = append(slices.Clone(settable), Holder)
 
 // LoadBalancerIPField names the deprecated Service field keeplb honours.
 const LoadBalancerIPField = "spec.loadBalancerIP"
@@ -65,7 +71,7 @@ func Parse(svc *v1.Service) (Config, error) {
 	ann := svc.Annotations
 	for k := range ann {
 		if strings.HasPrefix(k, Prefix) && !slices.Contains(known, k) {
-			c.Warnings = append(c.Warnings, fmt.Sprintf("unknown annotation %s is ignored; keeplb reads %s", k, strings.Join(known[:4], ", ")))
+			c.Warnings = append(c.Warnings, fmt.Sprintf("unknown annotation %s is ignored; keeplb reads %s", k, strings.Join(settable, ", ")))
 		}
 	}
 	slices.Sort(c.Warnings)
@@ -78,24 +84,31 @@ func Parse(svc *v1.Service) (Config, error) {
 		c.Pool = v
 	}
 
+	var lbIP netip.Addr
+	if lb := strings.TrimSpace(svc.Spec.LoadBalancerIP); lb != "" {
+		a, err := netip.ParseAddr(lb)
+		if err != nil {
+			return c, invalid(LoadBalancerIPField, "%q is not an IP address; use the keeplb.io/ips annotation instead", lb)
+		}
+		if a.Zone() != "" {
+			// The API server only warns about a zone here; taken as
+			// given, a zoned address is a different key for the same
+			// address, and a duplicate waiting to happen.
+			return c, invalid(LoadBalancerIPField, "%q has a zone; a LoadBalancer address belongs to no one link, so write %s, or better use the keeplb.io/ips annotation", lb, a.WithZone(""))
+		}
+		lbIP = a.Unmap()
+	}
 	if v, ok := ann[IPs]; ok {
 		ips, err := parseIPs(v)
 		if err != nil {
 			return c, err
 		}
 		c.IPs, c.IPsSource = ips, IPs
-		if lb := svc.Spec.LoadBalancerIP; lb != "" {
-			a, err := netip.ParseAddr(lb)
-			if err != nil || !slices.Contains(ips, a.Unmap()) {
-				return c, invalid(IPs, "disagrees with %s %q; remove the deprecated %s", LoadBalancerIPField, lb, LoadBalancerIPField)
-			}
+		if lbIP.IsValid() && !slices.Contains(ips, lbIP) {
+			return c, invalid(IPs, "disagrees with %s %q; remove the deprecated %s", LoadBalancerIPField, svc.Spec.LoadBalancerIP, LoadBalancerIPField)
 		}
-	} else if lb := strings.TrimSpace(svc.Spec.LoadBalancerIP); lb != "" {
-		a, err := netip.ParseAddr(lb)
-		if err != nil {
-			return c, invalid(LoadBalancerIPField, "%q is not an IP address; use the keeplb.io/ips annotation instead", lb)
-		}
-		c.IPs, c.IPsSource = []netip.Addr{a.Unmap()}, LoadBalancerIPField
+	} else if lbIP.IsValid() {
+		c.IPs, c.IPsSource = []netip.Addr{lbIP}, LoadBalancerIPField
 	}
 
 	if v, ok := ann[ShareKey]; ok {
@@ -119,14 +132,22 @@ func Parse(svc *v1.Service) (Config, error) {
 func parseIPs(v string) ([]netip.Addr, error) {
 	var out []netip.Addr
 	seen := map[allocator.Family]bool{}
+	if strings.TrimFunc(v, func(r rune) bool { return r == ',' || unicode.IsSpace(r) }) == "" {
+		return nil, invalid(IPs, "is empty; give one address per family or remove the annotation")
+	}
 	for _, part := range strings.Split(v, ",") {
 		part = strings.TrimSpace(part)
 		if part == "" {
-			continue
+			// "192.0.2.1," may be the half of an edit that lost its
+			// second address: say so rather than guess.
+			return nil, invalid(IPs, "%q has an empty entry; separate addresses by single commas, with none at the start or end", v)
 		}
 		a, err := netip.ParseAddr(part)
-		if err != nil || a.Zone() != "" {
+		if err != nil {
 			return nil, invalid(IPs, "%q is not an IP address; write addresses separated by commas, e.g. 192.0.2.10,2001:db8::10", part)
+		}
+		if a.Zone() != "" {
+			return nil, invalid(IPs, "%q has a zone; a LoadBalancer address belongs to no one link, so write %s", part, a.WithZone(""))
 		}
 		a = a.Unmap()
 		f := allocator.FamilyOf(a)
@@ -135,9 +156,6 @@ func parseIPs(v string) ([]netip.Addr, error) {
 		}
 		seen[f] = true
 		out = append(out, a)
-	}
-	if len(out) == 0 {
-		return nil, invalid(IPs, "is empty; give one address per family or remove the annotation")
 	}
 	return out, nil
 }

@@ -30,16 +30,31 @@ func TestParse(t *testing.T) {
 		{name: "bad ip", ann: map[string]string{IPs: "192.0.2.300"}, errField: IPs, errText: `"192.0.2.300" is not an IP address`},
 		{name: "two v4", ann: map[string]string{IPs: "192.0.2.1,192.0.2.2"}, errField: IPs, errText: "two IPv4 addresses"},
 		{name: "empty ips", ann: map[string]string{IPs: " , "}, errField: IPs, errText: "is empty"},
+		{name: "blank ips", ann: map[string]string{IPs: ""}, errField: IPs, errText: "is empty"},
+		// Regression: an empty entry was skipped, so "192.0.2.1," (an
+		// edit that lost its second address) passed silently.
+		{name: "trailing comma", ann: map[string]string{IPs: "192.0.2.1,"}, errField: IPs, errText: `"192.0.2.1," has an empty entry`},
+		{name: "leading comma", ann: map[string]string{IPs: ",192.0.2.1"}, errField: IPs, errText: "has an empty entry"},
+		{name: "double comma", ann: map[string]string{IPs: "192.0.2.1,,2001:db8::1"}, errField: IPs, errText: "has an empty entry"},
+		{name: "zoned ip", ann: map[string]string{IPs: "2001:db8::1%eth0"}, errField: IPs, errText: `"2001:db8::1%eth0" has a zone; a LoadBalancer address belongs to no one link, so write 2001:db8::1`},
 		{name: "loadBalancerIP", lbIP: "192.0.2.7", want: Config{IPs: addrs("192.0.2.7"), IPsSource: LoadBalancerIPField}},
 		{name: "bad loadBalancerIP", lbIP: "nope", errField: LoadBalancerIPField, errText: "not an IP address"},
+		{name: "mapped loadBalancerIP", lbIP: "::ffff:192.0.2.7", want: Config{IPs: addrs("192.0.2.7"), IPsSource: LoadBalancerIPField}},
+		{name: "mapped ips agree with loadBalancerIP", ann: map[string]string{IPs: "::ffff:192.0.2.7"}, lbIP: "192.0.2.7", want: Config{IPs: addrs("192.0.2.7"), IPsSource: IPs}},
+		// Regression: the API server only warns about a zoned
+		// spec.loadBalancerIP, and keeplb took the address with its zone.
+		{name: "zoned loadBalancerIP", lbIP: "2001:db8::5%eth0", errField: LoadBalancerIPField, errText: `"2001:db8::5%eth0" has a zone; a LoadBalancer address belongs to no one link, so write 2001:db8::5`},
+		{name: "zoned loadBalancerIP with ips", ann: map[string]string{IPs: "2001:db8::5"}, lbIP: "2001:db8::5%eth0", errField: LoadBalancerIPField, errText: "has a zone"},
 		{name: "ips agree with loadBalancerIP", ann: map[string]string{IPs: "192.0.2.7"}, lbIP: "192.0.2.7", want: Config{IPs: addrs("192.0.2.7"), IPsSource: IPs}},
 		{name: "ips disagree with loadBalancerIP", ann: map[string]string{IPs: "192.0.2.8"}, lbIP: "192.0.2.7", errField: IPs, errText: "disagrees with spec.loadBalancerIP"},
 		{name: "share key", ann: map[string]string{ShareKey: "web"}, want: Config{ShareKey: "web"}},
 		{name: "bad share key", ann: map[string]string{ShareKey: "-web-"}, errField: ShareKey, errText: "not a valid key"},
 		{name: "forwarding", ann: map[string]string{Forwarding: "pod"}, want: Config{Forwarding: "pod"}},
 		{name: "bad forwarding", ann: map[string]string{Forwarding: "dsr"}, errField: Forwarding, errText: "use nodeport, pod or kube-proxy"},
-		{name: "typo warns", ann: map[string]string{"keeplb.io/pools": "x"}, want: Config{Warnings: []string{"unknown annotation keeplb.io/pools is ignored; keeplb reads keeplb.io/pool, keeplb.io/ips, keeplb.io/share-key, keeplb.io/forwarding"}}},
-		{name: "others ignored", ann: map[string]string{"example.com/x": "y", Holder: "node-1"}},
+		// Regression: the hint listed only the first four annotations,
+		// leaving out keeplb.io/scheduler, which the speaker reads.
+		{name: "typo warns", ann: map[string]string{"keeplb.io/schedular": "x"}, want: Config{Warnings: []string{"unknown annotation keeplb.io/schedular is ignored; keeplb reads keeplb.io/pool, keeplb.io/ips, keeplb.io/share-key, keeplb.io/forwarding, keeplb.io/scheduler"}}},
+		{name: "others ignored", ann: map[string]string{"example.com/x": "y", Holder: "node-1", Scheduler: "wrr"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
