@@ -99,12 +99,12 @@ func (a *Allocator) SetPools(pools []Pool) (orphaned []string) {
 	a.pools = make(map[string]*poolState, len(sorted))
 	a.index = a.index[:0]
 	var claimed [2]*rangeSet
-	claimed[IPv4], claimed[IPv6] = newRangeSet(nil), newRangeSet(nil)
+	claimed[IPv4], claimed[IPv6] = newRangeSet(nil, false), newRangeSet(nil, false)
 	var owners [2][]indexEntry // what claimed each range, for conflict names
 	for _, p := range sorted {
 		ps := &poolState{Pool: p}
 		for f := IPv4; f <= IPv6; f++ {
-			own := newRangeSet(rangesOf(p.Ranges, f)).spans
+			own := newRangeSet(rangesOf(p.Ranges, f), false).spans
 			eff := claimed[f].subtract(own)
 			if !sameRanges(eff, own) {
 				for _, e := range owners[f] {
@@ -116,13 +116,11 @@ func (a *Allocator) SetPools(pools []Pool) (orphaned []string) {
 			for _, r := range own {
 				owners[f] = append(owners[f], indexEntry{r, ps})
 			}
-			claimed[f] = newRangeSet(append(slices.Clone(claimed[f].spans), own...))
+			claimed[f] = newRangeSet(append(slices.Clone(claimed[f].spans), own...), false)
 			ps.effective[f] = eff
-			usable := eff
-			if p.AvoidBuggyIPs {
-				usable = withoutBuggy(eff)
-			}
-			ps.free[f] = newRangeSet(usable)
+			// The .0 and .255 addresses stay in the spans and are skipped
+			// when taking and counting: a /8 costs as little as a /30.
+			ps.free[f] = newRangeSet(eff, p.AvoidBuggyIPs && f == IPv4)
 			ps.total[f] = ps.free[f].size()
 			if o := old[p.Name]; o != nil {
 				ps.cursor[f] = o.cursor[f]
@@ -669,20 +667,9 @@ func (a *Allocator) drop(key string, addr netip.Addr) bool {
 	delete(a.addrs, addr)
 	a.setShareKey(addr, st, "")
 	if ps := a.lookup(addr); ps != nil {
-		if !(ps.AvoidBuggyIPs && isBuggy(addr)) {
-			ps.free[FamilyOf(addr)].add(addr)
-		}
-		return true
+		return ps.free[FamilyOf(addr)].add(addr)
 	}
 	return false
-}
-
-func isBuggy(a netip.Addr) bool {
-	if !a.Is4() {
-		return false
-	}
-	b := a.As4()
-	return b[3] == 0 || b[3] == 255
 }
 
 func onlyOwner(st *addrState, key string) bool {

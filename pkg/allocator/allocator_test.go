@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -451,6 +452,75 @@ func TestAvoidBuggyIPs(t *testing.T) {
 	a.Release("ns/s0")
 	if got := addrs(mustAssign(t, a, req("ns/y"))); got != "192.0.2.254" {
 		t.Fatalf("got %s, want 192.0.2.254", got)
+	}
+}
+
+// TestAvoidBuggyIPsIsCheap is a regression test: avoidBuggyIPs cut a pool
+// into one range per /24, 27.6 MiB for a /8 and about 7 GiB for 0.0.0.0/0.
+// The .0 and .255 addresses are now skipped lazily, so a pool costs the same
+// whatever its size, and its counts stay exact.
+func TestAvoidBuggyIPsIsCheap(t *testing.T) {
+	for _, tc := range []struct {
+		cidr  string
+		total int64 // 2^(32-bits) less two addresses per /24
+		first string
+	}{
+		{"10.0.0.0/8", 1<<24 - 1<<17, "10.0.0.1"}, // first, so the old code fails before 0.0.0.0/0 eats the machine
+		{"0.0.0.0/0", 1<<32 - 1<<25, "0.0.0.1"},
+	} {
+		p := pool(t, "p", tc.cidr)
+		p.AvoidBuggyIPs = true
+		a := New(false)
+		if heap := allocated(func() { a.SetPools([]Pool{p}) }); heap > 64<<10 {
+			t.Fatalf("SetPools(%s with avoidBuggyIPs) allocated %d bytes, want at most 64 KiB", tc.cidr, heap)
+		}
+		st := a.Stats()["p"].Families[IPv4]
+		if st.Total.Int64() != tc.total || st.Free.Int64() != tc.total {
+			t.Fatalf("%s: total %s free %s, want both %d", tc.cidr, st.Total, st.Free, tc.total)
+		}
+		if got := addrs(mustAssign(t, a, req("ns/a"))); got != tc.first {
+			t.Fatalf("%s: first address %s, want %s", tc.cidr, got, tc.first)
+		}
+		if st := a.Stats()["p"].Families[IPv4]; st.Free.Int64() != tc.total-1 || st.Used != 1 {
+			t.Fatalf("%s: after one Assign free %s used %d", tc.cidr, st.Free, st.Used)
+		}
+	}
+}
+
+// allocated returns the bytes f allocates on the heap.
+func allocated(f func()) uint64 {
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	f()
+	runtime.ReadMemStats(&after)
+	return after.TotalAlloc - before.TotalAlloc
+}
+
+// TestAvoidBuggyIPsFillsExactly fills a pool that crosses /24 boundaries
+// and checks that every address but the .0 and .255 ones is handed out,
+// once, with exact counts all along.
+func TestAvoidBuggyIPsFillsExactly(t *testing.T) {
+	p := pool(t, "p", "192.0.2.0/23", "198.51.100.255/32", "198.51.100.0-198.51.100.2")
+	p.AvoidBuggyIPs = true
+	a := New(false)
+	a.SetPools([]Pool{p})
+	const total = 2*254 + 2
+	seen := map[netip.Addr]bool{}
+	for i := range total {
+		al := mustAssign(t, a, req(fmt.Sprintf("ns/s%d", i)))
+		addr := al.Addrs[0]
+		if isBuggy(addr) || seen[addr] {
+			t.Fatalf("s%d got %s (buggy %v, twice %v)", i, addr, isBuggy(addr), seen[addr])
+		}
+		seen[addr] = true
+		if st := a.Stats()["p"].Families[IPv4]; st.Total.Int64() != total || st.Free.Int64() != int64(total-i-1) {
+			t.Fatalf("after s%d: total %s free %s, want %d and %d", i, st.Total, st.Free, total, total-i-1)
+		}
+	}
+	_, err := a.Assign(req("ns/more"))
+	wantErr(t, err, ReasonExhausted, "", "IPPool p has no free IPv4 address")
+	if !a.Release("ns/s300") || a.Stats()["p"].Families[IPv4].Free.Int64() != 1 {
+		t.Fatal("releasing one address did not free one")
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"math/big"
 	mbits "math/bits"
 	"net/netip"
+	"slices"
 	"sort"
 	"strings"
 )
@@ -130,31 +131,67 @@ func lastOf(p netip.Prefix) netip.Addr {
 	return a
 }
 
-// rangeSet is a sorted list of disjoint, non-adjacent ranges of one family.
-// Free addresses of a pool are kept this way, so that taking the next free
+// rangeSet is a sorted list of disjoint ranges of one family. Free
+// addresses of a pool are kept this way, so that taking the next free
 // address is a binary search and not a scan over what is already taken.
+//
+// Some addresses of a span may be skipped: with avoidBuggy, the IPv4
+// addresses ending in .0 and .255 stay inside the spans (a /8 is one span,
+// not 65,536) and are passed over when taking and counting, so a pool costs
+// the same memory whatever its size. A span is dropped as soon as it holds
+// only skipped addresses, so every span has an address to take.
 type rangeSet struct {
 	spans []Range
+	// avoidBuggy skips IPv4 addresses ending in .0 and .255.
+	avoidBuggy bool
 }
 
 // newRangeSet builds a set from possibly overlapping ranges.
-func newRangeSet(rs []Range) *rangeSet {
+func newRangeSet(rs []Range, avoidBuggy bool) *rangeSet {
 	spans := make([]Range, 0, len(rs))
 	for _, r := range rs {
 		spans = append(spans, Range{First: r.First, Last: r.Last})
 	}
 	sort.Slice(spans, func(i, j int) bool { return spans[i].First.Less(spans[j].First) })
-	out := spans[:0]
+	s := &rangeSet{avoidBuggy: avoidBuggy}
 	for _, r := range spans {
-		if n := len(out); n > 0 && touches(out[n-1], r) {
-			if out[n-1].Last.Less(r.Last) {
-				out[n-1].Last = r.Last
+		if n := len(s.spans); n > 0 && touches(s.spans[n-1], r) {
+			if s.spans[n-1].Last.Less(r.Last) {
+				s.spans[n-1].Last = r.Last
 			}
 			continue
 		}
-		out = append(out, r)
+		s.spans = append(s.spans, r)
 	}
-	return &rangeSet{spans: out}
+	s.spans = slices.DeleteFunc(s.spans, func(r Range) bool { return !s.usable(r) })
+	return s
+}
+
+// skips reports whether a is never handed out from this set.
+func (s *rangeSet) skips(a netip.Addr) bool {
+	return s.avoidBuggy && isBuggy(a)
+}
+
+// firstUsable returns the lowest address of [a, b] that is not skipped:
+// it steps over at most two (x.255 and x+1.0).
+func (s *rangeSet) firstUsable(a, b netip.Addr) (netip.Addr, bool) {
+	if !s.avoidBuggy || !a.Is4() {
+		return a, !b.Less(a)
+	}
+	u, hi := uint64(v4(a)), uint64(v4(b))
+	for u <= hi && (u&0xff == 0 || u&0xff == 0xff) {
+		u++
+	}
+	if u > hi {
+		return netip.Addr{}, false
+	}
+	return fromV4(uint32(u)), true
+}
+
+// usable reports whether r has an address that is not skipped.
+func (s *rangeSet) usable(r Range) bool {
+	_, ok := s.firstUsable(r.First, r.Last)
+	return ok
 }
 
 // touches reports whether b, which does not start before a, overlaps a or
@@ -169,31 +206,42 @@ func (s *rangeSet) search(a netip.Addr) int {
 	return sort.Search(len(s.spans), func(i int) bool { return !s.spans[i].Last.Less(a) })
 }
 
-// contains reports whether a is in the set.
+// contains reports whether a lies in a span; a skipped address may.
 func (s *rangeSet) contains(a netip.Addr) bool {
 	i := s.search(a)
 	return i < len(s.spans) && s.spans[i].Contains(a)
 }
 
-// empty reports whether the set has no address.
+// free reports whether a can be taken from the set.
+func (s *rangeSet) free(a netip.Addr) bool {
+	return s.contains(a) && !s.skips(a)
+}
+
+// empty reports whether the set has no address to take.
 func (s *rangeSet) empty() bool { return len(s.spans) == 0 }
 
-// takeFrom removes and returns the first address at or after from, wrapping
-// around to the lowest address when none is left after it.
+// takeFrom removes and returns the first address at or after from that is
+// not skipped, wrapping around to the lowest when none is left after it.
 func (s *rangeSet) takeFrom(from netip.Addr) (netip.Addr, bool) {
 	if len(s.spans) == 0 {
 		return netip.Addr{}, false
 	}
-	i := 0
+	i, start := 0, s.spans[0].First
 	if from.IsValid() {
-		i = s.search(from)
-		if i == len(s.spans) {
+		if i = s.search(from); i == len(s.spans) {
 			i = 0
 		}
+		start = s.spans[i].First
+		if s.spans[i].Contains(from) {
+			start = from
+		}
 	}
-	a := s.spans[i].First
-	if from.IsValid() && s.spans[i].Contains(from) {
-		a = from
+	a, ok := s.firstUsable(start, s.spans[i].Last)
+	if !ok {
+		// Only skipped addresses follow from in its span; every span has
+		// a usable address, so the next one (or the first) does.
+		i = (i + 1) % len(s.spans)
+		a, _ = s.firstUsable(s.spans[i].First, s.spans[i].Last)
 	}
 	s.removeAt(i, a)
 	return a, true
@@ -209,50 +257,53 @@ func (s *rangeSet) remove(a netip.Addr) bool {
 	return true
 }
 
-// removeAt removes a, which lies in span i.
+// removeAt removes a, which lies in span i, and drops what is left of the
+// span on either side when it holds only skipped addresses.
 func (s *rangeSet) removeAt(i int, a netip.Addr) {
-	sp := &s.spans[i]
-	switch {
-	case sp.First == a && sp.Last == a:
-		if i == 0 {
-			s.spans = s.spans[1:]
-		} else {
-			s.spans = append(s.spans[:i], s.spans[i+1:]...)
+	sp := s.spans[i]
+	var parts [2]Range
+	keep := parts[:0]
+	if sp.First != a {
+		if left := (Range{First: sp.First, Last: a.Prev()}); s.usable(left) {
+			keep = append(keep, left)
 		}
-	case sp.First == a:
-		sp.First = a.Next()
-	case sp.Last == a:
-		sp.Last = a.Prev()
-	default:
-		right := Range{First: a.Next(), Last: sp.Last}
-		sp.Last = a.Prev()
-		s.spans = append(s.spans, Range{})
-		copy(s.spans[i+2:], s.spans[i+1:])
-		s.spans[i+1] = right
 	}
+	if sp.Last != a {
+		if right := (Range{First: a.Next(), Last: sp.Last}); s.usable(right) {
+			keep = append(keep, right)
+		}
+	}
+	if len(keep) == 0 && i == 0 {
+		s.spans = s.spans[1:] // filling in order empties the front: no copy
+		return
+	}
+	s.spans = slices.Replace(s.spans, i, i+1, keep...)
 }
 
-// add puts a back into the set, merging with its neighbours.
-func (s *rangeSet) add(a netip.Addr) {
+// add puts a back into the set, merging with its neighbours, and reports
+// whether a is now free. A skipped address is never put back.
+func (s *rangeSet) add(a netip.Addr) bool {
+	if s.skips(a) {
+		return false
+	}
 	i := s.search(a)
 	if i < len(s.spans) && s.spans[i].Contains(a) {
-		return
+		return true
 	}
 	joinLeft := i > 0 && s.spans[i-1].Last.Next() == a
 	joinRight := i < len(s.spans) && s.spans[i].First.Prev() == a
 	switch {
 	case joinLeft && joinRight:
 		s.spans[i-1].Last = s.spans[i].Last
-		s.spans = append(s.spans[:i], s.spans[i+1:]...)
+		s.spans = slices.Delete(s.spans, i, i+1)
 	case joinLeft:
 		s.spans[i-1].Last = a
 	case joinRight:
 		s.spans[i].First = a
 	default:
-		s.spans = append(s.spans, Range{})
-		copy(s.spans[i+1:], s.spans[i:])
-		s.spans[i] = Range{First: a, Last: a}
+		s.spans = slices.Insert(s.spans, i, Range{First: a, Last: a})
 	}
+	return true
 }
 
 // subtract returns the parts of rs not covered by the set.
@@ -282,36 +333,39 @@ func (s *rangeSet) subtract(rs []Range) []Range {
 	return out
 }
 
-// size returns the number of addresses in the set.
+// size returns the number of addresses that can be taken from the set,
+// counting the skipped ones out arithmetically.
 func (s *rangeSet) size() *big.Int {
 	n := new(big.Int)
+	var buggy uint64
 	for _, sp := range s.spans {
 		n.Add(n, sp.Size())
+		if s.avoidBuggy && sp.First.Is4() {
+			lo, hi := v4(sp.First), v4(sp.Last)
+			buggy += endingIn(lo, hi, 0) + endingIn(lo, hi, 0xff)
+		}
 	}
-	return n
+	return n.Sub(n, new(big.Int).SetUint64(buggy))
 }
 
-// withoutBuggy splits IPv4 ranges so that no address ending in .0 or .255
-// remains; IPv6 ranges pass unchanged.
-func withoutBuggy(rs []Range) []Range {
-	var out []Range
-	for _, r := range rs {
-		if !r.First.Is4() {
-			out = append(out, r)
-			continue
+// endingIn counts the IPv4 addresses in [lo, hi] whose last byte is b.
+func endingIn(lo, hi uint32, b uint32) uint64 {
+	upTo := func(n int64) int64 { // how many in [0, n]
+		if n < int64(b) {
+			return 0
 		}
-		lo, hi := v4(r.First), v4(r.Last)
-		for block := lo &^ 0xff; ; block += 256 {
-			s, e := max(lo, block+1), min(hi, block+254)
-			if s <= e {
-				out = append(out, Range{First: fromV4(s), Last: fromV4(e)})
-			}
-			if block+255 >= hi {
-				break
-			}
-		}
+		return (n-int64(b))/256 + 1
 	}
-	return out
+	return uint64(upTo(int64(hi)) - upTo(int64(lo)-1))
+}
+
+// isBuggy reports whether a is an IPv4 address ending in .0 or .255.
+func isBuggy(a netip.Addr) bool {
+	if !a.Is4() {
+		return false
+	}
+	b := a.As4()
+	return b[3] == 0 || b[3] == 255
 }
 
 func v4(a netip.Addr) uint32 {

@@ -1,6 +1,7 @@
 package allocator
 
 import (
+	"fmt"
 	"math/rand/v2"
 	"net/netip"
 	"strings"
@@ -141,7 +142,7 @@ func spansString(s *rangeSet) string {
 }
 
 func TestRangeSetMergesAndSubtracts(t *testing.T) {
-	s := newRangeSet(mustRanges(t, "192.0.2.8-192.0.2.15", "192.0.2.0/29", "192.0.2.20-192.0.2.30", "192.0.2.25-192.0.2.40"))
+	s := newRangeSet(mustRanges(t, "192.0.2.8-192.0.2.15", "192.0.2.0/29", "192.0.2.20-192.0.2.30", "192.0.2.25-192.0.2.40"), false)
 	if got, want := spansString(s), "192.0.2.0-192.0.2.15,192.0.2.20-192.0.2.40"; got != want {
 		t.Fatalf("merged = %s, want %s", got, want)
 	}
@@ -155,73 +156,132 @@ func TestRangeSetMergesAndSubtracts(t *testing.T) {
 	}
 }
 
-func TestWithoutBuggy(t *testing.T) {
-	got := withoutBuggy(mustRanges(t, "192.0.2.250-192.0.3.2", "198.51.100.0/31", "198.51.100.255/32", "2001:db8::/126"))
-	parts := []string{}
-	for _, r := range got {
-		parts = append(parts, r.String())
+// TestRangeSetAvoidBuggy checks the lazy skipping of .0 and .255: they
+// stay inside spans, are never taken nor counted, and a span holding only
+// them is dropped.
+func TestRangeSetAvoidBuggy(t *testing.T) {
+	s := newRangeSet(mustRanges(t, "192.0.2.250-192.0.3.2", "198.51.100.0/31", "198.51.100.255/32"), true)
+	if got, want := spansString(s), "192.0.2.250-192.0.3.2,198.51.100.0-198.51.100.1"; got != want {
+		t.Fatalf("spans = %s, want %s (198.51.100.255 alone has nothing to take)", got, want)
 	}
-	if want := "192.0.2.250-192.0.2.254,192.0.3.1-192.0.3.2,198.51.100.1-198.51.100.1,2001:db8::/126"; strings.Join(parts, ",") != want {
-		t.Fatalf("withoutBuggy = %s, want %s", strings.Join(parts, ","), want)
+	if got := s.size().Int64(); got != 8 {
+		t.Fatalf("size = %d, want 8 (7 + 2 addresses, less .255, .0 and .0)", got)
 	}
-	all := withoutBuggy(mustRanges(t, "255.255.255.0/24"))
-	if len(all) != 1 || all[0].String() != "255.255.255.1-255.255.255.254" {
-		t.Fatalf("top of the address space: %v", all)
+	var took []string
+	for a, ok := s.takeFrom(netip.Addr{}); ok; a, ok = s.takeFrom(a.Next()) {
+		took = append(took, a.String())
+	}
+	if got, want := strings.Join(took, ","), "192.0.2.250,192.0.2.251,192.0.2.252,192.0.2.253,192.0.2.254,192.0.3.1,192.0.3.2,198.51.100.1"; got != want {
+		t.Fatalf("took %s, want %s", got, want)
+	}
+	if !s.empty() || s.size().Sign() != 0 {
+		t.Fatalf("left %s", spansString(s))
+	}
+	if s.add(netip.MustParseAddr("192.0.3.0")) || !s.empty() {
+		t.Fatal("a released .0 went back into the set")
+	}
+	top := newRangeSet(mustRanges(t, "255.255.255.0/24"), true)
+	if got := top.size().Int64(); got != 254 {
+		t.Fatalf("size of 255.255.255.0/24 = %d, want 254", got)
+	}
+	if a, _ := top.takeFrom(netip.MustParseAddr("255.255.255.254").Next()); a.String() != "255.255.255.1" {
+		t.Fatalf("at the top of the address space took %s, want to wrap to 255.255.255.1", a)
 	}
 }
 
-// TestRangeSetAgainstModel drives a rangeSet and a plain set with the same
-// random operations and checks they agree after each.
+// TestEndingIn checks the arithmetic that counts skipped addresses against
+// counting them one by one.
+func TestEndingIn(t *testing.T) {
+	for _, c := range [][2]uint32{{0, 0}, {0, 255}, {0, 256}, {1, 254}, {255, 256}, {250, 1030}, {0xffffff00, 0xffffffff}, {0xfffffffe, 0xffffffff}} {
+		var want [2]uint64
+		for u := uint64(c[0]); u <= uint64(c[1]); u++ {
+			switch u & 0xff {
+			case 0:
+				want[0]++
+			case 0xff:
+				want[1]++
+			}
+		}
+		if got := [2]uint64{endingIn(c[0], c[1], 0), endingIn(c[0], c[1], 0xff)}; got != want {
+			t.Errorf("endingIn(%#x, %#x) = %v, want %v", c[0], c[1], got, want)
+		}
+	}
+	if got := endingIn(0, 0xffffffff, 0) + endingIn(0, 0xffffffff, 0xff); got != 1<<25 {
+		t.Errorf("0.0.0.0/0 has %d buggy addresses, want 2^25", got)
+	}
+}
+
+// TestRangeSetAgainstModel drives a rangeSet and a plain set of free
+// addresses with the same random operations and checks they agree after
+// each, with and without avoidBuggy (the 64 addresses cross a .255/.0
+// boundary).
 func TestRangeSetAgainstModel(t *testing.T) {
-	rng := rand.New(rand.NewPCG(1, 2))
-	base := netip.MustParseAddr("192.0.2.0")
-	addr := func(i int) netip.Addr {
-		a := base
-		for range i {
-			a = a.Next()
-		}
-		return a
-	}
-	s := newRangeSet(mustRanges(t, "192.0.2.0/26"))
-	model := map[int]bool{}
-	for i := range 64 {
-		model[i] = true
-	}
-	cursor := netip.Addr{}
-	for step := range 5000 {
-		i := rng.IntN(64)
-		switch rng.IntN(3) {
-		case 0:
-			if got := s.remove(addr(i)); got != model[i] {
-				t.Fatalf("step %d: remove(%d) = %v, model %v", step, i, got, model[i])
+	for _, avoid := range []bool{false, true} {
+		t.Run(fmt.Sprintf("avoidBuggy=%v", avoid), func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(1, 2))
+			base := netip.MustParseAddr("192.0.2.224")
+			addr := func(i int) netip.Addr { return fromV4(v4(base) + uint32(i)) }
+			index := func(a netip.Addr) int { return int(v4(a) - v4(base)) }
+			s := newRangeSet(mustRanges(t, "192.0.2.224-192.0.3.31"), avoid)
+			model := map[int]bool{}
+			for i := range 64 {
+				model[i] = !(avoid && isBuggy(addr(i)))
 			}
-			delete(model, i)
-		case 1:
-			s.add(addr(i))
-			model[i] = true
-		case 2:
-			a, ok := s.takeFrom(cursor)
-			if ok != (len(model) > 0) {
-				t.Fatalf("step %d: takeFrom ok=%v with %d free", step, ok, len(model))
-			}
-			if ok {
-				j := int(a.As4()[3])
-				if !model[j] {
-					t.Fatalf("step %d: took %s which was not free", step, a)
+			count := func() (n int64) {
+				for _, ok := range model {
+					if ok {
+						n++
+					}
 				}
-				delete(model, j)
-				cursor = a.Next()
+				return n
 			}
-		}
-		for j := range 64 {
-			if s.contains(addr(j)) != model[j] {
-				t.Fatalf("step %d: contains(%d) = %v, model %v (%s)", step, j, !model[j], model[j], spansString(s))
+			cursor := netip.Addr{}
+			for step := range 5000 {
+				i := rng.IntN(64)
+				switch rng.IntN(3) {
+				case 0:
+					if got := s.remove(addr(i)); got != model[i] && !isBuggy(addr(i)) {
+						t.Fatalf("step %d: remove(%s) = %v, model %v", step, addr(i), got, model[i])
+					}
+					model[i] = false
+				case 1:
+					if got, want := s.add(addr(i)), !(avoid && isBuggy(addr(i))); got != want {
+						t.Fatalf("step %d: add(%s) = %v, want %v", step, addr(i), got, want)
+					}
+					model[i] = !(avoid && isBuggy(addr(i)))
+				case 2:
+					a, ok := s.takeFrom(cursor)
+					if ok != (count() > 0) {
+						t.Fatalf("step %d: takeFrom ok=%v with %d free", step, ok, count())
+					}
+					if ok {
+						if !model[index(a)] {
+							t.Fatalf("step %d: took %s which was not free (%s)", step, a, spansString(s))
+						}
+						model[index(a)] = false
+						cursor = a.Next()
+					}
+				}
+				for j := range 64 {
+					if s.free(addr(j)) != model[j] {
+						t.Fatalf("step %d: free(%s) = %v, model %v (%s)", step, addr(j), !model[j], model[j], spansString(s))
+					}
+				}
+				if got := s.size().Int64(); got != count() {
+					t.Fatalf("step %d: size = %d, model %d (%s)", step, got, count(), spansString(s))
+				}
+				if s.empty() != (count() == 0) {
+					t.Fatalf("step %d: empty = %v with %d free", step, s.empty(), count())
+				}
+				for k, sp := range s.spans {
+					if !s.usable(sp) {
+						t.Fatalf("step %d: span %s has nothing to take", step, sp)
+					}
+					if k > 0 && !s.spans[k-1].Last.Next().Less(sp.First) {
+						t.Fatalf("step %d: spans not disjoint and separated: %s", step, spansString(s))
+					}
+				}
 			}
-		}
-		for k := 1; k < len(s.spans); k++ {
-			if !s.spans[k-1].Last.Next().Less(s.spans[k].First) {
-				t.Fatalf("step %d: spans not disjoint and separated: %s", step, spansString(s))
-			}
-		}
+		})
 	}
 }
