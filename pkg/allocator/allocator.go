@@ -121,6 +121,12 @@ func (a *Allocator) SetPools(pools []Pool) (orphaned []string) {
 			// The .0 and .255 addresses stay in the spans and are skipped
 			// when taking and counting: a /8 costs as little as a /30.
 			ps.free[f] = newRangeSet(eff, p.AvoidBuggyIPs && f == IPv4)
+			for _, r := range p.Ranges {
+				// Where an older pool owns the address, that pool decides.
+				if ac, ok := r.anycast(); ok && FamilyOf(ac) == f && ps.free[f].contains(ac) {
+					ps.free[f].reserve(ac)
+				}
+			}
 			ps.total[f] = ps.free[f].size()
 			if o := old[p.Name]; o != nil {
 				ps.cursor[f] = o.cursor[f]

@@ -368,8 +368,11 @@ func TestDualStack(t *testing.T) {
 	if addrs(shrunk) != addrs(first) {
 		t.Fatalf("shrinking to single-stack: %v", shrunk)
 	}
-	if got := mustAssign(t, a3, req("ns/t", withFamilies(SingleStack, IPv6))); addrs(got) != "2001:db8::1" {
-		t.Fatalf("the IPv6 address was not released (cursor goes on first): %v", got)
+	if st := a3.Stats()["both"].Families[IPv6]; st.Used != 0 || st.Free.Int64() != 3 {
+		t.Fatalf("the IPv6 address was not released: %+v", st)
+	}
+	if got := mustAssign(t, a3, req("ns/t", withFamilies(SingleStack, IPv6))); addrs(got) != "2001:db8::2" {
+		t.Fatalf("got %v, want 2001:db8::2 (the cursor goes on past the released 2001:db8::1)", got)
 	}
 }
 
@@ -524,6 +527,69 @@ func TestAvoidBuggyIPsFillsExactly(t *testing.T) {
 	}
 }
 
+// TestIPv6SubnetRouterAnycastSkipped is a regression test: the first IPv6
+// Service of a pool 2001:db8::/64 was given 2001:db8::, the subnet-router
+// anycast address (RFC 4291 2.6.1), which every router of the subnet
+// answers. A CIDR's first address is skipped; a first-last range is taken
+// literally; a /127 and a /128 have no such address.
+func TestIPv6SubnetRouterAnycastSkipped(t *testing.T) {
+	v6 := withFamilies(SingleStack, IPv6)
+	for _, tc := range []struct {
+		entry, first, total string
+	}{
+		{"2001:db8::/64", "2001:db8::1", "18446744073709551615"},
+		{"2001:db8::/126", "2001:db8::1", "3"},
+		{"2001:db8::-2001:db8::3", "2001:db8::", "4"},
+		{"2001:db8::/127", "2001:db8::", "2"},
+		{"2001:db8::/128", "2001:db8::", "1"},
+		{"192.0.2.0/30", "192.0.2.0", "4"}, // IPv4 has no such address
+	} {
+		a := New(false)
+		a.SetPools([]Pool{pool(t, "p", tc.entry)})
+		r := req("ns/a", v6)
+		f := IPv6
+		if !strings.Contains(tc.entry, ":") {
+			r, f = req("ns/a"), IPv4
+		}
+		if got := addrs(mustAssign(t, a, r)); got != tc.first {
+			t.Errorf("%s: first address %s, want %s", tc.entry, got, tc.first)
+		}
+		if got := a.Stats()["p"].Families[f].Total.String(); got != tc.total {
+			t.Errorf("%s: total %s, want %s", tc.entry, got, tc.total)
+		}
+	}
+
+	// Named explicitly, the address is given (as a .0 is with
+	// avoidBuggyIPs), and not put back when released.
+	a := New(false)
+	a.SetPools([]Pool{pool(t, "p", "2001:db8::/126")})
+	if got := addrs(mustAssign(t, a, req("ns/x", v6, withIPs("2001:db8::")))); got != "2001:db8::" {
+		t.Fatalf("named explicitly got %s", got)
+	}
+	if a.Release("ns/x") {
+		t.Fatal("releasing the anycast address put it in the free set")
+	}
+	for i := range 3 {
+		if got := addrs(mustAssign(t, a, req(fmt.Sprintf("ns/s%d", i), v6))); got == "2001:db8::" {
+			t.Fatalf("s%d was given the released anycast address", i)
+		}
+	}
+
+	// Where an older pool lists the address literally, it is that pool's.
+	older := pool(t, "older", "2001:db8::-2001:db8::1")
+	older.Order, older.Priority = 1, 10
+	newer := pool(t, "newer", "2001:db8::/126")
+	newer.Order = 2
+	b := New(false)
+	b.SetPools([]Pool{older, newer})
+	if got := mustAssign(t, b, req("ns/a", v6)); addrs(got) != "2001:db8::" || got.Pool != "older" {
+		t.Fatalf("got %v, want 2001:db8:: from older", got)
+	}
+	if st := b.Stats()["newer"].Families[IPv6]; st.Total.Int64() != 2 {
+		t.Fatalf("newer total %s, want 2 (2001:db8::2 and ::3)", st.Total)
+	}
+}
+
 func TestRestore(t *testing.T) {
 	a := New(false)
 	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/29")})
@@ -567,14 +633,14 @@ func TestZonedAddressesRefused(t *testing.T) {
 	if _, ok := a.Lookup("ns/r"); ok {
 		t.Fatal("Restore recorded a zoned address")
 	}
-	for i := range 8 {
+	for i := range 7 { // 2001:db8::/125 less its subnet-router anycast address
 		al := mustAssign(t, a, req(fmt.Sprintf("ns/s%d", i), withFamilies(SingleStack, IPv6)))
 		if al.Addrs[0].Zone() != "" {
 			t.Fatalf("s%d was handed the zoned %s", i, al.Addrs[0])
 		}
 	}
-	if st := a.Stats()["v6"].Families[IPv6]; st.Used != 8 || st.Free.Sign() != 0 {
-		t.Fatalf("stats = %+v, want all 8 used and none free", st)
+	if st := a.Stats()["v6"].Families[IPv6]; st.Used != 7 || st.Free.Sign() != 0 {
+		t.Fatalf("stats = %+v, want all 7 used and none free", st)
 	}
 }
 

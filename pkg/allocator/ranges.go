@@ -15,7 +15,9 @@ import (
 type Range struct {
 	First, Last netip.Addr
 	// cidr records that the entry was written as a CIDR rather than
-	// first-last, so that String writes it back the same way.
+	// first-last: String then writes it back the same way, and the
+	// allocator skips the subnet-router anycast address of an IPv6 CIDR
+	// (see anycast) while it takes a first-last range literally.
 	cidr bool
 }
 
@@ -42,6 +44,17 @@ func (r Range) bits() int {
 		break
 	}
 	return r.First.BitLen() - host
+}
+
+// anycast returns the subnet-router anycast address of an IPv6 CIDR
+// (RFC 4291 2.6.1: the network's all-zero host address, which every router
+// of the subnet answers): its first address. A /127 has none (RFC 6164) and
+// a /128 is a single host.
+func (r Range) anycast() (netip.Addr, bool) {
+	if !r.cidr || !r.First.Is6() || r.bits() > 126 {
+		return netip.Addr{}, false
+	}
+	return r.First, true
 }
 
 // Contains reports whether a lies in r. A zoned address lies in no range
@@ -144,6 +157,10 @@ type rangeSet struct {
 	spans []Range
 	// avoidBuggy skips IPv4 addresses ending in .0 and .255.
 	avoidBuggy bool
+	// reserved are addresses never free however they are released: the
+	// subnet-router anycast addresses of the pool's IPv6 CIDRs. They are
+	// taken out of the spans when the set is built.
+	reserved []netip.Addr
 }
 
 // newRangeSet builds a set from possibly overlapping ranges.
@@ -167,13 +184,22 @@ func newRangeSet(rs []Range, avoidBuggy bool) *rangeSet {
 	return s
 }
 
-// skips reports whether a is never handed out from this set.
-func (s *rangeSet) skips(a netip.Addr) bool {
-	return s.avoidBuggy && isBuggy(a)
+// reserve takes a out of the set for good.
+func (s *rangeSet) reserve(a netip.Addr) {
+	s.remove(a)
+	if !slices.Contains(s.reserved, a) {
+		s.reserved = append(s.reserved, a)
+	}
 }
 
-// firstUsable returns the lowest address of [a, b] that is not skipped:
-// it steps over at most two (x.255 and x+1.0).
+// skips reports whether a is never handed out from this set.
+func (s *rangeSet) skips(a netip.Addr) bool {
+	return s.avoidBuggy && isBuggy(a) || slices.Contains(s.reserved, a)
+}
+
+// firstUsable returns the lowest address of [a, b] that is not skipped.
+// Reserved addresses are not in the spans, so only buggy ones are stepped
+// over: at most two (x.255 and x+1.0).
 func (s *rangeSet) firstUsable(a, b netip.Addr) (netip.Addr, bool) {
 	if !s.avoidBuggy || !a.Is4() {
 		return a, !b.Less(a)
