@@ -403,12 +403,22 @@ func (a *Allocator) planExplicit(req *Request) ([]planned, error) {
 			return nil, errorf(ReasonInvalid, field, "gives two %s addresses; give at most one address per family", f)
 		}
 		seen[f] = true
+	}
+	// Before the per-address family check: a SingleStack Service has one
+	// family in spec.ipFamilies, so that check would blame the second
+	// address's family rather than say what is wrong.
+	if req.Policy == SingleStack && len(req.IPs) > 1 {
+		list := make([]string, len(req.IPs))
+		for i, ip := range req.IPs {
+			list[i] = ip.String()
+		}
+		return nil, errorf(ReasonFamily, field, "gives %d addresses (%s) but the Service is SingleStack; give only its %s address, or set spec.ipFamilyPolicy to PreferDualStack or RequireDualStack", len(req.IPs), strings.Join(list, ", "), fams[0])
+	}
+	for _, ip := range req.IPs {
+		f := FamilyOf(ip)
 		if !slices.Contains(req.Families, f) && len(req.Families) > 0 && req.Policy != RequireDualStack {
 			return nil, errorf(ReasonFamily, field, "%s is %s but the Service's spec.ipFamilies is %v; set spec.ipFamilies/ipFamilyPolicy to include %s or give a %s address", ip, f, req.Families, f, req.Families[0])
 		}
-	}
-	if req.Policy == SingleStack && len(req.IPs) > 1 {
-		return nil, errorf(ReasonFamily, field, "gives %d addresses but the Service is SingleStack; give one address or set spec.ipFamilyPolicy to RequireDualStack", len(req.IPs))
 	}
 	if req.Policy == RequireDualStack && len(req.IPs) < 2 {
 		return nil, errorf(ReasonFamily, field, "the Service requires dual-stack; give one IPv4 and one IPv6 address, or remove the annotation")

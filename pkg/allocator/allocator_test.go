@@ -156,7 +156,13 @@ func TestPoolSelection(t *testing.T) {
 		{name: "address taken", r: req("ns/k", withIPs("203.0.113.0")), reason: ReasonAddressInUse, field: "keeplb.io/ips", errSubstr: "already used by Service ns/a"},
 		{name: "address in pool not admitting", r: req("ns/l", withIPs("192.0.2.129")), reason: ReasonNotAdmitted, field: "keeplb.io/ips", errSubstr: "does not admit"},
 		{name: "wrong family address", r: req("ns/m", withIPs("2001:db8::1")), reason: ReasonFamily, field: "keeplb.io/ips", errSubstr: "is IPv6 but the Service's spec.ipFamilies is [IPv4]"},
-		{name: "two addresses single stack", r: req("ns/n", withIPs("192.0.2.1", "2001:db8::1"), withFamilies(SingleStack, IPv4, IPv6)), reason: ReasonFamily, field: "keeplb.io/ips", errSubstr: "SingleStack"},
+		// Regression: a SingleStack Service (one family in
+		// spec.ipFamilies, as the API server requires) given two
+		// addresses was told its IPv6 address has the wrong family; the
+		// SingleStack message could never be reached.
+		{name: "two addresses single stack", r: req("ns/n", withIPs("192.0.2.1", "2001:db8::1"), withFamilies(SingleStack, IPv4)), reason: ReasonFamily, field: "keeplb.io/ips",
+			errSubstr: "gives 2 addresses (192.0.2.1, 2001:db8::1) but the Service is SingleStack; give only its IPv4 address, or set spec.ipFamilyPolicy to PreferDualStack or RequireDualStack"},
+		{name: "two addresses single stack IPv6", r: req("ns/n6", withIPs("192.0.2.1", "2001:db8::1"), withFamilies(SingleStack, IPv6)), reason: ReasonFamily, field: "keeplb.io/ips", errSubstr: "give only its IPv6 address"},
 		{name: "two of one family", r: req("ns/o", withIPs("192.0.2.1", "192.0.2.2")), reason: ReasonInvalid, field: "keeplb.io/ips", errSubstr: "two IPv4 addresses"},
 	}
 	for _, tc := range tests {
@@ -176,6 +182,23 @@ func TestPoolSelection(t *testing.T) {
 				t.Fatalf("got %s from %q, want %s from %q", addrs(al), al.Pool, tc.want, tc.wantPool)
 			}
 		})
+	}
+}
+
+// TestSingleStackTwoAddressesEvent checks the whole AllocationFailed event
+// text (the provider records "<reason>: <error>") for a SingleStack Service
+// whose keeplb.io/ips gives both families.
+func TestSingleStackTwoAddressesEvent(t *testing.T) {
+	a := New(false)
+	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/30", "2001:db8::/126")})
+	_, err := a.Assign(req("ns/s", withIPs("192.0.2.1", "2001:db8::1"), withFamilies(SingleStack, IPv4)))
+	var e *Error
+	if !errors.As(err, &e) {
+		t.Fatalf("error = %v", err)
+	}
+	want := "FamilyUnavailable: keeplb.io/ips: gives 2 addresses (192.0.2.1, 2001:db8::1) but the Service is SingleStack; give only its IPv4 address, or set spec.ipFamilyPolicy to PreferDualStack or RequireDualStack"
+	if got := fmt.Sprintf("%s: %v", e.Reason, err); got != want {
+		t.Fatalf("event message\n got %s\nwant %s", got, want)
 	}
 }
 
