@@ -25,6 +25,17 @@ type Speaker struct {
 	RenderDuration *metrics.Histogram
 	// Problems is the number of VRRP plan problems by severity.
 	Problems *metrics.GaugeVec
+	// InstancesDropped is the number of VRRP instances of this node's
+	// share of the plan that the last sync left out of keepalived.conf;
+	// PeersDropped the number of unicast peers it left out of the others.
+	InstancesDropped, PeersDropped *metrics.Gauge
+	// VRRPSyncErrors counts syncs whose VRRP step failed as a whole: no
+	// keepalived.conf or track file could be rendered or written.
+	VRRPSyncErrors *metrics.Counter
+	// LastSyncSuccess is when a sync last succeeded, in Unix seconds.
+	LastSyncSuccess *metrics.Gauge
+	// NotifyFIFOUp is 1 while the speaker reads keepalived's notify FIFO.
+	NotifyFIFOUp *metrics.Gauge
 
 	// The IPVS metrics below are served only after RegisterIPVS, so that a
 	// speaker without --ipvs exports nothing about a dataplane it does not
@@ -88,6 +99,31 @@ func NewSpeaker() *Speaker {
 			Help:           "Problems in the VRRP plan (VRID ranges, interfaces), by severity.",
 			StabilityLevel: metrics.ALPHA,
 		}, []string{"severity"}),
+		InstancesDropped: metrics.NewGauge(&metrics.GaugeOpts{
+			Namespace: namespace, Name: "speaker_vrrp_instances_dropped",
+			Help:           "VRRP instances this node should take part in that the last sync left out of keepalived.conf (see the VRRPConfigProblem events).",
+			StabilityLevel: metrics.ALPHA,
+		}),
+		PeersDropped: metrics.NewGauge(&metrics.GaugeOpts{
+			Namespace: namespace, Name: "speaker_vrrp_peers_dropped",
+			Help:           "Unicast peers the last sync left out of the VRRP instances of this node's keepalived.conf (see the VRRPConfigProblem events).",
+			StabilityLevel: metrics.ALPHA,
+		}),
+		VRRPSyncErrors: metrics.NewCounter(&metrics.CounterOpts{
+			Namespace: namespace, Name: "speaker_vrrp_sync_errors_total",
+			Help:           "Syncs that could not render or write keepalived.conf or its track files at all.",
+			StabilityLevel: metrics.ALPHA,
+		}),
+		LastSyncSuccess: metrics.NewGauge(&metrics.GaugeOpts{
+			Namespace: namespace, Name: "speaker_last_sync_success_timestamp_seconds",
+			Help:           "When a sync (VRRP, and with --ipvs the dataplane) last succeeded, in Unix seconds.",
+			StabilityLevel: metrics.ALPHA,
+		}),
+		NotifyFIFOUp: metrics.NewGauge(&metrics.GaugeOpts{
+			Namespace: namespace, Name: "speaker_notify_fifo_up",
+			Help:           "1 while the speaker reads keepalived's notify FIFO, which tells it VRRP state changes.",
+			StabilityLevel: metrics.ALPHA,
+		}),
 		IPVSAvailable: metrics.NewGauge(&metrics.GaugeOpts{
 			Namespace: namespace, Name: "ipvs_available",
 			Help:           "1 when the speaker programs IPVS, 0 when IPVS forwarding is on but the kernel has no IPVS (load ip_vs).",
@@ -120,7 +156,8 @@ func NewSpeaker() *Speaker {
 			StabilityLevel: metrics.ALPHA,
 		}),
 	}
-	m.registry.MustRegister(m.VRRPState, m.Transitions, m.Reloads, m.Restarts, m.KeepalivedUp, m.RenderDuration, m.Problems)
+	m.registry.MustRegister(m.VRRPState, m.Transitions, m.Reloads, m.Restarts, m.KeepalivedUp, m.RenderDuration, m.Problems,
+		m.InstancesDropped, m.PeersDropped, m.VRRPSyncErrors, m.LastSyncSuccess, m.NotifyFIFOUp)
 	return m
 }
 

@@ -37,7 +37,7 @@ func BenchmarkRender(b *testing.B) {
 	for range b.N {
 		pin, _ := PlanInput(in)
 		plan := vrrp.Compute(pin)
-		cfg, errs := KeepalivedConfig(plan, "n1", pin.Nodes, links, l)
+		cfg, errs := KeepalivedConfig(plan, "n1", pin, links, l)
 		if len(errs) > 0 {
 			b.Fatal(errs)
 		}

@@ -1,10 +1,14 @@
 package speaker
 
 import (
+	"cmp"
 	"fmt"
+	"hash/fnv"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"sort"
+	"strings"
 
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -211,27 +215,76 @@ func (l Layout) TrackPath(instance string) string {
 	return filepath.Join(l.RunDir, "track", instance)
 }
 
+// ConfigProblem is something this node leaves out of its keepalived.conf:
+// a whole VRRP instance, or one unicast peer of one. It names the object to
+// fix; the rest of the node's VRRP goes on.
+type ConfigProblem struct {
+	// Instance is the VRRP instance.
+	Instance string
+	// Dropped says the whole instance is left out: this node takes no
+	// part in it and does not hold its VIPs. Otherwise only a peer, or
+	// some VIPs, are.
+	Dropped bool
+	// Kind and Name name the object to fix: an IPPool, a Service
+	// ("namespace/name") or a Node.
+	Kind, Name string
+	// Field is the field of that object to fix, when known.
+	Field string
+	// Peer is the unicast peer left out, if that is the problem.
+	Peer netip.Addr
+	// Message says what is wrong, what the speaker does about it, and how
+	// to fix it.
+	Message string
+}
+
+// Kinds of the objects ConfigProblem names.
+const (
+	KindIPPool  = "IPPool"
+	KindService = "Service"
+	KindNode    = "Node"
+)
+
 // KeepalivedConfig renders this node's share of the plan as keepalived
 // configuration: the instances it takes part in, on the interfaces that
-// carry their VIPs here. Instances that cannot be placed are left out and
-// reported; the others are unaffected.
-func KeepalivedConfig(plan vrrp.Plan, node string, nodes []vrrp.Node, links []hostnet.Link, l Layout) (keepalived.Config, []error) {
+// carry their VIPs here. What cannot be configured (an instance without an
+// interface here, a unicast address keepalived cannot use) is left out and
+// reported; the rest is unaffected. Its global settings are always valid:
+// the router ID is the node's name made to fit (keepalived.FitName). in is
+// the plan's input: its nodes give the unicast peers, its pools and VIPs
+// the advert addresses and the comments.
+func KeepalivedConfig(plan vrrp.Plan, node string, in vrrp.Input, links []hostnet.Link, l Layout) (keepalived.Config, []ConfigProblem) {
 	ifaces := make([]vrrp.Interface, len(links))
 	for i, ln := range links {
 		ifaces[i] = vrrp.Interface{Name: ln.Name, Prefixes: ln.Prefixes, DefaultRoute4: ln.DefaultRoute4, DefaultRoute6: ln.DefaultRoute6}
 	}
-	cfg := keepalived.Config{RouterID: node, NotifyFIFO: l.FIFOPath()}
-	var errs []error
+	cfg := keepalived.Config{RouterID: keepalived.FitName(node, 0), NotifyFIFO: l.FIFOPath()}
+	anchors := advertAddrs(plan, in.Pools)
+	services := localServices(in.VIPs)
+	var problems []ConfigProblem
 	for _, inst := range plan.For(node) {
 		pl, err := vrrp.Place(inst, ifaces)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("instance %s: %w", inst.Name, err))
+			missing := 0
+			for _, d := range pl.Devs {
+				if d == "" {
+					missing++
+				}
+			}
+			what := fmt.Sprintf("holds %d of the instance's %d VIPs", len(inst.VIPs)-missing, len(inst.VIPs))
+			if pl.Interface == "" {
+				what = "leaves the instance out"
+			}
+			first, _, _ := strings.Cut(err.Error(), "\n")
+			problems = append(problems, ConfigProblem{Instance: inst.Name, Dropped: pl.Interface == "", Kind: KindIPPool, Name: inst.Pool, Field: "spec.vrrp.interface",
+				Message: fmt.Sprintf("node %s %s of VRRP instance %s: %d VIPs have no interface here (%s). Set the IPPool's spec.vrrp.interface to an interface every node of the pool has, or give this node an interface in the VIPs' subnet or a default route of their family",
+					node, what, inst.Name, missing, first)})
 		}
 		if pl.Interface == "" {
 			continue
 		}
 		ki := keepalived.Instance{
 			Name:           inst.Name,
+			Comment:        instanceComment(inst, services),
 			Interface:      pl.Interface,
 			VRID:           inst.VRID,
 			Priority:       inst.Priorities[node],
@@ -239,6 +292,7 @@ func KeepalivedConfig(plan vrrp.Plan, node string, nodes []vrrp.Node, links []ho
 			Version:        inst.Version,
 			IPv6:           inst.Family == allocator.IPv6,
 			PreemptDelay:   inst.PreemptDelay,
+			AdvertAddr:     anchors[inst.Name],
 		}
 		for i, v := range inst.VIPs {
 			if pl.Devs[i] != "" {
@@ -246,13 +300,12 @@ func KeepalivedConfig(plan vrrp.Plan, node string, nodes []vrrp.Node, links []ho
 			}
 		}
 		if inst.Unicast {
-			src, peers := vrrp.UnicastPeers(inst, node, nodes)
-			if !src.IsValid() {
-				errs = append(errs, fmt.Errorf("instance %s: unicast needs an %s InternalIP on node %s", inst.Name, inst.Family, node))
+			var ps []ConfigProblem
+			var ok bool
+			ki.UnicastSrc, ki.UnicastPeers, ps, ok = unicast(inst, node, in.Nodes)
+			problems = append(problems, ps...)
+			if !ok {
 				continue
-			}
-			if len(peers) > 0 { // alone, a node has nobody to advertise to
-				ki.UnicastSrc, ki.UnicastPeers = src, peers
 			}
 		}
 		if inst.TrackFile {
@@ -261,5 +314,146 @@ func KeepalivedConfig(plan vrrp.Plan, node string, nodes []vrrp.Node, links []ho
 		}
 		cfg.Instances = append(cfg.Instances, ki)
 	}
-	return cfg, errs
+	return cfg, problems
+}
+
+// unicast returns this node's unicast source and peers for inst, leaving
+// out the addresses keepalived cannot use (a zone, an IPv4-mapped IPv6
+// address, this node's own address claimed by another). Without a usable
+// source the instance is left out (ok is false); a peer without one is only
+// left out of the peers, so that one bad Node never stops the others' VRRP.
+// Alone, a node has nobody to advertise to: it gets neither source nor
+// peers.
+func unicast(inst vrrp.Instance, node string, nodes []vrrp.Node) (src netip.Addr, peers []netip.Addr, problems []ConfigProblem, ok bool) {
+	v6 := inst.Family == allocator.IPv6
+	src, all := vrrp.UnicastPeers(inst, node, nodes)
+	usable := func(a netip.Addr) bool { return a.IsValid() && a.Zone() == "" && !a.Is4In6() && a.Is6() == v6 }
+	if !usable(src) {
+		why := fmt.Sprintf("unicast adverts need an %s InternalIP on this Node", inst.Family)
+		if src.IsValid() {
+			why = fmt.Sprintf("its InternalIP %s cannot be a unicast advert source: it has a zone or is IPv4-mapped", src)
+		}
+		return netip.Addr{}, nil, []ConfigProblem{{Instance: inst.Name, Dropped: true, Kind: KindNode, Name: node, Field: "status.addresses",
+			Message: fmt.Sprintf("node %s leaves out VRRP instance %s: %s. Fix the Node's InternalIP addresses (the kubelet's --node-ip)", node, inst.Name, why)}}, false
+	}
+	// owner names the node a peer address comes from: the first by name,
+	// so that the message, and with it the event, is the same every sync.
+	owner := func(a netip.Addr) string {
+		best := ""
+		for _, n := range nodes {
+			if _, member := inst.Priorities[n.Name]; !member || n.Name == node || best != "" && n.Name > best {
+				continue
+			}
+			if slices.ContainsFunc(n.InternalIPs, func(b netip.Addr) bool { return b.Unmap() == a }) {
+				best = n.Name
+			}
+		}
+		return best
+	}
+	for _, p := range all {
+		why := ""
+		switch {
+		case p == src:
+			why = "is also this node's address"
+		case !usable(p):
+			why = "has a zone or is IPv4-mapped, which keepalived cannot send to"
+		default:
+			peers = append(peers, p)
+			continue
+		}
+		from := owner(p)
+		problems = append(problems, ConfigProblem{Instance: inst.Name, Kind: KindNode, Name: from, Field: "status.addresses", Peer: p,
+			Message: fmt.Sprintf("node %s sends the unicast adverts of VRRP instance %s without peer %s: its InternalIP %s %s. Fix the Node's InternalIP addresses (the kubelet's --node-ip)", node, inst.Name, from, p, why)})
+	}
+	if len(peers) == 0 {
+		return netip.Addr{}, nil, problems, true
+	}
+	return src, peers, problems, true
+}
+
+// instanceComment says where an instance comes from, in the rendered file:
+// its IPPool and, for a Local address, its Services. The instance name may
+// be shortened (keepalived.FitName); this is not.
+func instanceComment(inst vrrp.Instance, services map[netip.Addr][]string) string {
+	c := "IPPool " + inst.Pool
+	if svcs := servicesOf(inst, services); len(svcs) > 0 {
+		if len(svcs) > 3 {
+			svcs = append(svcs[:3], fmt.Sprintf("and %d more", len(svcs)-3))
+		}
+		c += ", Service " + strings.Join(svcs, ", ")
+	}
+	if len(c) > keepalived.MaxCommentLen {
+		c = c[:keepalived.MaxCommentLen]
+	}
+	return c
+}
+
+// localServices maps each Local address to its Services.
+func localServices(vips []vrrp.VIP) map[netip.Addr][]string {
+	out := map[netip.Addr][]string{}
+	for _, v := range vips {
+		if v.Local {
+			out[v.Addr] = append(out[v.Addr], v.Service)
+		}
+	}
+	return out
+}
+
+// servicesOf returns the Services ("namespace/name") of an instance of one
+// Local address, sorted; nil for other instances, which are their pool's.
+func servicesOf(inst vrrp.Instance, local map[netip.Addr][]string) []string {
+	if len(inst.VIPs) != 1 {
+		return nil
+	}
+	return slices.Compact(slices.Sorted(slices.Values(local[inst.VIPs[0]])))
+}
+
+// advertAddrs returns the advert addresses of the instances that cannot
+// keep the default one (169.254.0.VRID or fe80::a9fe:VRID, see package
+// keepalived): those that share their family and VRID with an instance of
+// an older pool on another interface, which the plan allows since VRIDs are
+// per interface. The oldest pool's instance keeps the default, so adding a
+// pool never changes an existing instance's adverts; each other gets
+// 169.254.N.VRID (fe80::a9fe:NNVV), N from 1 to 254 chosen by a hash of its
+// interface. It depends only on the plan and the pools, so every node
+// computes the same.
+func advertAddrs(plan vrrp.Plan, pools []vrrp.Pool) map[string]netip.Addr {
+	order := make(map[string]int, len(pools))
+	for _, p := range pools {
+		order[p.Name] = p.Order
+	}
+	type key struct {
+		fam  allocator.Family
+		vrid int
+	}
+	groups := map[key][]vrrp.Instance{}
+	for _, inst := range plan.Instances {
+		k := key{inst.Family, inst.VRID}
+		groups[k] = append(groups[k], inst)
+	}
+	out := map[string]netip.Addr{}
+	for k, g := range groups {
+		if len(g) < 2 {
+			continue
+		}
+		slices.SortFunc(g, func(a, b vrrp.Instance) int {
+			return cmp.Or(cmp.Compare(order[a.Pool], order[b.Pool]), cmp.Compare(a.Pool, b.Pool), cmp.Compare(a.Name, b.Name))
+		})
+		used := map[byte]bool{}
+		for _, inst := range g[1:] {
+			h := fnv.New32a()
+			h.Write([]byte(inst.Interface))
+			n := byte(1 + h.Sum32()%254)
+			for used[n] {
+				n = n%254 + 1
+			}
+			used[n] = true
+			if k.fam == allocator.IPv6 {
+				out[inst.Name] = netip.AddrFrom16([16]byte{0: 0xfe, 1: 0x80, 12: 0xa9, 13: 0xfe, 14: n, 15: byte(k.vrid)})
+			} else {
+				out[inst.Name] = netip.AddrFrom4([4]byte{169, 254, n, byte(k.vrid)})
+			}
+		}
+	}
+	return out
 }

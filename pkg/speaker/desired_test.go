@@ -109,7 +109,7 @@ func TestKeepalivedConfigRendersThisNodesShare(t *testing.T) {
 	l := Layout{RunDir: "/run/keeplb"}
 	total := 0
 	for _, n := range []string{"n1", "n2", "n3"} {
-		cfg, errs := KeepalivedConfig(plan, n, pin.Nodes, links, l)
+		cfg, errs := KeepalivedConfig(plan, n, pin, links, l)
 		if len(errs) > 0 {
 			t.Fatal(errs)
 		}
@@ -132,7 +132,7 @@ func TestKeepalivedConfigRendersThisNodesShare(t *testing.T) {
 		t.Fatalf("node n1 configures %d VIPs, want all 20 (every eligible node backs every instance)", total)
 	}
 	// No interface for the VIPs: reported, not rendered.
-	cfg, errs := KeepalivedConfig(plan, "n1", pin.Nodes, []hostnet.Link{{Name: "lo"}}, l)
+	cfg, errs := KeepalivedConfig(plan, "n1", pin, []hostnet.Link{{Name: "lo"}}, l)
 	if len(errs) == 0 || len(cfg.Instances) != 0 {
 		t.Fatalf("without a usable interface: %d instances, errors %v", len(cfg.Instances), errs)
 	}

@@ -16,12 +16,15 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/informers"
@@ -54,6 +57,16 @@ const Component = "keeplb-speaker"
 // EventVIPAcquired is recorded on a Service when a node becomes MASTER for
 // one of its VIPs.
 const EventVIPAcquired = "VIPAcquired"
+
+// EventVRRPConfigProblem is a Warning recorded on the IPPool, Service or
+// Node to fix when a node leaves a VRRP instance, or a unicast peer of one,
+// out of its keepalived.conf (see ConfigProblem). Once per problem and
+// node, until the problem goes away.
+const EventVRRPConfigProblem = "VRRPConfigProblem"
+
+// keepalivedStartGrace is how long keepalived may take to start after the
+// caches synced (the first sync, then the start) before /healthz fails.
+const keepalivedStartGrace = 30 * time.Second
 
 // Run runs the speaker until ctx is done.
 func Run(ctx context.Context, o *Options) error {
@@ -111,6 +124,12 @@ func RunWith(ctx context.Context, o *Options, cfg *rest.Config, net hostnet.Inte
 		}
 	}
 	layout := Layout{RunDir: o.RunDir}
+	// What goes in keepalived.conf's global settings comes from here and
+	// is checked here, so that no sync can fail on it.
+	if err := (keepalived.Config{RouterID: keepalived.FitName(o.NodeName, 0), NotifyFIFO: layout.FIFOPath(),
+		TrackFiles: []keepalived.TrackFile{{Name: "t", Path: layout.TrackPath("t")}}}).Validate(); err != nil {
+		return fmt.Errorf("--run-dir %q cannot be written in keepalived.conf: %w", o.RunDir, err)
+	}
 	if err := os.MkdirAll(layout.TrackPath(""), 0o755); err != nil {
 		return err
 	}
@@ -152,10 +171,13 @@ type Speaker struct {
 	recorder  record.EventRecorder
 	runner    *runner.Runner
 	inputs    func() Inputs
-	synced    bool
 	healthyMu sync.Mutex
+	health    health
 
-	lastProblems string // the plan problems last logged
+	// reported holds the problems of the last sync (the plan's and this
+	// node's ConfigProblems), so that each is logged, and recorded as an
+	// event, once while it lasts.
+	reported map[string]bool
 
 	mu     sync.Mutex
 	plan   vrrp.Plan
@@ -212,12 +234,23 @@ func (s *Speaker) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	s.metrics.NotifyFIFOUp.Set(1)
 	supCtx, stopSup := context.WithCancel(context.WithoutCancel(ctx))
 	supDone := make(chan struct{})
 	go func() { defer close(supDone); s.sup.Run(supCtx) }()
-	go s.watch(ctx, events)
+	go func() {
+		s.watch(ctx, events)
+		if ctx.Err() == nil {
+			// Holders, state metrics and VIPAcquired events would freeze.
+			logger.Error(nil, "keepalived's notify FIFO can no longer be read, so VRRP state changes go unseen; /healthz fails, so that the kubelet restarts the speaker")
+			s.metrics.NotifyFIFOUp.Set(0)
+			s.healthyMu.Lock()
+			s.health.fifoDead = true
+			s.healthyMu.Unlock()
+		}
+	}()
 	s.healthyMu.Lock()
-	s.synced = true
+	s.health.synced = time.Now()
 	s.healthyMu.Unlock()
 	s.runner.Run(ctx)
 
@@ -240,6 +273,8 @@ func (s *Speaker) sync(ctx context.Context) (err error) {
 		// The runner retries a failed sync; this says why it had to.
 		if err != nil {
 			logger.Error(err, "Sync failed; retrying, less often while it keeps failing, and at once on any change")
+		} else {
+			s.metrics.LastSyncSuccess.SetToCurrentTime()
 		}
 	}()
 	in := s.collect()
@@ -254,31 +289,36 @@ func (s *Speaker) sync(ctx context.Context) (err error) {
 	start := time.Now()
 	pin, owners := PlanInput(in)
 	plan := vrrp.Compute(pin)
+	err = s.applyVRRP(ctx, in, pin, plan, start)
+	s.healthyMu.Lock()
+	s.health.vrrpErr = err
+	s.healthyMu.Unlock()
+	if err != nil {
+		s.metrics.VRRPSyncErrors.Inc()
+		return err
+	}
+	s.mu.Lock()
+	s.plan, s.owners = plan, owners
+	states := maps.Clone(s.states)
+	s.mu.Unlock()
+	s.reconcileHolders(ctx, plan, owners, states)
+	return nil
+}
+
+// applyVRRP renders this node's keepalived.conf for the plan, reports what
+// it had to leave out, writes the track files and hands the configuration
+// to the supervisor. It fails only when nothing could be applied.
+func (s *Speaker) applyVRRP(ctx context.Context, in Inputs, pin vrrp.Input, plan vrrp.Plan, start time.Time) error {
 	links, err := s.net.Links()
 	if err != nil {
 		return err
 	}
-	cfg, errs := KeepalivedConfig(plan, s.opts.NodeName, pin.Nodes, links, s.layout)
-	for _, err := range errs {
-		logger.Error(err, "Instance not configured on this node")
-	}
-	data, err := keepalived.Render(cfg)
+	data, problems, err := renderVRRP(plan, s.opts.NodeName, pin, links, s.layout)
 	if err != nil {
 		return fmt.Errorf("render keepalived.conf: %w", err)
 	}
 	s.metrics.RenderDuration.Observe(time.Since(start).Seconds())
-	sev := map[string]float64{"Warning": 0, "Error": 0}
-	problems := fmt.Sprint(plan.Problems)
-	for _, p := range plan.Problems {
-		sev[p.Severity.String()]++
-		if problems != s.lastProblems {
-			logger.Info("VRRP plan problem", "severity", p.Severity, "reason", p.Reason, "pool", p.Pool, "message", p.Message)
-		}
-	}
-	s.lastProblems = problems
-	for k, v := range sev {
-		s.metrics.Problems.WithLabelValues(k).Set(v)
-	}
+	s.report(ctx, in, plan, problems)
 	// Track files first: a reload then starts with the right priorities.
 	for name, v := range vrrp.TrackValues(plan, s.opts.NodeName, pin) {
 		if _, err := keepalived.WriteAtomic(s.layout.TrackPath(name), []byte(strconv.Itoa(v)+"\n")); err != nil {
@@ -288,14 +328,146 @@ func (s *Speaker) sync(ctx context.Context) (err error) {
 	if changed, err := s.sup.Apply(data); err != nil {
 		return err
 	} else if changed {
-		logger.V(2).Info("keepalived.conf changed", "instances", len(cfg.Instances))
+		klog.FromContext(ctx).V(2).Info("keepalived.conf changed", "bytes", len(data))
 	}
-	s.mu.Lock()
-	s.plan, s.owners = plan, owners
-	states := maps.Clone(s.states)
-	s.mu.Unlock()
-	s.reconcileHolders(ctx, plan, owners, states)
 	return nil
+}
+
+// renderVRRP is the pure part of a sync's VRRP step: this node's
+// keepalived.conf for the plan, without what cannot be configured, which it
+// returns. Its error is for keepalived.conf's global settings only, which
+// RunWith checked: no value in the API can make it fail.
+func renderVRRP(plan vrrp.Plan, node string, pin vrrp.Input, links []hostnet.Link, l Layout) ([]byte, []ConfigProblem, error) {
+	cfg, problems := KeepalivedConfig(plan, node, pin, links, l)
+	data, dropped, err := keepalived.RenderValid(cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	services := localServices(pin.VIPs)
+	for _, d := range dropped {
+		p := ConfigProblem{Instance: d.Instance, Dropped: true, Kind: KindIPPool,
+			Message: fmt.Sprintf("node %s leaves out VRRP instance %s, which keepalived would refuse: %v", node, d.Instance, d.Err)}
+		i, ok := slices.BinarySearchFunc(plan.Instances, d.Instance, func(in vrrp.Instance, name string) int { return strings.Compare(in.Name, name) })
+		if !ok {
+			continue // not from the plan: KeepalivedConfig makes none
+		}
+		inst := plan.Instances[i]
+		p.Name = inst.Pool
+		svcs := servicesOf(inst, services)
+		if len(svcs) == 0 {
+			problems = append(problems, p)
+		}
+		for _, svc := range svcs {
+			p.Kind, p.Name = KindService, svc
+			problems = append(problems, p)
+		}
+	}
+	return data, problems, nil
+}
+
+// report logs the plan's problems and this node's ConfigProblems when they
+// appear, records a VRRPConfigProblem event for each ConfigProblem on the
+// object to fix, and sets their metrics. A problem that lasts is reported
+// once; again only if it went away and came back.
+func (s *Speaker) report(ctx context.Context, in Inputs, plan vrrp.Plan, problems []ConfigProblem) {
+	logger := klog.FromContext(ctx)
+	seen := make(map[string]bool, len(plan.Problems)+len(problems))
+	sev := map[string]float64{"Warning": 0, "Error": 0}
+	for _, p := range plan.Problems {
+		sev[p.Severity.String()]++
+		key := fmt.Sprintf("plan %s %s", p.Pool, p)
+		if seen[key] = true; !s.reported[key] {
+			logger.Info("VRRP plan problem", "severity", p.Severity, "reason", p.Reason, "pool", p.Pool, "message", p.Message)
+		}
+	}
+	for k, v := range sev {
+		s.metrics.Problems.WithLabelValues(k).Set(v)
+	}
+	dropped := map[string]bool{}
+	peers := 0
+	for _, p := range problems {
+		if p.Dropped {
+			dropped[p.Instance] = true
+		}
+		if p.Peer.IsValid() {
+			peers++
+		}
+		key := fmt.Sprintf("config %+v", p)
+		if seen[key] {
+			continue
+		}
+		if seen[key] = true; s.reported[key] {
+			continue
+		}
+		logger.Info("VRRP configuration problem", "instance", p.Instance, "dropped", p.Dropped, "kind", p.Kind, "name", p.Name, "field", p.Field, "message", p.Message)
+		msg := p.Message
+		if p.Field != "" {
+			msg = p.Field + ": " + msg
+		}
+		if obj := objectOf(in, p.Kind, p.Name); obj != nil && s.recorder != nil {
+			s.recorder.Event(obj, v1.EventTypeWarning, EventVRRPConfigProblem, msg)
+		}
+	}
+	s.metrics.InstancesDropped.Set(float64(len(dropped)))
+	s.metrics.PeersDropped.Set(float64(peers))
+	s.reported = seen
+}
+
+// objectOf returns what an event about the object kind/name goes on, or
+// nil if in does not hold it. An IPPool, read through a dynamic informer,
+// is named by a reference.
+func objectOf(in Inputs, kind, name string) runtime.Object {
+	switch kind {
+	case KindService:
+		if svc := serviceByKey(in, name); svc != nil {
+			return svc
+		}
+	case KindNode:
+		for _, n := range in.Nodes {
+			if n.Name == name {
+				return n
+			}
+		}
+	case KindIPPool:
+		for _, p := range in.Pools {
+			if p.Name == name {
+				return &v1.ObjectReference{Kind: v1alpha1.IPPoolKind, APIVersion: v1alpha1.SchemeGroupVersion.String(), Name: p.Name, UID: p.UID}
+			}
+		}
+	}
+	return nil
+}
+
+// health is what /healthz judges, besides keepalived's status.
+type health struct {
+	// synced is when the caches synced and the syncs began; zero before.
+	synced time.Time
+	// vrrpErr is why the last sync could not apply keepalived.conf at all.
+	vrrpErr error
+	// fifoDead is set once keepalived's notify FIFO can no longer be read.
+	fifoDead bool
+}
+
+// unhealthy says why /healthz fails, or "" when it passes. It fails when
+// the speaker cannot do its job and a restart may help: keepalived down
+// (after it ran, or not started keepalivedStartGrace after the syncs began),
+// the last sync unable to apply any configuration, or the notify FIFO
+// unreadable. Instances left out for a bad object never fail it: they are
+// the object's to fix, and a restart would only drop every VIP of the node.
+func unhealthy(h health, st keepalived.Status, now time.Time) string {
+	switch {
+	case h.synced.IsZero():
+		return "" // still starting
+	case h.fifoDead:
+		return "keepalived's notify FIFO can no longer be read, so VRRP state changes go unseen"
+	case h.vrrpErr != nil:
+		return fmt.Sprintf("the last sync could not apply keepalived's configuration: %v", h.vrrpErr)
+	case !st.Running && st.Restarts > 0:
+		return fmt.Sprintf("keepalived is down (restarts %d, last exit %v)", st.Restarts, st.LastExit)
+	case !st.Running && now.Sub(h.synced) > keepalivedStartGrace:
+		return fmt.Sprintf("keepalived has not started %s after the speaker's first sync (last error %v)", now.Sub(h.synced).Round(time.Second), st.LastExit)
+	}
+	return ""
 }
 
 // refreshProcessMetrics samples keepalived's status, on every scrape.
@@ -372,10 +544,10 @@ func (s *Speaker) serve(ctx context.Context) {
 	})
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		s.healthyMu.Lock()
-		synced := s.synced
+		h := s.health
 		s.healthyMu.Unlock()
-		if st := s.sup.Status(); synced && !st.Running && st.Restarts > 0 {
-			http.Error(w, fmt.Sprintf("keepalived is down (restarts %d, last exit %v)", st.Restarts, st.LastExit), http.StatusServiceUnavailable)
+		if why := unhealthy(h, s.sup.Status(), time.Now()); why != "" {
+			http.Error(w, why, http.StatusServiceUnavailable)
 			return
 		}
 		_, _ = w.Write([]byte("ok"))
