@@ -3,8 +3,15 @@
 // It is pure and in memory: no API or kernel calls. The controller seeds it
 // from every Service's status (Restore) before the first Assign, so a restart
 // never moves or duplicates an address, and feeds it the IPPools (SetPools).
+// It also tells it what every Service's status lists (SetStatus), keeplb's
+// or not: an address some status lists is never handed to another Service.
 // All methods are safe for concurrent use; the upstream service controller
 // calls Assign from several workers at once.
+//
+// An address is free, that is in its pool's free set, exactly when it lies
+// in a pool, no Service owns it, no Service's status lists it, and the pool
+// does not skip it (avoidBuggyIPs, an IPv6 CIDR's subnet-router anycast
+// address).
 //
 // Free addresses are kept per pool and family as sorted lists of free ranges
 // with a cursor, so an allocation is a binary search over free ranges, not a
@@ -33,6 +40,8 @@ type Allocator struct {
 	services map[string]*svcState
 	pending  map[string]struct{}
 	groups   map[string]map[netip.Addr]struct{} // share key -> addresses
+	status   map[string][]netip.Addr            // Service -> addresses its status lists
+	refs     map[netip.Addr][]string            // address -> Services whose status lists it
 }
 
 // poolState is a pool with its effective ranges and free addresses.
@@ -77,6 +86,8 @@ func New(allowUnmanaged bool) *Allocator {
 		services:       map[string]*svcState{},
 		pending:        map[string]struct{}{},
 		groups:         map[string]map[netip.Addr]struct{}{},
+		status:         map[string][]netip.Addr{},
+		refs:           map[netip.Addr][]string{},
 	}
 }
 
@@ -159,6 +170,11 @@ func (a *Allocator) SetPools(pools []Pool) (orphaned []string) {
 			}
 		}
 	}
+	for addr := range a.refs {
+		if ps := a.lookup(addr); ps != nil {
+			ps.free[FamilyOf(addr)].remove(addr)
+		}
+	}
 	sort.Strings(orphaned)
 	return orphaned
 }
@@ -196,8 +212,11 @@ func (a *Allocator) lookup(addr netip.Addr) *poolState {
 // Restore records addresses a Service already has in its status, without
 // the checks of Assign: what the API says is allocated is allocated. It
 // fails only when another Service holds one of the addresses and the two
-// may not share it; the caller then leaves this Service to Assign, which
-// gives it a fresh address. Seed the oldest Services first.
+// may not share it (or an address has a zone); the caller then leaves this
+// Service to Assign, which gives it a fresh address. Seed the oldest
+// Services first, after SetStatus for every Service: a refused Service's
+// status then still keeps its addresses from being handed out again. For a
+// Service that already has an allocation it does nothing.
 func (a *Allocator) Restore(req Request, addrs []netip.Addr) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -256,7 +275,9 @@ func (a *Allocator) Assign(req Request) (Allocation, error) {
 }
 
 // Release frees the Service's addresses (those no other Service shares)
-// and reports whether any address went back to a pool.
+// and reports whether any address went back to a pool. An address some
+// Service's status still lists (the released Service's own, until the
+// Service is gone) stays out of the pool until SetStatus drops it.
 func (a *Allocator) Release(key string) (freed bool) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -270,6 +291,58 @@ func (a *Allocator) Release(key string) (freed bool) {
 		if a.drop(key, addr) {
 			freed = true
 		}
+	}
+	return freed
+}
+
+// SetStatus records the addresses Service key (any Service, keeplb's or
+// another implementation's) lists in status.loadBalancer.ingress, replacing
+// what was recorded for key before. While any Service's status lists an
+// address, the address is in no free set, so Assign never hands it to
+// another Service. An empty addrs forgets key. It reports whether an address
+// went back to a free set (the caller then retries pending Services).
+//
+// IPv4-mapped addresses count as IPv4; a zone is ignored, keeping the
+// address itself out of the free sets.
+func (a *Allocator) SetStatus(key string, addrs []netip.Addr) (freed bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var next []netip.Addr
+	for _, addr := range addrs {
+		if !addr.IsValid() {
+			continue
+		}
+		if addr = addr.Unmap().WithZone(""); !slices.Contains(next, addr) {
+			next = append(next, addr)
+		}
+	}
+	prev := a.status[key]
+	for _, addr := range next {
+		if slices.Contains(prev, addr) {
+			continue
+		}
+		a.refs[addr] = append(a.refs[addr], key)
+		if ps := a.lookup(addr); ps != nil {
+			ps.free[FamilyOf(addr)].remove(addr)
+		}
+	}
+	for _, addr := range prev {
+		if slices.Contains(next, addr) {
+			continue
+		}
+		if rest := slices.DeleteFunc(a.refs[addr], func(k string) bool { return k == key }); len(rest) > 0 {
+			a.refs[addr] = rest
+			continue
+		}
+		delete(a.refs, addr)
+		if a.putBack(addr) {
+			freed = true
+		}
+	}
+	if len(next) == 0 {
+		delete(a.status, key)
+	} else {
+		a.status[key] = next
 	}
 	return freed
 }
@@ -384,6 +457,9 @@ func (a *Allocator) assign(req *Request) (Allocation, error) {
 	default:
 		plan = a.planKeep(req, prev)
 		if plan == nil {
+			plan = a.planAdopt(req)
+		}
+		if plan == nil {
 			plan, err = a.planFresh(req)
 		}
 	}
@@ -435,6 +511,12 @@ func (a *Allocator) planExplicit(req *Request) ([]planned, error) {
 					return nil, err
 				}
 			}
+			if others := a.listedBy(ip, req.Key); st == nil && len(others) > 0 {
+				// Held by no keeplb Service, but in use all the same: by
+				// another implementation's Service, or one keeplb refused
+				// or released whose status still shows it.
+				return nil, errorf(ReasonAddressInUse, field, "%s is listed in the status of Service %s; choose another address, or wait until no other Service's status lists it", ip, strings.Join(others, ", "))
+			}
 			ps := a.lookup(ip)
 			switch {
 			case ps != nil:
@@ -479,7 +561,50 @@ func (a *Allocator) planKeep(req *Request, prev *svcState) []planned {
 	if len(have) == 0 {
 		return nil
 	}
-	ps := a.pools[prev.alloc.Pool]
+	return extend(req, a.pools[prev.alloc.Pool], have)
+}
+
+// planAdopt gives req the addresses its own status lists when it has no
+// allocation that satisfies it, provided no other Service holds or lists
+// them and they satisfy req: their pool admits it (and is the one it
+// names), of families it wants, all from one pool. So a Service that lost
+// its allocation while its status kept the addresses (a restart refused it,
+// or it was released and is back) keeps what its clients use rather than
+// taking fresh ones. It returns nil when there is nothing to adopt.
+func (a *Allocator) planAdopt(req *Request) []planned {
+	var ps *poolState
+	have := map[Family]netip.Addr{}
+	fams := wanted(req)
+	for _, addr := range a.status[req.Key] {
+		f := FamilyOf(addr)
+		if _, dup := have[f]; dup || !slices.Contains(fams, f) {
+			continue
+		}
+		if st := a.addrs[addr]; st != nil && !onlyOwner(st, req.Key) {
+			continue // another Service holds it: the status is what is wrong
+		}
+		if len(a.listedBy(addr, req.Key)) > 0 {
+			continue
+		}
+		p := a.lookup(addr)
+		if p == nil || ps != nil && p != ps || req.Pool != "" && p.Name != req.Pool {
+			continue
+		}
+		if ok, _ := p.admits(req); !ok {
+			continue
+		}
+		ps, have[f] = p, addr
+	}
+	if len(have) == 0 {
+		return nil
+	}
+	return extend(req, ps, have)
+}
+
+// extend completes have, the addresses a Service keeps, with the families
+// req wants and lacks, taken from ps. It returns nil when req needs a
+// family ps cannot give.
+func extend(req *Request, ps *poolState, have map[Family]netip.Addr) []planned {
 	var plan []planned
 	for _, f := range wanted(req) {
 		if addr, ok := have[f]; ok {
@@ -670,6 +795,19 @@ func (a *Allocator) record(req *Request, addr netip.Addr) *addrState {
 	return st
 }
 
+// listedBy returns the Services other than key whose status lists addr and
+// that do not own it.
+func (a *Allocator) listedBy(addr netip.Addr, key string) []string {
+	var out []string
+	for _, k := range a.refs[addr] {
+		if k != key && (a.addrs[addr] == nil || !slices.Contains(a.addrs[addr].owners, k)) {
+			out = append(out, k)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
 // drop removes key from addr's owners and frees addr when none is left.
 func (a *Allocator) drop(key string, addr netip.Addr) bool {
 	st := a.addrs[addr]
@@ -682,6 +820,15 @@ func (a *Allocator) drop(key string, addr netip.Addr) bool {
 	}
 	delete(a.addrs, addr)
 	a.setShareKey(addr, st, "")
+	return a.putBack(addr)
+}
+
+// putBack returns addr to its pool's free set when no Service owns it and
+// no Service's status lists it, and reports whether it did.
+func (a *Allocator) putBack(addr netip.Addr) bool {
+	if a.addrs[addr] != nil || len(a.refs[addr]) > 0 {
+		return false
+	}
 	if ps := a.lookup(addr); ps != nil {
 		return ps.free[FamilyOf(addr)].add(addr)
 	}
