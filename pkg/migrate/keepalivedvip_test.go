@@ -1,14 +1,19 @@
 package migrate
 
 import (
+	"bytes"
+	"errors"
 	"flag"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
 	"github.com/spf13/pflag"
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
 
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
@@ -148,48 +153,56 @@ func TestKeepalivedVIP(t *testing.T) {
 	}
 }
 
-// parseStream splits a YAML stream and decodes each document strictly into
-// the keeplb IPPool or the core Service type.
-func parseStream(t *testing.T, stream []byte) ([]v1alpha1.IPPool, []corev1.Service) {
+// scriptPatch matches the kubectl call that patches one Service, and its
+// patch.
+var scriptPatch = regexp.MustCompile(`(?m)^\$kubectl --namespace (\S+) patch service (\S+) --type merge --field-manager keeplb-migrate --patch '\n((?s:.*?))' \|\| failed="\$failed (\S+)"$`)
+
+// parseStream reads the script: the IPPool it applies and the Services it
+// patches, each decoded strictly into its type.
+func parseStream(t *testing.T, script []byte) ([]v1alpha1.IPPool, []corev1.Service) {
 	t.Helper()
-	var pools []v1alpha1.IPPool
+	if len(script) == 0 {
+		return nil, nil
+	}
+	s := string(script)
+	if !strings.HasPrefix(s, "#!/bin/sh\n") {
+		t.Fatalf("the script does not start with #!/bin/sh:\n%s", s)
+	}
+	const applyPool = "$kubectl apply --server-side --field-manager=keeplb-migrate -f - <<'EOF' || exit\n"
+	_, rest, ok := strings.Cut(s, applyPool)
+	if !ok {
+		t.Fatalf("the script does not apply an IPPool:\n%s", s)
+	}
+	doc, rest, ok := strings.Cut(rest, "\nEOF\n")
+	if !ok {
+		t.Fatalf("the IPPool's here-document does not end:\n%s", s)
+	}
+	var p v1alpha1.IPPool
+	if err := yaml.UnmarshalStrict([]byte(doc), &p); err != nil {
+		t.Fatalf("the script's IPPool does not decode: %v\n%s", err, doc)
+	}
+	if p.APIVersion != v1alpha1.SchemeGroupVersion.String() || p.Kind != v1alpha1.IPPoolKind || p.Spec.AutoAssign == nil || *p.Spec.AutoAssign || p.Spec.Forwarding != "" {
+		t.Errorf("IPPool %+v: want apiVersion keeplb.io/v1alpha1, autoAssign false, no forwarding", p)
+	}
 	var services []corev1.Service
-	for i, doc := range strings.Split(string(stream), "\n---\n") {
-		var meta struct{ Kind string }
-		if err := yaml.Unmarshal([]byte(doc), &meta); err != nil {
-			t.Fatalf("document %d does not parse: %v\n%s", i, err, doc)
-		}
-		switch meta.Kind {
-		case "":
-			if i != 0 {
-				t.Errorf("document %d has no kind:\n%s", i, doc)
-			}
-		case v1alpha1.IPPoolKind:
-			var p v1alpha1.IPPool
-			if err := yaml.UnmarshalStrict([]byte(doc), &p); err != nil {
-				t.Fatalf("document %d is not an IPPool: %v", i, err)
-			}
-			if p.APIVersion != v1alpha1.SchemeGroupVersion.String() || p.Spec.AutoAssign == nil || *p.Spec.AutoAssign || p.Spec.Forwarding != "" {
-				t.Errorf("IPPool %+v: want apiVersion keeplb.io/v1alpha1, autoAssign false, no forwarding", p)
-			}
-			pools = append(pools, p)
-		case "Service":
-			var s corev1.Service
-			if err := yaml.UnmarshalStrict([]byte(doc), &s); err != nil {
-				t.Fatalf("document %d is not a Service: %v", i, err)
-			}
-			if s.APIVersion != "v1" || s.Spec.Type != corev1.ServiceTypeLoadBalancer || s.Annotations["keeplb.io/ips"] == "" || s.Annotations["keeplb.io/forwarding"] != "pod" {
-				t.Errorf("Service %s/%s: %+v", s.Namespace, s.Name, s)
-			}
-			services = append(services, s)
-		default:
-			t.Errorf("document %d has unexpected kind %s", i, meta.Kind)
-		}
+	matches := scriptPatch.FindAllStringSubmatch(rest, -1)
+	if n := strings.Count(rest, "$kubectl"); n != len(matches) {
+		t.Errorf("%d kubectl calls after the IPPool, %d of them Service patches:\n%s", n, len(matches), rest)
 	}
-	if len(services) > 0 && len(pools) != 1 {
-		t.Errorf("got %d IPPools, want 1", len(pools))
+	for _, m := range matches {
+		svc := corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: m[1], Name: m[2]}}
+		if err := yaml.UnmarshalStrict([]byte(m[3]), &svc); err != nil {
+			t.Fatalf("the patch of %s/%s does not decode into a Service: %v\n%s", m[1], m[2], err, m[3])
+		}
+		if m[4] != m[1]+"/"+m[2] {
+			t.Errorf("the patch of %s/%s reports a failure as %s", m[1], m[2], m[4])
+		}
+		if svc.Namespace != m[1] || svc.Name != m[2] || svc.Spec.Type != corev1.ServiceTypeLoadBalancer || svc.Annotations["keeplb.io/ips"] == "" || svc.Annotations["keeplb.io/forwarding"] != "pod" {
+			t.Errorf("Service %s/%s: %+v", m[1], m[2], svc)
+		}
+		services = append(services, svc)
 	}
-	return pools, services
+	return []v1alpha1.IPPool{p}, services
 }
 
 func TestParsedPool(t *testing.T) {
@@ -256,5 +269,75 @@ func TestAddFlags(t *testing.T) {
 		if o != tt.want {
 			t.Errorf("%q: options = %+v, want %+v", tt.args, o, tt.want)
 		}
+	}
+}
+
+// TestScriptRuns runs a generated script with sh and a kubectl that records
+// its calls and fails for one Service, as kubectl does for a Service that
+// does not exist.
+func TestScriptRuns(t *testing.T) {
+	sh, err := exec.LookPath("sh")
+	if err != nil {
+		t.Skip("no sh:", err)
+	}
+	in := "kind: ConfigMap\ndata:\n  10.0.0.10: default/web\n  10.0.0.11: default/missing:DR\n  10.0.0.12: shop/cart\n"
+	r, err := KeepalivedVIP([]byte(in), Options{VRID: "51-82"})
+	if err != nil || len(r.Errors) > 0 {
+		t.Fatalf("KeepalivedVIP: %v %v", err, r.Errors)
+	}
+	// The fake logs its calls (a patch up to its --type), and keeps what
+	// apply reads and the 13th argument of a patch, the patch, in files.
+	dir := t.TempDir()
+	fake := filepath.Join(dir, "kubectl")
+	if err := os.WriteFile(fake, []byte(`#!/bin/sh
+cd `+dir+`
+case "$5" in
+patch)
+  echo "$1 $2 $3 $4 $5 $6 $7 $8 $9" >>calls
+  printf '%s' "${13}" >"patch-$4-$7"
+  if [ "$7" = missing ]; then echo 'Error from server (NotFound): services "missing" not found' >&2; exit 1; fi ;;
+*)
+  echo "$*" >>calls
+  cat >applied ;;
+esac
+`), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(sh, "-s")
+	cmd.Stdin = bytes.NewReader(r.YAML)
+	cmd.Env = append(os.Environ(), "KUBECTL="+fake+" --context test")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	err = cmd.Run()
+	if exit := (*exec.ExitError)(nil); !errors.As(err, &exit) || exit.ExitCode() != 1 {
+		t.Errorf("sh: %v, want exit status 1 for the missing Service", err)
+	}
+	if want := "error: not migrated: default/missing\n"; !strings.HasSuffix(stderr.String(), want) {
+		t.Errorf("stderr = %q, want it to end with %q", stderr.String(), want)
+	}
+
+	read := func(name string) string {
+		t.Helper()
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	want := `--context test apply --server-side --field-manager=keeplb-migrate -f -
+--context test --namespace default patch service missing --type merge
+--context test --namespace default patch service web --type merge
+--context test --namespace shop patch service cart --type merge
+`
+	if got := read("calls"); got != want {
+		t.Errorf("kubectl calls:\n%swant:\n%s", got, want)
+	}
+	var pool v1alpha1.IPPool
+	if err := yaml.UnmarshalStrict([]byte(read("applied")), &pool); err != nil || strings.Join(pool.Spec.Addresses, " ") != "10.0.0.10/32 10.0.0.11/32 10.0.0.12/32" {
+		t.Errorf("kubectl apply read an IPPool with addresses %v (%v), want the three VIPs", pool.Spec.Addresses, err)
+	}
+	var web corev1.Service
+	if err := yaml.UnmarshalStrict([]byte(read("patch-default-web")), &web); err != nil || web.Annotations["keeplb.io/ips"] != "10.0.0.10" || web.Spec.Type != corev1.ServiceTypeLoadBalancer {
+		t.Errorf("the patch of default/web is %+v (%v), want type LoadBalancer and keeplb.io/ips 10.0.0.10", web, err)
 	}
 }
