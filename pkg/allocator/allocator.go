@@ -511,10 +511,11 @@ func (a *Allocator) planExplicit(req *Request) ([]planned, error) {
 					return nil, err
 				}
 			}
-			if others := a.listedBy(ip, req.Key); st == nil && len(others) > 0 {
-				// Held by no keeplb Service, but in use all the same: by
-				// another implementation's Service, or one keeplb refused
-				// or released whose status still shows it.
+			if others := a.listedBy(ip, req.Key); !owns(st, req.Key) && len(others) > 0 {
+				// In use all the same: by another implementation's
+				// Service, or one keeplb refused or released whose status
+				// still shows it. Joining its holders would make that
+				// Service's claim a conflict at the next restart.
 				return nil, errorf(ReasonAddressInUse, field, "%s is listed in the status of Service %s; choose another address, or wait until no other Service's status lists it", ip, strings.Join(others, ", "))
 			}
 			ps := a.lookup(ip)
@@ -833,6 +834,11 @@ func (a *Allocator) putBack(addr netip.Addr) bool {
 		return ps.free[FamilyOf(addr)].add(addr)
 	}
 	return false
+}
+
+// owns reports whether key is one of the owners of an address.
+func owns(st *addrState, key string) bool {
+	return st != nil && slices.Contains(st.owners, key)
 }
 
 func onlyOwner(st *addrState, key string) bool {

@@ -78,6 +78,9 @@ func (a *Allocator) planShared(req *Request) ([]planned, error) {
 		if err := a.canShare(req, addr, st); err != nil {
 			return nil, err
 		}
+		if others := a.listedBy(addr, req.Key); !owns(st, req.Key) && len(others) > 0 {
+			return nil, errorf(ReasonAddressInUse, "keeplb.io/share-key", "the shared address %s is listed in the status of Service %s, which does not share it; wait until that Service's status no longer lists it, or change the share key", addr, strings.Join(others, ", "))
+		}
 		if req.Pool != "" && st.pool != req.Pool {
 			return nil, errorf(ReasonSharingConflict, "keeplb.io/share-key", "the Services sharing key %q use IPPool %s, not %s named by keeplb.io/pool; make them agree", req.ShareKey, st.pool, req.Pool)
 		}

@@ -190,9 +190,9 @@ func TestAdoptOnlyWhatSatisfies(t *testing.T) {
 	}
 }
 
-// TestSharersAndStatus checks that a former sharer's lingering status does
-// not keep the group from its own address, and that the address is freed
-// only with the last owner and the last status.
+// TestSharersAndStatus checks that no Service joins an address that a
+// Service which does not hold it still lists, and that the address is
+// freed only with the last owner and the last status gone.
 func TestSharersAndStatus(t *testing.T) {
 	a := New(false)
 	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/30")})
@@ -200,21 +200,59 @@ func TestSharersAndStatus(t *testing.T) {
 	mustAssign(t, a, req("ns/y", withShare("k", 443)))
 	a.SetStatus("ns/x", x.Addrs)
 	a.SetStatus("ns/y", x.Addrs)
-	a.Release("ns/x")
+	a.Release("ns/x") // deleted; its status goes when the object does
+	_, err := a.Assign(req("ns/z", withShare("k", 53)))
+	wantErr(t, err, ReasonAddressInUse, "keeplb.io/share-key", "the shared address 192.0.2.0 is listed in the status of Service ns/x, which does not share it")
+	_, err = a.Assign(req("ns/w", withShare("k", 22), withIPs(addrs(x))))
+	wantErr(t, err, ReasonAddressInUse, "keeplb.io/ips", "192.0.2.0 is listed in the status of Service ns/x")
+	// y, which holds it, is not disturbed.
+	if got := mustAssign(t, a, req("ns/y", withShare("k", 443))); addrs(got) != addrs(x) {
+		t.Fatalf("y moved to %s", addrs(got))
+	}
+	if a.SetStatus("ns/x", nil) {
+		t.Fatal("freed while y holds it")
+	}
 	if got := mustAssign(t, a, req("ns/z", withShare("k", 53))); addrs(got) != addrs(x) {
 		t.Fatalf("z joined at %s, want the group's %s", addrs(got), addrs(x))
 	}
-	if got := mustAssign(t, a, req("ns/w", withShare("k", 22), withIPs(addrs(x)))); addrs(got) != addrs(x) {
-		t.Fatalf("w named the group's address and got %s", addrs(got))
-	}
 	a.Release("ns/y")
 	a.Release("ns/z")
-	a.Release("ns/w")
+	a.SetStatus("ns/z", x.Addrs)
 	if a.SetStatus("ns/y", nil) {
-		t.Fatal("freed while x's status still lists it")
+		t.Fatal("freed while z's status still lists it")
 	}
-	if !a.SetStatus("ns/x", nil) {
+	if !a.SetStatus("ns/z", nil) {
 		t.Fatal("not freed with the last owner and the last status gone")
+	}
+}
+
+// TestRefusedServiceBlocksJoiners covers the restart that would flip an
+// address: o and p share it; p drops its share key, and the controller
+// restarts before p is moved. The restart gives the address to the older o
+// and refuses p, whose status still lists it. Had q joined o's address
+// then, the next restart after o's deletion would give it to p if p is
+// older than q, and take it from q.
+func TestRefusedServiceBlocksJoiners(t *testing.T) {
+	a := New(false)
+	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/30")})
+	addr := ips("192.0.2.0")
+	a.SetStatus("ns/o", addr)
+	a.SetStatus("ns/p", addr)
+	if err := a.Restore(req("ns/o", withShare("k", 80)), addr); err != nil {
+		t.Fatal(err)
+	}
+	err := a.Restore(req("ns/p", withShare("", 81)), addr)
+	wantErr(t, err, ReasonAddressInUse, "status.loadBalancer.ingress", "192.0.2.0 is already used by Service ns/o")
+	_, err = a.Assign(req("ns/q", withShare("k", 443)))
+	wantErr(t, err, ReasonAddressInUse, "keeplb.io/share-key", "listed in the status of Service ns/p")
+	// p gets a fresh address; once its status shows it, q may join.
+	if got := addrs(mustAssign(t, a, req("ns/p", withShare("", 81)))); got == "192.0.2.0" {
+		t.Fatal("p kept an address o holds")
+	}
+	p, _ := a.Lookup("ns/p")
+	a.SetStatus("ns/p", p.Addrs)
+	if got := addrs(mustAssign(t, a, req("ns/q", withShare("k", 443)))); got != "192.0.2.0" {
+		t.Fatalf("q got %s, want to join o at 192.0.2.0", got)
 	}
 }
 
