@@ -114,8 +114,8 @@ func TestMigrateKeepalivedVIP(t *testing.T) {
 	if err != nil || len(r.Errors) > 0 {
 		t.Fatalf("migrate: %v %v", err, r.Errors)
 	}
-	if want := codeBlock(t, string(doc), "## What the command produces", "```sh\n"); string(r.YAML) != want {
-		t.Errorf("docs/migration.md shows a script other than the command's output; the output is:\n%s", r.YAML)
+	if want := codeBlock(t, string(doc), "## What the command produces", "```sh\n"); string(r.Script) != want {
+		t.Errorf("docs/migration.md shows a script other than the command's output; the output is:\n%s", r.Script)
 	}
 	var warnings strings.Builder
 	for _, w := range r.Warnings {
@@ -124,7 +124,7 @@ func TestMigrateKeepalivedVIP(t *testing.T) {
 	if want := codeBlock(t, string(doc), "running the command twice gives the same script. On stderr:", "```\n"); warnings.String() != want {
 		t.Errorf("docs/migration.md shows warnings other than the command's:\n%s", warnings.String())
 	}
-	script := write("keeplb-migrate.sh", string(r.YAML))
+	script := write("keeplb-migrate.sh", string(r.Script))
 	out, err := e.runMigrateScript(script)
 	if err != nil {
 		t.Fatalf("sh keeplb-migrate.sh: %v\n%s", err, out)
@@ -225,10 +225,10 @@ func TestMigrateKeepalivedVIP(t *testing.T) {
 	// is reported, and creates nothing.
 	changed := strings.Replace(configMap, "10.4.0.50: default/nginx", "10.4.0.53: default/nginx\n  10.4.0.54: default/missing", 1)
 	r, err = migrate.KeepalivedVIP([]byte(changed), migrate.Options{VRID: "51-82"})
-	if err != nil || len(r.Errors) > 0 || !strings.Contains(string(r.YAML), "10.4.0.53") {
-		t.Fatalf("migrate the changed ConfigMap: %v %v\n%s", err, r.Errors, r.YAML)
+	if err != nil || len(r.Errors) > 0 || !strings.Contains(string(r.Script), "10.4.0.53") {
+		t.Fatalf("migrate the changed ConfigMap: %v %v\n%s", err, r.Errors, r.Script)
 	}
-	out, err = e.runMigrateScript(write("keeplb-migrate-2.sh", string(r.YAML)))
+	out, err = e.runMigrateScript(write("keeplb-migrate-2.sh", string(r.Script)))
 	if err == nil || !strings.Contains(out, `services "missing" not found`) || !strings.HasSuffix(out, "error: not migrated: default/missing\n") {
 		t.Errorf("run for a missing Service: %v, want it to fail naming the Service:\n%s", err, out)
 	}

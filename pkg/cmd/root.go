@@ -222,19 +222,25 @@ func newMigrateKeepalivedVIPCommand() *cobra.Command {
 	o := migrate.Options{PoolName: migrate.DefaultPoolName}
 	c := &cobra.Command{
 		Use:   "keepalived-vip --configmap FILE",
-		Short: "Convert keepalived-vip's ConfigMap to an IPPool and Service stubs",
+		Short: "Convert keepalived-vip's ConfigMap to a script that creates an IPPool and patches the Services",
 		Long: `Reads the ConfigMap of kubernetes/contrib keepalived-vip (data maps
-<VIP> to <namespace>/<service>[:NAT|DR|PROXY]) and prints, as YAML on stdout,
-an IPPool holding every VIP and, for each Service, a stub for server-side
-apply that makes it type LoadBalancer with keeplb.io/pool, keeplb.io/ips and
-keeplb.io/forwarding. Nothing is sent to the cluster.
+<VIP> to <namespace>/<service>[:NAT|DR|PROXY]) and prints, on stdout, a POSIX
+shell script that server-side applies an IPPool holding every VIP and then
+merge-patches each Service to type LoadBalancer with keeplb.io/pool,
+keeplb.io/ips and keeplb.io/forwarding, touching none of its other fields.
+Nothing is sent to the cluster until you run the script (with $KUBECTL, or
+kubectl).
+
+--vrid must leave out the VRID keepalived-vip runs with
+(--keepalived-vip-vrid, 50 by default): both run on the same segment until
+keepalived-vip is removed.
 
 Differences to review are printed on stderr as "warning:" lines. An invalid
 entry is reported and skipped; the others are still converted, and the
 command then exits non-zero. See docs/migration.md.`,
 		Example: `  kubectl -n kube-system get configmap vip-configmap -o yaml > vip.yaml
-  keeplb migrate keepalived-vip --configmap vip.yaml --vrid 50-81 > keeplb.yaml
-  kubectl apply --server-side --field-manager=keeplb-migrate -f keeplb.yaml`,
+  keeplb migrate keepalived-vip --configmap vip.yaml --vrid 51-82 > keeplb-migrate.sh
+  sh keeplb-migrate.sh`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			if file == "" {
@@ -257,7 +263,7 @@ command then exits non-zero. See docs/migration.md.`,
 			for _, w := range r.Warnings {
 				fmt.Fprintf(c.ErrOrStderr(), "warning: %s\n", w)
 			}
-			if _, err := c.OutOrStdout().Write(r.YAML); err != nil {
+			if _, err := c.OutOrStdout().Write(r.Script); err != nil {
 				return err
 			}
 			if len(r.Errors) > 0 {
@@ -268,8 +274,7 @@ command then exits non-zero. See docs/migration.md.`,
 	}
 	fs := c.Flags()
 	fs.StringVar(&file, "configmap", "", "keepalived-vip's ConfigMap manifest (YAML or JSON), or - for stdin.")
-	fs.StringVar(&o.PoolName, "pool-name", o.PoolName, "Name of the generated IPPool.")
-	fs.StringVar(&o.VRID, "vrid", "", "spec.vrrp.virtualRouterIDs of the IPPool: a VRID or a range first-last (keepalived-vip used one VRID, 50 in its manifests).")
+	o.AddFlags(fs)
 	return c
 }
 

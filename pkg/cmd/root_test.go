@@ -144,11 +144,11 @@ func TestMigrateKeepalivedVIP(t *testing.T) {
 	if err := os.WriteFile(cm, []byte(data), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	out, errOut, err := execute(t, []string{"migrate", "keepalived-vip", "--configmap", cm, "--pool-name", "legacy", "--vrid", "50-81"})
+	out, errOut, err := execute(t, []string{"migrate", "keepalived-vip", "--configmap", cm, "--pool-name", "legacy", "--vrid", "51-82"})
 	if err == nil || !strings.Contains(err.Error(), `entry "10.0.0.12"`) {
 		t.Errorf("err = %v, want one naming the invalid entry", err)
 	}
-	for _, want := range []string{"kind: IPPool", "name: legacy", "virtualRouterIDs: 50-81", "keeplb.io/ips: 10.0.0.10", "keeplb.io/ips: 10.0.0.11", "type: LoadBalancer"} {
+	for _, want := range []string{"kind: IPPool", "name: legacy", "virtualRouterIDs: 51-82", "keeplb.io/ips: 10.0.0.10", "keeplb.io/ips: 10.0.0.11", "type: LoadBalancer"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("stdout lacks %q:\n%s", want, out)
 		}

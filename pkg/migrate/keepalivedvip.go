@@ -162,9 +162,8 @@ func ParseEntry(key, value string) (Entry, error) {
 
 // Result is the outcome of a conversion.
 type Result struct {
-	// YAML is the output, a POSIX shell script (the name dates from when
-	// it was a YAML stream), that server-side applies the IPPool, then merge-patches each
-	// Service, sorted by namespace and name, into a LoadBalancer with
+	// Script is the output, a POSIX shell script that server-side
+	// applies the IPPool, then merge-patches each Service, sorted by namespace and name, into a LoadBalancer with
 	// keeplb's annotations. Empty if no entry was valid.
 	//
 	// The Services are patched rather than server-side applied because
@@ -172,7 +171,7 @@ type Result struct {
 	// client-side kubectl apply, hands every field of that earlier apply to
 	// the new field manager: a stub would then own the Service's ports and
 	// selector, and applying it again fails for want of ports.
-	YAML []byte
+	Script []byte
 	// Warnings are differences the user must review, without prefix.
 	Warnings []string
 	// Errors name the entries that were not converted.
@@ -302,7 +301,7 @@ func Convert(source string, data map[string]string, o Options) Result {
 		// Strings into a parsed template: cannot fail.
 		panic(err)
 	}
-	r.YAML = b.Bytes()
+	r.Script = b.Bytes()
 	return r
 }
 

@@ -25,7 +25,7 @@ var update = flag.Bool("update", false, "rewrite the golden files in testdata")
 func render(r Result) string {
 	var b strings.Builder
 	b.WriteString("=== stdout\n")
-	b.Write(r.YAML)
+	b.Write(r.Script)
 	b.WriteString("=== stderr\n")
 	for _, w := range r.Warnings {
 		b.WriteString("warning: " + w + "\n")
@@ -124,7 +124,7 @@ func TestKeepalivedVIP(t *testing.T) {
 			if len(tt.warnings) == 0 && len(r.Warnings) > 0 {
 				t.Errorf("unexpected warnings: %q", r.Warnings)
 			}
-			_, services := parseStream(t, r.YAML)
+			_, services := parseStream(t, r.Script)
 			if len(services) != tt.services {
 				t.Errorf("got %d Services, want %d", len(services), tt.services)
 			}
@@ -214,7 +214,7 @@ func TestParsedPool(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pools, services := parseStream(t, r.YAML)
+	pools, services := parseStream(t, r.Script)
 	want := []string{"10.0.0.10/32", "2001:db8::10/128", "2001:db8::11/128"}
 	if got := pools[0].Spec.Addresses; strings.Join(got, " ") != strings.Join(want, " ") {
 		t.Errorf("addresses = %v, want %v", got, want)
@@ -304,7 +304,7 @@ esac
 		t.Fatal(err)
 	}
 	cmd := exec.Command(sh, "-s")
-	cmd.Stdin = bytes.NewReader(r.YAML)
+	cmd.Stdin = bytes.NewReader(r.Script)
 	cmd.Env = append(os.Environ(), "KUBECTL="+fake+" --context test")
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
