@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -199,29 +200,62 @@ func ip(t *testing.T, args ...string) string {
 
 // newTopology builds the namespaces: subnet 10.77.0.0/24, nodes at .11,
 // .12, ..., the client at .100.
-func newTopology(t *testing.T, n int) *topology {
+func newTopology(t *testing.T, n int) *topology { return newTopologyWith(t, topoOptions{nodes: n}) }
+
+// topoOptions are what a test may change in the topology.
+type topoOptions struct {
+	// nodes is the number of node namespaces.
+	nodes int
+	// name returns the name of node i (from 0) and of its namespace; id is
+	// unique to the test process. Default kln<i+1>-<id>.
+	name func(i int, id string) string
+	// ipv6 adds fd77:1234:5678:9abc::/64 on eth0: nodes at ::11, ::12,
+	// ..., the client at ::100.
+	ipv6 bool
+	// eth1 cables every node to a second bridge as eth1, subnet
+	// 10.78.0.0/24, nodes at .11, .12, ...
+	eth1 bool
+}
+
+// v6Subnet is the IPv6 subnet of a topology with topoOptions.ipv6.
+const v6Subnet = "fd77:1234:5678:9abc::"
+
+// newTopologyWith builds the namespaces as o says.
+func newTopologyWith(t *testing.T, o topoOptions) *topology {
 	t.Helper()
 	id := strconv.Itoa(os.Getpid() % 100000)
 	tp := &topology{t: t, id: id, sw: "klsw" + id, client: "klc" + id, ips: map[string]string{}}
 	t.Cleanup(tp.destroy)
 	ip(t, "netns", "add", tp.sw)
-	ip(t, "-n", tp.sw, "link", "add", "br0", "type", "bridge")
-	ip(t, "-n", tp.sw, "link", "set", "br0", "up")
-	attach := func(ns, addr string, i int) {
-		ip(t, "netns", "add", ns)
-		port := fmt.Sprintf("p%d", i)
-		ip(t, "-n", tp.sw, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns)
-		ip(t, "-n", tp.sw, "link", "set", port, "master", "br0", "up")
-		ip(t, "-n", ns, "addr", "add", addr+"/24", "dev", "eth0")
-		ip(t, "-n", ns, "link", "set", "eth0", "up")
-		ip(t, "-n", ns, "link", "set", "lo", "up")
+	for _, br := range []string{"br0", "br1"} {
+		ip(t, "-n", tp.sw, "link", "add", br, "type", "bridge")
+		ip(t, "-n", tp.sw, "link", "set", br, "up")
 	}
-	for i := 0; i < n; i++ {
+	cable := func(ns, br, port, dev, addr string) {
+		ip(t, "-n", tp.sw, "link", "add", port, "type", "veth", "peer", "name", dev, "netns", ns)
+		ip(t, "-n", tp.sw, "link", "set", port, "master", br, "up")
+		ip(t, "-n", ns, "addr", "add", addr, "dev", dev)
+		ip(t, "-n", ns, "link", "set", dev, "up")
+	}
+	attach := func(ns string, host, i int) {
+		ip(t, "netns", "add", ns)
+		ip(t, "-n", ns, "link", "set", "lo", "up")
+		cable(ns, "br0", fmt.Sprintf("p%d", i), "eth0", fmt.Sprintf("10.77.0.%d/24", host))
+		if o.ipv6 {
+			ip(t, "-n", ns, "addr", "add", fmt.Sprintf("%s%x/64", v6Subnet, host), "dev", "eth0", "nodad")
+		}
+	}
+	for i := 0; i < o.nodes; i++ {
 		ns := fmt.Sprintf("kln%d-%s", i+1, id)
-		addr := fmt.Sprintf("10.77.0.%d", 11+i)
-		attach(ns, addr, i)
+		if o.name != nil {
+			ns = o.name(i, id)
+		}
+		attach(ns, 11+i, i)
+		if o.eth1 {
+			cable(ns, "br1", fmt.Sprintf("q%d", i), "eth1", fmt.Sprintf("10.78.0.%d/24", 11+i))
+		}
 		tp.nodes = append(tp.nodes, ns)
-		tp.ips[ns] = addr
+		tp.ips[ns] = fmt.Sprintf("10.77.0.%d", 11+i)
 		for _, kv := range [][2]string{{"net.ipv4.ip_nonlocal_bind", "1"}, {"net.ipv4.conf.all.arp_ignore", "1"}, {"net.ipv4.conf.all.arp_announce", "2"}} {
 			if out, err := exec.Command("ip", "netns", "exec", ns, "sysctl", "-qw", kv[0]+"="+kv[1]).CombinedOutput(); err != nil {
 				// sysctl may be missing; write /proc/sys directly.
@@ -233,7 +267,7 @@ func newTopology(t *testing.T, n int) *topology {
 		}
 		tp.start(ns, "http:"+ns)
 	}
-	attach(tp.client, "10.77.0.100", n)
+	attach(tp.client, 100, o.nodes)
 	return tp
 }
 
@@ -252,11 +286,19 @@ func (tp *topology) start(ns, helper string) {
 }
 
 // holders returns the node namespaces that have vip on eth0.
-func (tp *topology) holders(vip string) []string {
+func (tp *topology) holders(vip string) []string { return tp.holdersOn(vip, "eth0") }
+
+// holdersOn returns the node namespaces that have vip, IPv4 or IPv6, on
+// dev.
+func (tp *topology) holdersOn(vip, dev string) []string {
+	fam, bits := "-4", "/32"
+	if strings.Contains(vip, ":") {
+		fam, bits = "-6", "/128"
+	}
 	var out []string
 	for _, ns := range tp.nodes {
-		o, err := exec.Command("ip", "-n", ns, "-br", "-4", "addr", "show", "dev", "eth0").CombinedOutput()
-		if err == nil && strings.Contains(string(o), " "+vip+"/32") {
+		o, err := exec.Command("ip", "-n", ns, "-br", fam, "addr", "show", "dev", dev).CombinedOutput()
+		if err == nil && slices.Contains(strings.Fields(string(o)), vip+bits) {
 			out = append(out, ns)
 		}
 	}

@@ -61,12 +61,15 @@ type cluster struct {
 	speakers *keeplbtest.Speakers
 }
 
-func newCluster(t *testing.T) *cluster {
+func newCluster(t *testing.T) *cluster { return newClusterWith(t, topoOptions{nodes: 3}) }
+
+// newClusterWith is newCluster on the topology o describes.
+func newClusterWith(t *testing.T, o topoOptions) *cluster {
 	requireNetns(t)
 	cp := controlplane.StartForTest(t)
 	keeplbtest.Install(t, cp)
 	cfg := cp.AdminConfig()
-	c := &cluster{t: t, tp: newTopology(t, 3), cp: cp, client: kubernetes.NewForConfigOrDie(cfg), dyn: dynamic.NewForConfigOrDie(cfg),
+	c := &cluster{t: t, tp: newTopologyWith(t, o), cp: cp, client: kubernetes.NewForConfigOrDie(cfg), dyn: dynamic.NewForConfigOrDie(cfg),
 		speakers: keeplbtest.NewSpeakers(t, cfg)}
 	for _, ns := range c.tp.nodes {
 		c.node(ns, true, nil)
