@@ -6,6 +6,12 @@
 // every sync rewrites the whole table in one atomic transaction, so the
 // result depends on Rules alone, and no other table is ever touched.
 //
+// Every address reaches the script text as a validated netip value: an
+// entry Transaction cannot express (an invalid or zoned address above all,
+// which would be written as "fe80::1%eth0" and make nft reject the whole
+// transaction) is left out and named in its error, and the rest of the
+// table is written all the same.
+//
 // # Table
 //
 //	set snat-v4, snat-v6         VIP . proto . port . real address . real port

@@ -357,3 +357,26 @@ func TestKernelMasquerade(t *testing.T) {
 		}
 	}
 }
+
+// TestKernelRefusesZonedAddresses is the nft layer's own defence: a zoned
+// address that reaches it anyway is left out with an error, and the
+// kernel takes the rest of the table.
+func TestKernelRefusesZonedAddresses(t *testing.T) {
+	requireKernel(t)
+	ns := newNetns(t, "zoned")
+	in := dualStack()
+	for _, a := range []string{"fe80::1%eth0", "2001:db8::1%eth0"} {
+		in.SNAT = append(in.SNAT, dataplane.SNAT{Virtual: web6, Real: netip.AddrPortFrom(netip.MustParseAddr(a), 30443)})
+	}
+	err := (realNFT{t, ns}).sync(in)
+	if err == nil || !strings.Contains(err.Error(), "zone") || strings.Contains(err.Error(), "writing nftables table") {
+		t.Fatalf("Sync = %v; want the zoned entries refused and the rest written", err)
+	}
+	out, lerr := nftIn(ns, "", "list", "set", "inet", "keeplb", "snat-v6")
+	if lerr != nil {
+		t.Fatalf("nft list set: %v: %s", lerr, out)
+	}
+	if !strings.Contains(out, "fd00::1 . 30443") || strings.Contains(out, "fe80") || strings.Contains(out, "2001:db8::1 ") {
+		t.Errorf("snat-v6 does not hold exactly the valid real servers:\n%s", out)
+	}
+}

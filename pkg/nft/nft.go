@@ -78,13 +78,18 @@ type elements struct {
 // Transaction adds to tx the operations that (re)write keeplb's table to
 // express in: the table is created if missing, deleted and written anew,
 // all within tx, so running tx is atomic and idempotent. It touches no
-// other table. On invalid input it returns an error and leaves tx as it
-// was.
+// other table.
+//
+// An entry of in that the table cannot express (an invalid or zoned
+// address, port 0, an unknown protocol, mixed families) is left out and
+// named in the returned error; the rest is written all the same, so one
+// bad entry can neither stop the table from following every other
+// Service nor reach nft's script text, where a single unparsable word
+// makes nft reject the whole transaction. A source range left out only
+// narrows what its virtual server admits: one whose ranges are all
+// invalid admits no client.
 func Transaction(tx *knftables.Transaction, in Rules) error {
 	els, err := compute(in)
-	if err != nil {
-		return err
-	}
 	table := &knftables.Table{
 		Family:  Family,
 		Name:    Table,
@@ -176,7 +181,7 @@ func Transaction(tx *knftables.Transaction, in Rules) error {
 		addElements(tx, f.filteredSet(), e.filtered)
 		addElements(tx, f.allowedSet(), e.allowed)
 	}
-	return nil
+	return err
 }
 
 func addElements(tx *knftables.Transaction, set string, keys [][]string) {
@@ -198,16 +203,16 @@ func New() (knftables.Interface, error) {
 	return knftables.New(Family, Table)
 }
 
-// Sync rewrites keeplb's table to express in, in one transaction.
+// Sync rewrites keeplb's table to express in, in one transaction. Entries
+// Transaction leaves out are reported in the error, after the rest is
+// written.
 func Sync(ctx context.Context, nft knftables.Interface, in Rules) error {
 	tx := nft.NewTransaction()
-	if err := Transaction(tx, in); err != nil {
-		return err
-	}
+	invalid := Transaction(tx, in)
 	if err := nft.Run(ctx, tx); err != nil {
-		return fmt.Errorf("writing nftables table %s %s: %w", Family, Table, err)
+		return errors.Join(fmt.Errorf("writing nftables table %s %s: %w", Family, Table, err), invalid)
 	}
-	return nil
+	return invalid
 }
 
 // Cleanup removes keeplb's table, for a clean exit.
@@ -221,7 +226,10 @@ func Cleanup(ctx context.Context, nft knftables.Interface) error {
 }
 
 // compute validates in and returns the sorted, deduplicated set elements
-// per family: index 0 IPv4, 1 IPv6.
+// per family (index 0 IPv4, 1 IPv6) of its valid entries, and an error
+// naming the others. Every address in an element is a validated
+// netip.Addr or netip.Prefix without a zone, so the element text is
+// digits, dots, colons and a slash: nothing nft could read as syntax.
 func compute(in Rules) ([2]elements, error) {
 	var out [2]elements
 	var errs []error
@@ -241,6 +249,9 @@ func compute(in Rules) ([2]elements, error) {
 		switch {
 		case !rip.IsValid():
 			errs = append(errs, fmt.Errorf("SNAT %s: invalid real server address", s))
+			continue
+		case rip.Zone() != "":
+			errs = append(errs, fmt.Errorf("SNAT %s: real server address with a zone", s))
 			continue
 		case rip.Is6() != vip.Is6():
 			errs = append(errs, fmt.Errorf("SNAT %s: real server and VIP are of different address families", s))
@@ -266,8 +277,9 @@ func compute(in Rules) ([2]elements, error) {
 		}
 		allowed, err := outermost(ranges, vip.Is6())
 		if err != nil {
+			// Filtered with the valid ranges only: closed to the
+			// clients of the invalid one, never opened.
 			errs = append(errs, fmt.Errorf("source ranges of %s: %w", k, err))
-			continue
 		}
 		i := familyIndex(vip)
 		vkey := []string{vip.String(), proto, port(k.Port)}
@@ -286,6 +298,9 @@ func virtual(k ipvs.Key) (netip.Addr, string, error) {
 	if !vip.IsValid() {
 		return vip, "", errors.New("invalid VIP")
 	}
+	if vip.Zone() != "" {
+		return vip, "", errors.New("VIP with a zone")
+	}
 	if k.Port == 0 {
 		return vip, "", errors.New("port 0")
 	}
@@ -303,14 +318,17 @@ func virtual(k ipvs.Key) (netip.Addr, string, error) {
 	return vip, proto, nil
 }
 
-// outermost returns the ranges of one family, masked, sorted, without
-// those another contains: interval sets with concatenated keys reject
-// overlapping elements, and CIDRs overlap only by nesting.
+// outermost returns the valid ranges of one family, masked, sorted,
+// without those another contains (interval sets with concatenated keys
+// reject overlapping elements, and CIDRs overlap only by nesting), and an
+// error naming the invalid ones.
 func outermost(ranges []netip.Prefix, v6 bool) ([]netip.Prefix, error) {
 	var ps []netip.Prefix
+	var errs []error
 	for _, p := range ranges {
 		if !p.IsValid() {
-			return nil, fmt.Errorf("invalid source range %q", p)
+			errs = append(errs, fmt.Errorf("invalid source range %q", p))
+			continue
 		}
 		if a := p.Addr(); a.Is4In6() && p.Bits() >= 96 {
 			p = netip.PrefixFrom(a.Unmap(), p.Bits()-96)
@@ -332,7 +350,7 @@ func outermost(ranges []netip.Prefix, v6 bool) ([]netip.Prefix, error) {
 		}
 		out = append(out, p)
 	}
-	return out, nil
+	return out, errors.Join(errs...)
 }
 
 func familyIndex(a netip.Addr) int {

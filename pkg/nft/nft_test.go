@@ -364,32 +364,73 @@ func TestCleanup(t *testing.T) {
 	}
 }
 
+// TestInvalidInput checks that an entry the table cannot express is named
+// in the error and left out, and that the rest is written all the same:
+// one bad entry must not stop the table from following every other
+// Service, nor reach nft's script text (a zoned address would be written
+// as "fe80::1%eth0", which nft cannot parse).
 func TestInvalidInput(t *testing.T) {
+	zoned := func(a string) netip.AddrPort { return netip.AddrPortFrom(netip.MustParseAddr(a), 30080) }
 	for _, tc := range []struct {
 		name string
-		in   nft.Rules
+		bad  nft.Rules
 		want string
 	}{
 		{"unknown protocol", nft.Rules{SNAT: snat(key("ICMP", "192.0.2.10:80"), "10.0.0.1:80")}, `unknown protocol "ICMP"`},
 		{"mixed families", nft.Rules{SNAT: snat(web4, "[fd00::1]:80")}, "different address families"},
 		{"invalid VIP", nft.Rules{SNAT: []dataplane.SNAT{{Virtual: ipvs.Key{Protocol: ipvs.TCP, Port: 80}, Real: netip.MustParseAddrPort("10.0.0.1:80")}}}, "invalid VIP"},
+		{"zoned VIP", nft.Rules{SNAT: []dataplane.SNAT{{Virtual: ipvs.Key{Address: netip.MustParseAddr("2001:db8::10%eth0"), Protocol: ipvs.TCP, Port: 443}, Real: netip.MustParseAddrPort("[fd00::1]:30443")}}}, "VIP with a zone"},
 		{"invalid real server", nft.Rules{SNAT: []dataplane.SNAT{{Virtual: web4}}}, "invalid real server"},
+		{"link-local real server with a zone", nft.Rules{SNAT: []dataplane.SNAT{{Virtual: web6, Real: zoned("fe80::1%eth0")}}}, "real server address with a zone"},
+		{"global real server with a zone", nft.Rules{SNAT: []dataplane.SNAT{{Virtual: web6, Real: zoned("2001:db8::1%eth0")}}}, "real server address with a zone"},
 		{"real port 0", nft.Rules{SNAT: snat(web4, "10.0.0.1:0")}, "real server port 0"},
 		{"VIP port 0", nft.Rules{SourceRanges: map[ipvs.Key][]netip.Prefix{key(ipvs.TCP, "192.0.2.10:0"): prefixes("10.0.0.0/8")}}, "port 0"},
-		{"invalid range", nft.Rules{SourceRanges: map[ipvs.Key][]netip.Prefix{web4: {{}}}}, "invalid source range"},
+		{"zoned VIP with ranges", nft.Rules{SourceRanges: map[ipvs.Key][]netip.Prefix{{Address: netip.MustParseAddr("fe80::10%eth0"), Protocol: ipvs.TCP, Port: 80}: prefixes("2001:db8::/32")}}, "VIP with a zone"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			in := dualStack()
+			in.SNAT = append(in.SNAT, tc.bad.SNAT...)
+			maps.Copy(in.SourceRanges, tc.bad.SourceRanges)
 			fake := knftables.NewFake(nft.Family, nft.Table)
-			tx := fake.NewTransaction()
-			err := nft.Transaction(tx, tc.in)
+			err := nft.Sync(context.Background(), fake, in)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("error = %v, want one containing %q", err, tc.want)
 			}
-			if n := tx.NumOperations(); n != 0 {
-				t.Errorf("failed Transaction left %d operations in tx", n)
+			want := knftables.NewFake(nft.Family, nft.Table)
+			sync(t, want, dualStack())
+			if got := fake.Dump(); got != want.Dump() {
+				t.Errorf("the table is not the valid entries' alone:\n got:\n%s\nwant:\n%s", got, want.Dump())
 			}
-			if err := nft.Sync(context.Background(), fake, tc.in); err == nil || fake.Table != nil {
-				t.Errorf("Sync wrote a table from invalid input (err %v)", err)
+			if strings.Contains(fake.Dump(), "%") {
+				t.Errorf("a zone reached the table:\n%s", fake.Dump())
+			}
+		})
+	}
+}
+
+// TestInvalidSourceRange checks that an invalid source range only narrows
+// what its virtual server admits: the valid ranges stay, and with none
+// valid it admits no client. It never opens the virtual server.
+func TestInvalidSourceRange(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		ranges []netip.Prefix
+		want   []string
+	}{
+		{"with a valid range", []netip.Prefix{{}, netip.MustParsePrefix("10.0.0.0/8")}, []string{"192.0.2.10 . tcp . 80 . 10.0.0.0/8"}},
+		{"alone", []netip.Prefix{{}}, []string{}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fake := knftables.NewFake(nft.Family, nft.Table)
+			err := nft.Sync(context.Background(), fake, nft.Rules{SourceRanges: map[ipvs.Key][]netip.Prefix{web4: tc.ranges}})
+			if err == nil || !strings.Contains(err.Error(), "invalid source range") {
+				t.Fatalf("error = %v, want one naming the invalid source range", err)
+			}
+			if got := elements(t, fake, "filtered-v4"); !slices.Equal(got, []string{"192.0.2.10 . tcp . 80"}) {
+				t.Errorf("filtered-v4 = %q: the virtual server must stay filtered", got)
+			}
+			if got := elements(t, fake, "allowed-v4"); !slices.Equal(got, tc.want) {
+				t.Errorf("allowed-v4 = %q, want %q", got, tc.want)
 			}
 		})
 	}

@@ -119,6 +119,9 @@ type ipvsStep struct {
 	// a sync that renders the same text skips running nft. Cleared by
 	// exit and by a failed run.
 	nftApplied string
+	// nftInvalid names the entries the last transaction left out (see
+	// nft.Transaction), for the sync's error.
+	nftInvalid error
 	// snatApplied is the masquerading that transaction wrote.
 	snatApplied []dataplane.SNAT
 }
@@ -290,7 +293,7 @@ func (d *ipvsStep) sync(ctx context.Context, in Inputs) error {
 		d.metrics.NFTSyncErrors.Inc()
 		err = errors.Join(err, nftErr)
 	}
-	return errors.Join(preErr, err)
+	return errors.Join(preErr, err, d.nftInvalid)
 }
 
 // nftRules returns what keeplb's nftables table must express for st: the
@@ -366,8 +369,11 @@ func (d *ipvsStep) writeNFT(ctx context.Context, rules nft.Rules, keep []datapla
 		rules.SNAT = unionSNAT(rules.SNAT, keep)
 	}
 	tx := d.nft.NewTransaction()
+	// Entries the table cannot express are left out of tx, not allowed to
+	// stop it: the rest of the table still follows every other Service.
+	d.nftInvalid = nil
 	if err := nft.Transaction(tx, rules); err != nil {
-		return fmt.Errorf("nftables table %s %s: %w", nft.Family, nft.Table, err)
+		d.nftInvalid = fmt.Errorf("nftables table %s %s, entries left out: %w", nft.Family, nft.Table, err)
 	}
 	text := tx.String()
 	if text == d.nftApplied {
