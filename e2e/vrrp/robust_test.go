@@ -117,7 +117,7 @@ func TestLongNames(t *testing.T) {
 // 40 on eth0 and eth1, which the plan allows and which used to give both
 // the advert address 169.254.0.40 (refused: the whole keepalived.conf of
 // every node). Pool broken hands out 169.254.0.40 itself, a's advert
-// address: its instance alone is left out, with a VRPConfigProblem event on
+// address: its instance alone is left out, with a VRRPConfigProblem event on
 // the IPPool and a metric, while a's and b's VIPs are held and /healthz
 // stays ok.
 func TestBrokenPoolLeavesOthersAlone(t *testing.T) {
