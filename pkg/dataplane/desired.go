@@ -17,6 +17,7 @@ import (
 	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/ipvs"
+	"github.com/keeplb/keeplb/pkg/nodeview"
 	"github.com/keeplb/keeplb/pkg/pools"
 	"github.com/keeplb/keeplb/pkg/provider"
 	"github.com/keeplb/keeplb/pkg/vrrp"
@@ -540,30 +541,17 @@ func sliceFamily(s *discoveryv1.EndpointSlice, v6 bool) bool {
 	return s.AddressType == discoveryv1.AddressTypeIPv4
 }
 
+// infoOf reduces n to what forwarding needs, through nodeview: only
+// addresses other nodes can send to become NodePort real servers.
 func infoOf(n *v1.Node) nodeInfo {
-	ni := nodeInfo{name: n.Name}
-	_, excluded := n.Labels[vrrp.ExcludeLabel]
-	for _, cond := range n.Status.Conditions {
-		if cond.Type == v1.NodeReady {
-			ni.eligible = cond.Status == v1.ConditionTrue && !excluded
-		}
+	view, _ := nodeview.Of(n) // the speaker tells the user about ignored ones
+	_, excluded := view.Labels[vrrp.ExcludeLabel]
+	return nodeInfo{
+		name:     view.Name,
+		eligible: view.Ready && !excluded,
+		ip4:      view.InternalIP(allocator.IPv4),
+		ip6:      view.InternalIP(allocator.IPv6),
 	}
-	for _, a := range n.Status.Addresses {
-		if a.Type != v1.NodeInternalIP {
-			continue
-		}
-		ip, err := netip.ParseAddr(a.Address)
-		if err != nil {
-			continue
-		}
-		ip = ip.Unmap()
-		if ip.Is4() && !ni.ip4.IsValid() {
-			ni.ip4 = ip
-		} else if ip.Is6() && !ni.ip6.IsValid() {
-			ni.ip6 = ip
-		}
-	}
-	return ni
 }
 
 func protocol(p v1.Protocol) (string, bool) {

@@ -15,8 +15,11 @@ import (
 	"time"
 
 	"github.com/vishvananda/netns"
+	v1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/knftables"
 
+	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/ipvs"
 	"github.com/keeplb/keeplb/pkg/nft"
@@ -354,6 +357,60 @@ func TestKernelMasquerade(t *testing.T) {
 			}
 		case <-time.After(2 * time.Second):
 			t.Fatalf("the real server accepted nothing via %s", tc.dst)
+		}
+	}
+}
+
+// TestKernelNodeAddressesFromKubelet runs the path a Node's addresses take
+// to the kernel: Nodes whose kubelets report a zoned, link-local or
+// garbage InternalIP, through dataplane.Desired, into a real nft
+// transaction. The transaction must be accepted and masquerade exactly
+// the valid nodes' NodePorts. Once, "fe80::1%eth0" went into the script
+// text as it was, nft rejected the whole transaction, and the table
+// stopped following every other Service on every node.
+func TestKernelNodeAddressesFromKubelet(t *testing.T) {
+	requireKernel(t)
+	ns := newNetns(t, "kubelet")
+	node := func(name string, ips ...string) *v1.Node {
+		n := &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}, Status: v1.NodeStatus{Conditions: []v1.NodeCondition{{Type: v1.NodeReady, Status: v1.ConditionTrue}}}}
+		for _, ip := range ips {
+			n.Status.Addresses = append(n.Status.Addresses, v1.NodeAddress{Type: v1.NodeInternalIP, Address: ip})
+		}
+		return n
+	}
+	in := dataplane.Inputs{
+		Class: "keeplb.io/vip", DefaultClass: true,
+		Nodes: []*v1.Node{
+			node("self", "10.0.0.1", "fd00::1"),
+			node("good", "10.0.0.2", "fd00::2"),
+			node("linklocal", "10.0.0.3", "fe80::1%eth0"),
+			node("zoned", "2001:db8:9::1%eth0"),
+			node("garbage", "10.0.0.1 } ; flush ruleset"),
+		},
+		Pools: []*v1alpha1.IPPool{{ObjectMeta: metav1.ObjectMeta{Name: "p"}, Spec: v1alpha1.IPPoolSpec{Addresses: []string{"192.0.2.0/24", "2001:db8::/64"}}}},
+		Services: []*v1.Service{{
+			ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "web"},
+			Spec: v1.ServiceSpec{Type: v1.ServiceTypeLoadBalancer,
+				Ports: []v1.ServicePort{{Name: "http", Protocol: v1.ProtocolTCP, Port: 80, NodePort: 30080}}},
+			Status: v1.ServiceStatus{LoadBalancer: v1.LoadBalancerStatus{Ingress: []v1.LoadBalancerIngress{{IP: "192.0.2.1"}, {IP: "2001:db8::1"}}}},
+		}},
+	}
+	st, _ := dataplane.Desired(in, "self")
+	if err := (realNFT{t, ns}).sync(nft.Rules{SNAT: st.SNAT}); err != nil {
+		t.Fatalf("Sync: %v", err)
+	}
+	out, err := nftIn(ns, "", "list", "table", "inet", "keeplb")
+	if err != nil {
+		t.Fatalf("nft list table inet keeplb: %v: %s", err, out)
+	}
+	for _, want := range []string{"192.0.2.1 . tcp . 80 . 10.0.0.2 . 30080", "192.0.2.1 . tcp . 80 . 10.0.0.3 . 30080", "2001:db8::1 . tcp . 80 . fd00::2 . 30080"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("masquerading of %s missing:\n%s", want, out)
+		}
+	}
+	for _, bad := range []string{"fe80", "2001:db8:9::", "%", "flush"} {
+		if strings.Contains(out, bad) {
+			t.Errorf("the table holds %q:\n%s", bad, out)
 		}
 	}
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/hostnet"
 	"github.com/keeplb/keeplb/pkg/keepalived"
+	"github.com/keeplb/keeplb/pkg/nodeview"
 	"github.com/keeplb/keeplb/pkg/pools"
 	"github.com/keeplb/keeplb/pkg/vrrp"
 )
@@ -151,21 +152,10 @@ func indexOf(ps []*v1alpha1.IPPool, name string) int {
 	return -1
 }
 
+// nodeOf is the plan's view of n (package nodeview); warnNodes tells the
+// user about the InternalIPs it leaves out.
 func nodeOf(n *v1.Node) vrrp.Node {
-	vn := vrrp.Node{Name: n.Name, Labels: n.Labels}
-	for _, c := range n.Status.Conditions {
-		if c.Type == v1.NodeReady {
-			vn.Ready = c.Status == v1.ConditionTrue
-		}
-	}
-	for _, a := range n.Status.Addresses {
-		if a.Type != v1.NodeInternalIP {
-			continue
-		}
-		if ip, err := netip.ParseAddr(a.Address); err == nil {
-			vn.InternalIPs = append(vn.InternalIPs, ip.Unmap())
-		}
-	}
+	vn, _ := nodeview.Of(n)
 	return vn
 }
 

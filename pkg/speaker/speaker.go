@@ -179,6 +179,8 @@ type Speaker struct {
 	// event, once while it lasts.
 	reported map[string]bool
 
+	nodeWarned map[string]string // Node -> its ignored InternalIPs last reported (nodes.go)
+
 	mu     sync.Mutex
 	plan   vrrp.Plan
 	owners map[netip.Addr][]string
@@ -289,6 +291,7 @@ func (s *Speaker) sync(ctx context.Context) (err error) {
 	start := time.Now()
 	pin, owners := PlanInput(in)
 	plan := vrrp.Compute(pin)
+	s.observe(ctx, in, plan)
 	err = s.applyVRRP(ctx, in, pin, plan, start)
 	s.healthyMu.Lock()
 	s.health.vrrpErr = err

@@ -64,9 +64,14 @@ type Node struct {
 	// Ready is the Node's Ready condition.
 	Ready bool
 	// InternalIPs are the Node's InternalIP addresses in status order; the
-	// first of a family is the node's address for unicast VRRP.
+	// first of a family is the node's address for unicast VRRP. Package
+	// nodeview keeps only addresses other nodes can send to.
 	InternalIPs []netip.Addr
 }
+
+// InternalIP returns the node's first InternalIP of family f, or the zero
+// Addr when it has none.
+func (n Node) InternalIP(f allocator.Family) netip.Addr { return firstOf(n.InternalIPs, f) }
 
 // Pool is the plan's view of an IPPool's spec.vrrp.
 type Pool struct {
