@@ -70,6 +70,14 @@ func RunWithConfig(ctx context.Context, o *Options, cfg *rest.Config) error {
 	}
 	cfg = rest.CopyConfig(cfg)
 	cfg.UserAgent = Component
+	// The Lease is renewed and released with a client of its own: the
+	// fence stops every other write of this replica when it stops leading.
+	leases, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return err
+	}
+	f := newFence(o.writeTimeout())
+	cfg.Wrap(f.Wrap)
 	client, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		return err
@@ -78,7 +86,7 @@ func RunWithConfig(ctx context.Context, o *Options, cfg *rest.Config) error {
 	if err != nil {
 		return err
 	}
-	c := &Controller{opts: o, client: client, dyn: dyn, metrics: metrics.NewController()}
+	c := &Controller{opts: o, client: client, leases: leases, dyn: dyn, fence: f, metrics: metrics.NewController()}
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -93,30 +101,52 @@ func RunWithConfig(ctx context.Context, o *Options, cfg *rest.Config) error {
 			}
 		}()
 	}
-	err = c.elect(ctx)
+	err = c.elect(ctx, c.run)
 	cancel()
 	serving.Wait()
 	return errors.Join(err, serveErr)
 }
 
-// elect runs the controller, under leader election when enabled.
-func (c *Controller) elect(ctx context.Context) error {
+// elect runs the controller, under leader election when enabled, and
+// returns once nothing of its work can write any more.
+//
+// The order on the way out is what keeps two leaders from writing at once:
+// the work stops, the fence closes and waits for the writes in flight,
+// and only then is the Lease released (ReleaseOnCancel) for the next
+// leader. When the lease is lost instead, the fence closes at once; the
+// writes still in flight end within the fence's timeout, which is shorter
+// than the time left before another replica may take the expired lease.
+func (c *Controller) elect(ctx context.Context, work func(context.Context) error) error {
 	o := c.opts
 	if !o.LeaderElect {
-		return c.run(ctx)
+		c.fence.Open()
+		defer c.fence.Close()
+		return work(ctx)
 	}
 	lock := &resourcelock.LeaseLock{
 		LeaseMeta:  metav1.ObjectMeta{Namespace: o.LeaderElectNamespace, Name: o.LeaderElectName},
-		Client:     c.client.CoordinationV1(),
+		Client:     c.leases.CoordinationV1(),
 		LockConfig: resourcelock.ResourceLockConfig{Identity: o.Identity},
 	}
-	var runErr error
-	var lost atomic.Bool
-	// le.Run starts OnStartedLeading in a goroutine it does not wait for:
-	// running lets us wait for it, electionOver keeps a late start out.
-	var running sync.WaitGroup
-	var runMu sync.Mutex
-	electionOver := false
+	// The elector's context ends only once the work has stopped (or before
+	// this replica ever led): its end is what releases the Lease.
+	electCtx, endElection := context.WithCancel(context.WithoutCancel(ctx))
+	defer endElection()
+	var (
+		mu      sync.Mutex
+		started bool
+		runErr  error
+		lost    bool
+	)
+	worked := make(chan struct{})
+	stopWaiting := context.AfterFunc(ctx, func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if !started {
+			endElection()
+		}
+	})
+	defer stopWaiting()
 	le, err := leaderelection.NewLeaderElector(leaderelection.LeaderElectionConfig{
 		Lock:            lock,
 		LeaseDuration:   o.LeaseDuration,
@@ -125,23 +155,37 @@ func (c *Controller) elect(ctx context.Context) error {
 		ReleaseOnCancel: true,
 		Name:            Component,
 		Callbacks: leaderelection.LeaderCallbacks{
-			OnStartedLeading: func(ctx context.Context) {
-				runMu.Lock()
-				if electionOver {
-					runMu.Unlock()
+			OnStartedLeading: func(leading context.Context) {
+				mu.Lock()
+				if ctx.Err() != nil {
+					mu.Unlock()
+					endElection()
 					return
 				}
-				running.Add(1)
-				runMu.Unlock()
-				defer running.Done()
-				err := c.run(ctx)
-				runMu.Lock()
+				started = true
+				mu.Unlock()
+				defer close(worked)
+				workCtx, stop := context.WithCancel(leading)
+				defer stop()
+				defer context.AfterFunc(ctx, stop)()
+				c.fence.Open()
+				err := work(workCtx)
+				c.fence.Close()
+				mu.Lock()
 				runErr = err
-				runMu.Unlock()
+				mu.Unlock()
+				// Nothing of ours writes any more: give the lease up, also
+				// after an error, so that a healthy replica takes over
+				// instead of a leader that renews and does nothing.
+				endElection()
 			},
 			OnStoppedLeading: func() {
+				// Before anything else: no write may follow a lost lease.
+				c.fence.Close()
 				if ctx.Err() == nil {
-					lost.Store(true)
+					mu.Lock()
+					lost = true
+					mu.Unlock()
 				}
 			},
 		},
@@ -149,35 +193,45 @@ func (c *Controller) elect(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	le.Run(ctx)
-	runMu.Lock()
-	electionOver = true
-	runMu.Unlock()
-	running.Wait()
-	if lost.Load() {
+	le.Run(electCtx)
+	mu.Lock()
+	wasStarted := started
+	mu.Unlock()
+	if wasStarted {
+		<-worked
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	switch {
+	case runErr != nil:
+		return runErr
+	case lost:
 		return errors.New("lost leader election")
 	}
-	runMu.Lock()
-	defer runMu.Unlock()
-	return runErr
+	return nil
 }
 
 // Controller is one running keeplb controller.
 type Controller struct {
-	opts    *Options
+	opts *Options
+	// client and dyn write through fence; leases renews the Lease.
 	client  kubernetes.Interface
+	leases  kubernetes.Interface
 	dyn     dynamic.Interface
+	fence   *fence
 	metrics *metrics.Controller
 
 	// leading and seeded feed /readyz: a standby is ready, a leader is
 	// ready once the allocator is seeded.
 	leading, seeded atomic.Bool
 
-	alloc    *allocator.Allocator
-	services *kickableServices
-	poolInf  cache.SharedIndexInformer
-	recorder record.EventRecorder
-	runner   *runner.Runner
+	alloc *allocator.Allocator
+	// services feeds the class controller; upstreamServices feeds the
+	// upstream controller only the Services it may reconcile (forUpstream).
+	services, upstreamServices *kickableServices
+	poolInf                    cache.SharedIndexInformer
+	recorder                   record.EventRecorder
+	runner                     *runner.Runner
 
 	// capacity changes whenever an address may have become available
 	// (freed, pools or namespaces changed); pending Services are retried
@@ -197,7 +251,8 @@ func (c *Controller) run(ctx context.Context) error {
 
 	factory := informers.NewSharedInformerFactory(c.client, 0)
 	dynFactory := dynamicinformer.NewDynamicSharedInformerFactory(c.dyn, 0)
-	c.services = newKickableServices(factory.Core().V1().Services())
+	c.services = newKickableServices(factory.Core().V1().Services(), nil)
+	c.upstreamServices = newKickableServices(factory.Core().V1().Services(), forUpstream)
 	nodes := factory.Core().V1().Nodes()
 	namespaces := factory.Core().V1().Namespaces()
 	c.poolInf = dynFactory.ForResource(v1alpha1.IPPoolResource).Informer()
@@ -244,7 +299,7 @@ func (c *Controller) run(ctx context.Context) error {
 		UpdateFunc: func(old, cur any) {
 			o, n := old.(*v1.Service), cur.(*v1.Service)
 			if key := n.Namespace + "/" + n.Name; !labels.Equals(o.Labels, n.Labels) && c.alloc.IsPending(key) {
-				c.services.Kick([]string{key})
+				c.kick([]string{key})
 			}
 		},
 	}); err != nil {
@@ -264,7 +319,7 @@ func (c *Controller) run(ctx context.Context) error {
 	var upstream *servicecontroller.Controller
 	if o.DefaultClass {
 		var err error
-		upstream, err = servicecontroller.New(prov, c.client, c.services, quietNodes{nodes}, o.ClusterName, featuregate.NewFeatureGate())
+		upstream, err = servicecontroller.New(prov, c.client, c.upstreamServices, quietNodes{nodes}, o.ClusterName, featuregate.NewFeatureGate())
 		if err != nil {
 			return fmt.Errorf("create service controller: %w", err)
 		}
@@ -275,7 +330,8 @@ func (c *Controller) run(ctx context.Context) error {
 		ClusterName:  o.ClusterName,
 		Client:       c.client,
 		Balancer:     prov,
-		Known:        func(key string) bool { _, ok := c.alloc.Lookup(key); return ok },
+		Known:        c.known,
+		Manager:      Component,
 		Services:     c.services,
 	})
 	if err != nil {
@@ -305,13 +361,43 @@ func (c *Controller) run(ctx context.Context) error {
 	c.seeded.Store(true)
 	defer c.seeded.Store(false)
 
-	go c.runner.Run(ctx)
+	// Each Run returns once ctx is done; the writes their stray goroutines
+	// may still attempt are stopped by the fence (see elect).
+	var workers sync.WaitGroup
+	workers.Go(func() { c.runner.Run(ctx) })
 	if upstream != nil {
-		go upstream.Run(ctx, o.Workers, controllersmetrics.NewControllerManagerMetrics("keeplb"))
+		workers.Go(func() { upstream.Run(ctx, o.Workers, controllersmetrics.NewControllerManagerMetrics("keeplb")) })
 	}
-	go class.Run(ctx, o.Workers)
-	<-ctx.Done()
+	workers.Go(func() { class.Run(ctx, o.Workers) })
+	workers.Wait()
 	return nil
+}
+
+// kick has both reconcilers retry the Services with these keys at once;
+// each acts only on those it is responsible for.
+func (c *Controller) kick(keys []string) {
+	c.upstreamServices.Kick(keys)
+	c.services.Kick(keys)
+}
+
+// known reports whether keeplb holds, or tried to give, addresses to the
+// Service with this key.
+func (c *Controller) known(key string) bool {
+	_, ok := c.alloc.Lookup(key)
+	return ok || c.alloc.IsPending(key)
+}
+
+// forUpstream is the upstream service controller's share: classless
+// LoadBalancer Services (it is created only with --default-class). It
+// ignores the class on its cleanup path, so it is shown nothing else;
+// classless Services that stop being LoadBalancers are cleaned up by the
+// class controller, which can tell keeplb's from another implementation's.
+func forUpstream(svc *v1.Service) bool {
+	return svc.Spec.LoadBalancerClass == nil && svc.Spec.Type == v1.ServiceTypeLoadBalancer
+}
+
+func svcKey(svc *v1.Service) string {
+	return svc.Namespace + "/" + svc.Name
 }
 
 // seed loads the pools and every address in Service status into the
@@ -415,7 +501,7 @@ func (c *Controller) applyPools(ctx context.Context, writeStatus bool) error {
 		return nil
 	}
 	if len(changed) > 0 {
-		c.services.Kick(c.alloc.ServicesOf(changed))
+		c.kick(c.alloc.ServicesOf(changed))
 	}
 
 	stats := c.alloc.Stats()
@@ -424,7 +510,7 @@ func (c *Controller) applyPools(ctx context.Context, writeStatus bool) error {
 	c.metrics.PendingServices.Set(float64(len(pending)))
 	if gen != c.kickedAt {
 		c.kickedAt = gen
-		c.services.Kick(pending)
+		c.kick(pending)
 	}
 
 	var errs []error

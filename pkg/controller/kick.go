@@ -4,6 +4,7 @@ import (
 	"sync"
 	"time"
 
+	v1 "k8s.io/api/core/v1"
 	coreinformers "k8s.io/client-go/informers/core/v1"
 	"k8s.io/client-go/tools/cache"
 )
@@ -14,15 +15,24 @@ import (
 // to five minutes) or when the Service changes; replaying an add event
 // through its handler is the one way to have it retry a pending Service at
 // once when an address is freed or a pool appears.
+//
+// It also decides which Services a reconciler sees at all: with a filter,
+// its handlers get only the events of Services the filter accepts (an
+// update by the Service's new state, a deletion by its last known one), and
+// Kick replays only those. The upstream controller acts on every Service it
+// is shown, whatever its class; the filter is what keeps it off Services
+// that are not keeplb's (see forUpstream).
 type kickableServices struct {
 	coreinformers.ServiceInformer
+	filter func(*v1.Service) bool
 
 	mu       sync.Mutex
 	handlers []cache.ResourceEventHandler
 }
 
-func newKickableServices(inf coreinformers.ServiceInformer) *kickableServices {
-	return &kickableServices{ServiceInformer: inf}
+// newKickableServices wraps inf; filter may be nil to pass every Service.
+func newKickableServices(inf coreinformers.ServiceInformer, filter func(*v1.Service) bool) *kickableServices {
+	return &kickableServices{ServiceInformer: inf, filter: filter}
 }
 
 // Informer returns the shared informer, wrapped to capture handlers.
@@ -54,10 +64,48 @@ func (k *kickableServices) Kick(keys []string) {
 	}
 }
 
-func (k *kickableServices) add(h cache.ResourceEventHandler) {
+// add remembers h and returns what to register with the informer: h
+// behind the filter.
+func (k *kickableServices) add(h cache.ResourceEventHandler) cache.ResourceEventHandler {
+	if k.filter != nil {
+		h = filtered{h: h, pass: k.filter}
+	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.handlers = append(k.handlers, h)
+	return h
+}
+
+// filtered passes on the events of the Services pass accepts. Unlike
+// cache.FilteringResourceEventHandler it never turns an update into a
+// deletion: a Service that leaves the filter (its type changed) was not
+// deleted, and telling the upstream controller so would have it tear down
+// what the class controller cleans up.
+type filtered struct {
+	h    cache.ResourceEventHandler
+	pass func(*v1.Service) bool
+}
+
+func (f filtered) OnAdd(obj any, initial bool) {
+	if svc, ok := obj.(*v1.Service); ok && f.pass(svc) {
+		f.h.OnAdd(obj, initial)
+	}
+}
+
+func (f filtered) OnUpdate(old, cur any) {
+	if svc, ok := cur.(*v1.Service); ok && f.pass(svc) {
+		f.h.OnUpdate(old, cur)
+	}
+}
+
+func (f filtered) OnDelete(obj any) {
+	last := obj
+	if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		last = d.Obj
+	}
+	if svc, ok := last.(*v1.Service); ok && f.pass(svc) {
+		f.h.OnDelete(obj)
+	}
 }
 
 type capturingInformer struct {
@@ -67,20 +115,17 @@ type capturingInformer struct {
 
 // AddEventHandler registers h and remembers it for Kick.
 func (c *capturingInformer) AddEventHandler(h cache.ResourceEventHandler) (cache.ResourceEventHandlerRegistration, error) {
-	c.parent.add(h)
-	return c.SharedIndexInformer.AddEventHandler(h)
+	return c.SharedIndexInformer.AddEventHandler(c.parent.add(h))
 }
 
 // AddEventHandlerWithResyncPeriod registers h and remembers it for Kick.
 func (c *capturingInformer) AddEventHandlerWithResyncPeriod(h cache.ResourceEventHandler, resync time.Duration) (cache.ResourceEventHandlerRegistration, error) {
-	c.parent.add(h)
-	return c.SharedIndexInformer.AddEventHandlerWithResyncPeriod(h, resync)
+	return c.SharedIndexInformer.AddEventHandlerWithResyncPeriod(c.parent.add(h), resync)
 }
 
 // AddEventHandlerWithOptions registers h and remembers it for Kick.
 func (c *capturingInformer) AddEventHandlerWithOptions(h cache.ResourceEventHandler, opts cache.HandlerOptions) (cache.ResourceEventHandlerRegistration, error) {
-	c.parent.add(h)
-	return c.SharedIndexInformer.AddEventHandlerWithOptions(h, opts)
+	return c.SharedIndexInformer.AddEventHandlerWithOptions(c.parent.add(h), opts)
 }
 
 // quietNodes hands the upstream service controller the Node lister it
@@ -111,5 +156,10 @@ func (noHandlers) AddEventHandlerWithResyncPeriod(cache.ResourceEventHandler, ti
 
 // AddEventHandler registers nothing; see quietNodes.
 func (noHandlers) AddEventHandler(cache.ResourceEventHandler) (cache.ResourceEventHandlerRegistration, error) {
+	return nil, nil
+}
+
+// AddEventHandlerWithOptions registers nothing; see quietNodes.
+func (noHandlers) AddEventHandlerWithOptions(cache.ResourceEventHandler, cache.HandlerOptions) (cache.ResourceEventHandlerRegistration, error) {
 	return nil, nil
 }

@@ -120,10 +120,26 @@ func (o *Options) Validate() error {
 		}
 		if !(o.LeaseDuration > o.RenewDeadline && o.RenewDeadline > o.RetryPeriod && o.RetryPeriod > 0) {
 			errs = append(errs, fmt.Errorf("leader election needs lease-duration > renew-deadline > retry-period > 0, got %s, %s, %s", o.LeaseDuration, o.RenewDeadline, o.RetryPeriod))
+		} else if o.writeTimeout() < 500*time.Millisecond {
+			// A leader that lost the Lease must have time to finish its
+			// writes before another one may start.
+			errs = append(errs, fmt.Errorf("leader election needs lease-duration at least renew-deadline + retry-period + 500ms, got %s, %s, %s", o.LeaseDuration, o.RenewDeadline, o.RetryPeriod))
 		}
 	}
 	if o.KubeAPIQPS <= 0 || o.KubeAPIBurst < 1 {
 		errs = append(errs, errors.New("--kube-api-qps and --kube-api-burst must be positive"))
 	}
 	return errors.Join(errs...)
+}
+
+// writeTimeout bounds each API write of the controller's work. A leader
+// that cannot renew gives up at the latest RetryPeriod + RenewDeadline after
+// its last renewal, and the others may take the Lease LeaseDuration after
+// they saw that renewal: a write sent just before the leader gives up must
+// be over within the difference.
+func (o *Options) writeTimeout() time.Duration {
+	if !o.LeaderElect {
+		return time.Minute
+	}
+	return o.LeaseDuration - o.RenewDeadline - o.RetryPeriod
 }

@@ -180,17 +180,25 @@ func (p *Provider) EnsureLoadBalancerDeleted(ctx context.Context, _ string, svc 
 // Restore records the addresses svc already has in its status, before any
 // allocation, so a restart never moves or duplicates an address.
 func (p *Provider) Restore(svc *v1.Service) error {
-	var addrs []netip.Addr
-	for _, ing := range svc.Status.LoadBalancer.Ingress {
-		if a, err := netip.ParseAddr(ing.IP); err == nil {
-			addrs = append(addrs, a.Unmap())
-		}
-	}
+	addrs := StatusAddrs(svc)
 	if len(addrs) == 0 {
 		return nil
 	}
 	cfg, _ := annotations.Parse(svc) // what parsed still describes the Service
 	return p.cfg.Allocator.Restore(RequestFor(svc, cfg, p.nsLabels(svc.Namespace)), addrs)
+}
+
+// StatusAddrs returns the addresses svc lists in status.loadBalancer.ingress
+// (IPv4-mapped ones as IPv4). Entries that are not plain addresses (a
+// hostname, a zone) name nothing keeplb could allocate, and are left out.
+func StatusAddrs(svc *v1.Service) []netip.Addr {
+	var addrs []netip.Addr
+	for _, ing := range svc.Status.LoadBalancer.Ingress {
+		if a, err := netip.ParseAddr(ing.IP); err == nil && a.Zone() == "" {
+			addrs = append(addrs, a.Unmap())
+		}
+	}
+	return addrs
 }
 
 func (p *Provider) freed() {
