@@ -4,12 +4,21 @@
 // controller of its own for them; it drives the same cloudprovider
 // LoadBalancer and uses the upstream service helpers for the finalizer and
 // the status patch, so both paths behave alike.
+//
+// It also cleans up after every Service that stopped being a LoadBalancer
+// while keeplb still held something for it: the upstream controller is shown
+// only classless LoadBalancer Services (its cleanup path ignores the class,
+// and would strip another implementation's finalizer), and the API server
+// clears spec.loadBalancerClass when the type changes, so the class alone
+// cannot tell whose such a Service was. What keeplb holds can: an address
+// in its allocator, or the cleanup finalizer that keeplb's field manager
+// added (OwnsFinalizer). Each Service thus has exactly one reconciler.
 package classcontroller
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
-	"fmt"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
@@ -36,6 +45,7 @@ type Controller struct {
 	client       kubernetes.Interface
 	balancer     cloudprovider.LoadBalancer
 	known        func(key string) bool
+	manager      string
 	lister       corelisters.ServiceLister
 	synced       cache.InformerSynced
 	queue        workqueue.TypedRateLimitingInterface[string]
@@ -55,8 +65,12 @@ type Config struct {
 	Client kubernetes.Interface
 	// Balancer is keeplb's LoadBalancer implementation.
 	Balancer cloudprovider.LoadBalancer
-	// Known reports whether keeplb holds addresses for a Service key.
+	// Known reports whether keeplb holds addresses for a Service key, or
+	// tried to give it some.
 	Known func(key string) bool
+	// Manager is the field manager keeplb writes Services as (its user
+	// agent): the cleanup finalizer it owns is recorded under this name.
+	Manager string
 	// Services is the Service informer.
 	Services coreinformers.ServiceInformer
 }
@@ -70,6 +84,7 @@ func New(cfg Config) (*Controller, error) {
 		client:       cfg.Client,
 		balancer:     cfg.Balancer,
 		known:        cfg.Known,
+		manager:      cfg.Manager,
 		lister:       cfg.Services.Lister(),
 		synced:       cfg.Services.Informer().HasSynced,
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
@@ -97,11 +112,50 @@ func (c *Controller) enqueue(obj any) {
 	c.queue.Add(key)
 }
 
-// relevant filters events: Services of our class, and classless Services
-// this controller may have to clean up.
+// relevant filters events: Services of our class, and Services this
+// controller may have to clean up (see mayOwe).
 func (c *Controller) relevant(svc *v1.Service) bool {
-	cls := svc.Spec.LoadBalancerClass
-	return cls != nil && *cls == c.class || cls == nil && !c.defaultClass
+	switch cls := svc.Spec.LoadBalancerClass; {
+	case cls != nil:
+		return *cls == c.class
+	case svc.Spec.Type == v1.ServiceTypeLoadBalancer && c.defaultClass:
+		return false // the upstream controller's
+	}
+	return c.mayOwe(svc)
+}
+
+// mayOwe reports whether keeplb may still hold something for a Service
+// that is not (or no longer) its: an address, or its cleanup finalizer.
+func (c *Controller) mayOwe(svc *v1.Service) bool {
+	key, _ := cache.MetaNamespaceKeyFunc(svc)
+	return c.known(key) || OwnsFinalizer(svc, c.manager)
+}
+
+// OwnsFinalizer reports whether svc carries the cleanup finalizer and the
+// field manager named manager added it. Other implementations put the same
+// standard finalizer on their own Services; only the managed fields tell
+// whose it is.
+func OwnsFinalizer(svc *v1.Service, manager string) bool {
+	if !servicehelper.HasLBFinalizer(svc) {
+		return false
+	}
+	key := `v:"` + servicehelper.LoadBalancerCleanupFinalizer + `"`
+	for _, mf := range svc.ManagedFields {
+		if mf.Manager != manager || mf.FieldsV1 == nil {
+			continue
+		}
+		var fields struct {
+			Metadata struct {
+				Finalizers map[string]json.RawMessage `json:"f:finalizers"`
+			} `json:"f:metadata"`
+		}
+		if json.Unmarshal(mf.FieldsV1.Raw, &fields) == nil {
+			if _, ok := fields.Metadata.Finalizers[key]; ok {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // Run reconciles with workers goroutines until ctx is done.
@@ -162,49 +216,55 @@ func (c *Controller) sync(ctx context.Context, key string) error {
 	switch {
 	case ours && svc.Spec.Type == v1.ServiceTypeLoadBalancer && svc.DeletionTimestamp == nil:
 		return c.ensure(ctx, svc)
-	case ours || cls == nil && !c.defaultClass && (c.known(key) || servicehelper.HasLBFinalizer(svc) && svc.Spec.Type != v1.ServiceTypeLoadBalancer):
+	case ours:
+		return c.cleanup(ctx, svc)
+	case cls == nil && (svc.Spec.Type != v1.ServiceTypeLoadBalancer || !c.defaultClass) && c.mayOwe(svc):
 		return c.cleanup(ctx, svc)
 	}
 	return nil
 }
 
+// ensure allocates first and then writes the finalizer with the status in
+// one patch. Adding the finalizer on its own first would cost a second
+// write, and its update event would run a Service that cannot get an
+// address through a second failing attempt (and event) at once. Until the
+// patch lands nothing outside this process holds the address, and a
+// Service deleted meanwhile is released by the NotFound path of sync.
 func (c *Controller) ensure(ctx context.Context, svc *v1.Service) error {
-	if !servicehelper.HasLBFinalizer(svc) {
-		updated := svc.DeepCopy()
-		updated.Finalizers = append(updated.Finalizers, servicehelper.LoadBalancerCleanupFinalizer)
-		var err error
-		if svc, err = servicehelper.PatchService(c.client.CoreV1(), svc, updated); err != nil {
-			return fmt.Errorf("add finalizer: %w", err)
-		}
-	}
 	status, err := c.balancer.EnsureLoadBalancer(ctx, c.clusterName, svc, nil)
 	if err != nil {
 		return err
 	}
-	return c.patchStatus(svc, status, false)
+	return c.patch(svc, status, true)
 }
 
 func (c *Controller) cleanup(ctx context.Context, svc *v1.Service) error {
 	if err := c.balancer.EnsureLoadBalancerDeleted(ctx, c.clusterName, svc); err != nil {
 		return err
 	}
-	return c.patchStatus(svc, &v1.LoadBalancerStatus{}, true)
+	// A Service keeplb gave an address to before it stopped being keeplb's
+	// may carry a cleanup finalizer that is not keeplb's: keep that one.
+	cls := svc.Spec.LoadBalancerClass
+	ours := cls != nil && *cls == c.class
+	keep := !ours && servicehelper.HasLBFinalizer(svc) && !OwnsFinalizer(svc, c.manager)
+	return c.patch(svc, &v1.LoadBalancerStatus{}, keep)
 }
 
-// patchStatus writes status and, on cleanup, removes the finalizer, in one
-// patch, and only when something changes.
-func (c *Controller) patchStatus(svc *v1.Service, status *v1.LoadBalancerStatus, removeFinalizer bool) error {
+// patch writes status and the cleanup finalizer (kept or added with
+// finalizer, else removed) in one patch, and only when something changes.
+func (c *Controller) patch(svc *v1.Service, status *v1.LoadBalancerStatus, finalizer bool) error {
 	updated := svc.DeepCopy()
 	updated.Status.LoadBalancer = *status
-	if removeFinalizer {
-		updated.Finalizers = nil
-		for _, f := range svc.Finalizers {
-			if f != servicehelper.LoadBalancerCleanupFinalizer {
-				updated.Finalizers = append(updated.Finalizers, f)
-			}
+	updated.Finalizers = nil
+	for _, f := range svc.Finalizers {
+		if f != servicehelper.LoadBalancerCleanupFinalizer {
+			updated.Finalizers = append(updated.Finalizers, f)
 		}
 	}
-	if servicehelper.LoadBalancerStatusEqual(&svc.Status.LoadBalancer, status) && len(updated.Finalizers) == len(svc.Finalizers) {
+	if finalizer {
+		updated.Finalizers = append(updated.Finalizers, servicehelper.LoadBalancerCleanupFinalizer)
+	}
+	if servicehelper.LoadBalancerStatusEqual(&svc.Status.LoadBalancer, status) && servicehelper.HasLBFinalizer(svc) == finalizer {
 		return nil
 	}
 	_, err := servicehelper.PatchService(c.client.CoreV1(), svc, updated)
