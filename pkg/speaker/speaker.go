@@ -179,6 +179,7 @@ type Speaker struct {
 	// event, once while it lasts.
 	reported map[string]bool
 
+	holders    holderWrites      // limits holder annotation writes (holder.go)
 	nodeWarned map[string]string // Node -> its ignored InternalIPs last reported (nodes.go)
 
 	mu     sync.Mutex

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"slices"
 	"sort"
+	"strings"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
@@ -78,7 +79,14 @@ func Build(ippools []*v1alpha1.IPPool, svcs []v1.Service, events []v1.Event, o O
 		if !annotations.Handles(svc, o.LoadBalancerClass, o.DefaultClass) {
 			continue
 		}
-		row := Service{Namespace: svc.Namespace, Name: svc.Name, VIPs: []VIP{}, Pools: []string{}, Holder: svc.Annotations[annotations.Holder]}
+		row := Service{Namespace: svc.Namespace, Name: svc.Name, VIPs: []VIP{}, Pools: []string{}}
+		var addrs []netip.Addr
+		for _, ing := range svc.Status.LoadBalancer.Ingress {
+			if a, err := netip.ParseAddr(ing.IP); err == nil {
+				addrs = append(addrs, a.Unmap())
+			}
+		}
+		holders := annotations.ParseHolders(svc.Annotations[annotations.Holder], addrs)
 		var pool *v1alpha1.IPPool
 		for _, ing := range svc.Status.LoadBalancer.Ingress {
 			v := VIP{IP: ing.IP}
@@ -88,11 +96,13 @@ func Build(ippools []*v1alpha1.IPPool, svcs []v1.Service, events []v1.Event, o O
 			if ing.IPMode != nil {
 				v.IPMode = string(*ing.IPMode)
 			}
-			row.VIPs = append(row.VIPs, v)
 			a, err := netip.ParseAddr(ing.IP)
 			if err != nil {
+				row.VIPs = append(row.VIPs, v)
 				continue
 			}
+			v.Holder = holders[a.Unmap()]
+			row.VIPs = append(row.VIPs, v)
 			name := pools.Find(parsed, a.Unmap())
 			if name == "" || slices.Contains(row.Pools, name) {
 				continue
@@ -107,6 +117,7 @@ func Build(ippools []*v1alpha1.IPPool, svcs []v1.Service, events []v1.Event, o O
 			// the default forwarding it will get.
 			pool = byName[svc.Annotations[annotations.Pool]]
 		}
+		row.Holder = holderColumn(row.VIPs)
 		row.Forwarding = string(provider.ForwardingFor(svc, pool))
 		if row.Pending() {
 			row.Problem = warnings.last(svc)
@@ -121,6 +132,26 @@ func Build(ippools []*v1alpha1.IPPool, svcs []v1.Service, events []v1.Event, o O
 		return a.Name < b.Name
 	})
 	return r
+}
+
+// holderColumn sums up the VIPs' holders: the node's name when one node
+// holds them all, else each VIP's holder in order, "-" for none; empty
+// when none is recorded.
+func holderColumn(vips []VIP) string {
+	nodes := make([]string, len(vips))
+	same, known := true, false
+	for i, v := range vips {
+		nodes[i] = orNone(v.Holder)
+		same = same && v.Holder == vips[0].Holder
+		known = known || v.Holder != ""
+	}
+	switch {
+	case !known:
+		return ""
+	case same:
+		return vips[0].Holder
+	}
+	return strings.Join(nodes, ",")
 }
 
 func poolRow(p *v1alpha1.IPPool) Pool {

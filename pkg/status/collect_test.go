@@ -73,6 +73,8 @@ func TestCollect(t *testing.T) {
 	kube := fake.NewClientset(
 		lbService("default", "web", nil, map[string]string{annotations.Holder: "node-a"}, "192.0.2.1"),
 		lbService("default", "wide", ptr("keeplb.io/vip"), nil, "192.0.2.20"),
+		lbService("default", "dual", nil, map[string]string{annotations.Holder: "192.0.2.2=node-a,2001:db8::2=node-b"}, "192.0.2.2", "2001:db8::2"),
+		lbService("default", "half", nil, map[string]string{annotations.Holder: "2001:db8::3=node-b"}, "192.0.2.3", "2001:db8::3"),
 		lbService("shop", "pending", nil, map[string]string{annotations.Pool: "newer"}),
 		lbService("shop", "quiet", nil, nil),
 		lbService("shop", "foreign", ptr("other.io/lb"), nil),
@@ -105,7 +107,9 @@ func TestCollect(t *testing.T) {
 		t.Errorf("pools:\n got %+v\nwant %+v", got.Pools, wantPools)
 	}
 	wantSvcs := []Service{
-		{Namespace: "default", Name: "web", VIPs: []VIP{{IP: "192.0.2.1", IPMode: "VIP"}}, Pools: []string{"older"}, Holder: "node-a", Forwarding: "nodeport"},
+		{Namespace: "default", Name: "dual", VIPs: []VIP{{IP: "192.0.2.2", IPMode: "VIP", Holder: "node-a"}, {IP: "2001:db8::2", IPMode: "VIP", Holder: "node-b"}}, Pools: []string{"older"}, Holder: "node-a,node-b", Forwarding: "nodeport"},
+		{Namespace: "default", Name: "half", VIPs: []VIP{{IP: "192.0.2.3", IPMode: "VIP"}, {IP: "2001:db8::3", IPMode: "VIP", Holder: "node-b"}}, Pools: []string{"older"}, Holder: "-,node-b", Forwarding: "nodeport"},
+		{Namespace: "default", Name: "web", VIPs: []VIP{{IP: "192.0.2.1", IPMode: "VIP", Holder: "node-a"}}, Pools: []string{"older"}, Holder: "node-a", Forwarding: "nodeport"},
 		{Namespace: "default", Name: "wide", VIPs: []VIP{{IP: "192.0.2.20", IPMode: "VIP"}}, Pools: []string{"newer"}, Forwarding: "pod"},
 		{Namespace: "shop", Name: "pending", VIPs: []VIP{}, Pools: []string{}, Forwarding: "pod", Problem: "no free address in IPPool newer"},
 		{Namespace: "shop", Name: "quiet", VIPs: []VIP{}, Pools: []string{}, Forwarding: "nodeport"},

@@ -51,7 +51,9 @@ type Service struct {
 	// Pools are the IPPools containing the VIPs, without repeats; empty for
 	// an address in no pool.
 	Pools []string `json:"pools"`
-	// Holder is the node holding the VIPs (annotation keeplb.io/holder).
+	// Holder is the node holding the VIPs (annotation keeplb.io/holder):
+	// its name when one node holds every VIP, else each VIP's holder in
+	// the order of VIPs, "-" for a VIP with none recorded.
 	Holder string `json:"holder,omitempty"`
 	// Forwarding is the forwarding mode: annotation, pool default, nodeport.
 	Forwarding string `json:"forwarding"`
@@ -60,10 +62,13 @@ type Service struct {
 	Problem string `json:"problem,omitempty"`
 }
 
-// VIP is one ingress address and its ipMode.
+// VIP is one ingress address, its ipMode and the node holding it.
 type VIP struct {
 	IP     string `json:"ip"`
 	IPMode string `json:"ipMode,omitempty"`
+	// Holder is the node the keeplb.io/holder annotation names for this
+	// VIP; empty when none is recorded.
+	Holder string `json:"holder,omitempty"`
 }
 
 // Pending reports whether the Service has no address yet.

@@ -33,8 +33,13 @@ func sampleReport() Report {
 		Services: []Service{
 			{
 				Namespace: "default", Name: "web",
-				VIPs:  []VIP{{IP: "192.0.2.1", IPMode: "VIP"}, {IP: "2001:db8::1", IPMode: "VIP"}},
+				VIPs:  []VIP{{IP: "192.0.2.1", IPMode: "VIP", Holder: "node-a"}, {IP: "2001:db8::1", IPMode: "VIP", Holder: "node-a"}},
 				Pools: []string{"public"}, Holder: "node-a", Forwarding: "nodeport",
+			},
+			{
+				Namespace: "default", Name: "dual",
+				VIPs:  []VIP{{IP: "192.0.2.2", IPMode: "Proxy", Holder: "node-a"}, {IP: "2001:db8::2", IPMode: "Proxy", Holder: "node-b"}},
+				Pools: []string{"public"}, Holder: "node-a,node-b", Forwarding: "pod",
 			},
 			{
 				Namespace: "shop", Name: "api",
