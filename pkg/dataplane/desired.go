@@ -107,7 +107,8 @@ type endpoint struct {
 // nodeInfo is a Node reduced to what forwarding needs.
 type nodeInfo struct {
 	name     string
-	eligible bool // Ready and not excluded
+	member   bool // not excluded
+	eligible bool // a member, and Ready (or Ready ignored: vrrp.FailStatic)
 	ip4, ip6 netip.Addr
 }
 
@@ -156,12 +157,31 @@ func newComputer(in Inputs, node string) *computer {
 		},
 		admits: map[string]bool{},
 	}
+	members, unready := 0, 0
 	for _, n := range in.Nodes {
-		info := infoOf(n)
+		info, view := infoOf(n)
 		if n.Name == node {
-			c.self, c.selfEligible = n, info.eligible
+			c.self = n
+		}
+		if info.member {
+			members++
+			if !view.Ready {
+				unready++
+			}
 		}
 		c.nodes = append(c.nodes, info)
+	}
+	// The rule of the VRRP plan: when more than half of the nodes go
+	// NotReady at once, Ready is the control plane's trouble, not theirs,
+	// and their NodePorts still serve.
+	failStatic := vrrp.FailStatic(members, unready)
+	for i, n := range c.nodes {
+		if failStatic && n.member {
+			c.nodes[i].eligible = true
+		}
+		if n.name == node {
+			c.selfEligible = c.nodes[i].eligible
+		}
 	}
 	slices.SortFunc(c.nodes, func(a, b nodeInfo) int { return strings.Compare(a.name, b.name) })
 	for _, s := range in.Slices {
@@ -543,15 +563,17 @@ func sliceFamily(s *discoveryv1.EndpointSlice, v6 bool) bool {
 
 // infoOf reduces n to what forwarding needs, through nodeview: only
 // addresses other nodes can send to become NodePort real servers.
-func infoOf(n *v1.Node) nodeInfo {
+func infoOf(n *v1.Node) (nodeInfo, vrrp.Node) {
 	view, _ := nodeview.Of(n) // the speaker tells the user about ignored ones
 	_, excluded := view.Labels[vrrp.ExcludeLabel]
-	return nodeInfo{
-		name:     view.Name,
-		eligible: view.Ready && !excluded,
-		ip4:      view.InternalIP(allocator.IPv4),
-		ip6:      view.InternalIP(allocator.IPv6),
+	ni := nodeInfo{
+		name:   view.Name,
+		member: !excluded,
+		ip4:    view.InternalIP(allocator.IPv4),
+		ip6:    view.InternalIP(allocator.IPv6),
 	}
+	ni.eligible = ni.member && view.Ready
+	return ni, view
 }
 
 func protocol(p v1.Protocol) (string, bool) {

@@ -36,6 +36,9 @@ type Speaker struct {
 	LastSyncSuccess *metrics.Gauge
 	// NotifyFIFOUp is 1 while the speaker reads keepalived's notify FIFO.
 	NotifyFIFOUp *metrics.Gauge
+	// FailStatic is 1 for each pool whose VRRP plan ignores Ready because
+	// more than half of its nodes are not Ready (vrrp.FailStatic).
+	FailStatic *metrics.GaugeVec
 
 	// The IPVS metrics below are served only after RegisterIPVS, so that a
 	// speaker without --ipvs exports nothing about a dataplane it does not
@@ -124,6 +127,11 @@ func NewSpeaker() *Speaker {
 			Help:           "1 while the speaker reads keepalived's notify FIFO, which tells it VRRP state changes.",
 			StabilityLevel: metrics.ALPHA,
 		}),
+		FailStatic: metrics.NewGaugeVec(&metrics.GaugeOpts{
+			Namespace: namespace, Name: "vrrp_fail_static",
+			Help:           "1 for each IPPool whose VRRP plan ignores the Nodes' Ready condition because more than half of its nodes are not Ready at once (a control-plane problem, most likely).",
+			StabilityLevel: metrics.ALPHA,
+		}, []string{"pool"}),
 		IPVSAvailable: metrics.NewGauge(&metrics.GaugeOpts{
 			Namespace: namespace, Name: "ipvs_available",
 			Help:           "1 when the speaker programs IPVS, 0 when IPVS forwarding is on but the kernel has no IPVS (load ip_vs).",
@@ -157,7 +165,7 @@ func NewSpeaker() *Speaker {
 		}),
 	}
 	m.registry.MustRegister(m.VRRPState, m.Transitions, m.Reloads, m.Restarts, m.KeepalivedUp, m.RenderDuration, m.Problems,
-		m.InstancesDropped, m.PeersDropped, m.VRRPSyncErrors, m.LastSyncSuccess, m.NotifyFIFOUp)
+		m.InstancesDropped, m.PeersDropped, m.VRRPSyncErrors, m.LastSyncSuccess, m.NotifyFIFOUp, m.FailStatic)
 	return m
 }
 

@@ -18,9 +18,16 @@ import (
 const EventInvalidNodeAddress = "InvalidNodeAddress"
 
 // observe reports what one sync learned beyond the plan's own problems:
-// the Nodes' InternalIPs that keeplb ignores.
-func (s *Speaker) observe(ctx context.Context, in Inputs, _ vrrp.Plan) {
+// the Nodes' InternalIPs that keeplb ignores, and the pools whose plan
+// ignores Ready (fail-static).
+func (s *Speaker) observe(ctx context.Context, in Inputs, plan vrrp.Plan) {
 	s.warnNodes(ctx, in.Nodes)
+	s.metrics.FailStatic.Reset()
+	for _, p := range plan.Problems {
+		if p.Reason == vrrp.ReasonFailStatic {
+			s.metrics.FailStatic.WithLabelValues(p.Pool).Set(1)
+		}
+	}
 }
 
 // warnNodes logs the InternalIPs of nodes that nodeview ignores, and

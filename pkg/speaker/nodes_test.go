@@ -8,7 +8,9 @@ import (
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/tools/record"
 
+	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/metrics"
+	"github.com/keeplb/keeplb/pkg/vrrp"
 )
 
 // badNodes are Nodes whose kubelets report InternalIPs no other node can
@@ -72,5 +74,31 @@ func TestWarnNodes(t *testing.T) {
 				t.Errorf("after the Node changed: %q, want one event about the loopback address", got)
 			}
 		})
+	}
+}
+
+// TestObserveMetrics checks the fail-static and can-forward metrics.
+func TestObserveMetrics(t *testing.T) {
+	o := NewOptions()
+	o.NodeName = "n1"
+	m := metrics.NewSpeaker()
+	s := &Speaker{opts: o, metrics: m}
+	nodes := []*v1.Node{node("n1", "10.0.0.1"), node("n2", "10.0.0.2"), node("n3", "10.0.0.3")}
+	for _, n := range nodes[1:] {
+		n.Status.Conditions[0].Status = v1.ConditionUnknown
+	}
+	in := Inputs{Class: "keeplb.io/vip", DefaultClass: true, Nodes: nodes,
+		Pools:    []*v1alpha1.IPPool{ippool("p", []string{"192.0.2.0/24"}, nil)},
+		Services: []*v1.Service{lbService("ns", "web", "192.0.2.1", false, nil)}}
+	pin, _ := PlanInput(in)
+	s.observe(t.Context(), in, vrrp.Compute(pin))
+	if v := metric(t, m, `keeplb_vrrp_fail_static{pool="p"}`); v != 1 {
+		t.Errorf("vrrp_fail_static{pool=p} = %v with 2 of 3 nodes NotReady, want 1", v)
+	}
+	nodes[1].Status.Conditions[0].Status = v1.ConditionTrue
+	pin, _ = PlanInput(in)
+	s.observe(t.Context(), in, vrrp.Compute(pin))
+	if v := metric(t, m, `keeplb_vrrp_fail_static{pool="p"}`); v != -1 {
+		t.Errorf("vrrp_fail_static{pool=p} = %v with 1 of 3 nodes NotReady, want no series", v)
 	}
 }

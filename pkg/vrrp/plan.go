@@ -232,10 +232,18 @@ func (c *computer) vips(in []VIP, pools map[string]*pool) map[string][]*address 
 // group lays out the VIPs of one pool and family: shared instances on the
 // first usable VRIDs, one instance per Local address on the rest.
 func (c *computer) group(p *pool, fam allocator.Family, vs []*address, nodes []Node) {
-	members, eligible := candidates(p, fam, nodes)
+	members, eligible, unready := candidates(p, fam, nodes)
 	k := bucketCount(len(p.usable))
 	slots := p.usable[k:]
 	fs := familySuffix(fam)
+	if FailStatic(len(members), len(unready)) {
+		for _, n := range members {
+			eligible[n] = true
+		}
+		c.problem(Warning, ReasonFailStatic, p.Name,
+			"%d of the %d nodes that may hold the %s VIPs of IPPool %s are not Ready (%s). So many at once points to the control plane (an overloaded API server, kubelets cut off from it, expired kubelet certificates) rather than to the nodes, so the speakers ignore Ready for this pool and VRRP alone decides which live node holds each VIP. Check the API server and the kubelets; Ready counts again once at most half are not Ready",
+			len(unready), len(members), fam, p.Name, list(unready, 10))
+	}
 	if len(eligible) == 0 {
 		c.problem(Error, ReasonNoEligibleNode, p.Name,
 			"no Ready node may hold the %d %s VIPs of IPPool %s: check its spec.vrrp.nodeSelector, the %s label%s",
@@ -345,10 +353,10 @@ func (c *computer) group(p *pool, fam allocator.Family, vs []*address, nodes []N
 // whose preference orders are computed: they match the node selector, lack
 // ExcludeLabel, and for unicast have an InternalIP of the family. Those are
 // durable facts; Ready is not, so eligible (members that are Ready) decides
-// who takes part without reshuffling the orders.
-func candidates(p *pool, fam allocator.Family, nodes []Node) ([]string, map[string]bool) {
-	var members []string
-	eligible := make(map[string]bool)
+// who takes part without reshuffling the orders. unready lists the members
+// that are not Ready, for the FailStatic rule.
+func candidates(p *pool, fam allocator.Family, nodes []Node) (members []string, eligible map[string]bool, unready []string) {
+	eligible = make(map[string]bool)
 	for _, n := range nodes {
 		if n.Name == "" || slices.Contains(members, n.Name) {
 			continue
@@ -365,9 +373,11 @@ func candidates(p *pool, fam allocator.Family, nodes []Node) ([]string, map[stri
 		members = append(members, n.Name)
 		if n.Ready {
 			eligible[n.Name] = true
+		} else {
+			unready = append(unready, n.Name)
 		}
 	}
-	return members, eligible
+	return members, eligible, unready
 }
 
 func unicastHint(p *pool, fam allocator.Family) string {

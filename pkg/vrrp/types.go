@@ -228,6 +228,9 @@ const (
 	// ReasonLimitedSpread: a pool has too few shared instances to spread
 	// masters over its nodes.
 	ReasonLimitedSpread = "LimitedSpread"
+	// ReasonFailStatic: more than half of a pool's members are not Ready,
+	// so the plan ignores Ready for that pool (see FailStatic).
+	ReasonFailStatic = "FailStatic"
 )
 
 // Problem is one configuration problem, phrased for the user: what is wrong,
