@@ -12,7 +12,7 @@ LDFLAGS  = -s -w \
 	-X github.com/keeplb/keeplb/pkg/version.date=$(DATE)
 
 .DEFAULT_GOAL := help
-.PHONY: help build test test-unit test-integration e2e-vrrp e2e bench verify chart tools demo demo-down clean
+.PHONY: help build test test-unit test-integration e2e-vrrp e2e bench fuzz verify chart tools demo demo-down clean
 
 help: ## List the targets.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -37,6 +37,9 @@ e2e: ## Run the tests that need IPVS (in a qemu VM where the host kernel lacks i
 
 bench: ## Benchmark the allocator against a naive one; table in the output, raw in _output/bench.txt.
 	hack/bench.sh
+
+fuzz: ## Run every fuzz target for FUZZTIME each (default 60s).
+	FUZZTIME=$${FUZZTIME:-60s} hack/fuzz.sh
 
 verify: ## Check formatting, go vet, and that go.mod files are tidy.
 	hack/verify.sh
