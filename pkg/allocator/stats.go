@@ -7,8 +7,16 @@ import (
 
 // FamilyStats counts one family of a pool.
 type FamilyStats struct {
-	Total, Free *big.Int
-	Used        int64
+	// Total counts the addresses the pool may hand out: its own after
+	// overlaps with older pools, less those it skips (avoidBuggyIPs, the
+	// subnet-router anycast address of an IPv6 CIDR).
+	Total *big.Int
+	// Free counts those of Total that no Service holds and no Service's
+	// status lists.
+	Free *big.Int
+	// Used counts the addresses Services hold that were drawn from the
+	// pool, including those it no longer contains.
+	Used int64
 }
 
 // PoolStats is what the controller publishes in an IPPool's status.

@@ -86,8 +86,10 @@ func (p *Pool) admits(req *Request) (bool, string) {
 
 // Port is a Service port as far as sharing an address is concerned.
 type Port struct {
+	// Protocol is TCP, UDP or SCTP.
 	Protocol string
-	Port     int32
+	// Port is the Service port number.
+	Port int32
 }
 
 // String formats p as "TCP/80".
@@ -150,12 +152,15 @@ const (
 // Error is an allocation failure, phrased for the Service's owner: which
 // annotation (or field) is at fault and what to do.
 type Error struct {
+	// Reason classifies the failure.
 	Reason Reason
 	// Field is the annotation or spec field at fault, if one is.
 	Field string
-	Msg   string
+	// Msg says what is wrong and what to do.
+	Msg string
 }
 
+// Error formats e as "<field>: <message>", the text of the event.
 func (e *Error) Error() string {
 	if e.Field != "" {
 		return e.Field + ": " + e.Msg
