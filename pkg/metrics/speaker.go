@@ -39,6 +39,10 @@ type Speaker struct {
 	// FailStatic is 1 for each pool whose VRRP plan ignores Ready because
 	// more than half of its nodes are not Ready (vrrp.FailStatic).
 	FailStatic *metrics.GaugeVec
+	// CanForward is 1 while this node can forward what keeplb forwards
+	// with IPVS (its kernel has IPVS and keeplb's nftables table is
+	// loaded); at 0 it lowers its VRRP priority for such VIPs.
+	CanForward *metrics.Gauge
 
 	// The IPVS metrics below are served only after RegisterIPVS, so that a
 	// speaker without --ipvs exports nothing about a dataplane it does not
@@ -132,6 +136,11 @@ func NewSpeaker() *Speaker {
 			Help:           "1 for each IPPool whose VRRP plan ignores the Nodes' Ready condition because more than half of its nodes are not Ready at once (a control-plane problem, most likely).",
 			StabilityLevel: metrics.ALPHA,
 		}, []string{"pool"}),
+		CanForward: metrics.NewGauge(&metrics.GaugeOpts{
+			Namespace: namespace, Name: "speaker_can_forward",
+			Help:           "1 while this node can forward the VIPs keeplb forwards with IPVS (nodeport, pod): IPVS is on and in the kernel, and keeplb's nftables table is loaded. At 0 the node ranks below every node that can, for those VIPs.",
+			StabilityLevel: metrics.ALPHA,
+		}),
 		IPVSAvailable: metrics.NewGauge(&metrics.GaugeOpts{
 			Namespace: namespace, Name: "ipvs_available",
 			Help:           "1 when the speaker programs IPVS, 0 when IPVS forwarding is on but the kernel has no IPVS (load ip_vs).",
@@ -165,7 +174,7 @@ func NewSpeaker() *Speaker {
 		}),
 	}
 	m.registry.MustRegister(m.VRRPState, m.Transitions, m.Reloads, m.Restarts, m.KeepalivedUp, m.RenderDuration, m.Problems,
-		m.InstancesDropped, m.PeersDropped, m.VRRPSyncErrors, m.LastSyncSuccess, m.NotifyFIFOUp, m.FailStatic)
+		m.InstancesDropped, m.PeersDropped, m.VRRPSyncErrors, m.LastSyncSuccess, m.NotifyFIFOUp, m.FailStatic, m.CanForward)
 	return m
 }
 

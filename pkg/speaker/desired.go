@@ -22,6 +22,7 @@ import (
 	"github.com/keeplb/keeplb/pkg/keepalived"
 	"github.com/keeplb/keeplb/pkg/nodeview"
 	"github.com/keeplb/keeplb/pkg/pools"
+	"github.com/keeplb/keeplb/pkg/provider"
 	"github.com/keeplb/keeplb/pkg/vrrp"
 )
 
@@ -112,6 +113,10 @@ func PlanInput(in Inputs) (vrrp.Input, map[netip.Addr][]string) {
 	for _, n := range in.Nodes {
 		out.Nodes = append(out.Nodes, nodeOf(n))
 	}
+	byName := make(map[string]*v1alpha1.IPPool, len(in.Pools))
+	for _, p := range in.Pools {
+		byName[p.Name] = p
+	}
 	local := localNodes(in.Slices)
 	owners := map[netip.Addr][]string{}
 	for _, svc := range in.Services {
@@ -129,7 +134,8 @@ func PlanInput(in Inputs) (vrrp.Input, map[netip.Addr][]string) {
 			if pool == "" {
 				continue
 			}
-			v := vrrp.VIP{Addr: a, Pool: pool, Service: key, Created: svc.CreationTimestamp.Time}
+			v := vrrp.VIP{Addr: a, Pool: pool, Service: key, Created: svc.CreationTimestamp.Time,
+				Forwarded: provider.ForwardingFor(svc, byName[pool]) != v1alpha1.ForwardingKubeProxy}
 			if svc.Spec.ExternalTrafficPolicy == v1.ServiceExternalTrafficPolicyLocal {
 				v.Local, v.LocalNodes = true, local[key]
 			}

@@ -119,6 +119,9 @@ type ipvsStep struct {
 	// a sync that renders the same text skips running nft. Cleared by
 	// exit and by a failed run.
 	nftApplied string
+	// nftFailed is set while the last nft run failed: keeplb's table is
+	// missing or stale, so this node cannot forward (see canForward).
+	nftFailed bool
 	// nftInvalid names the entries the last transaction left out (see
 	// nft.Transaction), for the sync's error.
 	nftInvalid error
@@ -296,6 +299,16 @@ func (d *ipvsStep) sync(ctx context.Context, in Inputs) error {
 	return errors.Join(preErr, err, d.nftInvalid)
 }
 
+// canForward reports whether this node can forward what keeplb forwards
+// with IPVS: the speaker runs the IPVS step (d is not nil: --ipvs), the
+// kernel has IPVS, and keeplb's nftables table is open and its last write
+// succeeded (without it, replies from other nodes' NodePorts and pods
+// bypass this node). The VRRP step lowers the node's priority for such
+// VIPs while it cannot (vrrp.TrackValues).
+func (d *ipvsStep) canForward() bool {
+	return d != nil && d.h != nil && d.nft != nil && !d.nftFailed
+}
+
 // nftRules returns what keeplb's nftables table must express for st: the
 // masquerading st asks for, and the source ranges of every virtual server
 // keeplb forwards (st.Owners: kube-proxy-forwarded Services are
@@ -381,8 +394,10 @@ func (d *ipvsStep) writeNFT(ctx context.Context, rules nft.Rules, keep []datapla
 	}
 	d.nftApplied = ""
 	if err := d.nft.Run(ctx, tx); err != nil {
+		d.nftFailed = true
 		return fmt.Errorf("writing nftables table %s %s: %w", nft.Family, nft.Table, err)
 	}
+	d.nftFailed = false
 	d.nftApplied, d.snatApplied = text, rules.SNAT
 	klog.FromContext(ctx).V(2).Info("nftables table written", "snat", len(rules.SNAT), "sourceRanges", len(rules.SourceRanges))
 	return nil

@@ -18,8 +18,8 @@ import (
 const EventInvalidNodeAddress = "InvalidNodeAddress"
 
 // observe reports what one sync learned beyond the plan's own problems:
-// the Nodes' InternalIPs that keeplb ignores, and the pools whose plan
-// ignores Ready (fail-static).
+// the Nodes' InternalIPs that keeplb ignores, the pools whose plan ignores
+// Ready (fail-static), and whether this node can forward.
 func (s *Speaker) observe(ctx context.Context, in Inputs, plan vrrp.Plan) {
 	s.warnNodes(ctx, in.Nodes)
 	s.metrics.FailStatic.Reset()
@@ -28,6 +28,11 @@ func (s *Speaker) observe(ctx context.Context, in Inputs, plan vrrp.Plan) {
 			s.metrics.FailStatic.WithLabelValues(p.Pool).Set(1)
 		}
 	}
+	can := 0.0
+	if s.dp.canForward() {
+		can = 1
+	}
+	s.metrics.CanForward.Set(can)
 }
 
 // warnNodes logs the InternalIPs of nodes that nodeview ignores, and

@@ -1,15 +1,21 @@
 package speaker
 
 import (
+	"context"
+	"errors"
 	"net/netip"
 	"strings"
 	"testing"
 
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/tools/record"
+	"sigs.k8s.io/knftables"
 
+	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
+	"github.com/keeplb/keeplb/pkg/ipvs"
 	"github.com/keeplb/keeplb/pkg/metrics"
+	"github.com/keeplb/keeplb/pkg/nft"
 	"github.com/keeplb/keeplb/pkg/vrrp"
 )
 
@@ -77,6 +83,111 @@ func TestWarnNodes(t *testing.T) {
 	}
 }
 
+// TestPlanInputForwarded checks which VIPs the plan counts as forwarded
+// with IPVS, the ones a node that cannot forward must not hold: those of
+// nodeport and pod forwarding, by annotation or by the pool's default,
+// not kube-proxy's.
+func TestPlanInputForwarded(t *testing.T) {
+	kp := ippool("kp", []string{"192.0.2.128/25"}, nil)
+	kp.Spec.Forwarding = v1alpha1.ForwardingKubeProxy
+	in := Inputs{
+		Class: "keeplb.io/vip", DefaultClass: true,
+		Nodes: []*v1.Node{node("n1", "10.0.0.1")},
+		Pools: []*v1alpha1.IPPool{ippool("np", []string{"192.0.2.0/25"}, nil), kp},
+		Services: []*v1.Service{
+			lbService("ns", "default", "192.0.2.1", false, nil),
+			annotate(lbService("ns", "pod", "192.0.2.2", false, nil), annotations.Forwarding, "pod"),
+			annotate(lbService("ns", "kube-proxy", "192.0.2.3", false, nil), annotations.Forwarding, "kube-proxy"),
+			lbService("ns", "pool-kube-proxy", "192.0.2.129", false, nil),
+			annotate(lbService("ns", "pool-kube-proxy-nodeport", "192.0.2.130", false, nil), annotations.Forwarding, "nodeport"),
+		},
+	}
+	pin, _ := PlanInput(in)
+	want := map[string]bool{"ns/default": true, "ns/pod": true, "ns/kube-proxy": false, "ns/pool-kube-proxy": false, "ns/pool-kube-proxy-nodeport": true}
+	for _, v := range pin.VIPs {
+		if v.Forwarded != want[v.Service] {
+			t.Errorf("%s: Forwarded %v, want %v", v.Service, v.Forwarded, want[v.Service])
+		}
+	}
+	// Tracked: the instances with a forwarded VIP, and only those (each
+	// of these VIPs has an instance of its own here).
+	plan := vrrp.Compute(pin)
+	forwarded := map[netip.Addr]bool{}
+	for _, v := range pin.VIPs {
+		forwarded[v.Addr] = v.Forwarded
+	}
+	for _, inst := range plan.Instances {
+		if len(inst.VIPs) != 1 || inst.TrackFile != forwarded[inst.VIPs[0]] {
+			t.Errorf("%s %v: TrackFile %v", inst.Name, inst.VIPs, inst.TrackFile)
+		}
+	}
+}
+
+// flakyNFT is an nftables table whose writes fail while fail is set.
+type flakyNFT struct {
+	knftables.Interface
+	fail bool
+}
+
+func (f *flakyNFT) Run(ctx context.Context, tx *knftables.Transaction) error {
+	if f.fail {
+		return errors.New("nft: Operation not permitted")
+	}
+	return f.Interface.Run(ctx, tx)
+}
+
+// TestCanForward checks what the IPVS step tells the VRRP step: a node
+// forwards when it runs IPVS, the kernel has it, and keeplb's nftables
+// table is open and was written; a failed write stops it until a write
+// succeeds again.
+func TestCanForward(t *testing.T) {
+	var none *ipvsStep // --ipvs=false
+	if none.canForward() {
+		t.Error("without the IPVS step: can forward")
+	}
+	flaky := &flakyNFT{Interface: knftables.NewFake(nft.Family, nft.Table)}
+	f := newIPVSFixture(t, func(o *Options) {
+		o.openNFT = func(string) (knftables.Interface, error) { return flaky, nil }
+	})
+	in := ipvsCluster()
+	f.sync(t, in)
+	if !f.step.canForward() {
+		t.Fatal("after a good sync: cannot forward")
+	}
+	flaky.fail = true
+	in.Services = append(in.Services, fwdService("api", "192.0.2.2", 443, 30443)) // a change: the table is written again
+	if err := f.step.sync(t.Context(), in); err == nil {
+		t.Error("a failed nft write did not fail the sync")
+	}
+	if f.step.canForward() {
+		t.Error("after a failed nft write: can forward")
+	}
+	// Nothing changed, but the table is not what it must be: written again.
+	flaky.fail = false
+	f.sync(t, in)
+	if !f.step.canForward() {
+		t.Error("after the table was written again: cannot forward")
+	}
+
+	noNFT := newIPVSFixture(t, func(o *Options) {
+		o.openNFT = func(string) (knftables.Interface, error) { return nil, errors.New("nft missing") }
+	})
+	noNFT.sync(t, in)
+	if noNFT.step.canForward() {
+		t.Error("without nftables: can forward")
+	}
+	o := NewOptions()
+	o.NodeName, o.IPVS = "n1", true
+	fakeNFT(o)
+	noKernel, err := newIPVSStep(t.Context(), o, func() (ipvs.Interface, error) { return nil, ipvs.ErrNoIPVS }, nil, metrics.NewSpeaker())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if noKernel.canForward() {
+		t.Error("without IPVS in the kernel: can forward")
+	}
+}
+
 // TestObserveMetrics checks the fail-static and can-forward metrics.
 func TestObserveMetrics(t *testing.T) {
 	o := NewOptions()
@@ -94,6 +205,9 @@ func TestObserveMetrics(t *testing.T) {
 	s.observe(t.Context(), in, vrrp.Compute(pin))
 	if v := metric(t, m, `keeplb_vrrp_fail_static{pool="p"}`); v != 1 {
 		t.Errorf("vrrp_fail_static{pool=p} = %v with 2 of 3 nodes NotReady, want 1", v)
+	}
+	if v := metric(t, m, "keeplb_speaker_can_forward"); v != 0 {
+		t.Errorf("speaker_can_forward = %v without the IPVS step, want 0", v)
 	}
 	nodes[1].Status.Conditions[0].Status = v1.ConditionTrue
 	pin, _ = PlanInput(in)

@@ -324,7 +324,7 @@ func (s *Speaker) applyVRRP(ctx context.Context, in Inputs, pin vrrp.Input, plan
 	s.metrics.RenderDuration.Observe(time.Since(start).Seconds())
 	s.report(ctx, in, plan, problems)
 	// Track files first: a reload then starts with the right priorities.
-	for name, v := range vrrp.TrackValues(plan, s.opts.NodeName, pin) {
+	for name, v := range vrrp.TrackValues(plan, s.opts.NodeName, pin, s.dp.canForward()) {
 		if _, err := keepalived.WriteAtomic(s.layout.TrackPath(name), []byte(strconv.Itoa(v)+"\n")); err != nil {
 			return err
 		}

@@ -51,6 +51,15 @@
 // may also move a few other instances (one of 25 when deleting one of five
 // nodes, in the tests).
 //
+// Fail-static: when more than half of a pool's members are not Ready at
+// once (FailStatic), the plan treats all of them as eligible, which gives
+// exactly the all-Ready plan. Ready is the node lifecycle controller's view
+// of kubelet heartbeats; most nodes losing it together means the control
+// plane is in trouble (an overloaded API server, expired kubelet
+// certificates), not the data path, and withdrawing every VIP would make
+// that an outage. VRRP still finds the live nodes: a dead one sends no
+// adverts. The plan reports a FailStatic warning for the pool meanwhile.
+//
 // The orders are rendezvous hashing of instance x node, with a balancing
 // step for the first two places: first places are taken by descending score,
 // at most ceil(k/N) per node, and the instances first-placed on a node spread
@@ -95,6 +104,23 @@
 // Local instances keep PreemptDelay: a master without endpoints steps down at
 // once instead of waiting to be preempted. The lift still guards against a
 // speaker whose view of the endpoints lags.
+//
+// # Nodes that cannot forward
+//
+// A VIP the speakers forward with IPVS (VIP.Forwarded: nodeport or pod
+// forwarding) is black-holed by a holder that cannot forward: its kernel
+// lacks IPVS, keeplb's nftables table failed to load, or it runs without
+// --ipvs. Its instances (Local ones, and shared ones with such a VIP) carry
+// TrackFile, and TrackValues lowers such a node's value by the number of
+// nodes taking part: it then ranks below every node that can forward,
+// keeps its order among those that cannot, and never faults, so that a
+// cluster where no node can forward still holds its VIPs where the plan
+// puts them. A node that can forward writes 0 (its priority unchanged), so
+// the track file added to shared instances moves nothing. A node needs no
+// word about the others: lowering its own priority is enough. The lowered
+// priority stops a node from taking a VIP (at start, for instance); a
+// master that loses the ability is replaced only when its peers' preempt
+// delay has passed, as any lower-priority master.
 //
 // # Interfaces and unicast
 //

@@ -23,8 +23,9 @@ func (p Plan) For(node string) []Instance {
 	return out
 }
 
-// TrackValues returns the track-file value node writes for each Local
-// instance it takes part in, by instance name, from the endpoints in in:
+// TrackValues returns the track-file value node writes for each tracked
+// instance it takes part in (those with TrackFile), by instance name. For
+// a Local instance, from the endpoints in in:
 //
 //   - LocalLift when node has a ready local endpoint;
 //   - TrackFault when it has none but another eligible node has one, so the
@@ -34,17 +35,42 @@ func (p Plan) For(node string) []Instance {
 // Endpoints change these values only, never Compute's plan, so endpoint
 // churn needs no keepalived reload. When Services share a Local address, the
 // nodes with endpoints of all of them count, or of any if no node has all.
-func TrackValues(p Plan, node string, in Input) map[string]int {
+//
+// canForward says whether this node can forward with IPVS now (its kernel
+// has IPVS, keeplb's nftables table is loaded). A node that cannot must not
+// hold a Forwarded VIP while a node that can is up, so for an instance
+// with a Forwarded VIP its value is lowered by n, the number of nodes
+// taking part: a shared instance gets -n instead of 0, and a Local one
+// LocalLift-n instead of LocalLift. Base priorities of the nodes taking
+// part are n consecutive numbers (see Compute), so every node that cannot
+// forward ranks below every node that can, the order among them is kept
+// (up to 127 nodes), and none faults: when no node can forward, the VIP is
+// still held where the plan puts it. A node needs no word from the others:
+// lowering its own priority is enough. A node that can forward writes 0
+// for a shared instance, its base priority unchanged.
+func TrackValues(p Plan, node string, in Input, canForward bool) map[string]int {
 	owners := make(map[netip.Addr][]VIP)
+	forwarded := make(map[netip.Addr]bool)
 	for _, v := range in.VIPs {
+		a := v.Addr.Unmap().WithZone("")
 		if v.Local {
-			a := v.Addr.Unmap().WithZone("")
 			owners[a] = append(owners[a], v)
+		}
+		if v.Forwarded {
+			forwarded[a] = true
 		}
 	}
 	out := make(map[string]int)
 	for _, inst := range p.For(node) {
 		if !inst.TrackFile {
+			continue
+		}
+		penalty := 0
+		if !canForward && slices.ContainsFunc(inst.VIPs, func(a netip.Addr) bool { return forwarded[a] }) {
+			penalty = len(inst.Priorities)
+		}
+		if !inst.Local {
+			out[inst.Name] = -penalty
 			continue
 		}
 		var every, some map[string]bool
@@ -76,10 +102,11 @@ func TrackValues(p Plan, node string, in Input) map[string]int {
 		}
 		switch {
 		case endpoints[node]:
-			out[inst.Name] = LocalLift
+			out[inst.Name] = LocalLift - penalty
 		case len(endpoints) > 0:
 			out[inst.Name] = TrackFault
 		default:
+			// Nothing to forward to anywhere: nothing to prefer.
 			out[inst.Name] = 0
 		}
 	}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net/netip"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -45,7 +46,7 @@ func TestTrackValues(t *testing.T) {
 			in := Input{Nodes: nodes, Pools: []Pool{pool}, VIPs: append(tc.vips, shared("p", seq("192.0.2.100", 3))...)}
 			p := Compute(in)
 			for _, n := range nodes {
-				got := TrackValues(p, n.Name, in)
+				got := TrackValues(p, n.Name, in, true)
 				want := map[string]int{}
 				if v, ok := tc.want[n.Name]; ok {
 					want[name] = v
@@ -60,7 +61,7 @@ func TestTrackValues(t *testing.T) {
 			inst := instanceByName(t, p, name)
 			lowestLifted, highestOther := 255, 0
 			for n, base := range inst.Priorities {
-				switch v := TrackValues(p, n, in)[name]; v {
+				switch v := TrackValues(p, n, in, true)[name]; v {
 				case LocalLift:
 					lowestLifted = min(lowestLifted, base+v)
 				case 0:
@@ -83,7 +84,7 @@ func TestTrackValues(t *testing.T) {
 func TestTrackValuesOnlyForLocal(t *testing.T) {
 	in := stabilityInput()
 	p := Compute(in)
-	got := TrackValues(p, "node-0", in)
+	got := TrackValues(p, "node-0", in, true)
 	want := 0
 	for _, inst := range p.For("node-0") {
 		if inst.TrackFile {
@@ -221,5 +222,116 @@ func TestMasterDown(t *testing.T) {
 		if got := MasterDown(tc.advert, tc.priority); got != tc.want {
 			t.Errorf("MasterDown(%s, %d) = %s, want %s", tc.advert, tc.priority, got, tc.want)
 		}
+	}
+}
+
+// TestTrackValuesCannotForward checks the rule for nodes that cannot
+// forward with IPVS, for every set of such nodes: in an instance with a
+// Forwarded VIP, each of them ranks below every node that can, the order
+// within each group is the plan's, and none faults because of it, so the
+// VIP is held where the plan puts it even when no node can forward.
+// Instances without a Forwarded VIP are not tracked at all.
+func TestTrackValuesCannotForward(t *testing.T) {
+	nodes := readyNodes(4)
+	fwd := func(vs []VIP) []VIP {
+		for i := range vs {
+			vs[i].Forwarded = true
+		}
+		return vs
+	}
+	mixed := shared("mix", seq("192.0.2.129", 4))
+	mixed[0].Forwarded = true
+	lv := local("fwd", netip.MustParseAddr("198.51.100.7"), 0, "node-1", "node-2")
+	lv.Forwarded = true
+	in := Input{
+		Nodes: nodes,
+		Pools: []Pool{
+			{Name: "fwd", FirstVRID: 1, LastVRID: 20},
+			{Name: "kp", FirstVRID: 21, LastVRID: 40},
+			{Name: "mix", FirstVRID: 41, LastVRID: 42}, // one shared instance
+		},
+		VIPs: slices.Concat(fwd(shared("fwd", seq("192.0.2.1", 40))), shared("kp", seq("192.0.2.65", 40)), mixed, []VIP{lv}),
+	}
+	p := Compute(in)
+	tracked := 0
+	for _, inst := range p.Instances {
+		if want := inst.Pool != "kp"; inst.TrackFile != want {
+			t.Fatalf("%s: TrackFile %v, want %v", inst.Name, inst.TrackFile, want)
+		}
+		if inst.TrackFile {
+			tracked++
+		}
+	}
+	if tracked < 10 {
+		t.Fatalf("only %d tracked instances", tracked)
+	}
+	for _, n := range nodes {
+		for name, v := range TrackValues(p, n.Name, in, true) {
+			if inst := instanceByName(t, p, name); !inst.Local && v != 0 {
+				t.Errorf("%s can forward: value %d for shared instance %s, want 0 (base priority unchanged)", n.Name, v, name)
+			}
+		}
+	}
+	for mask := range 1 << len(nodes) {
+		unable := func(n string) bool {
+			i := slices.IndexFunc(nodes, func(x Node) bool { return x.Name == n })
+			return mask&(1<<i) != 0
+		}
+		values := map[string]map[string]int{}
+		for _, n := range nodes {
+			values[n.Name] = TrackValues(p, n.Name, in, !unable(n.Name))
+		}
+		for _, inst := range p.Instances {
+			if !inst.TrackFile {
+				continue
+			}
+			// The running nodes by effective priority, as keepalived adds
+			// the value with weight 1; faulted ones (no endpoint) are out.
+			type ranked struct {
+				node          string
+				base, eff     int
+				cannotForward bool
+			}
+			var rs []ranked
+			for n, base := range inst.Priorities {
+				v := values[n][inst.Name]
+				if v == TrackFault {
+					continue
+				}
+				if base+v < 1 || v <= -254 {
+					t.Fatalf("mask %04b %s: %s at %d%+d would fault or leave 1-254", mask, inst.Name, n, base, v)
+				}
+				rs = append(rs, ranked{n, base, base + v, unable(n)})
+			}
+			slices.SortFunc(rs, func(a, b ranked) int { return b.eff - a.eff })
+			for i := 1; i < len(rs); i++ {
+				a, b := rs[i-1], rs[i]
+				if a.eff == b.eff {
+					t.Fatalf("mask %04b %s: %s and %s tie at %d", mask, inst.Name, a.node, b.node, a.eff)
+				}
+				if a.cannotForward && !b.cannotForward {
+					t.Errorf("mask %04b %s: %s, which cannot forward (%d), outranks %s, which can (%d)", mask, inst.Name, a.node, a.eff, b.node, b.eff)
+				}
+				if a.cannotForward == b.cannotForward && a.base < b.base && values[a.node][inst.Name] == values[b.node][inst.Name] {
+					t.Errorf("mask %04b %s: %s (base %d) outranks %s (base %d) of its own group", mask, inst.Name, a.node, a.base, b.node, b.base)
+				}
+			}
+		}
+	}
+	// The Local instance: of its two endpoint nodes, the one that can
+	// forward holds it; if neither can, one of them still does.
+	name := "kl_fwd_v4_198-51-100-7"
+	inst := instanceByName(t, p, name)
+	eff := func(n string, canForward bool) int {
+		return inst.Priorities[n] + TrackValues(p, n, in, canForward)[name]
+	}
+	if eff("node-1", false) >= eff("node-2", true) || eff("node-2", false) >= eff("node-1", true) {
+		t.Errorf("an endpoint node that cannot forward outranks one that can")
+	}
+	if v := TrackValues(p, "node-0", in, true)[name]; v != TrackFault {
+		t.Errorf("node-0 without endpoints: %d, want TrackFault", v)
+	}
+	if eff("node-1", false) <= inst.Priorities["node-0"] || eff("node-2", false) <= inst.Priorities["node-3"] {
+		t.Errorf("endpoint nodes that cannot forward fell below nodes without endpoints")
 	}
 }

@@ -162,9 +162,10 @@ func interfaceHint(a, b string) string {
 
 // address is one VIP address with what the plan needs of its owners.
 type address struct {
-	addr    netip.Addr
-	local   bool
-	created time.Time
+	addr      netip.Addr
+	local     bool
+	forwarded bool
+	created   time.Time
 }
 
 // vips groups the VIPs by pool, one entry per address. An address is Local
@@ -192,6 +193,7 @@ func (c *computer) vips(in []VIP, pools map[string]*pool) map[string][]*address 
 					"VIP %s is given to Service %s from IPPool %s but is announced with IPPool %s", v.Addr, v.Service, v.Pool, curPool)
 			}
 			cur.local = cur.local || v.Local
+			cur.forwarded = cur.forwarded || v.Forwarded
 			if cur.created.IsZero() || !v.Created.IsZero() && v.Created.Before(cur.created) {
 				cur.created = v.Created
 			}
@@ -207,7 +209,7 @@ func (c *computer) vips(in []VIP, pools map[string]*pool) map[string][]*address 
 		case p.usable == nil:
 			continue // reported once per pool below
 		}
-		cur = &address{addr: v.Addr, local: v.Local, created: v.Created}
+		cur = &address{addr: v.Addr, local: v.Local, forwarded: v.Forwarded, created: v.Created}
 		byPool[v.Pool] = append(byPool[v.Pool], cur)
 	}
 	for name, p := range pools {
@@ -322,11 +324,18 @@ func (c *computer) group(p *pool, fam allocator.Family, vs []*address, nodes []N
 		keys[b] = fmt.Sprintf("%s/%s/%d", p.Name, fs, b)
 	}
 	orders := balancedOrders(keys, members)
-	base := func(name string, vrid int, vips []netip.Addr, prio map[string]int, track bool) Instance {
+	forwarded := make(map[netip.Addr]bool)
+	for _, a := range vs {
+		if a.forwarded {
+			forwarded[a.addr] = true
+		}
+	}
+	base := func(name string, vrid int, vips []netip.Addr, prio map[string]int, local bool) Instance {
 		return Instance{
 			Name: name, Pool: p.Name, Family: fam, VRID: vrid, Version: Version,
 			Advert: p.Advert, Unicast: p.Unicast, Interface: p.Interface,
-			VIPs: vips, Priorities: prio, TrackFile: track, PreemptDelay: PreemptDelay,
+			VIPs: vips, Priorities: prio, Local: local, PreemptDelay: PreemptDelay,
+			TrackFile: local || slices.ContainsFunc(vips, func(a netip.Addr) bool { return forwarded[a] }),
 		}
 	}
 	for b, vips := range buckets {

@@ -508,7 +508,7 @@ func TestLocalPlanIgnoresEndpoints(t *testing.T) {
 	if got := Compute(changed); !reflect.DeepEqual(got, base) {
 		t.Fatal("the plan changed with the endpoints; endpoint churn would reload keepalived")
 	}
-	if tv := TrackValues(base, "node-3", changed); reflect.DeepEqual(tv, TrackValues(base, "node-3", in)) {
+	if tv := TrackValues(base, "node-3", changed, true); reflect.DeepEqual(tv, TrackValues(base, "node-3", in, true)) {
 		t.Fatal("track values did not change with the endpoints")
 	}
 }

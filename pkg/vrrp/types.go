@@ -115,6 +115,11 @@ type VIP struct {
 	// want the same VRID, the older one keeps it, so that adding a Service
 	// never moves an existing one.
 	Created time.Time
+	// Forwarded is set when the holder forwards the VIP's traffic with
+	// IPVS (forwarding nodeport or pod), not kube-proxy: a node that cannot
+	// forward must then not hold it while one that can exists (see
+	// TrackValues).
+	Forwarded bool
 }
 
 // Input is everything the plan depends on: cluster-wide data only, so that
@@ -156,9 +161,13 @@ type Instance struct {
 	// Priorities maps every eligible node to its base priority (1-254);
 	// nodes not listed take no part. The highest is the intended master.
 	Priorities map[string]int
-	// TrackFile is set on Local instances: render a track_file with weight 1
-	// whose value each node writes from TrackValues.
+	// TrackFile is set on Local instances and on instances with a
+	// Forwarded VIP: render a track_file with weight 1 whose value each
+	// node writes from TrackValues.
 	TrackFile bool
+	// Local is set on the instance of one Local address: TrackValues lifts
+	// the nodes with a ready local endpoint.
+	Local bool
 	// PreemptDelay is keepalived's preempt_delay. It needs the instance to
 	// start in state BACKUP, which every instance should.
 	PreemptDelay time.Duration
