@@ -96,19 +96,23 @@ func TestSupervisorReloadsOncePerBurst(t *testing.T) {
 	s.sup.Apply([]byte("v0"))
 	eventually(t, "started", s.fake.Running)
 
+	start := time.Now()
 	for i := 1; i <= 10; i++ {
 		changed, err := s.sup.Apply(fmt.Appendf(nil, "v%d", i))
 		if err != nil || !changed {
 			t.Fatalf("Apply v%d = %v, %v", i, changed, err)
 		}
 	}
-	eventually(t, "one reload", func() bool { return s.fake.Reloads() == 1 })
-	if got := string(s.fake.Config()); got != "v10" {
-		t.Errorf("keepalived loaded %q, want the last bytes v10", got)
+	// The burst is one reload when it fits in the window; on a machine so
+	// loaded that ten writes took longer, each window it spans may reload.
+	want := 1 + int(time.Since(start)/window)
+	if want > 1 {
+		t.Logf("the burst took %s, longer than the %s window: up to %d reloads", time.Since(start), window, want)
 	}
-	stays(t, "a single reload", 2*window, func() bool { return s.fake.Reloads() == 1 })
-	if st := s.sup.Status(); st.Reloads != 1 {
-		t.Errorf("Status().Reloads = %d, want 1", st.Reloads)
+	eventually(t, "the last bytes loaded", func() bool { return string(s.fake.Config()) == "v10" })
+	stays(t, "reloads within the burst's windows", 2*window, func() bool { return s.fake.Reloads() >= 1 && s.fake.Reloads() <= want })
+	if st := s.sup.Status(); st.Reloads != s.fake.Reloads() {
+		t.Errorf("Status().Reloads = %d, keepalived saw %d", st.Reloads, s.fake.Reloads())
 	}
 }
 
