@@ -19,6 +19,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"sigs.k8s.io/yaml"
 
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
@@ -66,11 +67,20 @@ func newEnv(t *testing.T) *env {
 // leader election, until the returned stop function is called.
 func (e *env) startController(mods ...func(*controller.Options)) (stop func()) {
 	e.t.Helper()
+	return e.startControllerWith(nil, mods...)
+}
+
+// startControllerWith is startController with a change to its REST config
+// (a transport wrapper, say).
+func (e *env) startControllerWith(cfgMod func(*rest.Config), mods ...func(*controller.Options)) (stop func()) {
+	e.t.Helper()
 	o := controller.NewOptions()
 	o.MetricsBindAddress = "127.0.0.1:0"
 	o.LeaderElectNamespace = "keeplb-system"
 	o.Identity = fmt.Sprintf("test-%d", time.Now().UnixNano())
-	o.LeaseDuration, o.RenewDeadline, o.RetryPeriod = 4*time.Second, 3*time.Second, 500*time.Millisecond
+	// Short, but with the margin a lost lease needs (LeaseDuration -
+	// RenewDeadline - RetryPeriod bounds each write; see controller.Options).
+	o.LeaseDuration, o.RenewDeadline, o.RetryPeriod = 6*time.Second, 3*time.Second, 500*time.Millisecond
 	o.Workers = 4
 	o.KubeAPIQPS, o.KubeAPIBurst = 500, 1000
 	for _, m := range mods {
@@ -78,6 +88,9 @@ func (e *env) startController(mods ...func(*controller.Options)) (stop func()) {
 	}
 	cfg := e.cp.ImpersonatedConfig(controllerUser, "system:serviceaccounts", "system:serviceaccounts:keeplb-system", "system:authenticated")
 	cfg.QPS, cfg.Burst = o.KubeAPIQPS, o.KubeAPIBurst
+	if cfgMod != nil {
+		cfgMod(cfg)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Add(1)

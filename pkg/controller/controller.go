@@ -9,7 +9,9 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -305,6 +307,24 @@ func (c *Controller) run(ctx context.Context) error {
 	}); err != nil {
 		return err
 	}
+	// Status is the truth at any time, not only at start: an address that
+	// any Service lists (a late write of an old leader, an operator's edit,
+	// a restore from backup, another implementation's Service) is never
+	// handed to another Service while it is listed.
+	if _, err := c.services.ServiceInformer.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(obj any) { c.statusSeen(obj.(*v1.Service)) },
+		UpdateFunc: func(_, cur any) { c.statusSeen(cur.(*v1.Service)) },
+		DeleteFunc: func(obj any) {
+			if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+				obj = d.Obj
+			}
+			if svc, ok := obj.(*v1.Service); ok && c.alloc.SetStatus(svcKey(svc), nil) {
+				c.capacityChanged()
+			}
+		},
+	}); err != nil {
+		return err
+	}
 	if _, err := namespaces.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc: func(any) { c.capacityChanged() },
 		UpdateFunc: func(old, cur any) {
@@ -387,6 +407,46 @@ func (c *Controller) known(key string) bool {
 	return ok || c.alloc.IsPending(key)
 }
 
+// statusSeen records the addresses svc lists in its status. When one of
+// keeplb's Services lists an address keeplb did not give it (an operator's
+// edit, a restore, a late write), its reconciler runs again and rewrites the
+// status with the Service's own addresses: the reconcilers do not react to
+// status changes by themselves. The address stays out of every free set
+// until then (SetStatus), so nobody else is given it meanwhile.
+func (c *Controller) statusSeen(svc *v1.Service) {
+	key := svcKey(svc)
+	listed := provider.StatusAddrs(svc)
+	if c.alloc.SetStatus(key, listed) {
+		c.capacityChanged()
+	}
+	al, ok := c.alloc.Lookup(key)
+	if !ok || !c.ours(svc) {
+		return
+	}
+	stale := false
+	var taken []string
+	for _, a := range listed {
+		if slices.Contains(al.Addrs, a) {
+			continue
+		}
+		// Most often the status is only behind: the Service was just
+		// given new addresses and the reconciler is about to write them.
+		// Running it again is then harmless; an event is not.
+		stale = true
+		if holders := c.alloc.Holders(a); len(holders) > 0 {
+			taken = append(taken, fmt.Sprintf("%s (held by Service %s)", a, strings.Join(holders, ", ")))
+		}
+	}
+	if len(taken) > 0 {
+		c.recorder.Eventf(svc, v1.EventTypeWarning, provider.EventStatusOverwritten,
+			"status.loadBalancer.ingress lists %s, which keeplb did not give this Service; the status is rewritten with its own %s. To ask for an address, set keeplb.io/ips",
+			strings.Join(taken, ", "), al)
+	}
+	if stale {
+		c.kick([]string{key})
+	}
+}
+
 // forUpstream is the upstream service controller's share: classless
 // LoadBalancer Services (it is created only with --default-class). It
 // ignores the class on its cleanup path, so it is shown nothing else;
@@ -420,11 +480,17 @@ func (c *Controller) seed(ctx context.Context, prov *provider.Provider) (int, er
 	})
 	n := 0
 	for _, svc := range svcs {
+		// Every Service's status, keeplb's or not, before any Restore: an
+		// address listed by a Service that cannot keep it stays out of the
+		// free sets all the same.
+		c.statusSeen(svc)
+	}
+	for _, svc := range svcs {
 		if !c.ours(svc) || len(svc.Status.LoadBalancer.Ingress) == 0 {
 			continue
 		}
 		if err := prov.Restore(svc); err != nil {
-			c.recorder.Eventf(svc, v1.EventTypeWarning, provider.EventAllocationFailed, "address in status not kept: %v", err)
+			c.recorder.Eventf(svc, v1.EventTypeWarning, provider.EventAllocationFailed, "address in status not kept: %v; the Service gets another address", err)
 			continue
 		}
 		n++

@@ -36,6 +36,9 @@ const (
 	EventAllocationFailed   = "AllocationFailed"
 	EventUnknownAnnotation  = "UnknownAnnotation"
 	EventAddressOutsidePool = "AddressOutsidePool"
+	// EventStatusOverwritten: the Service's status listed an address keeplb
+	// did not give it, and is rewritten.
+	EventStatusOverwritten = "StatusOverwritten"
 )
 
 // PoolGetter returns an IPPool by name, or nil.
@@ -140,6 +143,12 @@ func (p *Provider) EnsureLoadBalancer(ctx context.Context, _ string, svc *v1.Ser
 	if err != nil {
 		p.cfg.Allocator.MarkPending(key(svc))
 		return nil, p.fail(svc, err)
+	}
+	// svc is the informer's current copy: what its status lists now is
+	// what the allocator must hold for it (and for nobody else) before it
+	// decides, whatever the status handler has or has not seen yet.
+	if p.cfg.Allocator.SetStatus(key(svc), StatusAddrs(svc)) {
+		p.freed()
 	}
 	before, had := p.cfg.Allocator.Lookup(key(svc))
 	alloc, err := p.cfg.Allocator.Assign(RequestFor(svc, cfg, p.nsLabels(svc.Namespace)))
