@@ -81,7 +81,7 @@ func newFixture(t *testing.T, defaultClass bool, objs ...*v1.Service) *fixture {
 	factory := informers.NewSharedInformerFactory(client, 0)
 	c, err := New(Config{
 		Class: class, DefaultClass: defaultClass, ClusterName: "test", Client: client, Balancer: prov,
-		Known: func(key string) bool { _, ok := alloc.Lookup(key); return ok || alloc.IsPending(key) },
+		Known:   func(key string) bool { _, ok := alloc.Lookup(key); return ok || alloc.IsPending(key) },
 		Manager: manager, Services: factory.Core().V1().Services(),
 	})
 	if err != nil {
