@@ -56,8 +56,9 @@ func ParseEvent(line string) (Event, error) {
 	if len(f) != 4 || f[0] != "INSTANCE" {
 		return Event{}, fmt.Errorf("not an instance notification: %q", line)
 	}
-	name, ok := strings.CutPrefix(f[1], `"`)
-	if name, ok = strings.CutSuffix(name, `"`); !ok || name == "" {
+	name, opened := strings.CutPrefix(f[1], `"`)
+	name, closed := strings.CutSuffix(name, `"`)
+	if !opened || !closed || name == "" || strings.Contains(name, `"`) {
 		return Event{}, fmt.Errorf("instance name not quoted: %q", line)
 	}
 	prio, err := strconv.Atoi(f[3])

@@ -26,6 +26,10 @@ func TestParseEvent(t *testing.T) {
 		{line: `GROUP "G1" MASTER 0`, wantErr: true},
 		{line: `VS [192.168.201.15]:tcp:80 UP`, wantErr: true},
 		{line: `INSTANCE vi MASTER 100`, wantErr: true},
+		// Found by FuzzParseEvent: only the closing quote was checked.
+		{line: `INSTANCE vi" MASTER 100`, wantErr: true},
+		{line: `INSTANCE "vi MASTER 100`, wantErr: true},
+		{line: `INSTANCE "v"i" MASTER 100`, wantErr: true},
 		{line: `INSTANCE "" MASTER 100`, wantErr: true},
 		{line: `INSTANCE "vi" MASTER high`, wantErr: true},
 		{line: `INSTANCE "vi" MASTER 256`, wantErr: true},

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strconv"
 	"strings"
 	"text/template"
 
@@ -321,6 +322,13 @@ func KeepalivedVIP(manifest []byte, o Options) (Result, error) {
 		source = "ConfigMap " + cm.Name
 		if cm.Namespace != "" {
 			source = "ConfigMap " + cm.Namespace + "/" + cm.Name
+		}
+		// The name goes into a comment of a shell script: a hand-edited
+		// manifest's name could carry a line break, and the next line
+		// would run. A name the API server would refuse is quoted, so
+		// that it stays on the comment's line.
+		if len(validation.IsDNS1123Subdomain(cm.Name)) > 0 || cm.Namespace != "" && len(validation.IsDNS1123Label(cm.Namespace)) > 0 {
+			source = "a ConfigMap named " + strconv.Quote(strings.TrimPrefix(source, "ConfigMap "))
 		}
 	}
 	r := Convert(source, cm.Data, o)
