@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# test.sh is `make test`, and what CI runs: verify, then the unit tests, then
-# the integration tests against a real kube-apiserver and etcd, then the
-# tests that need IPVS (hack/e2e.sh: in a VM where the host kernel has none). It stops at
-# the first stage that fails and reports how long each stage took.
+# test.sh is `make test`, and what CI runs: verify, then the unit tests, a
+# few seconds of every fuzz target, then the integration tests against a
+# real kube-apiserver and etcd, then the tests that need IPVS (hack/e2e.sh:
+# in a VM where the host kernel has none). It stops at the first stage that
+# fails and reports how long each stage took.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -43,8 +44,13 @@ unit() {
   go test -race -count=1 $pkgs
 }
 
+# Every fuzz target for a few seconds (make fuzz runs them longer): new
+# inputs each run, on top of the seeds that plain go test replays.
+fuzz() { FUZZTIME=${FUZZTIME:-3s} hack/fuzz.sh; }
+
 stage verify hack/verify.sh
 stage unit unit
+stage fuzz fuzz
 stage integration hack/test-integration.sh
 stage e2e hack/e2e.sh
 
