@@ -486,7 +486,11 @@ func (c *Controller) seed(ctx context.Context, prov *provider.Provider) (int, er
 		c.statusSeen(svc)
 	}
 	for _, svc := range svcs {
-		if !c.ours(svc) || len(svc.Status.LoadBalancer.Ingress) == 0 {
+		// A Service being deleted keeps its addresses out of the free
+		// sets through its status until it is gone, but holds nothing:
+		// restored, an older one would take back an address that a
+		// sharer of it holds now.
+		if !c.ours(svc) || len(svc.Status.LoadBalancer.Ingress) == 0 || svc.DeletionTimestamp != nil {
 			continue
 		}
 		if err := prov.Restore(svc); err != nil {
