@@ -481,7 +481,9 @@ func TestLoadBalancerClass(t *testing.T) {
 
 	// With --default-class=false, classless Services are not ours.
 	stop()
-	e.startController(func(o *controller.Options) { o.DefaultClass, o.AllowUnmanagedIPs = false, true })
+	e.startController(func(o *controller.Options) {
+		o.DefaultClass, o.AllowUnmanagedIPs = false, []string{"100.64.0.0/28"}
+	})
 	e.create(newService("ns", "none2"))
 	e.create(newService("ns", "ours2", class("keeplb.io/vip")))
 	e.create(newService("ns", "unmanaged", class("keeplb.io/vip"), ann("keeplb.io/ips", "100.64.0.9")))

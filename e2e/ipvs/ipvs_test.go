@@ -42,13 +42,19 @@ import (
 var kubeconfig = flag.String("lab.kubeconfig", "", "internal: the node side's kubeconfig when the test runs in the VM")
 
 // TestDataplane runs the scenarios of the dataplane on a real IPVS kernel.
-func TestDataplane(t *testing.T) {
+func TestDataplane(t *testing.T) { onIPVSKernel(t, scenarios) }
+
+// onIPVSKernel runs node with a config for the API server, where the
+// kernel has IPVS: on the host if it has, else in the VM of hack/vm (each
+// top-level test boots one), with the API server and keeplb's controller
+// on the host.
+func onIPVSKernel(t *testing.T, node func(*testing.T, *rest.Config)) {
 	if *kubeconfig != "" { // the node side, in the VM
 		cfg, err := clientcmd.BuildConfigFromFlags("", *kubeconfig)
 		if err != nil {
 			t.Fatal(err)
 		}
-		scenarios(t, cfg)
+		node(t, cfg)
 		return
 	}
 	if os.Geteuid() != 0 {
@@ -69,7 +75,7 @@ func TestDataplane(t *testing.T) {
 	keeplbtest.Install(t, cp)
 	keeplbtest.StartController(t, cp)
 	if hostIPVS {
-		scenarios(t, cp.AdminConfig())
+		node(t, cp.AdminConfig())
 		return
 	}
 	dir := t.TempDir()

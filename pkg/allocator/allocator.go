@@ -31,7 +31,9 @@ import (
 // Allocator is the in-memory VIP allocator. The zero value is not usable;
 // call New.
 type Allocator struct {
-	allowUnmanaged bool
+	// unmanaged are the ranges outside every pool that keeplb.io/ips may
+	// name (--allow-unmanaged-ips).
+	unmanaged []netip.Prefix
 
 	mu       sync.Mutex
 	pools    map[string]*poolState
@@ -76,11 +78,13 @@ type svcState struct {
 	alloc Allocation
 }
 
-// New returns an empty allocator. allowUnmanaged lets keeplb.io/ips name
-// addresses outside every pool.
-func New(allowUnmanaged bool) *Allocator {
+// New returns an empty allocator. unmanaged are the ranges outside every
+// pool that keeplb.io/ips (or spec.loadBalancerIP) may name: an address
+// there is checked against other Services only, so the operator chooses
+// them; none by default.
+func New(unmanaged ...netip.Prefix) *Allocator {
 	return &Allocator{
-		allowUnmanaged: allowUnmanaged,
+		unmanaged: slices.Clone(unmanaged),
 		pools:          map[string]*poolState{},
 		addrs:          map[netip.Addr]*addrState{},
 		services:       map[string]*svcState{},
@@ -529,8 +533,18 @@ func (a *Allocator) planExplicit(req *Request) ([]planned, error) {
 				}
 			case st != nil:
 				// Ours already (the pool shrank): keeping it moves nothing.
-			case !a.allowUnmanaged:
-				return nil, errorf(ReasonOutsidePools, field, "%s is in no IPPool; add it to an IPPool's spec.addresses or choose an address from `kubectl get ippools`", ip)
+			case !a.unmanagedAllowed(ip):
+				if len(a.unmanaged) == 0 {
+					return nil, errorf(ReasonOutsidePools, field, "%s is in no IPPool; add it to an IPPool's spec.addresses or choose an address from `kubectl get ippools`", ip)
+				}
+				return nil, errorf(ReasonOutsidePools, field, "%s is in no IPPool, nor in the ranges the controller allows outside them (--allow-unmanaged-ips %s); add it to an IPPool's spec.addresses or choose an address from `kubectl get ippools`", ip, prefixList(a.unmanaged))
+			case req.KubeProxy:
+				// With ipMode VIP every node's kube-proxy takes the address
+				// over inside the cluster: outside the pools, where no
+				// operator vetted it, that would let a tenant capture any
+				// address (a resolver, the API server) for every pod
+				// (CVE-2020-8554).
+				return nil, errorf(ReasonOutsidePools, "keeplb.io/forwarding", "%s is in no IPPool, and with kube-proxy forwarding kube-proxy on every node would intercept it for the whole cluster; use nodeport or pod forwarding, or take an address from an IPPool", ip)
 			}
 			plan = append(plan, planned{addr: ip, fam: f})
 		}
@@ -855,4 +869,17 @@ func (al Allocation) String() string {
 		return strings.Join(s, ", ") + " (unmanaged)"
 	}
 	return fmt.Sprintf("%s from IPPool %s", strings.Join(s, ", "), al.Pool)
+}
+
+// unmanagedAllowed reports whether ip, in no pool, may be named.
+func (a *Allocator) unmanagedAllowed(ip netip.Addr) bool {
+	return slices.ContainsFunc(a.unmanaged, func(p netip.Prefix) bool { return p.Contains(ip) })
+}
+
+func prefixList(ps []netip.Prefix) string {
+	s := make([]string, len(ps))
+	for i, p := range ps {
+		s[i] = p.String()
+	}
+	return strings.Join(s, ",")
 }

@@ -42,7 +42,7 @@ func BenchmarkAssign(b *testing.B) {
 	size := int(r.Size().Int64())
 	for _, pct := range fills {
 		b.Run(fmt.Sprintf("keeplb/full=%d%%", pct), func(b *testing.B) {
-			a := New(false)
+			a := New()
 			a.SetPools([]Pool{{Name: "p", Ranges: []Range{r}, AutoAssign: true}})
 			for i := range size * pct / 100 {
 				if _, err := a.Assign(req(fmt.Sprintf("ns/fill%d", i))); err != nil {
@@ -86,7 +86,7 @@ func BenchmarkFill(b *testing.B) {
 	b.ResetTimer()
 	for range b.N {
 		b.StopTimer()
-		a := New(false)
+		a := New()
 		a.SetPools([]Pool{{Name: "p", Ranges: []Range{r}, AutoAssign: true}})
 		b.StartTimer()
 		for _, rq := range reqs {
@@ -107,7 +107,7 @@ func BenchmarkSetPoolsAvoidBuggy(b *testing.B) {
 			p := Pool{Name: "p", Ranges: mustRanges(b, cidr), AutoAssign: true, AvoidBuggyIPs: true}
 			b.ReportAllocs()
 			for range b.N {
-				New(false).SetPools([]Pool{p})
+				New().SetPools([]Pool{p})
 			}
 		})
 	}

@@ -76,7 +76,7 @@ func wantErr(t *testing.T, err error, reason Reason, field, text string) {
 }
 
 func TestAssignSequentialAndStable(t *testing.T) {
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/30")})
 	for i, want := range []string{"192.0.2.0", "192.0.2.1", "192.0.2.2", "192.0.2.3"} {
 		al := mustAssign(t, a, req(fmt.Sprintf("ns/s%d", i)))
@@ -105,7 +105,7 @@ func TestAssignSequentialAndStable(t *testing.T) {
 }
 
 func TestFreedAddressIsReusedLast(t *testing.T) {
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/29")})
 	mustAssign(t, a, req("ns/a"))
 	mustAssign(t, a, req("ns/b"))
@@ -131,7 +131,7 @@ func TestPoolSelection(t *testing.T) {
 	nsSel.AutoAssign = false
 	nsSel.NamespaceSelector = labels.SelectorFromSet(labels.Set{"env": "prod"})
 
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{manual, low, high, teamOnly, labelled, nsSel})
 	tests := []struct {
 		name      string
@@ -189,7 +189,7 @@ func TestPoolSelection(t *testing.T) {
 // text (the provider records "<reason>: <error>") for a SingleStack Service
 // whose keeplb.io/ips gives both families.
 func TestSingleStackTwoAddressesEvent(t *testing.T) {
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/30", "2001:db8::/126")})
 	_, err := a.Assign(req("ns/s", withIPs("192.0.2.1", "2001:db8::1"), withFamilies(SingleStack, IPv4)))
 	var e *Error
@@ -205,17 +205,17 @@ func TestSingleStackTwoAddressesEvent(t *testing.T) {
 func TestNoPoolAdmits(t *testing.T) {
 	p := pool(t, "team", "192.0.2.0/30")
 	p.Namespaces = []string{"team"}
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{p})
 	_, err := a.Assign(req("other/a"))
 	wantErr(t, err, ReasonNoPool, "", "IPPool team admits only namespaces team")
-	a2 := New(false)
+	a2 := New()
 	_, err = a2.Assign(req("other/a"))
 	wantErr(t, err, ReasonNoPool, "", "create an IPPool for namespace other")
 }
 
 func TestUnmanagedAddresses(t *testing.T) {
-	a := New(true)
+	a := New(netip.MustParsePrefix("100.64.0.0/10"))
 	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/30")})
 	al := mustAssign(t, a, req("ns/a", withIPs("100.64.0.1")))
 	if al.Pool != "" || addrs(al) != "100.64.0.1" {
@@ -236,11 +236,37 @@ func TestUnmanagedAddresses(t *testing.T) {
 	}
 }
 
+// TestUnmanagedOnlyFromTheAllowList: outside the pools a tenant may name
+// only what the operator listed, and never with kube-proxy forwarding. On
+// main --allow-unmanaged-ips let any Service claim any address, a public
+// resolver or the API server's included, and with kube-proxy forwarding
+// have every node intercept it (CVE-2020-8554).
+func TestUnmanagedOnlyFromTheAllowList(t *testing.T) {
+	a := New(netip.MustParsePrefix("203.0.113.0/28"), netip.MustParsePrefix("2001:db8:f::/64"))
+	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/30")})
+	mustAssign(t, a, req("ns/in", withIPs("203.0.113.5")))
+	_, err := a.Assign(req("ns/resolver", withIPs("8.8.8.8")))
+	wantErr(t, err, ReasonOutsidePools, "keeplb.io/ips", "--allow-unmanaged-ips 203.0.113.0/28,2001:db8:f::/64")
+	_, err = a.Assign(req("ns/edge", withIPs("203.0.113.16")))
+	wantErr(t, err, ReasonOutsidePools, "keeplb.io/ips", "nor in the ranges the controller allows")
+	kubeProxy := func(r *Request) { r.KubeProxy = true }
+	_, err = a.Assign(req("ns/intercept", withIPs("203.0.113.6"), kubeProxy))
+	wantErr(t, err, ReasonOutsidePools, "keeplb.io/forwarding", "kube-proxy on every node would intercept it")
+	// In a pool, kube-proxy forwarding is the operator's choice.
+	mustAssign(t, a, req("ns/pooled", withIPs("192.0.2.1"), kubeProxy))
+
+	// Without a list, nothing outside the pools.
+	b := New()
+	b.SetPools([]Pool{pool(t, "p", "192.0.2.0/30")})
+	_, err = b.Assign(req("ns/in", withIPs("203.0.113.5")))
+	wantErr(t, err, ReasonOutsidePools, "keeplb.io/ips", "is in no IPPool; add it")
+}
+
 // TestNothingMovesSilently covers pool edits and restarts that must leave
 // every address where it is.
 func TestNothingMovesSilently(t *testing.T) {
 	t.Run("restart outside every pool", func(t *testing.T) {
-		a := New(false)
+		a := New()
 		a.SetPools([]Pool{pool(t, "p", "192.0.2.0/30")})
 		if err := a.Restore(req("ns/a"), []netip.Addr{netip.MustParseAddr("198.51.100.7")}); err != nil {
 			t.Fatal(err)
@@ -254,7 +280,7 @@ func TestNothingMovesSilently(t *testing.T) {
 		older.Order = 1
 		newer := pool(t, "newer", "192.0.2.8/30")
 		newer.Order = 2
-		a := New(false)
+		a := New()
 		a.SetPools([]Pool{older, newer})
 		first := mustAssign(t, a, req("ns/a", withPool("newer")))
 		older.Ranges = mustRanges(t, "192.0.2.0/28")
@@ -270,7 +296,7 @@ func TestNothingMovesSilently(t *testing.T) {
 			t.Fatalf("stats: newer %+v older %+v", st["newer"], st["older"])
 		}
 		// After a restart too.
-		b := New(false)
+		b := New()
 		b.SetPools([]Pool{older, newer})
 		if err := b.Restore(req("ns/a", withPool("newer")), first.Addrs); err != nil {
 			t.Fatal(err)
@@ -296,7 +322,7 @@ func TestNothingMovesSilently(t *testing.T) {
 		}
 	})
 	t.Run("PreferDualStack fallback is stable", func(t *testing.T) {
-		a := New(false)
+		a := New()
 		a.SetPools([]Pool{pool(t, "v6", "2001:db8::/126")})
 		r := req("ns/a", withFamilies(PreferDualStack, IPv4, IPv6))
 		first := mustAssign(t, a, r)
@@ -314,7 +340,7 @@ func TestNothingMovesSilently(t *testing.T) {
 }
 
 func TestSharing(t *testing.T) {
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/30")})
 	web := mustAssign(t, a, req("ns/web", withShare("k", 80, 443)))
 	dns := mustAssign(t, a, req("ns/dns", withShare("k", 53)))
@@ -353,7 +379,7 @@ func TestDualStack(t *testing.T) {
 	v4only := pool(t, "v4", "192.0.2.0/30")
 	v4only.Priority = 5
 	both := pool(t, "both", "198.51.100.0/31", "2001:db8::/127")
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{v4only, both})
 
 	got := mustAssign(t, a, req("ns/req", withFamilies(RequireDualStack, IPv4, IPv6)))
@@ -372,7 +398,7 @@ func TestDualStack(t *testing.T) {
 	}
 	_, err = a.Assign(req("ns/single6", withFamilies(SingleStack, IPv6)))
 	wantErr(t, err, ReasonExhausted, "", "IPPool both has no free IPv6 address")
-	a2 := New(false)
+	a2 := New()
 	a2.SetPools([]Pool{v4only})
 	_, err = a2.Assign(req("ns/req", withFamilies(RequireDualStack, IPv4, IPv6)))
 	wantErr(t, err, ReasonFamily, "", "no admissible IPPool has both IPv4 and IPv6")
@@ -380,7 +406,7 @@ func TestDualStack(t *testing.T) {
 	wantErr(t, err, ReasonFamily, "", "no admissible IPPool has IPv6 addresses")
 
 	// Growing a single-stack Service to dual-stack keeps its IPv4 address.
-	a3 := New(false)
+	a3 := New()
 	a3.SetPools([]Pool{pool(t, "both", "198.51.100.0/30", "2001:db8::/126")})
 	first := mustAssign(t, a3, req("ns/s"))
 	grown := mustAssign(t, a3, req("ns/s", withFamilies(RequireDualStack, IPv4, IPv6)))
@@ -400,7 +426,7 @@ func TestDualStack(t *testing.T) {
 }
 
 func TestPoolEditsNeverMoveAddresses(t *testing.T) {
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/29")})
 	for i := range 6 {
 		mustAssign(t, a, req(fmt.Sprintf("ns/s%d", i)))
@@ -439,7 +465,7 @@ func TestConflictingPools(t *testing.T) {
 	newer := pool(t, "newer", "192.0.2.2-192.0.2.5")
 	newer.Order = 2
 	newer.Priority = 100
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{newer, older})
 	st := a.Stats()
 	if !slices.Equal(st["newer"].ConflictsWith, []string{"older"}) || len(st["older"].ConflictsWith) != 0 {
@@ -463,7 +489,7 @@ func TestConflictingPools(t *testing.T) {
 func TestAvoidBuggyIPs(t *testing.T) {
 	p := pool(t, "p", "192.0.2.254-192.0.3.1")
 	p.AvoidBuggyIPs = true
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{p})
 	var got []string
 	for i := range 2 {
@@ -496,7 +522,7 @@ func TestAvoidBuggyIPsIsCheap(t *testing.T) {
 	} {
 		p := pool(t, "p", tc.cidr)
 		p.AvoidBuggyIPs = true
-		a := New(false)
+		a := New()
 		if heap := allocated(func() { a.SetPools([]Pool{p}) }); heap > 64<<10 {
 			t.Fatalf("SetPools(%s with avoidBuggyIPs) allocated %d bytes, want at most 64 KiB", tc.cidr, heap)
 		}
@@ -528,7 +554,7 @@ func allocated(f func()) uint64 {
 func TestAvoidBuggyIPsFillsExactly(t *testing.T) {
 	p := pool(t, "p", "192.0.2.0/23", "198.51.100.255/32", "198.51.100.0-198.51.100.2")
 	p.AvoidBuggyIPs = true
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{p})
 	const total = 2*254 + 2
 	seen := map[netip.Addr]bool{}
@@ -567,7 +593,7 @@ func TestIPv6SubnetRouterAnycastSkipped(t *testing.T) {
 		{"2001:db8::/128", "2001:db8::", "1"},
 		{"192.0.2.0/30", "192.0.2.0", "4"}, // IPv4 has no such address
 	} {
-		a := New(false)
+		a := New()
 		a.SetPools([]Pool{pool(t, "p", tc.entry)})
 		r := req("ns/a", v6)
 		f := IPv6
@@ -584,7 +610,7 @@ func TestIPv6SubnetRouterAnycastSkipped(t *testing.T) {
 
 	// Named explicitly, the address is given (as a .0 is with
 	// avoidBuggyIPs), and not put back when released.
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{pool(t, "p", "2001:db8::/126")})
 	if got := addrs(mustAssign(t, a, req("ns/x", v6, withIPs("2001:db8::")))); got != "2001:db8::" {
 		t.Fatalf("named explicitly got %s", got)
@@ -603,7 +629,7 @@ func TestIPv6SubnetRouterAnycastSkipped(t *testing.T) {
 	older.Order, older.Priority = 1, 10
 	newer := pool(t, "newer", "2001:db8::/126")
 	newer.Order = 2
-	b := New(false)
+	b := New()
 	b.SetPools([]Pool{older, newer})
 	if got := mustAssign(t, b, req("ns/a", v6)); addrs(got) != "2001:db8::" || got.Pool != "older" {
 		t.Fatalf("got %v, want 2001:db8:: from older", got)
@@ -614,7 +640,7 @@ func TestIPv6SubnetRouterAnycastSkipped(t *testing.T) {
 }
 
 func TestRestore(t *testing.T) {
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/29")})
 	if err := a.Restore(req("ns/a"), []netip.Addr{netip.MustParseAddr("192.0.2.3")}); err != nil {
 		t.Fatal(err)
@@ -629,7 +655,7 @@ func TestRestore(t *testing.T) {
 		t.Fatalf("the duplicate got %s; new allocations go after the highest restored address", got)
 	}
 	// Restoring before the pools exist works too.
-	b := New(false)
+	b := New()
 	if err := b.Restore(req("ns/a"), []netip.Addr{netip.MustParseAddr("192.0.2.0")}); err != nil {
 		t.Fatal(err)
 	}
@@ -644,7 +670,7 @@ func TestRestore(t *testing.T) {
 // about) was recorded as a pool address, split the free set at zoned bounds,
 // and later Services were handed zoned addresses.
 func TestZonedAddressesRefused(t *testing.T) {
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{pool(t, "v6", "2001:db8::/125")})
 	zoned := req("ns/z", withFamilies(SingleStack, IPv6), func(r *Request) {
 		r.IPs, r.IPsSource = []netip.Addr{netip.MustParseAddr("2001:db8::5%eth0")}, "spec.loadBalancerIP"
@@ -670,7 +696,7 @@ func TestZonedAddressesRefused(t *testing.T) {
 // TestMappedAddressesAreIPv4 checks that an IPv4-mapped address given to
 // Assign or Restore is the IPv4 address: one key per address.
 func TestMappedAddressesAreIPv4(t *testing.T) {
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/30")})
 	if err := a.Restore(req("ns/a"), []netip.Addr{netip.MustParseAddr("::ffff:192.0.2.1")}); err != nil {
 		t.Fatal(err)
@@ -683,7 +709,7 @@ func TestMappedAddressesAreIPv4(t *testing.T) {
 }
 
 func TestConcurrentAssignNeverDuplicates(t *testing.T) {
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{pool(t, "p", "10.0.0.0/22")})
 	const n = 1000
 	var wg sync.WaitGroup

@@ -145,7 +145,7 @@ func (b *bytesIn) n(k int) int {
 type world struct {
 	t         testing.TB
 	a         *Allocator
-	unmanaged bool
+	unmanaged []netip.Prefix
 	pools     []Pool
 	svcs      map[string]*fuzzSvc
 	foreign   map[string][]netip.Addr
@@ -175,8 +175,12 @@ func runOps(t testing.TB, data []byte) {
 		data = data[:4096] // long enough for any story; keeps each run fast
 	}
 	in := &bytesIn{data: data}
-	w := &world{t: t, unmanaged: in.n(2) == 1, svcs: map[string]*fuzzSvc{}, foreign: map[string][]netip.Addr{}}
-	w.a = New(w.unmanaged)
+	w := &world{t: t, svcs: map[string]*fuzzSvc{}, foreign: map[string][]netip.Addr{}}
+	if in.n(2) == 1 {
+		// Wide enough for every address the ops name outside the pools.
+		w.unmanaged = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")}
+	}
+	w.a = New(w.unmanaged...)
 	for step := 0; !in.done(); step++ {
 		switch in.n(10) {
 		case 0:
@@ -401,7 +405,7 @@ func (w *world) restart() {
 			want[key] = al.Addrs
 		}
 	}
-	b := New(w.unmanaged)
+	b := New(w.unmanaged...)
 	b.SetPools(w.pools)
 	for k, addrs := range w.foreign {
 		b.SetStatus(k, addrs)

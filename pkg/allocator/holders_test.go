@@ -10,7 +10,7 @@ import (
 // allocated to, whichever way the address is written, and no Service that
 // only lists it in its status.
 func TestHolders(t *testing.T) {
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/30")})
 	x := mustAssign(t, a, req("ns/x", withShare("k", 80)))
 	mustAssign(t, a, req("ns/a", withShare("k", 443)))

@@ -23,7 +23,7 @@ func freeIPv4(a *Allocator, pool string) int64 {
 // with one address in their statuses. With x's status recorded, y gets
 // 192.0.2.1 and x keeps 192.0.2.0.
 func TestStatusAddressNotReissued(t *testing.T) {
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/30")})
 	a.SetStatus("ns/x", ips("192.0.2.0"))
 	if got := freeIPv4(a, "p"); got != 3 {
@@ -44,7 +44,7 @@ func TestStatusAddressNotReissued(t *testing.T) {
 // to the older y and refuses x; when y is released, the address must not be
 // handed to a third Service while x's status lists it.
 func TestRefusedSharerKeepsItsAddressOut(t *testing.T) {
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/29")})
 	five := ips("192.0.2.5")
 	a.SetStatus("ns/y", five)
@@ -78,7 +78,7 @@ func TestRefusedSharerKeepsItsAddressOut(t *testing.T) {
 // address y holds and x may not share. x is given a fresh address, without
 // failing, and y keeps its own; asking for y's address by name still fails.
 func TestStatusConflictGetsFresh(t *testing.T) {
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/30")})
 	zero := ips("192.0.2.0")
 	a.SetStatus("ns/y", zero)
@@ -108,7 +108,7 @@ func TestStatusConflictGetsFresh(t *testing.T) {
 // its pool only when no status lists it any more, and that SetStatus says
 // so.
 func TestReleaseWaitsForStatus(t *testing.T) {
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/31")})
 	got := mustAssign(t, a, req("ns/a"))
 	a.SetStatus("ns/a", got.Addrs)
@@ -130,7 +130,7 @@ func TestReleaseWaitsForStatus(t *testing.T) {
 // status of a Service keeplb does not handle (another load-balancer class)
 // is taken, in a pool or out of every pool.
 func TestForeignStatusAddressNeverHandedOut(t *testing.T) {
-	a := New(true)
+	a := New(netip.MustParsePrefix("100.64.0.0/10"))
 	a.SetStatus("other/lb", ips("192.0.2.1", "100.64.0.1", "::ffff:192.0.2.2", "2001:db8::1%eth0"))
 	// SetPools after SetStatus keeps them out too.
 	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/30", "2001:db8::/126")})
@@ -162,7 +162,7 @@ func TestForeignStatusAddressNeverHandedOut(t *testing.T) {
 func TestAdoptOnlyWhatSatisfies(t *testing.T) {
 	team := pool(t, "team", "198.51.100.0/30")
 	team.Namespaces = []string{"team"}
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/30", "2001:db8::/126"), pool(t, "q", "203.0.113.0/30"), team})
 
 	a.SetStatus("ns/named", ips("192.0.2.3"))
@@ -194,7 +194,7 @@ func TestAdoptOnlyWhatSatisfies(t *testing.T) {
 // Service which does not hold it still lists, and that the address is
 // freed only with the last owner and the last status gone.
 func TestSharersAndStatus(t *testing.T) {
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/30")})
 	x := mustAssign(t, a, req("ns/x", withShare("k", 80)))
 	mustAssign(t, a, req("ns/y", withShare("k", 443)))
@@ -233,7 +233,7 @@ func TestSharersAndStatus(t *testing.T) {
 // then, the next restart after o's deletion would give it to p if p is
 // older than q, and take it from q.
 func TestRefusedServiceBlocksJoiners(t *testing.T) {
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/30")})
 	addr := ips("192.0.2.0")
 	a.SetStatus("ns/o", addr)
@@ -259,7 +259,7 @@ func TestRefusedServiceBlocksJoiners(t *testing.T) {
 // TestRestoreIsIdempotent checks that restoring a Service twice, or after
 // it was assigned, changes nothing.
 func TestRestoreIsIdempotent(t *testing.T) {
-	a := New(false)
+	a := New()
 	a.SetPools([]Pool{pool(t, "p", "192.0.2.0/30")})
 	if err := a.Restore(req("ns/a"), ips("192.0.2.2")); err != nil {
 		t.Fatal(err)

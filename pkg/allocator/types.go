@@ -118,6 +118,10 @@ type Request struct {
 	ShareKey string
 	// Ports are the Service's ports; sharers may not overlap.
 	Ports []Port
+	// KubeProxy is set when kube-proxy forwards the Service's traffic
+	// (keeplb.io/forwarding: kube-proxy, published as ipMode VIP), which
+	// unmanaged addresses never allow.
+	KubeProxy bool
 	// Backends identifies where traffic goes: "cluster" for
 	// externalTrafficPolicy Cluster, else the pod selector. Sharers must
 	// agree, because one VIP has one holder node.

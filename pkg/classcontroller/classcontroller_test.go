@@ -71,7 +71,7 @@ func newFixture(t *testing.T, defaultClass bool, objs ...*v1.Service) *fixture {
 			t.Fatal(err)
 		}
 	}
-	alloc := allocator.New(false)
+	alloc := allocator.New()
 	r, err := allocator.ParseRange("192.0.2.0/30")
 	if err != nil {
 		t.Fatal(err)

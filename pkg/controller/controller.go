@@ -265,7 +265,8 @@ func (c *Controller) run(ctx context.Context) error {
 	defer broadcaster.Shutdown()
 	c.recorder = broadcaster.NewRecorder(scheme.Scheme, v1.EventSource{Component: Component})
 
-	c.alloc = allocator.New(o.AllowUnmanagedIPs)
+	unmanaged, _ := o.unmanaged() // validated
+	c.alloc = allocator.New(unmanaged...)
 	c.runner = runner.New(c.syncPools, time.Second, 5*time.Second, 5*time.Minute)
 	nsLister := namespaces.Lister()
 	prov := provider.New(provider.Config{

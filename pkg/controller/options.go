@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"strings"
 	"time"
@@ -23,8 +24,10 @@ type Options struct {
 	LoadBalancerClass string
 	// DefaultClass makes keeplb handle Services that set no class.
 	DefaultClass bool
-	// AllowUnmanagedIPs lets keeplb.io/ips name addresses outside every pool.
-	AllowUnmanagedIPs bool
+	// AllowUnmanagedIPs are the CIDRs outside every pool that keeplb.io/ips
+	// and spec.loadBalancerIP may name; none by default. Any tenant who may
+	// create a Service may claim an address there.
+	AllowUnmanagedIPs []string
 	// Workers is the number of Services reconciled at once.
 	Workers int
 	// RetryInterval is how often a Service that could not get an address is
@@ -82,7 +85,7 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.ClusterName, "cluster-name", o.ClusterName, "Cluster name passed to the load balancer implementation.")
 	fs.StringVar(&o.LoadBalancerClass, "load-balancer-class", o.LoadBalancerClass, "spec.loadBalancerClass handled by keeplb. Services of any other class are never touched.")
 	fs.BoolVar(&o.DefaultClass, "default-class", o.DefaultClass, "Also handle LoadBalancer Services that set no spec.loadBalancerClass.")
-	fs.BoolVar(&o.AllowUnmanagedIPs, "allow-unmanaged-ips", o.AllowUnmanagedIPs, "Let keeplb.io/ips and spec.loadBalancerIP name addresses that are in no IPPool.")
+	fs.StringSliceVar(&o.AllowUnmanagedIPs, "allow-unmanaged-ips", o.AllowUnmanagedIPs, "CIDRs outside every IPPool that keeplb.io/ips and spec.loadBalancerIP may name, comma-separated (e.g. 203.0.113.0/28). Any tenant who may create a Service can claim an address there; never with keeplb.io/forwarding: kube-proxy. Default none.")
 	fs.IntVar(&o.Workers, "workers", o.Workers, "Number of Services each of the two service reconcilers (classless Services, and Services of --load-balancer-class) works on concurrently.")
 	fs.DurationVar(&o.RetryInterval, "retry-interval", o.RetryInterval, "How often a Service without an address is retried when nothing changes. Freed addresses, pool and namespace changes retry it at once.")
 	fs.StringVar(&o.MetricsBindAddress, "metrics-bind-address", o.MetricsBindAddress, "Address serving /metrics, /healthz and /readyz. \"0\" disables it.")
@@ -126,6 +129,9 @@ func (o *Options) Validate() error {
 			errs = append(errs, fmt.Errorf("leader election needs lease-duration at least renew-deadline + retry-period + 500ms, got %s, %s, %s", o.LeaseDuration, o.RenewDeadline, o.RetryPeriod))
 		}
 	}
+	if _, err := o.unmanaged(); err != nil {
+		errs = append(errs, err)
+	}
 	if o.KubeAPIQPS <= 0 || o.KubeAPIBurst < 1 {
 		errs = append(errs, errors.New("--kube-api-qps and --kube-api-burst must be positive"))
 	}
@@ -142,4 +148,22 @@ func (o *Options) writeTimeout() time.Duration {
 		return time.Minute
 	}
 	return o.LeaseDuration - o.RenewDeadline - o.RetryPeriod
+}
+
+// unmanaged parses AllowUnmanagedIPs.
+func (o *Options) unmanaged() ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, c := range o.AllowUnmanagedIPs {
+		p, err := netip.ParsePrefix(strings.TrimSpace(c))
+		switch {
+		case err != nil:
+			return nil, fmt.Errorf("--allow-unmanaged-ips %q: want CIDRs such as 203.0.113.0/28 (it used to be a boolean: list the ranges tenants may claim instead): %v", c, err)
+		case p.Masked() != p:
+			return nil, fmt.Errorf("--allow-unmanaged-ips %q has host bits set; did you mean %s?", c, p.Masked())
+		case p.Addr().Is4In6():
+			return nil, fmt.Errorf("--allow-unmanaged-ips %q: write IPv4 ranges as IPv4", c)
+		}
+		out = append(out, p)
+	}
+	return out, nil
 }

@@ -52,7 +52,7 @@ func FuzzParse(f *testing.F) {
 			}
 			aps = append(aps, p.Pool)
 		}
-		a := allocator.New(false)
+		a := allocator.New()
 		a.SetPools(aps)
 		stats := a.Stats()
 		for i, ip := range []*v1alpha1.IPPool{older, newer} {

@@ -290,6 +290,7 @@ func RequestFor(svc *v1.Service, cfg annotations.Config, nsLabels map[string]str
 		IPs:             cfg.IPs,
 		IPsSource:       cfg.IPsSource,
 		ShareKey:        cfg.ShareKey,
+		KubeProxy:       cfg.Forwarding == v1alpha1.ForwardingKubeProxy,
 		Backends:        "cluster",
 	}
 	for _, f := range svc.Spec.IPFamilies {

@@ -19,7 +19,7 @@ import (
 
 func testProvider(t *testing.T, pools map[string]*v1alpha1.IPPool) (*Provider, *record.FakeRecorder, *int) {
 	t.Helper()
-	alloc := allocator.New(false)
+	alloc := allocator.New()
 	var aps []allocator.Pool
 	for name, p := range pools {
 		ap := allocator.Pool{Name: name, AutoAssign: p.Spec.AutoAssignEnabled()}
