@@ -293,7 +293,11 @@ node holding it (annotation keeplb.io/holder), the forwarding mode and, for
 pending Services, the most recent Warning event.
 
 Set --load-balancer-class and --default-class as on the controller, so that
-the same Services count as keeplb's. Nothing is written to the cluster.`,
+the same Services count as keeplb's. Nothing is written to the cluster.
+
+Tenants write some of what is shown (the holder annotation, event messages),
+so the text output shows control characters as escapes such as \x1b rather
+than passing them to the terminal; --output json keeps them as JSON escapes.`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			if err := out.Validate(); err != nil {

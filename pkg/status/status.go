@@ -5,9 +5,11 @@
 package status
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"unicode/utf8"
@@ -81,7 +83,9 @@ const MaxProblem = 100
 // none stands for an empty cell.
 const none = "-"
 
-// WriteJSON writes r as indented JSON.
+// WriteJSON writes r as indented JSON. Strings keep every character, as
+// JSON escapes: a script reads exactly what the cluster holds, and a
+// terminal the JSON is printed on receives no control character.
 func WriteJSON(w io.Writer, r Report) error {
 	if r.Pools == nil {
 		r.Pools = []Pool{}
@@ -89,13 +93,19 @@ func WriteJSON(w io.Writer, r Report) error {
 	if r.Services == nil {
 		r.Services = []Service{}
 	}
-	enc := json.NewEncoder(w)
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
 	enc.SetIndent("", "  ")
-	return enc.Encode(r)
+	if err := enc.Encode(r); err != nil {
+		return err
+	}
+	_, err := w.Write(escapeJSONControls(buf.Bytes()))
+	return err
 }
 
 // WriteText writes r as two tables with aligned columns, POOLS then
-// SERVICES.
+// SERVICES. Every cell goes through Printable: the report carries strings
+// tenants wrote, and text output goes to a terminal.
 func WriteText(w io.Writer, r Report) error {
 	tw := tabwriter.NewWriter(w, 0, 8, 3, ' ', 0)
 	fmt.Fprintln(tw, "POOLS")
@@ -104,9 +114,8 @@ func WriteText(w io.Writer, r Report) error {
 	} else {
 		fmt.Fprintln(tw, "NAME\tADDRESSES\tTOTAL\tUSED\tFREE\tOUT-OF-RANGE\tREADY\tCONFLICTING")
 		for _, p := range r.Pools {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%d\t%s\t%s\n",
-				p.Name, orNone(strings.Join(p.Addresses, ",")), orNone(p.Total), p.Used, orNone(p.Free),
-				p.OutOfRange, p.Ready.text("True"), p.Conflicting.text("False"))
+			row(tw, p.Name, strings.Join(p.Addresses, ","), p.Total, strconv.FormatInt(p.Used, 10), p.Free,
+				strconv.FormatInt(p.OutOfRange, 10), p.Ready.text("True"), p.Conflicting.text("False"))
 		}
 	}
 	fmt.Fprintln(tw)
@@ -134,9 +143,8 @@ func WriteText(w io.Writer, r Report) error {
 			}
 			vips = strings.Join(parts, ",")
 		}
-		fmt.Fprintf(tw, "%s/%s\t%s\t%s\t%s\t%s\t%s\n",
-			s.Namespace, s.Name, vips, orNone(strings.Join(s.Pools, ",")), orNone(s.Holder),
-			orNone(s.Forwarding), orNone(Truncate(s.Problem, MaxProblem)))
+		row(tw, s.Namespace+"/"+s.Name, vips, strings.Join(s.Pools, ","), s.Holder,
+			s.Forwarding, Truncate(s.Problem, MaxProblem))
 	}
 	return tw.Flush()
 }
@@ -166,6 +174,20 @@ func Truncate(s string, n int) string {
 		return string(r[:n])
 	}
 	return strings.TrimRight(string(r[:n-len(ellipsis)]), " ") + ellipsis
+}
+
+// row writes one table row: each cell made printable, "-" for an empty one.
+// Printable runs after Truncate, which folds newlines and tabs into spaces
+// first; a control character left over is escaped, so no cell can break
+// the table or reach the terminal raw.
+func row(w io.Writer, cells ...string) {
+	for i, c := range cells {
+		if i > 0 {
+			io.WriteString(w, "\t")
+		}
+		io.WriteString(w, orNone(Printable(c)))
+	}
+	io.WriteString(w, "\n")
 }
 
 func orNone(s string) string {
