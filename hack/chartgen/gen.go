@@ -165,7 +165,7 @@ var edits = map[string][]edit{
 			"      {{- with .Values.speaker.priorityClassName }}\n" +
 				"      priorityClassName: {{ . }}\n" +
 				"      {{- end }}")},
-		{line: "      tolerations:", change: replace(withBlock(6, "tolerations", ".Values.speaker.tolerations"))},
+		{line: "      tolerations:", change: replace(speakerTolerations)},
 		{line: "      initContainers:", change: wrap(
 			"      {{- if .Values.speaker.prepareNode }}",
 			"      {{- end }}")},
@@ -173,6 +173,23 @@ var edits = map[string][]edit{
 		{line: "          resources:", change: replace(toYAMLBlock(10, "resources", ".Values.speaker.resources"))},
 	},
 }
+
+// speakerTolerations renders speaker.tolerations, followed by the
+// control-plane taint's toleration when speaker.tolerateControlPlane is
+// set: a switch of its own, so that running speakers on control-plane
+// nodes does not mean restating the default list, and dropping a default
+// by mistake.
+const speakerTolerations = `      {{- if or .Values.speaker.tolerations .Values.speaker.tolerateControlPlane }}
+      tolerations:
+        {{- with .Values.speaker.tolerations }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+        {{- if .Values.speaker.tolerateControlPlane }}
+        - key: node-role.kubernetes.io/control-plane
+          operator: Exists
+          effect: NoSchedule
+        {{- end }}
+      {{- end }}`
 
 // lineRules apply to every line of every templated file, after the edits.
 var lineRules = []struct {

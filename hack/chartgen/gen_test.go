@@ -168,6 +168,43 @@ func TestValues(t *testing.T) {
 	}
 }
 
+// TestSpeakerTolerations: speaker.tolerateControlPlane adds the
+// control-plane taint's toleration after speaker.tolerations, default or
+// not, and the speaker tolerates no other taint of its own.
+func TestSpeakerTolerations(t *testing.T) {
+	toleration := func(key string) any {
+		return map[string]any{"key": key, "operator": "Exists", "effect": "NoSchedule"}
+	}
+	defaults := []any{toleration("node.kubernetes.io/not-ready"), toleration("node.kubernetes.io/unreachable")}
+	for _, tc := range []struct {
+		name   string
+		values map[string]any
+		want   any
+	}{
+		{"defaults", map[string]any{}, defaults},
+		{"control plane", map[string]any{"tolerateControlPlane": true},
+			append(append([]any{}, defaults...), toleration("node-role.kubernetes.io/control-plane"))},
+		{"control plane only", map[string]any{"tolerateControlPlane": true, "tolerations": []any{}},
+			[]any{toleration("node-role.kubernetes.io/control-plane")}},
+		{"none", map[string]any{"tolerations": []any{}}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var ds *unstructured.Unstructured
+			for _, o := range render(t, releaseNamespace, map[string]any{"speaker": tc.values}) {
+				if o.GetKind() == "DaemonSet" {
+					ds = o
+				}
+			}
+			if ds == nil {
+				t.Fatal("no DaemonSet rendered")
+			}
+			if got := field(ds.Object, "spec.template.spec.tolerations"); !reflect.DeepEqual(got, tc.want) {
+				t.Errorf("tolerations = %#v, want %#v", got, tc.want)
+			}
+		})
+	}
+}
+
 // TestNotes renders NOTES.txt, which Helm prints after an install.
 func TestNotes(t *testing.T) {
 	r, err := chart.Render(chartPath, chart.Release{Name: "keeplb", Namespace: "lb"}, nil)
