@@ -17,6 +17,7 @@ import (
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/controller"
 	"github.com/keeplb/keeplb/pkg/status"
+	"github.com/keeplb/keeplb/pkg/testing/keeplbtest"
 )
 
 // Scenario 1: an address from the right pool with the right ipMode, the
@@ -211,6 +212,7 @@ func TestExhaustion(t *testing.T) {
 	e.pool("small", `{addresses: ["192.0.2.0/30"]}`)
 	metricsAddr := freeAddr(t)
 	e.startController(func(o *controller.Options) { o.MetricsBindAddress = metricsAddr })
+	token := keeplbtest.MetricsToken(t, e.client, "prometheus", true)
 	for i := range 6 {
 		e.create(newService("ns", fmt.Sprintf("s%d", i)))
 	}
@@ -235,7 +237,7 @@ func TestExhaustion(t *testing.T) {
 		return p.Status.Used == 4 && p.Status.Free == "0", fmt.Sprintf("%+v", p.Status)
 	})
 	eventually(t, 30*time.Second, "metrics to show the full pool and the failures", func() (bool, string) {
-		body, code := scrape(t, "http://"+metricsAddr+"/metrics")
+		body, code := scrape(t, "https://"+metricsAddr+"/metrics", token)
 		want := []string{
 			`keeplb_pool_addresses{family="IPv4",pool="small"} 4`,
 			`keeplb_pool_addresses_used{family="IPv4",pool="small"} 4`,
@@ -251,7 +253,7 @@ func TestExhaustion(t *testing.T) {
 		}
 		return true, ""
 	})
-	if body, code := scrape(t, "http://"+metricsAddr+"/readyz"); code != 200 {
+	if body, code := scrape(t, "https://"+metricsAddr+"/readyz", ""); code != 200 {
 		t.Fatalf("/readyz = %d %s on the seeded leader", code, body)
 	}
 	// keeplb status, against the real API server (its field selectors

@@ -3,9 +3,7 @@ package integration
 import (
 	"context"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"net/netip"
 	"strings"
 	"sync"
@@ -25,6 +23,7 @@ import (
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/controller"
 	"github.com/keeplb/keeplb/pkg/testing/controlplane"
+	"github.com/keeplb/keeplb/pkg/testing/keeplbtest"
 )
 
 // controllerUser is the identity the controller runs as in these tests: the
@@ -298,16 +297,16 @@ func freeAddr(t *testing.T) string {
 	return l.Addr().String()
 }
 
-// scrape GETs url and returns the body and status code; 0 when unreachable.
-func scrape(t *testing.T, url string) (string, int) {
+// scrape GETs url with token (none if empty), over HTTPS as a Prometheus
+// with insecure_skip_verify does, and returns the body and status code; 0
+// when unreachable.
+func scrape(t *testing.T, url, token string) (string, int) {
 	t.Helper()
-	resp, err := http.Get(url)
+	body, code, err := keeplbtest.Scrape(url, token)
 	if err != nil {
 		return err.Error(), 0
 	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return string(b), resp.StatusCode
+	return body, code
 }
 
 func inPrefix(t *testing.T, ip, prefix string) bool {

@@ -3,7 +3,6 @@ package vrrp
 import (
 	"context"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -160,15 +159,15 @@ func (c *cluster) watchHolder(vip, holder string, d, maxGap time.Duration, stop 
 }
 
 // metricValue returns the value of the sample name (with its labels) that
-// the speaker serving metrics at addr exports, or "" when it exports none.
-func metricValue(addr, name string) string {
-	resp, err := http.Get("http://" + addr + "/metrics")
-	if err != nil {
-		return ""
+// the speaker serving metrics at addr exports to a caller with token, ""
+// when it exports none, or why the scrape failed (never "" then, so that
+// a refused scrape never passes for a missing sample).
+func metricValue(addr, token, name string) string {
+	body, code, err := keeplbtest.Scrape("https://"+addr+"/metrics", token)
+	if err != nil || code != http.StatusOK {
+		return fmt.Sprintf("scrape failed: %d %v", code, err)
 	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	for line := range strings.Lines(string(b)) {
+	for line := range strings.Lines(body) {
 		if v, ok := strings.CutPrefix(strings.TrimSpace(line), name+" "); ok {
 			return v
 		}
@@ -204,6 +203,7 @@ func TestFailStatic(t *testing.T) {
 	vip := c.vip("web")
 	metricsAddr := freeAddr(t)
 	holder := c.startMasterFirst(vip, func(o *speaker.Options) { o.MetricsBindAddress = metricsAddr })
+	token := keeplbtest.MetricsToken(t, c.client, "prometheus", true)
 	// Three master-down intervals of a 1 s advert: far more than a
 	// speaker takes to see a Node change, reload keepalived and let its
 	// peers take over (or let the VIP go).
@@ -226,7 +226,7 @@ func TestFailStatic(t *testing.T) {
 	}
 	notReady := time.Now()
 	eventually(t, 10*time.Second, "the holder's speaker in fail-static (keeplb_vrrp_fail_static{pool=\"vips\"} 1)", func() bool {
-		return metricValue(metricsAddr, `keeplb_vrrp_fail_static{pool="vips"}`) == "1"
+		return metricValue(metricsAddr, token, `keeplb_vrrp_fail_static{pool="vips"}`) == "1"
 	})
 	time.Sleep(time.Until(notReady.Add(window))) // the observation window; the watcher asserts
 	close(stop)
@@ -240,7 +240,7 @@ func TestFailStatic(t *testing.T) {
 		c.node(ns, true, nil)
 	}
 	eventually(t, 10*time.Second, "fail-static over", func() bool {
-		return metricValue(metricsAddr, `keeplb_vrrp_fail_static{pool="vips"}`) == ""
+		return metricValue(metricsAddr, token, `keeplb_vrrp_fail_static{pool="vips"}`) == ""
 	})
 
 	// 2. The API server goes away: the speakers keep what they have.

@@ -2,7 +2,6 @@ package vrrp
 
 import (
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
@@ -167,19 +166,14 @@ func TestBrokenPoolLeavesOthersAlone(t *testing.T) {
 		}
 		return false
 	})
+	token := keeplbtest.MetricsToken(t, c.client, "prometheus", true)
 	eventually(t, 10*time.Second, "instances_dropped 1 and /healthz ok on "+watched, func() bool {
-		resp, err := http.Get("http://" + metricsAddr + "/metrics")
+		m, _, err := keeplbtest.Scrape("https://"+metricsAddr+"/metrics", token)
 		if err != nil {
 			return false
 		}
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		h, err := http.Get("http://" + metricsAddr + "/healthz")
-		if err != nil {
-			return false
-		}
-		h.Body.Close()
-		return h.StatusCode == http.StatusOK && strings.Contains(string(b), "keeplb_speaker_vrrp_instances_dropped 1\n")
+		_, h, err := keeplbtest.Scrape("https://"+metricsAddr+"/healthz", "")
+		return err == nil && h == http.StatusOK && strings.Contains(m, "keeplb_speaker_vrrp_instances_dropped 1\n")
 	})
 	if h := c.tp.holders(vbad); len(h) > 0 {
 		t.Errorf("the refused instance's VIP %s is on %v", vbad, h)

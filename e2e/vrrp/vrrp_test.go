@@ -9,9 +9,7 @@ package vrrp
 import (
 	"context"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"slices"
@@ -403,22 +401,20 @@ func TestUnicastAndLocal(t *testing.T) {
 	c.service("uni")
 	vip := c.vip("uni")
 	holder := c.holder(vip, 15*time.Second)
+	token := keeplbtest.MetricsToken(t, c.client, "prometheus", true)
 	eventually(t, 10*time.Second, "speaker metrics and health", func() bool {
-		resp, err := http.Get("http://" + metricsAddr + "/metrics")
+		m, _, err := keeplbtest.Scrape("https://"+metricsAddr+"/metrics", token)
 		if err != nil {
 			return false
 		}
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		m := string(b)
 		want := fmt.Sprintf(`keeplb_vrrp_state{node=%q,vip=%q}`, node1, vip)
-		h, err := http.Get("http://" + metricsAddr + "/healthz")
-		if err != nil {
-			return false
-		}
-		h.Body.Close()
-		return h.StatusCode == 200 && strings.Contains(m, "keeplb_keepalived_up 1") && strings.Contains(m, want)
+		_, h, err := keeplbtest.Scrape("https://"+metricsAddr+"/healthz", "")
+		return err == nil && h == 200 && strings.Contains(m, "keeplb_keepalived_up 1") && strings.Contains(m, want)
 	})
+	// VIPs and node names are for the monitoring's eyes only.
+	if body, code, err := keeplbtest.Scrape("https://"+metricsAddr+"/metrics", ""); code != 401 {
+		t.Errorf("the speaker's /metrics without a token = %d %q %v, want 401", code, body, err)
+	}
 	c.stopSpeaker(holder)
 	if h := c.holder(vip, 5*time.Second); h == holder {
 		t.Fatal("unicast: the VIP did not move when its holder stopped")

@@ -47,6 +47,7 @@ import (
 	"github.com/keeplb/keeplb/pkg/pools"
 	"github.com/keeplb/keeplb/pkg/provider"
 	"github.com/keeplb/keeplb/pkg/runner"
+	"github.com/keeplb/keeplb/pkg/serve"
 )
 
 // Component is the name keeplb's controller records events under.
@@ -78,6 +79,9 @@ func RunWithConfig(ctx context.Context, o *Options, cfg *rest.Config) error {
 	if err != nil {
 		return err
 	}
+	// The metrics server's reviews are POSTs that a standby must send
+	// too: they go around the fence as well.
+	reviews := rest.CopyConfig(cfg)
 	f := newFence(o.writeTimeout())
 	cfg.Wrap(f.Wrap)
 	client, err := kubernetes.NewForConfig(cfg)
@@ -89,24 +93,12 @@ func RunWithConfig(ctx context.Context, o *Options, cfg *rest.Config) error {
 		return err
 	}
 	c := &Controller{opts: o, client: client, leases: leases, dyn: dyn, fence: f, metrics: metrics.NewController()}
-
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	var serveErr error
-	var serving sync.WaitGroup
-	if o.MetricsBindAddress != "0" {
-		serving.Add(1)
-		go func() {
-			defer serving.Done()
-			if serveErr = c.serve(ctx); serveErr != nil {
-				cancel() // a controller nobody can probe or scrape must not run on
-			}
-		}()
+	srv, err := c.server(reviews)
+	if err != nil {
+		return err
 	}
-	err = c.elect(ctx, c.run)
-	cancel()
-	serving.Wait()
-	return errors.Join(err, serveErr)
+	// A controller nobody can probe or scrape must not run on.
+	return serve.Alongside(ctx, srv, func(ctx context.Context) error { return c.elect(ctx, c.run) })
 }
 
 // elect runs the controller, under leader election when enabled, and
@@ -641,27 +633,24 @@ func (c *Controller) setPoolMetrics(stats map[string]allocator.PoolStats) {
 	c.poolGauges = seen
 }
 
-// serve serves metrics and health until ctx is done.
-func (c *Controller) serve(ctx context.Context) error {
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", c.metrics.Handler())
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) })
-	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if c.leading.Load() && !c.seeded.Load() {
-			http.Error(w, "leader is seeding the allocator", http.StatusServiceUnavailable)
-			return
-		}
-		_, _ = w.Write([]byte("ok"))
-	})
-	srv := &http.Server{Addr: c.opts.MetricsBindAddress, Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	go func() {
-		<-ctx.Done()
-		shutdown, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(shutdown)
-	}()
-	if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return fmt.Errorf("serve metrics on %s: %w", c.opts.MetricsBindAddress, err)
+// server returns the server of /metrics, /healthz and /readyz, nil when
+// disabled. kube reaches the API server for the metrics' authentication
+// and authorization.
+func (c *Controller) server(kube *rest.Config) (*serve.Server, error) {
+	if c.opts.MetricsBindAddress == "0" {
+		return nil, nil
 	}
-	return nil
+	return serve.New(c.opts.serveConfig(), kube, serve.Endpoints{
+		Metrics: c.metrics.Handler(),
+		Health: map[string]http.Handler{
+			"/healthz": http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) }),
+			"/readyz": http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+				if c.leading.Load() && !c.seeded.Load() {
+					http.Error(w, "leader is seeding the allocator", http.StatusServiceUnavailable)
+					return
+				}
+				_, _ = w.Write([]byte("ok"))
+			}),
+		},
+	})
 }

@@ -3,7 +3,6 @@ package controller
 import (
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"strings"
@@ -11,6 +10,8 @@ import (
 
 	"github.com/spf13/pflag"
 	"k8s.io/apimachinery/pkg/util/validation"
+
+	"github.com/keeplb/keeplb/pkg/serve"
 )
 
 // Options are the flags of `keeplb controller`.
@@ -35,6 +36,13 @@ type Options struct {
 	RetryInterval time.Duration
 	// MetricsBindAddress serves /metrics, /healthz and /readyz; "0" disables.
 	MetricsBindAddress string
+	// MetricsSecure serves HTTPS, and /metrics only to callers the API
+	// server authenticates and authorizes; false serves plain HTTP with
+	// /metrics open to anyone who reaches the port, for tests and demos.
+	MetricsSecure bool
+	// MetricsCertFile and MetricsKeyFile are the serving certificate and
+	// key; empty, a self-signed certificate is generated at start.
+	MetricsCertFile, MetricsKeyFile string
 	// LeaderElect runs only one active controller among the replicas.
 	LeaderElect bool
 	// LeaderElectNamespace holds the Lease.
@@ -67,6 +75,7 @@ func NewOptions() *Options {
 		Workers:              4,
 		RetryInterval:        time.Minute,
 		MetricsBindAddress:   ":10260",
+		MetricsSecure:        true,
 		LeaderElect:          true,
 		LeaderElectNamespace: ns,
 		LeaderElectName:      "keeplb-controller",
@@ -89,6 +98,9 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&o.Workers, "workers", o.Workers, "Number of Services each of the two service reconcilers (classless Services, and Services of --load-balancer-class) works on concurrently.")
 	fs.DurationVar(&o.RetryInterval, "retry-interval", o.RetryInterval, "How often a Service without an address is retried when nothing changes. Freed addresses, pool and namespace changes retry it at once.")
 	fs.StringVar(&o.MetricsBindAddress, "metrics-bind-address", o.MetricsBindAddress, "Address serving /metrics, /healthz and /readyz. \"0\" disables it.")
+	fs.BoolVar(&o.MetricsSecure, "metrics-secure", o.MetricsSecure, "Serve HTTPS, and /metrics only to callers the API server authenticates (bearer token, TokenReview) and authorizes to get the non-resource URL /metrics (SubjectAccessReview); /healthz and /readyz stay open. --metrics-secure=false is INSECURE: plain HTTP, metrics open to anyone who reaches the port; for tests and demos only.")
+	fs.StringVar(&o.MetricsCertFile, "metrics-cert-file", o.MetricsCertFile, "PEM serving certificate (with its chain) for the metrics port, read again when it changes. Empty: a self-signed certificate generated at start.")
+	fs.StringVar(&o.MetricsKeyFile, "metrics-key-file", o.MetricsKeyFile, "PEM private key of --metrics-cert-file.")
 	fs.BoolVar(&o.LeaderElect, "leader-elect", o.LeaderElect, "Elect one active replica through a Lease.")
 	fs.StringVar(&o.LeaderElectNamespace, "leader-elect-namespace", o.LeaderElectNamespace, "Namespace of the leader election Lease (default $POD_NAMESPACE or keeplb-system).")
 	fs.StringVar(&o.LeaderElectName, "leader-elect-name", o.LeaderElectName, "Name of the leader election Lease.")
@@ -113,8 +125,8 @@ func (o *Options) Validate() error {
 		errs = append(errs, fmt.Errorf("--retry-interval must be at least 1s, got %s", o.RetryInterval))
 	}
 	if o.MetricsBindAddress != "0" {
-		if _, _, err := net.SplitHostPort(o.MetricsBindAddress); err != nil {
-			errs = append(errs, fmt.Errorf("--metrics-bind-address %q: %w", o.MetricsBindAddress, err))
+		if err := o.serveConfig().Validate(); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	if o.LeaderElect {
@@ -166,4 +178,11 @@ func (o *Options) unmanaged() ([]netip.Prefix, error) {
 		out = append(out, p)
 	}
 	return out, nil
+}
+
+// serveConfig is the metrics and health server's share of the options.
+func (o *Options) serveConfig() serve.Config {
+	c := serve.Config{BindAddress: o.MetricsBindAddress, Insecure: !o.MetricsSecure, CertFile: o.MetricsCertFile, KeyFile: o.MetricsKeyFile}
+	c.Defaults()
+	return c
 }

@@ -3,7 +3,6 @@ package speaker
 import (
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"strings"
 	"time"
@@ -12,6 +11,7 @@ import (
 	"sigs.k8s.io/knftables"
 
 	"github.com/keeplb/keeplb/pkg/conntrack"
+	"github.com/keeplb/keeplb/pkg/serve"
 )
 
 // Options are the flags of `keeplb speaker`.
@@ -34,8 +34,19 @@ type Options struct {
 	ReloadWindow time.Duration
 	// MinSyncInterval bounds how often the speaker recomputes its state.
 	MinSyncInterval time.Duration
-	// MetricsBindAddress serves /metrics and /healthz; "0" disables.
+	// MetricsBindAddress serves /metrics and /healthz; "0" disables. The
+	// default is loopback: in the host network, a wildcard address would
+	// answer on every address of the node, each VIP it holds included.
+	// The DaemonSet passes the node's address (status.hostIP), where the
+	// kubelet probes and Prometheus scrapes a host-network pod.
 	MetricsBindAddress string
+	// MetricsSecure serves HTTPS, and /metrics only to callers the API
+	// server authenticates and authorizes; false serves plain HTTP with
+	// /metrics open to anyone who reaches the port, for tests and demos.
+	MetricsSecure bool
+	// MetricsCertFile and MetricsKeyFile are the serving certificate and
+	// key; empty, a self-signed certificate is generated at start.
+	MetricsCertFile, MetricsKeyFile string
 	// SkipSysctls leaves sysctls alone (they are set on the node already).
 	SkipSysctls bool
 	// NetNS, for tests and the demo, runs the node side (addresses,
@@ -75,7 +86,8 @@ func NewOptions() *Options {
 		Keepalived:         []string{"keepalived"},
 		ReloadWindow:       100 * time.Millisecond,
 		MinSyncInterval:    100 * time.Millisecond,
-		MetricsBindAddress: ":10261",
+		MetricsBindAddress: "127.0.0.1:10261",
+		MetricsSecure:      true,
 		KubeAPIQPS:         20,
 		KubeAPIBurst:       40,
 		IPVS:               true,
@@ -92,7 +104,10 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.StringSliceVar(&o.Keepalived, "keepalived", o.Keepalived, "Command that runs keepalived, comma-separated words.")
 	fs.DurationVar(&o.ReloadWindow, "reload-window", o.ReloadWindow, "A burst of changes within this window is one keepalived reload (0 means the default, 100ms).")
 	fs.DurationVar(&o.MinSyncInterval, "min-sync-interval", o.MinSyncInterval, "Shortest time between two syncs.")
-	fs.StringVar(&o.MetricsBindAddress, "metrics-bind-address", o.MetricsBindAddress, "Address serving /metrics and /healthz. \"0\" disables it.")
+	fs.StringVar(&o.MetricsBindAddress, "metrics-bind-address", o.MetricsBindAddress, "host:port serving /metrics and /healthz; \"0\" disables it. The DaemonSet passes [$(HOST_IP)]:10261, the node's address from the downward API (brackets fit IPv4 and IPv6). An empty host (:10261) answers on every address of the node, each VIP it holds included.")
+	fs.BoolVar(&o.MetricsSecure, "metrics-secure", o.MetricsSecure, "Serve HTTPS, and /metrics only to callers the API server authenticates (bearer token, TokenReview) and authorizes to get the non-resource URL /metrics (SubjectAccessReview); /healthz stays open. --metrics-secure=false is INSECURE: plain HTTP, metrics (Service names, VIPs, nodes, traffic counters) open to anyone who reaches the port; for tests and demos only.")
+	fs.StringVar(&o.MetricsCertFile, "metrics-cert-file", o.MetricsCertFile, "PEM serving certificate (with its chain) for the metrics port, read again when it changes. Empty: a self-signed certificate generated at start.")
+	fs.StringVar(&o.MetricsKeyFile, "metrics-key-file", o.MetricsKeyFile, "PEM private key of --metrics-cert-file.")
 	fs.BoolVar(&o.SkipSysctls, "skip-sysctls", o.SkipSysctls, "Do not check or set the sysctls VRRP needs.")
 	fs.StringVar(&o.NetNS, "netns", o.NetNS, "For tests and demos: manage addresses, run keepalived and (with --ipvs) program IPVS and keeplb's nftables table in this named network namespace (ip netns, /run/netns/NAME). Implies --skip-sysctls for the speaker's own namespace.")
 	fs.Float32Var(&o.KubeAPIQPS, "kube-api-qps", o.KubeAPIQPS, "Queries per second to the API server.")
@@ -125,9 +140,16 @@ func (o *Options) Validate() error {
 		errs = append(errs, errors.New("--reload-window and --min-sync-interval must not be negative"))
 	}
 	if o.MetricsBindAddress != "0" {
-		if _, _, err := net.SplitHostPort(o.MetricsBindAddress); err != nil {
-			errs = append(errs, fmt.Errorf("--metrics-bind-address %q: %w", o.MetricsBindAddress, err))
+		if err := o.serveConfig().Validate(); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// serveConfig is the metrics and health server's share of the options.
+func (o *Options) serveConfig() serve.Config {
+	c := serve.Config{BindAddress: o.MetricsBindAddress, Insecure: !o.MetricsSecure, CertFile: o.MetricsCertFile, KeyFile: o.MetricsKeyFile}
+	c.Defaults()
+	return c
 }

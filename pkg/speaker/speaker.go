@@ -44,6 +44,7 @@ import (
 	"github.com/keeplb/keeplb/pkg/metrics"
 	"github.com/keeplb/keeplb/pkg/pools"
 	"github.com/keeplb/keeplb/pkg/runner"
+	"github.com/keeplb/keeplb/pkg/serve"
 	"github.com/keeplb/keeplb/pkg/vrrp"
 )
 
@@ -149,7 +150,11 @@ func RunWith(ctx context.Context, o *Options, cfg *rest.Config, net hostnet.Inte
 		}
 	}
 	s := &Speaker{opts: o, client: client, dyn: dyn, net: net, sup: sup, layout: layout, metrics: m, dp: dp, states: map[string]keepalived.State{}}
-	return s.run(ctx)
+	srv, err := s.server(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	return serve.Alongside(ctx, srv, s.run)
 }
 
 // Speaker is one running speaker.
@@ -217,9 +222,6 @@ func (s *Speaker) run(ctx context.Context) error {
 		s.dp.recorder = s.recorder
 	}
 
-	if s.opts.MetricsBindAddress != "0" {
-		go s.serve(ctx)
-	}
 	factory.Start(ctx.Done())
 	dynFactory.Start(ctx.Done())
 	defer factory.Shutdown()
@@ -538,30 +540,32 @@ func (s *Speaker) removeVIPs(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// serve serves metrics and health until ctx is done.
-func (s *Speaker) serve(ctx context.Context) {
-	mux := http.NewServeMux()
-	metricsHandler := s.metrics.Handler()
-	mux.HandleFunc("/metrics", func(w http.ResponseWriter, r *http.Request) {
-		s.refreshProcessMetrics()
-		metricsHandler.ServeHTTP(w, r)
-	})
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
-		s.healthyMu.Lock()
-		h := s.health
-		s.healthyMu.Unlock()
-		if why := unhealthy(h, s.sup.Status(), time.Now()); why != "" {
-			http.Error(w, why, http.StatusServiceUnavailable)
-			return
-		}
-		_, _ = w.Write([]byte("ok"))
-	})
-	srv := &http.Server{Addr: s.opts.MetricsBindAddress, Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	go func() {
-		<-ctx.Done()
-		_ = srv.Close()
-	}()
-	if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		klog.FromContext(ctx).Error(err, "Metrics server failed")
+// server returns the server of /metrics and /healthz, nil when disabled.
+// kube reaches the API server for the metrics' authentication and
+// authorization.
+func (s *Speaker) server(ctx context.Context, kube *rest.Config) (*serve.Server, error) {
+	if s.opts.MetricsBindAddress == "0" {
+		return nil, nil
 	}
+	cfg := s.opts.serveConfig()
+	if cfg.Wildcard() {
+		klog.FromContext(ctx).Info("Warning: metrics and health are served on every address of this node, each VIP it holds included; the DaemonSet binds them to the node's address", "metricsBindAddress", cfg.BindAddress)
+	}
+	metricsHandler := s.metrics.Handler()
+	return serve.New(cfg, kube, serve.Endpoints{
+		Metrics: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			s.refreshProcessMetrics()
+			metricsHandler.ServeHTTP(w, r)
+		}),
+		Health: map[string]http.Handler{"/healthz": http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+			s.healthyMu.Lock()
+			h := s.health
+			s.healthyMu.Unlock()
+			if why := unhealthy(h, s.sup.Status(), time.Now()); why != "" {
+				http.Error(w, why, http.StatusServiceUnavailable)
+				return
+			}
+			_, _ = w.Write([]byte("ok"))
+		})},
+	})
 }
