@@ -115,8 +115,11 @@ func newPrepareNodeCommand() *cobra.Command {
 		Short: "Load IPVS and set the sysctls the speaker needs (its init container)",
 		Long: `prepare-node readies a node for the speaker: it loads IPVS (the ip_vs
 module) and sets the sysctls VRRP and IPVS forwarding need, naming each one it
-cannot set. The speaker DaemonSet runs it as a privileged init container, so
-that the speaker itself needs no more than NET_ADMIN and NET_RAW.
+cannot set. The speaker DaemonSet runs it as an init container (not
+privileged: root with NET_ADMIN, and SYS_MODULE for modprobe on kernels older
+than 5.16), so that the speaker itself needs no more than NET_ADMIN and
+NET_RAW. A container's /proc/sys is read-only, so the DaemonSet mounts the
+node's /proc/sys/net at /host/proc/sys/net and passes --sysctl-root.
 
 A kernel without IPVS is logged, not an error: the speaker then holds VIPs
 with VRRP but forwards nothing.`,

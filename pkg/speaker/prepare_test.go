@@ -3,6 +3,8 @@ package speaker
 import (
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -64,6 +66,51 @@ func TestPrepare(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestSysctlsUnder: with --sysctl-root, the sysctls are read and written
+// under that folder, where the DaemonSet mounts the node's /proc/sys/net,
+// and the one that cannot be written is named with the path it tried.
+func TestSysctlsUnder(t *testing.T) {
+	root := t.TempDir()
+	files := map[string]string{
+		"net/ipv4/ip_nonlocal_bind": "0\n", "net/ipv4/conf/all/arp_ignore": "1\n", "net/ipv4/conf/all/arp_announce": "0\n",
+		"net/ipv4/ip_forward": "0\n",
+	}
+	for name, v := range files {
+		if err := os.MkdirAll(filepath.Join(root, filepath.Dir(name)), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(root, name), []byte(v), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// net/ipv4/vs is missing, as in a /proc/sys/net without ip_vs loaded.
+	h := sysctlsUnder{Interface: hostnettesting.New(nil, nil), root: root}
+	err := prepare(t.Context(), true, func() (ipvs.Interface, error) { return ipvstesting.New(), nil }, h)
+	if err == nil || !strings.Contains(err.Error(), "net.ipv4.vs.expire_nodest_conn=1") || !strings.Contains(err.Error(), filepath.Join(root, "net/ipv4/vs/conntrack")) {
+		t.Errorf("error = %v, want one naming the vs.* sysctls and their paths under %s", err, root)
+	}
+	for name, want := range map[string]string{
+		"net/ipv4/ip_nonlocal_bind": "1", "net/ipv4/conf/all/arp_ignore": "1", "net/ipv4/conf/all/arp_announce": "2",
+		"net/ipv4/ip_forward": "1",
+	} {
+		b, err := os.ReadFile(filepath.Join(root, name))
+		if got := strings.TrimSpace(string(b)); err != nil || got != want {
+			t.Errorf("%s = %q (%v), want %s", name, got, err, want)
+		}
+	}
+}
+
+func TestPrepareOptionsValidate(t *testing.T) {
+	o := NewPrepareOptions()
+	if err := o.Validate(); err != nil || o.SysctlRoot != "/proc/sys" {
+		t.Errorf("defaults: root %q, Validate() = %v", o.SysctlRoot, err)
+	}
+	o.SysctlRoot = "host/proc/sys"
+	if err := o.Validate(); err == nil {
+		t.Error("a relative --sysctl-root was accepted")
 	}
 }
 
