@@ -85,13 +85,13 @@ type svcState struct {
 func New(unmanaged ...netip.Prefix) *Allocator {
 	return &Allocator{
 		unmanaged: slices.Clone(unmanaged),
-		pools:          map[string]*poolState{},
-		addrs:          map[netip.Addr]*addrState{},
-		services:       map[string]*svcState{},
-		pending:        map[string]struct{}{},
-		groups:         map[string]map[netip.Addr]struct{}{},
-		status:         map[string][]netip.Addr{},
-		refs:           map[netip.Addr][]string{},
+		pools:     map[string]*poolState{},
+		addrs:     map[netip.Addr]*addrState{},
+		services:  map[string]*svcState{},
+		pending:   map[string]struct{}{},
+		groups:    map[string]map[netip.Addr]struct{}{},
+		status:    map[string][]netip.Addr{},
+		refs:      map[netip.Addr][]string{},
 	}
 }
 
