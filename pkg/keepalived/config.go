@@ -537,6 +537,10 @@ type instanceView struct {
 	PreemptDelay    string
 	UnicastSrc      string
 	UnicastPeers    []string
+	// CheckUnicastSrc drops unicast adverts whose source is none of
+	// UnicastPeers: without it keepalived takes an advert from any host
+	// that reaches the node, and a priority-255 one takes the VIPs.
+	CheckUnicastSrc bool
 	Anchor          string
 	AnchorScope     bool
 	VIPs            []string
@@ -574,6 +578,7 @@ func newView(c Config) view {
 		}
 		if in.UnicastSrc.IsValid() {
 			iv.UnicastSrc = in.UnicastSrc.String()
+			iv.CheckUnicastSrc = true
 		}
 		for _, p := range slices.SortedFunc(slices.Values(in.UnicastPeers), netip.Addr.Compare) {
 			iv.UnicastPeers = append(iv.UnicastPeers, p.String())
