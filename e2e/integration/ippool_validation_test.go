@@ -70,6 +70,9 @@ func TestIPPoolAdmission(t *testing.T) {
 				if p.Spec.AvoidBuggyIPs {
 					t.Error("avoidBuggyIPs defaulted to true")
 				}
+				if p.Spec.ICMPEcho != v1alpha1.ICMPEchoAllow {
+					t.Errorf("icmpEcho = %q, want defaulted to Allow", p.Spec.ICMPEcho)
+				}
 				if p.Spec.VRRP != nil {
 					t.Errorf("vrrp = %+v, want absent", p.Spec.VRRP)
 				}
@@ -142,6 +145,7 @@ func TestIPPoolAdmission(t *testing.T) {
 					},
 				},
 				"forwarding": "kube-proxy",
+				"icmpEcho":   "Drop",
 				"vrrp": map[string]any{
 					"interface":             "bond0.100",
 					"virtualRouterIDs":      "10-20",
@@ -172,6 +176,7 @@ func TestIPPoolAdmission(t *testing.T) {
 						}},
 					},
 					Forwarding: v1alpha1.ForwardingKubeProxy,
+					ICMPEcho:   v1alpha1.ICMPEchoDrop,
 					VRRP: &v1alpha1.VRRP{
 						Interface:             "bond0.100",
 						VirtualRouterIDs:      "10-20",
@@ -282,6 +287,8 @@ func TestIPPoolAdmission(t *testing.T) {
 				[]string{"spec.vrrp.interface", "should match"}},
 			{"bad forwarding", map[string]any{"addresses": []any{"192.0.2.0/28"}, "forwarding": "dsr"},
 				[]string{`spec.forwarding: Unsupported value: "dsr"`, `"nodeport"`}},
+			{"bad icmpEcho", map[string]any{"addresses": []any{"192.0.2.0/28"}, "icmpEcho": "allow"},
+				[]string{`spec.icmpEcho: Unsupported value: "allow"`, `"Allow"`, `"Drop"`}},
 			{"bad namespace", allocation(map[string]any{"namespaces": []any{"Web_Team"}}),
 				[]string{"spec.serviceAllocation.namespaces[0]", "should match"}},
 			{"duplicate namespace", allocation(map[string]any{"namespaces": []any{"web", "web"}}),

@@ -291,6 +291,7 @@ func TestCRDDefaults(t *testing.T) {
 		"spec.autoAssign":                 `true`,
 		"spec.avoidBuggyIPs":              `false`,
 		"spec.forwarding":                 `"` + string(v1alpha1.ForwardingNodePort) + `"`,
+		"spec.icmpEcho":                   `"` + string(v1alpha1.ICMPEchoAllow) + `"`,
 		"spec.vrrp.virtualRouterIDs":      `"1-255"`,
 		"spec.vrrp.advertisementInterval": `"1s"`,
 	} {
@@ -314,6 +315,21 @@ func TestCRDDefaults(t *testing.T) {
 	}
 	if len(modes) != 3 {
 		t.Errorf("forwarding enum %v, want the three modes", modes)
+	}
+	var echo []v1alpha1.ICMPEcho
+	for _, e := range prop(t, root, "spec.icmpEcho").Enum {
+		echo = append(echo, v1alpha1.ICMPEcho(strings.Trim(string(e.Raw), `"`)))
+	}
+	if !slices.Equal(echo, []v1alpha1.ICMPEcho{v1alpha1.ICMPEchoAllow, v1alpha1.ICMPEchoDrop}) {
+		t.Errorf("icmpEcho enum %v, want Allow and Drop", echo)
+	}
+	for _, e := range echo {
+		if !e.Valid() {
+			t.Errorf("icmpEcho enum value %q is not a valid ICMPEcho", e)
+		}
+	}
+	if v1alpha1.ICMPEcho("allow").Valid() {
+		t.Error(`ICMPEcho("allow").Valid() = true; the enum is case-sensitive`)
 	}
 }
 
@@ -348,6 +364,7 @@ func fullPool() *v1alpha1.IPPool {
 				ServiceSelector:   selector("svc"),
 			},
 			Forwarding: v1alpha1.ForwardingPod,
+			ICMPEcho:   v1alpha1.ICMPEchoDrop,
 			VRRP: &v1alpha1.VRRP{
 				Interface:             "eth0",
 				VirtualRouterIDs:      "10-20",

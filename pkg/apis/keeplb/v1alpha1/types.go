@@ -41,6 +41,25 @@ func (f Forwarding) Valid() bool {
 	return false
 }
 
+// ICMPEcho says whether a pool's VIPs answer ICMP and ICMPv6 echo
+// requests (ping). The VIP port guard drops every other packet to a VIP
+// that no Service port asks for, so this is the one ICMP choice left to the
+// pool: errors (unreachable, time exceeded, packet too big) and IPv6
+// neighbour discovery are always accepted, since the address needs them.
+type ICMPEcho string
+
+const (
+	// ICMPEchoAllow answers echo requests to the pool's VIPs (the default):
+	// ping tells an operator which node holds a VIP, and whether it is up.
+	ICMPEchoAllow ICMPEcho = "Allow"
+	// ICMPEchoDrop drops echo requests to the pool's VIPs, for networks
+	// where addresses must not answer probes.
+	ICMPEchoDrop ICMPEcho = "Drop"
+)
+
+// Valid reports whether e is Allow or Drop.
+func (e ICMPEcho) Valid() bool { return e == ICMPEchoAllow || e == ICMPEchoDrop }
+
 // Condition types set on IPPool status.
 const (
 	// ConditionReady is true when the pool's addresses parse and it can
@@ -91,6 +110,11 @@ type IPPoolSpec struct {
 	// Forwarding is the default forwarding mode for Services of this pool;
 	// the keeplb.io/forwarding annotation overrides it. Default nodeport.
 	Forwarding Forwarding `json:"forwarding,omitempty"`
+
+	// ICMPEcho says whether the pool's VIPs answer ICMP echo requests:
+	// Allow (the default) or Drop. Only the nodes that may hold the VIPs
+	// are concerned: every speaker drops what the guard does not accept.
+	ICMPEcho ICMPEcho `json:"icmpEcho,omitempty"`
 
 	// VRRP configures how speakers announce this pool's VIPs.
 	VRRP *VRRP `json:"vrrp,omitempty"`
