@@ -396,9 +396,11 @@ func localServices(vips []vrrp.VIP) map[netip.Addr][]string {
 }
 
 // servicesOf returns the Services ("namespace/name") of an instance of one
-// Local address, sorted; nil for other instances, which are their pool's.
+// Local address, sorted; nil for other instances, which are their pool's
+// (a Local address held in a shared instance because its pool ran out of
+// VRIDs included).
 func servicesOf(inst vrrp.Instance, local map[netip.Addr][]string) []string {
-	if len(inst.VIPs) != 1 {
+	if !inst.Local || len(inst.VIPs) != 1 {
 		return nil
 	}
 	return slices.Compact(slices.Sorted(slices.Values(local[inst.VIPs[0]])))
