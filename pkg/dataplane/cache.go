@@ -1,6 +1,7 @@
 package dataplane
 
 import (
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -38,11 +39,16 @@ type part struct {
 	snat      []SNAT
 	kubeProxy []ipvs.Key
 	problems  []Problem
+	guard     Guard
 }
 
 type partEntry struct {
 	entry ipvs.Entry
 	port  string // the Service port's name, for a problem
+	// ranges are the source ranges admitted, when filtered (see
+	// computer.sourceRanges).
+	ranges   []netip.Prefix
+	filtered bool
 }
 
 // Desired is the package's Desired, reusing the parts of Services whose
@@ -89,6 +95,7 @@ func (ca *Cache) Desired(in Inputs, node string) (State, []Problem) {
 		return a.Real.Compare(b.Real)
 	})
 	c.st.SNAT = slices.Compact(c.st.SNAT)
+	c.st.Guard.sort()
 	ca.lastVirtuals, ca.lastSNAT = len(c.st.IPVS), len(c.st.SNAT)
 	return c.st, c.problems
 }

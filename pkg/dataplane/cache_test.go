@@ -50,6 +50,7 @@ func TestCacheMatchesDesired(t *testing.T) {
 		service("c", []string{"192.0.2.1"}), // contests a's port 80
 		service("d", []string{"192.0.2.4"}, annotate("keeplb.io/scheduler", "nope")),
 	}
+	in.Services[1].Spec.LoadBalancerSourceRanges = []string{"198.51.100.0/24"}
 	for _, name := range []string{"a", "b", "c", "d"} {
 		in.Slices = append(in.Slices, slice(name, name+"-1", discoveryv1.AddressTypeIPv4, httpPort(8080),
 			ep{"10.1.0.1", "n1", "ready"}, ep{"10.1.0.2", "n2", "ready"}))
@@ -92,6 +93,9 @@ func TestCacheMatchesDesired(t *testing.T) {
 		}
 		if !reflect.DeepEqual(got.SNAT, want.SNAT) || !reflect.DeepEqual(got.Owners, want.Owners) {
 			t.Errorf("%s: cached SNAT %v, owners %v; want %v, %v", st.name, got.SNAT, got.Owners, want.SNAT, want.Owners)
+		}
+		if !reflect.DeepEqual(got.Guard, want.Guard) || !reflect.DeepEqual(got.SourceRanges, want.SourceRanges) {
+			t.Errorf("%s: cached guard %+v, source ranges %v; want %+v, %v", st.name, got.Guard, got.SourceRanges, want.Guard, want.SourceRanges)
 		}
 		if !reflect.DeepEqual(gotProblems, wantProblems) {
 			t.Errorf("%s: cached problems %v; want %v", st.name, gotProblems, wantProblems)

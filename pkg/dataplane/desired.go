@@ -12,6 +12,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	servicehelper "k8s.io/cloud-provider/service/helpers"
 
 	"github.com/keeplb/keeplb/pkg/allocator"
 	"github.com/keeplb/keeplb/pkg/annotations"
@@ -52,6 +53,14 @@ type State struct {
 	SNAT []SNAT
 	// Owners maps each virtual server to its Service, "namespace/name".
 	Owners map[ipvs.Key]string
+	// SourceRanges maps each virtual server whose Service restricts its
+	// clients (loadBalancerSourceRanges) to the ranges of the VIP's family
+	// it admits; an empty list admits no client. A virtual server absent
+	// is open to all. See sourceRanges for how the field is read.
+	SourceRanges map[ipvs.Key][]netip.Prefix
+	// Guard is what the VIP port guard lets through to keeplb's VIPs. It
+	// is the same on every node, whichever pools the node may hold.
+	Guard Guard
 
 	ranges    []allocator.Range
 	kubeProxy map[ipvs.Key]bool
@@ -70,6 +79,36 @@ func (s State) Owns(k ipvs.Key) bool {
 		}
 	}
 	return false
+}
+
+// Guard lists what may reach keeplb's VIPs on a node: the ports of the
+// Services using each VIP, whatever their forwarding mode (kube-proxy's
+// included), and which VIPs answer ping. A held VIP is a local address, so
+// without the guard every host-network listener of the holder (sshd, the
+// kubelet, node exporters, NodePorts) would answer on it. The guard covers
+// every VIP of every pool on every node, so a VIP that moves is guarded
+// before it arrives.
+type Guard struct {
+	// VIPs are every address keeplb holds for a Service, by the rule of
+	// the VRRP plan (a Service keeplb handles, an address of its status
+	// in a pool), sorted.
+	VIPs []netip.Addr
+	// Ports are the VIP:port/protocol of every port of those Services,
+	// sorted.
+	Ports []ipvs.Key
+	// Echo are the VIPs whose pool answers ICMP echo requests
+	// (spec.icmpEcho Allow, the default), sorted.
+	Echo []netip.Addr
+}
+
+// sort sorts and deduplicates g's lists: Services share VIPs and ports.
+func (g *Guard) sort() {
+	slices.SortFunc(g.VIPs, netip.Addr.Compare)
+	g.VIPs = slices.Compact(g.VIPs)
+	slices.SortFunc(g.Ports, ipvs.Key.Compare)
+	g.Ports = slices.Compact(g.Ports)
+	slices.SortFunc(g.Echo, netip.Addr.Compare)
+	g.Echo = slices.Compact(g.Echo)
 }
 
 // SNAT is one real server of one virtual server whose traffic needs
@@ -135,6 +174,11 @@ type computer struct {
 	// entries are the virtual servers of the Service part computes, in
 	// the order they were made, with their ports' names.
 	entries []partEntry
+	// guard is the Service's share of State.Guard, and rangesReported
+	// whether its source ranges were found invalid already (one problem
+	// per Service, not per address).
+	guard          Guard
+	rangesReported bool
 }
 
 // Desired returns the IPVS table node should have, with the problems found.
@@ -151,9 +195,10 @@ func newComputer(in Inputs, node string) *computer {
 		node:   node,
 		slices: map[string][]*discoveryv1.EndpointSlice{},
 		st: State{
-			IPVS:      ipvs.Table{},
-			Owners:    map[ipvs.Key]string{},
-			kubeProxy: map[ipvs.Key]bool{},
+			IPVS:         ipvs.Table{},
+			Owners:       map[ipvs.Key]string{},
+			SourceRanges: map[ipvs.Key][]netip.Prefix{},
+			kubeProxy:    map[ipvs.Key]bool{},
 		},
 		admits: map[string]bool{},
 	}
@@ -215,8 +260,8 @@ func sortedServices(in []*v1.Service) []*v1.Service {
 // if no other Service existed: merge settles contested ports.
 func (c *computer) part(svc *v1.Service) part {
 	saved, savedProblems := c.st, c.problems
-	c.st = State{IPVS: ipvs.Table{}, Owners: map[ipvs.Key]string{}, kubeProxy: map[ipvs.Key]bool{}}
-	c.problems, c.entries = nil, nil
+	c.st = State{IPVS: ipvs.Table{}, Owners: map[ipvs.Key]string{}, SourceRanges: map[ipvs.Key][]netip.Prefix{}, kubeProxy: map[ipvs.Key]bool{}}
+	c.problems, c.entries, c.guard, c.rangesReported = nil, nil, Guard{}, false
 	for _, ing := range svc.Status.LoadBalancer.Ingress {
 		a, err := netip.ParseAddr(ing.IP)
 		if err != nil {
@@ -227,9 +272,11 @@ func (c *computer) part(svc *v1.Service) part {
 		if name == "" {
 			continue
 		}
-		c.service(svc, a, c.pool(name), c.admits[name])
+		pool := c.pool(name)
+		c.guardVIP(svc, a, pool)
+		c.service(svc, a, pool, c.admits[name])
 	}
-	p := part{problems: c.problems}
+	p := part{problems: c.problems, guard: c.guard}
 	for k := range c.st.kubeProxy {
 		p.kubeProxy = append(p.kubeProxy, k)
 	}
@@ -260,7 +307,13 @@ func (c *computer) merge(svc *v1.Service, p part) {
 		}
 		c.st.IPVS[k] = e.entry
 		c.st.Owners[k] = key
+		if e.filtered {
+			c.st.SourceRanges[k] = e.ranges
+		}
 	}
+	c.st.Guard.VIPs = append(c.st.Guard.VIPs, p.guard.VIPs...)
+	c.st.Guard.Ports = append(c.st.Guard.Ports, p.guard.Ports...)
+	c.st.Guard.Echo = append(c.st.Guard.Echo, p.guard.Echo...)
 	if skip == nil {
 		c.st.SNAT = append(c.st.SNAT, p.snat...)
 		return
@@ -349,6 +402,7 @@ func (c *computer) service(svc *v1.Service, vip netip.Addr, pool *v1alpha1.IPPoo
 		}
 	}
 	v6 := vip.Is6()
+	ranges, filtered := c.sourceRanges(svc, v6)
 	var perNode map[string]int // Local nodeport: ready endpoints per node
 	if mode == v1alpha1.ForwardingNodePort {
 		if local {
@@ -394,13 +448,85 @@ func (c *computer) service(svc *v1.Service, vip netip.Addr, pool *v1alpha1.IPPoo
 		}
 		c.st.IPVS[k] = ipvs.Entry{Virtual: vs, Reals: reals}
 		c.st.Owners[k] = key
-		c.entries = append(c.entries, partEntry{entry: c.st.IPVS[k], port: portName(p)})
+		c.entries = append(c.entries, partEntry{entry: c.st.IPVS[k], port: portName(p), ranges: ranges, filtered: filtered})
 		for _, r := range reals {
 			if !slices.Contains(unmasqueraded, r) {
 				c.st.SNAT = append(c.st.SNAT, SNAT{Virtual: k, Real: r.AddrPort()})
 			}
 		}
 	}
+}
+
+// guardVIP adds vip, with every port of svc, to the Service's share of
+// the guard: whatever the forwarding mode and whether or not this node may
+// hold the VIP, so that every node has the same guard and a VIP is guarded
+// wherever it goes.
+func (c *computer) guardVIP(svc *v1.Service, vip netip.Addr, pool *v1alpha1.IPPool) {
+	c.guard.VIPs = append(c.guard.VIPs, vip)
+	if pool == nil || pool.Spec.ICMPEcho != v1alpha1.ICMPEchoDrop {
+		c.guard.Echo = append(c.guard.Echo, vip)
+	}
+	for _, p := range svc.Spec.Ports {
+		if proto, ok := protocol(p.Protocol); ok && p.Port > 0 && p.Port < 65536 {
+			c.guard.Ports = append(c.guard.Ports, ipvs.Key{Address: vip, Protocol: proto, Port: uint16(p.Port)})
+		}
+	}
+}
+
+// sourceRanges returns the source ranges that admit clients of svc's VIP
+// of one family, and whether the VIP is filtered at all. They are read as
+// the cloud-provider library reads them (the field, else the legacy
+// annotation service.beta.kubernetes.io/load-balancer-source-ranges), and,
+// as kube-proxy does, per family: a family is open to all only when the
+// ranges hold its own zero CIDR (0.0.0.0/0 opens IPv4, not IPv6), and
+// ranges of the other family do not count, so a VIP whose family has no
+// range admits no client. Ranges that do not parse close the VIP to every
+// client, with a problem: a mistyped filter must not open what it meant to
+// restrict. The API server validates the field, so in practice only the
+// annotation can be wrong.
+func (c *computer) sourceRanges(svc *v1.Service, v6 bool) ([]netip.Prefix, bool) {
+	field, value := "spec.loadBalancerSourceRanges", strings.Join(svc.Spec.LoadBalancerSourceRanges, ",")
+	if len(svc.Spec.LoadBalancerSourceRanges) == 0 {
+		field, value = v1.AnnotationLoadBalancerSourceRangesKey, strings.TrimSpace(svc.Annotations[v1.AnnotationLoadBalancerSourceRangesKey])
+		if value == "" {
+			return nil, false // no ranges: open to all
+		}
+	}
+	closed := func() ([]netip.Prefix, bool) {
+		if !c.rangesReported {
+			c.rangesReported = true
+			c.problem(svc, field, "%q is not a comma-separated list of CIDRs; until it is (e.g. 203.0.113.0/24,198.51.100.7/32), the VIP's ports are closed to every client", value)
+		}
+		return []netip.Prefix{}, true
+	}
+	set, err := servicehelper.GetLoadBalancerSourceRanges(svc)
+	if err != nil {
+		return closed()
+	}
+	out := []netip.Prefix{}
+	for _, s := range set.StringSlice() {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return closed()
+		}
+		if p.Addr().Is4In6() && p.Bits() >= 96 {
+			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+		}
+		if p.Addr().Is6() != v6 {
+			continue
+		}
+		if p.Bits() == 0 {
+			return nil, false // this family's zero CIDR: open to all
+		}
+		out = append(out, p.Masked())
+	}
+	slices.SortFunc(out, func(a, b netip.Prefix) int {
+		if c := a.Addr().Compare(b.Addr()); c != 0 {
+			return c
+		}
+		return a.Bits() - b.Bits()
+	})
+	return slices.Compact(out), true
 }
 
 func (c *computer) mode(svc *v1.Service, pool *v1alpha1.IPPool) v1alpha1.Forwarding {

@@ -51,6 +51,16 @@
 // same holds for this node's own pods under nodeport forwarding with Local.
 // State.SNAT lists what needs masquerading, for the nftables layer.
 //
+// # Source ranges and the VIP port guard
+//
+// State.SourceRanges says which virtual servers only admit some clients
+// (loadBalancerSourceRanges, read per family as kube-proxy reads them),
+// and State.Guard what may reach keeplb's VIPs at all: the ports of the
+// Services using each VIP, in every forwarding mode, kube-proxy's
+// included, and which VIPs answer ping (the pool's spec.icmpEcho). The
+// guard is the same on every node, for every VIP of every pool, so that a
+// VIP is guarded wherever it goes. Package nft renders both.
+//
 // # Ownership
 //
 // keeplb owns a virtual server when its address lies in one of its pools,

@@ -1,6 +1,6 @@
 // Package nft writes keeplb's nftables table, inet keeplb: masquerading
-// for traffic IPVS forwards in NAT mode, and the Services'
-// spec.loadBalancerSourceRanges. Transaction builds the table as plain
+// for traffic IPVS forwards in NAT mode, the Services'
+// spec.loadBalancerSourceRanges, and the VIP port guard. Transaction builds the table as plain
 // data (a knftables.Transaction) from Rules; Sync runs it; Delete and
 // Cleanup remove the table on a clean exit. Nothing here reads the kernel:
 // every sync rewrites the whole table in one atomic transaction, so the
@@ -17,11 +17,18 @@
 //	set snat-v4, snat-v6         VIP . proto . port . real address . real port
 //	set filtered-v4, filtered-v6 VIP . proto . port that have source ranges
 //	set allowed-v4, allowed-v6   VIP . proto . port . source CIDR (interval)
+//	set vips-v4, vips-v6         every keeplb VIP
+//	set ports-v4, ports-v6       VIP . proto . port of the VIP's Services
+//	set echo-v4, echo-v6         VIPs that answer ping
+//	counter vip-guard-dropped
 //	chain ipvs-masquerade type nat hook postrouting priority srcnat
 //	chain source-ranges   type filter hook input priority filter
+//	chain vip-guard       type filter hook prerouting priority dstnat - 50
+//	chain vip-guard-v4, vip-guard-v6 (jumped to from vip-guard)
 //
-// Two rules per chain, one per family; the sets carry the data, so the
-// rule count does not grow with Services or real servers. An empty Rules
+// Two rules per base chain, one per family, and six per guard chain; the
+// sets carry the data, so the rule count does not grow with Services or
+// real servers. An empty Rules
 // still writes the table, its chains and its empty sets: the table's
 // presence says keeplb runs here, and every sync writes the same shape.
 //
@@ -80,9 +87,40 @@
 // an IPv6 VIP whose ranges are all IPv4 admits no IPv6 client, the
 // fail-closed reading Kubernetes gives the field.
 //
+// A virtual server listed in Rules.SourceRanges is filtered whatever its
+// list holds: with no range of its family it admits no client. Deciding
+// which virtual servers are filtered (per family, as kube-proxy reads the
+// field) is package dataplane's job.
+//
 // Only traffic reaching this node from elsewhere is filtered: IPVS
 // schedules connections that local processes open to the VIP in LOCAL_OUT,
 // so they never reach input. Non-port protocols (ICMP) are not filtered.
 // Nested ranges are reduced to the outermost, because interval sets with
 // concatenated keys reject overlapping elements.
+//
+// # The VIP port guard
+//
+// A VIP that keepalived adds to a node is a local address: without more,
+// every listener on the wildcard address (sshd, the kubelet, exporters)
+// answers on it, and kube-proxy in iptables mode translates every
+// NodePort on it. The guard accepts, for a destination in vips, only
+//
+//	iifname "lo"                            the node's own processes
+//	ct state established,related            replies, ICMP errors, flows opened before
+//	daddr . l4proto . dport in ports        the ports of the VIP's Services, any mode
+//	ICMP errors (and for IPv6, neighbour solicitation and advertisement)
+//	daddr in echo, echo request             the pool's spec.icmpEcho
+//
+// and counts and drops the rest. It hooks prerouting between conntrack
+// (-200) and destination NAT (-100), so it sees the destination the client
+// chose before kube-proxy rewrites it (a Service of kube-proxy forwarding,
+// a NodePort), and long before IPVS (input, 98 and 99). A VIP:port it
+// accepts is then filtered by the source-ranges chain, forwarded by IPVS
+// or translated by kube-proxy. VRRP adverts go to the VRRP multicast
+// group or the peers' node addresses, never to a VIP, so the guard does
+// not see them. The sets list every VIP of every pool, on every node, so a
+// VIP is guarded on whichever node it moves to.
+//
+// Every write recreates the table, and the counter with it: GuardDrops
+// reads it, and a caller that exports a total adds it up before a write.
 package nft

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os/exec"
@@ -278,10 +279,11 @@ func TestKernelSourceRanges(t *testing.T) {
 	}
 	listen(t, ns, "192.0.2.10:8443")
 	listen(t, ns, "192.0.2.10:8444")
+	listen(t, ns, "192.0.2.10:9000")
 	listen(t, ns, "[2001:db8::10]:8443")
 	in := nft.Rules{SourceRanges: map[ipvs.Key][]netip.Prefix{
 		key(ipvs.TCP, "192.0.2.10:8443"):     prefixes("198.51.100.0/24", "2001:db8:1::/48"),
-		key(ipvs.TCP, "192.0.2.10:8444"):     nil,
+		key(ipvs.TCP, "192.0.2.10:9000"):     nil, // filtered, no range: closed
 		key(ipvs.TCP, "[2001:db8::10]:8443"): prefixes("2001:db8:1::/48"),
 	}}
 	if err := (realNFT{t, ns}).sync(in); err != nil {
@@ -293,7 +295,8 @@ func TestKernelSourceRanges(t *testing.T) {
 	}{
 		{"198.51.100.7", "192.0.2.10:8443", true},
 		{"203.0.113.7", "192.0.2.10:8443", false},
-		{"203.0.113.7", "192.0.2.10:8444", true}, // no ranges: open
+		{"203.0.113.7", "192.0.2.10:8444", true}, // not listed: open
+		{"198.51.100.7", "192.0.2.10:9000", false},
 		{"2001:db8:1::7", "[2001:db8::10]:8443", true},
 		{"2001:db8:2::7", "[2001:db8::10]:8443", false},
 	} {
@@ -436,4 +439,210 @@ func TestKernelRefusesZonedAddresses(t *testing.T) {
 	if !strings.Contains(out, "fd00::1 . 30443") || strings.Contains(out, "fe80") || strings.Contains(out, "2001:db8::1 ") {
 		t.Errorf("snat-v6 does not hold exactly the valid real servers:\n%s", out)
 	}
+}
+
+// ping sends one ICMP or ICMPv6 echo request from src to dst in namespace
+// ns and reports whether a reply came within 700 ms. It uses a raw
+// socket (the test runs as root) and builds the request itself.
+func ping(t *testing.T, ns, src, dst string) bool {
+	t.Helper()
+	v6 := netip.MustParseAddr(dst).Is6()
+	network, typ, reply := "ip4:icmp", byte(8), byte(0)
+	if v6 {
+		network, typ, reply = "ip6:ipv6-icmp", 128, 129
+	}
+	got := false
+	err := inNetns(t, ns, func() error {
+		c, err := net.ListenPacket(network, src)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		id := byte(vethSeq.Add(1))
+		msg := []byte{typ, 0, 0, 0, 0x4b, id, 0, 1, 'k', 'l'}
+		if !v6 { // the kernel computes ICMPv6 checksums itself
+			var sum uint32
+			for i := 0; i < len(msg); i += 2 {
+				sum += uint32(msg[i])<<8 | uint32(msg[i+1])
+			}
+			sum = sum>>16 + sum&0xffff
+			sum += sum >> 16
+			msg[2], msg[3] = byte(^sum>>8), byte(^sum)
+		}
+		if _, err := c.WriteTo(msg, &net.IPAddr{IP: net.ParseIP(dst)}); err != nil {
+			return err
+		}
+		deadline := time.Now().Add(700 * time.Millisecond)
+		buf := make([]byte, 1500)
+		for {
+			_ = c.SetReadDeadline(deadline)
+			n, from, err := c.ReadFrom(buf)
+			if err != nil {
+				return nil // timed out: no reply
+			}
+			if n >= 6 && buf[0] == reply && buf[4] == 0x4b && buf[5] == id && from.String() == dst {
+				got = true
+				return nil
+			}
+		}
+	})
+	if err != nil {
+		t.Fatalf("ping %s from %s in %s: %v", dst, src, ns, err)
+	}
+	return got
+}
+
+// TestKernelGuard sends real traffic from a client namespace to VIPs held
+// by a node namespace, as keepalived holds them (a /32 and a /128 on the
+// node's interface), with what dataplane.Desired computes for Services
+// in each forwarding mode. Listeners on the wildcard address stand for
+// sshd and the kubelet; an nftables DNAT at dstnat priority stands for
+// kube-proxy in iptables mode, which translates a NodePort on every local
+// address and, for a kube-proxy-forwarded Service, the VIP's port. Before
+// keeplb's table all of them answer on the VIPs (so the test can fail);
+// after it, only the Services' ports and ping (where the pool allows it)
+// do, through the VIPs, while the node's own address still reaches
+// everything, and a connection opened before the guard survives it.
+func TestKernelGuard(t *testing.T) {
+	requireKernel(t)
+	node, client := newNetns(t, "gnode"), newNetns(t, "gclient")
+	veth := fmt.Sprintf("klg%d", vethSeq.Add(1))
+	run(t, "ip", "-n", node, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", client)
+	for _, a := range []string{"10.98.0.1/24", "fd98::1/64", "10.98.0.200/32", "10.98.0.201/32", "10.98.0.202/32", "fd98::200/128"} {
+		run(t, "ip", "-n", node, "addr", "add", a, "dev", veth, "nodad")
+	}
+	for _, a := range []string{"10.98.0.2/24", "fd98::2/64"} {
+		run(t, "ip", "-n", client, "addr", "add", a, "dev", "eth0", "nodad")
+	}
+	run(t, "ip", "-n", node, "link", "set", veth, "up")
+	run(t, "ip", "-n", client, "link", "set", "eth0", "up")
+
+	// Host-network listeners on every address: sshd, the kubelet, a
+	// Service's port (standing for IPVS, which would take it before the
+	// socket layer) and kube-proxy's backends.
+	for _, port := range []string{"2222", "10250", "80", "8443", "8080"} {
+		listen(t, node, "[::]:"+port) // dual-stack wildcard
+	}
+	kubeProxy := `table ip kube-proxy-emulation {
+	chain prerouting {
+		type nat hook prerouting priority dstnat; policy accept;
+		fib daddr type local tcp dport 30080 dnat to 10.98.0.1:8080
+		ip daddr 10.98.0.201 tcp dport 443 dnat to 10.98.0.1:8443
+	}
+}
+`
+	if out, err := nftIn(node, kubeProxy, "-f", "-"); err != nil {
+		t.Fatalf("adding the kube-proxy emulation: %v: %s", err, out)
+	}
+
+	quiet := &v1alpha1.IPPool{ObjectMeta: metav1.ObjectMeta{Name: "quiet"}, Spec: v1alpha1.IPPoolSpec{Addresses: []string{"10.98.0.202/32"}, ICMPEcho: v1alpha1.ICMPEchoDrop}}
+	svc := func(name, fwd string, vips []string, port int32) *v1.Service {
+		return &v1.Service{
+			ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: name, Annotations: map[string]string{"keeplb.io/forwarding": fwd}},
+			Spec: v1.ServiceSpec{Type: v1.ServiceTypeLoadBalancer,
+				Ports: []v1.ServicePort{{Name: "p", Protocol: v1.ProtocolTCP, Port: port, NodePort: 30080}}},
+			Status: v1.ServiceStatus{LoadBalancer: v1.LoadBalancerStatus{Ingress: func() (out []v1.LoadBalancerIngress) {
+				for _, v := range vips {
+					out = append(out, v1.LoadBalancerIngress{IP: v})
+				}
+				return out
+			}()}},
+		}
+	}
+	in := dataplane.Inputs{
+		Class: "keeplb.io/vip", DefaultClass: true,
+		Pools: []*v1alpha1.IPPool{
+			{ObjectMeta: metav1.ObjectMeta{Name: "p"}, Spec: v1alpha1.IPPoolSpec{Addresses: []string{"10.98.0.200-10.98.0.201", "fd98::200/128"}}},
+			quiet,
+		},
+		Services: []*v1.Service{
+			svc("web", "nodeport", []string{"10.98.0.200", "fd98::200"}, 80),
+			svc("kp", "kube-proxy", []string{"10.98.0.201"}, 443),
+			svc("pods", "pod", []string{"10.98.0.202"}, 80),
+		},
+	}
+	st, _ := dataplane.Desired(in, "gnode")
+
+	type check struct {
+		dst  string
+		want bool // with the guard
+	}
+	checks := []check{
+		{"10.98.0.200:80", true},     // web's Service port
+		{"[fd98::200]:80", true},     // and on its IPv6 VIP
+		{"10.98.0.200:2222", false},  // sshd
+		{"[fd98::200]:2222", false},  // sshd over IPv6
+		{"10.98.0.200:10250", false}, // the kubelet
+		{"[fd98::200]:10250", false},
+		{"10.98.0.200:30080", false}, // a NodePort, which kube-proxy would translate
+		{"10.98.0.201:443", true},    // kp's Service port, translated by kube-proxy
+		{"10.98.0.201:80", false},    // another Service's port, not kp's
+		{"10.98.0.201:30080", false},
+		{"10.98.0.202:80", true}, // pods' Service port, on a pool whose VIPs drop ping
+		{"10.98.0.202:2222", false},
+		{"10.98.0.1:2222", true}, // the node's own address: not a VIP, untouched
+		{"10.98.0.1:30080", true},
+		{"[fd98::1]:10250", true},
+	}
+	src := func(dst string) string {
+		if strings.HasPrefix(dst, "[") {
+			return "fd98::2"
+		}
+		return "10.98.0.2"
+	}
+	pings := []check{{"10.98.0.200", true}, {"fd98::200", true}, {"10.98.0.201", true}, {"10.98.0.202", false}, {"10.98.0.1", true}}
+	pingSrc := func(dst string) string {
+		if netip.MustParseAddr(dst).Is6() {
+			return "fd98::2"
+		}
+		return "10.98.0.2"
+	}
+	for _, c := range checks {
+		if !dial(t, client, src(c.dst), c.dst) {
+			t.Fatalf("before keeplb's table, %s does not answer: the test would prove nothing", c.dst)
+		}
+	}
+	for _, p := range pings {
+		if !ping(t, client, pingSrc(p.dst), p.dst) {
+			t.Fatalf("before keeplb's table, %s does not answer ping", p.dst)
+		}
+	}
+	// A connection opened through a VIP before the guard: established, so
+	// the guard lets it live on.
+	var early net.Conn
+	if err := inNetns(t, client, func() (err error) {
+		early, err = net.DialTimeout("tcp", "10.98.0.200:2222", time.Second)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer early.Close()
+
+	if err := (realNFT{t, node}).sync(nft.Rules{SNAT: st.SNAT, SourceRanges: st.SourceRanges, Guard: st.Guard}); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range checks {
+		if got := dial(t, client, src(c.dst), c.dst); got != c.want {
+			t.Errorf("with the guard, connection to %s established = %v, want %v", c.dst, got, c.want)
+		}
+	}
+	for _, p := range pings {
+		if got := ping(t, client, pingSrc(p.dst), p.dst); got != p.want {
+			t.Errorf("with the guard, ping %s answered = %v, want %v", p.dst, got, p.want)
+		}
+	}
+	// The early connection still carries data: the listener closes it
+	// once accepted, so a read sees EOF, not a timeout.
+	_ = early.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if _, err := early.Read(make([]byte, 1)); err == nil || !errors.Is(err, io.EOF) {
+		t.Errorf("the connection opened before the guard: read %v, want EOF from the listener", err)
+	}
+	drops, err := nft.GuardDrops(t.Context(), (realNFT{t, node}).open())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if drops == 0 {
+		t.Error("the guard's counter stayed 0")
+	}
+	t.Logf("the guard dropped %d packets", drops)
 }

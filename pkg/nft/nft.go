@@ -28,7 +28,23 @@ const (
 	ChainSNAT = "ipvs-masquerade"
 	// ChainSourceRanges drops what loadBalancerSourceRanges do not allow.
 	ChainSourceRanges = "source-ranges"
+	// ChainGuard sends traffic to keeplb's VIPs through the VIP port
+	// guard, ChainGuard + "-v4" or "-v6", which drop what no Service of
+	// the VIP asks for.
+	ChainGuard = "vip-guard"
+	// CounterGuard counts the packets the VIP port guard dropped since
+	// the table was last written.
+	CounterGuard = "vip-guard-dropped"
 )
+
+// GuardPriority is the VIP port guard's priority in the prerouting hook:
+// after conntrack (-200), which gives the guard the connection's state,
+// and before destination NAT (dstnat, -100), where kube-proxy rewrites a
+// VIP's Service ports (kube-proxy forwarding) and, in iptables mode, the
+// NodePorts of every local address. The guard must see the destination
+// the client sent to, so that VIP:NodePort is dropped before kube-proxy
+// turns it into a pod address. IPVS comes later still (input, 98 and 99).
+const GuardPriority = knftables.DNATPriority + " - 50"
 
 // Rules is what the table expresses.
 type Rules struct {
@@ -36,9 +52,13 @@ type Rules struct {
 	// as dataplane.State.SNAT.
 	SNAT []dataplane.SNAT
 	// SourceRanges maps a virtual server to the source CIDRs allowed to
-	// reach it. A virtual server absent, or with no ranges, is open to all;
-	// ranges of the other address family than the VIP's are ignored.
+	// reach it, as dataplane.State.SourceRanges. A virtual server present
+	// is filtered: with no range of its VIP's family (ranges of the other
+	// family are ignored), it admits no client. One absent is open to all.
 	SourceRanges map[ipvs.Key][]netip.Prefix
+	// Guard is what may reach keeplb's VIPs, as dataplane.State.Guard;
+	// everything else to them is dropped.
+	Guard dataplane.Guard
 }
 
 // protocols are the port-carrying protocols IPVS forwards, in nft syntax.
@@ -69,10 +89,35 @@ func (f family) index() int {
 func (f family) snatSet() string     { return "snat-" + f.suffix }
 func (f family) filteredSet() string { return "filtered-" + f.suffix }
 func (f family) allowedSet() string  { return "allowed-" + f.suffix }
+func (f family) vipsSet() string     { return "vips-" + f.suffix }
+func (f family) portsSet() string    { return "ports-" + f.suffix }
+func (f family) echoSet() string     { return "echo-" + f.suffix }
+func (f family) guardChain() string  { return ChainGuard + "-" + f.suffix }
+
+// icmpAccepted are the ICMP types a VIP always accepts: the errors that
+// make path MTU discovery and failing connections work (also for flows
+// conntrack does not know as related), and, for IPv6, neighbour
+// discovery, without which a unicast neighbour solicitation to the VIP
+// (a peer's reachability probe) would go unanswered. Echo requests are
+// the pool's choice (spec.icmpEcho).
+func (f family) icmpAccepted() string {
+	if f.v6 {
+		return "icmpv6 type { destination-unreachable, packet-too-big, time-exceeded, parameter-problem, nd-neighbor-solicit, nd-neighbor-advert }"
+	}
+	return "icmp type { destination-unreachable, time-exceeded, parameter-problem }"
+}
+
+func (f family) echoRequest() string {
+	if f.v6 {
+		return "icmpv6 type echo-request"
+	}
+	return "icmp type echo-request"
+}
 
 // elements are the set elements of one family, each a concatenated key.
 type elements struct {
 	snat, filtered, allowed [][]string
+	vips, ports, echo       [][]string
 }
 
 // Transaction adds to tx the operations that (re)write keeplb's table to
@@ -93,7 +138,7 @@ func Transaction(tx *knftables.Transaction, in Rules) error {
 	table := &knftables.Table{
 		Family:  Family,
 		Name:    Table,
-		Comment: knftables.PtrTo("keeplb: masquerading for IPVS NAT, loadBalancerSourceRanges"),
+		Comment: knftables.PtrTo("keeplb: masquerading for IPVS NAT, loadBalancerSourceRanges, VIP port guard"),
 	}
 	// Add then delete: deleting a missing table is an error, and nft
 	// 1.0.6 has no destroy. Recreating (rather than flushing) also drops
@@ -122,7 +167,52 @@ func Transaction(tx *knftables.Transaction, in Rules) error {
 		Comment:  knftables.PtrTo("drop traffic to VIP ports from outside loadBalancerSourceRanges"),
 	})
 
+	tx.Add(&knftables.Chain{
+		Family:   Family,
+		Table:    Table,
+		Name:     ChainGuard,
+		Type:     knftables.PtrTo(knftables.FilterType),
+		Hook:     knftables.PtrTo(knftables.PreroutingHook),
+		Priority: knftables.PtrTo(GuardPriority),
+		Comment:  knftables.PtrTo("send traffic to keeplb's VIPs through the VIP port guard, before kube-proxy's DNAT and IPVS"),
+	})
+	tx.Add(&knftables.Counter{
+		Family:  Family,
+		Table:   Table,
+		Name:    CounterGuard,
+		Comment: knftables.PtrTo("packets to a VIP that no Service port asks for"),
+	})
 	for _, f := range families() {
+		tx.Add(&knftables.Chain{
+			Family:  Family,
+			Table:   Table,
+			Name:    f.guardChain(),
+			Comment: knftables.PtrTo("accept what a VIP's Services and the address itself need, drop the rest"),
+		})
+	}
+
+	for _, f := range families() {
+		tx.Add(&knftables.Set{
+			Family:  Family,
+			Table:   Table,
+			Name:    f.vipsSet(),
+			Type:    f.addr,
+			Comment: knftables.PtrTo("keeplb's VIPs, guarded"),
+		})
+		tx.Add(&knftables.Set{
+			Family:  Family,
+			Table:   Table,
+			Name:    f.portsSet(),
+			Type:    f.addr + " . inet_proto . inet_service",
+			Comment: knftables.PtrTo("VIP . protocol . port of the Services using the VIP"),
+		})
+		tx.Add(&knftables.Set{
+			Family:  Family,
+			Table:   Table,
+			Name:    f.echoSet(),
+			Type:    f.addr,
+			Comment: knftables.PtrTo("VIPs that answer echo requests"),
+		})
 		tx.Add(&knftables.Set{
 			Family:  Family,
 			Table:   Table,
@@ -176,10 +266,38 @@ func Transaction(tx *knftables.Transaction, in Rules) error {
 	}
 
 	for _, f := range families() {
+		tx.Add(&knftables.Rule{
+			Family: Family,
+			Table:  Table,
+			Chain:  ChainGuard,
+			Rule:   knftables.Concat(f.ip, "daddr", "@"+f.vipsSet(), "jump", f.guardChain()),
+		})
+	}
+	for _, f := range families() {
+		for _, r := range []string{
+			// Host processes reach every listener on any local address
+			// anyway; the guard is for traffic from elsewhere (pods too).
+			`iifname "lo" accept`,
+			// Replies and ICMP errors of connections conntrack knows,
+			// and connections opened before a port left a Service.
+			"ct state established,related accept",
+			knftables.Concat(f.ip, "daddr . meta l4proto . th dport", "@"+f.portsSet(), "accept"),
+			knftables.Concat(f.icmpAccepted(), "accept"),
+			knftables.Concat(f.ip, "daddr", "@"+f.echoSet(), f.echoRequest(), "accept"),
+			knftables.Concat("counter name", `"`+CounterGuard+`"`, "drop"),
+		} {
+			tx.Add(&knftables.Rule{Family: Family, Table: Table, Chain: f.guardChain(), Rule: r})
+		}
+	}
+
+	for _, f := range families() {
 		e := els[f.index()]
 		addElements(tx, f.snatSet(), e.snat)
 		addElements(tx, f.filteredSet(), e.filtered)
 		addElements(tx, f.allowedSet(), e.allowed)
+		addElements(tx, f.vipsSet(), e.vips)
+		addElements(tx, f.portsSet(), e.ports)
+		addElements(tx, f.echoSet(), e.echo)
 	}
 	return err
 }
@@ -267,9 +385,6 @@ func compute(in Rules) ([2]elements, error) {
 	keys := slices.SortedFunc(maps.Keys(in.SourceRanges), ipvs.Key.Compare)
 	for _, k := range keys {
 		ranges := in.SourceRanges[k]
-		if len(ranges) == 0 {
-			continue // open to all
-		}
 		vip, proto, err := virtual(k)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("source ranges of %s: %w", k, err))
@@ -288,7 +403,64 @@ func compute(in Rules) ([2]elements, error) {
 			out[i].allowed = append(out[i].allowed, append(slices.Clone(vkey), p.String()))
 		}
 	}
+	errs = append(errs, guardElements(&out, in.Guard)...)
 	return out, errors.Join(errs...)
+}
+
+// guardElements adds the guard's set elements to out, sorted and without
+// duplicates, and returns errors naming the entries left out. A VIP left
+// out is not guarded (its address is invalid, so no node holds it); a
+// port left out is dropped by the guard.
+func guardElements(out *[2]elements, g dataplane.Guard) []error {
+	var errs []error
+	addrs := func(what string, as []netip.Addr, into func(*elements) *[][]string) {
+		as = slices.Clone(as)
+		slices.SortFunc(as, netip.Addr.Compare)
+		for _, a := range slices.Compact(as) {
+			a = a.Unmap()
+			switch {
+			case !a.IsValid():
+				errs = append(errs, fmt.Errorf("guard: invalid %s", what))
+				continue
+			case a.Zone() != "":
+				errs = append(errs, fmt.Errorf("guard: %s %s with a zone", what, a))
+				continue
+			}
+			e := into(&out[familyIndex(a)])
+			*e = append(*e, []string{a.String()})
+		}
+	}
+	addrs("VIP", g.VIPs, func(e *elements) *[][]string { return &e.vips })
+	addrs("echo VIP", g.Echo, func(e *elements) *[][]string { return &e.echo })
+	ports := slices.Clone(g.Ports)
+	slices.SortFunc(ports, ipvs.Key.Compare)
+	for _, k := range slices.Compact(ports) {
+		vip, proto, err := virtual(k)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("guard: port %s: %w", k, err))
+			continue
+		}
+		i := familyIndex(vip)
+		out[i].ports = append(out[i].ports, []string{vip.String(), proto, port(k.Port)})
+	}
+	return errs
+}
+
+// GuardDrops returns the packets the VIP port guard dropped since keeplb's
+// table was last written: every write recreates the table, and with it
+// the counter, so a caller that counts across writes adds this up before
+// each write.
+func GuardDrops(ctx context.Context, nft knftables.Interface) (uint64, error) {
+	counters, err := nft.ListCounters(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("reading counter %s of nftables table %s %s: %w", CounterGuard, Family, Table, err)
+	}
+	for _, c := range counters {
+		if c != nil && c.Name == CounterGuard && c.Packets != nil {
+			return *c.Packets, nil
+		}
+	}
+	return 0, fmt.Errorf("nftables table %s %s has no counter %s", Family, Table, CounterGuard)
 }
 
 // virtual validates a virtual server and returns its address and nft

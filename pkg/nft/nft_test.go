@@ -61,11 +61,23 @@ func dualStack() nft.Rules {
 		),
 		SourceRanges: map[ipvs.Key][]netip.Prefix{
 			web4: prefixes("198.51.100.0/24", "10.1.0.0/16", "10.0.0.0/8", "2001:db8:1::/48"),
-			dns4: nil, // open to all
 			ssh4: prefixes("2001:db8:1::/48"),
 			web6: prefixes("2001:db8:1::/48", "2001:db8:2::/48", "203.0.113.0/24"),
 		},
+		Guard: dataplane.Guard{
+			VIPs:  addrs("192.0.2.10", "192.0.2.11", "192.0.2.12", "2001:db8::10"),
+			Ports: []ipvs.Key{dns4, web4, sctp4, ssh4, web6},
+			Echo:  addrs("192.0.2.10", "2001:db8::10"),
+		},
 	}
+}
+
+func addrs(ss ...string) []netip.Addr {
+	var out []netip.Addr
+	for _, s := range ss {
+		out = append(out, netip.MustParseAddr(s))
+	}
+	return out
 }
 
 var goldenCases = []struct {
@@ -75,6 +87,7 @@ var goldenCases = []struct {
 	{"empty", nft.Rules{}},
 	{"ipv4-snat", nft.Rules{SNAT: snat(web4, "10.0.0.1:30080", "10.0.0.2:30080")}},
 	{"ipv6-source-ranges", nft.Rules{SourceRanges: map[ipvs.Key][]netip.Prefix{web6: prefixes("2001:db8:1::/48")}}},
+	{"guard", nft.Rules{Guard: dataplane.Guard{VIPs: addrs("192.0.2.10", "2001:db8::10"), Ports: []ipvs.Key{web4, web6}, Echo: addrs("2001:db8::10")}}},
 	{"dualstack", dualStack()},
 }
 
@@ -157,8 +170,16 @@ func TestInputOrderIrrelevant(t *testing.T) {
 		slices.Reverse(ps)
 		ranges[k] = append(ps, ps...)
 	}
+	rev := func(as []netip.Addr) []netip.Addr {
+		as = slices.Clone(as)
+		slices.Reverse(as)
+		return append(as, as...)
+	}
+	ports := slices.Clone(in.Guard.Ports)
+	slices.Reverse(ports)
+	guard := dataplane.Guard{VIPs: rev(in.Guard.VIPs), Echo: rev(in.Guard.Echo), Ports: append(ports, ports[0])}
 	got := knftables.NewFake(nft.Family, nft.Table)
-	sync(t, got, nft.Rules{SNAT: shuffled, SourceRanges: ranges})
+	sync(t, got, nft.Rules{SNAT: shuffled, SourceRanges: ranges, Guard: guard})
 	if got.Dump() != want.Dump() {
 		t.Errorf("shuffled input gives another table:\n got:\n%s\nwant:\n%s", got.Dump(), want.Dump())
 	}
@@ -167,27 +188,47 @@ func TestInputOrderIrrelevant(t *testing.T) {
 // TestEmpty documents the choice: without input the table, its chains and
 // rules stay, and every set is empty.
 func TestEmpty(t *testing.T) {
-	for _, in := range []nft.Rules{{}, {SourceRanges: map[ipvs.Key][]netip.Prefix{web4: {}, web6: nil}}} {
-		fake := knftables.NewFake(nft.Family, nft.Table)
-		sync(t, fake, in)
-		if fake.Table == nil {
-			t.Fatal("no table after syncing empty input")
+	fake := knftables.NewFake(nft.Family, nft.Table)
+	sync(t, fake, nft.Rules{})
+	if fake.Table == nil {
+		t.Fatal("no table after syncing empty input")
+	}
+	want := []string{nft.ChainSNAT, nft.ChainSourceRanges, nft.ChainGuard, nft.ChainGuard + "-v4", nft.ChainGuard + "-v6"}
+	if got := slices.Sorted(maps.Keys(fake.Table.Chains)); !slices.Equal(got, slices.Sorted(slices.Values(want))) {
+		t.Errorf("chains = %v, want %v", got, want)
+	}
+	for name, n := range map[string]int{nft.ChainSNAT: 2, nft.ChainSourceRanges: 2, nft.ChainGuard: 2, nft.ChainGuard + "-v4": 6, nft.ChainGuard + "-v6": 6} {
+		if ch := fake.Table.Chains[name]; ch == nil || len(ch.Rules) != n {
+			t.Errorf("chain %s: want %d rules", name, n)
 		}
-		if got := slices.Sorted(maps.Keys(fake.Table.Chains)); !slices.Equal(got, []string{nft.ChainSNAT, nft.ChainSourceRanges}) {
-			t.Errorf("chains = %v", got)
+	}
+	if len(fake.Table.Sets) != 12 {
+		t.Errorf("%d sets, want 12", len(fake.Table.Sets))
+	}
+	for name, s := range fake.Table.Sets {
+		if len(s.Elements) != 0 {
+			t.Errorf("set %s has elements %v", name, s.Elements)
 		}
-		for name, ch := range fake.Table.Chains {
-			if len(ch.Rules) != 2 {
-				t.Errorf("chain %s has %d rules, want 2 (one per family)", name, len(ch.Rules))
-			}
-		}
-		if len(fake.Table.Sets) != 6 {
-			t.Errorf("%d sets, want 6", len(fake.Table.Sets))
-		}
-		for name, s := range fake.Table.Sets {
-			if len(s.Elements) != 0 {
-				t.Errorf("set %s has elements %v", name, s.Elements)
-			}
+	}
+	if fake.Table.Counters[nft.CounterGuard] == nil {
+		t.Errorf("no counter %s", nft.CounterGuard)
+	}
+}
+
+// TestFilteredWithoutRanges: a virtual server listed with no range of its
+// family is filtered, and admits nobody; one not listed is open.
+func TestFilteredWithoutRanges(t *testing.T) {
+	fake := knftables.NewFake(nft.Family, nft.Table)
+	sync(t, fake, nft.Rules{SourceRanges: map[ipvs.Key][]netip.Prefix{web4: {}, web6: nil, ssh4: prefixes("::/0")}})
+	if got, want := elements(t, fake, "filtered-v4"), []string{"192.0.2.10 . tcp . 80", "192.0.2.12 . tcp . 22"}; !slices.Equal(got, want) {
+		t.Errorf("filtered-v4 = %q, want %q", got, want)
+	}
+	if got, want := elements(t, fake, "filtered-v6"), []string{"2001:db8::10 . tcp . 443"}; !slices.Equal(got, want) {
+		t.Errorf("filtered-v6 = %q, want %q", got, want)
+	}
+	for _, set := range []string{"allowed-v4", "allowed-v6"} {
+		if got := elements(t, fake, set); len(got) != 0 {
+			t.Errorf("%s = %q, want none", set, got)
 		}
 	}
 }
@@ -223,7 +264,7 @@ func TestElements(t *testing.T) {
 			"2001:db8::10 . tcp . 443 . fd00::1 . 30443",
 			"2001:db8::10 . tcp . 443 . fd00::2 . 30443",
 		}},
-		// dns4 has no ranges: open, so not filtered. ssh4 has only IPv6
+		// dns4 is not listed: open, so not filtered. ssh4 has only IPv6
 		// ranges: filtered, and nothing allowed.
 		{"filtered-v4", []string{"192.0.2.10 . tcp . 80", "192.0.2.12 . tcp . 22"}},
 		// 10.1.0.0/16 lies in 10.0.0.0/8; the IPv6 range is ignored.
@@ -236,6 +277,12 @@ func TestElements(t *testing.T) {
 			"2001:db8::10 . tcp . 443 . 2001:db8:1::/48",
 			"2001:db8::10 . tcp . 443 . 2001:db8:2::/48",
 		}},
+		{"vips-v4", []string{"192.0.2.10", "192.0.2.11", "192.0.2.12"}},
+		{"vips-v6", []string{"2001:db8::10"}},
+		{"ports-v4", []string{"192.0.2.10 . tcp . 80", "192.0.2.10 . udp . 53", "192.0.2.11 . sctp . 3868", "192.0.2.12 . tcp . 22"}},
+		{"ports-v6", []string{"2001:db8::10 . tcp . 443"}},
+		{"echo-v4", []string{"192.0.2.10"}},
+		{"echo-v6", []string{"2001:db8::10"}},
 	} {
 		if got := elements(t, fake, tc.set); !slices.Equal(got, tc.want) {
 			t.Errorf("%s:\n got %q\nwant %q", tc.set, got, tc.want)
@@ -281,9 +328,13 @@ func TestRules(t *testing.T) {
 	fake := knftables.NewFake(nft.Family, nft.Table)
 	sync(t, fake, nft.Rules{})
 	var got []string
-	for _, c := range []string{nft.ChainSNAT, nft.ChainSourceRanges} {
+	for _, c := range []string{nft.ChainSNAT, nft.ChainSourceRanges, nft.ChainGuard, nft.ChainGuard + "-v4", nft.ChainGuard + "-v6"} {
 		ch := fake.Table.Chains[c]
-		got = append(got, string(*ch.Type)+" "+string(*ch.Hook)+" "+string(*ch.Priority))
+		if ch.Type != nil {
+			got = append(got, string(*ch.Type)+" "+string(*ch.Hook)+" "+string(*ch.Priority))
+		} else {
+			got = append(got, "regular "+c)
+		}
 		for _, r := range ch.Rules {
 			got = append(got, r.Rule)
 		}
@@ -295,6 +346,25 @@ func TestRules(t *testing.T) {
 		"filter input filter",
 		"ip daddr . meta l4proto . th dport @filtered-v4 ip daddr . meta l4proto . th dport . ip saddr != @allowed-v4 counter drop",
 		"ip6 daddr . meta l4proto . th dport @filtered-v6 ip6 daddr . meta l4proto . th dport . ip6 saddr != @allowed-v6 counter drop",
+		// Before kube-proxy's DNAT (dstnat, -100), so VIP:NodePort is
+		// seen as such; after conntrack (-200), for ct state.
+		"filter prerouting dstnat - 50",
+		"ip daddr @vips-v4 jump vip-guard-v4",
+		"ip6 daddr @vips-v6 jump vip-guard-v6",
+		"regular vip-guard-v4",
+		`iifname "lo" accept`,
+		"ct state established,related accept",
+		"ip daddr . meta l4proto . th dport @ports-v4 accept",
+		"icmp type { destination-unreachable, time-exceeded, parameter-problem } accept",
+		"ip daddr @echo-v4 icmp type echo-request accept",
+		`counter name "vip-guard-dropped" drop`,
+		"regular vip-guard-v6",
+		`iifname "lo" accept`,
+		"ct state established,related accept",
+		"ip6 daddr . meta l4proto . th dport @ports-v6 accept",
+		"icmpv6 type { destination-unreachable, packet-too-big, time-exceeded, parameter-problem, nd-neighbor-solicit, nd-neighbor-advert } accept",
+		"ip6 daddr @echo-v6 icmpv6 type echo-request accept",
+		`counter name "vip-guard-dropped" drop`,
 	}
 	if !slices.Equal(got, want) {
 		t.Errorf("rules:\n got %q\nwant %q", got, want)
@@ -386,11 +456,17 @@ func TestInvalidInput(t *testing.T) {
 		{"real port 0", nft.Rules{SNAT: snat(web4, "10.0.0.1:0")}, "real server port 0"},
 		{"VIP port 0", nft.Rules{SourceRanges: map[ipvs.Key][]netip.Prefix{key(ipvs.TCP, "192.0.2.10:0"): prefixes("10.0.0.0/8")}}, "port 0"},
 		{"zoned VIP with ranges", nft.Rules{SourceRanges: map[ipvs.Key][]netip.Prefix{{Address: netip.MustParseAddr("fe80::10%eth0"), Protocol: ipvs.TCP, Port: 80}: prefixes("2001:db8::/32")}}, "VIP with a zone"},
+		{"zoned guarded VIP", nft.Rules{Guard: dataplane.Guard{VIPs: addrs("fe80::10%eth0")}}, "guard: VIP fe80::10%eth0 with a zone"},
+		{"invalid echo VIP", nft.Rules{Guard: dataplane.Guard{Echo: []netip.Addr{{}}}}, "guard: invalid echo VIP"},
+		{"guarded port 0", nft.Rules{Guard: dataplane.Guard{Ports: []ipvs.Key{key(ipvs.TCP, "192.0.2.10:0")}}}, "guard: port"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			in := dualStack()
 			in.SNAT = append(in.SNAT, tc.bad.SNAT...)
 			maps.Copy(in.SourceRanges, tc.bad.SourceRanges)
+			in.Guard.VIPs = append(slices.Clone(in.Guard.VIPs), tc.bad.Guard.VIPs...)
+			in.Guard.Echo = append(slices.Clone(in.Guard.Echo), tc.bad.Guard.Echo...)
+			in.Guard.Ports = append(slices.Clone(in.Guard.Ports), tc.bad.Guard.Ports...)
 			fake := knftables.NewFake(nft.Family, nft.Table)
 			err := nft.Sync(context.Background(), fake, in)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {

@@ -7,13 +7,11 @@ import (
 	"maps"
 	"net/netip"
 	"slices"
-	"strings"
 	"sync"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/tools/record"
-	servicehelper "k8s.io/cloud-provider/service/helpers"
 	"k8s.io/klog/v2"
 	"sigs.k8s.io/knftables"
 
@@ -237,12 +235,7 @@ func (d *ipvsStep) sync(ctx context.Context, in Inputs) error {
 	}
 	start := time.Now()
 	st, problems := d.desired.Desired(dataplane.Inputs(in), d.node)
-	var rules nft.Rules
-	if d.nft != nil {
-		var rangeProblems []dataplane.Problem
-		rules, rangeProblems = nftRules(in, st)
-		problems = append(problems, rangeProblems...)
-	}
+	rules := nft.Rules{SNAT: st.SNAT, SourceRanges: st.SourceRanges, Guard: st.Guard}
 	var errs []error
 	if err := d.ensureIPv6(st.IPVS); err != nil {
 		errs = append(errs, err) // IPv4 is unaffected: program anyway
@@ -307,69 +300,6 @@ func (d *ipvsStep) sync(ctx context.Context, in Inputs) error {
 // VIPs while it cannot (vrrp.TrackValues).
 func (d *ipvsStep) canForward() bool {
 	return d != nil && d.h != nil && d.nft != nil && !d.nftFailed
-}
-
-// nftRules returns what keeplb's nftables table must express for st: the
-// masquerading st asks for, and the source ranges of every virtual server
-// keeplb forwards (st.Owners: kube-proxy-forwarded Services are
-// kube-proxy's business, and it enforces their ranges itself). Ranges are
-// read with the cloud-provider helper, so the legacy annotation counts
-// too; a Service whose ranges allow all (the default) is left open. A
-// Service whose ranges do not parse is closed, and reported as a problem
-// (a Warning event): a mistyped filter must not open what it meant to
-// restrict. The API server validates the field, so in practice only the
-// annotation can be wrong.
-func nftRules(in Inputs, st dataplane.State) (nft.Rules, []dataplane.Problem) {
-	rules := nft.Rules{SNAT: st.SNAT, SourceRanges: map[ipvs.Key][]netip.Prefix{}}
-	var problems []dataplane.Problem
-	reported := map[string]bool{}
-	closeIt := func(k ipvs.Key, owner string, svc *v1.Service) {
-		rules.SourceRanges[k] = []netip.Prefix{otherFamily(k.Address)}
-		if reported[owner] {
-			return
-		}
-		reported[owner] = true
-		field, value := "spec.loadBalancerSourceRanges", strings.Join(svc.Spec.LoadBalancerSourceRanges, ",")
-		if len(svc.Spec.LoadBalancerSourceRanges) == 0 {
-			field, value = v1.AnnotationLoadBalancerSourceRangesKey, svc.Annotations[v1.AnnotationLoadBalancerSourceRangesKey]
-		}
-		problems = append(problems, dataplane.Problem{Service: owner, Field: field, Message: fmt.Sprintf(
-			"%q is not a comma-separated list of CIDRs; until it is (e.g. 203.0.113.0/24,198.51.100.7/32), the VIP's ports are closed to every client", value)})
-	}
-	for _, k := range slices.SortedFunc(maps.Keys(st.Owners), ipvs.Key.Compare) {
-		owner := st.Owners[k]
-		svc := serviceByKey(in, owner)
-		if svc == nil {
-			continue
-		}
-		set, err := servicehelper.GetLoadBalancerSourceRanges(svc)
-		if err != nil {
-			closeIt(k, owner, svc)
-			continue
-		}
-		if servicehelper.IsAllowAll(set) {
-			continue
-		}
-		for _, s := range set.StringSlice() {
-			p, err := netip.ParsePrefix(s)
-			if err != nil {
-				closeIt(k, owner, svc)
-				break
-			}
-			rules.SourceRanges[k] = append(rules.SourceRanges[k], p)
-		}
-	}
-	return rules, problems
-}
-
-// otherFamily returns a range of the other address family than vip's: as
-// the only source range of a virtual server it admits no client (nft
-// ignores ranges of the other family, and filters the VIP all the same).
-func otherFamily(vip netip.Addr) netip.Prefix {
-	if vip.Unmap().Is4() {
-		return netip.MustParsePrefix("::/128")
-	}
-	return netip.MustParsePrefix("0.0.0.0/32")
 }
 
 // writeNFT rewrites keeplb's nftables table with rules, masquerading also

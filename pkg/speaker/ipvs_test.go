@@ -632,10 +632,19 @@ func TestIPVSStepWritesNFTables(t *testing.T) {
 		"192.0.2.4 . tcp . 8080 . 10.0.0.2 . 30808",
 		"192.0.2.4 . tcp . 8080 . 10.0.0.3 . 30808",
 	)
-	if dump := f.nft.Dump(); strings.Contains(dump, "192.0.2.2 ") {
-		t.Errorf("the kube-proxy-forwarded Service is in the table:\n%s", dump)
+	// kp is in the guard alone: its port is accepted, kube-proxy forwards
+	// and filters it.
+	for _, set := range []string{"snat-v4", "filtered-v4", "allowed-v4"} {
+		for _, e := range nftElements(t, f.nft, set) {
+			if strings.HasPrefix(e, "192.0.2.2 ") {
+				t.Errorf("the kube-proxy-forwarded Service is in %s: %s", set, e)
+			}
+		}
 	}
-	for _, set := range []string{"filtered-v6", "allowed-v6", "snat-v6"} {
+	wantElements(t, f.nft, "vips-v4", "192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4")
+	wantElements(t, f.nft, "ports-v4", "192.0.2.1 . tcp . 80", "192.0.2.2 . tcp . 80", "192.0.2.3 . tcp . 443", "192.0.2.4 . tcp . 8080")
+	wantElements(t, f.nft, "echo-v4", "192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4")
+	for _, set := range []string{"filtered-v6", "allowed-v6", "snat-v6", "vips-v6", "ports-v6", "echo-v6"} {
 		wantElements(t, f.nft, set)
 	}
 	if got := metric(t, f.metrics, "keeplb_nft_sync_errors_total"); got != 0 {
