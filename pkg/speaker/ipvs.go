@@ -123,8 +123,25 @@ type ipvsStep struct {
 	// nftInvalid names the entries the last transaction left out (see
 	// nft.Transaction), for the sync's error.
 	nftInvalid error
-	// snatApplied is the masquerading that transaction wrote.
-	snatApplied []dataplane.SNAT
+	// snatApplied is the masquerading that transaction wrote, and
+	// rangesApplied its source ranges: a filtered virtual server whose
+	// filter a later write could not change keeps its state only while
+	// its ranges are these (see withhold).
+	snatApplied   []dataplane.SNAT
+	rangesApplied map[ipvs.Key][]netip.Prefix
+
+	// guardMu guards guardDrops, the packets the VIP port guard dropped
+	// in the tables this speaker replaced (each write recreates the
+	// table's counter, so the total is kept here; see guardDropped), and
+	// guardTable, set while a table this speaker wrote is in place.
+	guardMu    sync.Mutex
+	guardDrops uint64
+	guardTable bool
+
+	// foreign are the virtual servers in the pools' ranges that keeplb
+	// did not program and no Service of keeplb's wants, as last reported:
+	// they are left alone (see apply).
+	foreign []ipvs.Key
 }
 
 // newIPVSStep opens IPVS with open and checks the sysctls it needs. A
@@ -153,6 +170,7 @@ func newIPVSStep(ctx context.Context, o *Options, open func() (ipvs.Interface, e
 	d.h = h
 	m.RegisterIPVSStats(d.stats)
 	d.nft = openNFT(ctx, o)
+	m.RegisterGuardDrops(d.guardDropped)
 	d.ct = openConntrack(ctx, o)
 	m.IPVSAvailable.Set(1)
 	return d, nil
@@ -249,8 +267,26 @@ func (d *ipvsStep) sync(ctx context.Context, in Inputs) error {
 	if preErr != nil {
 		d.metrics.NFTSyncErrors.Inc()
 	}
+	// Fail closed: a virtual server whose source ranges are not in the
+	// kernel's table must not forward unfiltered.
+	desired := st.IPVS
+	if d.nft == nil || preErr != nil {
+		var withheld []string
+		desired, withheld = d.withhold(st)
+		for _, owner := range withheld {
+			problems = append(problems, dataplane.Problem{Service: owner, Field: "spec.loadBalancerSourceRanges", Message: fmt.Sprintf(
+				"node %s cannot write the nftables filter for these source ranges, so it does not forward the Service's ports whose filter it has not written (failing closed), and ranks below the nodes that can for its VIPs; see the keeplb speaker's log there", d.node)})
+		}
+	}
+	// Adopt only what a Service of keeplb's wants: any other virtual
+	// server in the pools' ranges that this speaker did not program is
+	// somebody else's (kube-proxy's for externalIPs, an operator's).
+	adopt := func(k ipvs.Key) bool {
+		_, want := st.IPVS[k]
+		return want && st.Owns(k)
+	}
 	d.mu.Lock()
-	res, err := d.apply(ctx, st.IPVS, st.Owns)
+	res, err := d.apply(ctx, desired, adopt, st.Owns)
 	d.owners = map[ipvs.Key]string{}
 	for k := range d.programmed {
 		if owner, ok := st.Owners[k]; ok {
@@ -322,13 +358,22 @@ func (d *ipvsStep) writeNFT(ctx context.Context, rules nft.Rules, keep []datapla
 	if text == d.nftApplied {
 		return nil
 	}
+	// The write recreates the guard's counter: keep what it counted.
+	var dropped uint64
+	if d.nftApplied != "" {
+		dropped, _ = nft.GuardDrops(ctx, d.nft)
+	}
 	d.nftApplied = ""
 	if err := d.nft.Run(ctx, tx); err != nil {
 		d.nftFailed = true
 		return fmt.Errorf("writing nftables table %s %s: %w", nft.Family, nft.Table, err)
 	}
+	d.guardMu.Lock()
+	d.guardDrops += dropped
+	d.guardTable = true
+	d.guardMu.Unlock()
 	d.nftFailed = false
-	d.nftApplied, d.snatApplied = text, rules.SNAT
+	d.nftApplied, d.snatApplied, d.rangesApplied = text, rules.SNAT, rules.SourceRanges
 	klog.FromContext(ctx).V(2).Info("nftables table written", "snat", len(rules.SNAT), "sourceRanges", len(rules.SourceRanges))
 	return nil
 }
@@ -358,7 +403,8 @@ func (d *ipvsStep) exit(ctx context.Context, in Inputs) error {
 	}
 	st, _ := dataplane.Desired(dataplane.Inputs(in), d.node)
 	d.mu.Lock()
-	res, err := d.apply(ctx, ipvs.Table{}, st.Owns)
+	// Only what this speaker programmed (adopted ones included) goes.
+	res, err := d.apply(ctx, ipvs.Table{}, func(ipvs.Key) bool { return false }, st.Owns)
 	d.owners = nil
 	d.mu.Unlock()
 	logger.Info("Removed IPVS virtual servers", "deleted", res.VirtualDeleted, "failed", res.Failed)
@@ -368,7 +414,10 @@ func (d *ipvsStep) exit(ctx context.Context, in Inputs) error {
 	// The table after the virtual servers: no window where IPVS forwards
 	// a VIP's traffic unmasqueraded or unfiltered.
 	if d.nft != nil {
-		d.nftApplied, d.snatApplied = "", nil
+		d.nftApplied, d.snatApplied, d.rangesApplied = "", nil, nil
+		d.guardMu.Lock()
+		d.guardTable = false
+		d.guardMu.Unlock()
 		if nftErr := nft.Cleanup(ctx, d.nft); nftErr != nil {
 			d.metrics.NFTSyncErrors.Inc()
 			err = errors.Join(err, nftErr)
@@ -379,23 +428,38 @@ func (d *ipvsStep) exit(ctx context.Context, in Inputs) error {
 	return err
 }
 
-// apply brings the virtual servers that owns selects, and those programmed
-// before, to desired: one dump, a diff, the changes. A virtual server this
-// speaker programmed that is no longer owned is deleted only if the
-// kernel still has it as programmed: if another program (kube-proxy in IPVS
-// mode, for a Service switched to kube-proxy forwarding) has changed it
-// since, it is that program's now and is left alone.
-func (d *ipvsStep) apply(ctx context.Context, desired ipvs.Table, owns func(ipvs.Key) bool) (dataplane.Result, error) {
+// apply brings the virtual servers in scope to desired: one dump, a diff,
+// the changes. In scope are those this speaker programmed (the set it
+// remembers across syncs) and those it may adopt (adopt: wanted by a
+// Service of keeplb's, so a virtual server a previous speaker left is
+// taken over). Nothing else is ever changed or deleted, even in the pools'
+// ranges: IPVS records no owner, and a virtual server there that keeplb
+// did not program and does not want may be kube-proxy's (externalIPs) or
+// an operator's; those (pooled tells which addresses are keeplb's) are
+// logged, once per change, and left alone.
+//
+// A virtual server this speaker programmed that is no longer wanted is
+// deleted only if the kernel still has it as programmed: if another
+// program (kube-proxy in IPVS mode, for a Service switched to kube-proxy
+// forwarding) has changed it since, it is that program's now.
+func (d *ipvsStep) apply(ctx context.Context, desired ipvs.Table, adopt, pooled func(ipvs.Key) bool) (dataplane.Result, error) {
+	var foreign []ipvs.Key
 	current, err := ipvs.Dump(d.h, func(k ipvs.Key) bool {
-		_, before := d.programmed[k]
-		return before || owns(k)
+		if _, before := d.programmed[k]; before || adopt(k) {
+			return true
+		}
+		if pooled(k) {
+			foreign = append(foreign, k)
+		}
+		return false
 	})
 	if err != nil {
 		return dataplane.Result{}, err
 	}
+	d.reportForeign(ctx, foreign)
 	taken := map[ipvs.Key]bool{}
 	for k, e := range current {
-		if prev, before := d.programmed[k]; before && !owns(k) && !e.Equal(prev) {
+		if prev, before := d.programmed[k]; before && !adopt(k) && !e.Equal(prev) {
 			taken[k] = true
 			klog.FromContext(ctx).Info("Leaving alone an IPVS virtual server keeplb no longer owns: another program changed it", "virtualServer", k)
 		}
@@ -405,7 +469,7 @@ func (d *ipvsStep) apply(ctx context.Context, desired ipvs.Table, owns func(ipvs
 			return false
 		}
 		_, before := d.programmed[k]
-		return before || owns(k)
+		return before || adopt(k)
 	}
 	res, err := dataplane.Apply(d.h, dataplane.Diff(current, desired, scope))
 	d.clearUDP(ctx, res.Removed)
@@ -434,6 +498,68 @@ func (d *ipvsStep) apply(ctx context.Context, desired ipvs.Table, owns func(ipvs
 	}
 	d.programmed = next
 	return res, err
+}
+
+// reportForeign logs the virtual servers in the pools' ranges that keeplb
+// leaves alone, when they change.
+func (d *ipvsStep) reportForeign(ctx context.Context, foreign []ipvs.Key) {
+	slices.SortFunc(foreign, ipvs.Key.Compare)
+	if slices.Equal(foreign, d.foreign) {
+		return
+	}
+	d.foreign = foreign
+	if len(foreign) > 0 {
+		klog.FromContext(ctx).Info("Leaving alone IPVS virtual servers in keeplb's pools that keeplb did not program and no Service of keeplb's wants (kube-proxy's for externalIPs, or left by an earlier speaker); delete them with ipvsadm -D if they are stale",
+			"virtualServers", foreign)
+	}
+}
+
+// withhold returns st's IPVS table without the filtered virtual servers
+// whose filter is not in the kernel's table, for a sync whose nftables
+// write failed (or a node without nft), and the Services they belong to.
+// A filtered virtual server keeps the state this speaker last programmed
+// when the last table written holds its ranges unchanged (the kernel
+// still filters it as asked); any other is not created, or is removed:
+// unfiltered forwarding would admit clients its ranges exclude.
+func (d *ipvsStep) withhold(st dataplane.State) (ipvs.Table, []string) {
+	if len(st.SourceRanges) == 0 {
+		return st.IPVS, nil
+	}
+	out := maps.Clone(st.IPVS)
+	owners := map[string]bool{}
+	for k, want := range st.SourceRanges {
+		if _, ok := out[k]; !ok {
+			continue
+		}
+		if have, written := d.rangesApplied[k]; written && slices.Equal(have, want) {
+			if prev, ok := d.programmed[k]; ok {
+				out[k] = prev
+				continue
+			}
+		}
+		delete(out, k)
+		owners[st.Owners[k]] = true
+	}
+	return out, slices.Sorted(maps.Keys(owners))
+}
+
+// guardDropped returns the packets the VIP port guard dropped since this
+// speaker started: those of the tables it replaced, plus the current
+// table's counter. False while there is no table to read.
+func (d *ipvsStep) guardDropped() (uint64, bool) {
+	d.guardMu.Lock()
+	table := d.guardTable
+	d.guardMu.Unlock()
+	if d.nft == nil || !table {
+		return 0, false
+	}
+	n, err := nft.GuardDrops(context.Background(), d.nft)
+	d.guardMu.Lock()
+	defer d.guardMu.Unlock()
+	if err != nil {
+		return 0, false
+	}
+	return d.guardDrops + n, true
 }
 
 // stats returns the kernel's counters of the virtual servers keeplb

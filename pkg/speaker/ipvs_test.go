@@ -1,6 +1,7 @@
 package speaker
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -221,6 +222,10 @@ func TestIPVSStepProgramsDesired(t *testing.T) {
 	}
 }
 
+// TestIPVSStepLeavesForeignVirtualServersAlone: keeplb changes and deletes
+// only the virtual servers it programmed or that a Service of its own
+// wants; any other stays, even inside a pool's range (the old speaker
+// deleted those), and is reported.
 func TestIPVSStepLeavesForeignVirtualServersAlone(t *testing.T) {
 	f := newIPVSFixture(t, nil)
 	in := ipvsCluster()
@@ -230,25 +235,54 @@ func TestIPVSStepLeavesForeignVirtualServersAlone(t *testing.T) {
 		Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.9"), Protocol: ipvs.TCP, Port: 443, Scheduler: "wrr"},
 		Reals:   []ipvs.RealServer{rs("10.244.0.5", 8443)},
 	}
-	// A leftover in our pool that nothing wants: ours, so deleted.
+	// In the pool, but no Service of keeplb's wants them: kube-proxy's
+	// for an externalIP (on web's VIP, another port), and a leftover.
+	externalIP := ipvs.Entry{
+		Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.1"), Protocol: ipvs.TCP, Port: 8080, Scheduler: "rr"},
+		Reals:   []ipvs.RealServer{rs("10.244.0.7", 8080)},
+	}
 	stale := ipvs.Entry{
 		Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.200"), Protocol: ipvs.UDP, Port: 53, Scheduler: "rr"},
 		Reals:   []ipvs.RealServer{rs("10.0.0.7", 30053)},
 	}
-	f.fake.SeedTable(tableOf(kubeProxyEntry(), kubeAPI, stale))
+	foreign := tableOf(kubeProxyEntry(), kubeAPI, externalIP, stale)
+	f.fake.SeedTable(foreign)
 	f.sync(t, in)
-	f.wantTable(t, "after a sync", tableOf(webEntry(), kubeProxyEntry(), kubeAPI))
+	f.sync(t, in)
+	f.wantTable(t, "after two syncs", tableOf(webEntry(), kubeProxyEntry(), kubeAPI, externalIP, stale))
 	// Not even read: Sync dumps only what is in scope.
 	for _, c := range f.fake.Calls() {
-		if c.Method == "RealServers" && (c.Virtual == kubeProxyEntry().Virtual.Key() || c.Virtual == kubeAPI.Virtual.Key()) {
+		if c.Method == "RealServers" && foreign[c.Virtual].Virtual.Key() == c.Virtual {
 			t.Errorf("read the real servers of a foreign virtual server: %s", c)
 		}
+	}
+	// Those in the pool are reported (logged once per change).
+	if want := []ipvs.Key{externalIP.Virtual.Key(), stale.Virtual.Key()}; !slices.Equal(f.step.foreign, want) {
+		t.Errorf("reported as foreign: %v, want %v", f.step.foreign, want)
 	}
 	// Exit deletes only ours.
 	if err := f.step.exit(t.Context(), in); err != nil {
 		t.Fatal(err)
 	}
-	f.wantTable(t, "after exit", tableOf(kubeProxyEntry(), kubeAPI))
+	f.wantTable(t, "after exit", foreign)
+}
+
+// TestIPVSStepAdoptsWhatItWants: at start, a virtual server that a
+// Service of keeplb's wants (left by the previous speaker) is adopted and
+// brought to the desired state; once adopted, it is deleted when no longer
+// wanted, like one this speaker created.
+func TestIPVSStepAdoptsWhatItWants(t *testing.T) {
+	f := newIPVSFixture(t, nil)
+	in := ipvsCluster()
+	old := webEntry()
+	old.Virtual.Scheduler = "wrr"
+	old.Reals = []ipvs.RealServer{rs("10.0.0.9", 30080)}
+	f.fake.SeedTable(tableOf(old))
+	f.sync(t, in)
+	f.wantTable(t, "after the first sync", tableOf(webEntry()))
+	in.Services = nil
+	f.sync(t, in)
+	f.wantTable(t, "after web was deleted", ipvs.Table{})
 }
 
 func TestIPVSStepDeletesWhatLeftItsScope(t *testing.T) {
@@ -346,7 +380,8 @@ func TestIPVSStepExit(t *testing.T) {
 			in := ipvsCluster()
 			f.fake.Seed(kubeProxyEntry().Virtual, kubeProxyEntry().Reals...)
 			f.sync(t, in)
-			// Ours though never programmed by this speaker: in our pool.
+			// In our pool, but neither programmed by this speaker nor
+			// wanted: somebody else's, which stays.
 			other := ipvs.Entry{Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.150"), Protocol: ipvs.TCP, Port: 8080, Scheduler: "rr"}}
 			f.fake.Seed(other.Virtual)
 			// web's address left the pool since the last sync: programmed, so
@@ -355,7 +390,7 @@ func TestIPVSStepExit(t *testing.T) {
 			if err := f.step.exit(t.Context(), in); err != nil {
 				t.Fatal(err)
 			}
-			want := tableOf(kubeProxyEntry())
+			want := tableOf(kubeProxyEntry(), other)
 			if keep {
 				want = tableOf(kubeProxyEntry(), webEntry(), other)
 			}
@@ -729,25 +764,160 @@ func TestIPVSStepNFTablesExit(t *testing.T) {
 	}
 }
 
+// TestIPVSStepWithoutNFTables: without a usable nft, the Services with
+// source ranges are not forwarded at all (the old speaker forwarded them
+// unfiltered), each gets a Warning, and the others are forwarded.
 func TestIPVSStepWithoutNFTables(t *testing.T) {
-	t.Run("nft missing", func(t *testing.T) {
-		f := newIPVSFixture(t, func(o *Options) {
-			o.openNFT = func(string) (knftables.Interface, error) {
-				return nil, errors.New(`could not find nftables binary: exec: "nft": executable file not found in $PATH`)
-			}
-		})
-		if f.step.nft != nil {
-			t.Fatal("nft opened though opening failed")
-		}
-		f.sync(t, nftCluster())
-		f.wantTable(t, "without nft", tableOf(webEntry(),
-			ipvs.Entry{Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.3"), Protocol: ipvs.TCP, Port: 443, Scheduler: "rr"}, Reals: []ipvs.RealServer{rs("10.0.0.2", 30443), rs("10.0.0.3", 30443)}},
-			ipvs.Entry{Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.4"), Protocol: ipvs.TCP, Port: 8080, Scheduler: "rr"}, Reals: []ipvs.RealServer{rs("10.0.0.2", 30808), rs("10.0.0.3", 30808)}},
-		))
-		if err := f.step.exit(t.Context(), nftCluster()); err != nil {
-			t.Fatal(err)
+	f := newIPVSFixture(t, func(o *Options) {
+		o.openNFT = func(string) (knftables.Interface, error) {
+			return nil, errors.New(`could not find nftables binary: exec: "nft": executable file not found in $PATH`)
 		}
 	})
+	if f.step.nft != nil {
+		t.Fatal("nft opened though opening failed")
+	}
+	f.sync(t, nftCluster())
+	f.wantTable(t, "without nft", tableOf(
+		ipvs.Entry{Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.4"), Protocol: ipvs.TCP, Port: 8080, Scheduler: "rr"}, Reals: []ipvs.RealServer{rs("10.0.0.2", 30808), rs("10.0.0.3", 30808)}},
+	))
+	events := drain(f.recorder)
+	if len(events) != 2 {
+		t.Errorf("events = %q; want one Warning for each of web and api", events)
+	}
+	for _, e := range events {
+		if !strings.Contains(e, "Warning ForwardingProblem spec.loadBalancerSourceRanges: node n1 cannot write the nftables filter") {
+			t.Errorf("event %q does not say that n1 cannot filter", e)
+		}
+	}
+	if f.step.canForward() {
+		t.Error("a node without nft says it can forward")
+	}
+	if err := f.step.exit(t.Context(), nftCluster()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// failingNFT is a knftables.Fake whose Run fails while fail is set, as
+// nft fails on a kernel without a feature the table needs or when
+// another program owns the table.
+type failingNFT struct {
+	*knftables.Fake
+	fail bool
+}
+
+func (n *failingNFT) Run(ctx context.Context, tx *knftables.Transaction) error {
+	if n.fail {
+		return errors.New("injected: Error: Could not process rule: Operation not supported")
+	}
+	return n.Fake.Run(ctx, tx)
+}
+
+// TestIPVSStepFailsClosed: when a write of the table fails, a filtered
+// virtual server is neither created nor changed: one whose filter is
+// unchanged keeps its state, one whose filter changed is removed, a new one
+// is withheld; their Services get a Warning. Unfiltered Services go on.
+// The old speaker programmed them all, unfiltered.
+func TestIPVSStepFailsClosed(t *testing.T) {
+	nf := &failingNFT{Fake: knftables.NewFake(nft.Family, nft.Table)}
+	f := newIPVSFixture(t, func(o *Options) {
+		o.openNFT = func(string) (knftables.Interface, error) { return nf, nil }
+	})
+	in := nftCluster() // web, api filtered; open not; kp kube-proxy's
+	f.sync(t, in)
+	before := f.fake.Table()
+	if len(before) != 3 {
+		t.Fatalf("fixture: %d virtual servers, want 3:\n%s", len(before), before)
+	}
+	drain(f.recorder)
+
+	nf.fail = true
+	in.Services[0] = in.Services[0].DeepCopy() // web: ranges change
+	in.Services[0].Spec.LoadBalancerSourceRanges = []string{"198.51.100.0/25"}
+	api := in.Services[1].DeepCopy() // api: same ranges, another NodePort
+	api.Spec.Ports[0].NodePort = 30444
+	in.Services[1] = api
+	newFiltered := fwdService("new", "192.0.2.5", 80, 30085)
+	newFiltered.Spec.LoadBalancerSourceRanges = []string{"203.0.113.0/24"}
+	newOpen := fwdService("plain", "192.0.2.6", 80, 30086)
+	in.Services = append(in.Services, newFiltered, newOpen)
+	if err := f.step.sync(t.Context(), in); err == nil {
+		t.Fatal("a failed nftables write was not reported")
+	}
+	key := func(ip string, port uint16) ipvs.Key {
+		return ipvs.Key{Address: netip.MustParseAddr(ip), Protocol: ipvs.TCP, Port: port}
+	}
+	got := f.fake.Table()
+	if _, ok := got[key("192.0.2.1", 80)]; ok {
+		t.Error("web's virtual server stayed although its filter changed and could not be written")
+	}
+	if _, ok := got[key("192.0.2.5", 80)]; ok {
+		t.Error("new's virtual server was created although its filter could not be written")
+	}
+	if !got[key("192.0.2.3", 443)].Equal(before[key("192.0.2.3", 443)]) {
+		t.Errorf("api's virtual server changed although its filter could not be written again:\n%s", got)
+	}
+	for _, k := range []ipvs.Key{key("192.0.2.4", 8080), key("192.0.2.6", 80)} {
+		if _, ok := got[k]; !ok {
+			t.Errorf("the unfiltered %s is not forwarded", k)
+		}
+	}
+	events := drain(f.recorder)
+	var who []string
+	for _, e := range events {
+		if strings.Contains(e, "cannot write the nftables filter") {
+			who = append(who, strings.Fields(e)[0])
+		}
+	}
+	if len(who) != 2 {
+		t.Errorf("events %q; want one for web and one for new", events)
+	}
+	if f.step.canForward() {
+		t.Error("the node says it can forward after a failed write")
+	}
+
+	// The write succeeds again: everything as asked.
+	nf.fail = false
+	f.sync(t, in)
+	st, _ := dataplane.Desired(dataplane.Inputs(in), "n1")
+	f.wantTable(t, "after a good write", st.IPVS)
+	wantElements(t, nf.Fake, "allowed-v4",
+		"192.0.2.1 . tcp . 80 . 198.51.100.0/25",
+		"192.0.2.3 . tcp . 443 . 10.1.0.0/16",
+		"192.0.2.5 . tcp . 80 . 203.0.113.0/24",
+	)
+	if !f.step.canForward() {
+		t.Error("the node says it cannot forward after a good write")
+	}
+}
+
+// TestIPVSStepCountsGuardDrops: keeplb_vip_guard_dropped_packets_total is
+// read from the table's counter at scrape time and keeps counting across
+// rewrites of the table, which recreate the counter.
+func TestIPVSStepCountsGuardDrops(t *testing.T) {
+	f := newIPVSFixture(t, nil)
+	const name = "keeplb_vip_guard_dropped_packets_total"
+	if got := metric(t, f.metrics, name); got != -1 {
+		t.Errorf("%s = %v before any table, want no series", name, got)
+	}
+	in := nftCluster()
+	f.sync(t, in)
+	setDrops := func(n uint64) {
+		c := f.nft.Table.Counters[nft.CounterGuard]
+		if c == nil {
+			t.Fatalf("no counter %s:\n%s", nft.CounterGuard, f.nft.Dump())
+		}
+		c.Packets = &n
+	}
+	setDrops(5)
+	if got := metric(t, f.metrics, name); got != 5 {
+		t.Errorf("%s = %v, want 5", name, got)
+	}
+	in.Services = append(in.Services, fwdService("more", "192.0.2.7", 80, 30087))
+	f.sync(t, in) // rewrites the table: a new counter
+	setDrops(2)
+	if got := metric(t, f.metrics, name); got != 7 {
+		t.Errorf("%s = %v after a rewrite, want 5 + 2", name, got)
+	}
 }
 
 // TestIPVSStepNFTablesInNetns checks that with --netns the table is opened
