@@ -155,6 +155,10 @@ func newIPVSStep(ctx context.Context, o *Options, open func() (ipvs.Interface, e
 		klog.FromContext(ctx).Error(err, "IPVS forwarding (--ipvs) is off on this node: the kernel has no IPVS. Load the ip_vs module (modprobe ip_vs) and delete the speaker's pod (its init container sets the IPVS sysctls); meanwhile it only holds VIPs with VRRP")
 		m.IPVSAvailable.Set(0)
 		d.noIPVS, d.unavailableWarned = true, map[string]bool{}
+		// The node still holds VIPs (kube-proxy forwards some of them), so
+		// it still needs the VIP port guard: the table, with nothing else.
+		d.nft = openNFT(ctx, o)
+		m.RegisterGuardDrops(d.guardDropped)
 		return d, nil
 	}
 	if err != nil {
@@ -246,10 +250,17 @@ func (d *ipvsStep) close() {
 // sync brings this node's IPVS table to what in asks for.
 func (d *ipvsStep) sync(ctx context.Context, in Inputs) error {
 	if d.h == nil {
-		if d.noIPVS {
-			d.warnUnavailable(in)
+		if !d.noIPVS {
+			return nil
 		}
-		return nil
+		st := d.warnUnavailable(in)
+		// Nothing is forwarded here, so nothing to masquerade or filter;
+		// the guard alone.
+		if err := d.writeNFT(ctx, nft.Rules{Guard: st.Guard}, nil); err != nil {
+			d.metrics.NFTSyncErrors.Inc()
+			return err
+		}
+		return d.nftInvalid
 	}
 	start := time.Now()
 	st, problems := d.desired.Desired(dataplane.Inputs(in), d.node)
@@ -393,10 +404,13 @@ func unionSNAT(a, b []dataplane.SNAT) []dataplane.SNAT {
 // exit deletes keeplb's virtual servers (those of its pools, and those it
 // programmed), unless --keep-ipvs-on-exit.
 func (d *ipvsStep) exit(ctx context.Context, in Inputs) error {
-	if d.h == nil {
-		return nil
-	}
 	logger := klog.FromContext(ctx)
+	if d.h == nil {
+		if d.nft == nil || d.keepOnExit {
+			return nil
+		}
+		return d.cleanupNFT(ctx, logger)
+	}
 	if d.keepOnExit {
 		logger.Info("Leaving IPVS virtual servers and the nftables table in place (--keep-ipvs-on-exit)", "programmed", len(d.programmed))
 		return nil
@@ -414,18 +428,23 @@ func (d *ipvsStep) exit(ctx context.Context, in Inputs) error {
 	// The table after the virtual servers: no window where IPVS forwards
 	// a VIP's traffic unmasqueraded or unfiltered.
 	if d.nft != nil {
-		d.nftApplied, d.snatApplied, d.rangesApplied = "", nil, nil
-		d.guardMu.Lock()
-		d.guardTable = false
-		d.guardMu.Unlock()
-		if nftErr := nft.Cleanup(ctx, d.nft); nftErr != nil {
-			d.metrics.NFTSyncErrors.Inc()
-			err = errors.Join(err, nftErr)
-		} else {
-			logger.Info("Removed the nftables table", "table", nft.Family+" "+nft.Table)
-		}
+		err = errors.Join(err, d.cleanupNFT(ctx, logger))
 	}
 	return err
+}
+
+// cleanupNFT deletes keeplb's table, on exit.
+func (d *ipvsStep) cleanupNFT(ctx context.Context, logger klog.Logger) error {
+	d.nftApplied, d.snatApplied, d.rangesApplied = "", nil, nil
+	d.guardMu.Lock()
+	d.guardTable = false
+	d.guardMu.Unlock()
+	if err := nft.Cleanup(ctx, d.nft); err != nil {
+		d.metrics.NFTSyncErrors.Inc()
+		return err
+	}
+	logger.Info("Removed the nftables table", "table", nft.Family+" "+nft.Table)
+	return nil
 }
 
 // apply brings the virtual servers in scope to desired: one dump, a diff,
@@ -659,12 +678,13 @@ func (d *ipvsStep) report(ctx context.Context, in Inputs, problems []dataplane.P
 // node would forward (those st.Owners names: Services of pools whose VIPs
 // it may hold, not forwarded by kube-proxy) that has not had one from this
 // process yet. Once per Service, not per sync: the condition lasts until
-// the speaker restarts, and repeating it would only add noise.
-func (d *ipvsStep) warnUnavailable(in Inputs) {
-	if d.recorder == nil {
-		return
-	}
+// the speaker restarts, and repeating it would only add noise. It returns
+// the desired state it computed, for the guard.
+func (d *ipvsStep) warnUnavailable(in Inputs) dataplane.State {
 	st, _ := d.desired.Desired(dataplane.Inputs(in), d.node)
+	if d.recorder == nil {
+		return st
+	}
 	for _, owner := range slices.Sorted(maps.Values(st.Owners)) {
 		if d.unavailableWarned[owner] {
 			continue
@@ -677,6 +697,7 @@ func (d *ipvsStep) warnUnavailable(in Inputs) {
 		d.recorder.Eventf(svc, v1.EventTypeWarning, EventIPVSUnavailable,
 			"Node %s may hold this Service's VIP but cannot forward its traffic: the node's kernel has no IPVS. Load it (modprobe ip_vs) on %s, then delete the keeplb speaker's pod there (its init container sets the IPVS sysctls)", d.node, d.node)
 	}
+	return st
 }
 
 // serviceByKey returns the Service "namespace/name" of in, or nil.

@@ -417,9 +417,18 @@ func TestIPVSStepWithoutIPVS(t *testing.T) {
 	if v, _ := net.Sysctl("net.ipv4.ip_forward"); v != "0" {
 		t.Errorf("ip_forward set to %s without IPVS", v)
 	}
-	in := ipvsCluster()
+	in := nftCluster()
 	if err := step.sync(t.Context(), in); err != nil {
 		t.Errorf("sync without IPVS: %v", err)
+	}
+	// The node still holds VIPs: the guard alone, nothing to masquerade
+	// or filter since nothing is forwarded here.
+	if nftFake.Table == nil {
+		t.Fatal("no nftables table without IPVS: the VIPs this node holds are unguarded")
+	}
+	wantElements(t, nftFake, "vips-v4", "192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4")
+	for _, set := range []string{"snat-v4", "filtered-v4", "allowed-v4"} {
+		wantElements(t, nftFake, set)
 	}
 	if err := step.exit(t.Context(), in); err != nil {
 		t.Errorf("exit without IPVS: %v", err)
@@ -427,8 +436,8 @@ func TestIPVSStepWithoutIPVS(t *testing.T) {
 	if n := metric(t, m, "keeplb_ipvs_sync_duration_seconds_count"); n != 0 {
 		t.Errorf("sync duration observed %v times without IPVS", n)
 	}
-	if nftFake.Table != nil || nftFake.LastTransaction != nil {
-		t.Errorf("nftables table written without IPVS:\n%s", nftFake.Dump())
+	if nftFake.Table != nil {
+		t.Errorf("nftables table left after exit without IPVS:\n%s", nftFake.Dump())
 	}
 
 	// Any other failure to open IPVS stops the speaker.
