@@ -138,6 +138,10 @@ type ipvsStep struct {
 	guardDrops uint64
 	guardTable bool
 
+	// guardOnly is set with --ipvs=false: kube-proxy forwards, and the
+	// step writes keeplb's table with the VIP port guard alone.
+	guardOnly bool
+
 	// foreign are the virtual servers in the pools' ranges that keeplb
 	// did not program and no Service of keeplb's wants, as last reported:
 	// they are left alone (see apply).
@@ -178,6 +182,17 @@ func newIPVSStep(ctx context.Context, o *Options, open func() (ipvs.Interface, e
 	d.ct = openConntrack(ctx, o)
 	m.IPVSAvailable.Set(1)
 	return d, nil
+}
+
+// newGuardStep is the step of a speaker run with --ipvs=false. It never
+// touches IPVS, but the VIPs this node holds are addresses of the node like
+// any other, and without the guard every host-network listener would answer
+// on them: it writes keeplb's table with the guard alone.
+func newGuardStep(ctx context.Context, o *Options, m *metrics.Speaker) *ipvsStep {
+	d := &ipvsStep{node: o.NodeName, keepOnExit: o.KeepIPVSOnExit, metrics: m, programmed: ipvs.Table{}, problems: map[dataplane.Problem]bool{}, guardOnly: true}
+	d.nft = openNFT(ctx, o)
+	m.RegisterGuardDrops(d.guardDropped)
+	return d
 }
 
 // openNFT opens keeplb's nftables table in the speaker's node-side network
@@ -250,10 +265,15 @@ func (d *ipvsStep) close() {
 // sync brings this node's IPVS table to what in asks for.
 func (d *ipvsStep) sync(ctx context.Context, in Inputs) error {
 	if d.h == nil {
-		if !d.noIPVS {
+		var st dataplane.State
+		switch {
+		case d.noIPVS:
+			st = d.warnUnavailable(in)
+		case d.guardOnly:
+			st, _ = d.desired.Desired(dataplane.Inputs(in), d.node)
+		default:
 			return nil
 		}
-		st := d.warnUnavailable(in)
 		// Nothing is forwarded here, so nothing to masquerade or filter;
 		// the guard alone.
 		if err := d.writeNFT(ctx, nft.Rules{Guard: st.Guard}, nil); err != nil {

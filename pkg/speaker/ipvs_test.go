@@ -399,6 +399,40 @@ func TestIPVSStepExit(t *testing.T) {
 	}
 }
 
+// With --ipvs=false kube-proxy forwards, but the VIPs this node holds are
+// still its addresses: on main the speaker wrote no table then, and every
+// host-network listener answered on them.
+func TestGuardStepWithIPVSOff(t *testing.T) {
+	m := metrics.NewSpeaker()
+	o := NewOptions()
+	o.NodeName, o.IPVS = "n1", false
+	nftFake := fakeNFT(o)
+	step := newGuardStep(t.Context(), o, m)
+	in := nftCluster()
+	if err := step.sync(t.Context(), in); err != nil {
+		t.Fatalf("sync: %v", err)
+	}
+	if nftFake.Table == nil {
+		t.Fatal("no nftables table with --ipvs=false: the VIPs this node holds are unguarded")
+	}
+	wantElements(t, nftFake, "vips-v4", "192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4")
+	for _, set := range []string{"snat-v4", "filtered-v4", "allowed-v4"} {
+		wantElements(t, nftFake, set)
+	}
+	if step.canForward() {
+		t.Error("a node that does not forward with IPVS says it can")
+	}
+	if n := metric(t, m, "keeplb_ipvs_sync_duration_seconds_count"); n > 0 {
+		t.Errorf("IPVS sync duration observed %v times with --ipvs=false", n)
+	}
+	if err := step.exit(t.Context(), in); err != nil {
+		t.Errorf("exit: %v", err)
+	}
+	if nftFake.Table != nil {
+		t.Errorf("nftables table left after exit:\n%s", nftFake.Dump())
+	}
+}
+
 func TestIPVSStepWithoutIPVS(t *testing.T) {
 	net := hostnettesting.New(nil, map[string]string{"net.ipv4.ip_forward": "0"})
 	m := metrics.NewSpeaker()

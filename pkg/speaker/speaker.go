@@ -5,7 +5,8 @@
 //
 // With --ipvs (on by default) it also programs the node's IPVS table for
 // keeplb's VIPs after each VRRP step (see package dataplane and ipvsStep);
-// with --ipvs=false it never touches IPVS.
+// with --ipvs=false it never touches IPVS, and writes keeplb's nftables
+// table with the VIP port guard alone (newGuardStep).
 package speaker
 
 import (
@@ -148,6 +149,8 @@ func RunWith(ctx context.Context, o *Options, cfg *rest.Config, net hostnet.Inte
 		if dp, err = newIPVSStep(ctx, o, func() (ipvs.Interface, error) { return openIPVS(o.NetNS) }, net, m); err != nil {
 			return err
 		}
+	} else {
+		dp = newGuardStep(ctx, o, m)
 	}
 	s := &Speaker{opts: o, client: client, dyn: dyn, net: net, sup: sup, layout: layout, metrics: m, dp: dp, states: map[string]keepalived.State{}}
 	srv, err := s.server(ctx, cfg)
