@@ -7,10 +7,12 @@ import (
 	"maps"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/klog/v2"
 	"sigs.k8s.io/knftables"
@@ -32,6 +34,11 @@ const EventForwardingProblem = "ForwardingProblem"
 // would forward with IPVS when that node's kernel has no IPVS: the node
 // may hold the Service's VIP, but nothing forwards its traffic.
 const EventIPVSUnavailable = "IPVSUnavailable"
+
+// EventForeignVirtualServer is recorded as a Warning on this node's Node
+// when IPVS holds virtual servers in keeplb's pools that keeplb did not
+// program and no Service of keeplb's wants: they are left alone.
+const EventForeignVirtualServer = "ForeignVirtualServer"
 
 // ipvsSysctls returns the sysctls IPVS forwarding needs on every node.
 // They exist only once the ip_vs module is loaded.
@@ -547,10 +554,28 @@ func (d *ipvsStep) reportForeign(ctx context.Context, foreign []ipvs.Key) {
 		return
 	}
 	d.foreign = foreign
-	if len(foreign) > 0 {
-		klog.FromContext(ctx).Info("Leaving alone IPVS virtual servers in keeplb's pools that keeplb did not program and no Service of keeplb's wants (kube-proxy's for externalIPs, or left by an earlier speaker); delete them with ipvsadm -D if they are stale",
-			"virtualServers", foreign)
+	if len(foreign) == 0 {
+		return
 	}
+	klog.FromContext(ctx).Info("Leaving alone IPVS virtual servers in keeplb's pools that keeplb did not program and no Service of keeplb's wants (kube-proxy's for externalIPs, or left by an earlier speaker); delete them with ipvsadm -D if they are stale",
+		"virtualServers", foreign)
+	if d.recorder == nil {
+		return
+	}
+	names := make([]string, len(foreign))
+	for i, k := range foreign {
+		names[i] = k.String()
+	}
+	if len(names) > 10 {
+		names = append(names[:10], fmt.Sprintf("and %d more", len(names)-10))
+	}
+	// On the Node: the virtual servers are this node's, and no Service of
+	// keeplb's owns them. (A Node's events name it by name; its UID is
+	// its name, as the kubelet records them.)
+	node := &v1.ObjectReference{Kind: "Node", Name: d.node, UID: types.UID(d.node)}
+	d.recorder.Eventf(node, v1.EventTypeWarning, EventForeignVirtualServer,
+		"IPVS virtual servers in keeplb's IPPools that keeplb did not program and no keeplb Service wants are left alone: %s. If another program (kube-proxy for externalIPs) owns them, take those addresses out of the IPPools; if they are stale, delete them on %s with ipvsadm -D",
+		strings.Join(names, ", "), d.node)
 }
 
 // withhold returns st's IPVS table without the filtered virtual servers

@@ -256,9 +256,19 @@ func TestIPVSStepLeavesForeignVirtualServersAlone(t *testing.T) {
 			t.Errorf("read the real servers of a foreign virtual server: %s", c)
 		}
 	}
-	// Those in the pool are reported (logged once per change).
+	// Those in the pool are reported, once per change: logged, and a
+	// Warning on the Node naming them.
 	if want := []ipvs.Key{externalIP.Virtual.Key(), stale.Virtual.Key()}; !slices.Equal(f.step.foreign, want) {
 		t.Errorf("reported as foreign: %v, want %v", f.step.foreign, want)
+	}
+	var foreignEvents []string
+	for _, ev := range drain(f.recorder) {
+		if strings.Contains(ev, EventForeignVirtualServer) {
+			foreignEvents = append(foreignEvents, ev)
+		}
+	}
+	if len(foreignEvents) != 1 || !strings.Contains(foreignEvents[0], "192.0.2.1:8080") || !strings.Contains(foreignEvents[0], "192.0.2.200:53") {
+		t.Errorf("events = %q, want one %s naming both", foreignEvents, EventForeignVirtualServer)
 	}
 	// Exit deletes only ours.
 	if err := f.step.exit(t.Context(), in); err != nil {
