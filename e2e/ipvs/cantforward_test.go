@@ -14,10 +14,8 @@ import (
 	"time"
 
 	v1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/rest"
 
-	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/lab"
 	"github.com/keeplb/keeplb/pkg/speaker"
 	"github.com/keeplb/keeplb/pkg/testing/keeplbtest"
@@ -28,35 +26,7 @@ import (
 // computed from the API as every speaker computes it.
 func (c *cluster) instanceOf(vip netip.Addr) vrrp.Instance {
 	c.t.Helper()
-	ctx := c.t.Context()
-	in := speaker.Inputs{Class: "keeplb.io/vip", DefaultClass: true}
-	svcs, err := c.client.CoreV1().Services("").List(ctx, metav1.ListOptions{})
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	for i := range svcs.Items {
-		in.Services = append(in.Services, &svcs.Items[i])
-	}
-	nodes, err := c.client.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	for i := range nodes.Items {
-		in.Nodes = append(in.Nodes, &nodes.Items[i])
-	}
-	pools, err := c.dyn.Resource(v1alpha1.IPPoolResource).List(ctx, metav1.ListOptions{})
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	for i := range pools.Items {
-		p, err := v1alpha1.FromUnstructured(&pools.Items[i])
-		if err != nil {
-			c.t.Fatal(err)
-		}
-		in.Pools = append(in.Pools, p)
-	}
-	pin, _ := speaker.PlanInput(in)
-	for _, inst := range vrrp.Compute(pin).Instances {
+	for _, inst := range keeplbtest.Plan(c.t, c.client, c.dyn).Instances {
 		if slices.Contains(inst.VIPs, vip) {
 			return inst
 		}

@@ -13,9 +13,7 @@ import (
 	"time"
 
 	v1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/speaker"
 	"github.com/keeplb/keeplb/pkg/testing/keeplbtest"
 	"github.com/keeplb/keeplb/pkg/vrrp"
@@ -26,43 +24,7 @@ import (
 // addresses before asking for them).
 func (c *cluster) plan(extra ...*v1.Service) vrrp.Plan {
 	c.t.Helper()
-	ctx := c.t.Context()
-	in := speaker.Inputs{Class: "keeplb.io/vip", DefaultClass: true}
-	svcs, err := c.client.CoreV1().Services("").List(ctx, metav1.ListOptions{})
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	for i := range svcs.Items {
-		in.Services = append(in.Services, &svcs.Items[i])
-	}
-	in.Services = append(in.Services, extra...)
-	nodes, err := c.client.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	for i := range nodes.Items {
-		in.Nodes = append(in.Nodes, &nodes.Items[i])
-	}
-	eps, err := c.client.DiscoveryV1().EndpointSlices("").List(ctx, metav1.ListOptions{})
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	for i := range eps.Items {
-		in.Slices = append(in.Slices, &eps.Items[i])
-	}
-	pools, err := c.dyn.Resource(v1alpha1.IPPoolResource).List(ctx, metav1.ListOptions{})
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	for i := range pools.Items {
-		p, err := v1alpha1.FromUnstructured(&pools.Items[i])
-		if err != nil {
-			c.t.Fatal(err)
-		}
-		in.Pools = append(in.Pools, p)
-	}
-	pin, _ := speaker.PlanInput(in)
-	return vrrp.Compute(pin)
+	return keeplbtest.Plan(c.t, c.client, c.dyn, extra...)
 }
 
 // plannedMaster returns the node the plan makes master of vip's instance.
