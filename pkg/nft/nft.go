@@ -192,49 +192,24 @@ func Transaction(tx *knftables.Transaction, in Rules) error {
 	}
 
 	for _, f := range families() {
-		tx.Add(&knftables.Set{
-			Family:  Family,
-			Table:   Table,
-			Name:    f.vipsSet(),
-			Type:    f.addr,
-			Comment: knftables.PtrTo("keeplb's VIPs, guarded"),
-		})
-		tx.Add(&knftables.Set{
-			Family:  Family,
-			Table:   Table,
-			Name:    f.portsSet(),
-			Type:    f.addr + " . inet_proto . inet_service",
-			Comment: knftables.PtrTo("VIP . protocol . port of the Services using the VIP"),
-		})
-		tx.Add(&knftables.Set{
-			Family:  Family,
-			Table:   Table,
-			Name:    f.echoSet(),
-			Type:    f.addr,
-			Comment: knftables.PtrTo("VIPs that answer echo requests"),
-		})
-		tx.Add(&knftables.Set{
-			Family:  Family,
-			Table:   Table,
-			Name:    f.snatSet(),
-			Type:    f.addr + " . inet_proto . inet_service . " + f.addr + " . inet_service",
-			Comment: knftables.PtrTo("VIP . protocol . port . real server . port to masquerade"),
-		})
-		tx.Add(&knftables.Set{
-			Family:  Family,
-			Table:   Table,
-			Name:    f.filteredSet(),
-			Type:    f.addr + " . inet_proto . inet_service",
-			Comment: knftables.PtrTo("VIP . protocol . port with loadBalancerSourceRanges"),
-		})
-		tx.Add(&knftables.Set{
-			Family:  Family,
-			Table:   Table,
-			Name:    f.allowedSet(),
-			Type:    f.addr + " . inet_proto . inet_service . " + f.addr,
-			Flags:   []knftables.SetFlag{knftables.IntervalFlag},
-			Comment: knftables.PtrTo("VIP . protocol . port . allowed source range"),
-		})
+		vipPort := f.addr + " . inet_proto . inet_service"
+		for _, set := range []struct {
+			name, typ, comment string
+			interval           bool
+		}{
+			{f.vipsSet(), f.addr, "keeplb's VIPs, guarded", false},
+			{f.portsSet(), vipPort, "VIP . protocol . port of the Services using the VIP", false},
+			{f.echoSet(), f.addr, "VIPs that answer echo requests", false},
+			{f.snatSet(), vipPort + " . " + f.addr + " . inet_service", "VIP . protocol . port . real server . port to masquerade", false},
+			{f.filteredSet(), vipPort, "VIP . protocol . port with loadBalancerSourceRanges", false},
+			{f.allowedSet(), vipPort + " . " + f.addr, "VIP . protocol . port . allowed source range", true},
+		} {
+			s := &knftables.Set{Family: Family, Table: Table, Name: set.name, Type: set.typ, Comment: knftables.PtrTo(set.comment)}
+			if set.interval {
+				s.Flags = []knftables.SetFlag{knftables.IntervalFlag}
+			}
+			tx.Add(s)
+		}
 	}
 
 	for _, f := range families() {
