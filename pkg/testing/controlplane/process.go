@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -48,13 +49,23 @@ func startProcess(name, bin, logPath string, logs *logSink, args ...string) (*pr
 	// When output is copied through a pipe, do not let a stuck pipe block
 	// Wait forever once the process is gone.
 	cmd.WaitDelay = 2 * time.Second
-	if err := cmd.Start(); err != nil {
-		logFile.Close()
-		return nil, err
-	}
-
 	p := &process{name: name, logPath: logPath, cmd: cmd, done: make(chan struct{})}
+	started := make(chan error, 1)
 	go func() {
+		// The kernel sends the parent-death signal (sysProcAttr) when the
+		// thread that forked exits, not the process, and the Go runtime
+		// ends a thread whose goroutine exits while locked to it, as
+		// pkg/nsthread's do after entering another network namespace. So
+		// the process is started and waited for on a thread of its own,
+		// locked until it has exited: otherwise a speaker writing its
+		// nftables table in a test namespace could kill this etcd.
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
 		p.waitErr = cmd.Wait()
 		if prefixed != nil {
 			prefixed.flush()
@@ -62,6 +73,10 @@ func startProcess(name, bin, logPath string, logs *logSink, args ...string) (*pr
 		logFile.Close()
 		close(p.done)
 	}()
+	if err := <-started; err != nil {
+		logFile.Close()
+		return nil, err
+	}
 	return p, nil
 }
 

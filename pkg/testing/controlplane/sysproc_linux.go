@@ -8,8 +8,10 @@ import "syscall"
 // etcd and an apiserver behind.
 //
 // Pdeathsig is tied to the OS thread that started the child, not to the
-// whole process. The Go runtime only retires a thread when a goroutine exits
-// while locked to it (runtime.LockOSThread), which nothing here does.
+// whole process, and the Go runtime retires a thread when a goroutine exits
+// while locked to it (runtime.LockOSThread), as pkg/nsthread's do:
+// startProcess therefore starts and waits for each child on a thread it
+// keeps locked until the child has exited.
 func sysProcAttr() *syscall.SysProcAttr {
 	return &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 }
