@@ -98,16 +98,9 @@ const (
 // lb with the IPVS table and nftables rules keeplb computes for one
 // nodeport Service, and sends HTTP through the VIP.
 func TestForwardingNodePort(t *testing.T) {
-	if ipvs.Available() != nil && !vm.InVM() && os.Getenv("KEEPLB_VM") == "1" {
-		start := time.Now()
-		vm.RunSelf(t)
-		t.Logf("VM run (boot, test, shutdown) took %s", time.Since(start).Round(100*time.Millisecond))
+	if ranInVM(t, "forwarding") {
 		return
 	}
-	if err := ipvs.Available(); err != nil {
-		t.Skipf("skipping the real-kernel forwarding test (set KEEPLB_VM=1 to run it in the VM of hack/vm): %v", err)
-	}
-	netns.Require(t, "install iproute2, ipvsadm and nftables", "ip", "ipvsadm", "nft")
 	began := time.Now()
 
 	client := netns.New(t, "client")
@@ -367,4 +360,23 @@ func request(ns, url string) (string, error) {
 		return "", fmt.Errorf("%v: %s", err, strings.TrimSpace(stderr.String()))
 	}
 	return stdout.String(), nil
+}
+
+// ranInVM runs the calling test where the kernel has IPVS: in the VM of
+// hack/vm when KEEPLB_VM=1 and the host kernel has none, and then reports
+// true (the test is done here); else on this kernel, skipping the test
+// (what names it in the message) where it lacks IPVS or the tools.
+func ranInVM(t *testing.T, what string) bool {
+	t.Helper()
+	if ipvs.Available() != nil && !vm.InVM() && os.Getenv("KEEPLB_VM") == "1" {
+		start := time.Now()
+		vm.RunSelf(t)
+		t.Logf("VM run (boot, test, shutdown) took %s", time.Since(start).Round(100*time.Millisecond))
+		return true
+	}
+	if err := ipvs.Available(); err != nil {
+		t.Skipf("skipping the real-kernel %s test (set KEEPLB_VM=1 to run it in the VM of hack/vm): %v", what, err)
+	}
+	netns.Require(t, "install iproute2, ipvsadm and nftables", "ip", "ipvsadm", "nft")
+	return false
 }

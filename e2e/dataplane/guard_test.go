@@ -2,7 +2,6 @@ package dataplane_e2e
 
 import (
 	"context"
-	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -18,7 +17,6 @@ import (
 	"github.com/keeplb/keeplb/pkg/ipvs"
 	"github.com/keeplb/keeplb/pkg/nft"
 	"github.com/keeplb/keeplb/pkg/testing/netns"
-	"github.com/keeplb/keeplb/pkg/testing/vm"
 )
 
 // TestGuardWithIPVS checks the VIP port guard with IPVS in the kernel: on
@@ -31,16 +29,9 @@ import (
 // port and drop the others: its VIP:port is checked in the table's sets,
 // and a listener on another port of its VIP stops answering.
 func TestGuardWithIPVS(t *testing.T) {
-	if ipvs.Available() != nil && !vm.InVM() && os.Getenv("KEEPLB_VM") == "1" {
-		start := time.Now()
-		vm.RunSelf(t)
-		t.Logf("VM run (boot, test, shutdown) took %s", time.Since(start).Round(100*time.Millisecond))
+	if ranInVM(t, "guard") {
 		return
 	}
-	if err := ipvs.Available(); err != nil {
-		t.Skipf("skipping the real-kernel guard test (set KEEPLB_VM=1 to run it in the VM of hack/vm): %v", err)
-	}
-	netns.Require(t, "install iproute2, ipvsadm and nftables", "ip", "ipvsadm", "nft")
 
 	client, lb, backend := netns.New(t, "gclient"), netns.New(t, "glb"), netns.New(t, "gbackend")
 	ip := func(ns string, args ...string) {
