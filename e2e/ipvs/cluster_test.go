@@ -17,9 +17,9 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/utils/ptr"
 
-	"github.com/keeplb/keeplb/pkg/lab"
 	"github.com/keeplb/keeplb/pkg/speaker"
 	"github.com/keeplb/keeplb/pkg/testing/keeplbtest"
+	"github.com/keeplb/keeplb/pkg/testing/lab"
 )
 
 // cluster is the node side (a lab with one speaker per node) and the API

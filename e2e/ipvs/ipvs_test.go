@@ -1,6 +1,6 @@
 // Package ipvs_e2e is the dataplane's end-to-end test: keeplb's speakers,
 // each with a real keepalived and IPVS, forward real traffic in a lab of
-// network namespaces (pkg/lab: 3 nodes with pods, two clients), driven by
+// network namespaces (pkg/testing/lab: 3 nodes with pods, two clients), driven by
 // a real kube-apiserver and keeplb's controller.
 //
 // The API server and the controller run on the host. The node side needs a
@@ -31,11 +31,11 @@ import (
 
 	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/ipvs"
-	"github.com/keeplb/keeplb/pkg/lab"
 	"github.com/keeplb/keeplb/pkg/nsthread"
 	"github.com/keeplb/keeplb/pkg/speaker"
 	"github.com/keeplb/keeplb/pkg/testing/controlplane"
 	"github.com/keeplb/keeplb/pkg/testing/keeplbtest"
+	"github.com/keeplb/keeplb/pkg/testing/lab"
 	"github.com/keeplb/keeplb/pkg/testing/vm"
 )
 

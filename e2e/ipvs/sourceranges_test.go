@@ -10,9 +10,9 @@ import (
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/rest"
 
-	"github.com/keeplb/keeplb/pkg/lab"
 	"github.com/keeplb/keeplb/pkg/speaker"
 	"github.com/keeplb/keeplb/pkg/testing/keeplbtest"
+	"github.com/keeplb/keeplb/pkg/testing/lab"
 )
 
 // inPool is an address of lab.VIPRange that no Service gets here (the

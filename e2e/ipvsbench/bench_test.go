@@ -18,7 +18,7 @@ import (
 
 	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/ipvs"
-	"github.com/keeplb/keeplb/pkg/lab"
+	"github.com/keeplb/keeplb/pkg/testing/lab"
 	netnstest "github.com/keeplb/keeplb/pkg/testing/netns"
 )
 

@@ -9,7 +9,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/keeplb/keeplb/pkg/lab"
+	"github.com/keeplb/keeplb/pkg/testing/lab"
 )
 
 // The host talks to the node agent through files in the state folder,

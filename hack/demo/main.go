@@ -1,7 +1,7 @@
 // Command keeplb-demo runs the whole of keeplb locally: a real
 // kube-apiserver and etcd, keeplb's controller, and a node side of three
 // nodes with a speaker (keepalived + IPVS) each, in network namespaces of
-// the lab (pkg/lab), inside the VM of hack/vm when the host kernel has no
+// the lab (pkg/testing/lab), inside the VM of hack/vm when the host kernel has no
 // IPVS. `make demo` builds it and runs `keeplb-demo up`; `make demo-down`
 // runs `keeplb-demo down`.
 //

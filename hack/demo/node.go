@@ -12,7 +12,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/keeplb/keeplb/pkg/lab"
+	"github.com/keeplb/keeplb/pkg/testing/lab"
 )
 
 // labPrefix names the demo's network namespaces.

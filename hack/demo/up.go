@@ -25,8 +25,8 @@ import (
 
 	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/ipvs"
-	"github.com/keeplb/keeplb/pkg/lab"
 	"github.com/keeplb/keeplb/pkg/testing/controlplane"
+	"github.com/keeplb/keeplb/pkg/testing/lab"
 	"github.com/keeplb/keeplb/pkg/testing/vm"
 )
 
