@@ -120,9 +120,9 @@ func Parse(svc *v1.Service) (Config, error) {
 	}
 
 	if v, ok := ann[Forwarding]; ok {
-		f := v1alpha1.Forwarding(strings.TrimSpace(v))
-		if !f.Valid() {
-			return c, invalid(Forwarding, "%q is not a forwarding mode; use nodeport, pod or kube-proxy", v)
+		f, err := parseForwarding(v)
+		if err != nil {
+			return c, err
 		}
 		c.Forwarding = f
 	}
@@ -177,4 +177,67 @@ func Handles(svc *v1.Service, class string, defaultClass bool) bool {
 		return *c == class
 	}
 	return defaultClass
+}
+
+// DefaultClass is the spec.loadBalancerClass keeplb answers to unless its
+// --load-balancer-class says otherwise, on the controller, the speakers
+// and `keeplb status` alike.
+const DefaultClass = "keeplb.io/vip"
+
+// ValidateClass checks a --load-balancer-class value: the API server only
+// admits a label-style key, and a prefix keeps it from clashing with
+// another implementation's class. flag names the flag, for the error.
+func ValidateClass(flag, class string) error {
+	if msgs := validation.IsQualifiedName(class); len(msgs) > 0 || !strings.Contains(class, "/") {
+		return fmt.Errorf("%s %q must be a label-style key with a prefix, such as %s", flag, class, DefaultClass)
+	}
+	return nil
+}
+
+// ForwardingOf returns svc's forwarding mode: keeplb.io/forwarding, else
+// its pool's spec.forwarding (pool may be nil), else nodeport. An invalid
+// annotation is ignored, as if absent, and returned as an error naming it,
+// so that the caller can report it on the Service.
+func ForwardingOf(svc *v1.Service, pool *v1alpha1.IPPool) (v1alpha1.Forwarding, error) {
+	var err error
+	if v, ok := svc.Annotations[Forwarding]; ok {
+		f, perr := parseForwarding(v)
+		if perr == nil {
+			return f, nil
+		}
+		err = perr
+	}
+	if pool != nil {
+		return pool.Spec.ForwardingOrDefault(), err
+	}
+	return v1alpha1.ForwardingNodePort, err
+}
+
+func parseForwarding(v string) (v1alpha1.Forwarding, error) {
+	f := v1alpha1.Forwarding(strings.TrimSpace(v))
+	if !f.Valid() {
+		return "", invalid(Forwarding, "%q is not a forwarding mode; use nodeport, pod or kube-proxy", v)
+	}
+	return f, nil
+}
+
+// DefaultScheduler is the IPVS scheduler used without keeplb.io/scheduler.
+const DefaultScheduler = "rr"
+
+// Schedulers are the IPVS schedulers keeplb.io/scheduler may name.
+var Schedulers = []string{"rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "mh"}
+
+// SchedulerOf returns svc's IPVS scheduler: keeplb.io/scheduler, else
+// DefaultScheduler. An unknown scheduler gives DefaultScheduler and an
+// error naming the annotation, for the caller to report on the Service.
+func SchedulerOf(svc *v1.Service) (string, error) {
+	v, ok := svc.Annotations[Scheduler]
+	if !ok {
+		return DefaultScheduler, nil
+	}
+	s := strings.TrimSpace(v)
+	if !slices.Contains(Schedulers, s) {
+		return DefaultScheduler, invalid(Scheduler, "%q is not an IPVS scheduler keeplb knows; use one of %s", v, strings.Join(Schedulers, ", "))
+	}
+	return s, nil
 }

@@ -11,6 +11,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/keeplb/keeplb/pkg/allocator"
+	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 )
 
 func TestParse(t *testing.T) {
@@ -105,6 +106,53 @@ func TestHandles(t *testing.T) {
 	} {
 		if got := Handles(tc.svc, ours, tc.defaultClass); got != tc.want {
 			t.Errorf("%s: Handles = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
+func TestForwardingOf(t *testing.T) {
+	pod := &v1alpha1.IPPool{Spec: v1alpha1.IPPoolSpec{Forwarding: v1alpha1.ForwardingPod}}
+	for _, c := range []struct {
+		ann     map[string]string
+		pool    *v1alpha1.IPPool
+		want    v1alpha1.Forwarding
+		wantErr bool
+	}{
+		{nil, nil, v1alpha1.ForwardingNodePort, false},
+		{nil, pod, v1alpha1.ForwardingPod, false},
+		{map[string]string{Forwarding: " kube-proxy "}, pod, v1alpha1.ForwardingKubeProxy, false},
+		{map[string]string{Forwarding: "dsr"}, pod, v1alpha1.ForwardingPod, true},
+		{map[string]string{Forwarding: ""}, nil, v1alpha1.ForwardingNodePort, true},
+	} {
+		svc := &v1.Service{ObjectMeta: metav1.ObjectMeta{Annotations: c.ann}}
+		got, err := ForwardingOf(svc, c.pool)
+		if got != c.want || (err != nil) != c.wantErr {
+			t.Errorf("ForwardingOf(%v) = %q, %v; want %q, error %v", c.ann, got, err, c.want, c.wantErr)
+		}
+		// Parse refuses what ForwardingOf falls back from.
+		if _, perr := Parse(svc); (perr != nil) != c.wantErr {
+			t.Errorf("Parse(%v) error %v; want error %v", c.ann, perr, c.wantErr)
+		}
+	}
+}
+
+func TestSchedulerOf(t *testing.T) {
+	for ann, want := range map[string]string{"": DefaultScheduler, " wlc ": "wlc", "fastest": DefaultScheduler} {
+		svc := &v1.Service{}
+		if ann != "" {
+			svc.Annotations = map[string]string{Scheduler: ann}
+		}
+		got, err := SchedulerOf(svc)
+		if got != want || (err != nil) != (ann == "fastest") {
+			t.Errorf("SchedulerOf(%q) = %q, %v; want %q", ann, got, err, want)
+		}
+	}
+}
+
+func TestValidateClass(t *testing.T) {
+	for class, ok := range map[string]bool{DefaultClass: true, "example.com/lb": true, "vip": false, "a/b/c": false, "": false} {
+		if err := ValidateClass("--load-balancer-class", class); (err == nil) != ok {
+			t.Errorf("ValidateClass(%q) = %v; want ok %v", class, err, ok)
 		}
 	}
 }

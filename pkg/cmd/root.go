@@ -20,6 +20,7 @@ import (
 	"k8s.io/component-base/logs"
 	logsapi "k8s.io/component-base/logs/api/v1"
 
+	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/controller"
 	"github.com/keeplb/keeplb/pkg/migrate"
 	"github.com/keeplb/keeplb/pkg/speaker"
@@ -285,7 +286,7 @@ command then exits non-zero. See docs/migration.md.`,
 func newStatusCommand() *cobra.Command {
 	var kubeconfig string
 	out := &versionOptions{Output: "text"}
-	o := status.Options{LoadBalancerClass: "keeplb.io/vip", DefaultClass: true}
+	o := status.Options{LoadBalancerClass: annotations.DefaultClass, DefaultClass: true}
 	c := &cobra.Command{
 		Use:   "status",
 		Short: "Show the IPPools and keeplb's Services with their VIPs",

@@ -9,8 +9,8 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
-	"k8s.io/apimachinery/pkg/util/validation"
 
+	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/serve"
 )
 
@@ -70,7 +70,7 @@ func NewOptions() *Options {
 	}
 	return &Options{
 		ClusterName:          "kubernetes",
-		LoadBalancerClass:    "keeplb.io/vip",
+		LoadBalancerClass:    annotations.DefaultClass,
 		DefaultClass:         true,
 		Workers:              4,
 		RetryInterval:        time.Minute,
@@ -115,8 +115,8 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 // Validate reports every invalid option at once.
 func (o *Options) Validate() error {
 	var errs []error
-	if msgs := validation.IsQualifiedName(o.LoadBalancerClass); len(msgs) > 0 || !strings.Contains(o.LoadBalancerClass, "/") {
-		errs = append(errs, fmt.Errorf("--load-balancer-class %q must be a label-style key with a prefix, such as keeplb.io/vip", o.LoadBalancerClass))
+	if err := annotations.ValidateClass("--load-balancer-class", o.LoadBalancerClass); err != nil {
+		errs = append(errs, err)
 	}
 	if o.Workers < 1 {
 		errs = append(errs, fmt.Errorf("--workers must be at least 1, got %d", o.Workers))

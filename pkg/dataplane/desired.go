@@ -20,7 +20,6 @@ import (
 	"github.com/keeplb/keeplb/pkg/ipvs"
 	"github.com/keeplb/keeplb/pkg/nodeview"
 	"github.com/keeplb/keeplb/pkg/pools"
-	"github.com/keeplb/keeplb/pkg/provider"
 	"github.com/keeplb/keeplb/pkg/vrrp"
 )
 
@@ -37,12 +36,6 @@ type Inputs struct {
 	Class        string
 	DefaultClass bool
 }
-
-// DefaultScheduler is the IPVS scheduler used without keeplb.io/scheduler.
-const DefaultScheduler = "rr"
-
-// Schedulers are the IPVS schedulers keeplb.io/scheduler may name.
-var Schedulers = []string{"rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "mh"}
 
 // State is the IPVS table a node should have, and what goes with it.
 type State struct {
@@ -530,21 +523,17 @@ func (c *computer) sourceRanges(svc *v1.Service, v6 bool) ([]netip.Prefix, bool)
 }
 
 func (c *computer) mode(svc *v1.Service, pool *v1alpha1.IPPool) v1alpha1.Forwarding {
-	if v, ok := svc.Annotations[annotations.Forwarding]; ok && !v1alpha1.Forwarding(strings.TrimSpace(v)).Valid() {
-		c.problem(svc, annotations.Forwarding, "%q is not a forwarding mode (nodeport, pod or kube-proxy); using the pool's", v)
+	f, err := annotations.ForwardingOf(svc, pool)
+	if err != nil {
+		c.problem(svc, annotations.Forwarding, "%q is not a forwarding mode (nodeport, pod or kube-proxy); using the pool's", svc.Annotations[annotations.Forwarding])
 	}
-	return provider.ForwardingFor(svc, pool)
+	return f
 }
 
 func (c *computer) scheduler(svc *v1.Service) string {
-	v, ok := svc.Annotations[annotations.Scheduler]
-	if !ok {
-		return DefaultScheduler
-	}
-	s := strings.TrimSpace(v)
-	if !slices.Contains(Schedulers, s) {
-		c.problem(svc, annotations.Scheduler, "%q is not an IPVS scheduler keeplb knows; using %s. Use one of %s", v, DefaultScheduler, strings.Join(Schedulers, ", "))
-		return DefaultScheduler
+	s, err := annotations.SchedulerOf(svc)
+	if err != nil {
+		c.problem(svc, annotations.Scheduler, "%q is not an IPVS scheduler keeplb knows; using %s. Use one of %s", svc.Annotations[annotations.Scheduler], annotations.DefaultScheduler, strings.Join(annotations.Schedulers, ", "))
 	}
 	return s
 }

@@ -21,7 +21,7 @@ const FieldIPVS = "IPVS"
 // The message depends on nothing that changes between syncs, so that a
 // lasting failure is one event, not one per sync.
 func KernelProblem(node, owner string, vs ipvs.VirtualServer, err error) Problem {
-	if errors.Is(err, syscall.ENOENT) && vs.Scheduler != "" && vs.Scheduler != DefaultScheduler {
+	if errors.Is(err, syscall.ENOENT) && vs.Scheduler != "" && vs.Scheduler != annotations.DefaultScheduler {
 		return Problem{Service: owner, Field: annotations.Scheduler, Message: fmt.Sprintf(
 			"node %s's kernel has no IPVS scheduler %q, so it does not forward %s: load its module there (modprobe ip_vs_%s, and ip_vs_%s in /etc/modules-load.d/) on every node that may hold the VIP, or choose another scheduler",
 			node, vs.Scheduler, vs.Key(), vs.Scheduler, vs.Scheduler)}

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
-	"strings"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
@@ -250,7 +249,7 @@ func (p *Provider) fail(svc *v1.Service, err error) error {
 // VIP when kube-proxy forwards.
 func (p *Provider) statusFor(svc *v1.Service, alloc allocator.Allocation) *v1.LoadBalancerStatus {
 	mode := v1.LoadBalancerIPModeProxy
-	if ForwardingFor(svc, p.pool(alloc.Pool)) == v1alpha1.ForwardingKubeProxy {
+	if f, _ := annotations.ForwardingOf(svc, p.pool(alloc.Pool)); f == v1alpha1.ForwardingKubeProxy {
 		mode = v1.LoadBalancerIPModeVIP
 	}
 	st := &v1.LoadBalancerStatus{}
@@ -265,18 +264,6 @@ func (p *Provider) pool(name string) *v1alpha1.IPPool {
 		return nil
 	}
 	return p.cfg.Pools(name)
-}
-
-// ForwardingFor returns the Service's forwarding mode: its annotation, else
-// its pool's default, else nodeport.
-func ForwardingFor(svc *v1.Service, pool *v1alpha1.IPPool) v1alpha1.Forwarding {
-	if f := v1alpha1.Forwarding(strings.TrimSpace(svc.Annotations[annotations.Forwarding])); f.Valid() {
-		return f
-	}
-	if pool != nil {
-		return pool.Spec.ForwardingOrDefault()
-	}
-	return v1alpha1.ForwardingNodePort
 }
 
 // RequestFor builds the allocator request for svc.

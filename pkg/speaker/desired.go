@@ -22,7 +22,6 @@ import (
 	"github.com/keeplb/keeplb/pkg/keepalived"
 	"github.com/keeplb/keeplb/pkg/nodeview"
 	"github.com/keeplb/keeplb/pkg/pools"
-	"github.com/keeplb/keeplb/pkg/provider"
 	"github.com/keeplb/keeplb/pkg/vrrp"
 )
 
@@ -135,7 +134,9 @@ func PlanInput(in Inputs) (vrrp.Input, map[netip.Addr][]string) {
 				continue
 			}
 			v := vrrp.VIP{Addr: a, Pool: pool, Service: key, Created: svc.CreationTimestamp.Time,
-				Forwarded: provider.ForwardingFor(svc, byName[pool]) != v1alpha1.ForwardingKubeProxy}
+				}
+			f, _ := annotations.ForwardingOf(svc, byName[pool])
+			v.Forwarded = f != v1alpha1.ForwardingKubeProxy
 			if svc.Spec.ExternalTrafficPolicy == v1.ServiceExternalTrafficPolicyLocal {
 				v.Local, v.LocalNodes = true, local[key]
 			}

@@ -2,14 +2,13 @@ package speaker
 
 import (
 	"errors"
-	"fmt"
 	"os"
-	"strings"
 	"time"
 
 	"github.com/spf13/pflag"
 	"sigs.k8s.io/knftables"
 
+	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/conntrack"
 	"github.com/keeplb/keeplb/pkg/serve"
 )
@@ -80,7 +79,7 @@ type Options struct {
 func NewOptions() *Options {
 	return &Options{
 		NodeName:           os.Getenv("NODE_NAME"),
-		LoadBalancerClass:  "keeplb.io/vip",
+		LoadBalancerClass:  annotations.DefaultClass,
 		DefaultClass:       true,
 		RunDir:             "/run/keeplb",
 		Keepalived:         []string{"keepalived"},
@@ -130,8 +129,8 @@ func (o *Options) Validate() error {
 	if o.NodeName == "" {
 		errs = append(errs, errors.New("--node-name (or $NODE_NAME) is required: the speaker must know which node it runs on"))
 	}
-	if !strings.Contains(o.LoadBalancerClass, "/") {
-		errs = append(errs, fmt.Errorf("--load-balancer-class %q must be a prefixed name such as keeplb.io/vip", o.LoadBalancerClass))
+	if err := annotations.ValidateClass("--load-balancer-class", o.LoadBalancerClass); err != nil {
+		errs = append(errs, err)
 	}
 	if o.RunDir == "" || len(o.Keepalived) == 0 {
 		errs = append(errs, errors.New("--run-dir and --keepalived must not be empty"))

@@ -20,7 +20,6 @@ import (
 	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/pools"
-	"github.com/keeplb/keeplb/pkg/provider"
 )
 
 // Options select keeplb's Services, as the controller's flags of the same
@@ -118,7 +117,8 @@ func Build(ippools []*v1alpha1.IPPool, svcs []v1.Service, events []v1.Event, o O
 			pool = byName[svc.Annotations[annotations.Pool]]
 		}
 		row.Holder = holderColumn(row.VIPs)
-		row.Forwarding = string(provider.ForwardingFor(svc, pool))
+		f, _ := annotations.ForwardingOf(svc, pool)
+		row.Forwarding = string(f)
 		if row.Pending() {
 			row.Problem = warnings.last(svc)
 		}

@@ -8,6 +8,7 @@ import (
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/speaker"
 	"github.com/keeplb/keeplb/pkg/vrrp"
@@ -19,7 +20,7 @@ import (
 func Plan(t testing.TB, client kubernetes.Interface, dyn dynamic.Interface, extra ...*v1.Service) vrrp.Plan {
 	t.Helper()
 	ctx := t.Context()
-	in := speaker.Inputs{Class: "keeplb.io/vip", DefaultClass: true}
+	in := speaker.Inputs{Class: annotations.DefaultClass, DefaultClass: true}
 	svcs, err := client.CoreV1().Services("").List(ctx, metav1.ListOptions{})
 	if err != nil {
 		t.Fatal(err)
