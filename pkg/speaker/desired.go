@@ -133,8 +133,7 @@ func PlanInput(in Inputs) (vrrp.Input, map[netip.Addr][]string) {
 			if pool == "" {
 				continue
 			}
-			v := vrrp.VIP{Addr: a, Pool: pool, Service: key, Created: svc.CreationTimestamp.Time,
-				}
+			v := vrrp.VIP{Addr: a, Pool: pool, Service: key, Created: svc.CreationTimestamp.Time}
 			f, _ := annotations.ForwardingOf(svc, byName[pool])
 			v.Forwarded = f != v1alpha1.ForwardingKubeProxy
 			if svc.Spec.ExternalTrafficPolicy == v1.ServiceExternalTrafficPolicyLocal {
