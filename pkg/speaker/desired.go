@@ -12,8 +12,6 @@ import (
 
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/keeplb/keeplb/pkg/allocator"
 	"github.com/keeplb/keeplb/pkg/annotations"
@@ -37,78 +35,18 @@ type Inputs struct {
 	DefaultClass bool
 }
 
-// defaultSlice is how many VRIDs a pool that keeps the default range gets.
-const defaultSlice = 32
-
 // PlanInput turns the API state into the VRRP plan's input, and maps each
 // VIP to the Services that use it. Services that are not keeplb's, and
 // addresses in no pool, are left out: the speaker never touches them.
-//
-// Pools that keep the default VRID range (1-255, or none) share it: in
-// creation order each gets the next slice of 32 VRIDs that no pool with an
-// explicit range claims, so that two such pools never collide. Set
-// spec.vrrp.virtualRouterIDs to pin a pool's VRIDs.
+// Pools get their VRIDs by vrrp.PoolsOf.
 func PlanInput(in Inputs) (vrrp.Input, map[netip.Addr][]string) {
 	parsed := pools.Parse(in.Pools)
 	var out vrrp.Input
-	explicit := make([]bool, 256)
-	shared := map[string]bool{}
-	for _, p := range in.Pools {
-		first, last, err := 1, 255, error(nil)
-		if v := p.Spec.VRRP; v != nil {
-			first, last, err = vrrp.ParseVRIDRange(v.VirtualRouterIDs)
-		}
-		if err != nil || first == 1 && last == 255 {
-			shared[p.Name] = true
-			continue
-		}
-		for id := first; id <= last; id++ {
-			explicit[id] = true
-		}
-	}
-	// Each pool sharing the default range gets the next contiguous run of
-	// free VRIDs, at most defaultSlice long; runs shorter than 4 between
-	// pinned ranges are skipped.
-	next := 1
-	slice := func() (int, int) {
-		for next <= 255 {
-			for next <= 255 && explicit[next] {
-				next++
-			}
-			first := next
-			for next <= 255 && !explicit[next] && next-first < defaultSlice {
-				next++
-			}
-			if next-first >= 4 || next > 255 && next > first {
-				return first, next - 1
-			}
-		}
-		return 0, 0 // out of VRIDs: the plan reports the pool
-	}
+	order := make([]string, len(parsed))
 	for i, p := range parsed {
-		ip := in.Pools[indexOf(in.Pools, p.Pool.Name)]
-		vp := vrrp.Pool{Name: p.Pool.Name, FirstVRID: 1, LastVRID: 255, Order: i}
-		if shared[vp.Name] {
-			vp.FirstVRID, vp.LastVRID = slice()
-		}
-		if v := ip.Spec.VRRP; v != nil {
-			if !shared[vp.Name] {
-				vp.FirstVRID, vp.LastVRID, _ = vrrp.ParseVRIDRange(v.VirtualRouterIDs)
-			}
-			if v.AdvertisementInterval != nil {
-				vp.Advert = v.AdvertisementInterval.Duration
-			}
-			vp.Unicast, vp.Interface = v.Unicast, v.Interface
-			if v.NodeSelector != nil {
-				sel, err := metav1.LabelSelectorAsSelector(v.NodeSelector)
-				if err != nil {
-					sel = labels.Nothing() // an invalid selector admits no node rather than all
-				}
-				vp.NodeSelector = sel
-			}
-		}
-		out.Pools = append(out.Pools, vp)
+		order[i] = p.Pool.Name
 	}
+	out.Pools = vrrp.PoolsOf(in.Pools, order)
 	for _, n := range in.Nodes {
 		out.Nodes = append(out.Nodes, nodeOf(n))
 	}
@@ -147,15 +85,6 @@ func PlanInput(in Inputs) (vrrp.Input, map[netip.Addr][]string) {
 		sort.Strings(keys)
 	}
 	return out, owners
-}
-
-func indexOf(ps []*v1alpha1.IPPool, name string) int {
-	for i, p := range ps {
-		if p.Name == name {
-			return i
-		}
-	}
-	return -1
 }
 
 // nodeOf is the plan's view of n (package nodeview); warnNodes tells the

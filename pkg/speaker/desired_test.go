@@ -137,32 +137,3 @@ func TestKeepalivedConfigRendersThisNodesShare(t *testing.T) {
 		t.Fatalf("without a usable interface: %d instances, errors %v", len(cfg.Instances), errs)
 	}
 }
-
-func TestDefaultVRIDRangesDoNotCollide(t *testing.T) {
-	in := Inputs{Pools: []*v1alpha1.IPPool{
-		ippool("a", []string{"192.0.2.0/28"}, nil),
-		ippool("b", []string{"192.0.2.16/28"}, &v1alpha1.VRRP{VirtualRouterIDs: "1-255"}),
-		ippool("pinned", []string{"192.0.2.32/28"}, &v1alpha1.VRRP{VirtualRouterIDs: "20-40"}),
-		ippool("c", []string{"192.0.2.48/28"}, &v1alpha1.VRRP{}),
-	}}
-	for i, p := range in.Pools {
-		p.CreationTimestamp = metav1.NewTime(time.Unix(int64(i), 0))
-	}
-	pin, _ := PlanInput(in)
-	got := map[string][2]int{}
-	for _, p := range pin.Pools {
-		got[p.Name] = [2]int{p.FirstVRID, p.LastVRID}
-	}
-	want := map[string][2]int{"a": {1, 19}, "b": {41, 72}, "pinned": {20, 40}, "c": {73, 104}}
-	for name, w := range want {
-		if got[name] != w {
-			t.Errorf("pool %s VRIDs %v, want %v (all: %v)", name, got[name], w, got)
-		}
-	}
-	plan := vrrp.Compute(pin)
-	for _, p := range plan.Problems {
-		if p.Reason == vrrp.ReasonVRIDOverlap {
-			t.Fatalf("default ranges overlap: %+v", p)
-		}
-	}
-}

@@ -10,8 +10,6 @@ import (
 	"strings"
 	"time"
 
-	"k8s.io/apimachinery/pkg/labels"
-
 	"github.com/keeplb/keeplb/pkg/allocator"
 	"github.com/keeplb/keeplb/pkg/keepalived"
 )
@@ -370,10 +368,7 @@ func candidates(p *pool, fam allocator.Family, nodes []Node) (members []string, 
 		if n.Name == "" || slices.Contains(members, n.Name) {
 			continue
 		}
-		if _, excluded := n.Labels[ExcludeLabel]; excluded {
-			continue
-		}
-		if p.NodeSelector != nil && !p.NodeSelector.Matches(labels.Set(n.Labels)) {
+		if !p.Admits(n.Labels) {
 			continue
 		}
 		if p.Unicast && !firstOf(n.InternalIPs, fam).IsValid() {
