@@ -9,8 +9,6 @@ import (
 
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	servicehelper "k8s.io/cloud-provider/service/helpers"
 
@@ -229,9 +227,20 @@ func newComputer(in Inputs, node string) *computer {
 		}
 	}
 	c.parsed = pools.Parse(in.Pools)
-	for _, p := range c.parsed {
+	order := make([]string, len(c.parsed))
+	for i, p := range c.parsed {
 		c.st.ranges = append(c.st.ranges, p.Pool.Ranges...)
-		c.admits[p.Pool.Name] = c.poolAdmitsSelf(p.Pool.Name)
+		order[i] = p.Pool.Name
+	}
+	// The plan's rule for the nodes that may hold a pool's VIPs (Ready
+	// aside: a NotReady node keeps its table so that it forwards at once
+	// when it comes back).
+	var selfLabels map[string]string
+	if c.self != nil {
+		selfLabels = c.self.Labels
+	}
+	for _, vp := range vrrp.PoolsOf(in.Pools, order) {
+		c.admits[vp.Name] = vp.Admits(selfLabels)
 	}
 	return c
 }
@@ -329,28 +338,6 @@ func (c *computer) pool(name string) *v1alpha1.IPPool {
 		}
 	}
 	return nil
-}
-
-// poolAdmitsSelf reports whether this node may hold the pool's VIPs, by the
-// rule of the VRRP plan (Ready aside: a NotReady node keeps its table so
-// that it forwards at once when it comes back).
-func (c *computer) poolAdmitsSelf(name string) bool {
-	var lbls map[string]string
-	if c.self != nil {
-		lbls = c.self.Labels
-	}
-	if _, excluded := lbls[vrrp.ExcludeLabel]; excluded {
-		return false
-	}
-	p := c.pool(name)
-	if p == nil || p.Spec.VRRP == nil || p.Spec.VRRP.NodeSelector == nil {
-		return true
-	}
-	sel, err := metav1.LabelSelectorAsSelector(p.Spec.VRRP.NodeSelector)
-	if err != nil {
-		return false // an invalid selector admits no node, as in the plan
-	}
-	return sel.Matches(labels.Set(lbls))
 }
 
 func (c *computer) problem(svc *v1.Service, field, format string, args ...any) {
