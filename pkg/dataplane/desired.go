@@ -182,9 +182,8 @@ func Desired(in Inputs, node string) (State, []Problem) {
 
 func newComputer(in Inputs, node string) *computer {
 	c := &computer{
-		in:     in,
-		node:   node,
-		slices: map[string][]*discoveryv1.EndpointSlice{},
+		in:   in,
+		node: node,
 		st: State{
 			IPVS:         ipvs.Table{},
 			Owners:       map[ipvs.Key]string{},
@@ -220,12 +219,7 @@ func newComputer(in Inputs, node string) *computer {
 		}
 	}
 	slices.SortFunc(c.nodes, func(a, b nodeInfo) int { return strings.Compare(a.name, b.name) })
-	for _, s := range in.Slices {
-		if name := s.Labels[discoveryv1.LabelServiceName]; name != "" {
-			k := s.Namespace + "/" + name
-			c.slices[k] = append(c.slices[k], s)
-		}
-	}
+	c.slices = nodeview.ByService(in.Slices)
 	c.parsed = pools.Parse(in.Pools)
 	order := make([]string, len(c.parsed))
 	for i, p := range c.parsed {
@@ -386,7 +380,7 @@ func (c *computer) service(svc *v1.Service, vip netip.Addr, pool *v1alpha1.IPPoo
 	var perNode map[string]int // Local nodeport: ready endpoints per node
 	if mode == v1alpha1.ForwardingNodePort {
 		if local {
-			perNode = c.localWeights(key, v6)
+			perNode = nodeview.LocalWeights(c.slices[key], familyOf(v6))
 		}
 		if !slices.ContainsFunc(c.nodes, func(n nodeInfo) bool { return n.eligible && n.ip(v6).IsValid() }) {
 			c.problem(svc, "status.loadBalancer.ingress", "no Ready node has an %s InternalIP, so %s has no NodePort to forward to", familyName(v6), vip)
@@ -548,30 +542,11 @@ func (c *computer) nodePortReals(nodePort uint16, v6, local bool, perNode map[st
 	return dedupe(out)
 }
 
-// localWeights counts the ready endpoints of a Service per node; nodes with
-// only serving terminating endpoints map to 0.
-func (c *computer) localWeights(key string, v6 bool) map[string]int {
-	out := map[string]int{}
-	for _, s := range c.slices[key] {
-		if !sliceFamily(s, v6) {
-			continue
-		}
-		for _, ep := range s.Endpoints {
-			w, ok := weightOf(ep)
-			if !ok || ep.NodeName == nil {
-				continue
-			}
-			out[*ep.NodeName] += w
-		}
-	}
-	return out
-}
-
 // podReals returns the endpoints of one Service port.
 func (c *computer) podReals(key string, p v1.ServicePort, v6, local bool) []ipvs.RealServer {
 	var out []ipvs.RealServer
 	for _, s := range c.slices[key] {
-		if !sliceFamily(s, v6) {
+		if !nodeview.InFamily(s, familyOf(v6)) {
 			continue
 		}
 		port, ok := targetPort(s, p)
@@ -579,7 +554,7 @@ func (c *computer) podReals(key string, p v1.ServicePort, v6, local bool) []ipvs
 			continue
 		}
 		for _, ep := range s.Endpoints {
-			w, ok := weightOf(ep)
+			w, ok := nodeview.Weight(ep)
 			if !ok || len(ep.Addresses) == 0 {
 				continue
 			}
@@ -626,24 +601,6 @@ func targetPort(s *discoveryv1.EndpointSlice, p v1.ServicePort) (uint16, bool) {
 	return uint16(p.Port), true
 }
 
-// weightOf returns 1 for a ready endpoint, 0 for one that is terminating
-// but still serving, and false for any other.
-func weightOf(ep discoveryv1.Endpoint) (int, bool) {
-	ready := ep.Conditions.Ready == nil || *ep.Conditions.Ready
-	serving := ready
-	if ep.Conditions.Serving != nil {
-		serving = *ep.Conditions.Serving
-	}
-	terminating := ep.Conditions.Terminating != nil && *ep.Conditions.Terminating
-	switch {
-	case ready && !terminating:
-		return 1, true
-	case serving && terminating:
-		return 0, true
-	}
-	return 0, false
-}
-
 // dedupe sorts reals and keeps one per address and port, the highest
 // weight: an endpoint may sit in two slices while it moves between them.
 func dedupe(rs []ipvs.RealServer) []ipvs.RealServer {
@@ -654,13 +611,6 @@ func dedupe(rs []ipvs.RealServer) []ipvs.RealServer {
 		return b.Weight - a.Weight
 	})
 	return slices.CompactFunc(rs, func(a, b ipvs.RealServer) bool { return a.AddrPort() == b.AddrPort() })
-}
-
-func sliceFamily(s *discoveryv1.EndpointSlice, v6 bool) bool {
-	if v6 {
-		return s.AddressType == discoveryv1.AddressTypeIPv6
-	}
-	return s.AddressType == discoveryv1.AddressTypeIPv4
 }
 
 // infoOf reduces n to what forwarding needs, through nodeview: only
@@ -695,6 +645,13 @@ func portName(p v1.ServicePort) string {
 		return p.Name
 	}
 	return fmt.Sprint(p.Port)
+}
+
+func familyOf(v6 bool) allocator.Family {
+	if v6 {
+		return allocator.IPv6
+	}
+	return allocator.IPv4
 }
 
 func familyName(v6 bool) string {

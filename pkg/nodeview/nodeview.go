@@ -1,6 +1,9 @@
-// Package nodeview is keeplb's one translation of a Kubernetes Node into
-// what the VRRP plan and the IPVS dataplane need of it: its name, labels,
-// Ready condition and InternalIP addresses (as a vrrp.Node).
+// Package nodeview is keeplb's one translation of Nodes and EndpointSlices
+// into what the VRRP plan and the IPVS dataplane need of them: a Node's
+// name, labels, Ready condition and InternalIP addresses (as a vrrp.Node),
+// and per Service and address family, the weight of each endpoint and the
+// nodes with ready endpoints (which externalTrafficPolicy Local forwards
+// to and holds VIPs on).
 //
 // A Node's status.addresses are written by its kubelet (or a cloud
 // controller), and the API server does not validate them: an address with
