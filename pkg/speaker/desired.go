@@ -54,7 +54,7 @@ func PlanInput(in Inputs) (vrrp.Input, map[netip.Addr][]string) {
 	for _, p := range in.Pools {
 		byName[p.Name] = p
 	}
-	local := localNodes(in.Slices)
+	bySvc := nodeview.ByService(in.Slices)
 	owners := map[netip.Addr][]string{}
 	for _, svc := range in.Services {
 		if !annotations.Handles(svc, in.Class, in.DefaultClass) {
@@ -75,7 +75,7 @@ func PlanInput(in Inputs) (vrrp.Input, map[netip.Addr][]string) {
 			f, _ := annotations.ForwardingOf(svc, byName[pool])
 			v.Forwarded = f != v1alpha1.ForwardingKubeProxy
 			if svc.Spec.ExternalTrafficPolicy == v1.ServiceExternalTrafficPolicyLocal {
-				v.Local, v.LocalNodes = true, local[key]
+				v.Local, v.LocalNodes = true, nodeview.LocalNodes(bySvc[key], allocator.FamilyOf(a))
 			}
 			out.VIPs = append(out.VIPs, v)
 			owners[a] = append(owners[a], key)
@@ -92,35 +92,6 @@ func PlanInput(in Inputs) (vrrp.Input, map[netip.Addr][]string) {
 func nodeOf(n *v1.Node) vrrp.Node {
 	vn, _ := nodeview.Of(n)
 	return vn
-}
-
-// localNodes returns, per Service key, the nodes with a ready endpoint.
-func localNodes(slices []*discoveryv1.EndpointSlice) map[string][]string {
-	set := map[string]map[string]bool{}
-	for _, s := range slices {
-		svc := s.Labels[discoveryv1.LabelServiceName]
-		if svc == "" {
-			continue
-		}
-		key := s.Namespace + "/" + svc
-		for _, ep := range s.Endpoints {
-			if ep.NodeName == nil || (ep.Conditions.Ready != nil && !*ep.Conditions.Ready) {
-				continue
-			}
-			if set[key] == nil {
-				set[key] = map[string]bool{}
-			}
-			set[key][*ep.NodeName] = true
-		}
-	}
-	out := make(map[string][]string, len(set))
-	for key, nodes := range set {
-		for n := range nodes {
-			out[key] = append(out[key], n)
-		}
-		sort.Strings(out[key])
-	}
-	return out
 }
 
 // Layout says where the speaker keeps keepalived's files.
