@@ -11,6 +11,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/keeplb/keeplb/pkg/ipvs"
+	"github.com/keeplb/keeplb/pkg/nft"
 )
 
 // Cache computes Desired across syncs without recomputing the Services
@@ -36,10 +37,10 @@ type Cache struct {
 type part struct {
 	fp        string
 	entries   []partEntry
-	snat      []SNAT
+	snat      []nft.SNAT
 	kubeProxy []ipvs.Key
 	problems  []Problem
-	guard     Guard
+	guard     nft.Guard
 }
 
 type partEntry struct {
@@ -58,7 +59,7 @@ func (ca *Cache) Desired(in Inputs, node string) (State, []Problem) {
 	// Sized as last time: a sync rarely changes much.
 	c.st.IPVS = make(ipvs.Table, ca.lastVirtuals)
 	c.st.Owners = make(map[ipvs.Key]string, ca.lastVirtuals)
-	c.st.SNAT = make([]SNAT, 0, ca.lastSNAT)
+	c.st.SNAT = make([]nft.SNAT, 0, ca.lastSNAT)
 	if g := globalKey(in, node); g == "" || g != ca.global {
 		ca.parts = map[string]part{}
 		ca.global = g
@@ -88,14 +89,14 @@ func (ca *Cache) Desired(in Inputs, node string) (State, []Problem) {
 			delete(ca.parts, k)
 		}
 	}
-	slices.SortFunc(c.st.SNAT, func(a, b SNAT) int {
+	slices.SortFunc(c.st.SNAT, func(a, b nft.SNAT) int {
 		if c := a.Virtual.Compare(b.Virtual); c != 0 {
 			return c
 		}
 		return a.Real.Compare(b.Real)
 	})
 	c.st.SNAT = slices.Compact(c.st.SNAT)
-	c.st.Guard.sort()
+	c.st.Guard.Sort()
 	ca.lastVirtuals, ca.lastSNAT = len(c.st.IPVS), len(c.st.SNAT)
 	return c.st, c.problems
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/ipvs"
+	"github.com/keeplb/keeplb/pkg/nft"
 	"github.com/keeplb/keeplb/pkg/nodeview"
 	"github.com/keeplb/keeplb/pkg/pools"
 	"github.com/keeplb/keeplb/pkg/vrrp"
@@ -41,7 +42,7 @@ type State struct {
 	IPVS ipvs.Table
 	// SNAT lists the real servers whose forwarded traffic must be
 	// masqueraded, sorted.
-	SNAT []SNAT
+	SNAT []nft.SNAT
 	// Owners maps each virtual server to its Service, "namespace/name".
 	Owners map[ipvs.Key]string
 	// SourceRanges maps each virtual server whose Service restricts its
@@ -51,7 +52,7 @@ type State struct {
 	SourceRanges map[ipvs.Key][]netip.Prefix
 	// Guard is what the VIP port guard lets through to keeplb's VIPs. It
 	// is the same on every node, whichever pools the node may hold.
-	Guard Guard
+	Guard nft.Guard
 
 	ranges    []allocator.Range
 	kubeProxy map[ipvs.Key]bool
@@ -71,46 +72,6 @@ func (s State) Owns(k ipvs.Key) bool {
 	}
 	return false
 }
-
-// Guard lists what may reach keeplb's VIPs on a node: the ports of the
-// Services using each VIP, whatever their forwarding mode (kube-proxy's
-// included), and which VIPs answer ping. A held VIP is a local address, so
-// without the guard every host-network listener of the holder (sshd, the
-// kubelet, node exporters, NodePorts) would answer on it. The guard covers
-// every VIP of every pool on every node, so a VIP that moves is guarded
-// before it arrives.
-type Guard struct {
-	// VIPs are every address keeplb holds for a Service, by the rule of
-	// the VRRP plan (a Service keeplb handles, an address of its status
-	// in a pool), sorted.
-	VIPs []netip.Addr
-	// Ports are the VIP:port/protocol of every port of those Services,
-	// sorted.
-	Ports []ipvs.Key
-	// Echo are the VIPs whose pool answers ICMP echo requests
-	// (spec.icmpEcho Allow, the default), sorted.
-	Echo []netip.Addr
-}
-
-// sort sorts and deduplicates g's lists: Services share VIPs and ports.
-func (g *Guard) sort() {
-	slices.SortFunc(g.VIPs, netip.Addr.Compare)
-	g.VIPs = slices.Compact(g.VIPs)
-	slices.SortFunc(g.Ports, ipvs.Key.Compare)
-	g.Ports = slices.Compact(g.Ports)
-	slices.SortFunc(g.Echo, netip.Addr.Compare)
-	g.Echo = slices.Compact(g.Echo)
-}
-
-// SNAT is one real server of one virtual server whose traffic needs
-// masquerading.
-type SNAT struct {
-	Virtual ipvs.Key
-	Real    netip.AddrPort
-}
-
-// String returns e.g. "TCP/192.0.2.1:80 -> 10.0.0.1:30080".
-func (s SNAT) String() string { return s.Virtual.String() + " -> " + s.Real.String() }
 
 // Problem is something in a Service the dataplane cannot do as asked; it
 // does the closest safe thing and says so here, for an event.
@@ -168,7 +129,7 @@ type computer struct {
 	// guard is the Service's share of State.Guard, and rangesReported
 	// whether its source ranges were found invalid already (one problem
 	// per Service, not per address).
-	guard          Guard
+	guard          nft.Guard
 	rangesReported bool
 }
 
@@ -257,7 +218,7 @@ func sortedServices(in []*v1.Service) []*v1.Service {
 func (c *computer) part(svc *v1.Service) part {
 	saved, savedProblems := c.st, c.problems
 	c.st = State{IPVS: ipvs.Table{}, Owners: map[ipvs.Key]string{}, SourceRanges: map[ipvs.Key][]netip.Prefix{}, kubeProxy: map[ipvs.Key]bool{}}
-	c.problems, c.entries, c.guard, c.rangesReported = nil, nil, Guard{}, false
+	c.problems, c.entries, c.guard, c.rangesReported = nil, nil, nft.Guard{}, false
 	for _, ing := range svc.Status.LoadBalancer.Ingress {
 		a, err := netip.ParseAddr(ing.IP)
 		if err != nil {
@@ -425,7 +386,7 @@ func (c *computer) service(svc *v1.Service, vip netip.Addr, pool *v1alpha1.IPPoo
 		c.entries = append(c.entries, partEntry{entry: c.st.IPVS[k], port: portName(p), ranges: ranges, filtered: filtered})
 		for _, r := range reals {
 			if !slices.Contains(unmasqueraded, r) {
-				c.st.SNAT = append(c.st.SNAT, SNAT{Virtual: k, Real: r.AddrPort()})
+				c.st.SNAT = append(c.st.SNAT, nft.SNAT{Virtual: k, Real: r.AddrPort()})
 			}
 		}
 	}

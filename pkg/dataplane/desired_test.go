@@ -14,6 +14,7 @@ import (
 	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/ipvs"
+	"github.com/keeplb/keeplb/pkg/nft"
 	"github.com/keeplb/keeplb/pkg/vrrp"
 )
 
@@ -281,12 +282,12 @@ func TestDesired(t *testing.T) {
 			if !slices.Equal(fields, tt.problems) {
 				t.Errorf("problems = %v, want fields %v", problems, tt.problems)
 			}
-			var wantSNAT []SNAT
+			var wantSNAT []nft.SNAT
 			if !tt.noSNAT {
 				for k, e := range tt.want {
 					for _, r := range e.Reals {
 						if !slices.Contains(tt.keepSrc, r.AddrPort().String()) {
-							wantSNAT = append(wantSNAT, SNAT{Virtual: k, Real: r.AddrPort()})
+							wantSNAT = append(wantSNAT, nft.SNAT{Virtual: k, Real: r.AddrPort()})
 						}
 					}
 				}
@@ -306,8 +307,8 @@ func TestDesired(t *testing.T) {
 	}
 }
 
-func sameSNAT(a, b []SNAT) bool {
-	key := func(s SNAT) string { return s.String() }
+func sameSNAT(a, b []nft.SNAT) bool {
+	key := func(s nft.SNAT) string { return s.String() }
 	as, bs := make([]string, len(a)), make([]string, len(b))
 	for i := range a {
 		as[i] = key(a[i])

@@ -13,6 +13,7 @@ import (
 	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/ipvs"
+	"github.com/keeplb/keeplb/pkg/nft"
 )
 
 func key(proto, addrPort string) ipvs.Key {
@@ -47,7 +48,7 @@ func TestGuard(t *testing.T) {
 		other,
 	}
 	st, _ := Desired(in, "n1")
-	want := Guard{
+	want := nft.Guard{
 		VIPs: []netip.Addr{addr("192.0.2.1"), addr("192.0.2.2"), addr("198.51.100.1"), addr("2001:db8::1")},
 		Ports: []ipvs.Key{
 			key(ipvs.SCTP, "192.0.2.1:3868"), key(ipvs.TCP, "192.0.2.1:80"), key(ipvs.UDP, "192.0.2.1:53"),

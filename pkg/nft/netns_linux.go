@@ -2,6 +2,7 @@ package nft
 
 import (
 	"context"
+
 	"sigs.k8s.io/knftables"
 
 	"github.com/keeplb/keeplb/pkg/nsthread"

@@ -12,7 +12,6 @@ import (
 
 	"sigs.k8s.io/knftables"
 
-	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/ipvs"
 )
 
@@ -49,17 +48,57 @@ const GuardPriority = knftables.DNATPriority + " - 50"
 // Rules is what the table expresses.
 type Rules struct {
 	// SNAT lists the real servers whose forwarded traffic is masqueraded,
-	// as dataplane.State.SNAT.
-	SNAT []dataplane.SNAT
+	// as the dataplane computes them.
+	SNAT []SNAT
 	// SourceRanges maps a virtual server to the source CIDRs allowed to
-	// reach it, as dataplane.State.SourceRanges. A virtual server present
+	// reach it, as the dataplane computes them. A virtual server present
 	// is filtered: with no range of its VIP's family (ranges of the other
 	// family are ignored), it admits no client. One absent is open to all.
 	SourceRanges map[ipvs.Key][]netip.Prefix
-	// Guard is what may reach keeplb's VIPs, as dataplane.State.Guard;
+	// Guard is what may reach keeplb's VIPs, as the dataplane computes it;
 	// everything else to them is dropped.
-	Guard dataplane.Guard
+	Guard Guard
 }
+
+// Guard lists what may reach keeplb's VIPs on a node: the ports of the
+// Services using each VIP, whatever their forwarding mode (kube-proxy's
+// included), and which VIPs answer ping. A held VIP is a local address, so
+// without the guard every host-network listener of the holder (sshd, the
+// kubelet, node exporters, NodePorts) would answer on it. The guard covers
+// every VIP of every pool on every node, so a VIP that moves is guarded
+// before it arrives.
+type Guard struct {
+	// VIPs are every address keeplb holds for a Service, by the rule of
+	// the VRRP plan (a Service keeplb handles, an address of its status
+	// in a pool), sorted.
+	VIPs []netip.Addr
+	// Ports are the VIP:port/protocol of every port of those Services,
+	// sorted.
+	Ports []ipvs.Key
+	// Echo are the VIPs whose pool answers ICMP echo requests
+	// (spec.icmpEcho Allow, the default), sorted.
+	Echo []netip.Addr
+}
+
+// Sort sorts and deduplicates g's lists: Services share VIPs and ports.
+func (g *Guard) Sort() {
+	slices.SortFunc(g.VIPs, netip.Addr.Compare)
+	g.VIPs = slices.Compact(g.VIPs)
+	slices.SortFunc(g.Ports, ipvs.Key.Compare)
+	g.Ports = slices.Compact(g.Ports)
+	slices.SortFunc(g.Echo, netip.Addr.Compare)
+	g.Echo = slices.Compact(g.Echo)
+}
+
+// SNAT is one real server of one virtual server whose traffic needs
+// masquerading.
+type SNAT struct {
+	Virtual ipvs.Key
+	Real    netip.AddrPort
+}
+
+// String returns e.g. "TCP/192.0.2.1:80 -> 10.0.0.1:30080".
+func (s SNAT) String() string { return s.Virtual.String() + " -> " + s.Real.String() }
 
 // protocols are the port-carrying protocols IPVS forwards, in nft syntax.
 const protocols = "{ tcp, udp, sctp }"
@@ -328,7 +367,7 @@ func compute(in Rules) ([2]elements, error) {
 	var errs []error
 
 	snat := slices.Clone(in.SNAT)
-	slices.SortFunc(snat, func(a, b dataplane.SNAT) int {
+	slices.SortFunc(snat, func(a, b SNAT) int {
 		return cmp.Or(a.Virtual.Compare(b.Virtual), a.Real.Compare(b.Real))
 	})
 	snat = slices.Compact(snat)
@@ -386,7 +425,7 @@ func compute(in Rules) ([2]elements, error) {
 // duplicates, and returns errors naming the entries left out. A VIP left
 // out is not guarded (its address is invalid, so no node holds it); a
 // port left out is dropped by the guard.
-func guardElements(out *[2]elements, g dataplane.Guard) []error {
+func guardElements(out *[2]elements, g Guard) []error {
 	var errs []error
 	addrs := func(what string, as []netip.Addr, into func(*elements) *[][]string) {
 		as = slices.Clone(as)

@@ -13,7 +13,6 @@ import (
 
 	"sigs.k8s.io/knftables"
 
-	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/ipvs"
 	"github.com/keeplb/keeplb/pkg/nft"
 )
@@ -25,10 +24,10 @@ func key(proto, addrPort string) ipvs.Key {
 	return ipvs.Key{Address: ap.Addr(), Protocol: proto, Port: ap.Port()}
 }
 
-func snat(v ipvs.Key, reals ...string) []dataplane.SNAT {
-	var out []dataplane.SNAT
+func snat(v ipvs.Key, reals ...string) []nft.SNAT {
+	var out []nft.SNAT
 	for _, r := range reals {
-		out = append(out, dataplane.SNAT{Virtual: v, Real: netip.MustParseAddrPort(r)})
+		out = append(out, nft.SNAT{Virtual: v, Real: netip.MustParseAddrPort(r)})
 	}
 	return out
 }
@@ -64,7 +63,7 @@ func dualStack() nft.Rules {
 			ssh4: prefixes("2001:db8:1::/48"),
 			web6: prefixes("2001:db8:1::/48", "2001:db8:2::/48", "203.0.113.0/24"),
 		},
-		Guard: dataplane.Guard{
+		Guard: nft.Guard{
 			VIPs:  addrs("192.0.2.10", "192.0.2.11", "192.0.2.12", "2001:db8::10"),
 			Ports: []ipvs.Key{dns4, web4, sctp4, ssh4, web6},
 			Echo:  addrs("192.0.2.10", "2001:db8::10"),
@@ -87,7 +86,7 @@ var goldenCases = []struct {
 	{"empty", nft.Rules{}},
 	{"ipv4-snat", nft.Rules{SNAT: snat(web4, "10.0.0.1:30080", "10.0.0.2:30080")}},
 	{"ipv6-source-ranges", nft.Rules{SourceRanges: map[ipvs.Key][]netip.Prefix{web6: prefixes("2001:db8:1::/48")}}},
-	{"guard", nft.Rules{Guard: dataplane.Guard{VIPs: addrs("192.0.2.10", "2001:db8::10"), Ports: []ipvs.Key{web4, web6}, Echo: addrs("2001:db8::10")}}},
+	{"guard", nft.Rules{Guard: nft.Guard{VIPs: addrs("192.0.2.10", "2001:db8::10"), Ports: []ipvs.Key{web4, web6}, Echo: addrs("2001:db8::10")}}},
 	{"dualstack", dualStack()},
 }
 
@@ -177,7 +176,7 @@ func TestInputOrderIrrelevant(t *testing.T) {
 	}
 	ports := slices.Clone(in.Guard.Ports)
 	slices.Reverse(ports)
-	guard := dataplane.Guard{VIPs: rev(in.Guard.VIPs), Echo: rev(in.Guard.Echo), Ports: append(ports, ports[0])}
+	guard := nft.Guard{VIPs: rev(in.Guard.VIPs), Echo: rev(in.Guard.Echo), Ports: append(ports, ports[0])}
 	got := knftables.NewFake(nft.Family, nft.Table)
 	sync(t, got, nft.Rules{SNAT: shuffled, SourceRanges: ranges, Guard: guard})
 	if got.Dump() != want.Dump() {
@@ -448,17 +447,17 @@ func TestInvalidInput(t *testing.T) {
 	}{
 		{"unknown protocol", nft.Rules{SNAT: snat(key("ICMP", "192.0.2.10:80"), "10.0.0.1:80")}, `unknown protocol "ICMP"`},
 		{"mixed families", nft.Rules{SNAT: snat(web4, "[fd00::1]:80")}, "different address families"},
-		{"invalid VIP", nft.Rules{SNAT: []dataplane.SNAT{{Virtual: ipvs.Key{Protocol: ipvs.TCP, Port: 80}, Real: netip.MustParseAddrPort("10.0.0.1:80")}}}, "invalid VIP"},
-		{"zoned VIP", nft.Rules{SNAT: []dataplane.SNAT{{Virtual: ipvs.Key{Address: netip.MustParseAddr("2001:db8::10%eth0"), Protocol: ipvs.TCP, Port: 443}, Real: netip.MustParseAddrPort("[fd00::1]:30443")}}}, "VIP with a zone"},
-		{"invalid real server", nft.Rules{SNAT: []dataplane.SNAT{{Virtual: web4}}}, "invalid real server"},
-		{"link-local real server with a zone", nft.Rules{SNAT: []dataplane.SNAT{{Virtual: web6, Real: zoned("fe80::1%eth0")}}}, "real server address with a zone"},
-		{"global real server with a zone", nft.Rules{SNAT: []dataplane.SNAT{{Virtual: web6, Real: zoned("2001:db8::1%eth0")}}}, "real server address with a zone"},
+		{"invalid VIP", nft.Rules{SNAT: []nft.SNAT{{Virtual: ipvs.Key{Protocol: ipvs.TCP, Port: 80}, Real: netip.MustParseAddrPort("10.0.0.1:80")}}}, "invalid VIP"},
+		{"zoned VIP", nft.Rules{SNAT: []nft.SNAT{{Virtual: ipvs.Key{Address: netip.MustParseAddr("2001:db8::10%eth0"), Protocol: ipvs.TCP, Port: 443}, Real: netip.MustParseAddrPort("[fd00::1]:30443")}}}, "VIP with a zone"},
+		{"invalid real server", nft.Rules{SNAT: []nft.SNAT{{Virtual: web4}}}, "invalid real server"},
+		{"link-local real server with a zone", nft.Rules{SNAT: []nft.SNAT{{Virtual: web6, Real: zoned("fe80::1%eth0")}}}, "real server address with a zone"},
+		{"global real server with a zone", nft.Rules{SNAT: []nft.SNAT{{Virtual: web6, Real: zoned("2001:db8::1%eth0")}}}, "real server address with a zone"},
 		{"real port 0", nft.Rules{SNAT: snat(web4, "10.0.0.1:0")}, "real server port 0"},
 		{"VIP port 0", nft.Rules{SourceRanges: map[ipvs.Key][]netip.Prefix{key(ipvs.TCP, "192.0.2.10:0"): prefixes("10.0.0.0/8")}}, "port 0"},
 		{"zoned VIP with ranges", nft.Rules{SourceRanges: map[ipvs.Key][]netip.Prefix{{Address: netip.MustParseAddr("fe80::10%eth0"), Protocol: ipvs.TCP, Port: 80}: prefixes("2001:db8::/32")}}, "VIP with a zone"},
-		{"zoned guarded VIP", nft.Rules{Guard: dataplane.Guard{VIPs: addrs("fe80::10%eth0")}}, "guard: VIP fe80::10%eth0 with a zone"},
-		{"invalid echo VIP", nft.Rules{Guard: dataplane.Guard{Echo: []netip.Addr{{}}}}, "guard: invalid echo VIP"},
-		{"guarded port 0", nft.Rules{Guard: dataplane.Guard{Ports: []ipvs.Key{key(ipvs.TCP, "192.0.2.10:0")}}}, "guard: port"},
+		{"zoned guarded VIP", nft.Rules{Guard: nft.Guard{VIPs: addrs("fe80::10%eth0")}}, "guard: VIP fe80::10%eth0 with a zone"},
+		{"invalid echo VIP", nft.Rules{Guard: nft.Guard{Echo: []netip.Addr{{}}}}, "guard: invalid echo VIP"},
+		{"guarded port 0", nft.Rules{Guard: nft.Guard{Ports: []ipvs.Key{key(ipvs.TCP, "192.0.2.10:0")}}}, "guard: port"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			in := dualStack()

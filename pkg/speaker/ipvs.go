@@ -134,7 +134,7 @@ type ipvsStep struct {
 	// rangesApplied its source ranges: a filtered virtual server whose
 	// filter a later write could not change keeps its state only while
 	// its ranges are these (see withhold).
-	snatApplied   []dataplane.SNAT
+	snatApplied   []nft.SNAT
 	rangesApplied map[ipvs.Key][]netip.Prefix
 
 	// guardMu guards guardDrops, the packets the VIP port guard dropped
@@ -378,7 +378,7 @@ func (d *ipvsStep) canForward() bool {
 
 // writeNFT rewrites keeplb's nftables table with rules, masquerading also
 // what keep lists, unless the transaction is the one last run.
-func (d *ipvsStep) writeNFT(ctx context.Context, rules nft.Rules, keep []dataplane.SNAT) error {
+func (d *ipvsStep) writeNFT(ctx context.Context, rules nft.Rules, keep []nft.SNAT) error {
 	if d.nft == nil {
 		return nil
 	}
@@ -417,9 +417,9 @@ func (d *ipvsStep) writeNFT(ctx context.Context, rules nft.Rules, keep []datapla
 }
 
 // unionSNAT returns a and b merged, sorted, without duplicates.
-func unionSNAT(a, b []dataplane.SNAT) []dataplane.SNAT {
+func unionSNAT(a, b []nft.SNAT) []nft.SNAT {
 	out := append(slices.Clone(a), b...)
-	slices.SortFunc(out, func(x, y dataplane.SNAT) int {
+	slices.SortFunc(out, func(x, y nft.SNAT) int {
 		if c := x.Virtual.Compare(y.Virtual); c != 0 {
 			return c
 		}
