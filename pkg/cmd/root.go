@@ -16,12 +16,12 @@ import (
 	"github.com/spf13/pflag"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/component-base/logs"
 	logsapi "k8s.io/component-base/logs/api/v1"
 
 	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/controller"
+	"github.com/keeplb/keeplb/pkg/kubeconfig"
 	"github.com/keeplb/keeplb/pkg/migrate"
 	"github.com/keeplb/keeplb/pkg/speaker"
 	"github.com/keeplb/keeplb/pkg/status"
@@ -284,7 +284,7 @@ command then exits non-zero. See docs/migration.md.`,
 
 // newStatusCommand returns `keeplb status`.
 func newStatusCommand() *cobra.Command {
-	var kubeconfig string
+	var kubeconfigPath string
 	out := &versionOptions{Output: "text"}
 	o := status.Options{LoadBalancerClass: annotations.DefaultClass, DefaultClass: true}
 	c := &cobra.Command{
@@ -307,9 +307,7 @@ than passing them to the terminal; --output json keeps them as JSON escapes.`,
 			if err := out.Validate(); err != nil {
 				return err
 			}
-			rules := clientcmd.NewDefaultClientConfigLoadingRules()
-			rules.ExplicitPath = kubeconfig
-			cfg, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{}).ClientConfig()
+			cfg, err := kubeconfig.Load(kubeconfigPath)
 			if err != nil {
 				return fmt.Errorf("load kubeconfig: %w", err)
 			}
@@ -332,7 +330,7 @@ than passing them to the terminal; --output json keeps them as JSON escapes.`,
 		},
 	}
 	fs := c.Flags()
-	fs.StringVar(&kubeconfig, "kubeconfig", "", "Path to a kubeconfig file. Empty uses $KUBECONFIG, ~/.kube/config, then the in-cluster service account.")
+	fs.StringVar(&kubeconfigPath, "kubeconfig", "", kubeconfig.Usage)
 	out.AddFlags(fs)
 	fs.StringVar(&o.LoadBalancerClass, "load-balancer-class", o.LoadBalancerClass, "spec.loadBalancerClass handled by keeplb, as set on the controller.")
 	fs.BoolVar(&o.DefaultClass, "default-class", o.DefaultClass, "Count LoadBalancer Services that set no spec.loadBalancerClass as keeplb's, as on the controller.")

@@ -192,3 +192,17 @@ func TestStatusBadOutputBeforeConnecting(t *testing.T) {
 		t.Errorf("status with a missing kubeconfig: err = %v, want one about the kubeconfig", err)
 	}
 }
+
+// Every subcommand that connects finds its kubeconfig the same way, and
+// says so.
+func TestKubeconfigHelpStatesTheOrder(t *testing.T) {
+	for _, cmd := range []string{"status"} {
+		out, _, err := execute(t, []string{cmd, "--help"})
+		if err != nil {
+			t.Fatalf("%s --help: %v", cmd, err)
+		}
+		if want := "Empty uses $KUBECONFIG, ~/.kube/config, then the in-cluster service account."; !strings.Contains(out, want) {
+			t.Errorf("%s --help does not say %q:\n%s", cmd, want, out)
+		}
+	}
+}
