@@ -196,7 +196,7 @@ func TestStatusBadOutputBeforeConnecting(t *testing.T) {
 // Every subcommand that connects finds its kubeconfig the same way, and
 // says so.
 func TestKubeconfigHelpStatesTheOrder(t *testing.T) {
-	for _, cmd := range []string{"status"} {
+	for _, cmd := range []string{"controller", "status"} {
 		out, _, err := execute(t, []string{cmd, "--help"})
 		if err != nil {
 			t.Fatalf("%s --help: %v", cmd, err)

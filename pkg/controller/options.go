@@ -11,12 +11,14 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/keeplb/keeplb/pkg/annotations"
+	"github.com/keeplb/keeplb/pkg/kubeconfig"
 	"github.com/keeplb/keeplb/pkg/serve"
 )
 
 // Options are the flags of `keeplb controller`.
 type Options struct {
-	// Kubeconfig is a kubeconfig file; empty means in-cluster config.
+	// Kubeconfig is a kubeconfig file; empty looks where kubeconfig.Load
+	// says.
 	Kubeconfig string
 	// ClusterName is passed to the LoadBalancer implementation, as
 	// kube-controller-manager's --cluster-name would be.
@@ -90,7 +92,7 @@ func NewOptions() *Options {
 
 // AddFlags registers the options on fs.
 func (o *Options) AddFlags(fs *pflag.FlagSet) {
-	fs.StringVar(&o.Kubeconfig, "kubeconfig", o.Kubeconfig, "Path to a kubeconfig file. Empty uses the in-cluster service account.")
+	fs.StringVar(&o.Kubeconfig, "kubeconfig", o.Kubeconfig, kubeconfig.Usage)
 	fs.StringVar(&o.ClusterName, "cluster-name", o.ClusterName, "Cluster name passed to the load balancer implementation.")
 	fs.StringVar(&o.LoadBalancerClass, "load-balancer-class", o.LoadBalancerClass, "spec.loadBalancerClass handled by keeplb. Services of any other class are never touched.")
 	fs.BoolVar(&o.DefaultClass, "default-class", o.DefaultClass, "Also handle LoadBalancer Services that set no spec.loadBalancerClass.")
