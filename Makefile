@@ -12,7 +12,7 @@ LDFLAGS  = -s -w \
 	-X github.com/keeplb/keeplb/pkg/version.date=$(DATE)
 
 .DEFAULT_GOAL := help
-.PHONY: help build test test-unit test-integration e2e-vrrp e2e bench fuzz verify chart tools demo demo-down clean
+.PHONY: help build test test-unit test-integration e2e-vrrp e2e bench fuzz lint verify chart tools demo demo-down clean
 
 help: ## List the targets.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -41,7 +41,10 @@ bench: ## Benchmark the allocator against a naive one; table in the output, raw 
 fuzz: ## Run every fuzz target for FUZZTIME each (default 60s).
 	FUZZTIME=$${FUZZTIME:-60s} hack/fuzz.sh
 
-verify: ## Check formatting, go vet, and that go.mod files are tidy.
+lint: ## Run golangci-lint with .golangci.yml (version pinned in tools/golangci-lint; built once, cached).
+	hack/lint.sh
+
+verify: ## Check formatting, go vet, that go.mod files are tidy, and make lint.
 	hack/verify.sh
 
 chart: ## Regenerate the Helm chart's templates and CRD (manifests/charts/keeplb) from the kustomize base.
