@@ -35,7 +35,7 @@ func TestMain(m *testing.M) {
 func serveName(name string) int {
 	srv := &http.Server{Addr: ":80", ReadHeaderTimeout: time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Connection", "close")
-		fmt.Fprint(w, name)
+		_, _ = fmt.Fprint(w, name)
 	})}
 	if err := srv.ListenAndServe(); err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -88,8 +88,8 @@ func probe(arg string) int {
 			}
 			mu.Lock()
 			defer mu.Unlock()
-			fmt.Fprintf(out, "%d %s\n", t.Milliseconds(), who)
-			out.Flush()
+			_, _ = fmt.Fprintf(out, "%d %s\n", t.Milliseconds(), who)
+			_ = out.Flush()
 			if old != "" && who != old && who != "-" {
 				end = min(end, time.Since(start)+100*time.Millisecond)
 			}

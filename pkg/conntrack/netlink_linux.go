@@ -32,7 +32,7 @@ func NewAt(nsPath string) (*Netlink, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open network namespace %s: %w", nsPath, err)
 	}
-	defer ns.Close() // the socket keeps the namespace alive
+	defer func() { _ = ns.Close() }() // the socket keeps the namespace alive
 	h, err := netlink.NewHandleAt(ns, unix.NETLINK_NETFILTER)
 	if err != nil {
 		return nil, fmt.Errorf("open conntrack netlink socket in %s: %w", nsPath, err)

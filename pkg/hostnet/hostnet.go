@@ -70,7 +70,7 @@ func NewAt(nsPath string) (*Netlink, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open network namespace %s: %w", nsPath, err)
 	}
-	defer ns.Close()
+	defer func() { _ = ns.Close() }() // the handle keeps the namespace alive
 	// Only rtnetlink: without a family list netlink opens xfrm and
 	// netfilter sockets too, which fail on kernels without those modules.
 	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)

@@ -101,7 +101,7 @@ func openFIFO(path string) (io.ReadCloser, error) {
 		return nil, err
 	}
 	if fi, err := f.Stat(); err != nil || fi.Mode().Type() != fs.ModeNamedPipe {
-		f.Close()
+		_ = f.Close()
 		return nil, fmt.Errorf("%s is not a FIFO", path)
 	}
 	return f, nil
@@ -130,7 +130,7 @@ func (w fifoWatcher) watch(ctx context.Context, r io.ReadCloser) <-chan Event {
 	stop := context.AfterFunc(ctx, func() {
 		mu.Lock()
 		defer mu.Unlock()
-		cur.Close()
+		_ = cur.Close()
 	})
 	go func() {
 		defer close(events)
@@ -140,7 +140,7 @@ func (w fifoWatcher) watch(ctx context.Context, r io.ReadCloser) <-chan Event {
 		for {
 			lines, err := w.read(ctx, cur, events, &skipped, logger)
 			mu.Lock()
-			cur.Close()
+			_ = cur.Close()
 			mu.Unlock()
 			if ctx.Err() != nil {
 				return
@@ -166,7 +166,7 @@ func (w fifoWatcher) watch(ctx context.Context, r io.ReadCloser) <-chan Event {
 				mu.Lock()
 				cur = next
 				if ctx.Err() != nil { // too late for the AfterFunc to close it
-					cur.Close()
+					_ = cur.Close()
 				}
 				mu.Unlock()
 				break

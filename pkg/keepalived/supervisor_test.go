@@ -41,6 +41,14 @@ type supervised struct {
 	stop func() // cancels Run and waits for it to return
 }
 
+// apply applies config, failing the test if writing it fails.
+func (s supervised) apply(t *testing.T, config string) {
+	t.Helper()
+	if _, err := s.sup.Apply([]byte(config)); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func startSupervisor(t *testing.T, o keepalived.SupervisorOptions) supervised {
 	t.Helper()
 	if o.ConfigPath == "" {
@@ -93,7 +101,7 @@ func TestSupervisorStartsWithExistingFile(t *testing.T) {
 func TestSupervisorReloadsOncePerBurst(t *testing.T) {
 	const window = 200 * time.Millisecond
 	s := startSupervisor(t, keepalived.SupervisorOptions{ReloadWindow: window})
-	s.sup.Apply([]byte("v0"))
+	s.apply(t, "v0")
 	eventually(t, "started", s.fake.Running)
 
 	start := time.Now()
@@ -119,7 +127,7 @@ func TestSupervisorReloadsOncePerBurst(t *testing.T) {
 func TestSupervisorNeverReloadsIdenticalBytes(t *testing.T) {
 	const window = 50 * time.Millisecond
 	s := startSupervisor(t, keepalived.SupervisorOptions{ReloadWindow: window})
-	s.sup.Apply([]byte("A"))
+	s.apply(t, "A")
 	eventually(t, "started", s.fake.Running)
 
 	// The same bytes: nothing written, nothing reloaded.
@@ -128,8 +136,8 @@ func TestSupervisorNeverReloadsIdenticalBytes(t *testing.T) {
 	}
 	// A change and back within the window: the file changed twice, but
 	// keepalived already runs these bytes.
-	s.sup.Apply([]byte("B"))
-	s.sup.Apply([]byte("A"))
+	s.apply(t, "B")
+	s.apply(t, "A")
 	stays(t, "no reload", 4*window, func() bool { return s.fake.Reloads() == 0 })
 	if s.fake.Starts() != 1 {
 		t.Errorf("%d starts, want 1", s.fake.Starts())
@@ -138,14 +146,14 @@ func TestSupervisorNeverReloadsIdenticalBytes(t *testing.T) {
 
 func TestSupervisorRestartsWithBackoff(t *testing.T) {
 	s := startSupervisor(t, keepalived.SupervisorOptions{MinBackoff: 20 * time.Millisecond, MaxBackoff: 80 * time.Millisecond})
-	s.sup.Apply([]byte("A"))
+	s.apply(t, "A")
 	eventually(t, "started", s.fake.Running)
 
 	// While it is down, the configuration changes: the restart loads it.
 	s.fake.FailStarts(3)
 	crash := errors.New("segfault")
 	s.fake.Crash(crash)
-	s.sup.Apply([]byte("B"))
+	s.apply(t, "B")
 	eventually(t, "restarted", s.fake.Running)
 	st := s.sup.Status()
 	if st.Restarts != 4 { // three failed starts, then one that worked
@@ -167,7 +175,7 @@ func TestSupervisorBackoffIsCapped(t *testing.T) {
 	// one second fits about 50 attempts; without the cap, 7.
 	s := startSupervisor(t, keepalived.SupervisorOptions{MinBackoff: 5 * time.Millisecond, MaxBackoff: 20 * time.Millisecond})
 	s.fake.FailStarts(1_000_000)
-	s.sup.Apply([]byte("A"))
+	s.apply(t, "A")
 	time.Sleep(time.Second) // the time to count attempts in
 	s.stop()
 	if r := s.sup.Status().Restarts; r < 20 {
@@ -177,7 +185,7 @@ func TestSupervisorBackoffIsCapped(t *testing.T) {
 
 func TestSupervisorStopsOnCancel(t *testing.T) {
 	s := startSupervisor(t, keepalived.SupervisorOptions{})
-	s.sup.Apply([]byte("A"))
+	s.apply(t, "A")
 	eventually(t, "started", s.fake.Running)
 	s.stop()
 	if s.fake.Running() {

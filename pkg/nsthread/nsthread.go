@@ -33,7 +33,7 @@ func Call[T any](path string, f func() (T, error)) (T, error) {
 			c <- result{err: fmt.Errorf("open network namespace %s: %w", path, err)}
 			return
 		}
-		defer unix.Close(fd)
+		defer func() { _ = unix.Close(fd) }()
 		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
 			c <- result{err: fmt.Errorf("enter network namespace %s: %w", path, err)}
 			return

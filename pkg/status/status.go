@@ -106,30 +106,33 @@ func WriteJSON(w io.Writer, r Report) error {
 // WriteText writes r as two tables with aligned columns, POOLS then
 // SERVICES. Every cell goes through Printable: the report carries strings
 // tenants wrote, and text output goes to a terminal.
+//
+// The writes into a tabwriter keep their errors to themselves: a w that
+// fails them fails the Flush after them too, and that error is returned.
 func WriteText(w io.Writer, r Report) error {
 	tw := tabwriter.NewWriter(w, 0, 8, 3, ' ', 0)
-	fmt.Fprintln(tw, "POOLS")
+	_, _ = fmt.Fprintln(tw, "POOLS")
 	if len(r.Pools) == 0 {
-		fmt.Fprintln(tw, "No IPPools.")
+		_, _ = fmt.Fprintln(tw, "No IPPools.")
 	} else {
-		fmt.Fprintln(tw, "NAME\tADDRESSES\tTOTAL\tUSED\tFREE\tOUT-OF-RANGE\tREADY\tCONFLICTING")
+		_, _ = fmt.Fprintln(tw, "NAME\tADDRESSES\tTOTAL\tUSED\tFREE\tOUT-OF-RANGE\tREADY\tCONFLICTING")
 		for _, p := range r.Pools {
 			row(tw, p.Name, strings.Join(p.Addresses, ","), p.Total, strconv.FormatInt(p.Used, 10), p.Free,
 				strconv.FormatInt(p.OutOfRange, 10), p.Ready.text("True"), p.Conflicting.text("False"))
 		}
 	}
-	fmt.Fprintln(tw)
+	_, _ = fmt.Fprintln(tw)
 	// A table of its own: the pool columns must not widen these.
 	if err := tw.Flush(); err != nil {
 		return err
 	}
 	tw = tabwriter.NewWriter(w, 0, 8, 3, ' ', 0)
-	fmt.Fprintln(tw, "SERVICES")
+	_, _ = fmt.Fprintln(tw, "SERVICES")
 	if len(r.Services) == 0 {
-		fmt.Fprintln(tw, "No LoadBalancer Services of keeplb.")
+		_, _ = fmt.Fprintln(tw, "No LoadBalancer Services of keeplb.")
 		return tw.Flush()
 	}
-	fmt.Fprintln(tw, "SERVICE\tVIPS\tPOOL\tHOLDER\tFORWARDING\tPROBLEM")
+	_, _ = fmt.Fprintln(tw, "SERVICE\tVIPS\tPOOL\tHOLDER\tFORWARDING\tPROBLEM")
 	for _, s := range r.Services {
 		vips := "<pending>"
 		if !s.Pending() {
@@ -183,11 +186,11 @@ func Truncate(s string, n int) string {
 func row(w io.Writer, cells ...string) {
 	for i, c := range cells {
 		if i > 0 {
-			io.WriteString(w, "\t")
+			_, _ = io.WriteString(w, "\t")
 		}
-		io.WriteString(w, orNone(Printable(c)))
+		_, _ = io.WriteString(w, orNone(Printable(c)))
 	}
-	io.WriteString(w, "\n")
+	_, _ = io.WriteString(w, "\n")
 }
 
 func orNone(s string) string {

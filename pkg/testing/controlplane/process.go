@@ -34,7 +34,7 @@ func startProcess(name, bin, logPath string, logs *logSink, args ...string) (*pr
 	if err != nil {
 		return nil, fmt.Errorf("open log: %w", err)
 	}
-	fmt.Fprintf(logFile, "=== %s %s %s\n", time.Now().Format(time.RFC3339), bin, strings.Join(args, " "))
+	_, _ = fmt.Fprintf(logFile, "=== %s %s %s\n", time.Now().Format(time.RFC3339), bin, strings.Join(args, " "))
 
 	var out io.Writer = logFile
 	var prefixed *prefixWriter
@@ -70,11 +70,11 @@ func startProcess(name, bin, logPath string, logs *logSink, args ...string) (*pr
 		if prefixed != nil {
 			prefixed.flush()
 		}
-		logFile.Close()
+		_ = logFile.Close()
 		close(p.done)
 	}()
 	if err := <-started; err != nil {
-		logFile.Close()
+		_ = logFile.Close()
 		return nil, err
 	}
 	return p, nil
@@ -213,7 +213,7 @@ func tailFile(file string, n int) string {
 	if err != nil {
 		return fmt.Sprintf("(no log: %v)", err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }()
 	// Log lines of the apiserver can be long; 64 KiB holds plenty of them.
 	const window = 64 << 10
 	if st, err := f.Stat(); err == nil && st.Size() > window {

@@ -93,7 +93,7 @@ func Serve(ns string, addr netip.AddrPort, name string) (*Server, error) {
 }
 
 func answerHTTP(c net.Conn, name string) {
-	defer c.Close()
+	defer func() { _ = c.Close() }()
 	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
 	line, err := bufio.NewReader(c).ReadString('\n')
 	if err != nil {
@@ -107,7 +107,7 @@ func answerHTTP(c net.Conn, name string) {
 		}
 	}
 	body := name + " from=" + c.RemoteAddr().String() + "\n"
-	fmt.Fprintf(c, "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len(body), body)
+	_, _ = fmt.Fprintf(c, "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len(body), body)
 }
 
 // Answer is one responder's answer.
@@ -146,7 +146,7 @@ func Get(ctx context.Context, ns string, addr netip.AddrPort, path string, timeo
 	if err != nil {
 		return Answer{}, err
 	}
-	defer c.Close()
+	defer func() { _ = c.Close() }()
 	stop := context.AfterFunc(ctx, func() { _ = c.SetDeadline(time.Now()) })
 	defer stop()
 	if _, err := fmt.Fprintf(c, "GET %s HTTP/1.0\r\nHost: %s\r\n\r\n", path, addr); err != nil {
