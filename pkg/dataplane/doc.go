@@ -1,6 +1,10 @@
-// Package dataplane computes the IPVS table a node should have and brings
-// the kernel's table there: compute (Desired, pure) → diff (Diff, pure) →
-// apply (Apply, thin). Sync does all three with one dump of the table.
+// Package dataplane computes the IPVS table and the nftables rules a node
+// should have (Desired, pure, with a Cache across syncs) and brings the
+// kernel there: a Reconciler, which the speaker and the end-to-end tests
+// run alike, remembers what it programmed and does, per sync, one dump of
+// the virtual servers in its scope → Diff (pure) → Apply (thin) → a report
+// of what was removed, with keeplb's nftables table written before and
+// after IPVS (see Reconciler.Sync for the order).
 //
 // # What is programmed
 //
@@ -67,10 +71,13 @@
 // except the ports of Services forwarded by kube-proxy (kube-proxy in IPVS
 // mode programs those itself). Diff never adds, changes or deletes a
 // virtual server outside that scope: kube-proxy's and everybody else's stay
-// as they are, and Sync does not even read their real servers. The table
-// is never flushed.
+// as they are, and the Reconciler does not even read their real servers.
+// The table is never flushed.
 //
-// Consequently a virtual server whose pool was deleted, or whose Service
-// switched to kube-proxy forwarding, is no longer keeplb's and stays; the
-// caller may widen the scope with the addresses it programmed before.
+// Within it, the Reconciler changes only what it programmed and what a
+// Service of keeplb's wants (adopting what an earlier speaker left); a
+// virtual server in a pool that it did not program and nobody wants is
+// reported as foreign and left alone. One it programmed stays in scope
+// after its pool is deleted or its Service switches to kube-proxy
+// forwarding, and is deleted, unless another program changed it since.
 package dataplane

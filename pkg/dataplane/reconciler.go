@@ -1,0 +1,511 @@
+package dataplane
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"sync"
+
+	"k8s.io/klog/v2"
+	"sigs.k8s.io/knftables"
+
+	"github.com/keeplb/keeplb/pkg/conntrack"
+	"github.com/keeplb/keeplb/pkg/hostnet"
+	"github.com/keeplb/keeplb/pkg/ipvs"
+	"github.com/keeplb/keeplb/pkg/nft"
+)
+
+// Kernel is the part of a node's kernel the dataplane writes. Each field
+// may be nil: the Reconciler then does without it, as the field says.
+type Kernel struct {
+	// IPVS is the node's IPVS table. Nil when the kernel has no IPVS or
+	// forwarding is off (kube-proxy forwards): only the VIP port guard is
+	// written then.
+	IPVS ipvs.Interface
+	// NFT is keeplb's nftables table. Nil when nft is unusable: nothing is
+	// masqueraded, and virtual servers with source ranges are withheld
+	// (failing closed).
+	NFT knftables.Interface
+	// Conntrack clears the conntrack entries of UDP real servers that
+	// leave a virtual server. Nil: their clients keep sending to them
+	// until the entries time out.
+	Conntrack conntrack.Interface
+	// Sysctls sets IPv6 forwarding once an IPv6 virtual server is wanted.
+	// Nil leaves the sysctls alone.
+	Sysctls hostnet.Interface
+}
+
+// IPVSSysctls returns the sysctls IPVS forwarding needs on every node.
+// They exist only once the ip_vs module is loaded.
+func IPVSSysctls() []hostnet.Requirement {
+	return []hostnet.Requirement{
+		{Name: "net.ipv4.vs.conntrack", Value: "1", Why: "lets netfilter see IPVS connections, so forwarded traffic can be masqueraded"},
+		{Name: "net.ipv4.ip_forward", Value: "1", Why: "lets the replies of IPVS-forwarded IPv4 traffic pass through this node"},
+		{Name: "net.ipv4.vs.expire_nodest_conn", Value: "1", Why: "makes IPVS drop its connection entries to a removed real server on their next packet, so clients (UDP ones above all) are rescheduled instead of sending into the void"},
+	}
+}
+
+// ipv6Sysctls returns the sysctl IPv6 VIPs need. It is set only once an
+// IPv6 virtual server is wanted, not at start: forwarding on all interfaces
+// makes the kernel ignore router advertisements (unless accept_ra is 2),
+// which would cost a node that configures IPv6 by SLAAC its default route.
+func ipv6Sysctls() []hostnet.Requirement {
+	return []hostnet.Requirement{
+		{Name: "net.ipv6.conf.all.forwarding", Value: "1", Why: "lets the replies of IPVS-forwarded IPv6 traffic pass through this node"},
+	}
+}
+
+// Reconciler brings a node's kernel to the State that Desired computes,
+// sync after sync: keeplb's nftables table and the virtual servers of its
+// IPVS table. It remembers what it programmed, so that it changes and
+// deletes only that, and what it may adopt (see Sync).
+//
+// Only one goroutine calls Sync and Exit, one call at a time; Stats and
+// GuardDropped may be called meanwhile (the metrics scrape).
+type Reconciler struct {
+	node string
+	k    Kernel
+
+	// mu serializes the use of k.IPVS (a netlink socket, not safe for
+	// concurrent use) and guards owners.
+	mu sync.Mutex
+	// owners maps each virtual server programmed by the last sync to its
+	// Service: the virtual servers whose counters Stats reads.
+	owners map[ipvs.Key]string
+
+	// programmed is what the last sync left in the kernel of the virtual
+	// servers in its scope: a virtual server that then leaves the scope
+	// (its pool deleted, its Service now forwarded by kube-proxy) is still
+	// deleted, if nobody changed it since.
+	programmed ipvs.Table
+	ipv6Ready  bool // ipv6Sysctls hold
+
+	// nftApplied is the text of the last transaction run successfully: a
+	// sync that renders the same text skips running nft. Cleared by Exit
+	// and by a failed run.
+	nftApplied string
+	// nftFailed is set while the last nft run failed: keeplb's table is
+	// missing or stale, so this node cannot forward (see CanForward).
+	nftFailed bool
+	// nftInvalid names the entries the last transaction left out (see
+	// nft.Transaction), for the sync's error.
+	nftInvalid error
+	// snatApplied is the masquerading the last transaction wrote, and
+	// rangesApplied its source ranges: a filtered virtual server whose
+	// filter a later write could not change keeps its state only while
+	// its ranges are these (see withhold).
+	snatApplied   []nft.SNAT
+	rangesApplied map[ipvs.Key][]netip.Prefix
+
+	// guardMu guards guardDrops, the packets the VIP port guard dropped
+	// in the tables this reconciler replaced (each write recreates the
+	// table's counter, so the total is kept here; see GuardDropped), and
+	// guardTable, set while a table it wrote is in place.
+	guardMu    sync.Mutex
+	guardDrops uint64
+	guardTable bool
+}
+
+// NewReconciler returns a Reconciler of node's kernel k that has programmed
+// nothing yet.
+func NewReconciler(node string, k Kernel) *Reconciler {
+	return &Reconciler{node: node, k: k, programmed: ipvs.Table{}}
+}
+
+// Report says what one Sync did, beyond its error: for the caller's logs,
+// events and metrics.
+type Report struct {
+	// Result counts the IPVS changes, and lists the real servers removed.
+	Result Result
+	// Problems are the Services this node does not forward as their
+	// State asks: virtual servers withheld because their filter could not
+	// be written (failing closed), and those the kernel refused.
+	Problems []Problem
+	// Foreign are the virtual servers in keeplb's pools that keeplb did
+	// not program and no Service of keeplb's wants, sorted: another
+	// program's (kube-proxy's for externalIPs, an operator's), or left by
+	// an earlier speaker. They are left alone.
+	Foreign []ipvs.Key
+	// NFTFailures counts the writes of keeplb's table that failed.
+	NFTFailures int
+	// IPVSFailed is set when programming IPVS (or its IPv6 sysctl) failed,
+	// in part or in whole.
+	IPVSFailed bool
+}
+
+// Sync brings the kernel to st, in this order, so that no packet is
+// forwarded unmasqueraded or unfiltered:
+//
+//  1. keeplb's table for the union of what was and what will be
+//     masqueraded: masquerading must be in place before IPVS sends a
+//     connection to a new real server (its replies would bypass this node
+//     otherwise), and must stay for a leaving one until IPVS no longer
+//     schedules to it;
+//  2. IPVS: one dump of the virtual servers in scope, a diff, the changes
+//     (Apply), then the conntrack entries of removed UDP real servers;
+//  3. the table for what is, even when IPVS failed in part: it follows st
+//     alone, and what IPVS did program needs it.
+//
+// Fail closed: when the table could not be written (or there is no nft),
+// a virtual server with source ranges is programmed only as the last
+// table that holds its ranges unchanged filters it, else withheld.
+//
+// In scope are the virtual servers this Reconciler programmed and those
+// it may adopt: wanted by st, in a pool and not kube-proxy's (st.Owns), so
+// that a virtual server an earlier speaker left is taken over. Nothing
+// else is changed or deleted, even in the pools' ranges: IPVS records no
+// owner. A virtual server it programmed that st no longer wants is deleted
+// only if the kernel still has it as programmed: if another program
+// (kube-proxy in IPVS mode, for a Service switched to kube-proxy
+// forwarding) has changed it since, it is that program's now.
+//
+// Without IPVS only the VIP port guard is written: nothing is forwarded,
+// so nothing is masqueraded or filtered, but the node may hold VIPs.
+func (r *Reconciler) Sync(ctx context.Context, st State) (Report, error) {
+	var rep Report
+	if r.k.IPVS == nil {
+		if err := r.writeNFT(ctx, nft.Rules{Guard: st.Guard}, nil); err != nil {
+			rep.NFTFailures++
+			return rep, err
+		}
+		return rep, r.nftInvalid
+	}
+	rules := nft.Rules{SNAT: st.SNAT, SourceRanges: st.SourceRanges, Guard: st.Guard}
+	var errs []error
+	if err := r.ensureIPv6(st.IPVS); err != nil {
+		errs = append(errs, err) // IPv4 is unaffected: program anyway
+	}
+	preErr := r.writeNFT(ctx, rules, r.snatApplied)
+	if preErr != nil {
+		rep.NFTFailures++
+	}
+	desired := st.IPVS
+	if r.k.NFT == nil || preErr != nil {
+		var withheld []string
+		desired, withheld = withhold(st, r.programmed, r.rangesApplied)
+		for _, owner := range withheld {
+			rep.Problems = append(rep.Problems, Problem{Service: owner, Field: "spec.loadBalancerSourceRanges", Message: fmt.Sprintf(
+				"node %s cannot write the nftables filter for these source ranges, so it does not forward the Service's ports whose filter it has not written (failing closed), and ranks below the nodes that can for its VIPs; see the keeplb speaker's log there", r.node)})
+		}
+	}
+	adopt := func(k ipvs.Key) bool {
+		_, want := st.IPVS[k]
+		return want && st.Owns(k)
+	}
+	r.mu.Lock()
+	res, foreign, err := r.apply(ctx, desired, adopt, st.Owns)
+	r.owners = map[ipvs.Key]string{}
+	for k := range r.programmed {
+		if owner, ok := st.Owners[k]; ok {
+			r.owners[k] = owner
+		}
+	}
+	r.mu.Unlock()
+	rep.Result, rep.Foreign = res, foreign
+	if err != nil {
+		errs = append(errs, err)
+	}
+	// What the kernel refused is told to the Services it belongs to.
+	for _, k := range slices.SortedFunc(maps.Keys(res.Errors), ipvs.Key.Compare) {
+		if owner, ok := st.Owners[k]; ok {
+			rep.Problems = append(rep.Problems, KernelProblem(r.node, owner, st.IPVS[k].Virtual, res.Errors[k]))
+		}
+	}
+	if err = errors.Join(errs...); err != nil {
+		rep.IPVSFailed = true
+		err = fmt.Errorf("IPVS sync: %w", err)
+	}
+	if nftErr := r.writeNFT(ctx, rules, nil); nftErr != nil {
+		rep.NFTFailures++
+		err = errors.Join(err, nftErr)
+	}
+	return rep, errors.Join(preErr, err, r.nftInvalid)
+}
+
+// Exit deletes what this Reconciler programmed (adopted virtual servers
+// included), then keeplb's table: no window where IPVS forwards a VIP's
+// traffic unmasqueraded or unfiltered. owns tells keeplb's addresses, as
+// State.Owns, for Report.Foreign.
+func (r *Reconciler) Exit(ctx context.Context, owns func(ipvs.Key) bool) (Report, error) {
+	var rep Report
+	var err error
+	if r.k.IPVS != nil {
+		r.mu.Lock()
+		rep.Result, rep.Foreign, err = r.apply(ctx, ipvs.Table{}, func(ipvs.Key) bool { return false }, owns)
+		r.owners = nil
+		r.mu.Unlock()
+		if err != nil {
+			err = fmt.Errorf("remove IPVS virtual servers: %w", err)
+		}
+	}
+	if r.k.NFT == nil {
+		return rep, err
+	}
+	r.nftApplied, r.snatApplied, r.rangesApplied = "", nil, nil
+	r.guardMu.Lock()
+	r.guardTable = false
+	r.guardMu.Unlock()
+	if cerr := nft.Cleanup(ctx, r.k.NFT); cerr != nil {
+		rep.NFTFailures++
+		return rep, errors.Join(err, cerr)
+	}
+	return rep, err
+}
+
+// CanForward reports whether this node can forward what keeplb forwards
+// with IPVS: the kernel has IPVS, and keeplb's nftables table is open and
+// its last write succeeded (without it, replies from other nodes'
+// NodePorts and pods bypass this node). The VRRP plan lowers the node's
+// priority for such VIPs while it cannot (vrrp.TrackValues).
+func (r *Reconciler) CanForward() bool {
+	return r != nil && r.k.IPVS != nil && r.k.NFT != nil && !r.nftFailed
+}
+
+// writeNFT rewrites keeplb's table with rules, masquerading also what keep
+// lists, unless the transaction is the one last run.
+func (r *Reconciler) writeNFT(ctx context.Context, rules nft.Rules, keep []nft.SNAT) error {
+	if r.k.NFT == nil {
+		return nil
+	}
+	if len(keep) > 0 {
+		rules.SNAT = unionSNAT(rules.SNAT, keep)
+	}
+	tx := r.k.NFT.NewTransaction()
+	// Entries the table cannot express are left out of tx, not allowed to
+	// stop it: the rest of the table still follows every other Service.
+	r.nftInvalid = nil
+	if err := nft.Transaction(tx, rules); err != nil {
+		r.nftInvalid = fmt.Errorf("nftables table %s %s, entries left out: %w", nft.Family, nft.Table, err)
+	}
+	text := tx.String()
+	if text == r.nftApplied {
+		return nil
+	}
+	// The write recreates the guard's counter: keep what it counted.
+	var dropped uint64
+	if r.nftApplied != "" {
+		dropped, _ = nft.GuardDrops(ctx, r.k.NFT)
+	}
+	r.nftApplied = ""
+	if err := r.k.NFT.Run(ctx, tx); err != nil {
+		r.nftFailed = true
+		return fmt.Errorf("writing nftables table %s %s: %w", nft.Family, nft.Table, err)
+	}
+	r.guardMu.Lock()
+	r.guardDrops += dropped
+	r.guardTable = true
+	r.guardMu.Unlock()
+	r.nftFailed = false
+	r.nftApplied, r.snatApplied, r.rangesApplied = text, rules.SNAT, rules.SourceRanges
+	klog.FromContext(ctx).V(2).Info("nftables table written", "snat", len(rules.SNAT), "sourceRanges", len(rules.SourceRanges))
+	return nil
+}
+
+// unionSNAT returns a and b merged, sorted, without duplicates.
+func unionSNAT(a, b []nft.SNAT) []nft.SNAT {
+	out := append(slices.Clone(a), b...)
+	slices.SortFunc(out, func(x, y nft.SNAT) int {
+		if c := x.Virtual.Compare(y.Virtual); c != 0 {
+			return c
+		}
+		return x.Real.Compare(y.Real)
+	})
+	return slices.Compact(out)
+}
+
+// apply brings the virtual servers in scope to desired: one dump, a diff,
+// the changes; then it remembers what the kernel has in scope. It returns
+// the virtual servers in the pools (pooled) left alone as foreign. r.mu
+// is held.
+func (r *Reconciler) apply(ctx context.Context, desired ipvs.Table, adopt, pooled func(ipvs.Key) bool) (Result, []ipvs.Key, error) {
+	var foreign []ipvs.Key
+	current, err := ipvs.Dump(r.k.IPVS, func(k ipvs.Key) bool {
+		if _, before := r.programmed[k]; before || adopt(k) {
+			return true
+		}
+		if pooled(k) {
+			foreign = append(foreign, k)
+		}
+		return false
+	})
+	if err != nil {
+		return Result{}, nil, err
+	}
+	slices.SortFunc(foreign, ipvs.Key.Compare)
+	taken := map[ipvs.Key]bool{}
+	for k, e := range current {
+		if prev, before := r.programmed[k]; before && !adopt(k) && !e.Equal(prev) {
+			taken[k] = true
+			klog.FromContext(ctx).Info("Leaving alone an IPVS virtual server keeplb no longer owns: another program changed it", "virtualServer", k)
+		}
+	}
+	scope := func(k ipvs.Key) bool {
+		if taken[k] {
+			return false
+		}
+		_, before := r.programmed[k]
+		return before || adopt(k)
+	}
+	res, err := Apply(r.k.IPVS, Diff(current, desired, scope))
+	r.clearUDP(ctx, res.Removed)
+	r.programmed = r.remember(desired, scope, taken, err)
+	return res, foreign, err
+}
+
+// remember returns what the kernel has in scope after an apply: desired,
+// unless something failed, then what a fresh dump shows, or at worst what
+// was programmed before merged with desired.
+func (r *Reconciler) remember(desired ipvs.Table, scope func(ipvs.Key) bool, taken map[ipvs.Key]bool, applyErr error) ipvs.Table {
+	next := ipvs.Table{}
+	if applyErr == nil {
+		for k, e := range desired {
+			if scope(k) {
+				next[k] = e
+			}
+		}
+		return next
+	}
+	if after, err := ipvs.Dump(r.k.IPVS, scope); err == nil {
+		return after
+	}
+	for k, e := range r.programmed {
+		if !taken[k] {
+			next[k] = e
+		}
+	}
+	for k, e := range desired {
+		if scope(k) {
+			next[k] = e
+		}
+	}
+	return next
+}
+
+// withhold returns st's IPVS table without the filtered virtual servers
+// whose filter is not in the kernel's table, for a sync whose nftables
+// write failed (or a node without nft), and the Services they belong to.
+// A filtered virtual server keeps the state last programmed when the last
+// table written holds its ranges unchanged (the kernel still filters it as
+// asked); any other is not created, or is removed: unfiltered forwarding
+// would admit clients its ranges exclude.
+func withhold(st State, programmed ipvs.Table, rangesApplied map[ipvs.Key][]netip.Prefix) (ipvs.Table, []string) {
+	if len(st.SourceRanges) == 0 {
+		return st.IPVS, nil
+	}
+	out := maps.Clone(st.IPVS)
+	owners := map[string]bool{}
+	for k, want := range st.SourceRanges {
+		if _, ok := out[k]; !ok {
+			continue
+		}
+		if have, written := rangesApplied[k]; written && slices.Equal(have, want) {
+			if prev, ok := programmed[k]; ok {
+				out[k] = prev
+				continue
+			}
+		}
+		delete(out, k)
+		owners[st.Owners[k]] = true
+	}
+	return out, slices.Sorted(maps.Keys(owners))
+}
+
+// clearUDP deletes the conntrack entries of the UDP flows to each removed
+// real server through its VIP:port, as kube-proxy does: UDP has no
+// connection to end, so a client that keeps its source port would go on
+// sending to the dead backend until the entry times out. A failure is
+// logged, not returned: the real server is gone already, and a retry of
+// the sync would not see it again.
+func (r *Reconciler) clearUDP(ctx context.Context, removed []Removal) {
+	if r.k.Conntrack == nil {
+		return
+	}
+	logger := klog.FromContext(ctx)
+	for _, rm := range removed {
+		if rm.Virtual.Protocol != ipvs.UDP {
+			continue
+		}
+		n, err := r.k.Conntrack.DeleteUDP(netip.AddrPortFrom(rm.Virtual.Address, rm.Virtual.Port), rm.Real)
+		if err != nil {
+			logger.Error(err, "Clearing the conntrack entries of a removed UDP real server failed; its clients keep sending to it until the entries time out", "removed", rm)
+			continue
+		}
+		if n > 0 {
+			logger.V(2).Info("Cleared conntrack entries of a removed UDP real server", "removed", rm, "entries", n)
+		}
+	}
+}
+
+// ensureIPv6 sets the IPv6 forwarding sysctl once t has an IPv6 virtual
+// server.
+func (r *Reconciler) ensureIPv6(t ipvs.Table) error {
+	if r.k.Sysctls == nil || r.ipv6Ready {
+		return nil
+	}
+	for k := range t {
+		if !k.Address.Is6() {
+			continue
+		}
+		if err := hostnet.Ensure(r.k.Sysctls, ipv6Sysctls()); err != nil {
+			return fmt.Errorf("IPv6 VIPs need these sysctls: %w", err)
+		}
+		r.ipv6Ready = true
+		return nil
+	}
+	return nil
+}
+
+// GuardDropped returns the packets the VIP port guard dropped since this
+// Reconciler started: those of the tables it replaced, plus the current
+// table's counter. False while there is no table to read.
+func (r *Reconciler) GuardDropped() (uint64, bool) {
+	r.guardMu.Lock()
+	table := r.guardTable
+	r.guardMu.Unlock()
+	if r.k.NFT == nil || !table {
+		return 0, false
+	}
+	n, err := nft.GuardDrops(context.Background(), r.k.NFT)
+	r.guardMu.Lock()
+	defer r.guardMu.Unlock()
+	if err != nil {
+		return 0, false
+	}
+	return r.guardDrops + n, true
+}
+
+// Counters are the kernel's counters of one virtual server keeplb
+// programmed, and its Service.
+type Counters struct {
+	// Service is "namespace/name".
+	Service string
+	Key     ipvs.Key
+	Stats   ipvs.Stats
+}
+
+// Stats reads the kernel's counters of the virtual servers the last sync
+// programmed, when asked rather than kept from the last sync's dump: syncs
+// can be minutes apart. Others' virtual servers are left out. A failed
+// read returns nothing: the series are missing from a scrape rather than
+// wrong.
+func (r *Reconciler) Stats() []Counters {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.k.IPVS == nil || len(r.owners) == 0 {
+		return nil
+	}
+	vss, err := r.k.IPVS.VirtualServers()
+	if err != nil {
+		return nil
+	}
+	var out []Counters
+	for _, vs := range vss {
+		if owner, ok := r.owners[vs.Key()]; ok {
+			out = append(out, Counters{Service: owner, Key: vs.Key(), Stats: vs.Stats})
+		}
+	}
+	return out
+}

@@ -1,0 +1,260 @@
+package dataplane
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+
+	v1 "k8s.io/api/core/v1"
+	"sigs.k8s.io/knftables"
+
+	"github.com/keeplb/keeplb/pkg/ipvs"
+	ipvstesting "github.com/keeplb/keeplb/pkg/ipvs/testing"
+	"github.com/keeplb/keeplb/pkg/nft"
+)
+
+// elements returns the elements of a set of keeplb's table in the fake.
+func elements(t *testing.T, fake *knftables.Fake, set string) []string {
+	t.Helper()
+	els, err := fake.ListElements(context.Background(), "set", set)
+	if err != nil {
+		t.Fatalf("list %s: %v", set, err)
+	}
+	var out []string
+	for _, e := range els {
+		out = append(out, strings.Join(e.Key, " . "))
+	}
+	slices.Sort(out)
+	return out
+}
+
+// snatElements is what st masquerades, as the fake's snat-v4 set shows it.
+func snatElements(st State) []string {
+	var out []string
+	for _, s := range st.SNAT {
+		if s.Virtual.Address.Is4() {
+			out = append(out, fmt.Sprintf("%s . %s . %d . %s . %d", s.Virtual.Address, strings.ToLower(s.Virtual.Protocol), s.Virtual.Port, s.Real.Addr(), s.Real.Port()))
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// orderingIPVS is the IPVS fake, checking at each real server added that
+// keeplb's nftables table already masquerades it, and at each one deleted
+// that the table still does.
+type orderingIPVS struct {
+	*ipvstesting.Fake
+	t   *testing.T
+	nft *knftables.Fake
+}
+
+func (o orderingIPVS) masqueraded(vs ipvs.Key, rs netip.AddrPort) bool {
+	if !vs.Address.Is4() {
+		return true // the v6 set is checked the same way; one family suffices
+	}
+	want := fmt.Sprintf("%s . %s . %d . %s . %d", vs.Address, strings.ToLower(vs.Protocol), vs.Port, rs.Addr(), rs.Port())
+	return slices.Contains(elements(o.t, o.nft, "snat-v4"), want)
+}
+
+func (o orderingIPVS) AddRealServer(vs ipvs.Key, rs ipvs.RealServer) error {
+	if !o.masqueraded(vs, rs.AddrPort()) {
+		o.t.Errorf("IPVS got real server %s of %s before nftables masqueraded it", rs, vs)
+	}
+	return o.Fake.AddRealServer(vs, rs)
+}
+
+func (o orderingIPVS) DeleteRealServer(vs ipvs.Key, rs netip.AddrPort) error {
+	if !o.masqueraded(vs, rs) {
+		o.t.Errorf("nftables stopped masquerading real server %s of %s before IPVS deleted it", rs, vs)
+	}
+	return o.Fake.DeleteRealServer(vs, rs)
+}
+
+// withoutNode returns in with node name NotReady and a new Ready node n4:
+// nodeport forwarding then loses one real server and gains one.
+func withoutNode(in Inputs, name string) Inputs {
+	in.Nodes = slices.Clone(in.Nodes)
+	for i, n := range in.Nodes {
+		if n.Name == name {
+			n = n.DeepCopy()
+			n.Status.Conditions[0].Status = v1.ConditionFalse
+			in.Nodes[i] = n
+		}
+	}
+	in.Nodes = append(in.Nodes, node("n4", true, "10.0.0.4", "fd00::4"))
+	return in
+}
+
+// TestReconcilerMasqueradesBeforeForwarding: a real server is masqueraded
+// before IPVS may send it a connection, and until IPVS stops; afterwards
+// the table holds only what the desired state asks.
+func TestReconcilerMasqueradesBeforeForwarding(t *testing.T) {
+	fake, nf := ipvstesting.New(), knftables.NewFake(nft.Family, nft.Table)
+	r := NewReconciler("n1", Kernel{IPVS: orderingIPVS{Fake: fake, t: t, nft: nf}, NFT: nf})
+	in := syncInputs()
+	for _, in := range []Inputs{in, withoutNode(in, "n2")} {
+		st, _ := Desired(in, "n1")
+		if _, err := r.Sync(t.Context(), st); err != nil {
+			t.Fatal(err)
+		}
+		if got := fake.Table(); !got.Equal(st.IPVS) {
+			t.Fatalf("IPVS table\n%s\nwant\n%s", got, st.IPVS)
+		}
+		if got, want := elements(t, nf, "snat-v4"), snatElements(st); !slices.Equal(got, want) {
+			t.Errorf("masquerading after the sync:\n%q\nwant\n%q", got, want)
+		}
+	}
+}
+
+// TestReconcilerKernelFailsHalfway: the kernel refuses every op after the
+// first few of a sync. The sync fails; what the kernel then holds is kept
+// and masqueraded (the table follows the desired state, and masquerades
+// the union of old and new until IPVS is done); the next sync, with the
+// kernel well again, converges, deleting what the failed sync programmed
+// and no longer is wanted, and leaving the foreign virtual servers alone.
+func TestReconcilerKernelFailsHalfway(t *testing.T) {
+	fake, nf := ipvstesting.New(), knftables.NewFake(nft.Family, nft.Table)
+	fake.SeedTable(foreign)
+	r := NewReconciler("n1", Kernel{IPVS: fake, NFT: nf})
+	first, _ := Desired(syncInputs(), "n1")
+	if _, err := r.Sync(t.Context(), first); err != nil {
+		t.Fatal(err)
+	}
+
+	// Second sync: n2 leaves, n4 arrives, and a new Service appears; the
+	// kernel fails every op after the third.
+	in := withoutNode(syncInputs(), "n2")
+	in.Services = append(in.Services, service("new", []string{"192.0.2.7"}))
+	second, _ := Desired(in, "n1")
+	ops := 0
+	fake.FailWith(func(c ipvstesting.Call) error {
+		if strings.HasPrefix(c.Method, "Add") || strings.HasPrefix(c.Method, "Update") || strings.HasPrefix(c.Method, "Delete") {
+			if ops++; ops > 3 {
+				return errors.New("injected: no buffer space available")
+			}
+		}
+		return nil
+	})
+	rep, err := r.Sync(t.Context(), second)
+	if err == nil || !rep.IPVSFailed || rep.Result.Failed == 0 {
+		t.Fatalf("a sync the kernel failed halfway returned %v, %+v", err, rep)
+	}
+	halfway := fake.Table()
+	if halfway.Equal(second.IPVS) || halfway.Equal(merge(first.IPVS, foreign)) {
+		t.Fatalf("the injected failure did not stop the sync halfway:\n%s", halfway)
+	}
+	for k, e := range foreign {
+		if got, ok := halfway[k]; !ok || !got.Equal(e) {
+			t.Errorf("foreign virtual server %s changed: %v", k, got)
+		}
+	}
+	if got, want := elements(t, nf, "snat-v4"), snatElements(second); !slices.Equal(got, want) {
+		t.Errorf("after the failed sync the table masquerades\n%q\nwant the desired state's\n%q", got, want)
+	}
+
+	fake.FailWith(nil)
+	if _, err := r.Sync(t.Context(), second); err != nil {
+		t.Fatalf("sync with the kernel well again: %v", err)
+	}
+	if got, want := fake.Table(), merge(second.IPVS, foreign); !got.Equal(want) {
+		t.Errorf("did not converge after the failure:\n%s\nwant\n%s", got, want)
+	}
+
+	// Exit removes what it programmed and its table, nothing else.
+	if _, err := r.Exit(t.Context(), second.Owns); err != nil {
+		t.Fatal(err)
+	}
+	if got := fake.Table(); !got.Equal(foreign) {
+		t.Errorf("after exit the kernel holds\n%s\nwant only the foreign\n%s", got, foreign)
+	}
+	if nf.Table != nil {
+		t.Error("exit left keeplb's table")
+	}
+}
+
+// TestReconcilerNFTFailsHalfway: the table's write fails after IPVS was
+// programmed (the second write of a sync). The sync fails, the node says it
+// cannot forward (its VRRP priority drops), and the next sync rewrites the
+// table although its text did not change.
+func TestReconcilerNFTFailsHalfway(t *testing.T) {
+	fake := ipvstesting.New()
+	// The first sync writes once (its union is the final table); the
+	// second writes the union, then fails on the final table.
+	nf := &failAfter{Fake: knftables.NewFake(nft.Family, nft.Table), left: 2}
+	r := NewReconciler("n1", Kernel{IPVS: fake, NFT: nf})
+	first, _ := Desired(syncInputs(), "n1")
+	if _, err := r.Sync(t.Context(), first); err != nil {
+		t.Fatal(err)
+	}
+	st, _ := Desired(withoutNode(syncInputs(), "n2"), "n1")
+	rep, err := r.Sync(t.Context(), st)
+	if err == nil || rep.NFTFailures != 1 {
+		t.Fatalf("sync with the final table write failing: %v, %d failures", err, rep.NFTFailures)
+	}
+	if r.CanForward() {
+		t.Error("CanForward after a failed table write")
+	}
+	if got := fake.Table(); !got.Equal(st.IPVS) {
+		t.Errorf("IPVS, programmed before the failed write:\n%s\nwant\n%s", got, st.IPVS)
+	}
+	if got, want := elements(t, nf.Fake, "snat-v4"), unionOf(snatElements(first), snatElements(st)); !slices.Equal(got, want) {
+		t.Errorf("after the failed final write the table masquerades\n%q\nwant the union of old and new\n%q", got, want)
+	}
+	nf.left = -1
+	if _, err := r.Sync(t.Context(), st); err != nil {
+		t.Fatal(err)
+	}
+	if !r.CanForward() {
+		t.Error("cannot forward after a good write")
+	}
+	if got, want := elements(t, nf.Fake, "snat-v4"), snatElements(st); !slices.Equal(got, want) {
+		t.Errorf("table masquerades\n%q\nwant\n%q", got, want)
+	}
+}
+
+func unionOf(a, b []string) []string {
+	out := append(slices.Clone(a), b...)
+	slices.Sort(out)
+	return slices.Compact(out)
+}
+
+// failAfter is a knftables.Fake whose runs fail once left runs succeeded
+// (never while left is negative).
+type failAfter struct {
+	*knftables.Fake
+	left int
+}
+
+func (f *failAfter) Run(ctx context.Context, tx *knftables.Transaction) error {
+	if f.left == 0 {
+		return errors.New("injected: Error: Could not process rule: No buffer space available")
+	}
+	if f.left > 0 {
+		f.left--
+	}
+	return f.Fake.Run(ctx, tx)
+}
+
+// TestReconcilerGuardOnly: without IPVS only the guard is written.
+func TestReconcilerGuardOnly(t *testing.T) {
+	nf := knftables.NewFake(nft.Family, nft.Table)
+	r := NewReconciler("n1", Kernel{NFT: nf})
+	st, _ := Desired(syncInputs(), "n1")
+	if _, err := r.Sync(t.Context(), st); err != nil {
+		t.Fatal(err)
+	}
+	if got := elements(t, nf, "snat-v4"); len(got) != 0 {
+		t.Errorf("without IPVS the table masquerades %q", got)
+	}
+	if got := elements(t, nf, "vips-v4"); len(got) == 0 {
+		t.Error("without IPVS the guard lists no VIP")
+	}
+	if r.CanForward() {
+		t.Error("CanForward without IPVS")
+	}
+}
