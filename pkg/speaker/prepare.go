@@ -11,6 +11,7 @@ import (
 	"github.com/spf13/pflag"
 	"k8s.io/klog/v2"
 
+	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/hostnet"
 	"github.com/keeplb/keeplb/pkg/ipvs"
 	"github.com/keeplb/keeplb/pkg/nsthread"
@@ -99,7 +100,7 @@ func prepare(ctx context.Context, withIPVS bool, open func() (ipvs.Interface, er
 			return fmt.Errorf("open IPVS: %w", err)
 		default:
 			closeHandle(h)
-			reqs = append(reqs, ipvsSysctls()...)
+			reqs = append(reqs, dataplane.IPVSSysctls()...)
 		}
 	}
 	if err := hostnet.Ensure(net, reqs); err != nil {
