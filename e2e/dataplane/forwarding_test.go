@@ -178,11 +178,13 @@ func TestForwardingNodePort(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer h.Close()
-	res, err := dataplane.Sync(h, desired.IPVS, desired.Owns)
+	// IPVS alone first: the speaker's Reconciler on a node without nft.
+	bare := dataplane.NewReconciler("lb", dataplane.Kernel{IPVS: h})
+	rep, err := bare.Sync(context.Background(), desired)
 	if err != nil {
-		t.Fatalf("dataplane.Sync: %v (%s)", err, res)
+		t.Fatalf("Reconciler.Sync without nftables: %v (%s)", err, rep.Result)
 	}
-	t.Logf("dataplane.Sync: %s", res)
+	t.Logf("Reconciler.Sync without nftables: %s", rep.Result)
 	out, err := nsExec(lb, "ipvsadm", "-Ln")
 	if err != nil {
 		t.Fatalf("ipvsadm -Ln: %v: %s", err, out)
@@ -202,24 +204,30 @@ func TestForwardingNodePort(t *testing.T) {
 		t.Logf("without nftables rules, as expected the request fails: %v", err)
 	}
 
-	// The nftables table, written by nft.Sync into lb through nft.NewAt,
-	// as the speaker does with --netns.
-	syncNFT := func(rules nft.Rules) {
+	// Then the speaker's Reconciler with keeplb's table, opened in lb
+	// through nft.NewAt as the speaker does with --netns: it adopts the
+	// virtual servers above and writes the table.
+	nf, err := nft.NewAt("/run/netns/" + lb)
+	if err != nil {
+		t.Fatalf("nft.NewAt %s: %v", lb, err)
+	}
+	r := dataplane.NewReconciler("lb", dataplane.Kernel{IPVS: h, NFT: nf})
+	sync := func(st dataplane.State) dataplane.Report {
 		t.Helper()
-		nf, err := nft.NewAt("/run/netns/" + lb)
-		if err == nil {
-			err = nft.Sync(context.Background(), nf, rules)
-		}
+		rep, err := r.Sync(context.Background(), st)
 		if err != nil {
-			t.Fatalf("nft.Sync in %s: %v", lb, err)
+			t.Fatalf("Reconciler.Sync in %s: %v (%s)", lb, err, rep.Result)
 		}
 		if out, err := nsExec(lb, "nft", "list", "table", "inet", "keeplb"); err != nil {
 			t.Fatalf("nft list table: %v: %s", err, out)
 		} else {
 			t.Logf("nft list table inet keeplb in lb:\n%s", out)
 		}
+		return rep
 	}
-	syncNFT(rulesFor(desired, in.Services))
+	if rep := sync(desired); rep.Result.Changes() != 0 {
+		t.Errorf("adopting the virtual servers changed IPVS: %s", rep.Result)
+	}
 
 	body, err := request(client, url)
 	if err != nil {
@@ -244,10 +252,9 @@ func TestForwardingNodePort(t *testing.T) {
 	if len(problems) > 0 {
 		t.Fatalf("Desired reported problems: %v", problems)
 	}
-	if res, err := dataplane.Sync(h, desired.IPVS, desired.Owns); err != nil || res.Changes() != 0 {
-		t.Errorf("dataplane.Sync after adding source ranges: %s, %v; want no changes", res, err)
+	if rep := sync(desired); rep.Result.Changes() != 0 {
+		t.Errorf("Reconciler.Sync after adding source ranges: %s; want no IPVS changes", rep.Result)
 	}
-	syncNFT(rulesFor(desired, in.Services))
 	t0 := time.Now()
 	if body, err := request(client, url); err == nil {
 		t.Errorf("client outside loadBalancerSourceRanges got an answer: %q", body)
@@ -278,35 +285,13 @@ func TestForwardingNodePort(t *testing.T) {
 	// And a range including the client opens it again.
 	svc.Spec.LoadBalancerSourceRanges = []string{"192.0.2.0/24", clientIP + "/32"}
 	desired, _ = dataplane.Desired(in, "lb")
-	syncNFT(rulesFor(desired, in.Services))
+	sync(desired)
 	if body, err := request(client, url); err != nil {
 		t.Errorf("client inside loadBalancerSourceRanges: %v", err)
 	} else {
 		t.Logf("client inside loadBalancerSourceRanges: %s", body)
 	}
 	t.Logf("in-kernel part took %s", time.Since(began).Round(10*time.Millisecond))
-}
-
-// rulesFor is the nft.Rules for a desired state: its SNAT list, and each
-// virtual server's owner's loadBalancerSourceRanges.
-func rulesFor(st dataplane.State, svcs []*v1.Service) nft.Rules {
-	r := nft.Rules{SNAT: st.SNAT, SourceRanges: map[ipvs.Key][]netip.Prefix{}}
-	byName := map[string]*v1.Service{}
-	for _, s := range svcs {
-		byName[s.Namespace+"/"+s.Name] = s
-	}
-	for k, owner := range st.Owners {
-		s := byName[owner]
-		if s == nil {
-			continue
-		}
-		for _, c := range s.Spec.LoadBalancerSourceRanges {
-			if p, err := netip.ParsePrefix(strings.TrimSpace(c)); err == nil {
-				r.SourceRanges[k] = append(r.SourceRanges[k], p)
-			}
-		}
-	}
-	return r
 }
 
 // startServer runs the HTTP responder in ns until the test ends.

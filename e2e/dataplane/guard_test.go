@@ -121,21 +121,21 @@ func TestGuardWithIPVS(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer h.Close()
-	if res, err := dataplane.Sync(h, st.IPVS, st.Owns); err != nil {
-		t.Fatalf("dataplane.Sync: %v (%s)", err, res)
+	nf, err := nft.NewAt("/run/netns/" + lb)
+	if err != nil {
+		t.Fatalf("nft.NewAt %s: %v", lb, err)
 	}
-	syncNFT := func(rules nft.Rules) {
+	r := dataplane.NewReconciler("glb", dataplane.Kernel{IPVS: h, NFT: nf})
+	sync := func(st dataplane.State) {
 		t.Helper()
-		nf, err := nft.NewAt("/run/netns/" + lb)
-		if err == nil {
-			err = nft.Sync(context.Background(), nf, rules)
-		}
-		if err != nil {
-			t.Fatalf("nft.Sync in %s: %v", lb, err)
+		if rep, err := r.Sync(context.Background(), st); err != nil {
+			t.Fatalf("Reconciler.Sync in %s: %v (%s)", lb, err, rep.Result)
 		}
 	}
 	// Masquerading only, no guard yet: what keeplb wrote before.
-	syncNFT(nft.Rules{SNAT: st.SNAT})
+	unguarded := st
+	unguarded.Guard, unguarded.SourceRanges = nft.Guard{}, nil
+	sync(unguarded)
 
 	type check struct {
 		url     string
@@ -165,7 +165,7 @@ func TestGuardWithIPVS(t *testing.T) {
 		}
 	}
 
-	syncNFT(nft.Rules{SNAT: st.SNAT, SourceRanges: st.SourceRanges, Guard: st.Guard})
+	sync(st)
 	if out, err := exec.Command("ip", "netns", "exec", lb, "nft", "list", "table", "inet", "keeplb").CombinedOutput(); err == nil {
 		t.Logf("nft list table inet keeplb in lb:\n%s", out)
 	}
@@ -185,13 +185,9 @@ func TestGuardWithIPVS(t *testing.T) {
 	if err != nil || !strings.Contains(string(out), "10.62.0.202 . tcp . 443") && !strings.Contains(string(out), "10.62.0.202 . 6 . 443") {
 		t.Errorf("ports-v4 lacks the kube-proxy Service's 10.62.0.202 . tcp . 443 (%v):\n%s", err, out)
 	}
-	nf, err := nft.NewAt("/run/netns/" + lb)
-	if err != nil {
-		t.Fatal(err)
-	}
-	drops, err := nft.GuardDrops(context.Background(), nf)
-	if err != nil || drops == 0 {
-		t.Errorf("guard counter: %d, %v; want drops counted", drops, err)
+	drops, ok := r.GuardDropped()
+	if !ok || drops == 0 {
+		t.Errorf("guard counter: %d, %v; want drops counted", drops, ok)
 	}
 	t.Logf("the guard dropped %d packets over %d checks", drops, len(checks))
 }

@@ -16,6 +16,12 @@ import (
 	"testing"
 	"time"
 
+	v1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/keeplb/keeplb/pkg/annotations"
+	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/ipvs"
 	"github.com/keeplb/keeplb/pkg/testing/lab"
@@ -44,6 +50,49 @@ func table(vss int) ipvs.Table {
 	return t
 }
 
+// podInputs is the cluster state whose desired IPVS table on node
+// "bench" forwards each VIP's port 80 to its endpoints' port (pod
+// forwarding): the way the speaker gets a table, through
+// dataplane.Desired.
+func podInputs(pool string, vips []netip.Addr, endpoints [][]netip.AddrPort) dataplane.Inputs {
+	in := dataplane.Inputs{Class: annotations.DefaultClass, DefaultClass: true,
+		Pools: []*v1alpha1.IPPool{{ObjectMeta: metav1.ObjectMeta{Name: "bench"}, Spec: v1alpha1.IPPoolSpec{Addresses: []string{pool}, Forwarding: v1alpha1.ForwardingPod}}}}
+	for i, vip := range vips {
+		name := fmt.Sprintf("svc-%d", i)
+		in.Services = append(in.Services, &v1.Service{
+			ObjectMeta: metav1.ObjectMeta{Namespace: "bench", Name: name, CreationTimestamp: metav1.Unix(int64(i), 0)},
+			Spec:       v1.ServiceSpec{Type: v1.ServiceTypeLoadBalancer, Ports: []v1.ServicePort{{Protocol: v1.ProtocolTCP, Port: 80}}},
+			Status:     v1.ServiceStatus{LoadBalancer: v1.LoadBalancerStatus{Ingress: []v1.LoadBalancerIngress{{IP: vip.String()}}}},
+		})
+		es := &discoveryv1.EndpointSlice{ObjectMeta: metav1.ObjectMeta{Namespace: "bench", Name: name, Labels: map[string]string{discoveryv1.LabelServiceName: name}},
+			AddressType: discoveryv1.AddressTypeIPv4}
+		for _, ep := range endpoints[i] {
+			es.Endpoints = append(es.Endpoints, discoveryv1.Endpoint{Addresses: []string{ep.Addr().String()}})
+			es.Ports = []discoveryv1.EndpointPort{{Name: ptrTo(""), Protocol: ptrTo(v1.ProtocolTCP), Port: ptrTo(int32(ep.Port()))}}
+		}
+		in.Slices = append(in.Slices, es)
+	}
+	return in
+}
+
+func ptrTo[T any](v T) *T { return &v }
+
+// tableInputs is podInputs for table(vss): the same virtual and real
+// servers.
+func tableInputs(vss int) dataplane.Inputs {
+	var vips []netip.Addr
+	var eps [][]netip.AddrPort
+	for _, e := range table(vss) {
+		vips = append(vips, e.Virtual.Address)
+		var reals []netip.AddrPort
+		for _, r := range e.Reals {
+			reals = append(reals, r.AddrPort())
+		}
+		eps = append(eps, reals)
+	}
+	return podInputs("192.0.2.0-192.0.5.255", vips, eps)
+}
+
 // namespace makes a namespace routing 10.0.0.0/16, removed at the end.
 func namespace(b *testing.B) string {
 	ns := "kl-bench-" + strconv.Itoa(os.Getpid())
@@ -67,14 +116,18 @@ func namespace(b *testing.B) string {
 // BenchmarkApply10000 programs 1,000 virtual servers of 10 real servers
 // each into an empty table, then clears it (untimed).
 //
-//   - netlink: dataplane.Sync through keeplb's ipvs.Netlink, one dump
+//   - netlink: the speaker's dataplane.Reconciler through keeplb's
+//     ipvs.Netlink, one dump
 //     and one netlink message per change.
 //   - ipvsadm: one ipvsadm process per virtual and per real server, as a
 //     script around ipvsadm (keepalived-vip's reload path) would.
 func BenchmarkApply10000(b *testing.B) {
 	requireIPVS(b)
 	want := table(1000)
-	ours := func(ipvs.Key) bool { return true }
+	st, problems := dataplane.Desired(tableInputs(1000), "bench")
+	if len(problems) > 0 || !st.IPVS.Equal(want) {
+		b.Fatalf("the desired state is not the benchmark's table (problems %v)", problems)
+	}
 	b.Run("netlink", func(b *testing.B) {
 		ns := namespace(b)
 		h, err := ipvs.NewAt("/run/netns/" + ns)
@@ -82,13 +135,14 @@ func BenchmarkApply10000(b *testing.B) {
 			b.Fatal(err)
 		}
 		defer h.Close()
+		r := dataplane.NewReconciler("bench", dataplane.Kernel{IPVS: h})
 		for b.Loop() {
-			res, err := dataplane.Sync(h, want, ours)
-			if err != nil || res.RealAdded != 10000 {
-				b.Fatalf("Sync: %s, %v", res, err)
+			rep, err := r.Sync(context.Background(), st)
+			if err != nil || rep.Result.RealAdded != 10000 {
+				b.Fatalf("Sync: %s, %v", rep.Result, err)
 			}
 			b.StopTimer()
-			if _, err := dataplane.Sync(h, ipvs.Table{}, ours); err != nil {
+			if _, err := r.Exit(context.Background(), st.Owns); err != nil {
 				b.Fatal(err)
 			}
 			b.StartTimer()
@@ -171,9 +225,8 @@ func BenchmarkRequest(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer h.Close()
-	vs := ipvs.VirtualServer{Address: vip, Protocol: ipvs.TCP, Port: 80, Scheduler: "rr"}
-	want := ipvs.Table{vs.Key(): {Virtual: vs, Reals: []ipvs.RealServer{{Address: pod.IP, Port: 8080, Weight: 1}}}}
-	if _, err := dataplane.Sync(h, want, func(ipvs.Key) bool { return true }); err != nil {
+	st, _ := dataplane.Desired(podInputs(vip.String()+"/32", []netip.Addr{vip}, [][]netip.AddrPort{{netip.AddrPortFrom(pod.IP, 8080)}}), "bench")
+	if _, err := dataplane.NewReconciler("bench", dataplane.Kernel{IPVS: h}).Sync(context.Background(), st); err != nil {
 		b.Fatal(err)
 	}
 	for _, tc := range []struct {

@@ -255,15 +255,3 @@ func Apply(h ipvs.Interface, ops []Op) (Result, error) {
 	}
 	return res, errors.Join(errs...)
 }
-
-// Sync brings h's table to desired within ours: one dump (real servers are
-// read only for virtual servers that are ours), an in-memory diff, and only
-// the changes sent. A second Sync with the same desired table sends
-// nothing.
-func Sync(h ipvs.Interface, desired ipvs.Table, ours func(ipvs.Key) bool) (Result, error) {
-	current, err := ipvs.Dump(h, ours)
-	if err != nil {
-		return Result{}, err
-	}
-	return Apply(h, Diff(current, desired, ours))
-}

@@ -55,7 +55,7 @@ func TestApplyKernelWithoutScheduler(t *testing.T) {
 	st.IPVS[k] = e
 	f := ipvstesting.New()
 	f.SetSchedulers("rr", "wrr")
-	res, err := Sync(f, st.IPVS, st.Owns)
+	res, err := diffApply(f, st.IPVS, st.Owns)
 	if err == nil {
 		t.Fatal("Sync succeeded with a scheduler the kernel lacks")
 	}
@@ -66,7 +66,7 @@ func TestApplyKernelWithoutScheduler(t *testing.T) {
 		t.Errorf("kernel has %d virtual servers, want the %d others", len(got), len(st.IPVS)-1)
 	}
 	f.SetSchedulers(ipvstesting.Schedulers...)
-	if res, err := Sync(f, st.IPVS, st.Owns); err != nil || len(res.Errors) != 0 {
+	if res, err := diffApply(f, st.IPVS, st.Owns); err != nil || len(res.Errors) != 0 {
 		t.Fatalf("Sync after loading the module = %s, %v", res, err)
 	}
 	if got := f.Table(); !got.Equal(st.IPVS) {

@@ -88,7 +88,7 @@ func TestSyncFromStartingStates(t *testing.T) {
 			f := ipvstesting.New()
 			f.SeedTable(tt.start)
 			f.SeedTable(foreign) // always present, never ours
-			res, err := Sync(f, st.IPVS, st.Owns)
+			res, err := diffApply(f, st.IPVS, st.Owns)
 			if err != nil {
 				t.Fatalf("Sync: %v", err)
 			}
@@ -111,7 +111,7 @@ func TestSyncFromStartingStates(t *testing.T) {
 			}
 
 			f.ResetCalls()
-			res, err = Sync(f, st.IPVS, st.Owns)
+			res, err = diffApply(f, st.IPVS, st.Owns)
 			if err != nil || res.Changes() != 0 || len(f.Writes()) != 0 {
 				t.Errorf("second Sync = %s, %v; writes %v; want nothing", res, err, f.Writes())
 			}
@@ -184,7 +184,7 @@ func TestApplyGoesOnAfterFailure(t *testing.T) {
 		}
 		return nil
 	})
-	res, err := Sync(f, st.IPVS, st.Owns)
+	res, err := diffApply(f, st.IPVS, st.Owns)
 	if !errors.Is(err, syscall.ENOMEM) {
 		t.Fatalf("Sync error = %v, want ENOMEM", err)
 	}
@@ -197,7 +197,7 @@ func TestApplyGoesOnAfterFailure(t *testing.T) {
 		}
 	}
 	f.FailWith(nil)
-	if _, err := Sync(f, st.IPVS, st.Owns); err != nil {
+	if _, err := diffApply(f, st.IPVS, st.Owns); err != nil {
 		t.Fatal(err)
 	}
 	if got := f.Table(); !got.Equal(st.IPVS) {
@@ -249,7 +249,7 @@ func TestEndpointChurn(t *testing.T) {
 		}
 		st, _ := Desired(in, "n1")
 		f.ResetCalls()
-		if _, err := Sync(f, st.IPVS, st.Owns); err != nil {
+		if _, err := diffApply(f, st.IPVS, st.Owns); err != nil {
 			t.Fatalf("%s: %v", step.name, err)
 		}
 		got := f.Table()
@@ -361,7 +361,7 @@ func TestSyncReportsRemovedReals(t *testing.T) {
 	f.Seed(gone, rs("10.1.2.1", 53, 1))
 	ours := func(k ipvs.Key) bool { return k.Address == dns.Address || k.Address == gone.Address }
 	want := ipvs.Table{dns.Key(): entry(dns, rs("10.1.1.1", 53, 1), rs("10.1.1.2", 53, 0))}
-	res, err := Sync(f, want, ours)
+	res, err := diffApply(f, want, ours)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -369,7 +369,19 @@ func TestSyncReportsRemovedReals(t *testing.T) {
 	if wantRemoved := "[UDP/192.0.2.5:53 -> 10.1.1.3:53 UDP/192.0.2.6:53 -> 10.1.2.1:53]"; got != wantRemoved {
 		t.Errorf("Removed = %s, want %s", got, wantRemoved)
 	}
-	if res, err := Sync(f, want, ours); err != nil || len(res.Removed) != 0 {
+	if res, err := diffApply(f, want, ours); err != nil || len(res.Removed) != 0 {
 		t.Errorf("a second Sync removed %v (%v), want nothing", res.Removed, err)
 	}
+}
+
+// diffApply runs the Reconciler's core on h with a fixed scope: one dump
+// of what ours selects, Diff, Apply. The tests of Diff and Apply use it to
+// start from any kernel state; reconciler_test.go tests the scope the
+// Reconciler itself keeps.
+func diffApply(h ipvs.Interface, desired ipvs.Table, ours func(ipvs.Key) bool) (Result, error) {
+	current, err := ipvs.Dump(h, ours)
+	if err != nil {
+		return Result{}, err
+	}
+	return Apply(h, Diff(current, desired, ours))
 }

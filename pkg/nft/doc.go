@@ -1,8 +1,8 @@
 // Package nft writes keeplb's nftables table, inet keeplb: masquerading
 // for traffic IPVS forwards in NAT mode, the Services'
 // spec.loadBalancerSourceRanges, and the VIP port guard. Transaction builds the table as plain
-// data (a knftables.Transaction) from Rules; Sync runs it; Delete and
-// Cleanup remove the table on a clean exit. Nothing here reads the kernel:
+// data (a knftables.Transaction) from Rules, which dataplane.Reconciler
+// runs; Delete and Cleanup remove the table on a clean exit. Nothing here reads the kernel:
 // every sync rewrites the whole table in one atomic transaction, so the
 // result depends on Rules alone, and no other table is ever touched.
 //

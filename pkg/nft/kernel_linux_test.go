@@ -94,7 +94,7 @@ func inNetns(t *testing.T, name string, f func() error) error {
 	return <-errc
 }
 
-// realNFT runs nft.Sync and nft.Cleanup through knftables' real
+// realNFT runs the table's transaction and nft.Cleanup through knftables' real
 // implementation in namespace ns, opened with nft.NewAt.
 type realNFT struct {
 	t  *testing.T
@@ -111,7 +111,7 @@ func (r realNFT) open() knftables.Interface {
 }
 
 func (r realNFT) sync(in nft.Rules) error {
-	return nft.Sync(context.Background(), r.open(), in)
+	return write(context.Background(), r.open(), in)
 }
 
 func (r realNFT) cleanup() error {
@@ -130,7 +130,7 @@ func TestNewAtWritesTheNamedNamespace(t *testing.T) {
 	r := realNFT{t, ns}
 	n := r.open()
 	in := nft.Rules{SNAT: []nft.SNAT{{Virtual: ipvs.Key{Address: netip.MustParseAddr("192.0.2.1"), Protocol: ipvs.TCP, Port: 80}, Real: netip.MustParseAddrPort("10.0.0.1:30080")}}}
-	if err := nft.Sync(t.Context(), n, in); err != nil {
+	if err := write(t.Context(), n, in); err != nil {
 		t.Fatalf("Sync through NewAt: %v", err)
 	}
 	if out, err := nftIn(ns, "", "list", "table", "inet", "keeplb"); err != nil || !strings.Contains(out, "10.0.0.1") {

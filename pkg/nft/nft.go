@@ -335,18 +335,6 @@ func New() (knftables.Interface, error) {
 	return knftables.New(Family, Table)
 }
 
-// Sync rewrites keeplb's table to express in, in one transaction. Entries
-// Transaction leaves out are reported in the error, after the rest is
-// written.
-func Sync(ctx context.Context, nft knftables.Interface, in Rules) error {
-	tx := nft.NewTransaction()
-	invalid := Transaction(tx, in)
-	if err := nft.Run(ctx, tx); err != nil {
-		return errors.Join(fmt.Errorf("writing nftables table %s %s: %w", Family, Table, err), invalid)
-	}
-	return invalid
-}
-
 // Cleanup removes keeplb's table, for a clean exit.
 func Cleanup(ctx context.Context, nft knftables.Interface) error {
 	tx := nft.NewTransaction()

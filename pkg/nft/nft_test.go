@@ -2,6 +2,7 @@ package nft_test
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"maps"
 	"net/netip"
@@ -92,7 +93,7 @@ var goldenCases = []struct {
 
 func sync(t *testing.T, fake *knftables.Fake, in nft.Rules) {
 	t.Helper()
-	if err := nft.Sync(context.Background(), fake, in); err != nil {
+	if err := write(context.Background(), fake, in); err != nil {
 		t.Fatalf("Sync: %v", err)
 	}
 }
@@ -467,7 +468,7 @@ func TestInvalidInput(t *testing.T) {
 			in.Guard.Echo = append(slices.Clone(in.Guard.Echo), tc.bad.Guard.Echo...)
 			in.Guard.Ports = append(slices.Clone(in.Guard.Ports), tc.bad.Guard.Ports...)
 			fake := knftables.NewFake(nft.Family, nft.Table)
-			err := nft.Sync(context.Background(), fake, in)
+			err := write(context.Background(), fake, in)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("error = %v, want one containing %q", err, tc.want)
 			}
@@ -497,7 +498,7 @@ func TestInvalidSourceRange(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			fake := knftables.NewFake(nft.Family, nft.Table)
-			err := nft.Sync(context.Background(), fake, nft.Rules{SourceRanges: map[ipvs.Key][]netip.Prefix{web4: tc.ranges}})
+			err := write(context.Background(), fake, nft.Rules{SourceRanges: map[ipvs.Key][]netip.Prefix{web4: tc.ranges}})
 			if err == nil || !strings.Contains(err.Error(), "invalid source range") {
 				t.Fatalf("error = %v, want one naming the invalid source range", err)
 			}
@@ -515,7 +516,19 @@ func TestInvalidSourceRange(t *testing.T) {
 // another table cannot be used by mistake.
 func TestTransactionNeedsMatchingInterface(t *testing.T) {
 	fake := knftables.NewFake(knftables.IPv4Family, "other")
-	if err := nft.Sync(context.Background(), fake, dualStack()); err == nil {
+	if err := write(context.Background(), fake, dualStack()); err == nil {
 		t.Error("Sync through an Interface for ip other succeeded")
 	}
+}
+
+// write runs the transaction for in, as dataplane.Reconciler does: the
+// entries nft.Transaction leaves out are reported after the rest is
+// written.
+func write(ctx context.Context, n knftables.Interface, in nft.Rules) error {
+	tx := n.NewTransaction()
+	invalid := nft.Transaction(tx, in)
+	if err := n.Run(ctx, tx); err != nil {
+		return errors.Join(err, invalid)
+	}
+	return invalid
 }
