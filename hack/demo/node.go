@@ -120,7 +120,7 @@ func (a *nodeAgent) handle(ctx context.Context, req request) (response, error) {
 	case "nodeport":
 		for _, args := range [][]string{{"-A", "-t", req.Addr, "-s", "rr"}, {"-a", "-t", req.Addr, "-r", req.Target, "-m"}} {
 			if out, err := exec.Command("ip", append([]string{"netns", "exec", req.Node, "ipvsadm"}, args...)...).CombinedOutput(); err != nil {
-				return response{}, fmt.Errorf("ipvsadm %v in %s: %v: %s", args, req.Node, err, out)
+				return response{}, fmt.Errorf("ipvsadm %v in %s: %w: %s", args, req.Node, err, out)
 			}
 		}
 		return response{}, nil

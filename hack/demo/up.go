@@ -86,7 +86,7 @@ func up(c config) error {
 	kubectl := func(args ...string) (string, error) {
 		out, err := exec.Command(filepath.Join(c.tools, "kubectl"), append([]string{"--kubeconfig", c.path("kubeconfig")}, args...)...).CombinedOutput()
 		if err != nil {
-			return string(out), fmt.Errorf("kubectl %s: %v: %s", strings.Join(args, " "), err, out)
+			return string(out), fmt.Errorf("kubectl %s: %w: %s", strings.Join(args, " "), err, out)
 		}
 		return string(out), nil
 	}

@@ -80,8 +80,10 @@ func NewExecProcess(o ExecOptions) (*ExecProcess, error) {
 	if o.ConfigPath == "" || o.RunDir == "" {
 		return nil, errors.New("keepalived: ConfigPath and RunDir are required")
 	}
-	if fi, err := os.Stat(o.RunDir); err != nil || !fi.IsDir() {
-		return nil, fmt.Errorf("keepalived: RunDir %s is not a directory: %v", o.RunDir, err)
+	if fi, err := os.Stat(o.RunDir); err != nil {
+		return nil, fmt.Errorf("keepalived: RunDir %s is not a directory: %w", o.RunDir, err)
+	} else if !fi.IsDir() {
+		return nil, fmt.Errorf("keepalived: RunDir %s is not a directory", o.RunDir)
 	}
 	if len(o.Command) == 0 {
 		o.Command = []string{"keepalived"}

@@ -205,6 +205,7 @@ func waitEstablished(ctx context.Context, dyn dynamic.Interface, name string) er
 			if err == nil {
 				err = errors.New("not Established")
 			}
+			//nolint:errorlint // both wrapped: callers test for the deadline as for the last error
 			return fmt.Errorf("wait for CRD %s: %w (%w)", name, err, ctx.Err())
 		case <-time.After(100 * time.Millisecond):
 		}

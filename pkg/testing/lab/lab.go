@@ -219,14 +219,14 @@ func (l *Lab) Close() {
 func Cleanup(prefix string) error {
 	out, err := exec.Command("ip", "netns", "list").CombinedOutput()
 	if err != nil {
-		return fmt.Errorf("ip netns list: %v: %s", err, out)
+		return fmt.Errorf("ip netns list: %w: %s", err, out)
 	}
 	var errs []error
 	for _, line := range strings.Split(string(out), "\n") {
 		f := strings.Fields(line)
 		if len(f) > 0 && strings.HasPrefix(f[0], prefix+"-") {
 			if out, err := exec.Command("ip", "netns", "del", f[0]).CombinedOutput(); err != nil {
-				errs = append(errs, fmt.Errorf("ip netns del %s: %v: %s", f[0], err, out))
+				errs = append(errs, fmt.Errorf("ip netns del %s: %w: %s", f[0], err, out))
 			}
 		}
 	}
@@ -253,7 +253,7 @@ func (l *Lab) attach(ns string, a netip.Addr) error {
 // addNS creates a namespace with lo up.
 func addNS(ns string) error {
 	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
-		return fmt.Errorf("ip netns add %s: %v: %s", ns, err, strings.TrimSpace(string(out)))
+		return fmt.Errorf("ip netns add %s: %w: %s", ns, err, strings.TrimSpace(string(out)))
 	}
 	return ipRun(ns, "link set lo up")
 }
@@ -263,7 +263,7 @@ func ipRun(ns string, cmds ...string) error {
 	for _, c := range cmds {
 		args := append([]string{"-n", ns}, strings.Fields(c)...)
 		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			return fmt.Errorf("ip %s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+			return fmt.Errorf("ip %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
 		}
 	}
 	return nil
