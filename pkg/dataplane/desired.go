@@ -22,9 +22,8 @@ import (
 	"github.com/keeplb/keeplb/pkg/vrrp"
 )
 
-// Inputs is what the dataplane reads from the API. It has the fields of
-// speaker.Inputs, in the same order, so the speaker converts with
-// dataplane.Inputs(in).
+// Inputs is what a speaker reads from the API, from its informer caches:
+// the dataplane's input here, and the VRRP plan's (speaker.PlanInput).
 type Inputs struct {
 	Services []*v1.Service
 	Slices   []*discoveryv1.EndpointSlice

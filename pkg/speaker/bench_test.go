@@ -8,6 +8,7 @@ import (
 	v1 "k8s.io/api/core/v1"
 
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
+	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/hostnet"
 	"github.com/keeplb/keeplb/pkg/keepalived"
 	"github.com/keeplb/keeplb/pkg/vrrp"
@@ -17,7 +18,7 @@ import (
 // 3 pools and 3 nodes: API state to plan input, the plan, this node's
 // keepalived configuration, and rendering it to bytes.
 func BenchmarkRender(b *testing.B) {
-	in := Inputs{Class: "keeplb.io/vip", DefaultClass: true,
+	in := dataplane.Inputs{Class: "keeplb.io/vip", DefaultClass: true,
 		Nodes: []*v1.Node{node("n1", "10.0.0.1"), node("n2", "10.0.0.2"), node("n3", "10.0.0.3")},
 		Pools: []*v1alpha1.IPPool{
 			ippool("a", []string{"10.1.0.0/22"}, &v1alpha1.VRRP{VirtualRouterIDs: "1-80"}),

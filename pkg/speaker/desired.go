@@ -11,11 +11,11 @@ import (
 	"strings"
 
 	v1 "k8s.io/api/core/v1"
-	discoveryv1 "k8s.io/api/discovery/v1"
 
 	"github.com/keeplb/keeplb/pkg/allocator"
 	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
+	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/hostnet"
 	"github.com/keeplb/keeplb/pkg/keepalived"
 	"github.com/keeplb/keeplb/pkg/nodeview"
@@ -23,23 +23,11 @@ import (
 	"github.com/keeplb/keeplb/pkg/vrrp"
 )
 
-// Inputs is what the speaker reads from the API, from its informer caches.
-type Inputs struct {
-	Services []*v1.Service
-	Slices   []*discoveryv1.EndpointSlice
-	Nodes    []*v1.Node
-	Pools    []*v1alpha1.IPPool
-	// Class and DefaultClass decide which Services are keeplb's, by the
-	// same rule as the controller.
-	Class        string
-	DefaultClass bool
-}
-
 // PlanInput turns the API state into the VRRP plan's input, and maps each
 // VIP to the Services that use it. Services that are not keeplb's, and
 // addresses in no pool, are left out: the speaker never touches them.
 // Pools get their VRIDs by vrrp.PoolsOf.
-func PlanInput(in Inputs) (vrrp.Input, map[netip.Addr][]string) {
+func PlanInput(in dataplane.Inputs) (vrrp.Input, map[netip.Addr][]string) {
 	parsed := pools.Parse(in.Pools)
 	var out vrrp.Input
 	order := make([]string, len(parsed))

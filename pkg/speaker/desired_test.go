@@ -11,6 +11,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
+	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/hostnet"
 	"github.com/keeplb/keeplb/pkg/keepalived"
 	"github.com/keeplb/keeplb/pkg/vrrp"
@@ -54,7 +55,7 @@ func ippool(name string, addrs []string, v *v1alpha1.VRRP) *v1alpha1.IPPool {
 func TestPlanInputSelectsOurVIPs(t *testing.T) {
 	other := "example.com/other"
 	ours := "keeplb.io/vip"
-	in := Inputs{
+	in := dataplane.Inputs{
 		Class: ours, DefaultClass: true,
 		Nodes: []*v1.Node{node("n1", "10.0.0.1"), node("n2", "10.0.0.2")},
 		Pools: []*v1alpha1.IPPool{ippool("p", []string{"192.0.2.0/28"}, &v1alpha1.VRRP{VirtualRouterIDs: "10-20", Unicast: true, AdvertisementInterval: &metav1.Duration{Duration: 100 * time.Millisecond}})},
@@ -95,7 +96,7 @@ func TestPlanInputSelectsOurVIPs(t *testing.T) {
 }
 
 func TestKeepalivedConfigRendersThisNodesShare(t *testing.T) {
-	in := Inputs{
+	in := dataplane.Inputs{
 		Class: "keeplb.io/vip", DefaultClass: true,
 		Nodes: []*v1.Node{node("n1", "10.0.0.1"), node("n2", "10.0.0.2"), node("n3", "10.0.0.3")},
 		Pools: []*v1alpha1.IPPool{ippool("p", []string{"10.0.0.128/25"}, &v1alpha1.VRRP{Unicast: true})},

@@ -201,9 +201,9 @@ func (d *ipvsStep) close() {
 }
 
 // sync brings this node's dataplane to what in asks for.
-func (d *ipvsStep) sync(ctx context.Context, in Inputs) error {
+func (d *ipvsStep) sync(ctx context.Context, in dataplane.Inputs) error {
 	start := time.Now()
-	st, problems := d.desired.Desired(dataplane.Inputs(in), d.node)
+	st, problems := d.desired.Desired(in, d.node)
 	if d.noIPVS {
 		d.warnUnavailable(in, st)
 	}
@@ -239,7 +239,7 @@ func (d *ipvsStep) canForward() bool {
 
 // exit deletes keeplb's virtual servers (those it programmed) and its
 // table, unless --keep-ipvs-on-exit.
-func (d *ipvsStep) exit(ctx context.Context, in Inputs) error {
+func (d *ipvsStep) exit(ctx context.Context, in dataplane.Inputs) error {
 	logger := klog.FromContext(ctx)
 	if d.keepOnExit {
 		if !d.noIPVS && !d.guardOnly {
@@ -247,7 +247,7 @@ func (d *ipvsStep) exit(ctx context.Context, in Inputs) error {
 		}
 		return nil
 	}
-	st, _ := dataplane.Desired(dataplane.Inputs(in), d.node)
+	st, _ := dataplane.Desired(in, d.node)
 	rep, err := d.r.Exit(ctx, st.Owns)
 	d.metrics.NFTSyncErrors.Add(float64(rep.NFTFailures))
 	if !d.noIPVS && !d.guardOnly {
@@ -304,7 +304,7 @@ func (d *ipvsStep) stats() []metrics.VirtualServerStats {
 // report logs the dataplane's problems when they change, and records a
 // Warning event on the Service of each problem not reported by the last
 // sync.
-func (d *ipvsStep) report(ctx context.Context, in Inputs, problems []dataplane.Problem) {
+func (d *ipvsStep) report(ctx context.Context, in dataplane.Inputs, problems []dataplane.Problem) {
 	logger := klog.FromContext(ctx)
 	logged := fmt.Sprint(problems)
 	seen := make(map[dataplane.Problem]bool, len(problems))
@@ -329,7 +329,7 @@ func (d *ipvsStep) report(ctx context.Context, in Inputs, problems []dataplane.P
 // it may hold, not forwarded by kube-proxy) that has not had one from this
 // process yet. Once per Service, not per sync: the condition lasts until
 // the speaker restarts, and repeating it would only add noise.
-func (d *ipvsStep) warnUnavailable(in Inputs, st dataplane.State) {
+func (d *ipvsStep) warnUnavailable(in dataplane.Inputs, st dataplane.State) {
 	if d.recorder == nil {
 		return
 	}
@@ -348,7 +348,7 @@ func (d *ipvsStep) warnUnavailable(in Inputs, st dataplane.State) {
 }
 
 // serviceByKey returns the Service "namespace/name" of in, or nil.
-func serviceByKey(in Inputs, key string) *v1.Service {
+func serviceByKey(in dataplane.Inputs, key string) *v1.Service {
 	for _, svc := range in.Services {
 		if svc.Namespace+"/"+svc.Name == key {
 			return svc

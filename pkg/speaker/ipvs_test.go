@@ -34,7 +34,7 @@ import (
 
 // ipvsCluster is two Ready nodes and one pool, 192.0.2.0/24 and
 // 2001:db8::/64, forwarding to NodePorts; web has VIP 192.0.2.1.
-func ipvsCluster() Inputs {
+func ipvsCluster() dataplane.Inputs {
 	// n1 is this node: nodeport forwarding sends to the others' NodePorts
 	// (and to n1's own pods, of which these Services have none).
 	n1, n2, n3 := node("n1", "10.0.0.1"), node("n2", "10.0.0.2"), node("n3", "10.0.0.3")
@@ -43,7 +43,7 @@ func ipvsCluster() Inputs {
 	n3.Status.Addresses = append(n3.Status.Addresses, v1.NodeAddress{Type: v1.NodeInternalIP, Address: "fd00::3"})
 	p := ippool("p", []string{"192.0.2.0/24", "2001:db8::/64"}, nil)
 	p.Spec.Forwarding = v1alpha1.ForwardingNodePort
-	return Inputs{
+	return dataplane.Inputs{
 		Class: "keeplb.io/vip", DefaultClass: true,
 		Nodes:    []*v1.Node{n1, n2, n3},
 		Pools:    []*v1alpha1.IPPool{p},
@@ -137,7 +137,7 @@ func newIPVSFixture(t *testing.T, mutate func(*Options)) *ipvsFixture {
 	return f
 }
 
-func (f *ipvsFixture) sync(t *testing.T, in Inputs) {
+func (f *ipvsFixture) sync(t *testing.T, in dataplane.Inputs) {
 	t.Helper()
 	if err := f.step.sync(t.Context(), in); err != nil {
 		t.Fatal(err)
@@ -552,7 +552,7 @@ func TestIPVSStepReportsProblemsOnce(t *testing.T) {
 	// Fixed, then broken again: reported again.
 	good := in.Services[0].DeepCopy()
 	delete(good.Annotations, annotations.Scheduler)
-	f.sync(t, Inputs{Class: in.Class, DefaultClass: true, Nodes: in.Nodes, Pools: in.Pools, Services: []*v1.Service{good}})
+	f.sync(t, dataplane.Inputs{Class: in.Class, DefaultClass: true, Nodes: in.Nodes, Pools: in.Pools, Services: []*v1.Service{good}})
 	if events := drain(f.recorder); len(events) != 0 {
 		t.Fatalf("events once fixed: %q", events)
 	}
@@ -655,7 +655,7 @@ func TestIPVSStepMatchesDataplane(t *testing.T) {
 	in := ipvsCluster()
 	in.Services = append(in.Services, fwdService("dns", "192.0.2.2", 53, 30053), fwdService("outside-pools", "198.51.100.1", 80, 30081))
 	f.sync(t, in)
-	st, _ := dataplane.Desired(dataplane.Inputs(in), "n1")
+	st, _ := dataplane.Desired(in, "n1")
 	if len(st.IPVS) != 2 {
 		t.Fatalf("fixture: desired has %d virtual servers, want 2", len(st.IPVS))
 	}
@@ -686,7 +686,7 @@ func wantElements(t *testing.T, fake *knftables.Fake, set string, want ...string
 
 // nftCluster is ipvsCluster with source ranges on web (the field), on api
 // (the legacy annotation), and on kp, which kube-proxy forwards.
-func nftCluster() Inputs {
+func nftCluster() dataplane.Inputs {
 	in := ipvsCluster()
 	web := in.Services[0]
 	web.Spec.LoadBalancerSourceRanges = []string{"198.51.100.0/24", "203.0.113.7/32"}
@@ -928,7 +928,7 @@ func TestIPVSStepFailsClosed(t *testing.T) {
 	// The write succeeds again: everything as asked.
 	nf.fail = false
 	f.sync(t, in)
-	st, _ := dataplane.Desired(dataplane.Inputs(in), "n1")
+	st, _ := dataplane.Desired(in, "n1")
 	f.wantTable(t, "after a good write", st.IPVS)
 	wantElements(t, nf.Fake, "allowed-v4",
 		"192.0.2.1 . tcp . 80 . 198.51.100.0/25",

@@ -8,6 +8,7 @@ import (
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/klog/v2"
 
+	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/nodeview"
 	"github.com/keeplb/keeplb/pkg/vrrp"
 )
@@ -20,7 +21,7 @@ const EventInvalidNodeAddress = "InvalidNodeAddress"
 // observe reports what one sync learned beyond the plan's own problems:
 // the Nodes' InternalIPs that keeplb ignores, the pools whose plan ignores
 // Ready (fail-static), and whether this node can forward.
-func (s *Speaker) observe(ctx context.Context, in Inputs, plan vrrp.Plan) {
+func (s *Speaker) observe(ctx context.Context, in dataplane.Inputs, plan vrrp.Plan) {
 	s.warnNodes(ctx, in.Nodes)
 	s.metrics.FailStatic.Reset()
 	for _, p := range plan.Problems {

@@ -13,6 +13,7 @@ import (
 
 	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
+	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/ipvs"
 	"github.com/keeplb/keeplb/pkg/metrics"
 	"github.com/keeplb/keeplb/pkg/nft"
@@ -31,7 +32,7 @@ func badNodes() []*v1.Node {
 // sees an InternalIP no other node can send to: it would become a unicast
 // peer of every node.
 func TestPlanInputIgnoresUnusableNodeAddresses(t *testing.T) {
-	pin, _ := PlanInput(Inputs{Nodes: badNodes()})
+	pin, _ := PlanInput(dataplane.Inputs{Nodes: badNodes()})
 	got := map[string][]netip.Addr{}
 	for _, n := range pin.Nodes {
 		got[n.Name] = n.InternalIPs
@@ -90,7 +91,7 @@ func TestWarnNodes(t *testing.T) {
 func TestPlanInputForwarded(t *testing.T) {
 	kp := ippool("kp", []string{"192.0.2.128/25"}, nil)
 	kp.Spec.Forwarding = v1alpha1.ForwardingKubeProxy
-	in := Inputs{
+	in := dataplane.Inputs{
 		Class: "keeplb.io/vip", DefaultClass: true,
 		Nodes: []*v1.Node{node("n1", "10.0.0.1")},
 		Pools: []*v1alpha1.IPPool{ippool("np", []string{"192.0.2.0/25"}, nil), kp},
@@ -198,7 +199,7 @@ func TestObserveMetrics(t *testing.T) {
 	for _, n := range nodes[1:] {
 		n.Status.Conditions[0].Status = v1.ConditionUnknown
 	}
-	in := Inputs{Class: "keeplb.io/vip", DefaultClass: true, Nodes: nodes,
+	in := dataplane.Inputs{Class: "keeplb.io/vip", DefaultClass: true, Nodes: nodes,
 		Pools:    []*v1alpha1.IPPool{ippool("p", []string{"192.0.2.0/24"}, nil)},
 		Services: []*v1.Service{lbService("ns", "web", "192.0.2.1", false, nil)}}
 	pin, _ := PlanInput(in)

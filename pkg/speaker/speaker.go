@@ -39,6 +39,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
+	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/hostnet"
 	"github.com/keeplb/keeplb/pkg/ipvs"
 	"github.com/keeplb/keeplb/pkg/keepalived"
@@ -178,7 +179,7 @@ type Speaker struct {
 	poolInf   cache.SharedIndexInformer
 	recorder  record.EventRecorder
 	runner    *runner.Runner
-	inputs    func() Inputs
+	inputs    func() dataplane.Inputs
 	healthyMu sync.Mutex
 	health    health
 
@@ -317,7 +318,7 @@ func (s *Speaker) sync(ctx context.Context) (err error) {
 // applyVRRP renders this node's keepalived.conf for the plan, reports what
 // it had to leave out, writes the track files and hands the configuration
 // to the supervisor. It fails only when nothing could be applied.
-func (s *Speaker) applyVRRP(ctx context.Context, in Inputs, pin vrrp.Input, plan vrrp.Plan, start time.Time) error {
+func (s *Speaker) applyVRRP(ctx context.Context, in dataplane.Inputs, pin vrrp.Input, plan vrrp.Plan, start time.Time) error {
 	links, err := s.net.Links()
 	if err != nil {
 		return err
@@ -378,7 +379,7 @@ func renderVRRP(plan vrrp.Plan, node string, pin vrrp.Input, links []hostnet.Lin
 // appear, records a VRRPConfigProblem event for each ConfigProblem on the
 // object to fix, and sets their metrics. A problem that lasts is reported
 // once; again only if it went away and came back.
-func (s *Speaker) report(ctx context.Context, in Inputs, plan vrrp.Plan, problems []ConfigProblem) {
+func (s *Speaker) report(ctx context.Context, in dataplane.Inputs, plan vrrp.Plan, problems []ConfigProblem) {
 	logger := klog.FromContext(ctx)
 	seen := make(map[string]bool, len(plan.Problems)+len(problems))
 	sev := map[string]float64{"Warning": 0, "Error": 0}
@@ -425,7 +426,7 @@ func (s *Speaker) report(ctx context.Context, in Inputs, plan vrrp.Plan, problem
 // objectOf returns what an event about the object kind/name goes on, or
 // nil if in does not hold it. An IPPool, read through a dynamic informer,
 // is named by a reference.
-func objectOf(in Inputs, kind, name string) runtime.Object {
+func objectOf(in dataplane.Inputs, kind, name string) runtime.Object {
 	switch kind {
 	case KindService:
 		if svc := serviceByKey(in, name); svc != nil {
@@ -491,8 +492,8 @@ func (s *Speaker) refreshProcessMetrics() {
 	s.metrics.KeepalivedUp.Set(up)
 }
 
-func (s *Speaker) collect() Inputs {
-	in := Inputs{Class: s.opts.LoadBalancerClass, DefaultClass: s.opts.DefaultClass}
+func (s *Speaker) collect() dataplane.Inputs {
+	in := dataplane.Inputs{Class: s.opts.LoadBalancerClass, DefaultClass: s.opts.DefaultClass}
 	for _, o := range s.services.GetStore().List() {
 		in.Services = append(in.Services, o.(*v1.Service))
 	}

@@ -16,6 +16,7 @@ import (
 	"k8s.io/component-base/metrics/testutil"
 
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
+	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/hostnet"
 	"github.com/keeplb/keeplb/pkg/keepalived"
 	"github.com/keeplb/keeplb/pkg/metrics"
@@ -26,7 +27,7 @@ import (
 // with one VIP is always added, and must stay in keepalived.conf whatever
 // the rest holds.
 type vrrpCase struct {
-	in   Inputs
+	in   dataplane.Inputs
 	node string
 	// nodes edits the plan's node view, to give a Node addresses the API
 	// would not hold (or a future node view would refuse).
@@ -88,7 +89,7 @@ func instanceBlock(t *testing.T, conf, what string) string {
 func TestVRRPLongPoolName(t *testing.T) {
 	long := strings.Repeat("pool-with-a-long-name.", 11) + "example" // 249 characters
 	conf, _, problems := vrrpCase{
-		in: Inputs{
+		in: dataplane.Inputs{
 			Nodes:    []*v1.Node{node("n1", "10.0.0.1")},
 			Pools:    []*v1alpha1.IPPool{ippool(long, []string{"10.0.0.16/28"}, &v1alpha1.VRRP{VirtualRouterIDs: "1-10"})},
 			Services: []*v1.Service{lbService("ns", "a", "10.0.0.17", false, nil), lbService("ns", "l", "10.0.0.18", true, nil)},
@@ -109,7 +110,7 @@ func TestVRRPLongPoolName(t *testing.T) {
 // Trigger b: a Node name over 64 characters becomes router_id.
 func TestVRRPLongNodeName(t *testing.T) {
 	long := "node-1.rack-42.datacenter-west.example-corporation.internal.cluster.local"
-	conf, _, problems := vrrpCase{in: Inputs{Nodes: []*v1.Node{node(long, "10.0.0.1")}}, node: long}.render(t)
+	conf, _, problems := vrrpCase{in: dataplane.Inputs{Nodes: []*v1.Node{node(long, "10.0.0.1")}}, node: long}.render(t)
 	if want := "router_id " + keepalived.FitName(long, 0) + "\n"; !strings.Contains(conf, want) {
 		t.Errorf("keepalived.conf lacks %q:\n%s", want, conf)
 	}
@@ -123,7 +124,7 @@ func TestVRRPLongNodeName(t *testing.T) {
 func TestVRRPIPv6LocalInstanceName(t *testing.T) {
 	pool := "edge-pool-ipv6-local"
 	conf, _, problems := vrrpCase{
-		in: Inputs{
+		in: dataplane.Inputs{
 			Nodes:    []*v1.Node{node("n1", "10.0.0.1")},
 			Pools:    []*v1alpha1.IPPool{ippool(pool, []string{"2001:db8:1234:5678::/64"}, &v1alpha1.VRRP{VirtualRouterIDs: "1-10"})},
 			Services: []*v1.Service{lbService("ns", "web", "2001:db8:1234:5678:1319:8a2e:370:7348", true, nil), lbService("ns", "web2", "2001:db8:1234:5678:1319:8a2e:370:7349", true, nil)},
@@ -148,7 +149,7 @@ func TestVRRPSameVRIDOnTwoInterfaces(t *testing.T) {
 	p1.CreationTimestamp = p0.CreationTimestamp
 	p1.CreationTimestamp.Time = p1.CreationTimestamp.Add(time.Hour) // p1 is younger
 	c := vrrpCase{
-		in: Inputs{
+		in: dataplane.Inputs{
 			Nodes:    []*v1.Node{node("n1", "10.0.0.1")},
 			Pools:    []*v1alpha1.IPPool{p1, p0},
 			Services: []*v1.Service{lbService("ns", "a", "10.0.0.17", false, nil), lbService("ns", "b", "10.1.0.17", false, nil)},
@@ -182,7 +183,7 @@ func TestVRRPSameVRIDOnTwoInterfaces(t *testing.T) {
 // bad address drops only that peer; this node's drops only its instance.
 func TestVRRPZonedNodeAddress(t *testing.T) {
 	c := vrrpCase{
-		in: Inputs{
+		in: dataplane.Inputs{
 			Nodes:    []*v1.Node{node("n1", "2001:db8::1"), node("n2", "2001:db8::2"), node("n3", "2001:db8::3")},
 			Pools:    []*v1alpha1.IPPool{ippool("u6", []string{"2001:db8::100/120"}, &v1alpha1.VRRP{VirtualRouterIDs: "1-10", Unicast: true})},
 			Services: []*v1.Service{lbService("ns", "e", "2001:db8::101", false, nil)},
@@ -221,7 +222,7 @@ func TestVRRPZonedNodeAddress(t *testing.T) {
 // link-local addresses whose VIP is another instance's advert address.
 func TestVRRPRefusedInstanceIsLeftOut(t *testing.T) {
 	conf, plan, problems := vrrpCase{
-		in: Inputs{
+		in: dataplane.Inputs{
 			Nodes:    []*v1.Node{node("n1", "10.0.0.1")},
 			Pools:    []*v1alpha1.IPPool{ippool("linklocal", []string{"169.254.0.200/29"}, &v1alpha1.VRRP{VirtualRouterIDs: "1-10"})},
 			Services: []*v1.Service{lbService("ns", "ll", "169.254.0.204", false, nil), lbService("ns", "ll2", "169.254.0.205", false, nil)},
@@ -292,7 +293,7 @@ func (r *eventLog) AnnotatedEventf(obj runtime.Object, _ map[string]string, even
 func TestReportRecordsEachProblemOnce(t *testing.T) {
 	pool := ippool("p", nil, nil)
 	pool.UID = types.UID("uid-p")
-	in := Inputs{
+	in := dataplane.Inputs{
 		Pools:    []*v1alpha1.IPPool{pool},
 		Nodes:    []*v1.Node{node("n2", "10.0.0.2")},
 		Services: []*v1.Service{lbService("ns", "web", "10.0.0.5", true, nil)},

@@ -10,6 +10,7 @@ import (
 
 	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
+	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/speaker"
 	"github.com/keeplb/keeplb/pkg/vrrp"
 )
@@ -20,7 +21,7 @@ import (
 func Plan(t testing.TB, client kubernetes.Interface, dyn dynamic.Interface, extra ...*v1.Service) vrrp.Plan {
 	t.Helper()
 	ctx := t.Context()
-	in := speaker.Inputs{Class: annotations.DefaultClass, DefaultClass: true}
+	in := dataplane.Inputs{Class: annotations.DefaultClass, DefaultClass: true}
 	svcs, err := client.CoreV1().Services("").List(ctx, metav1.ListOptions{})
 	if err != nil {
 		t.Fatal(err)
