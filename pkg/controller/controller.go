@@ -17,7 +17,6 @@ import (
 	"time"
 
 	v1 "k8s.io/api/core/v1"
-	apiequality "k8s.io/apimachinery/pkg/api/equality"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/labels"
@@ -34,7 +33,6 @@ import (
 	"k8s.io/client-go/tools/record"
 	servicecontroller "k8s.io/cloud-provider/controllers/service"
 	"k8s.io/component-base/featuregate"
-	k8smetrics "k8s.io/component-base/metrics"
 	controllersmetrics "k8s.io/component-base/metrics/prometheus/controllers"
 	"k8s.io/klog/v2"
 
@@ -44,7 +42,6 @@ import (
 	"github.com/keeplb/keeplb/pkg/classcontroller"
 	"github.com/keeplb/keeplb/pkg/kubeconfig"
 	"github.com/keeplb/keeplb/pkg/metrics"
-	"github.com/keeplb/keeplb/pkg/pools"
 	"github.com/keeplb/keeplb/pkg/provider"
 	"github.com/keeplb/keeplb/pkg/runner"
 	"github.com/keeplb/keeplb/pkg/serve"
@@ -230,11 +227,8 @@ type Controller struct {
 	// capacity changes whenever an address may have become available
 	// (freed, pools or namespaces changed); pending Services are retried
 	// when it moves.
-	capacity   atomic.Int64
-	kickedAt   int64
-	forwarding map[string]v1alpha1.Forwarding // per pool, as last applied
-	mu         sync.Mutex
-	poolGauges map[string]bool
+	capacity atomic.Int64
+	pools    poolMemory
 }
 
 func (c *Controller) run(ctx context.Context) error {
@@ -457,9 +451,10 @@ func svcKey(svc *v1.Service) string {
 // allocator, oldest Service first, so that if two Services claim one
 // address the older keeps it.
 func (c *Controller) seed(ctx context.Context, prov *provider.Provider) (int, error) {
-	if err := c.applyPools(ctx, false); err != nil {
-		return 0, err
-	}
+	// Of a pool sync only the allocator's part and the warnings: the
+	// runner's first sync writes the statuses and metrics and retries the
+	// pending Services.
+	c.takePools(planPools(c.alloc, c.observePools(ctx)))
 	svcs, err := c.services.Lister().List(labels.Everything())
 	if err != nil {
 		return 0, err
@@ -518,119 +513,6 @@ func (c *Controller) pool(name string) *v1alpha1.IPPool {
 		return nil
 	}
 	return p
-}
-
-// syncPools is the runner's sync: it applies pool changes to the
-// allocator, writes pool status and metrics, and retries pending Services
-// when capacity may have changed.
-func (c *Controller) syncPools(ctx context.Context) error {
-	return c.applyPools(ctx, true)
-}
-
-func (c *Controller) applyPools(ctx context.Context, writeStatus bool) error {
-	logger := klog.FromContext(ctx)
-	var ippools []*v1alpha1.IPPool
-	for _, obj := range c.poolInf.GetStore().List() {
-		p, err := v1alpha1.FromUnstructured(obj)
-		if err != nil {
-			logger.Error(err, "Ignoring unreadable IPPool")
-			continue
-		}
-		ippools = append(ippools, p)
-	}
-	parsed := pools.Parse(ippools)
-	aps := make([]allocator.Pool, len(parsed))
-	byName := make(map[string]pools.Parsed, len(parsed))
-	for i, p := range parsed {
-		aps[i] = p.Pool
-		byName[p.Pool.Name] = p
-	}
-	gen := c.capacity.Load()
-	for _, key := range c.alloc.SetPools(aps) {
-		c.warnOutsidePool(key)
-	}
-	// A pool's forwarding decides its Services' ipMode: re-ensure them.
-	changed := map[string]bool{}
-	forwarding := make(map[string]v1alpha1.Forwarding, len(ippools))
-	for _, ip := range ippools {
-		f := ip.Spec.ForwardingOrDefault()
-		forwarding[ip.Name] = f
-		if old, ok := c.forwarding[ip.Name]; ok && old != f {
-			changed[ip.Name] = true
-		}
-	}
-	c.forwarding = forwarding
-	if !writeStatus {
-		return nil
-	}
-	if len(changed) > 0 {
-		c.kick(c.alloc.ServicesOf(changed))
-	}
-
-	stats := c.alloc.Stats()
-	c.setPoolMetrics(stats)
-	pending := c.alloc.Pending()
-	c.metrics.PendingServices.Set(float64(len(pending)))
-	if gen != c.kickedAt {
-		c.kickedAt = gen
-		c.kick(pending)
-	}
-
-	var errs []error
-	now := metav1.Now()
-	for _, ip := range ippools {
-		st := pools.Status(ip, byName[ip.Name], stats[ip.Name], now)
-		if apiequality.Semantic.DeepEqual(st, ip.Status) {
-			continue
-		}
-		updated := ip.DeepCopy()
-		updated.Status = st
-		u, err := v1alpha1.ToUnstructured(updated)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		if _, err := c.dyn.Resource(v1alpha1.IPPoolResource).UpdateStatus(ctx, u, metav1.UpdateOptions{FieldManager: Component}); err != nil {
-			errs = append(errs, fmt.Errorf("update status of IPPool %s: %w", ip.Name, err))
-		}
-	}
-	return errors.Join(errs...)
-}
-
-func (c *Controller) warnOutsidePool(key string) {
-	ns, name, _ := cache.SplitMetaNamespaceKey(key)
-	svc, err := c.services.Lister().Services(ns).Get(name)
-	if err != nil {
-		return
-	}
-	al, _ := c.alloc.Lookup(key)
-	c.recorder.Eventf(svc, v1.EventTypeWarning, provider.EventAddressOutsidePool,
-		"%s is no longer in an IPPool (the pool shrank, was deleted or now overlaps an older one); the Service keeps it. To move the Service, delete and re-create it or set keeplb.io/ips", al)
-}
-
-func (c *Controller) setPoolMetrics(stats map[string]allocator.PoolStats) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	seen := map[string]bool{}
-	for name, st := range stats {
-		seen[name] = true
-		for f, fs := range st.Families {
-			fam := allocator.Family(f).String()
-			total, _ := fs.Total.Float64()
-			free, _ := fs.Free.Float64()
-			c.metrics.PoolAddresses.WithLabelValues(name, fam).Set(total)
-			c.metrics.PoolAddressesFree.WithLabelValues(name, fam).Set(free)
-			c.metrics.PoolAddressesUsed.WithLabelValues(name, fam).Set(float64(fs.Used))
-		}
-	}
-	for name := range c.poolGauges {
-		if !seen[name] {
-			for _, g := range []*k8smetrics.GaugeVec{c.metrics.PoolAddresses, c.metrics.PoolAddressesFree, c.metrics.PoolAddressesUsed} {
-				g.DeletePartialMatch(map[string]string{"pool": name})
-			}
-		}
-	}
-	c.poolGauges = seen
 }
 
 // server returns the server of /metrics, /healthz and /readyz, nil when
