@@ -55,9 +55,8 @@ func TestServiceLifecycle(t *testing.T) {
 	if err != nil || !strings.Contains(out, "192.0.2.0/28") {
 		t.Fatalf("kubectl get ippools: %v\n%s", err, out)
 	}
-	fieldsOf := func(line string) []string { return strings.Fields(line) }
 	for _, line := range strings.Split(out, "\n") {
-		if f := fieldsOf(line); len(f) > 0 && f[0] == "default" && !(slices.Contains(f, "16") && slices.Contains(f, "1") && slices.Contains(f, "15")) {
+		if f := strings.Fields(line); len(f) > 0 && f[0] == "default" && !(slices.Contains(f, "16") && slices.Contains(f, "1") && slices.Contains(f, "15")) {
 			t.Fatalf("kubectl get ippools does not show total/used/free 16/1/15:\n%s", out)
 		}
 	}

@@ -160,7 +160,7 @@ func TestFailStatic(t *testing.T) {
 	// moment, which this test would count against fail-static.
 	const advert = time.Second
 	c := newCluster(t)
-	keeplbtest.CreatePool(t, c.dyn, "vips", fmt.Sprintf(`{addresses: ["10.77.0.200-10.77.0.250"], vrrp: {advertisementInterval: "%s"}}`, advert))
+	keeplbtest.CreatePool(t, c.dyn, "vips", fmt.Sprintf(`{addresses: ["10.77.0.200-10.77.0.250"], vrrp: {advertisementInterval: %q}}`, advert))
 	c.service("web")
 	vip := c.vip("web")
 	metricsAddr := freeAddr(t)

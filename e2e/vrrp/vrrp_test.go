@@ -164,7 +164,7 @@ func TestVRRP(t *testing.T) {
 	for _, advert := range []time.Duration{time.Second, 100 * time.Millisecond, 20 * time.Millisecond} {
 		t.Run(advert.String(), func(t *testing.T) {
 			c := newCluster(t)
-			keeplbtest.CreatePool(t, c.dyn, "vips", fmt.Sprintf(`{addresses: ["10.77.0.200-10.77.0.250"], vrrp: {advertisementInterval: "%s"}}`, advert))
+			keeplbtest.CreatePool(t, c.dyn, "vips", fmt.Sprintf(`{addresses: ["10.77.0.200-10.77.0.250"], vrrp: {advertisementInterval: %q}}`, advert))
 			for _, ns := range c.tp.nodes {
 				c.startSpeaker(ns)
 			}

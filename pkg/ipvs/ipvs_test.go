@@ -32,7 +32,7 @@ func TestStringsAndEqual(t *testing.T) {
 	}
 	other := vs
 	other.Scheduler = "wrr"
-	if vs.Equal(other) || !vs.Equal(vs) {
+	if vs.Equal(other) || !vs.Equal(vs) { //nolint:gocritic // dupArg: Equal must also hold for a value and itself
 		t.Errorf("Equal ignores the scheduler")
 	}
 	if rs.Equal(ipvs.RealServer{Address: n1, Port: 30080, Weight: 0}) {

@@ -37,6 +37,7 @@ func FuzzParseEvent(f *testing.F) {
 			t.Fatalf("%q: priority %d", line, ev.Priority)
 		}
 		// As keepalived writes it: the name between plain quotes.
+		//nolint:gocritic // sprintfQuotedString: keepalived does not escape as %q would
 		again, err := ParseEvent(fmt.Sprintf("INSTANCE \"%s\" %s %d", ev.Instance, ev.State, ev.Priority))
 		if err != nil || again != ev {
 			t.Fatalf("%q: %+v formats to something that parses to %+v, %v", line, ev, again, err)

@@ -1,6 +1,7 @@
 package metrics
 
 import (
+	"slices"
 	"strconv"
 
 	"k8s.io/component-base/metrics"
@@ -33,7 +34,7 @@ var _ metrics.StableCollector = (*ipvsStatsCollector)(nil)
 
 func newIPVSStatsCollector(read func() []VirtualServerStats) *ipvsStatsCollector {
 	labels := []string{"service", "vip", "port", "protocol"}
-	withDirection := append(labels[:len(labels):len(labels)], "direction")
+	withDirection := slices.Concat(labels, []string{"direction"})
 	return &ipvsStatsCollector{
 		read: read,
 		connections: metrics.NewDesc(namespace+"_ipvs_connections_total",

@@ -518,12 +518,18 @@ var errNoToolsDir = errors.New(toolsDirEnv + " is not set: run `make test`, whic
 // not hand out the same port twice.
 func freePorts(n int) ([]int, error) {
 	ports := make([]int, 0, n)
+	held := make([]net.Listener, 0, n)
+	defer func() {
+		for _, l := range held {
+			_ = l.Close()
+		}
+	}()
 	for range n {
 		l, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
 			return nil, fmt.Errorf("pick free port: %w", err)
 		}
-		defer func() { _ = l.Close() }()
+		held = append(held, l)
 		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
 	}
 	return ports, nil
