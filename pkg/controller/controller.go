@@ -23,9 +23,11 @@ import (
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/informers"
+	coreinformers "k8s.io/client-go/informers/core/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/leaderelection"
@@ -254,8 +256,84 @@ func (c *Controller) run(ctx context.Context) error {
 	unmanaged, _ := o.unmanaged() // validated
 	c.alloc = allocator.New(unmanaged...)
 	c.runner = runner.New(c.syncPools, time.Second, 5*time.Second, 5*time.Minute)
-	nsLister := namespaces.Lister()
-	prov := provider.New(provider.Config{
+	prov := c.newProvider(namespaces.Lister())
+	if err := c.watch(namespaces); err != nil {
+		return err
+	}
+	upstream, class, err := c.reconcilers(prov, nodes)
+	if err != nil {
+		return err
+	}
+
+	// Informers are created lazily: only those asked for before Start run.
+	factory.Start(ctx.Done())
+	dynFactory.Start(ctx.Done())
+	defer factory.Shutdown()
+	defer dynFactory.Shutdown()
+	synced := []cache.InformerSynced{c.services.Informer().HasSynced, namespaces.Informer().HasSynced, c.poolInf.HasSynced}
+	if upstream != nil {
+		synced = append(synced, nodes.Informer().HasSynced)
+	}
+	if !cache.WaitForNamedCacheSyncWithContext(ctx, synced...) {
+		return ctx.Err()
+	}
+
+	// Seed the allocator from what the API says before any allocation.
+	start := time.Now()
+	restored, err := c.seed(ctx, prov)
+	if err != nil {
+		return err
+	}
+	logger.Info("Allocator seeded from Service status", "services", restored, "duration", time.Since(start))
+	c.seeded.Store(true)
+	defer c.seeded.Store(false)
+
+	// Each Run returns once ctx is done; the writes their stray goroutines
+	// may still attempt are stopped by the fence (see elect).
+	var workers sync.WaitGroup
+	workers.Go(func() { c.runner.Run(ctx) })
+	if upstream != nil {
+		workers.Go(func() { upstream.Run(ctx, o.Workers, controllersmetrics.NewControllerManagerMetrics("keeplb")) })
+	}
+	workers.Go(func() { class.Run(ctx, o.Workers) })
+	workers.Wait()
+	return nil
+}
+
+// reconcilers returns the two Service reconcilers over prov: the upstream
+// service controller for classless Services (nil without --default-class)
+// and the class controller.
+func (c *Controller) reconcilers(prov *provider.Provider, nodes coreinformers.NodeInformer) (*servicecontroller.Controller, *classcontroller.Controller, error) {
+	o := c.opts
+	var upstream *servicecontroller.Controller
+	if o.DefaultClass {
+		var err error
+		upstream, err = servicecontroller.New(prov, c.client, c.upstreamServices, quietNodes{nodes}, o.ClusterName, featuregate.NewFeatureGate())
+		if err != nil {
+			return nil, nil, fmt.Errorf("create service controller: %w", err)
+		}
+	}
+	class, err := classcontroller.New(classcontroller.Config{
+		Class:        o.LoadBalancerClass,
+		DefaultClass: o.DefaultClass,
+		ClusterName:  o.ClusterName,
+		Client:       c.client,
+		Balancer:     prov,
+		Known:        c.known,
+		Manager:      Component,
+		Services:     c.services,
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("create class controller: %w", err)
+	}
+	return upstream, class, nil
+}
+
+// newProvider returns keeplb's LoadBalancer over the controller's
+// allocator, pools and recorder; nsLister gives the namespace labels pool
+// selectors match.
+func (c *Controller) newProvider(nsLister corelisters.NamespaceLister) *provider.Provider {
+	return provider.New(provider.Config{
 		Allocator: c.alloc,
 		Pools:     c.pool,
 		Namespaces: func(ns string) map[string]string {
@@ -266,11 +344,16 @@ func (c *Controller) run(ctx context.Context) error {
 		},
 		Recorder:      c.recorder,
 		Metrics:       c.metrics,
-		RetryInterval: o.RetryInterval,
+		RetryInterval: c.opts.RetryInterval,
 		OnFreed:       c.capacityChanged,
 		OnChange:      c.runner.Trigger,
 	})
+}
 
+// watch registers the handlers that mark capacity changed when pools or
+// namespace labels change, retry a pending Service when its labels change,
+// and keep the allocator's view of every Service's status.
+func (c *Controller) watch(namespaces coreinformers.NamespaceInformer) error {
 	if _, err := c.poolInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc: func(any) { c.capacityChanged() },
 		UpdateFunc: func(old, cur any) {
@@ -312,72 +395,15 @@ func (c *Controller) run(ctx context.Context) error {
 	}); err != nil {
 		return err
 	}
-	if _, err := namespaces.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+	_, err := namespaces.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc: func(any) { c.capacityChanged() },
 		UpdateFunc: func(old, cur any) {
 			if !labels.Equals(old.(*v1.Namespace).Labels, cur.(*v1.Namespace).Labels) {
 				c.capacityChanged()
 			}
 		},
-	}); err != nil {
-		return err
-	}
-
-	var upstream *servicecontroller.Controller
-	if o.DefaultClass {
-		var err error
-		upstream, err = servicecontroller.New(prov, c.client, c.upstreamServices, quietNodes{nodes}, o.ClusterName, featuregate.NewFeatureGate())
-		if err != nil {
-			return fmt.Errorf("create service controller: %w", err)
-		}
-	}
-	class, err := classcontroller.New(classcontroller.Config{
-		Class:        o.LoadBalancerClass,
-		DefaultClass: o.DefaultClass,
-		ClusterName:  o.ClusterName,
-		Client:       c.client,
-		Balancer:     prov,
-		Known:        c.known,
-		Manager:      Component,
-		Services:     c.services,
 	})
-	if err != nil {
-		return fmt.Errorf("create class controller: %w", err)
-	}
-
-	// Informers are created lazily: only those asked for before Start run.
-	factory.Start(ctx.Done())
-	dynFactory.Start(ctx.Done())
-	defer factory.Shutdown()
-	defer dynFactory.Shutdown()
-	synced := []cache.InformerSynced{c.services.Informer().HasSynced, namespaces.Informer().HasSynced, c.poolInf.HasSynced}
-	if upstream != nil {
-		synced = append(synced, nodes.Informer().HasSynced)
-	}
-	if !cache.WaitForNamedCacheSyncWithContext(ctx, synced...) {
-		return ctx.Err()
-	}
-
-	// Seed the allocator from what the API says before any allocation.
-	start := time.Now()
-	restored, err := c.seed(ctx, prov)
-	if err != nil {
-		return err
-	}
-	logger.Info("Allocator seeded from Service status", "services", restored, "duration", time.Since(start))
-	c.seeded.Store(true)
-	defer c.seeded.Store(false)
-
-	// Each Run returns once ctx is done; the writes their stray goroutines
-	// may still attempt are stopped by the fence (see elect).
-	var workers sync.WaitGroup
-	workers.Go(func() { c.runner.Run(ctx) })
-	if upstream != nil {
-		workers.Go(func() { upstream.Run(ctx, o.Workers, controllersmetrics.NewControllerManagerMetrics("keeplb")) })
-	}
-	workers.Go(func() { class.Run(ctx, o.Workers) })
-	workers.Wait()
-	return nil
+	return err
 }
 
 // kick has both reconcilers retry the Services with these keys at once;
