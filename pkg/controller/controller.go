@@ -6,7 +6,6 @@ package controller
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/http"
 	"slices"
@@ -17,7 +16,6 @@ import (
 	"time"
 
 	v1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/dynamic"
@@ -30,8 +28,6 @@ import (
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
-	"k8s.io/client-go/tools/leaderelection"
-	"k8s.io/client-go/tools/leaderelection/resourcelock"
 	"k8s.io/client-go/tools/record"
 	servicecontroller "k8s.io/cloud-provider/controllers/service"
 	"k8s.io/component-base/featuregate"
@@ -98,110 +94,6 @@ func RunWithConfig(ctx context.Context, o *Options, cfg *rest.Config) error {
 	}
 	// A controller nobody can probe or scrape must not run on.
 	return serve.Alongside(ctx, srv, func(ctx context.Context) error { return c.elect(ctx, c.run) })
-}
-
-// elect runs the controller, under leader election when enabled, and
-// returns once nothing of its work can write any more.
-//
-// The order on the way out is what keeps two leaders from writing at once:
-// the work stops, the fence closes and waits for the writes in flight,
-// and only then is the Lease released (ReleaseOnCancel) for the next
-// leader. When the lease is lost instead, the fence closes at once; the
-// writes still in flight end within the fence's timeout, which is shorter
-// than the time left before another replica may take the expired lease.
-func (c *Controller) elect(ctx context.Context, work func(context.Context) error) error {
-	o := c.opts
-	if !o.LeaderElect {
-		c.fence.Open()
-		defer c.fence.Close()
-		return work(ctx)
-	}
-	lock := &resourcelock.LeaseLock{
-		LeaseMeta:  metav1.ObjectMeta{Namespace: o.LeaderElectNamespace, Name: o.LeaderElectName},
-		Client:     c.leases.CoordinationV1(),
-		LockConfig: resourcelock.ResourceLockConfig{Identity: o.Identity},
-	}
-	// The elector's context ends only once the work has stopped (or before
-	// this replica ever led): its end is what releases the Lease.
-	electCtx, endElection := context.WithCancel(context.WithoutCancel(ctx))
-	defer endElection()
-	var (
-		mu      sync.Mutex
-		started bool
-		runErr  error
-		lost    bool
-	)
-	worked := make(chan struct{})
-	stopWaiting := context.AfterFunc(ctx, func() {
-		mu.Lock()
-		defer mu.Unlock()
-		if !started {
-			endElection()
-		}
-	})
-	defer stopWaiting()
-	le, err := leaderelection.NewLeaderElector(leaderelection.LeaderElectionConfig{
-		Lock:            lock,
-		LeaseDuration:   o.LeaseDuration,
-		RenewDeadline:   o.RenewDeadline,
-		RetryPeriod:     o.RetryPeriod,
-		ReleaseOnCancel: true,
-		Name:            Component,
-		Callbacks: leaderelection.LeaderCallbacks{
-			OnStartedLeading: func(leading context.Context) {
-				mu.Lock()
-				if ctx.Err() != nil {
-					mu.Unlock()
-					endElection()
-					return
-				}
-				started = true
-				mu.Unlock()
-				defer close(worked)
-				workCtx, stop := context.WithCancel(leading)
-				defer stop()
-				defer context.AfterFunc(ctx, stop)()
-				c.fence.Open()
-				err := work(workCtx)
-				c.fence.Close()
-				mu.Lock()
-				runErr = err
-				mu.Unlock()
-				// Nothing of ours writes any more: give the lease up, also
-				// after an error, so that a healthy replica takes over
-				// instead of a leader that renews and does nothing.
-				endElection()
-			},
-			OnStoppedLeading: func() {
-				// Before anything else: no write may follow a lost lease.
-				c.fence.Close()
-				if ctx.Err() == nil {
-					mu.Lock()
-					lost = true
-					mu.Unlock()
-				}
-			},
-		},
-	})
-	if err != nil {
-		return err
-	}
-	le.Run(electCtx)
-	mu.Lock()
-	wasStarted := started
-	mu.Unlock()
-	if wasStarted {
-		<-worked
-	}
-	mu.Lock()
-	defer mu.Unlock()
-	switch {
-	case runErr != nil:
-		return runErr
-	case lost:
-		return errors.New("lost leader election")
-	}
-	return nil
 }
 
 // Controller is one running keeplb controller.
