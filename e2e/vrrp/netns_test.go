@@ -245,7 +245,7 @@ func newTopologyWith(t *testing.T, o topoOptions) *topology {
 			ip(t, "-n", ns, "addr", "add", fmt.Sprintf("%s%x/64", v6Subnet, host), "dev", "eth0", "nodad")
 		}
 	}
-	for i := 0; i < o.nodes; i++ {
+	for i := range o.nodes {
 		ns := fmt.Sprintf("kln%d-%s", i+1, id)
 		if o.name != nil {
 			ns = o.name(i, id)

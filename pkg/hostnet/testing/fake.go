@@ -25,7 +25,6 @@ var _ hostnet.Interface = (*Fake)(nil)
 func New(links []hostnet.Link, sysctls map[string]string) *Fake {
 	f := &Fake{links: map[string]*hostnet.Link{}, sysctls: map[string]string{}, readOnly: map[string]bool{}}
 	for _, l := range links {
-		l := l
 		l.Prefixes = slices.Clone(l.Prefixes)
 		f.links[l.Name] = &l
 	}
