@@ -362,7 +362,7 @@ func ownedBy(t *testing.T, mf []metav1.ManagedFieldsEntry) map[string][]string {
 		if m.FieldsV1 == nil {
 			continue
 		}
-		if err := json.Unmarshal(m.FieldsV1.Raw, &fields); err != nil {
+		if err := json.Unmarshal(m.FieldsV1.GetRawBytes(), &fields); err != nil {
 			t.Fatal(err)
 		}
 		var leaves []string

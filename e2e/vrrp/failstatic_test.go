@@ -100,11 +100,11 @@ func (c *cluster) watchHolder(vip, holder string, d, maxGap time.Duration, stop 
 		}
 		answered, longest, since := 0, time.Duration(0), time.Duration(-1)
 		for _, s := range ss {
-			switch {
-			case s.who == holder:
+			switch s.who {
+			case holder:
 				answered++
 				since = -1
-			case s.who == "-":
+			case "-":
 				if since < 0 {
 					since = s.at
 				}

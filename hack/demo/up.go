@@ -387,7 +387,7 @@ func poke(c config, what, svc string) error {
 		return err
 	}
 	if len(s.Status.LoadBalancer.Ingress) == 0 {
-		return fmt.Errorf("Service %s has no EXTERNAL-IP yet", svc)
+		return fmt.Errorf("Service %s has no EXTERNAL-IP yet", svc) //nolint:staticcheck // ST1005: Service is the Kubernetes kind, a proper noun
 	}
 	a, err := netip.ParseAddr(s.Status.LoadBalancer.Ingress[0].IP)
 	if err != nil {
