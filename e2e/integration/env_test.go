@@ -218,15 +218,13 @@ func (e *env) delete(ns, name string) {
 func eventually(t *testing.T, timeout time.Duration, what string, cond func() (bool, string)) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
-	last := ""
 	for {
 		ok, state := cond()
 		if ok {
 			return
 		}
-		last = state
 		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s; last seen: %s", timeout, what, last)
+			t.Fatalf("timed out after %s waiting for %s; last seen: %s", timeout, what, state)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}

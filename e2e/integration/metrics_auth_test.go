@@ -75,6 +75,6 @@ func TestMetricsNeedAuthorization(t *testing.T) {
 			return false, err.Error()
 		}
 		resp.Body.Close()
-		return resp.StatusCode == 200, resp.Status
+		return resp.StatusCode == http.StatusOK, resp.Status
 	})
 }

@@ -200,7 +200,7 @@ func (u *UDPClient) Query(addr netip.AddrPort, timeout time.Duration) (Answer, e
 		}
 		// A late answer to an earlier query from another source is not
 		// this one's.
-		if ua, ok := from.(*net.UDPAddr); ok && ua.AddrPort().Addr().Unmap() == addr.Addr() && int(ua.Port) == int(addr.Port()) {
+		if ua, ok := from.(*net.UDPAddr); ok && ua.AddrPort().Addr().Unmap() == addr.Addr() && ua.Port == int(addr.Port()) {
 			return parseAnswer(string(buf[:n]))
 		}
 	}
