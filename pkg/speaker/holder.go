@@ -21,21 +21,24 @@ import (
 	"github.com/keeplb/keeplb/pkg/vrrp"
 )
 
-// reconcileHolders makes the state metrics and the holder annotations
-// follow what keepalived last reported, for the current plan: keepalived
+// holderClaims computes what the holder annotations and the state metrics
+// should say for this node, from what keepalived last reported for the
+// current plan: the VIPs node masters, by Service (owners maps each VIP to
+// its Services), and the keeplb_vrrp_state value of each VIP of its
+// instances. Every sync computes them, not only state changes: keepalived
 // reports nothing when a reload adds a VIP to an instance it already
-// masters, so this runs on every sync, not only on state changes.
-func (s *Speaker) reconcileHolders(ctx context.Context, plan vrrp.Plan, owners map[netip.Addr][]string, states map[string]keepalived.State) {
-	s.metrics.VRRPState.Reset()
-	claims := map[string][]netip.Addr{} // Service key -> the VIPs this node masters
-	for _, inst := range plan.For(s.opts.NodeName) {
+// masters.
+func holderClaims(plan vrrp.Plan, node string, owners map[netip.Addr][]string, states map[string]keepalived.State) (map[string][]netip.Addr, map[netip.Addr]float64) {
+	claims := map[string][]netip.Addr{}
+	vipStates := map[netip.Addr]float64{}
+	for _, inst := range plan.For(node) {
 		st, ok := states[inst.Name]
 		if !ok {
 			continue
 		}
 		val := map[keepalived.State]float64{keepalived.StateMaster: 1, keepalived.StateFault: -1}[st]
 		for _, vip := range inst.VIPs {
-			s.metrics.VRRPState.WithLabelValues(vip.String(), s.opts.NodeName).Set(val)
+			vipStates[vip] = val
 			if st != keepalived.StateMaster {
 				continue
 			}
@@ -43,6 +46,16 @@ func (s *Speaker) reconcileHolders(ctx context.Context, plan vrrp.Plan, owners m
 				claims[key] = append(claims[key], vip)
 			}
 		}
+	}
+	return claims, vipStates
+}
+
+// applyHolders sets the VRRP state metrics and records this node in the
+// holder annotation of each Service it claims VIPs of (markHolder).
+func (s *Speaker) applyHolders(ctx context.Context, claims map[string][]netip.Addr, vipStates map[netip.Addr]float64) {
+	s.metrics.VRRPState.Reset()
+	for vip, v := range vipStates {
+		s.metrics.VRRPState.WithLabelValues(vip.String(), s.opts.NodeName).Set(v)
 	}
 	now := s.holders.now()
 	for _, key := range slices.Sorted(maps.Keys(claims)) {
@@ -57,9 +70,9 @@ func (s *Speaker) watch(ctx context.Context, events <-chan keepalived.Event) {
 	logger := klog.FromContext(ctx)
 	for ev := range events {
 		s.metrics.Transitions.WithLabelValues(ev.Instance, string(ev.State)).Inc()
-		s.mu.Lock()
+		s.statesMu.Lock()
 		applyEvent(s.states, ev)
-		s.mu.Unlock()
+		s.statesMu.Unlock()
 		logger.Info("VRRP state changed", "instance", ev.Instance, "state", ev.State, "priority", ev.Priority)
 		// Holders, events and metrics follow in the next sync, at once.
 		s.runner.Trigger()
@@ -92,6 +105,9 @@ func applyEvent(states map[string]keepalived.State, ev keepalived.Event) {
 func (s *Speaker) markHolder(ctx context.Context, key string, vips []netip.Addr, now time.Time) {
 	logger := klog.FromContext(ctx)
 	ns, name, _ := cache.SplitMetaNamespaceKey(key)
+	// The informer's latest copy, not the sync's snapshot: its
+	// resourceVersion is the compare-and-swap's, and the fresher, the
+	// fewer conflicts.
 	obj, ok, _ := s.services.GetStore().GetByKey(key)
 	if !ok {
 		return

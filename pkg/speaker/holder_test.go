@@ -47,6 +47,14 @@ func holderSpeaker(t *testing.T, node string, client *fake.Clientset, clk *clock
 		recorder: record.NewFakeRecorder(1000), holders: holderWrites{clock: clk}}
 }
 
+// reconcileHolders is the holders' share of one sync of s: compute the
+// claims, then apply them.
+func reconcileHolders(t *testing.T, s *Speaker, plan vrrp.Plan, owners map[netip.Addr][]string, states map[string]keepalived.State) {
+	t.Helper()
+	claims, vipStates := holderClaims(plan, s.opts.NodeName, owners, states)
+	s.applyHolders(t.Context(), claims, vipStates)
+}
+
 // see updates s's view of ns/web from the API, as its informer would.
 func see(t *testing.T, s *Speaker, client *fake.Clientset) {
 	t.Helper()
@@ -113,7 +121,7 @@ func TestHolderWrites(t *testing.T) {
 			for elapsed := time.Duration(0); elapsed < duration; elapsed += step {
 				for _, s := range speakers {
 					see(t, s, client)
-					s.reconcileHolders(t.Context(), plan, owners, tc.states[s.opts.NodeName])
+					reconcileHolders(t, s, plan, owners, tc.states[s.opts.NodeName])
 				}
 				clk.Step(step)
 			}

@@ -2,7 +2,6 @@ package speaker
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"maps"
 	"slices"
@@ -13,11 +12,8 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/klog/v2"
-	"sigs.k8s.io/knftables"
 
-	"github.com/keeplb/keeplb/pkg/conntrack"
 	"github.com/keeplb/keeplb/pkg/dataplane"
-	"github.com/keeplb/keeplb/pkg/hostnet"
 	"github.com/keeplb/keeplb/pkg/ipvs"
 	"github.com/keeplb/keeplb/pkg/metrics"
 	"github.com/keeplb/keeplb/pkg/nft"
@@ -38,30 +34,17 @@ const EventIPVSUnavailable = "IPVSUnavailable"
 // program and no Service of keeplb's wants: they are left alone.
 const EventForeignVirtualServer = "ForeignVirtualServer"
 
-// openIPVS opens IPVS in the speaker's node-side network namespace: the
-// one named by --netns, else the current one.
-func openIPVS(netns string) (ipvs.Interface, error) {
-	h, err := ipvs.NewAt(netnsPath(netns))
-	if err != nil {
-		return nil, err // not a typed nil in an interface
-	}
-	return h, nil
-}
-
-// ipvsStep is the speaker's forwarding step: before the VRRP step of every
-// sync it computes this node's dataplane.State and has the
-// dataplane.Reconciler bring the kernel there (keeplb's nftables table and
-// IPVS), then reports what it could not do as events and metrics; on exit
-// it has the Reconciler delete what it programmed. Only the runner calls
-// sync and exit, one call at a time.
+// ipvsStep is the speaker's forwarding step: compute gives this node's
+// dataplane.State; apply has the dataplane.Reconciler bring the kernel
+// there (keeplb's nftables table and IPVS) and reports what it could not
+// do as events and metrics; exit has the Reconciler delete what it
+// programmed. Only the runner calls them, one call at a time.
 type ipvsStep struct {
 	node string
 	// desired remembers each Service's part of the desired state, so a
 	// sync recomputes only the Services whose objects changed.
 	desired dataplane.Cache
 	r       *dataplane.Reconciler
-	// closers release the kernel handles the step opened.
-	closers []any
 	// noIPVS is true when the kernel has no IPVS; unavailableWarned holds
 	// the Services ("namespace/name") already told so by an
 	// IPVSUnavailable event, so each gets one per process.
@@ -71,9 +54,9 @@ type ipvsStep struct {
 	metrics           *metrics.Speaker
 	recorder          record.EventRecorder
 
-	// problems are the last sync's, so each is logged and recorded once.
-	problems       map[dataplane.Problem]bool
-	loggedProblems string
+	// problems are the last sync's, so each is logged and recorded once
+	// while it lasts.
+	problems lasting
 
 	// guardOnly is set with --ipvs=false: kube-proxy forwards, and the
 	// step writes keeplb's table with the VIP port guard alone.
@@ -85,125 +68,48 @@ type ipvsStep struct {
 	foreign []ipvs.Key
 }
 
-// newIPVSStep opens IPVS with open and checks the sysctls it needs. A
-// kernel without IPVS is no error: the step then writes only the VIP port
-// guard, and the speaker goes on holding VIPs with VRRP.
-func newIPVSStep(ctx context.Context, o *Options, open func() (ipvs.Interface, error), net hostnet.Interface, m *metrics.Speaker) (*ipvsStep, error) {
-	m.RegisterIPVS()
-	d := &ipvsStep{node: o.NodeName, keepOnExit: o.KeepIPVSOnExit, metrics: m, problems: map[dataplane.Problem]bool{}}
-	h, err := open()
-	if errors.Is(err, ipvs.ErrNoIPVS) {
-		klog.FromContext(ctx).Error(err, "IPVS forwarding (--ipvs) is off on this node: the kernel has no IPVS. Load the ip_vs module (modprobe ip_vs) and delete the speaker's pod (its init container sets the IPVS sysctls); meanwhile it only holds VIPs with VRRP")
+// newIPVSStep is the forwarding step on k: with --ipvs and a kernel with
+// IPVS, the whole dataplane; otherwise only the VIP port guard, which a
+// node needs whenever it may hold VIPs (they are addresses of the node like
+// any other, and without the guard every host-network listener would
+// answer on them). recorder records the step's events.
+func newIPVSStep(o *Options, k Kernel, m *metrics.Speaker, recorder record.EventRecorder) *ipvsStep {
+	d := &ipvsStep{node: o.NodeName, keepOnExit: o.KeepIPVSOnExit, metrics: m, recorder: recorder}
+	dk := dataplane.Kernel{IPVS: k.IPVS, NFT: k.NFT, Conntrack: k.Conntrack}
+	switch {
+	case !o.IPVS:
+		d.guardOnly = true
+		dk = dataplane.Kernel{NFT: k.NFT}
+	case k.IPVS == nil:
+		m.RegisterIPVS()
 		m.IPVSAvailable.Set(0)
 		d.noIPVS, d.unavailableWarned = true, map[string]bool{}
-		// The node still holds VIPs (kube-proxy forwards some of them), so
-		// it still needs the VIP port guard: the table, with nothing else.
-		d.r = dataplane.NewReconciler(o.NodeName, dataplane.Kernel{NFT: openNFT(ctx, o)})
-		m.RegisterGuardDrops(d.r.GuardDropped)
-		return d, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("open IPVS: %w", err)
-	}
-	k := dataplane.Kernel{IPVS: h}
-	if !o.SkipSysctls {
-		if err := hostnet.Ensure(net, dataplane.IPVSSysctls()); err != nil {
-			closeHandle(h)
-			return nil, fmt.Errorf("IPVS forwarding (--ipvs) needs these sysctls, which the speaker DaemonSet's init container (keeplb prepare-node) sets once ip_vs is loaded; see that container's log, or delete this pod to run it again: %w", err)
+		dk = dataplane.Kernel{NFT: k.NFT}
+	default:
+		m.RegisterIPVS()
+		m.IPVSAvailable.Set(1)
+		if !o.skipSysctls() {
+			dk.Sysctls = k.Net
 		}
-		k.Sysctls = net
 	}
-	k.NFT = openNFT(ctx, o)
-	k.Conntrack = openConntrack(ctx, o)
-	d.closers = []any{h, k.Conntrack}
-	d.r = dataplane.NewReconciler(o.NodeName, k)
-	m.RegisterIPVSStats(d.stats)
-	m.RegisterGuardDrops(d.r.GuardDropped)
-	m.IPVSAvailable.Set(1)
-	return d, nil
-}
-
-// newGuardStep is the step of a speaker run with --ipvs=false. It never
-// touches IPVS, but the VIPs this node holds are addresses of the node like
-// any other, and without the guard every host-network listener would answer
-// on them: it writes keeplb's table with the guard alone.
-func newGuardStep(ctx context.Context, o *Options, m *metrics.Speaker) *ipvsStep {
-	d := &ipvsStep{node: o.NodeName, keepOnExit: o.KeepIPVSOnExit, metrics: m, problems: map[dataplane.Problem]bool{}, guardOnly: true}
-	d.r = dataplane.NewReconciler(o.NodeName, dataplane.Kernel{NFT: openNFT(ctx, o)})
+	d.r = dataplane.NewReconciler(o.NodeName, dk)
+	if dk.IPVS != nil {
+		m.RegisterIPVSStats(d.stats)
+	}
 	m.RegisterGuardDrops(d.r.GuardDropped)
 	return d
 }
 
-// openNFT opens keeplb's nftables table in the speaker's node-side network
-// namespace (the one named by --netns, else the current one), or returns
-// nil, having logged why and how to fix it: IPVS forwarding goes on
-// without masquerading and without loadBalancerSourceRanges, as it goes on
-// without IPVS.
-func openNFT(ctx context.Context, o *Options) knftables.Interface {
-	open := o.openNFT
-	if open == nil {
-		open = nft.NewAt
-	}
-	n, err := open(netnsPath(o.NetNS))
-	if err != nil {
-		klog.FromContext(ctx).Error(err, "IPVS forwarding (--ipvs) runs without keeplb's nftables table: nothing is masqueraded (replies from other nodes' NodePorts and pods get lost) and loadBalancerSourceRanges are not enforced. Install nft v1.0.1 or later in the speaker's image, make sure the kernel has nftables (modprobe nf_tables) and the speaker has CAP_NET_ADMIN, and restart it")
-		return nil
-	}
-	return n
+// compute returns this node's desired dataplane state, with the problems
+// found. Without IPVS only its guard is written.
+func (d *ipvsStep) compute(in dataplane.Inputs) (dataplane.State, []dataplane.Problem) {
+	return d.desired.Desired(in, d.node)
 }
 
-// openConntrack opens the conntrack table of the speaker's node-side
-// network namespace, or returns nil, having logged why: IPVS forwarding
-// goes on, but UDP clients of a removed real server keep sending to it
-// until their conntrack entries time out.
-func openConntrack(ctx context.Context, o *Options) conntrack.Interface {
-	open := o.openConntrack
-	if open == nil {
-		open = func(nsPath string) (conntrack.Interface, error) {
-			c, err := conntrack.NewAt(nsPath)
-			if err != nil {
-				return nil, err // not a typed nil in an interface
-			}
-			return c, nil
-		}
-	}
-	c, err := open(netnsPath(o.NetNS))
-	if err != nil {
-		klog.FromContext(ctx).Error(err, "IPVS forwarding (--ipvs) runs without clearing conntrack: UDP clients of a removed real server keep sending to it until their entries time out. Make sure the kernel has nf_conntrack and the speaker has CAP_NET_ADMIN, and restart it")
-		return nil
-	}
-	return c
-}
-
-// netnsPath returns the path of the network namespace --netns names, or ""
-// for the speaker's own.
-func netnsPath(netns string) string {
-	if netns == "" {
-		return ""
-	}
-	return "/run/netns/" + netns
-}
-
-// closeHandle closes h if it can be closed.
-func closeHandle(h any) {
-	if c, ok := h.(interface{ Close() }); ok {
-		c.Close()
-	}
-}
-
-// close releases the IPVS and conntrack handles.
-func (d *ipvsStep) close() {
-	for _, c := range d.closers {
-		if c != nil {
-			closeHandle(c)
-		}
-	}
-}
-
-// sync brings this node's dataplane to what in asks for.
-func (d *ipvsStep) sync(ctx context.Context, in dataplane.Inputs) error {
+// apply brings this node's dataplane to st (computed from in) and reports
+// problems, st's and the kernel's.
+func (d *ipvsStep) apply(ctx context.Context, in dataplane.Inputs, st dataplane.State, problems []dataplane.Problem) error {
 	start := time.Now()
-	st, problems := d.desired.Desired(in, d.node)
 	if d.noIPVS {
 		d.warnUnavailable(in, st)
 	}
@@ -301,27 +207,23 @@ func (d *ipvsStep) stats() []metrics.VirtualServerStats {
 	return out
 }
 
-// report logs the dataplane's problems when they change, and records a
-// Warning event on the Service of each problem not reported by the last
-// sync.
+// report logs the dataplane's problems, and records a Warning event on the
+// Service of each, once while it lasts.
 func (d *ipvsStep) report(ctx context.Context, in dataplane.Inputs, problems []dataplane.Problem) {
 	logger := klog.FromContext(ctx)
-	logged := fmt.Sprint(problems)
-	seen := make(map[dataplane.Problem]bool, len(problems))
 	for _, p := range problems {
-		if logged != d.loggedProblems {
-			logger.Info("Forwarding problem", "service", p.Service, "field", p.Field, "message", p.Message)
+		if !d.problems.fresh(p.String()) {
+			continue
 		}
-		seen[p] = true
-		if d.problems[p] || d.recorder == nil {
+		logger.Info("Forwarding problem", "service", p.Service, "field", p.Field, "message", p.Message)
+		if d.recorder == nil {
 			continue
 		}
 		if svc := serviceByKey(in, p.Service); svc != nil {
 			d.recorder.Eventf(svc, v1.EventTypeWarning, EventForwardingProblem, "%s: %s", p.Field, p.Message)
 		}
 	}
-	d.loggedProblems = logged
-	d.problems = seen
+	d.problems.end()
 }
 
 // warnUnavailable records an IPVSUnavailable Warning on each Service this

@@ -94,12 +94,21 @@ func kubeProxyEntry() ipvs.Entry {
 	}
 }
 
-// fakeNFT makes o open a fake nftables table, so no test writes the
-// host's.
-func fakeNFT(o *Options) *knftables.Fake {
-	fake := knftables.NewFake(nft.Family, nft.Table)
-	o.openNFT = func(string) (knftables.Interface, error) { return fake, nil }
-	return fake
+// fakeNFT returns a fake nftables table for keeplb's, so that no test
+// writes the host's.
+func fakeNFT() *knftables.Fake {
+	return knftables.NewFake(nft.Family, nft.Table)
+}
+
+// newTestStep builds the forwarding step on k as the speaker does, with
+// the check of the IPVS sysctls it runs at start (ensureSysctls).
+func newTestStep(o *Options, k Kernel, m *metrics.Speaker, r record.EventRecorder) (*ipvsStep, error) {
+	if !o.skipSysctls() {
+		if err := ensureIPVSSysctls(k); err != nil {
+			return nil, err
+		}
+	}
+	return newIPVSStep(o, k, m, r), nil
 }
 
 type ipvsFixture struct {
@@ -112,34 +121,36 @@ type ipvsFixture struct {
 	step     *ipvsStep
 }
 
-func newIPVSFixture(t *testing.T, mutate func(*Options)) *ipvsFixture {
+// newIPVSFixture is the forwarding step of node n1 with --ipvs, on fakes
+// of IPVS, nftables, conntrack and the host's sysctls; mutate may change
+// the options and the kernel first.
+func newIPVSFixture(t *testing.T, mutate func(*Options, *Kernel)) *ipvsFixture {
 	t.Helper()
 	f := &ipvsFixture{
 		fake:     ipvstesting.New(),
 		net:      hostnettesting.New(nil, map[string]string{"net.ipv4.vs.conntrack": "0", "net.ipv4.ip_forward": "0", "net.ipv4.vs.expire_nodest_conn": "0", "net.ipv6.conf.all.forwarding": "0"}),
 		ct:       conntracktesting.New(),
+		nft:      fakeNFT(),
 		metrics:  metrics.NewSpeaker(),
 		recorder: record.NewFakeRecorder(100),
 	}
 	o := NewOptions()
 	o.NodeName, o.IPVS = "n1", true
-	f.nft = fakeNFT(o)
-	o.openConntrack = func(string) (conntrack.Interface, error) { return f.ct, nil }
+	k := Kernel{Net: f.net, IPVS: f.fake, NFT: f.nft, Conntrack: f.ct}
 	if mutate != nil {
-		mutate(o)
+		mutate(o, &k)
 	}
-	step, err := newIPVSStep(t.Context(), o, func() (ipvs.Interface, error) { return f.fake, nil }, f.net, f.metrics)
+	step, err := newTestStep(o, k, f.metrics, f.recorder)
 	if err != nil {
 		t.Fatal(err)
 	}
-	step.recorder = f.recorder
 	f.step = step
 	return f
 }
 
 func (f *ipvsFixture) sync(t *testing.T, in dataplane.Inputs) {
 	t.Helper()
-	if err := f.step.sync(t.Context(), in); err != nil {
+	if err := f.step.syncAll(t.Context(), in); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -348,7 +359,7 @@ func TestIPVSStepDeletesWhatLeftItsScope(t *testing.T) {
 			}
 			return nil
 		})
-		if err := f.step.sync(t.Context(), in); err == nil {
+		if err := f.step.syncAll(t.Context(), in); err == nil {
 			t.Fatal("a failed delete was not reported")
 		}
 		if n := metric(t, f.metrics, "keeplb_ipvs_sync_errors_total"); n != 1 {
@@ -368,7 +379,7 @@ func TestIPVSStepDeletesWhatLeftItsScope(t *testing.T) {
 			}
 			return nil
 		})
-		if err := f.step.sync(t.Context(), in); err == nil {
+		if err := f.step.syncAll(t.Context(), in); err == nil {
 			t.Fatal("a failed AddRealServer was not reported")
 		}
 		half := webEntry()
@@ -386,7 +397,7 @@ func TestIPVSStepDeletesWhatLeftItsScope(t *testing.T) {
 func TestIPVSStepExit(t *testing.T) {
 	for _, keep := range []bool{false, true} {
 		t.Run(fmt.Sprintf("keep=%v", keep), func(t *testing.T) {
-			f := newIPVSFixture(t, func(o *Options) { o.KeepIPVSOnExit = keep })
+			f := newIPVSFixture(t, func(o *Options, _ *Kernel) { o.KeepIPVSOnExit = keep })
 			in := ipvsCluster()
 			f.fake.Seed(kubeProxyEntry().Virtual, kubeProxyEntry().Reals...)
 			f.sync(t, in)
@@ -416,10 +427,10 @@ func TestGuardStepWithIPVSOff(t *testing.T) {
 	m := metrics.NewSpeaker()
 	o := NewOptions()
 	o.NodeName, o.IPVS = "n1", false
-	nftFake := fakeNFT(o)
-	step := newGuardStep(t.Context(), o, m)
+	nftFake := fakeNFT()
+	step := newIPVSStep(o, Kernel{IPVS: ipvstesting.New(), NFT: nftFake}, m, nil)
 	in := nftCluster()
-	if err := step.sync(t.Context(), in); err != nil {
+	if err := step.syncAll(t.Context(), in); err != nil {
 		t.Fatalf("sync: %v", err)
 	}
 	if nftFake.Table == nil {
@@ -448,12 +459,14 @@ func TestIPVSStepWithoutIPVS(t *testing.T) {
 	m := metrics.NewSpeaker()
 	o := NewOptions()
 	o.NodeName, o.IPVS = "n1", true
-	nftFake := fakeNFT(o)
-	step, err := newIPVSStep(t.Context(), o, func() (ipvs.Interface, error) {
-		return nil, fmt.Errorf("%w: family not found", ipvs.ErrNoIPVS)
-	}, net, m)
+	nftFake := fakeNFT()
+	h, err := ipvsOrNone(t.Context(), nil, fmt.Errorf("%w: family not found", ipvs.ErrNoIPVS))
+	if err != nil || h != nil {
+		t.Fatalf("a kernel without IPVS stopped the speaker: %v, %v", h, err)
+	}
+	step, err := newTestStep(o, Kernel{Net: net, NFT: nftFake}, m, nil)
 	if err != nil {
-		t.Fatalf("a kernel without IPVS stopped the speaker: %v", err)
+		t.Fatal(err)
 	}
 	if got := metric(t, m, "keeplb_ipvs_available"); got != 0 {
 		t.Errorf("ipvs_available = %v, want 0", got)
@@ -462,7 +475,7 @@ func TestIPVSStepWithoutIPVS(t *testing.T) {
 		t.Errorf("ip_forward set to %s without IPVS", v)
 	}
 	in := nftCluster()
-	if err := step.sync(t.Context(), in); err != nil {
+	if err := step.syncAll(t.Context(), in); err != nil {
 		t.Errorf("sync without IPVS: %v", err)
 	}
 	// The node still holds VIPs: the guard alone, nothing to masquerade
@@ -485,19 +498,20 @@ func TestIPVSStepWithoutIPVS(t *testing.T) {
 	}
 
 	// Any other failure to open IPVS stops the speaker.
-	if _, err := newIPVSStep(t.Context(), o, func() (ipvs.Interface, error) { return nil, errors.New("socket: permission denied") }, net, metrics.NewSpeaker()); err == nil {
+	if _, err := ipvsOrNone(t.Context(), nil, errors.New("socket: permission denied")); err == nil {
 		t.Error("a failure to open IPVS other than ErrNoIPVS was ignored")
 	}
 }
 
 func TestIPVSStepSysctls(t *testing.T) {
-	open := func() (ipvs.Interface, error) { return ipvstesting.New(), nil }
+	kernel := func(net *hostnettesting.Fake) Kernel {
+		return Kernel{Net: net, IPVS: ipvstesting.New(), NFT: fakeNFT()}
+	}
 	o := NewOptions()
 	o.NodeName, o.IPVS = "n1", true
-	fakeNFT(o)
 	net := hostnettesting.New(nil, map[string]string{"net.ipv4.vs.conntrack": "0", "net.ipv4.ip_forward": "1"})
 	net.MakeReadOnly("net.ipv4.vs.conntrack")
-	_, err := newIPVSStep(t.Context(), o, open, net, metrics.NewSpeaker())
+	_, err := newTestStep(o, kernel(net), metrics.NewSpeaker(), nil)
 	if err == nil || !strings.Contains(err.Error(), "net.ipv4.vs.conntrack") {
 		t.Fatalf("error = %v, want one naming net.ipv4.vs.conntrack", err)
 	}
@@ -505,13 +519,13 @@ func TestIPVSStepSysctls(t *testing.T) {
 	// --skip-sysctls leaves them alone, also the IPv6 one.
 	o.SkipSysctls = true
 	net = hostnettesting.New(nil, map[string]string{"net.ipv4.vs.conntrack": "0", "net.ipv6.conf.all.forwarding": "0"})
-	step, err := newIPVSStep(t.Context(), o, open, net, metrics.NewSpeaker())
+	step, err := newTestStep(o, kernel(net), metrics.NewSpeaker(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	in := ipvsCluster()
 	in.Services = append(in.Services, fwdService("web6", "2001:db8::1", 53, 30053))
-	if err := step.sync(t.Context(), in); err != nil {
+	if err := step.syncAll(t.Context(), in); err != nil {
 		t.Fatal(err)
 	}
 	for _, name := range []string{"net.ipv4.vs.conntrack", "net.ipv6.conf.all.forwarding"} {
@@ -526,11 +540,11 @@ func TestIPVSStepSysctls(t *testing.T) {
 	net = hostnettesting.New(nil, map[string]string{"net.ipv4.vs.conntrack": "1", "net.ipv4.ip_forward": "1", "net.ipv4.vs.expire_nodest_conn": "1", "net.ipv6.conf.all.forwarding": "0"})
 	net.MakeReadOnly("net.ipv6.conf.all.forwarding")
 	fake := ipvstesting.New()
-	step, err = newIPVSStep(t.Context(), o, func() (ipvs.Interface, error) { return fake, nil }, net, metrics.NewSpeaker())
+	step, err = newTestStep(o, Kernel{Net: net, IPVS: fake, NFT: fakeNFT()}, metrics.NewSpeaker(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := step.sync(t.Context(), in); err == nil || !strings.Contains(err.Error(), "net.ipv6.conf.all.forwarding") {
+	if err := step.syncAll(t.Context(), in); err == nil || !strings.Contains(err.Error(), "net.ipv6.conf.all.forwarding") {
 		t.Fatalf("sync error = %v, want one naming net.ipv6.conf.all.forwarding", err)
 	}
 	if _, ok := fake.Table()[webEntry().Virtual.Key()]; !ok {
@@ -572,7 +586,7 @@ func TestIPVSStepReportsKernelRefusalOnce(t *testing.T) {
 	in := ipvsCluster()
 	in.Services = []*v1.Service{annotate(in.Services[0], annotations.Scheduler, "mh"), fwdService("other", "192.0.2.2", 80, 30081)}
 	for range 3 {
-		if err := f.step.sync(t.Context(), in); err == nil {
+		if err := f.step.syncAll(t.Context(), in); err == nil {
 			t.Fatal("sync succeeded with a scheduler the kernel lacks")
 		}
 	}
@@ -628,11 +642,8 @@ func TestIPVSOnByDefault(t *testing.T) {
 	if body := scrape(t, m); strings.Contains(body, "keeplb_ipvs_") || strings.Contains(body, "keeplb_nft_") {
 		t.Errorf("IPVS metrics served without --ipvs:\n%s", body)
 	}
-	on := &Options{NodeName: "n1", SkipSysctls: true}
-	fakeNFT(on)
-	if _, err := newIPVSStep(t.Context(), on, func() (ipvs.Interface, error) { return ipvstesting.New(), nil }, hostnettesting.New(nil, nil), m); err != nil {
-		t.Fatal(err)
-	}
+	on := &Options{NodeName: "n1", SkipSysctls: true, IPVS: true}
+	newIPVSStep(on, Kernel{Net: hostnettesting.New(nil, nil), IPVS: ipvstesting.New(), NFT: fakeNFT()}, m, nil)
 	if body := scrape(t, m); !strings.Contains(body, "keeplb_ipvs_available 1") {
 		t.Errorf("keeplb_ipvs_available not served with --ipvs:\n%s", body)
 	}
@@ -801,7 +812,7 @@ func TestIPVSStepClosesInvalidSourceRanges(t *testing.T) {
 func TestIPVSStepNFTablesExit(t *testing.T) {
 	for _, keep := range []bool{false, true} {
 		t.Run(fmt.Sprintf("keep=%v", keep), func(t *testing.T) {
-			f := newIPVSFixture(t, func(o *Options) { o.KeepIPVSOnExit = keep })
+			f := newIPVSFixture(t, func(o *Options, _ *Kernel) { o.KeepIPVSOnExit = keep })
 			in := nftCluster()
 			f.sync(t, in)
 			if f.nft.Table == nil {
@@ -821,11 +832,8 @@ func TestIPVSStepNFTablesExit(t *testing.T) {
 // source ranges are not forwarded at all (the old speaker forwarded them
 // unfiltered), each gets a Warning, and the others are forwarded.
 func TestIPVSStepWithoutNFTables(t *testing.T) {
-	f := newIPVSFixture(t, func(o *Options) {
-		o.openNFT = func(string) (knftables.Interface, error) {
-			return nil, errors.New(`could not find nftables binary: exec: "nft": executable file not found in $PATH`)
-		}
-	})
+	// OpenKernel leaves NFT nil when nft cannot be opened (no binary).
+	f := newIPVSFixture(t, func(_ *Options, k *Kernel) { k.NFT = nil })
 	f.sync(t, nftCluster())
 	f.wantTable(t, "without nft", tableOf(
 		ipvs.Entry{Virtual: ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.4"), Protocol: ipvs.TCP, Port: 8080, Scheduler: "rr"}, Reals: []ipvs.RealServer{rs("10.0.0.2", 30808), rs("10.0.0.3", 30808)}},
@@ -869,9 +877,7 @@ func (n *failingNFT) Run(ctx context.Context, tx *knftables.Transaction) error {
 // The old speaker programmed them all, unfiltered.
 func TestIPVSStepFailsClosed(t *testing.T) {
 	nf := &failingNFT{Fake: knftables.NewFake(nft.Family, nft.Table)}
-	f := newIPVSFixture(t, func(o *Options) {
-		o.openNFT = func(string) (knftables.Interface, error) { return nf, nil }
-	})
+	f := newIPVSFixture(t, func(_ *Options, k *Kernel) { k.NFT = nf })
 	in := nftCluster() // web, api filtered; open not; kp kube-proxy's
 	f.sync(t, in)
 	before := f.fake.Table()
@@ -890,7 +896,7 @@ func TestIPVSStepFailsClosed(t *testing.T) {
 	newFiltered.Spec.LoadBalancerSourceRanges = []string{"203.0.113.0/24"}
 	newOpen := fwdService("plain", "192.0.2.6", 80, 30086)
 	in.Services = append(in.Services, newFiltered, newOpen)
-	if err := f.step.sync(t.Context(), in); err == nil {
+	if err := f.step.syncAll(t.Context(), in); err == nil {
 		t.Fatal("a failed nftables write was not reported")
 	}
 	key := func(ip string, port uint16) ipvs.Key {
@@ -970,50 +976,19 @@ func TestIPVSStepCountsGuardDrops(t *testing.T) {
 	}
 }
 
-// TestIPVSStepNFTablesInNetns checks that with --netns the table is opened
-// in the named namespace (nft.NewAt runs nft there) and written.
-func TestIPVSStepNFTablesInNetns(t *testing.T) {
-	var opened []string
-	f := newIPVSFixture(t, func(o *Options) {
-		o.NetNS = "node1"
-		inner := o.openNFT
-		o.openNFT = func(nsPath string) (knftables.Interface, error) {
-			opened = append(opened, nsPath)
-			return inner(nsPath)
-		}
-	})
-	if !slices.Equal(opened, []string{"/run/netns/node1"}) {
-		t.Fatalf("nftables opened in %q, want only /run/netns/node1", opened)
-	}
-	f.sync(t, nftCluster())
-	if f.nft.Table == nil {
-		t.Fatal("with --netns no nftables table was written")
-	}
-	if len(nftElements(t, f.nft, "snat-v4")) == 0 {
-		t.Error("with --netns the table masquerades nothing")
-	}
-}
-
 // TestIPVSStepWarnsWithoutIPVS checks the IPVSUnavailable events: one per
 // Service this node would forward, once per process, none for Services it
 // would not forward.
 func TestIPVSStepWarnsWithoutIPVS(t *testing.T) {
 	o := NewOptions()
 	o.NodeName, o.IPVS = "n1", true
-	fakeNFT(o)
-	step, err := newIPVSStep(t.Context(), o, func() (ipvs.Interface, error) {
-		return nil, fmt.Errorf("%w: family not found", ipvs.ErrNoIPVS)
-	}, hostnettesting.New(nil, nil), metrics.NewSpeaker())
-	if err != nil {
-		t.Fatal(err)
-	}
 	rec := record.NewFakeRecorder(100)
-	step.recorder = rec
+	step := newIPVSStep(o, Kernel{Net: hostnettesting.New(nil, nil), NFT: fakeNFT()}, metrics.NewSpeaker(), rec)
 	in := ipvsCluster()
 	// Outside every pool: not keeplb's to forward.
 	in.Services = append(in.Services, fwdService("elsewhere", "198.51.100.1", 80, 30081))
 	for range 3 {
-		if err := step.sync(t.Context(), in); err != nil {
+		if err := step.syncAll(t.Context(), in); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -1028,7 +1003,7 @@ func TestIPVSStepWarnsWithoutIPVS(t *testing.T) {
 	}
 	in.Services = append(in.Services, fwdService("api", "192.0.2.2", 443, 30443))
 	for range 2 {
-		if err := step.sync(t.Context(), in); err != nil {
+		if err := step.syncAll(t.Context(), in); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -1131,4 +1106,10 @@ func TestIPVSStepExportsStats(t *testing.T) {
 	if body := scrape(t, f.metrics); strings.Contains(body, "keeplb_ipvs_connections_total{") {
 		t.Errorf("counters exported after exit removed the virtual servers:\n%s", body)
 	}
+}
+
+// syncAll is the forwarding step's share of one sync: compute, then apply.
+func (d *ipvsStep) syncAll(ctx context.Context, in dataplane.Inputs) error {
+	st, problems := d.compute(in)
+	return d.apply(ctx, in, st, problems)
 }

@@ -8,33 +8,13 @@ import (
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/klog/v2"
 
-	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/nodeview"
-	"github.com/keeplb/keeplb/pkg/vrrp"
 )
 
 // EventInvalidNodeAddress is recorded as a Warning on a Node, by that
 // node's own speaker, for each InternalIP keeplb ignores (see package
 // nodeview).
 const EventInvalidNodeAddress = "InvalidNodeAddress"
-
-// observe reports what one sync learned beyond the plan's own problems:
-// the Nodes' InternalIPs that keeplb ignores, the pools whose plan ignores
-// Ready (fail-static), and whether this node can forward.
-func (s *Speaker) observe(ctx context.Context, in dataplane.Inputs, plan vrrp.Plan) {
-	s.warnNodes(ctx, in.Nodes)
-	s.metrics.FailStatic.Reset()
-	for _, p := range plan.Problems {
-		if p.Reason == vrrp.ReasonFailStatic {
-			s.metrics.FailStatic.WithLabelValues(p.Pool).Set(1)
-		}
-	}
-	can := 0.0
-	if s.dp.canForward() {
-		can = 1
-	}
-	s.metrics.CanForward.Set(can)
-}
 
 // warnNodes logs the InternalIPs of nodes that nodeview ignores, and
 // records a Warning event on this node's own Node for each of its own,
@@ -43,11 +23,10 @@ func (s *Speaker) observe(ctx context.Context, in dataplane.Inputs, plan vrrp.Pl
 // traffic), and only a fix of the Node brings them back. Only the node's
 // own speaker records the event, so that a bad address gives one event,
 // not one per node.
-func (s *Speaker) warnNodes(ctx context.Context, nodes []*v1.Node) {
+func (s *Speaker) warnNodes(ctx context.Context, nodes []*v1.Node, ignoredAddrs map[string][]nodeview.Ignored) {
 	logger := klog.FromContext(ctx)
-	seen := make(map[string]string)
 	for _, n := range nodes {
-		_, ignored := nodeview.Of(n)
+		ignored := ignoredAddrs[n.Name]
 		if len(ignored) == 0 {
 			continue
 		}
@@ -56,8 +35,7 @@ func (s *Speaker) warnNodes(ctx context.Context, nodes []*v1.Node) {
 			parts[i] = ig.String()
 		}
 		text := strings.Join(parts, "; ")
-		seen[n.Name] = text
-		if s.nodeWarned[n.Name] == text {
+		if !s.nodeReports.fresh(n.Name + " " + text) {
 			continue
 		}
 		logger.Info("Node InternalIPs ignored: not addresses other nodes can send to", "node", n.Name, "ignored", text)
@@ -68,7 +46,18 @@ func (s *Speaker) warnNodes(ctx context.Context, nodes []*v1.Node) {
 			s.recorder.Event(n, v1.EventTypeWarning, EventInvalidNodeAddress, nodeAddressMessage(ig))
 		}
 	}
-	s.nodeWarned = seen
+	s.nodeReports.end()
+}
+
+// ignoredAddrs returns, by Node, the InternalIPs that nodeview leaves out.
+func ignoredAddrs(nodes []*v1.Node) map[string][]nodeview.Ignored {
+	out := map[string][]nodeview.Ignored{}
+	for _, n := range nodes {
+		if _, ignored := nodeview.Of(n); len(ignored) > 0 {
+			out[n.Name] = ignored
+		}
+	}
+	return out
 }
 
 // nodeAddressMessage is the event message for one ignored InternalIP.

@@ -14,7 +14,6 @@ import (
 	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/dataplane"
-	"github.com/keeplb/keeplb/pkg/ipvs"
 	"github.com/keeplb/keeplb/pkg/metrics"
 	"github.com/keeplb/keeplb/pkg/nft"
 	"github.com/keeplb/keeplb/pkg/vrrp"
@@ -54,7 +53,7 @@ func TestWarnNodes(t *testing.T) {
 			s := &Speaker{opts: o, recorder: rec, metrics: metrics.NewSpeaker()}
 			nodes := badNodes()
 			for range 3 {
-				s.warnNodes(t.Context(), nodes)
+				s.warnNodes(t.Context(), nodes, ignoredAddrs(nodes))
 			}
 			got := drain(rec)
 			want := map[string][]string{
@@ -76,7 +75,7 @@ func TestWarnNodes(t *testing.T) {
 			}
 			// The kubelet reports another bad address: told again.
 			nodes[0].Status.Addresses[1].Address = "127.0.0.1"
-			s.warnNodes(t.Context(), nodes)
+			s.warnNodes(t.Context(), nodes, ignoredAddrs(nodes))
 			if got := drain(rec); len(got) != 1 || !strings.Contains(got[0], "loopback") {
 				t.Errorf("after the Node changed: %q, want one event about the loopback address", got)
 			}
@@ -147,9 +146,7 @@ func TestCanForward(t *testing.T) {
 		t.Error("without the IPVS step: can forward")
 	}
 	flaky := &flakyNFT{Interface: knftables.NewFake(nft.Family, nft.Table)}
-	f := newIPVSFixture(t, func(o *Options) {
-		o.openNFT = func(string) (knftables.Interface, error) { return flaky, nil }
-	})
+	f := newIPVSFixture(t, func(_ *Options, k *Kernel) { k.NFT = flaky })
 	in := ipvsCluster()
 	f.sync(t, in)
 	if !f.step.canForward() {
@@ -157,7 +154,7 @@ func TestCanForward(t *testing.T) {
 	}
 	flaky.fail = true
 	in.Services = append(in.Services, fwdService("api", "192.0.2.2", 443, 30443)) // a change: the table is written again
-	if err := f.step.sync(t.Context(), in); err == nil {
+	if err := f.step.syncAll(t.Context(), in); err == nil {
 		t.Error("a failed nft write did not fail the sync")
 	}
 	if f.step.canForward() {
@@ -170,20 +167,14 @@ func TestCanForward(t *testing.T) {
 		t.Error("after the table was written again: cannot forward")
 	}
 
-	noNFT := newIPVSFixture(t, func(o *Options) {
-		o.openNFT = func(string) (knftables.Interface, error) { return nil, errors.New("nft missing") }
-	})
+	noNFT := newIPVSFixture(t, func(_ *Options, k *Kernel) { k.NFT = nil })
 	noNFT.sync(t, in)
 	if noNFT.step.canForward() {
 		t.Error("without nftables: can forward")
 	}
 	o := NewOptions()
 	o.NodeName, o.IPVS = "n1", true
-	fakeNFT(o)
-	noKernel, err := newIPVSStep(t.Context(), o, func() (ipvs.Interface, error) { return nil, ipvs.ErrNoIPVS }, nil, metrics.NewSpeaker())
-	if err != nil {
-		t.Fatal(err)
-	}
+	noKernel := newIPVSStep(o, Kernel{NFT: fakeNFT()}, metrics.NewSpeaker(), nil)
 	if noKernel.canForward() {
 		t.Error("without IPVS in the kernel: can forward")
 	}
@@ -203,7 +194,7 @@ func TestObserveMetrics(t *testing.T) {
 		Pools:    []*v1alpha1.IPPool{ippool("p", []string{"192.0.2.0/24"}, nil)},
 		Services: []*v1.Service{lbService("ns", "web", "192.0.2.1", false, nil)}}
 	pin, _ := PlanInput(in)
-	s.observe(t.Context(), in, vrrp.Compute(pin))
+	s.reportObserved(t.Context(), in, desired{plan: vrrp.Compute(pin)}, s.dp.canForward())
 	if v := metric(t, m, `keeplb_vrrp_fail_static{pool="p"}`); v != 1 {
 		t.Errorf("vrrp_fail_static{pool=p} = %v with 2 of 3 nodes NotReady, want 1", v)
 	}
@@ -212,7 +203,7 @@ func TestObserveMetrics(t *testing.T) {
 	}
 	nodes[1].Status.Conditions[0].Status = v1.ConditionTrue
 	pin, _ = PlanInput(in)
-	s.observe(t.Context(), in, vrrp.Compute(pin))
+	s.reportObserved(t.Context(), in, desired{plan: vrrp.Compute(pin)}, s.dp.canForward())
 	if v := metric(t, m, `keeplb_vrrp_fail_static{pool="p"}`); v != -1 {
 		t.Errorf("vrrp_fail_static{pool=p} = %v with 1 of 3 nodes NotReady, want no series", v)
 	}

@@ -6,10 +6,9 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
-	"sigs.k8s.io/knftables"
 
 	"github.com/keeplb/keeplb/pkg/annotations"
-	"github.com/keeplb/keeplb/pkg/conntrack"
+	"github.com/keeplb/keeplb/pkg/kubeconfig"
 	"github.com/keeplb/keeplb/pkg/serve"
 )
 
@@ -17,7 +16,8 @@ import (
 type Options struct {
 	// NodeName is this node's name (downward API spec.nodeName).
 	NodeName string
-	// Kubeconfig is a kubeconfig file; empty means in-cluster config.
+	// Kubeconfig is a kubeconfig file; empty means $KUBECONFIG,
+	// ~/.kube/config, then in-cluster (package kubeconfig).
 	Kubeconfig string
 	// LoadBalancerClass and DefaultClass select keeplb's Services, as for
 	// the controller; both must be set alike on controller and speakers.
@@ -64,15 +64,6 @@ type Options struct {
 	// nftables table, in place when the speaker exits, instead of deleting
 	// them.
 	KeepIPVSOnExit bool
-
-	// openNFT opens keeplb's nftables table for the IPVS step in the
-	// network namespace at nsPath ("" for the current one); nil means
-	// nft.NewAt. Tests set a fake here.
-	openNFT func(nsPath string) (knftables.Interface, error)
-	// openConntrack opens the conntrack table for the IPVS step in the
-	// network namespace at nsPath; nil means conntrack.NewAt. Tests set a
-	// fake here.
-	openConntrack func(nsPath string) (conntrack.Interface, error)
 }
 
 // NewOptions returns Options with the defaults.
@@ -96,7 +87,7 @@ func NewOptions() *Options {
 // AddFlags registers the options on fs.
 func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.NodeName, "node-name", o.NodeName, "Name of this node (default $NODE_NAME, set from the downward API).")
-	fs.StringVar(&o.Kubeconfig, "kubeconfig", o.Kubeconfig, "Path to a kubeconfig file. Empty uses the in-cluster service account.")
+	fs.StringVar(&o.Kubeconfig, "kubeconfig", o.Kubeconfig, kubeconfig.Usage)
 	fs.StringVar(&o.LoadBalancerClass, "load-balancer-class", o.LoadBalancerClass, "spec.loadBalancerClass handled by keeplb; must match the controller's.")
 	fs.BoolVar(&o.DefaultClass, "default-class", o.DefaultClass, "Also handle LoadBalancer Services that set no class; must match the controller's.")
 	fs.StringVar(&o.RunDir, "run-dir", o.RunDir, "Directory for keepalived.conf, its pid files, notify FIFO and track files.")
@@ -115,12 +106,11 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.BoolVar(&o.KeepIPVSOnExit, "keep-ipvs-on-exit", o.KeepIPVSOnExit, "With --ipvs: leave keeplb's IPVS virtual servers and its nftables table in place when the speaker exits, for upgrades, so the next speaker finds them programmed and only reconciles them. By default both are deleted on exit, so that a removed keeplb leaves no forwarding behind.")
 }
 
-// withDefaults returns a copy of o, so that Run's adjustments never leak
-// into the caller's Options.
-func (o *Options) withDefaults() *Options {
-	c := *o
-	c.Keepalived = append([]string(nil), o.Keepalived...)
-	return &c
+// skipSysctls says whether the sysctls are not the speaker's to check:
+// --skip-sysctls, or --netns (another namespace's sysctls are not this
+// process's).
+func (o *Options) skipSysctls() bool {
+	return o.SkipSysctls || o.NetNS != ""
 }
 
 // Validate reports every invalid option at once.

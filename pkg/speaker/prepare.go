@@ -76,7 +76,13 @@ func PrepareNode(ctx context.Context, o *PrepareOptions) error {
 		if root := filepath.Clean(o.SysctlRoot); root != DefaultSysctlRoot && root != "." {
 			h = sysctlsUnder{Interface: net, root: root}
 		}
-		return prepare(ctx, o.IPVS, func() (ipvs.Interface, error) { return openIPVS("") }, h)
+		return prepare(ctx, o.IPVS, func() (ipvs.Interface, error) {
+			h, err := ipvs.New()
+			if err != nil {
+				return nil, err // not a typed nil in an interface
+			}
+			return h, nil
+		}, h)
 	}
 	if o.NetNS == "" {
 		return run()
@@ -99,7 +105,9 @@ func prepare(ctx context.Context, withIPVS bool, open func() (ipvs.Interface, er
 		case err != nil:
 			return fmt.Errorf("open IPVS: %w", err)
 		default:
-			closeHandle(h)
+			if c, ok := h.(interface{ Close() }); ok {
+				c.Close()
+			}
 			reqs = append(reqs, dataplane.IPVSSysctls()...)
 		}
 	}

@@ -1,31 +1,34 @@
-// Package speaker runs keeplb's speaker on one node: it watches Services,
-// EndpointSlices, Nodes and IPPools, computes the cluster's VRRP plan (the
-// same on every node), renders this node's part as keepalived.conf, keeps
-// keepalived running with it, and reports which node holds each VIP.
+// Package speaker runs keeplb's speaker on one node. Each sync observes
+// the informers' Services, EndpointSlices, Nodes and IPPools, the node's
+// links and keepalived's reported states; computes, in one pure step,
+// everything this node should have (the dataplane state for IPVS and
+// keeplb's nftables table, the cluster's VRRP plan, the same on every node,
+// and this node's keepalived.conf, track files and holder claims); then
+// applies it in a documented order (see Speaker.apply): forwarding first,
+// then keepalived, then the holder annotations.
 //
-// With --ipvs (on by default) it also programs the node's IPVS table for
-// keeplb's VIPs after each VRRP step (see package dataplane and ipvsStep);
-// with --ipvs=false it never touches IPVS, and writes keeplb's nftables
-// table with the VIP port guard alone (newGuardStep).
+// The node is reached through one Kernel struct (network, IPVS, nftables,
+// conntrack, keepalived), opened once from the options by OpenKernel, or
+// filled with fakes by tests. Run is the entry point of the flags; RunWith
+// that of tests.
+//
+// With --ipvs (on by default) the forwarding step runs the whole
+// dataplane (package dataplane); with --ipvs=false, or on a kernel without
+// IPVS, it writes keeplb's nftables table with the VIP port guard alone.
 package speaker
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
 	"net/http"
 	"net/netip"
 	"os"
-	"slices"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
-	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/informers"
@@ -34,20 +37,18 @@ import (
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
-	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/klog/v2"
 
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/hostnet"
-	"github.com/keeplb/keeplb/pkg/ipvs"
 	"github.com/keeplb/keeplb/pkg/keepalived"
+	"github.com/keeplb/keeplb/pkg/kubeconfig"
 	"github.com/keeplb/keeplb/pkg/metrics"
 	"github.com/keeplb/keeplb/pkg/pools"
 	"github.com/keeplb/keeplb/pkg/runner"
 	"github.com/keeplb/keeplb/pkg/serve"
-	"github.com/keeplb/keeplb/pkg/vrrp"
 )
 
 // kubeIPVSLink is the dummy device where kube-proxy in IPVS mode binds
@@ -71,44 +72,40 @@ const EventVRRPConfigProblem = "VRRPConfigProblem"
 // caches synced (the first sync, then the start) before /healthz fails.
 const keepalivedStartGrace = 30 * time.Second
 
-// Run runs the speaker until ctx is done.
+// Run runs the speaker with the flags' options until ctx is done: it
+// reaches the API server as --kubeconfig, $KUBECONFIG or the in-cluster
+// service account say (package kubeconfig) and opens the node's kernel
+// (OpenKernel). Tests use RunWith.
 func Run(ctx context.Context, o *Options) error {
 	if err := o.Validate(); err != nil {
 		return err
 	}
-	cfg, err := clientcmd.BuildConfigFromFlags("", o.Kubeconfig)
+	cfg, err := kubeconfig.Load(o.Kubeconfig)
 	if err != nil {
 		return fmt.Errorf("load kubeconfig: %w", err)
 	}
 	cfg.QPS, cfg.Burst = o.KubeAPIQPS, o.KubeAPIBurst
-	return RunWithConfig(ctx, o, cfg)
-}
-
-// RunWithConfig is Run with a ready REST config.
-func RunWithConfig(ctx context.Context, o *Options, cfg *rest.Config) error {
-	o = o.withDefaults()
-	var net hostnet.Interface
-	var err error
-	if o.NetNS != "" {
-		// The sysctls of another namespace are not this process's to check.
-		o.SkipSysctls = true
-		o.Keepalived = append([]string{"ip", "netns", "exec", o.NetNS}, o.Keepalived...)
-		net, err = hostnet.NewAt("/run/netns/" + o.NetNS)
-	} else {
-		net, err = hostnet.New()
-	}
+	k, err := OpenKernel(ctx, o)
 	if err != nil {
 		return err
 	}
-	return RunWith(ctx, o, cfg, net)
+	defer k.Close()
+	return run(ctx, o, cfg, k)
 }
 
-// RunWith is Run with a ready REST config and host network, for tests.
-// With o.IPVS it opens the kernel's IPVS (of o.NetNS) all the same.
-func RunWith(ctx context.Context, o *Options, cfg *rest.Config, net hostnet.Interface) error {
+// RunWith runs the speaker with a ready REST config and kernel until ctx is
+// done: the same speaker as Run, on the fakes of the …/testing packages or
+// on a kernel opened with OpenKernel.
+func RunWith(ctx context.Context, o *Options, cfg *rest.Config, k Kernel) error {
 	if err := o.Validate(); err != nil {
 		return err
 	}
+	return run(ctx, o, cfg, k)
+}
+
+// run builds the speaker, whole, and runs it next to its metrics and
+// health server.
+func run(ctx context.Context, o *Options, cfg *rest.Config, k Kernel) error {
 	logger := klog.FromContext(ctx).WithValues("node", o.NodeName)
 	ctx = klog.NewContext(ctx, logger)
 	cfg = rest.CopyConfig(cfg)
@@ -121,10 +118,8 @@ func RunWith(ctx context.Context, o *Options, cfg *rest.Config, net hostnet.Inte
 	if err != nil {
 		return err
 	}
-	if !o.SkipSysctls {
-		if err := hostnet.Ensure(net, hostnet.VRRPSysctls()); err != nil {
-			return fmt.Errorf("the speaker needs these sysctls, which its DaemonSet's init container (keeplb prepare-node) sets; see that container's log, or delete this pod to run it again: %w", err)
-		}
+	if err := ensureSysctls(o, k); err != nil {
+		return err
 	}
 	layout := Layout{RunDir: o.RunDir}
 	// What goes in keepalived.conf's global settings comes from here and
@@ -136,24 +131,15 @@ func RunWith(ctx context.Context, o *Options, cfg *rest.Config, net hostnet.Inte
 	if err := os.MkdirAll(layout.TrackPath(""), 0o755); err != nil {
 		return err
 	}
-	proc, err := keepalived.NewExecProcess(keepalived.ExecOptions{Command: o.Keepalived, ConfigPath: layout.ConfigPath(), RunDir: o.RunDir, Output: os.Stderr})
+	sup, err := keepalived.NewSupervisor(k.Keepalived, keepalived.SupervisorOptions{ConfigPath: layout.ConfigPath(), ReloadWindow: o.ReloadWindow})
 	if err != nil {
 		return err
 	}
-	sup, err := keepalived.NewSupervisor(proc, keepalived.SupervisorOptions{ConfigPath: layout.ConfigPath(), ReloadWindow: o.ReloadWindow})
-	if err != nil {
-		return err
-	}
-	m := metrics.NewSpeaker()
-	var dp *ipvsStep
-	if o.IPVS {
-		if dp, err = newIPVSStep(ctx, o, func() (ipvs.Interface, error) { return openIPVS(o.NetNS) }, net, m); err != nil {
-			return err
-		}
-	} else {
-		dp = newGuardStep(ctx, o, m)
-	}
-	s := &Speaker{opts: o, client: client, dyn: dyn, net: net, sup: sup, layout: layout, metrics: m, dp: dp, states: map[string]keepalived.State{}}
+	broadcaster := record.NewBroadcaster(record.WithContext(ctx))
+	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: client.CoreV1().Events("")})
+	defer broadcaster.Shutdown()
+	recorder := broadcaster.NewRecorder(scheme.Scheme, v1.EventSource{Component: Component, Host: o.NodeName})
+	s := newSpeaker(o, client, dyn, k, sup, recorder)
 	srv, err := s.server(ctx, cfg)
 	if err != nil {
 		return err
@@ -163,52 +149,61 @@ func RunWith(ctx context.Context, o *Options, cfg *rest.Config, net hostnet.Inte
 
 // Speaker is one running speaker.
 type Speaker struct {
-	opts    *Options
-	client  kubernetes.Interface
-	dyn     dynamic.Interface
-	net     hostnet.Interface
-	sup     *keepalived.Supervisor
-	layout  Layout
-	metrics *metrics.Speaker
-	// dp is the IPVS dataplane, nil without --ipvs.
+	opts     *Options
+	client   kubernetes.Interface
+	net      hostnet.Interface
+	sup      *keepalived.Supervisor
+	layout   Layout
+	metrics  *metrics.Speaker
+	recorder record.EventRecorder
+	// dp is the forwarding step: IPVS and keeplb's nftables table, or the
+	// table's VIP port guard alone.
 	dp *ipvsStep
 
-	services  cache.SharedIndexInformer
-	slices    cache.SharedIndexInformer
-	nodes     cache.SharedIndexInformer
-	poolInf   cache.SharedIndexInformer
-	recorder  record.EventRecorder
-	runner    *runner.Runner
-	inputs    func() dataplane.Inputs
+	factory    informers.SharedInformerFactory
+	dynFactory dynamicinformer.DynamicSharedInformerFactory
+	services   cache.SharedIndexInformer
+	slices     cache.SharedIndexInformer
+	nodes      cache.SharedIndexInformer
+	poolInf    cache.SharedIndexInformer
+	runner     *runner.Runner
+
 	healthyMu sync.Mutex
 	health    health
 
 	// reported holds the problems of the last sync (the plan's and this
 	// node's ConfigProblems), so that each is logged, and recorded as an
 	// event, once while it lasts.
-	reported map[string]bool
+	reported lasting
+	// nodeReports does the same for the Nodes' ignored InternalIPs.
+	nodeReports lasting
+	holders     holderWrites // limits holder annotation writes (holder.go)
 
-	holders    holderWrites      // limits holder annotation writes (holder.go)
-	nodeWarned map[string]string // Node -> its ignored InternalIPs last reported (nodes.go)
+	// statesMu guards states, keepalived's last reported state of each
+	// instance on this node, which the FIFO watcher writes and each sync
+	// observes.
+	statesMu sync.Mutex
+	states   map[string]keepalived.State
+}
 
-	mu     sync.Mutex
-	plan   vrrp.Plan
-	owners map[netip.Addr][]string
-	states map[string]keepalived.State // instance -> state on this node
+// newSpeaker assembles a speaker, whole: its informers, its forwarding
+// step on k, and its runner, which syncs at most every --min-sync-interval.
+func newSpeaker(o *Options, client kubernetes.Interface, dyn dynamic.Interface, k Kernel, sup *keepalived.Supervisor, recorder record.EventRecorder) *Speaker {
+	m := metrics.NewSpeaker()
+	s := &Speaker{opts: o, client: client, net: k.Net, sup: sup, layout: Layout{RunDir: o.RunDir}, metrics: m, recorder: recorder,
+		dp: newIPVSStep(o, k, m, recorder), states: map[string]keepalived.State{}}
+	s.factory = informers.NewSharedInformerFactory(client, 0)
+	s.dynFactory = dynamicinformer.NewDynamicSharedInformerFactory(dyn, 0)
+	s.services = s.factory.Core().V1().Services().Informer()
+	s.slices = s.factory.Discovery().V1().EndpointSlices().Informer()
+	s.nodes = s.factory.Core().V1().Nodes().Informer()
+	s.poolInf = s.dynFactory.ForResource(v1alpha1.IPPoolResource).Informer()
+	s.runner = runner.New(s.sync, o.MinSyncInterval, time.Second, 5*time.Minute)
+	return s
 }
 
 func (s *Speaker) run(ctx context.Context) error {
 	logger := klog.FromContext(ctx)
-	if s.dp != nil {
-		defer s.dp.close()
-	}
-	factory := informers.NewSharedInformerFactory(s.client, 0)
-	dynFactory := dynamicinformer.NewDynamicSharedInformerFactory(s.dyn, 0)
-	s.services = factory.Core().V1().Services().Informer()
-	s.slices = factory.Discovery().V1().EndpointSlices().Informer()
-	s.nodes = factory.Core().V1().Nodes().Informer()
-	s.poolInf = dynFactory.ForResource(v1alpha1.IPPoolResource).Informer()
-	s.runner = runner.New(s.sync, s.opts.MinSyncInterval, time.Second, 5*time.Minute)
 	for _, inf := range []cache.SharedIndexInformer{s.services, s.slices, s.nodes, s.poolInf} {
 		if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 			AddFunc:    func(any) { s.runner.Trigger() },
@@ -218,18 +213,10 @@ func (s *Speaker) run(ctx context.Context) error {
 			return err
 		}
 	}
-	broadcaster := record.NewBroadcaster(record.WithContext(ctx))
-	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: s.client.CoreV1().Events("")})
-	defer broadcaster.Shutdown()
-	s.recorder = broadcaster.NewRecorder(scheme.Scheme, v1.EventSource{Component: Component, Host: s.opts.NodeName})
-	if s.dp != nil {
-		s.dp.recorder = s.recorder
-	}
-
-	factory.Start(ctx.Done())
-	dynFactory.Start(ctx.Done())
-	defer factory.Shutdown()
-	defer dynFactory.Shutdown()
+	s.factory.Start(ctx.Done())
+	s.dynFactory.Start(ctx.Done())
+	defer s.factory.Shutdown()
+	defer s.dynFactory.Shutdown()
 	if !cache.WaitForNamedCacheSyncWithContext(ctx, s.services.HasSynced, s.slices.HasSynced, s.nodes.HasSynced, s.poolInf.HasSynced) {
 		return ctx.Err()
 	}
@@ -269,183 +256,7 @@ func (s *Speaker) run(ctx context.Context) error {
 	<-supDone
 	logger.Info("keepalived stopped; removing VIPs")
 	err = s.removeVIPs(context.WithoutCancel(ctx))
-	if s.dp != nil {
-		err = errors.Join(err, s.dp.exit(context.WithoutCancel(ctx), s.collect()))
-	}
-	return err
-}
-
-// sync computes the plan and applies this node's share of it.
-func (s *Speaker) sync(ctx context.Context) (err error) {
-	logger := klog.FromContext(ctx)
-	defer func() {
-		// The runner retries a failed sync; this says why it had to.
-		if err != nil {
-			logger.Error(err, "Sync failed; retrying, less often while it keeps failing, and at once on any change")
-		} else {
-			s.metrics.LastSyncSuccess.SetToCurrentTime()
-		}
-	}()
-	in := s.collect()
-	// IPVS before VRRP: a new VIP then comes up with its virtual servers
-	// and masquerading in place, instead of refusing connections until the
-	// next step. Its error does not stop VRRP: a node whose IPVS failed
-	// still holds its VIPs.
-	if s.dp != nil {
-		dpErr := s.dp.sync(ctx, in)
-		defer func() { err = errors.Join(dpErr, err) }()
-	}
-	start := time.Now()
-	pin, owners := PlanInput(in)
-	plan := vrrp.Compute(pin)
-	s.observe(ctx, in, plan)
-	err = s.applyVRRP(ctx, in, pin, plan, start)
-	s.healthyMu.Lock()
-	s.health.vrrpErr = err
-	s.healthyMu.Unlock()
-	if err != nil {
-		s.metrics.VRRPSyncErrors.Inc()
-		return err
-	}
-	s.mu.Lock()
-	s.plan, s.owners = plan, owners
-	states := maps.Clone(s.states)
-	s.mu.Unlock()
-	s.reconcileHolders(ctx, plan, owners, states)
-	return nil
-}
-
-// applyVRRP renders this node's keepalived.conf for the plan, reports what
-// it had to leave out, writes the track files and hands the configuration
-// to the supervisor. It fails only when nothing could be applied.
-func (s *Speaker) applyVRRP(ctx context.Context, in dataplane.Inputs, pin vrrp.Input, plan vrrp.Plan, start time.Time) error {
-	links, err := s.net.Links()
-	if err != nil {
-		return err
-	}
-	data, problems, err := renderVRRP(plan, s.opts.NodeName, pin, links, s.layout)
-	if err != nil {
-		return fmt.Errorf("render keepalived.conf: %w", err)
-	}
-	s.metrics.RenderDuration.Observe(time.Since(start).Seconds())
-	s.report(ctx, in, plan, problems)
-	// Track files first: a reload then starts with the right priorities.
-	for name, v := range vrrp.TrackValues(plan, s.opts.NodeName, pin, s.dp.canForward()) {
-		if _, err := keepalived.WriteAtomic(s.layout.TrackPath(name), []byte(strconv.Itoa(v)+"\n")); err != nil {
-			return err
-		}
-	}
-	if changed, err := s.sup.Apply(data); err != nil {
-		return err
-	} else if changed {
-		klog.FromContext(ctx).V(2).Info("keepalived.conf changed", "bytes", len(data))
-	}
-	return nil
-}
-
-// renderVRRP is the pure part of a sync's VRRP step: this node's
-// keepalived.conf for the plan, without what cannot be configured, which it
-// returns. Its error is for keepalived.conf's global settings only, which
-// RunWith checked: no value in the API can make it fail.
-func renderVRRP(plan vrrp.Plan, node string, pin vrrp.Input, links []hostnet.Link, l Layout) ([]byte, []ConfigProblem, error) {
-	cfg, problems := KeepalivedConfig(plan, node, pin, links, l)
-	data, dropped, err := keepalived.RenderValid(cfg)
-	if err != nil {
-		return nil, nil, err
-	}
-	services := localServices(pin.VIPs)
-	for _, d := range dropped {
-		p := ConfigProblem{Instance: d.Instance, Dropped: true, Kind: KindIPPool,
-			Message: fmt.Sprintf("node %s leaves out VRRP instance %s, which keepalived would refuse: %v", node, d.Instance, d.Err)}
-		i, ok := slices.BinarySearchFunc(plan.Instances, d.Instance, func(in vrrp.Instance, name string) int { return strings.Compare(in.Name, name) })
-		if !ok {
-			continue // not from the plan: KeepalivedConfig makes none
-		}
-		inst := plan.Instances[i]
-		p.Name = inst.Pool
-		svcs := servicesOf(inst, services)
-		if len(svcs) == 0 {
-			problems = append(problems, p)
-		}
-		for _, svc := range svcs {
-			p.Kind, p.Name = KindService, svc
-			problems = append(problems, p)
-		}
-	}
-	return data, problems, nil
-}
-
-// report logs the plan's problems and this node's ConfigProblems when they
-// appear, records a VRRPConfigProblem event for each ConfigProblem on the
-// object to fix, and sets their metrics. A problem that lasts is reported
-// once; again only if it went away and came back.
-func (s *Speaker) report(ctx context.Context, in dataplane.Inputs, plan vrrp.Plan, problems []ConfigProblem) {
-	logger := klog.FromContext(ctx)
-	seen := make(map[string]bool, len(plan.Problems)+len(problems))
-	sev := map[string]float64{"Warning": 0, "Error": 0}
-	for _, p := range plan.Problems {
-		sev[p.Severity.String()]++
-		key := fmt.Sprintf("plan %s %s", p.Pool, p)
-		if seen[key] = true; !s.reported[key] {
-			logger.Info("VRRP plan problem", "severity", p.Severity, "reason", p.Reason, "pool", p.Pool, "message", p.Message)
-		}
-	}
-	for k, v := range sev {
-		s.metrics.Problems.WithLabelValues(k).Set(v)
-	}
-	dropped := map[string]bool{}
-	peers := 0
-	for _, p := range problems {
-		if p.Dropped {
-			dropped[p.Instance] = true
-		}
-		if p.Peer.IsValid() {
-			peers++
-		}
-		key := fmt.Sprintf("config %+v", p)
-		if seen[key] {
-			continue
-		}
-		if seen[key] = true; s.reported[key] {
-			continue
-		}
-		logger.Info("VRRP configuration problem", "instance", p.Instance, "dropped", p.Dropped, "kind", p.Kind, "name", p.Name, "field", p.Field, "message", p.Message)
-		msg := p.Message
-		if p.Field != "" {
-			msg = p.Field + ": " + msg
-		}
-		if obj := objectOf(in, p.Kind, p.Name); obj != nil && s.recorder != nil {
-			s.recorder.Event(obj, v1.EventTypeWarning, EventVRRPConfigProblem, msg)
-		}
-	}
-	s.metrics.InstancesDropped.Set(float64(len(dropped)))
-	s.metrics.PeersDropped.Set(float64(peers))
-	s.reported = seen
-}
-
-// objectOf returns what an event about the object kind/name goes on, or
-// nil if in does not hold it. An IPPool, read through a dynamic informer,
-// is named by a reference.
-func objectOf(in dataplane.Inputs, kind, name string) runtime.Object {
-	switch kind {
-	case KindService:
-		if svc := serviceByKey(in, name); svc != nil {
-			return svc
-		}
-	case KindNode:
-		for _, n := range in.Nodes {
-			if n.Name == name {
-				return n
-			}
-		}
-	case KindIPPool:
-		for _, p := range in.Pools {
-			if p.Name == name {
-				return &v1.ObjectReference{Kind: v1alpha1.IPPoolKind, APIVersion: v1alpha1.SchemeGroupVersion.String(), Name: p.Name, UID: p.UID}
-			}
-		}
-	}
-	return nil
+	return errors.Join(err, s.dp.exit(context.WithoutCancel(ctx), s.collect()))
 }
 
 // health is what /healthz judges, besides keepalived's status.

@@ -116,7 +116,12 @@ func StartSpeaker(tb testing.TB, admin *rest.Config, node string, mods ...func(*
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		if err := speaker.RunWithConfig(ctx, o, cfg); err != nil && ctx.Err() == nil {
+		k, err := speaker.OpenKernel(ctx, o)
+		if err == nil {
+			defer k.Close()
+			err = speaker.RunWith(ctx, o, cfg, k)
+		}
+		if err != nil && ctx.Err() == nil {
 			tb.Errorf("speaker %s: %v", node, err)
 		}
 	}()

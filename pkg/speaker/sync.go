@@ -1,0 +1,190 @@
+package speaker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"strconv"
+	"time"
+
+	"k8s.io/klog/v2"
+
+	"github.com/keeplb/keeplb/pkg/dataplane"
+	"github.com/keeplb/keeplb/pkg/hostnet"
+	"github.com/keeplb/keeplb/pkg/keepalived"
+	"github.com/keeplb/keeplb/pkg/nodeview"
+	"github.com/keeplb/keeplb/pkg/vrrp"
+)
+
+// observed is what one sync reads before it computes anything: the
+// informers' objects, the node's links, and keepalived's last reported
+// state of each instance (from the notify FIFO).
+type observed struct {
+	in     dataplane.Inputs
+	links  []hostnet.Link
+	states map[string]keepalived.State
+}
+
+// desired is everything this node should have after one sync, as compute
+// gives it from an observed state alone.
+type desired struct {
+	// forwarding is the dataplane's State (IPVS table, nftables rules),
+	// and forwardingProblems what it cannot do as asked.
+	forwarding         dataplane.State
+	forwardingProblems []dataplane.Problem
+
+	// plan is the cluster's VRRP plan, the same on every node, and owners
+	// maps each VIP to the Services using it.
+	plan   vrrp.Plan
+	owners map[netip.Addr][]string
+	// keepalivedConf is this node's keepalived.conf, and configProblems
+	// what it leaves out; renderErr, when set, says it could not be
+	// rendered at all.
+	keepalivedConf []byte
+	configProblems []ConfigProblem
+	renderErr      error
+	// renderTook is how long the plan and keepalived.conf took.
+	renderTook time.Duration
+	// track are the track files' values, by whether this node can
+	// forward: only applying the forwarding state tells which holds.
+	track map[bool]map[string]int
+
+	// ignoredAddrs are the Nodes' InternalIPs that nodeview leaves out.
+	ignoredAddrs map[string][]nodeview.Ignored
+
+	// claims are the VIPs this node masters, by Service, for the holder
+	// annotations; vipStates the keeplb_vrrp_state value of each VIP of
+	// this node's instances.
+	claims    map[string][]netip.Addr
+	vipStates map[netip.Addr]float64
+}
+
+// sync is one pass of the speaker: it observes the API's and the node's
+// state, computes everything this node should have, and applies it.
+func (s *Speaker) sync(ctx context.Context) (err error) {
+	logger := klog.FromContext(ctx)
+	defer func() {
+		// The runner retries a failed sync; this says why it had to.
+		if err != nil {
+			logger.Error(err, "Sync failed; retrying, less often while it keeps failing, and at once on any change")
+		} else {
+			s.metrics.LastSyncSuccess.SetToCurrentTime()
+		}
+	}()
+	obs, err := s.observe()
+	if err != nil {
+		return err
+	}
+	return s.apply(ctx, obs, s.compute(obs))
+}
+
+// observe reads the state a sync starts from. Only reading the node's
+// links can fail.
+func (s *Speaker) observe() (observed, error) {
+	obs := observed{in: s.collect()}
+	links, err := s.net.Links()
+	if err != nil {
+		return observed{}, err
+	}
+	obs.links = links
+	s.statesMu.Lock()
+	obs.states = maps.Clone(s.states)
+	s.statesMu.Unlock()
+	return obs, nil
+}
+
+// compute is the speaker's one computation: from obs alone, with no
+// kernel or API call, everything this node should have. (The forwarding
+// step's Cache only spares recomputing the Services that did not change.)
+func (s *Speaker) compute(obs observed) desired {
+	node := s.opts.NodeName
+	var want desired
+	want.forwarding, want.forwardingProblems = s.dp.compute(obs.in)
+
+	start := time.Now()
+	pin, owners := PlanInput(obs.in)
+	want.plan, want.owners = vrrp.Compute(pin), owners
+	want.keepalivedConf, want.configProblems, want.renderErr = renderVRRP(want.plan, node, pin, obs.links, s.layout)
+	want.renderTook = time.Since(start)
+	want.track = map[bool]map[string]int{
+		true:  vrrp.TrackValues(want.plan, node, pin, true),
+		false: vrrp.TrackValues(want.plan, node, pin, false),
+	}
+
+	want.ignoredAddrs = ignoredAddrs(obs.in.Nodes)
+	want.claims, want.vipStates = holderClaims(want.plan, node, owners, obs.states)
+	return want
+}
+
+// apply makes the node and the API what want says, in this order:
+//
+//  1. forwarding (keeplb's nftables table, IPVS, the table again; see
+//     dataplane.Reconciler.Sync) before VRRP, so that a new VIP comes up
+//     with its virtual servers and masquerading in place instead of
+//     refusing connections until the next sync. Its failure does not stop
+//     VRRP: a node whose IPVS failed still holds its VIPs (with the
+//     priorities of a node that cannot forward, when its table is
+//     missing);
+//  2. the problems found, as logs, events and metrics;
+//  3. the track files, then keepalived.conf (a reload then starts with the
+//     right priorities);
+//  4. the VRRP state metrics and the holder annotations.
+func (s *Speaker) apply(ctx context.Context, obs observed, want desired) error {
+	dpErr := s.dp.apply(ctx, obs.in, want.forwarding, want.forwardingProblems)
+	canForward := s.dp.canForward()
+	s.reportObserved(ctx, obs.in, want, canForward)
+	err := s.applyVRRP(ctx, obs.in, want, canForward)
+	s.healthyMu.Lock()
+	s.health.vrrpErr = err
+	s.healthyMu.Unlock()
+	if err != nil {
+		s.metrics.VRRPSyncErrors.Inc()
+		return errors.Join(dpErr, err)
+	}
+	s.applyHolders(ctx, want.claims, want.vipStates)
+	return dpErr
+}
+
+// reportObserved reports what a sync learned beyond the plan's own
+// problems: the Nodes' InternalIPs that keeplb ignores, the pools whose
+// plan ignores Ready (fail-static), and whether this node can forward.
+func (s *Speaker) reportObserved(ctx context.Context, in dataplane.Inputs, want desired, canForward bool) {
+	s.warnNodes(ctx, in.Nodes, want.ignoredAddrs)
+	s.metrics.FailStatic.Reset()
+	for _, p := range want.plan.Problems {
+		if p.Reason == vrrp.ReasonFailStatic {
+			s.metrics.FailStatic.WithLabelValues(p.Pool).Set(1)
+		}
+	}
+	can := 0.0
+	if canForward {
+		can = 1
+	}
+	s.metrics.CanForward.Set(can)
+}
+
+// applyVRRP reports what this node's keepalived.conf leaves out, writes
+// the track files and hands the configuration to the supervisor. It fails
+// only when nothing could be applied.
+func (s *Speaker) applyVRRP(ctx context.Context, in dataplane.Inputs, want desired, canForward bool) error {
+	if want.renderErr != nil {
+		return fmt.Errorf("render keepalived.conf: %w", want.renderErr)
+	}
+	s.metrics.RenderDuration.Observe(want.renderTook.Seconds())
+	s.report(ctx, in, want.plan, want.configProblems)
+	for _, name := range slices.Sorted(maps.Keys(want.track[canForward])) {
+		v := want.track[canForward][name]
+		if _, err := keepalived.WriteAtomic(s.layout.TrackPath(name), []byte(strconv.Itoa(v)+"\n")); err != nil {
+			return err
+		}
+	}
+	if changed, err := s.sup.Apply(want.keepalivedConf); err != nil {
+		return err
+	} else if changed {
+		klog.FromContext(ctx).V(2).Info("keepalived.conf changed", "bytes", len(want.keepalivedConf))
+	}
+	return nil
+}
