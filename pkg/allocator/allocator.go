@@ -26,6 +26,8 @@ import (
 	"sort"
 	"strings"
 	"sync"
+
+	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 )
 
 // Allocator is the in-memory VIP allocator. The zero value is not usable;
@@ -544,7 +546,7 @@ func (a *Allocator) planExplicit(req *Request) ([]planned, error) {
 				// operator vetted it, that would let a tenant capture any
 				// address (a resolver, the API server) for every pod
 				// (CVE-2020-8554).
-				return nil, errorf(ReasonOutsidePools, "keeplb.io/forwarding", "%s is in no IPPool, and with kube-proxy forwarding kube-proxy on every node would intercept it for the whole cluster; use nodeport or pod forwarding, or take an address from an IPPool", ip)
+				return nil, errorf(ReasonOutsidePools, v1alpha1.AnnotationForwarding, "%s is in no IPPool, and with kube-proxy forwarding kube-proxy on every node would intercept it for the whole cluster; use nodeport or pod forwarding, or take an address from an IPPool", ip)
 			}
 			plan = append(plan, planned{addr: ip, fam: f})
 		}
@@ -646,10 +648,10 @@ func (a *Allocator) planFresh(req *Request) ([]planned, error) {
 	if req.Pool != "" {
 		ps := a.pools[req.Pool]
 		if ps == nil {
-			return nil, errorf(ReasonPoolNotFound, "keeplb.io/pool", "IPPool %q does not exist; create it or name one of `kubectl get ippools`", req.Pool)
+			return nil, errorf(ReasonPoolNotFound, v1alpha1.AnnotationPool, "IPPool %q does not exist; create it or name one of `kubectl get ippools`", req.Pool)
 		}
 		if ok, why := ps.admits(req); !ok {
-			return nil, errorf(ReasonNotAdmitted, "keeplb.io/pool", "%s; change the pool's spec.serviceAllocation or name another pool", why)
+			return nil, errorf(ReasonNotAdmitted, v1alpha1.AnnotationPool, "%s; change the pool's spec.serviceAllocation or name another pool", why)
 		}
 		candidates = []*poolState{ps}
 	} else {
@@ -697,7 +699,7 @@ func (a *Allocator) planFresh(req *Request) ([]planned, error) {
 	}
 	field := ""
 	if req.Pool != "" {
-		field = "keeplb.io/pool"
+		field = v1alpha1.AnnotationPool
 	}
 	if req.Policy == PreferDualStack && len(fams) > 1 {
 		for _, f := range fams {

@@ -4,6 +4,8 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+
+	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 )
 
 // Sharing: Services of one namespace with the same keeplb.io/share-key use
@@ -59,11 +61,11 @@ func (a *Allocator) canShare(req *Request, addr netip.Addr, st *addrState) error
 			continue
 		}
 		if os.req.Backends != req.Backends {
-			return errorf(ReasonSharingConflict, "keeplb.io/share-key", "cannot share %s with Service %s: both need externalTrafficPolicy Cluster, or the same pod selector, because one node holds the address", addr, o)
+			return errorf(ReasonSharingConflict, v1alpha1.AnnotationShareKey, "cannot share %s with Service %s: both need externalTrafficPolicy Cluster, or the same pod selector, because one node holds the address", addr, o)
 		}
 		for _, p := range req.Ports {
 			if slices.Contains(os.req.Ports, p) {
-				return errorf(ReasonSharingConflict, "keeplb.io/share-key", "cannot share %s with Service %s: both use port %s; change one Service's port or share key", addr, o, p)
+				return errorf(ReasonSharingConflict, v1alpha1.AnnotationShareKey, "cannot share %s with Service %s: both use port %s; change one Service's port or share key", addr, o, p)
 			}
 		}
 	}
@@ -79,14 +81,14 @@ func (a *Allocator) planShared(req *Request) ([]planned, error) {
 			return nil, err
 		}
 		if others := a.listedBy(addr, req.Key); !owns(st, req.Key) && len(others) > 0 {
-			return nil, errorf(ReasonAddressInUse, "keeplb.io/share-key", "the shared address %s is listed in the status of Service %s, which does not share it; wait until that Service's status no longer lists it, or change the share key", addr, strings.Join(others, ", "))
+			return nil, errorf(ReasonAddressInUse, v1alpha1.AnnotationShareKey, "the shared address %s is listed in the status of Service %s, which does not share it; wait until that Service's status no longer lists it, or change the share key", addr, strings.Join(others, ", "))
 		}
 		if req.Pool != "" && st.pool != req.Pool {
-			return nil, errorf(ReasonSharingConflict, "keeplb.io/share-key", "the Services sharing key %q use IPPool %s, not %s named by keeplb.io/pool; make them agree", req.ShareKey, st.pool, req.Pool)
+			return nil, errorf(ReasonSharingConflict, v1alpha1.AnnotationShareKey, "the Services sharing key %q use IPPool %s, not %s named by keeplb.io/pool; make them agree", req.ShareKey, st.pool, req.Pool)
 		}
 		if ps := a.pools[st.pool]; ps != nil {
 			if ok, why := ps.admits(req); !ok {
-				return nil, errorf(ReasonNotAdmitted, "keeplb.io/share-key", "the shared address %s is in IPPool %s, which does not admit this Service (%s)", addr, ps.Name, why)
+				return nil, errorf(ReasonNotAdmitted, v1alpha1.AnnotationShareKey, "the shared address %s is in IPPool %s, which does not admit this Service (%s)", addr, ps.Name, why)
 			}
 		}
 		byFam[FamilyOf(addr)] = addr
@@ -101,12 +103,12 @@ func (a *Allocator) planShared(req *Request) ([]planned, error) {
 			if req.Policy == PreferDualStack && f != wanted(req)[0] {
 				continue
 			}
-			return nil, errorf(ReasonSharingConflict, "keeplb.io/share-key", "the Services sharing key %q have no %s address; align spec.ipFamilies/ipFamilyPolicy across them", req.ShareKey, f)
+			return nil, errorf(ReasonSharingConflict, v1alpha1.AnnotationShareKey, "the Services sharing key %q have no %s address; align spec.ipFamilies/ipFamilyPolicy across them", req.ShareKey, f)
 		}
 		plan = append(plan, planned{addr: addr, fam: f})
 	}
 	if len(plan) == 0 {
-		return nil, errorf(ReasonSharingConflict, "keeplb.io/share-key", "the Services sharing key %q have no address of the families %v", req.ShareKey, wanted(req))
+		return nil, errorf(ReasonSharingConflict, v1alpha1.AnnotationShareKey, "the Services sharing key %q have no address of the families %v", req.ShareKey, wanted(req))
 	}
 	return plan, nil
 }
@@ -117,7 +119,7 @@ func (r *Request) fieldFor() string {
 	case len(r.IPs) > 0:
 		return r.IPsSource
 	case r.ShareKey != "":
-		return "keeplb.io/share-key"
+		return v1alpha1.AnnotationShareKey
 	}
 	return "status.loadBalancer.ingress"
 }

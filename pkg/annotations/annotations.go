@@ -18,22 +18,23 @@ import (
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 )
 
-// The annotations keeplb reads or writes on Services.
+// The annotations keeplb reads or writes on Services (their names are the
+// API's, v1alpha1.Annotation*).
 const (
 	// Prefix starts every keeplb annotation.
-	Prefix = "keeplb.io/"
+	Prefix = v1alpha1.AnnotationPrefix
 	// Pool names the IPPool to draw the address from.
-	Pool = Prefix + "pool"
+	Pool = v1alpha1.AnnotationPool
 	// IPs names the exact addresses, at most one per family.
-	IPs = Prefix + "ips"
+	IPs = v1alpha1.AnnotationIPs
 	// ShareKey lets Services of one namespace share an address.
-	ShareKey = Prefix + "share-key"
+	ShareKey = v1alpha1.AnnotationShareKey
 	// Forwarding overrides the pool's forwarding mode.
-	Forwarding = Prefix + "forwarding"
+	Forwarding = v1alpha1.AnnotationForwarding
 	// Holder is written by the speaker: the node holding the VIP.
-	Holder = Prefix + "holder"
+	Holder = v1alpha1.AnnotationHolder
 	// Scheduler chooses the IPVS scheduler (used by the speaker).
-	Scheduler = Prefix + "scheduler"
+	Scheduler = v1alpha1.AnnotationScheduler
 )
 
 // settable lists the annotations a user may set, for the hint given when an
