@@ -3,7 +3,9 @@ package classcontroller
 import (
 	"context"
 	"net/netip"
+	"strings"
 	"testing"
+	"time"
 
 	v1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -125,6 +127,10 @@ func TestEnsureWritesOnce(t *testing.T) {
 	if !servicehelper.HasLBFinalizer(s) || len(s.Status.LoadBalancer.Ingress) != 1 {
 		t.Fatalf("after one patch: finalizers %v, status %v", s.Finalizers, s.Status.LoadBalancer)
 	}
+	// The address in status is the one the allocator holds for it.
+	if al, ok := f.alloc.Lookup("ns/a"); !ok || len(al.Addrs) != 1 || al.Addrs[0].String() != s.Status.LoadBalancer.Ingress[0].IP || al.Pool != "p" {
+		t.Fatalf("allocator holds %v (%v) for the Service, status lists %v", al, ok, s.Status.LoadBalancer.Ingress)
+	}
 }
 
 // A Service that cannot get an address is not written at all: on main its
@@ -223,5 +229,88 @@ func TestOwnsFinalizer(t *testing.T) {
 		if got := OwnsFinalizer(tc.s, manager); got != tc.want {
 			t.Errorf("%s: OwnsFinalizer = %v, want %v", tc.name, got, tc.want)
 		}
+	}
+}
+
+// hold has the allocator hold addr for the Service key, as seeding from its
+// status would.
+func (f *fixture) hold(t *testing.T, key, addr string) {
+	t.Helper()
+	ns, _, _ := strings.Cut(key, "/")
+	if err := f.alloc.Restore(allocator.Request{Key: key, Namespace: ns}, []netip.Addr{netip.MustParseAddr(addr)}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Whatever way a Service stops being keeplb's LoadBalancer, its address
+// goes back to the pool, and keeplb's finalizer and addresses leave the
+// Service that is still there.
+func TestCleanupReleases(t *testing.T) {
+	now := metav1.Now()
+	for _, tc := range []struct {
+		name       string
+		s          *v1.Service // nil: gone from the API
+		notDefault bool        // keeplb without --default-class
+	}{
+		{"own class, being deleted", svc("a", ptr(class), v1.ServiceTypeLoadBalancer, withFinalizer(manager), withStatus("192.0.2.1"),
+			func(s *v1.Service) { s.DeletionTimestamp = &now }), false},
+		{"classless, no longer a LoadBalancer", svc("a", nil, v1.ServiceTypeNodePort, withFinalizer(manager), withStatus("192.0.2.1")), false},
+		{"classless while keeplb is not the default class", svc("a", nil, v1.ServiceTypeLoadBalancer, withFinalizer(manager), withStatus("192.0.2.1")), true},
+		{"gone without keeplb's finalizer", nil, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var objs []*v1.Service
+			if tc.s != nil {
+				objs = append(objs, tc.s)
+			}
+			f := newFixture(t, !tc.notDefault, objs...)
+			f.hold(t, "ns/a", "192.0.2.1")
+			if err := f.c.sync(t.Context(), "ns/a"); err != nil {
+				t.Fatal(err)
+			}
+			if al, ok := f.alloc.Lookup("ns/a"); ok {
+				t.Errorf("the allocator still holds %v", al)
+			}
+			if tc.s == nil {
+				return
+			}
+			if s := f.get(t, "a"); servicehelper.HasLBFinalizer(s) || len(s.Status.LoadBalancer.Ingress) != 0 {
+				t.Errorf("finalizers %v, status %v left", s.Finalizers, s.Status.LoadBalancer)
+			}
+			if n := len(f.patches()); n != 1 {
+				t.Errorf("%d patches, want 1", n)
+			}
+		})
+	}
+}
+
+// Through the informer and the workers: a Service of keeplb's class gets
+// its address in one patch, one of another class is not written at all.
+func TestRunReconcilesOwnClassOnly(t *testing.T) {
+	other := ptr("other.example.com/lb")
+	f := newFixture(t, true,
+		svc("theirs", other, v1.ServiceTypeLoadBalancer),
+		svc("ours", ptr(class), v1.ServiceTypeLoadBalancer))
+	go f.c.Run(t.Context(), 2)
+	deadline := time.Now().Add(10 * time.Second)
+	for len(f.get(t, "ours").Status.LoadBalancer.Ingress) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the Service of keeplb's class got no address")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	for _, p := range f.patches() {
+		if p.GetName() != "ours" {
+			t.Errorf("Service %s patched", p.GetName())
+		}
+	}
+	if n := len(f.patches()); n != 1 {
+		t.Errorf("%d patches, want 1", n)
+	}
+	if s := f.get(t, "theirs"); len(s.Finalizers) != 0 || len(s.Status.LoadBalancer.Ingress) != 0 {
+		t.Errorf("the other class's Service was written: finalizers %v, status %v", s.Finalizers, s.Status.LoadBalancer)
+	}
+	if _, ok := f.alloc.Lookup("ns/theirs"); ok {
+		t.Error("the other class's Service holds an address")
 	}
 }
