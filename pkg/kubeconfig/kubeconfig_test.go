@@ -36,7 +36,9 @@ func TestMain(m *testing.M) {
 func load(t *testing.T, path string) string {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), childPath+"="+path)
+	// Under -race, a process waits a second before it exits unless told
+	// not to.
+	cmd.Env = append(os.Environ(), childPath+"="+path, "GORACE="+os.Getenv("GORACE")+" atexit_sleep_ms=0")
 	out, err := cmd.Output()
 	if err != nil {
 		t.Fatalf("child: %v", err)
