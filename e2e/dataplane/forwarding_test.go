@@ -59,7 +59,7 @@ func serve(addr string) int {
 	fmt.Println("ready")
 	srv := &http.Server{ReadHeaderTimeout: time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Connection", "close")
-		fmt.Fprintf(w, "remote=%s", r.RemoteAddr)
+		_, _ = fmt.Fprintf(w, "remote=%s", r.RemoteAddr)
 	})}
 	if err := srv.Serve(ln); err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -342,7 +342,7 @@ func request(ns, url string) (string, error) {
 	var stdout, stderr strings.Builder
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("%v: %s", err, strings.TrimSpace(stderr.String()))
+		return "", fmt.Errorf("%w: %s", err, strings.TrimSpace(stderr.String()))
 	}
 	return stdout.String(), nil
 }

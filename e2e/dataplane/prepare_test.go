@@ -380,7 +380,7 @@ func enterContainer(js string) error {
 	}
 	// The bounding set first (dropping needs CAP_SETPCAP), up to the
 	// kernel's last capability, where prctl says EINVAL.
-	for n := 0; n < 64; n++ {
+	for n := range 64 {
 		if keep[n] {
 			continue
 		}

@@ -155,11 +155,11 @@ func BenchmarkApply10000(b *testing.B) {
 				for _, e := range want {
 					vs := e.Virtual.Address.String() + ":80"
 					if out, err := exec.Command("ipvsadm", "-A", "-t", vs, "-s", "rr").CombinedOutput(); err != nil {
-						return fmt.Errorf("ipvsadm -A: %v %s", err, out)
+						return fmt.Errorf("ipvsadm -A: %w %s", err, out)
 					}
 					for _, r := range e.Reals {
 						if out, err := exec.Command("ipvsadm", "-a", "-t", vs, "-r", r.AddrPort().String(), "-m", "-w", "1").CombinedOutput(); err != nil {
-							return fmt.Errorf("ipvsadm -a: %v %s", err, out)
+							return fmt.Errorf("ipvsadm -a: %w %s", err, out)
 						}
 					}
 				}

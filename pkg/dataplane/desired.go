@@ -86,14 +86,6 @@ type Problem struct {
 // String returns "namespace/name: field: message".
 func (p Problem) String() string { return p.Service + ": " + p.Field + ": " + p.Message }
 
-// endpoint is one EndpointSlice endpoint reduced to what forwarding needs.
-type endpoint struct {
-	addr   netip.Addr
-	port   uint16
-	node   string
-	weight int // 1 ready, 0 serving but terminating
-}
-
 // nodeInfo is a Node reduced to what forwarding needs.
 type nodeInfo struct {
 	name     string

@@ -140,9 +140,8 @@ func TestSourceRanges(t *testing.T) {
 			for _, p := range problems {
 				got = append(got, p.String())
 			}
-			if want := []string{}; tc.problem != "" {
-				want = []string{tc.problem}
-				if !slices.Equal(got, want) {
+			if tc.problem != "" {
+				if want := []string{tc.problem}; !slices.Equal(got, want) {
 					t.Errorf("problems %q, want %q (one per Service, not per address)", got, want)
 				}
 			} else if len(got) != 0 {

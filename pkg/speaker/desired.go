@@ -235,7 +235,7 @@ func unicast(inst vrrp.Instance, node string, nodes []vrrp.Node) (src netip.Addr
 		return best
 	}
 	for _, p := range all {
-		why := ""
+		var why string
 		switch {
 		case p == src:
 			why = "is also this node's address"

@@ -42,7 +42,6 @@ func lbService(ns, name, ip string, local bool, class *string) *v1.Service {
 func slice(ns, svc string, ready map[string]bool) *discoveryv1.EndpointSlice {
 	es := &discoveryv1.EndpointSlice{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: svc + "-x", Labels: map[string]string{discoveryv1.LabelServiceName: svc}}, AddressType: discoveryv1.AddressTypeIPv4}
 	for n, r := range ready {
-		n, r := n, r
 		es.Endpoints = append(es.Endpoints, discoveryv1.Endpoint{NodeName: &n, Conditions: discoveryv1.EndpointConditions{Ready: &r}})
 	}
 	return es

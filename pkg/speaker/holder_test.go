@@ -150,7 +150,7 @@ func TestHolderWrites(t *testing.T) {
 func TestHolderWriteLimit(t *testing.T) {
 	var w holderWrites
 	t0 := time.Unix(1000, 0)
-	at := func(d time.Duration) time.Time { return t0.Add(d) }
+	at := t0.Add
 	for _, step := range []struct {
 		at    time.Duration
 		value string

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"net/http/httptest"
 	"net/netip"
 	"slices"
@@ -652,7 +653,7 @@ func TestIPVSOnByDefault(t *testing.T) {
 func scrape(t *testing.T, m *metrics.Speaker) string {
 	t.Helper()
 	rec := httptest.NewRecorder()
-	m.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	m.Handler().ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
 	b, err := io.ReadAll(rec.Body)
 	if err != nil {
 		t.Fatal(err)

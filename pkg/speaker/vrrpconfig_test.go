@@ -164,7 +164,7 @@ func TestVRRPSameVRIDOnTwoInterfaces(t *testing.T) {
 		t.Errorf("p0's instance:\n%s", b0)
 	}
 	anchor := regexp.MustCompile(`(169\.254\.\d+\.10)/32 dev lo`).FindStringSubmatch(b1)
-	if anchor == nil || anchor[1] == "169.254.0.10" || !strings.Contains(b1, "10.1.0.17/32 dev eth1") {
+	if len(anchor) < 2 || anchor[1] == "169.254.0.10" || !strings.Contains(b1, "10.1.0.17/32 dev eth1") {
 		t.Errorf("p1's instance, want another anchor than p0's:\n%s", b1)
 	}
 	if len(problems) > 0 {
@@ -349,7 +349,7 @@ func TestUnhealthy(t *testing.T) {
 		h    health
 		st   keepalived.Status
 		now  time.Time
-		want string // substring; "" = healthy
+		want string // a substring of the reason, or empty when healthy
 	}{
 		{"starting: caches not synced", health{}, keepalived.Status{}, t0.Add(time.Hour), ""},
 		{"running", health{synced: t0}, up, t0.Add(time.Hour), ""},

@@ -74,7 +74,7 @@ func BenchmarkCompute(b *testing.B) {
 		mine := p.For("node-1")
 		for b.Loop() {
 			for _, inst := range mine {
-				Place(inst, ifaces)
+				_, _ = Place(inst, ifaces)
 			}
 		}
 	})

@@ -14,11 +14,11 @@ func score(key, choice string) uint64 {
 	// finaliser: FNV alone spreads short, similar strings poorly.
 	const offset, prime = 14695981039346656037, 1099511628211
 	h := uint64(offset)
-	for i := 0; i < len(key); i++ {
+	for i := range len(key) {
 		h = (h ^ uint64(key[i])) * prime
 	}
 	h *= prime // the zero separator
-	for i := 0; i < len(choice); i++ {
+	for i := range len(choice) {
 		h = (h ^ uint64(choice[i])) * prime
 	}
 	h ^= h >> 30

@@ -198,10 +198,10 @@ type Plan struct {
 type Severity int
 
 const (
-	// Warning: everything is announced, but not as configured or not as
+	// Warning means everything is announced, but not as configured or not as
 	// well as it could be.
 	Warning Severity = iota
-	// Error: some VIPs are not announced, or not with their Local policy.
+	// Error means some VIPs are not announced, or not with their Local policy.
 	Error
 )
 
