@@ -19,6 +19,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
@@ -149,7 +150,7 @@ func OwnsFinalizer(svc *v1.Service, manager string) bool {
 				Finalizers map[string]json.RawMessage `json:"f:finalizers"`
 			} `json:"f:metadata"`
 		}
-		if json.Unmarshal(mf.FieldsV1.Raw, &fields) == nil {
+		if json.Unmarshal(mf.FieldsV1.GetRawBytes(), &fields) == nil {
 			if _, ok := fields.Metadata.Finalizers[key]; ok {
 				return true
 			}
@@ -201,6 +202,8 @@ func (c *Controller) processNext(ctx context.Context) bool {
 func (c *Controller) sync(ctx context.Context, key string) error {
 	ns, name, err := cache.SplitMetaNamespaceKey(key)
 	if err != nil {
+		// Not a key the informer makes: retrying cannot help.
+		utilruntime.HandleError(fmt.Errorf("classcontroller: dropping invalid key %q: %w", key, err))
 		return nil
 	}
 	svc, err := c.lister.Services(ns).Get(name)

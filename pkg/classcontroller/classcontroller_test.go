@@ -29,7 +29,7 @@ const (
 func finalizerBy(manager string) []metav1.ManagedFieldsEntry {
 	return []metav1.ManagedFieldsEntry{{
 		Manager: manager, Operation: metav1.ManagedFieldsOperationUpdate, APIVersion: "v1", FieldsType: "FieldsV1",
-		FieldsV1: &metav1.FieldsV1{Raw: []byte(`{"f:metadata":{"f:finalizers":{".":{},"v:\"service.kubernetes.io/load-balancer-cleanup\"":{}}}}`)},
+		FieldsV1: metav1.NewFieldsV1(`{"f:metadata":{"f:finalizers":{".":{},"v:\"service.kubernetes.io/load-balancer-cleanup\"":{}}}}`),
 	}}
 }
 
@@ -220,10 +220,10 @@ func TestOwnsFinalizer(t *testing.T) {
 		{"no finalizer", svc("a", nil, v1.ServiceTypeClusterIP, func(s *v1.Service) { s.ManagedFields = finalizerBy(manager) }), false},
 		{"no managed fields", svc("a", nil, v1.ServiceTypeClusterIP, withFinalizer(manager), func(s *v1.Service) { s.ManagedFields = nil }), false},
 		{"garbage fields", svc("a", nil, v1.ServiceTypeClusterIP, withFinalizer(manager), func(s *v1.Service) {
-			s.ManagedFields[0].FieldsV1.Raw = []byte(`{"f:metadata":`)
+			s.ManagedFields[0].FieldsV1.SetRawBytes([]byte(`{"f:metadata":`))
 		}), false},
 		{"other finalizer only", svc("a", nil, v1.ServiceTypeClusterIP, withFinalizer(manager), func(s *v1.Service) {
-			s.ManagedFields[0].FieldsV1.Raw = []byte(`{"f:metadata":{"f:finalizers":{"v:\"example.com/x\"":{}}}}`)
+			s.ManagedFields[0].FieldsV1.SetRawBytes([]byte(`{"f:metadata":{"f:finalizers":{"v:\"example.com/x\"":{}}}}`))
 		}), false},
 	} {
 		if got := OwnsFinalizer(tc.s, manager); got != tc.want {

@@ -58,6 +58,7 @@ every node, holds each address on exactly one of them with keepalived
 	// SilenceUsage also hides the usage on flag mistakes, where it would
 	// help; point at --help instead.
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
+		//nolint:revive,staticcheck // the command's last word to the user: a sentence and a hint
 		return fmt.Errorf("%w\nRun '%s --help' for usage.", err, c.CommandPath())
 	})
 	fs := root.PersistentFlags()
@@ -265,7 +266,7 @@ command then exits non-zero. See docs/migration.md.`,
 				return err
 			}
 			for _, w := range r.Warnings {
-				fmt.Fprintf(c.ErrOrStderr(), "warning: %s\n", w)
+				_, _ = fmt.Fprintf(c.ErrOrStderr(), "warning: %s\n", w)
 			}
 			if _, err := c.OutOrStdout().Write(r.Script); err != nil {
 				return err

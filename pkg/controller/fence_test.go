@@ -29,7 +29,8 @@ func TestFenceWaitsForWritesInFlight(t *testing.T) {
 	f := newFence(time.Minute)
 	client := &http.Client{Transport: f.Wrap(http.DefaultTransport)}
 
-	if _, err := client.Post(srv.URL, "text/plain", strings.NewReader("x")); !errors.Is(err, errFenced) {
+	if resp, err := client.Post(srv.URL, "text/plain", strings.NewReader("x")); !errors.Is(err, errFenced) {
+		closeBody(resp)
 		t.Fatalf("write before Open: %v, want errFenced", err)
 	}
 	f.Open()
@@ -59,7 +60,8 @@ func TestFenceWaitsForWritesInFlight(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("Close did not return after the write completed")
 	}
-	if _, err := client.Post(srv.URL, "text/plain", strings.NewReader("x")); !errors.Is(err, errFenced) {
+	if resp, err := client.Post(srv.URL, "text/plain", strings.NewReader("x")); !errors.Is(err, errFenced) {
+		closeBody(resp)
 		t.Fatalf("write after Close: %v, want errFenced", err)
 	}
 	resp, err := client.Get(srv.URL)
@@ -82,7 +84,8 @@ func TestFenceBoundsAWrite(t *testing.T) {
 	f := newFence(200 * time.Millisecond)
 	f.Open()
 	client := &http.Client{Transport: f.Wrap(http.DefaultTransport)}
-	if _, err := client.Post(srv.URL, "text/plain", strings.NewReader("x")); err == nil {
+	if resp, err := client.Post(srv.URL, "text/plain", strings.NewReader("x")); err == nil {
+		closeBody(resp)
 		t.Fatal("a write the server never answered succeeded")
 	}
 	closed := make(chan struct{})
@@ -91,5 +94,12 @@ func TestFenceBoundsAWrite(t *testing.T) {
 	case <-closed:
 	case <-time.After(10 * time.Second):
 		t.Fatal("Close hung on a write whose time was up")
+	}
+}
+
+// closeBody closes the body of a response a test did not expect.
+func closeBody(resp *http.Response) {
+	if resp != nil {
+		_ = resp.Body.Close()
 	}
 }

@@ -86,18 +86,22 @@ type filtered struct {
 	pass func(*v1.Service) bool
 }
 
+// OnAdd passes on the Services f passes.
 func (f filtered) OnAdd(obj any, initial bool) {
 	if svc, ok := obj.(*v1.Service); ok && f.pass(svc) {
 		f.h.OnAdd(obj, initial)
 	}
 }
 
+// OnUpdate passes on the updates of the Services f passes, by their new
+// state.
 func (f filtered) OnUpdate(old, cur any) {
 	if svc, ok := cur.(*v1.Service); ok && f.pass(svc) {
 		f.h.OnUpdate(old, cur)
 	}
 }
 
+// OnDelete passes on the deletions of the Services f passed last.
 func (f filtered) OnDelete(obj any) {
 	last := obj
 	if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {

@@ -171,7 +171,7 @@ func (o *Options) unmanaged() ([]netip.Prefix, error) {
 		p, err := netip.ParsePrefix(strings.TrimSpace(c))
 		switch {
 		case err != nil:
-			return nil, fmt.Errorf("--allow-unmanaged-ips %q: want CIDRs such as 203.0.113.0/28 (it used to be a boolean: list the ranges tenants may claim instead): %v", c, err)
+			return nil, fmt.Errorf("--allow-unmanaged-ips %q: want CIDRs such as 203.0.113.0/28 (it used to be a boolean: list the ranges tenants may claim instead): %w", c, err)
 		case p.Masked() != p:
 			return nil, fmt.Errorf("--allow-unmanaged-ips %q has host bits set; did you mean %s?", c, p.Masked())
 		case p.Addr().Is4In6():
