@@ -25,6 +25,15 @@ RUN CGO_ENABLED=0 go build -trimpath \
       -o /out/keeplb ./cmd/keeplb
 
 FROM debian:bookworm-slim
+# keepalived and nft (keeplb's nftables table: masquerading for IPVS,
+# loadBalancerSourceRanges) are only used by the speaker, and modprobe
+# (kmod) only by its init container, keeplb prepare-node, to load ip_vs on
+# kernels older than 5.16; the controller ignores all three.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends keepalived nftables kmod \
+ && rm -rf /var/lib/apt/lists/*
+# The build's details come after the packages: a RUN step after an ARG
+# runs again whenever the argument changes (DATE does at every build).
 ARG VERSION=dev
 ARG COMMIT=unknown
 ARG DATE=unknown
@@ -34,13 +43,6 @@ LABEL org.opencontainers.image.title="keeplb" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${COMMIT}" \
       org.opencontainers.image.created="${DATE}"
-# keepalived and nft (keeplb's nftables table: masquerading for IPVS,
-# loadBalancerSourceRanges) are only used by the speaker, and modprobe
-# (kmod) only by its init container, keeplb prepare-node, to load ip_vs on
-# kernels older than 5.16; the controller ignores all three.
-RUN apt-get update \
- && apt-get install -y --no-install-recommends keepalived nftables kmod \
- && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/keeplb /usr/local/bin/keeplb
 # Non-root by default, for the controller (its Deployment also sets
 # runAsNonRoot). The speaker DaemonSet overrides this with runAsUser 0 and
