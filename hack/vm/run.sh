@@ -31,7 +31,15 @@
 #   KEEPLB_VM_NET       "user" gives the VM a NIC (eth0, 10.0.2.15/24) on
 #                       qemu's user-mode network, where 10.0.2.2 is the
 #                       host's loopback: the VM reaches an API server that
-#                       listens on the host's 127.0.0.1. Default: no NIC.
+#                       listens on the host's 127.0.0.1. But qemu's user
+#                       network also sends out of the host whatever the VM
+#                       cannot deliver itself (seen in the cluster spike:
+#                       a probe to a pod address left the machine), so
+#                       tests that route other traffic use "tap:IFNAME":
+#                       eth0 on the tap device IFNAME, which the caller
+#                       creates (ip tuntap add IFNAME mode tap) in a
+#                       network namespace of its own, without a default
+#                       route, and runs qemu in. Default: no NIC.
 set -uo pipefail
 
 usage() {
@@ -91,7 +99,8 @@ done
 case ${KEEPLB_VM_NET:-} in
   "") ;;
   user) args+=(-netdev "user,id=net0" -device "virtio-net-pci,netdev=net0") ;;
-  *) echo "run.sh: KEEPLB_VM_NET=$KEEPLB_VM_NET: only \"user\" is known" >&2; exit 125 ;;
+  tap:?*) args+=(-netdev "tap,id=net0,ifname=${KEEPLB_VM_NET#tap:},script=no,downscript=no" -device "virtio-net-pci,netdev=net0") ;;
+  *) echo "run.sh: KEEPLB_VM_NET=$KEEPLB_VM_NET: only \"user\" and \"tap:IFNAME\" are known" >&2; exit 125 ;;
 esac
 args+=(-fsdev "local,id=fsctl,path=${ctl//,/,,},security_model=none"
   -device "virtio-9p-pci,fsdev=fsctl,mount_tag=ctl")
