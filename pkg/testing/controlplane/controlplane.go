@@ -1,10 +1,12 @@
 // Package controlplane runs a real etcd and kube-apiserver on loopback so that
 // integration tests (and the demo) exercise keeplb against the genuine API
 // server: real validation, real RBAC, real server-side apply, real ClusterIP
-// allocation. There is deliberately no kube-controller-manager, scheduler or
+// allocation. By default there is no kube-controller-manager, scheduler or
 // kubelet: nothing garbage-collects, no namespace ever finishes terminating,
 // and no ServiceAccount, Pod status or EndpointSlice appears unless a test
-// writes it itself.
+// writes it itself. With Options.ControllersDir the real
+// kube-controller-manager and kube-scheduler run too, for the real-cluster
+// tests (docs/real-cluster.md).
 package controlplane
 
 import (
@@ -80,6 +82,14 @@ type Options struct {
 	WorkDir string
 	// KeepWorkDir keeps the temporary WorkDir after Stop, for post-mortems.
 	KeepWorkDir bool
+	// ControllersDir, when set, holds kube-controller-manager and
+	// kube-scheduler (hack/cluster-tools.sh builds them), which then run
+	// against the apiserver: the real ServiceAccount, token, Deployment,
+	// ReplicaSet, DaemonSet, EndpointSlice, garbage collection and node
+	// IPAM (ClusterCIDR) controllers, and the scheduler. The apiserver then
+	// also admits Pods only with their ServiceAccount (its ServiceAccount
+	// admission is on) and authorizes kubelets as nodes (Node, RBAC).
+	ControllersDir string
 	// Out, if not nil, receives a copy of the etcd and kube-apiserver logs,
 	// each line prefixed with the process name. The logs are always written
 	// to files in WorkDir as well.
@@ -99,6 +109,10 @@ type ControlPlane struct {
 
 	etcd      *process
 	apiserver *process
+	// controllersDir is Options.ControllersDir; kcm and scheduler run
+	// when it is set.
+	controllersDir string
+	kcm, scheduler *process
 
 	stopOnce sync.Once
 	stopErr  error
@@ -130,10 +144,11 @@ func Start(ctx context.Context, opts Options) (*ControlPlane, error) {
 	}
 
 	c := &ControlPlane{
-		binDir:     binDir,
-		workDir:    workDir,
-		removeDir:  created && !opts.KeepWorkDir,
-		kubeconfig: filepath.Join(workDir, "kubeconfig"),
+		binDir:         binDir,
+		workDir:        workDir,
+		removeDir:      created && !opts.KeepWorkDir,
+		kubeconfig:     filepath.Join(workDir, "kubeconfig"),
+		controllersDir: opts.ControllersDir,
 	}
 	if err := c.start(ctx, opts.Out); err != nil {
 		// Stop also removes a temporary WorkDir; the error already holds the
@@ -169,6 +184,9 @@ func (c *ControlPlane) start(ctx context.Context, out io.Writer) error {
 	}
 	if err := c.writeKubeconfig(); err != nil {
 		return err
+	}
+	if c.controllersDir != "" {
+		return c.startControllers(ctx, logs)
 	}
 	return nil
 }
@@ -237,29 +255,35 @@ func (c *ControlPlane) startProcesses(ctx context.Context, logs *logSink) error 
 	}
 
 	certDir := c.path("certs")
-	c.apiserver, err = startProcess(apiserverBin, c.bin(apiserverBin), c.path("kube-apiserver.log"), logs,
-		"--etcd-servers="+etcdURL,
+	args := []string{
+		"--etcd-servers=" + etcdURL,
 		"--bind-address=127.0.0.1",
 		"--advertise-address=127.0.0.1",
-		"--secure-port="+strconv.Itoa(ports[2]),
+		"--secure-port=" + strconv.Itoa(ports[2]),
 		// Without --tls-cert-file the apiserver writes a self-signed CA and
 		// serving certificate (valid for 127.0.0.1 and localhost) here.
-		"--cert-dir="+certDir,
+		"--cert-dir=" + certDir,
 		// The default "lease" reconciler would publish 127.0.0.1 as the
 		// endpoint of the kubernetes Service, which the apiserver rejects as
 		// a loopback address and then keeps complaining about.
 		"--endpoint-reconciler-type=none",
-		"--service-cluster-ip-range="+serviceCIDRs,
-		"--authorization-mode=RBAC",
-		"--token-auth-file="+c.path("tokens.csv"),
+		"--service-cluster-ip-range=" + serviceCIDRs,
+		"--token-auth-file=" + c.path("tokens.csv"),
 		"--service-account-issuer=https://kubernetes.default.svc",
-		"--service-account-key-file="+c.path("sa.key"),
-		"--service-account-signing-key-file="+c.path("sa.key"),
+		"--service-account-key-file=" + c.path("sa.key"),
+		"--service-account-signing-key-file=" + c.path("sa.key"),
+		"--allow-privileged=true",
+	}
+	if c.controllersDir == "" {
 		// The ServiceAccount admission plugin would insist on a "default"
 		// ServiceAccount before admitting Pods, and no controller creates it.
-		"--disable-admission-plugins=ServiceAccount",
-		"--allow-privileged=true",
-	)
+		args = append(args, "--authorization-mode=RBAC", "--disable-admission-plugins=ServiceAccount")
+	} else {
+		// Kubelets authenticate as system:node:NAME and may only touch
+		// their own Node and Pods.
+		args = append(args, "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction")
+	}
+	c.apiserver, err = startProcess(apiserverBin, c.bin(apiserverBin), c.path("kube-apiserver.log"), logs, args...)
 	if err != nil {
 		return fmt.Errorf("start kube-apiserver: %w", err)
 	}
@@ -412,9 +436,15 @@ func (c *ControlPlane) Stop() error {
 	return c.stopErr
 }
 
-// stopProcesses stops whatever processes are running. The apiserver goes
-// first so that it does not spend its shutdown retrying a vanished etcd.
+// stopProcesses stops whatever processes are running: the scheduler and
+// the controller manager, then the apiserver, so that it does not spend its
+// shutdown retrying a vanished etcd, then etcd.
 func (c *ControlPlane) stopProcesses() {
+	for _, p := range []*process{c.scheduler, c.kcm} {
+		if p != nil {
+			p.stop(stopGracePeriod)
+		}
+	}
 	if c.apiserver != nil {
 		c.apiserver.stop(stopGracePeriod)
 	}
