@@ -10,15 +10,20 @@ LDFLAGS  = -s -w \
 	-X github.com/keeplb/keeplb/pkg/version.version=$(VERSION) \
 	-X github.com/keeplb/keeplb/pkg/version.commit=$(COMMIT) \
 	-X github.com/keeplb/keeplb/pkg/version.date=$(DATE)
+# The tag make image gives the image; e.g. make image IMAGE=registry.example/keeplb:v0.1.0.
+IMAGE   ?= keeplb:$(VERSION)
 
 .DEFAULT_GOAL := help
-.PHONY: help build test test-unit test-integration e2e-vrrp e2e bench fuzz lint verify chart tools demo demo-down clean
+.PHONY: help build image test test-unit test-integration e2e-vrrp e2e bench fuzz lint verify chart tools demo demo-down clean
 
 help: ## List the targets.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 build: ## Build bin/keeplb, stamped with VERSION, COMMIT and DATE.
 	CGO_ENABLED=0 go build -trimpath -ldflags "$(LDFLAGS)" -o bin/keeplb ./cmd/keeplb
+
+image: ## Build IMAGE (keeplb:VERSION) from the Dockerfile (Docker, else buildah), check it, save _output/keeplb-image.tar.
+	VERSION=$(VERSION) COMMIT=$(COMMIT) DATE=$(DATE) IMAGE=$(IMAGE) hack/image.sh
 
 test: ## Run everything CI runs: verify, unit, integration and IPVS end-to-end tests.
 	hack/test.sh
