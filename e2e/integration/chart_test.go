@@ -87,6 +87,59 @@ func TestChart(t *testing.T) {
 		kustomized = append(kustomized, o)
 	}
 
+	// A user who installs their own build changes the image and nothing
+	// else (docs/install.md): an overlay with only an images entry must
+	// give every container that image and change no other field.
+	t.Run("an overlay that only sets the image", func(t *testing.T) {
+		dir := t.TempDir()
+		// kustomize takes a relative path to the base only.
+		base, err := filepath.Rel(dir, manifestPath(t, ""))
+		if err != nil {
+			t.Fatal(err)
+		}
+		overlay := "resources:\n- " + base + "\nimages:\n- name: ghcr.io/keeplb/keeplb\n  newName: keeplb\n  newTag: e2e\n"
+		if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(overlay), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		out, err := cp.Kubectl(ctx, "kustomize", "--load-restrictor=LoadRestrictionsNone", dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := chart.Decode(out)
+		if err != nil {
+			t.Fatal(err)
+		}
+		images := 0
+		for _, o := range got {
+			for _, field := range []string{"containers", "initContainers"} {
+				cs, _, _ := unstructured.NestedSlice(o.Object, "spec", "template", "spec", field)
+				for i, c := range cs {
+					c := c.(map[string]any)
+					if c["image"] != "keeplb:e2e" {
+						t.Errorf("%s %s[%d] runs %v, want keeplb:e2e", chart.Key(o), field, i, c["image"])
+					}
+					c["image"] = "ghcr.io/keeplb/keeplb:latest" // back to the base's, for the diff below
+					images++
+				}
+				if len(cs) > 0 {
+					_ = unstructured.SetNestedSlice(o.Object, cs, "spec", "template", "spec", field)
+				}
+			}
+		}
+		if images < 3 {
+			t.Errorf("the overlay set %d images, want the controller's, the speaker's and its init container's", images)
+		}
+		var rest []*unstructured.Unstructured
+		for _, o := range got {
+			if o.GetKind() != "Namespace" {
+				rest = append(rest, o)
+			}
+		}
+		for _, d := range chart.Diff(kustomized, rest) {
+			t.Errorf("the overlay changed more than the image: %s", d)
+		}
+	})
+
 	t.Run("matches kustomize", func(t *testing.T) {
 		got := renderChart(t, "keeplb-system", nil)
 		for _, d := range chart.Diff(kustomized, got) {
