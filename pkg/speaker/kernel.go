@@ -155,7 +155,7 @@ func netnsPath(netns string) string {
 // Close releases the handles that can be closed.
 func (k Kernel) Close() {
 	for _, h := range []any{k.Net, k.IPVS, k.Conntrack} {
-		if c, ok := h.(interface{ Close() }); ok && c != nil {
+		if c, ok := h.(interface{ Close() }); ok {
 			c.Close()
 		}
 	}
