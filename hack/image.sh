@@ -29,6 +29,8 @@
 #                                 engine answers, else buildah)
 #   KEEPLB_IMAGE_MIRROR           Debian mirror for the bases (default: this
 #   KEEPLB_IMAGE_SECURITY_MIRROR  machine's apt sources, else deb.debian.org)
+#   KEEPLB_IMAGE_ARCHIVE          where to save the archive (default
+#                                 _output/keeplb-image.tar)
 #   KEEPLB_IMAGE_TIMEOUT          seconds the build may take (default 1800)
 #   BUILDAH_ISOLATION             how buildah runs RUN steps (default chroot,
 #                                 which works where crun cannot, e.g. hybrid
@@ -43,7 +45,7 @@ cd "$root"
 : "${VERSION:=dev}" "${COMMIT:=unknown}" "${DATE:=unknown}"
 image=${IMAGE:-keeplb:$VERSION}
 out=$root/_output
-archive=$out/keeplb-image.tar
+archive=${KEEPLB_IMAGE_ARCHIVE:-$out/keeplb-image.tar}
 buildlog=$out/image.log
 limit=${KEEPLB_IMAGE_TIMEOUT:-1800}
 
