@@ -11,6 +11,7 @@ package controlplane
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/rsa"
@@ -20,11 +21,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -90,6 +93,16 @@ type Options struct {
 	// also admits Pods only with their ServiceAccount (its ServiceAccount
 	// admission is on) and authorizes kubelets as nodes (Node, RBAC).
 	ControllersDir string
+	// Address is the IPv4 address the apiserver listens on and advertises
+	// (default 127.0.0.1). Any other address also makes it publish itself
+	// as the endpoint of the kubernetes Service (pods reach it at the
+	// Service's ClusterIP, which its certificate names) and reach kubelets
+	// at their InternalIP: pkg/testing/cluster gives its tap address.
+	Address string
+	// Users are more token users, by name, with their groups, e.g.
+	// "system:node:node1": {"system:nodes"} for a kubelet; UserConfig
+	// returns a client config for each.
+	Users map[string][]string
 	// Out, if not nil, receives a copy of the etcd and kube-apiserver logs,
 	// each line prefixed with the process name. The logs are always written
 	// to files in WorkDir as well.
@@ -103,7 +116,10 @@ type ControlPlane struct {
 	workDir    string
 	removeDir  bool // WorkDir was created by Start and is not kept
 	host       string
+	address    string
 	token      string
+	users      map[string][]string
+	tokens     map[string]string // by user, Options.Users
 	caData     []byte
 	kubeconfig string
 
@@ -149,6 +165,8 @@ func Start(ctx context.Context, opts Options) (*ControlPlane, error) {
 		removeDir:      created && !opts.KeepWorkDir,
 		kubeconfig:     filepath.Join(workDir, "kubeconfig"),
 		controllersDir: opts.ControllersDir,
+		address:        cmp.Or(opts.Address, "127.0.0.1"),
+		users:          opts.Users,
 	}
 	if err := c.start(ctx, opts.Out); err != nil {
 		// Stop also removes a temporary WorkDir; the error already holds the
@@ -202,6 +220,14 @@ func (c *ControlPlane) writeCredentials() error {
 	c.token = hex.EncodeToString(tok)
 	// Format: token,user,uid,"group1,group2".
 	line := fmt.Sprintf("%s,%s,%s,\"system:masters\"\n", c.token, adminUser, adminUser)
+	c.tokens = map[string]string{}
+	for _, user := range slices.Sorted(maps.Keys(c.users)) {
+		if _, err := rand.Read(tok); err != nil {
+			return fmt.Errorf("generate a token: %w", err)
+		}
+		c.tokens[user] = hex.EncodeToString(tok)
+		line += fmt.Sprintf("%s,%s,%s,%q\n", c.tokens[user], user, user, strings.Join(c.users[user], ","))
+	}
 	if err := os.WriteFile(c.path("tokens.csv"), []byte(line), 0o600); err != nil {
 		return fmt.Errorf("write token file: %w", err)
 	}
@@ -232,7 +258,7 @@ func (c *ControlPlane) startProcesses(ctx context.Context, logs *logSink) error 
 	}
 	etcdURL := "http://127.0.0.1:" + strconv.Itoa(ports[0])
 	peerURL := "http://127.0.0.1:" + strconv.Itoa(ports[1])
-	c.host = "https://127.0.0.1:" + strconv.Itoa(ports[2])
+	c.host = "https://" + c.address + ":" + strconv.Itoa(ports[2])
 
 	c.etcd, err = startProcess(etcdBin, c.bin(etcdBin), c.path("etcd.log"), logs,
 		"--name=keeplb",
@@ -257,22 +283,29 @@ func (c *ControlPlane) startProcesses(ctx context.Context, logs *logSink) error 
 	certDir := c.path("certs")
 	args := []string{
 		"--etcd-servers=" + etcdURL,
-		"--bind-address=127.0.0.1",
-		"--advertise-address=127.0.0.1",
+		"--bind-address=" + c.address,
+		"--advertise-address=" + c.address,
 		"--secure-port=" + strconv.Itoa(ports[2]),
 		// Without --tls-cert-file the apiserver writes a self-signed CA and
-		// serving certificate (valid for 127.0.0.1 and localhost) here.
+		// serving certificate here, valid for the advertised address and
+		// the kubernetes Service's ClusterIP and names.
 		"--cert-dir=" + certDir,
-		// The default "lease" reconciler would publish 127.0.0.1 as the
-		// endpoint of the kubernetes Service, which the apiserver rejects as
-		// a loopback address and then keeps complaining about.
-		"--endpoint-reconciler-type=none",
 		"--service-cluster-ip-range=" + serviceCIDRs,
 		"--token-auth-file=" + c.path("tokens.csv"),
 		"--service-account-issuer=https://kubernetes.default.svc",
 		"--service-account-key-file=" + c.path("sa.key"),
 		"--service-account-signing-key-file=" + c.path("sa.key"),
 		"--allow-privileged=true",
+	}
+	if c.address == "127.0.0.1" {
+		// The default "lease" reconciler would publish 127.0.0.1 as the
+		// endpoint of the kubernetes Service, which the apiserver rejects as
+		// a loopback address and then keeps complaining about.
+		args = append(args, "--endpoint-reconciler-type=none")
+	} else {
+		// Kubelets register with their InternalIP; the names are not
+		// resolvable here.
+		args = append(args, "--kubelet-preferred-address-types=InternalIP")
 	}
 	if c.controllersDir == "" {
 		// The ServiceAccount admission plugin would insist on a "default"
@@ -467,6 +500,18 @@ func (c *ControlPlane) AdminConfig() *rest.Config {
 		QPS:   200,
 		Burst: 400,
 	}
+}
+
+// UserConfig returns a new rest.Config for one of Options.Users,
+// authenticated by its own token, or nil if there is no such user.
+func (c *ControlPlane) UserConfig(user string) *rest.Config {
+	tok, ok := c.tokens[user]
+	if !ok {
+		return nil
+	}
+	cfg := c.AdminConfig()
+	cfg.BearerToken = tok
+	return cfg
 }
 
 // ImpersonatedConfig returns the admin config impersonating user with the
