@@ -14,12 +14,12 @@
 #                                initrd.cpio, modules (load order),
 #                                kernel-version, manifest (files in the initrd)
 # where <hash> covers this script (so the module list and the init), the
-# kernel package version, KEEPLB_VM_EXTRA_MODULES and the versions of the
+# kernel package version, KEEPLB_VM_EXTRA_MODULES and _PROGRAMS and the versions of the
 # host packages copied into the initrd. Builds unused for 14 days are pruned
 # after a new build; delete the cache folder to rebuild from scratch.
 #
 # Missing Debian packages (qemu-system-x86, busybox-static, ipvsadm,
-# keepalived, nftables, iproute2, kmod, cpio, xz-utils, zstd) are installed
+# keepalived, nftables, iproute2, iptables, kmod, cpio, xz-utils, zstd) are installed
 # with apt-get (needs root). The kernel package is only downloaded and
 # unpacked (apt-get download + dpkg -x), never installed on the host.
 #
@@ -29,6 +29,10 @@
 #                             linux-image-amd64 depends on)
 #   KEEPLB_VM_EXTRA_MODULES   more modules to load at boot, space separated
 #                             (their dependencies are added)
+#   KEEPLB_VM_EXTRA_PROGRAMS  more host programs to copy, e.g. iptables
+#                             iptables-save iptables-restore (each a copy of
+#                             the multi-call binary under its own name; with
+#                             iptables, its extensions' folder comes along)
 #
 # Progress goes to stderr; only the build directory goes to stdout.
 set -euo pipefail
@@ -46,8 +50,8 @@ modules="crc32c_generic virtio_pci 9p 9pnet_virtio virtio_net
 # to PATH when its shell or env/timeout/xargs run a command ("ip" would be
 # busybox's ip even with iproute2's first in PATH), so /bin/sh is the host's
 # dash, and env and timeout are coreutils'.
-programs="ip bridge ipvsadm keepalived nft dash env timeout"
-packages="qemu-system-x86 busybox-static ipvsadm keepalived nftables iproute2 kmod cpio xz-utils zstd"
+programs="ip bridge ipvsadm keepalived nft dash env timeout ${KEEPLB_VM_EXTRA_PROGRAMS:-}"
+packages="qemu-system-x86 busybox-static ipvsadm keepalived nftables iproute2 iptables kmod cpio xz-utils zstd"
 
 log() { echo ">> $*" >&2; }
 die() { echo "hack/vm/build.sh: $*" >&2; exit 1; }
@@ -92,8 +96,8 @@ fi
 [[ -n ${kpkgver:-} ]] || die "cannot tell which kernel package to use (apt-get update? KEEPLB_VM_KERNEL_PKG?)"
 kver=${kpkg#linux-image-}
 
-hostvers=$(dpkg-query -W -f='${Package}=${Version}\n' busybox-static ipvsadm keepalived nftables iproute2 libc6 2>/dev/null)
-hash=$(printf '%s\n' "$(cat "$self")" "$kpkg=$kpkgver" "$modules" "$hostvers" | sha256sum | cut -c1-12)
+hostvers=$(dpkg-query -W -f='${Package}=${Version}\n' busybox-static ipvsadm keepalived nftables iproute2 libc6 iptables 2>/dev/null)
+hash=$(printf '%s\n' "$(cat "$self")" "$kpkg=$kpkgver" "$modules" "$programs" "$hostvers" | sha256sum | cut -c1-12)
 out="$cache/$kver-$hash"
 if [[ -f $out/.done ]]; then
   touch "$out/.done" # marks it used, for the pruning below
@@ -200,6 +204,11 @@ for p in $programs; do
   while read -r lib; do copylib "$lib"; done < <(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}')
 done
 ln -sf dash "$root/usr/bin/sh"
+# iptables loads its matches and targets at run time, from this folder.
+case " $programs " in
+  *" iptables "* | *" ip6tables "*)
+    for f in /usr/lib/x86_64-linux-gnu/xtables/*.so; do copylib "$f"; done ;;
+esac
 # glibc loads libgcc_s at run time (thread cancellation).
 if [[ -e /lib/x86_64-linux-gnu/libgcc_s.so.1 ]]; then copylib /lib/x86_64-linux-gnu/libgcc_s.so.1; fi
 
