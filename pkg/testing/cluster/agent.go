@@ -33,6 +33,9 @@ func runAgent(cfg *config) error {
 	if err := setUpRouter(cfg); err != nil {
 		return err
 	}
+	if err := seedImages(cfg); err != nil {
+		return err
+	}
 	self, err := os.Executable()
 	if err != nil {
 		return err
@@ -61,6 +64,7 @@ func runAgent(cfg *config) error {
 	mux.HandleFunc("POST /exec", a.exec)
 	mux.HandleFunc("POST /podcidr", a.podCIDR)
 	mux.HandleFunc("POST /crash", a.crash)
+	mux.HandleFunc("POST /proxymode", a.proxyMode)
 	mux.HandleFunc("POST /stop", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = fmt.Fprintln(w, "stopping")
 		close(a.done)
@@ -240,6 +244,33 @@ func (a *agent) crash(w http.ResponseWriter, r *http.Request) {
 	if err := os.WriteFile("/sys/fs/cgroup/"+req.Node+"/cgroup.kill", []byte("1"), 0o644); err != nil {
 		http.Error(w, fmt.Sprintf("kill: %v", err), http.StatusInternalServerError)
 		return
+	}
+	_, _ = fmt.Fprintln(w, "ok")
+}
+
+// ProxyModeRequest restarts every node's kube-proxy in mode Mode.
+type ProxyModeRequest struct {
+	Mode string
+}
+
+func (a *agent) proxyMode(w http.ResponseWriter, r *http.Request) {
+	var req ProxyModeRequest
+	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+		http.Error(w, fmt.Sprintf("bad request: %v", err), http.StatusBadRequest)
+		return
+	}
+	for i := 1; i <= a.cfg.Nodes; i++ {
+		if err := writeProxyConfig(i, req.Mode); err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		b, err := os.ReadFile(proxyPIDFile(i))
+		if err != nil {
+			continue // a crashed node
+		}
+		if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
+			_ = syscall.Kill(pid, syscall.SIGTERM)
+		}
 	}
 	_, _ = fmt.Fprintln(w, "ok")
 }

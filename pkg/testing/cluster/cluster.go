@@ -54,15 +54,24 @@ const (
 )
 
 // The modules the nodes need beyond the VM's usual ones: overlayfs for
-// containerd, br_netfilter for the pod bridge, and what kube-proxy's
-// nftables rules use.
-const extraModules = "overlay br_netfilter nft_fib_inet nft_reject_inet nft_reject_ipv4 nft_reject_ipv6 nft_numgen"
+// containerd, br_netfilter for the pod bridge, and what kube-proxy's rules
+// use in nftables mode and in its default, iptables mode (iptables-nft's
+// matches and targets). Both modes' are loaded, so that one VM build
+// serves either.
+const extraModules = "overlay br_netfilter nft_fib_inet nft_reject_inet nft_reject_ipv4 nft_reject_ipv6 nft_numgen " +
+	"nft_compat xt_tcpudp xt_MASQUERADE xt_nat xt_multiport xt_conntrack xt_mark xt_comment xt_statistic xt_addrtype ipt_REJECT"
+
+// extraPrograms are the host's programs kube-proxy's iptables mode runs,
+// copied into the VM. Without ip6tables it proxies IPv4 only, as the
+// cluster is.
+const extraPrograms = "iptables iptables-save iptables-restore"
 
 // Deadlines of Start's steps, generous for TCG on two shared cores: a
-// healthy start takes about a third.
+// healthy start takes about a third. The agent answers once it has
+// imported the images.
 const (
-	agentTimeout = 3 * time.Minute
-	nodesTimeout = 4 * time.Minute
+	agentTimeout = 8 * time.Minute
+	nodesTimeout = 8 * time.Minute
 )
 
 // Options configure Start.
@@ -71,13 +80,10 @@ type Options struct {
 	Nodes int
 	// ProxyMode is kube-proxy's mode: "" for its default, or "nftables".
 	ProxyMode string
-	// Images are more image archives to import into every node before its
-	// kubelet starts (besides pause and the echo backend): keeplb's.
-	// Import imports more later.
+	// Images are more image archives for every node (besides pause and the
+	// echo backend): keeplb's. The VM imports them once, before the nodes
+	// start, and gives each node's containerd a copy.
 	Images []string
-	// Shares are more host folders for the VM to see at the same paths,
-	// e.g. that of an archive for Import.
-	Shares []string
 	// SkipModules are modules of the VM to leave unloaded at boot (see
 	// vm.Options), e.g. ip_vs, for a test of what loads them.
 	SkipModules []string
@@ -205,6 +211,7 @@ func (c *Cluster) startVM(tb testing.TB, opts Options, cfgFile string, archives 
 		"KEEPLB_VM_NET=tap:" + tapName,
 		"KEEPLB_VM_MEM=" + cmpOr(opts.Memory, "6G"),
 		"KEEPLB_VM_EXTRA_MODULES=" + extraModules,
+		"KEEPLB_VM_EXTRA_PROGRAMS=" + extraPrograms,
 	}
 	if len(opts.SkipModules) > 0 {
 		env = append(env, "KEEPLB_VM_APPEND=keeplb.skipmods="+strings.Join(opts.SkipModules, ","))
@@ -213,7 +220,6 @@ func (c *Cluster) startVM(tb testing.TB, opts Options, cfgFile string, archives 
 	for _, a := range archives {
 		shares = append(shares, filepath.Dir(a))
 	}
-	shares = append(shares, opts.Shares...)
 	// run.sh kills the VM at its timeout: the test's deadline, or an hour.
 	deadline := time.Now().Add(time.Hour)
 	if d, ok := tb.(interface{ Deadline() (time.Time, bool) }); ok {
@@ -420,15 +426,11 @@ func (c *Cluster) ExecFor(ctx context.Context, d time.Duration, node string, arg
 	return res.Output, nil
 }
 
-// Import imports an image archive (in Options.Images' or Options.Shares'
-// folders) into every node's containerd, one node after the other.
-func (c *Cluster) Import(ctx context.Context, archive string) error {
-	for i := range c.Nodes {
-		if _, err := c.ExecFor(ctx, 5*time.Minute, "", filepath.Join(os.Getenv(EnvClusterTools), "ctr"), "--address", containerdSocket(i+1), "-n", "k8s.io", "images", "import", archive); err != nil {
-			return err
-		}
-	}
-	return nil
+// SetProxyMode restarts every node's kube-proxy in mode ("" for its
+// default, iptables), as an operator who changes the mode does; kube-proxy
+// removes the rules of its other modes as it starts.
+func (c *Cluster) SetProxyMode(ctx context.Context, mode string) error {
+	return c.post(ctx, "/proxymode", ProxyModeRequest{Mode: mode}, nil)
 }
 
 // Crash fails node as a machine does that loses power: see CrashRequest.

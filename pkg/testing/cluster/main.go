@@ -70,6 +70,10 @@ func Main(m *testing.M) {
 	os.Exit(inNamespace())
 }
 
+// Namespace is the host side's network namespace (in Main's run of the
+// tests), for commands a user runs by hand against a cluster kept up.
+func Namespace() string { return os.Getenv(envNetns) }
+
 // inNamespace makes the host side's namespace, runs this test binary again
 // in it with the same arguments, removes the namespace and returns the
 // run's exit code.

@@ -16,8 +16,8 @@ import (
 
 // runNode is one node, inside the VM: it runs in the node's network
 // namespace and in a mount namespace of its own (`ip netns exec` made
-// both), starts containerd, imports the images, then starts the kubelet
-// and kube-proxy, and waits. Each process logs to Dir/logs/nodeN-NAME.log.
+// both), starts containerd on the images the agent seeded, then the
+// kubelet and kube-proxy, and waits. Each process logs to Dir/logs/nodeN-NAME.log.
 func runNode(cfg *config, i int) error {
 	name := NodeName(i)
 	logs := filepath.Join(cfg.Dir, "logs")
@@ -37,27 +37,16 @@ func runNode(cfg *config, i int) error {
 	if err := waitFile(ctx, containerdSocket(i), time.Minute); err != nil {
 		return fmt.Errorf("%s: containerd did not start: %w", name, err)
 	}
-	for _, img := range cfg.Images {
-		out, err := exec.CommandContext(ctx, filepath.Join(cfg.ClusterTools, "ctr"), "--address", containerdSocket(i), "-n", "k8s.io", "images", "import", img).CombinedOutput()
-		if err != nil {
-			return fmt.Errorf("%s: ctr images import %s: %w: %s", name, img, err, out)
-		}
-	}
-	log.Printf("%s: %d images imported", name, len(cfg.Images))
 	kubelet, err := startLogged(ctx, logs, name+"-kubelet", filepath.Join(cfg.ClusterTools, "kubelet"),
 		"--config=/var/lib/kubelet/config.yaml", "--kubeconfig=/var/lib/kubelet/kubeconfig",
 		"--hostname-override="+name, "--node-ip="+NodeAddr(i).String(), "--v=1")
 	if err != nil {
 		return err
 	}
-	proxy, err := startLogged(ctx, logs, name+"-kube-proxy", filepath.Join(cfg.ClusterTools, "kube-proxy"),
-		"--config=/var/lib/kubelet/kube-proxy.yaml", "--v=1")
-	if err != nil {
-		return err
-	}
+	go runProxy(ctx, cfg, i)
 	// A node whose process died is a broken node, which the host sees (the
 	// Node turns NotReady) and reports with the logs; the others go on.
-	for _, p := range []*exec.Cmd{containerd, kubelet, proxy} {
+	for _, p := range []*exec.Cmd{containerd, kubelet} {
 		go func() {
 			err := p.Wait()
 			if ctx.Err() == nil {
@@ -66,7 +55,7 @@ func runNode(cfg *config, i int) error {
 		}()
 	}
 	<-ctx.Done()
-	for _, p := range []*exec.Cmd{proxy, kubelet, containerd} {
+	for _, p := range []*exec.Cmd{kubelet, containerd} {
 		_ = p.Process.Signal(syscall.SIGTERM)
 	}
 	return nil
@@ -100,7 +89,7 @@ func setUpNodeMounts(i int) error {
 			return fmt.Errorf("mount tmpfs on %s: %w", dir, err)
 		}
 	}
-	for _, dir := range []string{"/var/lib/kubelet", "/var/lib/containerd", "/var/log"} {
+	for _, dir := range []string{"/var/lib/kubelet", "/var/log"} {
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			return err
 		}
@@ -128,6 +117,11 @@ func nodeRun(i int) string { return "/run/keeplb-cluster/" + NodeName(i) }
 func cniDir(i int) string           { return nodeRun(i) + "/net.d" }
 func containerdSocket(i int) string { return nodeRun(i) + "/containerd.sock" }
 
+// containerdRoot is node i's containerd root: in the VM's /run, on the
+// same filesystem as the seed's (seedImages), whose image data it shares
+// through hard links.
+func containerdRoot(i int) string { return nodeRun(i) + "/containerd" }
+
 // writeNodeFiles writes containerd's, the kubelet's and kube-proxy's
 // configuration and credentials.
 func writeNodeFiles(cfg *config, i int) error {
@@ -136,24 +130,7 @@ func writeNodeFiles(cfg *config, i int) error {
 		return err
 	}
 	files := map[string]string{
-		// runc cannot pivot_root out of the VM's initramfs: NoPivotRoot.
-		"/etc/containerd/config.toml": fmt.Sprintf(`version = 3
-root = "/var/lib/containerd"
-state = "/run/containerd"
-[grpc]
-  address = %q
-[plugins."io.containerd.cri.v1.images".pinned_images]
-  sandbox = "registry.k8s.io/pause:3.10"
-[plugins."io.containerd.cri.v1.runtime".cni]
-  bin_dirs = [%q]
-  conf_dir = %q
-[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
-  runtime_type = "io.containerd.runc.v2"
-  [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
-    BinaryName = %q
-    SystemdCgroup = false
-    NoPivotRoot = true
-`, containerdSocket(i), filepath.Join(cfg.ClusterTools, "cni"), cniDir(i), filepath.Join(cfg.ClusterTools, "runc")),
+		"/etc/containerd/config.toml":  containerdConfig(cfg, containerdRoot(i), "/run/containerd", containerdSocket(i), cniDir(i)),
 		"/var/lib/kubelet/kubeconfig":  kubeconfig(cfg, cfg.Tokens[name]),
 		"/var/lib/kubelet/proxyconfig": kubeconfig(cfg, cfg.Tokens["proxy"]),
 		// The node's processes run under /nodeN; a tmpfs /var cannot be
@@ -173,21 +150,79 @@ resolvConf: ""
 evictionHard: {memory.available: "1Mi"}
 nodeStatusReportFrequency: 10s
 `, name, containerdSocket(i)),
-		"/var/lib/kubelet/kube-proxy.yaml": fmt.Sprintf(`apiVersion: kubeproxy.config.k8s.io/v1alpha1
-kind: KubeProxyConfiguration
-mode: %q
-clientConnection: {kubeconfig: /var/lib/kubelet/proxyconfig}
-hostnameOverride: %s
-clusterCIDR: 10.244.0.0/16
-conntrack: {maxPerCore: 0}
-`, cfg.ProxyMode, name),
 	}
 	for f, content := range files {
 		if err := os.WriteFile(f, []byte(content), 0o600); err != nil {
 			return err
 		}
 	}
-	return nil
+	return writeProxyConfig(i, cfg.ProxyMode)
+}
+
+// proxyConfig is node i's kube-proxy configuration, in the VM's /run so
+// that the agent can change the mode (SetProxyMode).
+func proxyConfig(i int) string { return nodeRun(i) + "/kube-proxy.yaml" }
+
+func proxyPIDFile(i int) string { return nodeRun(i) + "/kube-proxy.pid" }
+
+func writeProxyConfig(i int, mode string) error {
+	conf := fmt.Sprintf(`apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: %q
+clientConnection: {kubeconfig: /var/lib/kubelet/proxyconfig}
+hostnameOverride: %s
+clusterCIDR: 10.244.0.0/16
+conntrack: {maxPerCore: 0}
+`, mode, NodeName(i))
+	if err := os.WriteFile(proxyConfig(i)+".tmp", []byte(conf), 0o600); err != nil {
+		return err
+	}
+	return os.Rename(proxyConfig(i)+".tmp", proxyConfig(i))
+}
+
+// runProxy runs kube-proxy until ctx ends, starting it again whenever it
+// exits: the agent changes its mode by rewriting the configuration and
+// stopping it, as an operator restarts kube-proxy with a new mode.
+func runProxy(ctx context.Context, cfg *config, i int) {
+	logs := filepath.Join(cfg.Dir, "logs")
+	for ctx.Err() == nil {
+		p, err := startLogged(ctx, logs, NodeName(i)+"-kube-proxy", filepath.Join(cfg.ClusterTools, "kube-proxy"),
+			"--config="+proxyConfig(i), "--v=1")
+		if err != nil {
+			log.Printf("%s: %v", NodeName(i), err)
+			return
+		}
+		_ = os.WriteFile(proxyPIDFile(i), []byte(strconv.Itoa(p.Process.Pid)), 0o644)
+		stop := context.AfterFunc(ctx, func() { _ = p.Process.Signal(syscall.SIGTERM) })
+		err = p.Wait()
+		stop()
+		if ctx.Err() == nil {
+			log.Printf("%s: kube-proxy exited (%v); starting it again", NodeName(i), err)
+			time.Sleep(time.Second)
+		}
+	}
+}
+
+// containerdConfig is the configuration of a node's containerd, or of the
+// seed's. runc cannot pivot_root out of the VM's initramfs: NoPivotRoot.
+func containerdConfig(cfg *config, root, state, socket, cni string) string {
+	return fmt.Sprintf(`version = 3
+root = %q
+state = %q
+[grpc]
+  address = %q
+[plugins."io.containerd.cri.v1.images".pinned_images]
+  sandbox = "registry.k8s.io/pause:3.10"
+[plugins."io.containerd.cri.v1.runtime".cni]
+  bin_dirs = [%q]
+  conf_dir = %q
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+    BinaryName = %q
+    SystemdCgroup = false
+    NoPivotRoot = true
+`, root, state, socket, filepath.Join(cfg.ClusterTools, "cni"), cni, filepath.Join(cfg.ClusterTools, "runc"))
 }
 
 func kubeconfig(cfg *config, token string) string {

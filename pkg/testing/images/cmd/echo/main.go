@@ -46,7 +46,7 @@ func get(url string) int {
 		fmt.Println(err)
 		return 1
 	}
-	defer resp.Body.Close()
+	defer func() { _ = resp.Body.Close() }()
 	body, err := io.ReadAll(resp.Body)
 	fmt.Print(string(body))
 	if err != nil || resp.StatusCode != http.StatusOK {
