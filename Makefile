@@ -14,7 +14,7 @@ LDFLAGS  = -s -w \
 IMAGE   ?= keeplb:$(VERSION)
 
 .DEFAULT_GOAL := help
-.PHONY: help build image test test-unit test-integration e2e-vrrp e2e bench fuzz lint verify chart tools demo demo-down clean
+.PHONY: help build image test test-unit test-integration e2e-vrrp e2e e2e-cluster demo-cluster bench fuzz lint verify chart tools demo demo-down clean
 
 help: ## List the targets.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -39,6 +39,12 @@ e2e-vrrp: ## Run the speaker end to end: real keepalived in network namespaces (
 
 e2e: ## Run the tests that need IPVS (in a qemu VM where the host kernel lacks it), the demo's among them.
 	hack/e2e.sh
+
+demo-cluster: ## keeplb from its image on a real 3-node cluster in the VM, with the examples; stays up until Ctrl-C (needs root; minutes).
+	hack/demo-cluster.sh
+
+e2e-cluster: ## Run keeplb from its image on a real 3-node cluster in the VM (kubelet, containerd, kube-proxy; needs root).
+	hack/e2e-cluster.sh
 
 bench: ## Benchmark the allocator against a naive one; table in the output, raw in _output/bench.txt.
 	hack/bench.sh

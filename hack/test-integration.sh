@@ -11,6 +11,6 @@ dir=$(hack/tools.sh)
 # Each test package starts its own control plane; two at a time keeps a
 # 2-core machine busy without starving the apiservers into timeouts.
 # The packages that need IPVS run in hack/e2e.sh, one at a time.
-pkgs=$(go list ./e2e/... ./pkg/testing/... | grep -vE '/e2e/(dataplane|ipvs|demo)$')
+pkgs=$(go list ./e2e/... ./pkg/testing/... | grep -vE '/e2e/(dataplane|ipvs|demo|cluster)$')
 # shellcheck disable=SC2086 # one word per package
 KEEPLB_TOOLS_DIR=$dir go test -race -count=1 -p 2 -timeout 30m $pkgs "$@"

@@ -2,8 +2,9 @@
 # test.sh is `make test`, and what CI runs: verify, then the unit tests, a
 # few seconds of every fuzz target, then the integration tests against a
 # real kube-apiserver and etcd, then the tests that need IPVS (hack/e2e.sh:
-# in a VM where the host kernel has none). It stops at the first stage that
-# fails and reports how long each stage took.
+# in a VM where the host kernel has none), then keeplb from its image on a
+# real cluster in that VM (hack/e2e-cluster.sh). It stops at the first stage
+# that fails and reports how long each stage took.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -53,6 +54,7 @@ stage unit unit
 stage fuzz fuzz
 stage integration hack/test-integration.sh
 stage e2e hack/e2e.sh
+stage cluster hack/e2e-cluster.sh
 
 summary
 echo "==> all passed"
