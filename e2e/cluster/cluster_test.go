@@ -436,22 +436,31 @@ func checkInstalled(t *testing.T, c *cluster.Cluster, speakers []corev1.Pod) {
 	}
 }
 
-// checkKeepalived: keepalived runs on every node, in the node's network
-// namespace (in the speaker pod, which shares it).
+// checkKeepalived: keepalived runs in the speaker pod of every node: in a
+// pod's cgroup, and in the node's network namespace (the speaker's, which
+// is the host's).
 func checkKeepalived(t *testing.T, c *cluster.Cluster) {
 	ctx := t.Context()
 	var ps string
 	err := poll(ctx, time.Minute, func() error {
 		var err error
-		ps, err = c.Exec(ctx, "", "sh", "-c", `for p in /proc/[0-9]*; do read -r c < $p/comm 2>/dev/null; [ "$c" = keepalived ] && echo "$(readlink $p/ns/net) $p"; done; true`)
+		// Each keepalived with its network namespace and its cgroup: a
+		// pod's container, under the node's kubepods, not the node's own
+		// processes.
+		ps, err = c.Exec(ctx, "", "sh", "-c", `for p in /proc/[0-9]*; do read -r c < $p/comm 2>/dev/null; [ "$c" = keepalived ] && echo "$(readlink $p/ns/net) $(cut -d: -f3 $p/cgroup)"; done; true`)
 		if err != nil {
 			return err
 		}
 		nets := map[string]bool{}
 		for _, line := range strings.Split(strings.TrimSpace(ps), "\n") {
-			if ns, _, ok := strings.Cut(line, " "); ok {
-				nets[ns] = true
+			ns, cgroup, ok := strings.Cut(line, " ")
+			if !ok {
+				continue
 			}
+			if !strings.Contains(cgroup, "/kubepods") {
+				return fmt.Errorf("a keepalived runs outside every pod, in cgroup %s", cgroup)
+			}
+			nets[ns] = true
 		}
 		if len(nets) != len(c.Nodes) {
 			return fmt.Errorf("keepalived runs in %d network namespaces, want %d (one per node):\n%s", len(nets), len(c.Nodes), ps)

@@ -42,11 +42,12 @@ func TestDemoCluster(t *testing.T) {
 	if out, err := c.Kubectl(ctx, "apply", "--server-side", "-k", kustomizeOverlay(t, imageV1)); err != nil {
 		t.Fatalf("%v: %s", err, out)
 	}
-	waitKeeplb(t, c)
+	checkInstalled(t, c, waitKeeplb(t, c))
 	services := applyExamples(t, c)
 	for _, name := range services {
 		ingress(t, c, "demo", name)
 	}
+	checkKeepalived(t, c)
 	show("get", "nodes", "-o", "wide")
 	show("get", "pods", "-A", "-o", "wide")
 	show("get", "services", "-n", "demo")
