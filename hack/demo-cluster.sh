@@ -25,4 +25,4 @@ VERSION=v0.0.1 COMMIT=e2e DATE=1970-01-01T00:00:00Z IMAGE=keeplb.local/keeplb:v0
 go test -c -o "$out/cluster.test" ./e2e/cluster/
 cd e2e/cluster
 KEEPLB_TOOLS_DIR=$tools KEEPLB_CLUSTER_TOOLS_DIR=$cluster_tools KEEPLB_CLUSTER_IMAGES=$out/keeplb-v0.0.1.tar \
-  KEEPLB_DEMO_CLUSTER=${KEEPLB_DEMO_CLUSTER:-hold} "$out/cluster.test" -test.run '^TestDemoCluster$' -test.timeout 6h
+  KEEPLB_DEMO_CLUSTER=${KEEPLB_DEMO_CLUSTER:-hold} "$out/cluster.test" -test.v -test.run '^TestDemoCluster$' -test.timeout 6h
