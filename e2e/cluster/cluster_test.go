@@ -271,22 +271,27 @@ func reach(t *testing.T, url string) (pod, remote string) {
 	return m[1], m[2]
 }
 
+// holdersOf returns the nodes, in order, whose eth0 is up and holds vip:
+// the kernel's word, not the holder annotation's. A crashed node's link is
+// down, so it holds nothing.
+func holdersOf(ctx context.Context, c *cluster.Cluster, vip string) []string {
+	var on []string
+	for _, n := range c.Nodes {
+		out, err := c.Exec(ctx, n, "ip", "-4", "-o", "addr", "show", "dev", "eth0", "up")
+		if err == nil && strings.Contains(out, " "+vip+"/") {
+			on = append(on, n)
+		}
+	}
+	return on
+}
+
 // holder returns the node whose eth0 holds vip, polling until exactly one
 // does.
 func holder(t *testing.T, c *cluster.Cluster, vip string) string {
 	t.Helper()
 	var got string
 	err := poll(t.Context(), serviceTimeout, func() error {
-		var on []string
-		for _, n := range c.Nodes {
-			out, err := c.Exec(t.Context(), n, "ip", "-4", "-o", "addr", "show", "dev", "eth0", "up")
-			if err != nil {
-				continue // a crashed node
-			}
-			if strings.Contains(out, " "+vip+"/") {
-				on = append(on, n)
-			}
-		}
+		on := holdersOf(t.Context(), c, vip)
 		if len(on) != 1 {
 			return fmt.Errorf("%s is on %d nodes: %v", vip, len(on), on)
 		}

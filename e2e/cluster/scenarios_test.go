@@ -248,15 +248,9 @@ func startLoad(t *testing.T, c *cluster.Cluster, url, vip string) *load {
 		defer l.wg.Done()
 		cur := l.first
 		for ctx.Err() == nil {
-			for _, n := range c.Nodes {
-				out, err := c.Exec(ctx, n, "ip", "-4", "-o", "addr", "show", "dev", "eth0", "up")
-				if err == nil && strings.Contains(out, " "+vip+"/") {
-					if n != cur {
-						l.moves.Add(1)
-						cur = n
-					}
-					break
-				}
+			if on := holdersOf(ctx, c, vip); len(on) > 0 && on[0] != cur {
+				l.moves.Add(1)
+				cur = on[0]
 			}
 			time.Sleep(200 * time.Millisecond)
 		}
@@ -462,12 +456,8 @@ func checkFailover(t *testing.T, c *cluster.Cluster) string {
 	}
 	var now string
 	err := poll(ctx, time.Minute, func() error {
-		for _, n := range c.Nodes {
-			if n == crashed {
-				continue
-			}
-			out, err := c.Exec(ctx, n, "ip", "-4", "-o", "addr", "show", "dev", "eth0", "up")
-			if err == nil && strings.Contains(out, " "+ip+"/") {
+		for _, n := range holdersOf(ctx, c, ip) {
+			if n != crashed {
 				now = n
 				return nil
 			}

@@ -24,6 +24,7 @@ package cluster
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -209,7 +210,7 @@ func (c *Cluster) startVM(tb testing.TB, opts Options, cfgFile string, archives 
 	}
 	env := []string{
 		"KEEPLB_VM_NET=tap:" + tapName,
-		"KEEPLB_VM_MEM=" + cmpOr(opts.Memory, "6G"),
+		"KEEPLB_VM_MEM=" + cmp.Or(opts.Memory, "6G"),
 		"KEEPLB_VM_EXTRA_MODULES=" + extraModules,
 		"KEEPLB_VM_EXTRA_PROGRAMS=" + extraPrograms,
 	}
@@ -276,13 +277,6 @@ func tail(s string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
-}
-
-func cmpOr(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
 }
 
 // waitAgent polls the agent until it answers, the VM ends or the deadline.
@@ -409,19 +403,14 @@ func (c *Cluster) post(ctx context.Context, path string, in, out any) error {
 
 // Exec runs argv in node's network namespace (node "" is the VM's root
 // namespace, where every node's processes are visible) and returns its
-// output; a non-zero exit is an error that carries the output.
+// output, within 30 s; a non-zero exit is an error that carries the output.
 func (c *Cluster) Exec(ctx context.Context, node string, argv ...string) (string, error) {
-	return c.ExecFor(ctx, 30*time.Second, node, argv...)
-}
-
-// ExecFor is Exec with a time limit other than 30 s.
-func (c *Cluster) ExecFor(ctx context.Context, d time.Duration, node string, argv ...string) (string, error) {
 	var res ExecResult
-	if err := c.post(ctx, "/exec", ExecRequest{Node: node, Argv: argv, Timeout: d}, &res); err != nil {
+	if err := c.post(ctx, "/exec", ExecRequest{Node: node, Argv: argv, Timeout: 30 * time.Second}, &res); err != nil {
 		return "", err
 	}
 	if res.Code != 0 {
-		return res.Output, fmt.Errorf("%s on %s exited %d: %s", strings.Join(argv, " "), cmpOr(node, "the VM"), res.Code, strings.TrimSpace(res.Output))
+		return res.Output, fmt.Errorf("%s on %s exited %d: %s", strings.Join(argv, " "), cmp.Or(node, "the VM"), res.Code, strings.TrimSpace(res.Output))
 	}
 	return res.Output, nil
 }
