@@ -42,6 +42,10 @@ const (
 const (
 	podsTimeout    = 4 * time.Minute
 	serviceTimeout = 2 * time.Minute
+	// rolloutTimeout bounds `kubectl rollout status` of the three speakers,
+	// replaced one at a time: 4 to 4.75 minutes here, about 30% more on
+	// CI's machine, where 6 minutes once ran out.
+	rolloutTimeout = 12 * time.Minute
 )
 
 // repo is the repository's root, from this package's folder.

@@ -276,7 +276,7 @@ func checkRollout(t *testing.T, c *cluster.Cluster) {
 	if out, err := c.Kubectl(ctx, "rollout", "restart", "-n", "keeplb-system", "daemonset/keeplb-speaker"); err != nil {
 		t.Fatalf("%v: %s", err, out)
 	}
-	if out, err := c.Kubectl(ctx, "rollout", "status", "-n", "keeplb-system", "daemonset/keeplb-speaker", "--timeout=6m"); err != nil {
+	if out, err := c.Kubectl(ctx, "rollout", "status", "-n", "keeplb-system", "daemonset/keeplb-speaker", "--timeout="+rolloutTimeout.String()); err != nil {
 		l.finish()
 		t.Fatalf("%v: %s\n%s", err, out, c.Diagnose(ctx))
 	}
@@ -299,7 +299,7 @@ func checkUpgrade(t *testing.T, c *cluster.Cluster) {
 		t.Fatalf("%v: %s", err, out)
 	}
 	for _, w := range []string{"daemonset/keeplb-speaker", "deployment/keeplb-controller"} {
-		if out, err := c.Kubectl(ctx, "rollout", "status", "-n", "keeplb-system", w, "--timeout=6m"); err != nil {
+		if out, err := c.Kubectl(ctx, "rollout", "status", "-n", "keeplb-system", w, "--timeout="+rolloutTimeout.String()); err != nil {
 			t.Fatalf("%v: %s\n%s", err, out, c.Diagnose(ctx))
 		}
 	}
