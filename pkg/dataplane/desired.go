@@ -19,6 +19,7 @@ import (
 	"github.com/keeplb/keeplb/pkg/nft"
 	"github.com/keeplb/keeplb/pkg/nodeview"
 	"github.com/keeplb/keeplb/pkg/pools"
+	"github.com/keeplb/keeplb/pkg/rendezvous"
 	"github.com/keeplb/keeplb/pkg/vrrp"
 )
 
@@ -109,11 +110,14 @@ type computer struct {
 	// own share of nodeport traffic (see service).
 	selfEligible bool
 	nodes        []nodeInfo
-	slices       map[string][]*discoveryv1.EndpointSlice
-	parsed       []pools.Parsed
-	admits       map[string]bool // pool name: may this node hold its VIPs
-	st           State
-	problems     []Problem
+	// candidates are the nodes nodeport subsets are chosen from, per
+	// family (index 1 for IPv6), made on first use.
+	candidates [2][]rendezvous.Candidate
+	slices     map[string][]*discoveryv1.EndpointSlice
+	parsed     []pools.Parsed
+	admits     map[string]bool // pool name: may this node hold its VIPs
+	st         State
+	problems   []Problem
 	// entries are the virtual servers of the Service part computes, in
 	// the order they were made, with their ports' names.
 	entries []partEntry
@@ -330,9 +334,12 @@ func (c *computer) service(svc *v1.Service, vip netip.Addr, pool *v1alpha1.IPPoo
 	v6 := vip.Is6()
 	ranges, filtered := c.sourceRanges(svc, v6)
 	var perNode map[string]int // Local nodeport: ready endpoints per node
+	var chosen []string        // Cluster nodeport: the Service's subset
 	if mode == v1alpha1.ForwardingNodePort {
 		if local {
 			perNode = nodeview.LocalWeights(c.slices[key], familyOf(v6))
+		} else if k := subsetSize(pool); k > 0 {
+			chosen = rendezvous.Choose(rendezvous.KeyHash(key), c.subsetCandidates(v6), k)
 		}
 		if !slices.ContainsFunc(c.nodes, func(n nodeInfo) bool { return n.eligible && n.ip(v6).IsValid() }) {
 			c.problem(svc, "status.loadBalancer.ingress", "no Ready node has an %s InternalIP, so %s has no NodePort to forward to", familyName(v6), vip)
@@ -354,12 +361,13 @@ func (c *computer) service(svc *v1.Service, vip netip.Addr, pool *v1alpha1.IPPoo
 		var reals, unmasqueraded []ipvs.RealServer
 		switch mode {
 		case v1alpha1.ForwardingNodePort:
-			reals = c.nodePortReals(uint16(p.NodePort), v6, local, perNode)
+			reals = c.nodePortReals(uint16(p.NodePort), v6, local, perNode, chosen)
 			// This node's own share goes to its own endpoints, not to its
 			// NodePort: IPVS hands a connection to a local real server
 			// straight to the socket layer, past the hooks where kube-proxy
-			// translates NodePorts, so nothing would answer there.
-			if c.selfEligible {
+			// translates NodePorts, so nothing would answer there. It has
+			// a share only when it is in the Service's subset.
+			if c.selfEligible && (chosen == nil || slices.Contains(chosen, c.node)) {
 				own := c.podReals(key, p, v6, true)
 				reals = dedupe(append(reals, own...))
 				if local {
@@ -472,13 +480,17 @@ func (c *computer) scheduler(svc *v1.Service) string {
 }
 
 // nodePortReals returns the NodePorts of the eligible nodes other than this
-// one; with Local, only those in perNode, weighted by their ready local
-// endpoints.
-func (c *computer) nodePortReals(nodePort uint16, v6, local bool, perNode map[string]int) []ipvs.RealServer {
+// one: with Local, only those in perNode, weighted by their ready local
+// endpoints; else, when chosen is not nil, only those in the Service's
+// subset.
+func (c *computer) nodePortReals(nodePort uint16, v6, local bool, perNode map[string]int, chosen []string) []ipvs.RealServer {
 	var out []ipvs.RealServer
 	for _, n := range c.nodes {
 		ip := n.ip(v6)
 		if !n.eligible || !ip.IsValid() || n.name == c.node {
+			continue
+		}
+		if chosen != nil && !slices.Contains(chosen, n.name) {
 			continue
 		}
 		w := 1
@@ -492,6 +504,34 @@ func (c *computer) nodePortReals(nodePort uint16, v6, local bool, perNode map[st
 		out = append(out, ipvs.RealServer{Address: ip, Port: nodePort, Weight: w})
 	}
 	return dedupe(out)
+}
+
+// subsetSize is the pool's nodes per Service under nodeport forwarding;
+// 0 means all.
+func subsetSize(pool *v1alpha1.IPPool) int {
+	if pool == nil {
+		return v1alpha1.DefaultNodePortSubsetSize
+	}
+	return pool.Spec.SubsetSize()
+}
+
+// subsetCandidates returns the nodes nodeport subsets of the family are
+// chosen from: the eligible nodes with an InternalIP of it, this one
+// included, so that every node computes the same subsets.
+func (c *computer) subsetCandidates(v6 bool) []rendezvous.Candidate {
+	i := 0
+	if v6 {
+		i = 1
+	}
+	if c.candidates[i] == nil {
+		c.candidates[i] = []rendezvous.Candidate{}
+		for _, n := range c.nodes {
+			if n.eligible && n.ip(v6).IsValid() {
+				c.candidates[i] = append(c.candidates[i], rendezvous.Candidate{Name: n.name, Hash: rendezvous.NodeHash(n.name)})
+			}
+		}
+	}
+	return c.candidates[i]
 }
 
 // podReals returns the endpoints of one Service port.

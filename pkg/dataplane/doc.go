@@ -25,14 +25,17 @@
 // Real servers depend on the forwarding mode (keeplb.io/forwarding, else
 // the pool's spec.forwarding, else nodeport):
 //
-//   - nodeport: InternalIP:NodePort (of the VIP's family) of every other
-//     Ready node without the exclusion label. With externalTrafficPolicy
-//     Local, only nodes with a local endpoint, weighted by their number of
-//     ready endpoints; a node whose endpoints are all terminating keeps
-//     weight 0. This node's own NodePort is replaced by its own endpoints
-//     (as pod forwarding gives them): IPVS hands a connection for a local
-//     real server to the local socket layer, past the hooks where
-//     kube-proxy translates NodePorts, where nothing would answer.
+//   - nodeport: InternalIP:NodePort (of the VIP's family) of the other
+//     Ready nodes without the exclusion label that are in the Service's
+//     subset (the pool's spec.nodePortSubsetSize nodes, 16 by default,
+//     chosen by package rendezvous the same way on every node). With
+//     externalTrafficPolicy Local, every node with a local endpoint,
+//     weighted by its number of ready endpoints; a node whose endpoints
+//     are all terminating keeps weight 0. This node's own NodePort, when
+//     it is in the subset, is replaced by its own endpoints (as pod
+//     forwarding gives them): IPVS hands a connection for a local real
+//     server to the local socket layer, past the hooks where kube-proxy
+//     translates NodePorts, where nothing would answer.
 //   - pod: the endpoints of the Service's EndpointSlices of the VIP's family,
 //     on the port the slice resolved for the Service port (so named
 //     targetPorts work). Ready endpoints get weight 1; terminating endpoints

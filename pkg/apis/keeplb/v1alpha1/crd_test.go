@@ -5,6 +5,7 @@ import (
 	"reflect"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -13,6 +14,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/equality"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/utils/ptr"
 	"sigs.k8s.io/yaml"
 
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
@@ -292,6 +294,7 @@ func TestCRDDefaults(t *testing.T) {
 		"spec.avoidBuggyIPs":              `false`,
 		"spec.forwarding":                 `"` + string(v1alpha1.ForwardingNodePort) + `"`,
 		"spec.icmpEcho":                   `"` + string(v1alpha1.ICMPEchoAllow) + `"`,
+		"spec.nodePortSubsetSize":         strconv.Itoa(v1alpha1.DefaultNodePortSubsetSize),
 		"spec.vrrp.virtualRouterIDs":      `"1-255"`,
 		"spec.vrrp.advertisementInterval": `"1s"`,
 	} {
@@ -363,8 +366,9 @@ func fullPool() *v1alpha1.IPPool {
 				NamespaceSelector: selector("ns"),
 				ServiceSelector:   selector("svc"),
 			},
-			Forwarding: v1alpha1.ForwardingPod,
-			ICMPEcho:   v1alpha1.ICMPEchoDrop,
+			Forwarding:         v1alpha1.ForwardingPod,
+			ICMPEcho:           v1alpha1.ICMPEchoDrop,
+			NodePortSubsetSize: ptr.To[int32](8),
 			VRRP: &v1alpha1.VRRP{
 				Interface:             "eth0",
 				VirtualRouterIDs:      "10-20",
@@ -444,6 +448,7 @@ func TestDeepCopy(t *testing.T) {
 	cp.Labels["env"] = "changed"
 	cp.Spec.Addresses[0] = "198.51.100.0/24"
 	*cp.Spec.AutoAssign = true
+	*cp.Spec.NodePortSubsetSize = 99
 	sa := cp.Spec.ServiceAllocation
 	sa.Priority = 99
 	sa.Namespaces[0] = "changed"

@@ -65,6 +65,10 @@ func (in *IPPoolSpec) DeepCopyInto(out *IPPoolSpec) {
 		out.ServiceAllocation = new(ServiceAllocation)
 		in.ServiceAllocation.DeepCopyInto(out.ServiceAllocation)
 	}
+	if in.NodePortSubsetSize != nil {
+		v := *in.NodePortSubsetSize
+		out.NodePortSubsetSize = &v
+	}
 	if in.VRRP != nil {
 		out.VRRP = new(VRRP)
 		in.VRRP.DeepCopyInto(out.VRRP)

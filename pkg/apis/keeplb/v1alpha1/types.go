@@ -116,8 +116,31 @@ type IPPoolSpec struct {
 	// are concerned: every speaker drops what the guard does not accept.
 	ICMPEcho ICMPEcho `json:"icmpEcho,omitempty"`
 
+	// NodePortSubsetSize is how many nodes' NodePorts each Service of the
+	// pool is forwarded to under nodeport forwarding with
+	// externalTrafficPolicy Cluster. Each Service gets its own subset of
+	// the eligible nodes, the same on every node and stable: a node joining
+	// or leaving changes only the subsets it enters or leaves. Nil means
+	// DefaultNodePortSubsetSize; 0 means every eligible node.
+	NodePortSubsetSize *int32 `json:"nodePortSubsetSize,omitempty"`
+
 	// VRRP configures how speakers announce this pool's VIPs.
 	VRRP *VRRP `json:"vrrp,omitempty"`
+}
+
+// DefaultNodePortSubsetSize is the nodes per Service of nodeport
+// forwarding when a pool does not say: enough that losing one node moves
+// a sixteenth of a Service's traffic, few enough that a node's IPVS table
+// grows with its Services, not with nodes × Services.
+const DefaultNodePortSubsetSize = 16
+
+// SubsetSize returns the pool's NodePortSubsetSize with the default
+// applied; 0 means every eligible node.
+func (s *IPPoolSpec) SubsetSize() int {
+	if s.NodePortSubsetSize == nil {
+		return DefaultNodePortSubsetSize
+	}
+	return int(max(*s.NodePortSubsetSize, 0))
 }
 
 // ServiceAllocation restricts and orders the use of a pool.
