@@ -22,6 +22,47 @@ import (
 	"slices"
 )
 
+// Score is the weight of choice (a node, or a VRID) for key (a VRRP
+// instance, or a Local address) in the VRRP plan. Every speaker must
+// compute the same scores, across versions too: changing this function
+// moves VIPs cluster-wide, and a mixed-version cluster would disagree about
+// them during a rollout.
+func Score(key, choice string) uint64 {
+	// FNV-1a 64 over key, a zero byte and choice, then the splitmix64
+	// finaliser: FNV alone spreads short, similar strings poorly.
+	h := fnvAdd(fnvAdd(fnvOffset, key)*fnvPrime, choice) // the zero byte: a bare multiply
+	h ^= h >> 30
+	h *= 0xbf58476d1ce4e5b9
+	h ^= h >> 27
+	h *= 0x94d049bb133111eb
+	h ^= h >> 31
+	return h
+}
+
+// Order orders nodes by descending Score for key; ties (never seen in
+// practice) by name.
+func Order(key string, nodes []string) []string {
+	type scored struct {
+		node string
+		s    uint64
+	}
+	sc := make([]scored, len(nodes))
+	for i, n := range nodes {
+		sc[i] = scored{n, Score(key, n)}
+	}
+	slices.SortFunc(sc, func(a, b scored) int {
+		if c := cmp.Compare(b.s, a.s); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.node, b.node)
+	})
+	out := make([]string, len(sc))
+	for i, s := range sc {
+		out[i] = s.node
+	}
+	return out
+}
+
 // Candidate is a node that Choose may choose, with the hash of its name
 // (NodeHash), computed once per node and shared by every key.
 type Candidate struct {
@@ -80,12 +121,16 @@ func Choose(svc uint64, candidates []Candidate, k int) []string {
 	return out
 }
 
+// FNV-1a 64's parameters.
+const fnvOffset, fnvPrime = 14695981039346656037, 1099511628211
+
 // fnv is 64-bit FNV-1a.
-func fnv(s string) uint64 {
-	h := uint64(14695981039346656037)
+func fnv(s string) uint64 { return fnvAdd(fnvOffset, s) }
+
+// fnvAdd continues the FNV-1a hash h over s.
+func fnvAdd(h uint64, s string) uint64 {
 	for i := range len(s) {
-		h ^= uint64(s[i])
-		h *= 1099511628211
+		h = (h ^ uint64(s[i])) * fnvPrime
 	}
 	return h
 }

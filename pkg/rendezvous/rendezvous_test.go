@@ -184,6 +184,24 @@ func TestSpreadsEvenly(t *testing.T) {
 	}
 }
 
+// TestScoresAreFrozen pins both scores: a change would move VIPs and
+// subsets cluster-wide, and speakers of two versions would disagree on
+// them during an upgrade. If this fails, the change is the bug.
+func TestScoresAreFrozen(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		got, want uint64
+	}{
+		{"Score(pool/192.0.2.1, node-a)", rendezvous.Score("pool/192.0.2.1", "node-a"), 0x79ec7fd2c8d96cc},
+		{"Score(name, x)", rendezvous.Score("name", "x"), 0x5dff7d29057f5e27},
+		{"HashedScore(ns/web, node-a)", rendezvous.HashedScore(rendezvous.KeyHash("ns/web"), rendezvous.NodeHash("node-a")), 0xa0e5fc8880f3d735},
+	} {
+		if tc.got != tc.want {
+			t.Errorf("%s = %#x, want %#x", tc.name, tc.got, tc.want)
+		}
+	}
+}
+
 func FuzzChoose(f *testing.F) {
 	f.Add("ns/web", uint8(16), uint16(40))
 	f.Add("", uint8(0), uint16(0))

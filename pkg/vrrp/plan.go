@@ -12,6 +12,7 @@ import (
 
 	"github.com/keeplb/keeplb/pkg/allocator"
 	"github.com/keeplb/keeplb/pkg/keepalived"
+	"github.com/keeplb/keeplb/pkg/rendezvous"
 )
 
 // Compute returns the cluster's VRRP plan. It is pure and deterministic: the
@@ -288,7 +289,7 @@ func (c *computer) group(p *pool, fam allocator.Family, vs []*address, nodes []N
 			if used[i] {
 				continue
 			}
-			if s := score(key, slotNames[i]); best < 0 || s > bestScore {
+			if s := rendezvous.Score(key, slotNames[i]); best < 0 || s > bestScore {
 				best, bestScore = i, s
 			}
 		}
@@ -349,7 +350,7 @@ func (c *computer) group(p *pool, fam allocator.Family, vs []*address, nodes []N
 		if !ok {
 			continue
 		}
-		order := rendezvous(p.Name+"/"+a.addr.String(), members)
+		order := rendezvous.Order(p.Name+"/"+a.addr.String(), members)
 		name := instanceName(p.Name, fs, addrName(a.addr))
 		c.plan.Instances = append(c.plan.Instances,
 			base(name, vrid, []netip.Addr{a.addr}, priorities(order, eligible, LocalTopPriority), true))
@@ -444,7 +445,7 @@ func sanitize(s string) string {
 	if clean == s && s != "" {
 		return s
 	}
-	return fmt.Sprintf("%s_%08x", clean, uint32(score("name", s)))
+	return fmt.Sprintf("%s_%08x", clean, uint32(rendezvous.Score("name", s)))
 }
 
 // addrName spells an address with '-' for '.' and ':', which no address

@@ -3,55 +3,9 @@ package vrrp
 import (
 	"cmp"
 	"slices"
+
+	"github.com/keeplb/keeplb/pkg/rendezvous"
 )
-
-// score is the rendezvous weight of choice (a node, or a VRID) for key (an
-// instance, or a Local address). Every speaker must compute the same scores,
-// across versions too: changing this function moves VIPs cluster-wide, and a
-// mixed-version cluster would disagree about them during a rollout.
-func score(key, choice string) uint64 {
-	// FNV-1a 64 over key, a zero byte and choice, then the splitmix64
-	// finaliser: FNV alone spreads short, similar strings poorly.
-	const offset, prime = 14695981039346656037, 1099511628211
-	h := uint64(offset)
-	for i := range len(key) {
-		h = (h ^ uint64(key[i])) * prime
-	}
-	h *= prime // the zero separator
-	for i := range len(choice) {
-		h = (h ^ uint64(choice[i])) * prime
-	}
-	h ^= h >> 30
-	h *= 0xbf58476d1ce4e5b9
-	h ^= h >> 27
-	h *= 0x94d049bb133111eb
-	h ^= h >> 31
-	return h
-}
-
-// rendezvous orders nodes by descending score for key; ties (never seen in
-// practice) by name.
-func rendezvous(key string, nodes []string) []string {
-	type scored struct {
-		node string
-		s    uint64
-	}
-	sc := make([]scored, len(nodes))
-	for i, n := range nodes {
-		sc[i] = scored{n, score(key, n)}
-	}
-	slices.SortFunc(sc, func(a, b scored) int {
-		if c := cmp.Compare(b.s, a.s); c != 0 {
-			return c
-		}
-		return cmp.Compare(a.node, b.node)
-	})
-	out := make([]string, len(sc))
-	for i, s := range sc {
-		out[i] = s.node
-	}
-	return out
-}
 
 // balancedOrders returns, for each of the shared instances keyed by keys, a
 // preference order over members (sorted, unique): the instance's master is
@@ -74,7 +28,7 @@ func balancedOrders(keys []string, members []string) [][]string {
 	k, n := len(keys), len(members)
 	orders := make([][]string, k)
 	for i, key := range keys {
-		orders[i] = rendezvous(key, members)
+		orders[i] = rendezvous.Order(key, members)
 	}
 	if n < 2 {
 		return orders
@@ -99,7 +53,7 @@ func balancedOrders(keys []string, members []string) [][]string {
 	for i, key := range keys {
 		scores[i] = make([]uint64, n)
 		for j, m := range members {
-			scores[i][j] = score(key, m)
+			scores[i][j] = rendezvous.Score(key, m)
 			pairs = append(pairs, pair{i, j, scores[i][j]})
 		}
 	}
