@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# bench-controller.sh measures whether keeplb's controller keeps pace with a
+# real kube-apiserver (e2e/controllerbench): 1,000 LoadBalancer Services
+# against the raw rate of 1,000 status patches, in the same run. The raw go
+# test output is kept in _output/bench-controller.txt; a markdown table of
+# it, ready for docs/benchmarks.md, goes to stdout.
+#
+#   hack/bench-controller.sh                 run it (about 2 minutes), then the table
+#   hack/bench-controller.sh --table FILE    only turn saved output into the table
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+# table reads go test -bench output of BenchmarkController and prints
+# markdown; values are found by their unit, not their column.
+table() {
+  awk '
+    function unit(u,   i) { for (i = 3; i < NF; i++) if ($(i + 1) == u) return $i; return "" }
+    function or(v, d) { return v == "" ? d : v }
+    /^goos:/ { goos = $2 }
+    /^goarch:/ { goarch = $2 }
+    /^cpu:/ { cpu = $0; sub(/^cpu: */, "", cpu) }
+    /^BenchmarkController\// {
+      name = $1; sub(/-[0-9]+$/, "", name); sub(/^BenchmarkController\//, "", name)
+      rows[++n] = name
+      t[name] = unit("ns/op"); r[name] = unit("svc/s"); x[name] = unit("x-raw")
+      w[name] = unit("writes/svc"); e[name] = unit("events/svc")
+      l[name] = unit("lost-IPAllocated"); d[name] = unit("dropped-events")
+    }
+    END {
+      if (!n) { print "no controller benchmark results found" > "/dev/stderr"; exit 1 }
+      if (goos != "") printf "Measured on %s/%s%s, 1,000 Services each.\n\n", goos, goarch, (cpu == "" ? "" : ", " cpu)
+      print "| run | time | Services/s | vs the faster raw run | writes/Service | events/Service | Services without IPAllocated | events dropped (metric) |"
+      print "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+      for (i = 1; i <= n; i++) {
+        k = rows[i]
+        printf "| %s | %.2f s | %.0f | %s | %s | %s | %s | %s |\n", k, t[k] / 1e9, r[k],
+          (x[k] == "" ? "(baseline)" : sprintf("%.3fx", x[k])), or(w[k], "-"), or(e[k], "-"), or(l[k], "-"), or(d[k], "-")
+      }
+    }
+  ' "$@"
+}
+
+if [[ ${1:-} == --table ]]; then
+  table "${2:--}"
+  exit
+fi
+
+mkdir -p _output
+dir=$(hack/tools.sh)
+echo ">> go test -bench BenchmarkController ./e2e/controllerbench/; raw output in _output/bench-controller.txt" >&2
+KEEPLB_TOOLS_DIR=$dir go test -run '^$' -bench BenchmarkController -benchtime 1x -count 1 -timeout 30m ./e2e/controllerbench/ | tee _output/bench-controller.txt >&2
+echo >&2
+table _output/bench-controller.txt
