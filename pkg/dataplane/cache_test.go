@@ -2,8 +2,10 @@ package dataplane
 
 import (
 	"fmt"
+	"maps"
 	"net/netip"
 	"reflect"
+	"slices"
 	"strconv"
 	"testing"
 	"time"
@@ -41,21 +43,7 @@ func versioned(in Inputs) Inputs {
 // each step, that the Cache gives exactly what a fresh Desired gives, and
 // recomputes only what changed.
 func TestCacheMatchesDesired(t *testing.T) {
-	in := cluster(v1alpha1.ForwardingPod)
-	older := service("a", []string{"192.0.2.1"})
-	older.CreationTimestamp = metav1.NewTime(time.Unix(50, 0))
-	in.Services = []*v1.Service{
-		older,
-		service("b", []string{"192.0.2.2"}, local),
-		service("c", []string{"192.0.2.1"}), // contests a's port 80
-		service("d", []string{"192.0.2.4"}, annotate("keeplb.io/scheduler", "nope")),
-	}
-	in.Services[1].Spec.LoadBalancerSourceRanges = []string{"198.51.100.0/24"}
-	for _, name := range []string{"a", "b", "c", "d"} {
-		in.Slices = append(in.Slices, slice(name, name+"-1", discoveryv1.AddressTypeIPv4, httpPort(8080),
-			ep{"10.1.0.1", "n1", "ready"}, ep{"10.1.0.2", "n2", "ready"}))
-	}
-	in = versioned(in)
+	in := cacheInputs()
 	ca := &Cache{}
 	rv := 1000
 	bump := func(m *metav1.ObjectMeta) { rv++; m.ResourceVersion = strconv.Itoa(rv) }
@@ -87,23 +75,56 @@ func TestCacheMatchesDesired(t *testing.T) {
 	for _, st := range steps {
 		st.change()
 		got, gotProblems := ca.Desired(in, "n1")
-		want, wantProblems := Desired(in, "n1")
-		if !got.IPVS.Equal(want.IPVS) {
-			t.Errorf("%s: cached table\n%s\nwant\n%s", st.name, got.IPVS, want.IPVS)
-		}
-		if !reflect.DeepEqual(got.SNAT, want.SNAT) || !reflect.DeepEqual(got.Owners, want.Owners) {
-			t.Errorf("%s: cached SNAT %v, owners %v; want %v, %v", st.name, got.SNAT, got.Owners, want.SNAT, want.Owners)
-		}
-		if !reflect.DeepEqual(got.Guard, want.Guard) || !reflect.DeepEqual(got.SourceRanges, want.SourceRanges) {
-			t.Errorf("%s: cached guard %+v, source ranges %v; want %+v, %v", st.name, got.Guard, got.SourceRanges, want.Guard, want.SourceRanges)
-		}
-		if !reflect.DeepEqual(gotProblems, wantProblems) {
-			t.Errorf("%s: cached problems %v; want %v", st.name, gotProblems, wantProblems)
-		}
+		sameAsDesired(t, st.name, in, got, gotProblems)
 		if ca.Misses != st.misses || ca.Hits != st.hits {
 			t.Errorf("%s: %d recomputed, %d reused; want %d, %d", st.name, ca.Misses, ca.Hits, st.misses, st.hits)
 		}
 	}
+}
+
+// cacheInputs are four Services of a pod-forwarding pool, then extra:
+// a (the oldest), b (Local, with source ranges), c (contesting a's
+// port), d (with an unknown scheduler); each with a slice of two ready
+// endpoints; versioned.
+func cacheInputs(extra ...*v1.Service) Inputs {
+	in := cluster(v1alpha1.ForwardingPod)
+	older := service("a", []string{"192.0.2.1"})
+	older.CreationTimestamp = metav1.NewTime(time.Unix(50, 0))
+	in.Services = append([]*v1.Service{
+		older,
+		service("b", []string{"192.0.2.2"}, local),
+		service("c", []string{"192.0.2.1"}), // contests a's port 80
+		service("d", []string{"192.0.2.4"}, annotate("keeplb.io/scheduler", "nope")),
+	}, extra...)
+	in.Services[1].Spec.LoadBalancerSourceRanges = []string{"198.51.100.0/24"}
+	for _, s := range in.Services {
+		in.Slices = append(in.Slices, slice(s.Name, s.Name+"-1", discoveryv1.AddressTypeIPv4, httpPort(8080),
+			ep{"10.1.0.1", "n1", "ready"}, ep{"10.1.0.2", "n2", "ready"}))
+	}
+	return versioned(in)
+}
+
+// sameAsDesired checks that got and its problems are exactly what a
+// fresh Desired gives for in on n1, and returns that.
+func sameAsDesired(t *testing.T, step string, in Inputs, got State, gotProblems []Problem) State {
+	t.Helper()
+	want, wantProblems := Desired(in, "n1")
+	if !got.IPVS.Equal(want.IPVS) {
+		t.Errorf("%s: table\n%s\nwant\n%s", step, got.IPVS, want.IPVS)
+	}
+	if !slices.Equal(got.SNAT, want.SNAT) || !reflect.DeepEqual(got.Owners, want.Owners) {
+		t.Errorf("%s: SNAT %v, owners %v; want %v, %v", step, got.SNAT, got.Owners, want.SNAT, want.Owners)
+	}
+	if !reflect.DeepEqual(got.Guard, want.Guard) || !reflect.DeepEqual(got.SourceRanges, want.SourceRanges) {
+		t.Errorf("%s: guard %+v, source ranges %v; want %+v, %v", step, got.Guard, got.SourceRanges, want.Guard, want.SourceRanges)
+	}
+	if !reflect.DeepEqual(got.kubeProxy, want.kubeProxy) {
+		t.Errorf("%s: kube-proxy ports %v; want %v", step, got.kubeProxy, want.kubeProxy)
+	}
+	if !reflect.DeepEqual(gotProblems, wantProblems) {
+		t.Errorf("%s: problems %v; want %v", step, gotProblems, wantProblems)
+	}
+	return want
 }
 
 // TestCacheWithoutVersions: objects without resourceVersions are always
@@ -145,35 +166,31 @@ func benchInputs(n int) Inputs {
 	return versioned(in)
 }
 
-// BenchmarkDesiredAndDiff10000x10 measures a sync's pure work for 10,000
-// Services of 10 endpoints each: the desired state and its diff against
-// the kernel's table (here equal to the previous desired state).
+// BenchmarkEndpointChange measures a sync's pure work, from the objects
+// an informer event changed to the IPVS diff, when one endpoint of one
+// Service flips between ready and terminating, for 1,000 and 10,000
+// Services forwarded to pods, 10 ready endpoints each, on 10 nodes,
+// objects with resourceVersions as the API server gives them:
 //
-//   - full: a first sync, or any sync without the Cache: every Service
-//     is computed.
-//   - one-endpoint: one endpoint of one Service flips between ready and
-//     terminating at each sync; the Cache recomputes that Service only,
-//     and the diff finds the one weight to change.
-func BenchmarkDesiredAndDiff10000x10(b *testing.B) {
-	in := benchInputs(10000)
-	ours := func(ipvs.Key) bool { return true }
-	b.Run("full", func(b *testing.B) {
-		cur, _ := Desired(in, "n0")
-		b.ReportAllocs()
-		for b.Loop() {
-			want, _ := Desired(in, "n0")
-			if ops := Diff(cur.IPVS, want.IPVS, ours); len(ops) != 0 {
-				b.Fatalf("%d ops; want 0", len(ops))
-			}
-		}
-	})
-	b.Run("one-endpoint", func(b *testing.B) {
-		ca := &Cache{}
-		cur, _ := ca.Desired(in, "n0")
-		s := in.Slices[5000]
+//   - full: the baseline: every Service computed (Desired, as a first
+//     sync), then the full diff against the kernel's table (here the
+//     previous desired table).
+//   - cache: Cache.Compute given every object, reusing the Services whose
+//     resourceVersions did not change, then the full diff: the speaker's
+//     sync before Update.
+//   - delta: Cache.Update given the one Service the event named, then the
+//     diff of its virtual servers against what was programmed (the
+//     diffDelta of Reconciler.SyncDelta): the speaker's sync now.
+//
+// Each op checks that the diff is the one weight change.
+func BenchmarkEndpointChange(b *testing.B) {
+	for _, n := range []int{1000, 10000} {
+		in := benchInputs(n)
+		ours := func(ipvs.Key) bool { return true }
+		i := n / 2
+		s, svc := in.Slices[i], in.Services[i]
 		rv := 1 << 20
-		b.ReportAllocs()
-		for b.Loop() {
+		flip := func() {
 			c := &s.Endpoints[3].Conditions
 			if *c.Ready {
 				*c = discoveryv1.EndpointConditions{Ready: ptr(false), Serving: ptr(true), Terminating: ptr(true)}
@@ -182,11 +199,196 @@ func BenchmarkDesiredAndDiff10000x10(b *testing.B) {
 			}
 			rv++
 			s.ResourceVersion = strconv.Itoa(rv)
-			want, _ := ca.Desired(in, "n0")
-			if ops := Diff(cur.IPVS, want.IPVS, ours); len(ops) != 1 || ca.Misses != 1 {
-				b.Fatalf("%d ops, %d recomputed; want 1, 1", len(ops), ca.Misses)
-			}
-			cur = want
 		}
-	})
+		b.Run(fmt.Sprintf("%dx10/full", n), func(b *testing.B) {
+			cur, _ := Desired(in, "n0")
+			b.ReportAllocs()
+			for b.Loop() {
+				flip()
+				want, _ := Desired(in, "n0")
+				if ops := Diff(cur.IPVS, want.IPVS, ours); len(ops) != 1 {
+					b.Fatalf("%d ops; want 1", len(ops))
+				}
+				cur = want
+			}
+		})
+		b.Run(fmt.Sprintf("%dx10/cache", n), func(b *testing.B) {
+			ca := &Cache{}
+			st, _ := ca.Desired(in, "n0")
+			cur := maps.Clone(st.IPVS)
+			b.ReportAllocs()
+			for b.Loop() {
+				flip()
+				want, _ := ca.Desired(in, "n0")
+				if ops := Diff(cur, want.IPVS, ours); len(ops) != 1 || ca.Misses != 1 {
+					b.Fatalf("%d ops, %d recomputed; want 1, 1", len(ops), ca.Misses)
+				}
+				cur = maps.Clone(want.IPVS)
+			}
+		})
+		b.Run(fmt.Sprintf("%dx10/delta", n), func(b *testing.B) {
+			ca := &Cache{}
+			st, _, _ := ca.Compute(in, "n0")
+			programmed := maps.Clone(st.IPVS)
+			b.ReportAllocs()
+			for b.Loop() {
+				flip()
+				st, _, d, _ := ca.Update(map[string]ServiceInputs{svc.Namespace + "/" + svc.Name: {Service: svc, Slices: []*discoveryv1.EndpointSlice{s}}})
+				ops, want := diffDelta(programmed, st, d)
+				if len(ops) != 1 || ops[0].Kind != UpdateReal || d.NFT {
+					b.Fatalf("%v, nftables changed %v; want one UpdateReal, no nftables change", ops, d.NFT)
+				}
+				maps.Copy(programmed, want)
+			}
+		})
+	}
+}
+
+// TestUpdateMatchesDesired changes Services and their EndpointSlices step
+// by step, tells Update which Services changed, and checks at each step
+// that it gives exactly what a full Desired gives, that it recomputed only
+// those Services, and that its Delta names every virtual server whose
+// entry changed and says whether the nftables side changed.
+func TestUpdateMatchesDesired(t *testing.T) {
+	in := cacheInputs(service("e", []string{"192.0.2.5", "2001:db8::5"}, annotate("keeplb.io/forwarding", "nodeport")))
+	older := in.Services[0]
+	byName := func(name string) *v1.Service {
+		for _, s := range in.Services {
+			if s.Name == name {
+				return s
+			}
+		}
+		return nil
+	}
+	sliceOf := func(name string) *discoveryv1.EndpointSlice {
+		for _, s := range in.Slices {
+			if s.Labels[discoveryv1.LabelServiceName] == name {
+				return s
+			}
+		}
+		return nil
+	}
+	ca := &Cache{}
+	prev, _, d := ca.Compute(in, "n1")
+	if !d.Full || !d.NFT {
+		t.Fatalf("first Compute: Delta %+v; want Full and NFT", d)
+	}
+	contested := ipvs.Key{Address: addr("192.0.2.1"), Protocol: ipvs.TCP, Port: 80}
+	if owner := prev.Owners[contested]; owner != "ns/a" {
+		t.Fatalf("%s is forwarded for %q; want the older ns/a", contested, owner)
+	}
+	prevIPVS := maps.Clone(prev.IPVS)
+	prevSNAT, prevGuard, prevRanges := prev.SNAT, prev.Guard, maps.Clone(prev.SourceRanges)
+	steps := []struct {
+		name    string
+		changed []string
+		change  func()
+		// owner is who should forward the contested port, when the step
+		// is about it.
+		owner string
+	}{
+		{"one endpoint of b terminates", []string{"b"}, func() {
+			sliceOf("b").Endpoints[0].Conditions = discoveryv1.EndpointConditions{Ready: ptr(false), Serving: ptr(true), Terminating: ptr(true)}
+		}, ""},
+		{"an endpoint joins d", []string{"d"}, func() {
+			s := sliceOf("d")
+			s.Endpoints = append(s.Endpoints, slice("d", "x", discoveryv1.AddressTypeIPv4, nil, ep{"10.1.0.3", "n3", "ready"}).Endpoints...)
+		}, ""},
+		{"an endpoint leaves d", []string{"d"}, func() {
+			s := sliceOf("d")
+			s.Endpoints = s.Endpoints[1:]
+		}, ""},
+		{"nothing changed, yet told so", []string{"a"}, func() {}, ""},
+		{"a is deleted: c takes its port", []string{"a"}, func() {
+			in.Services = slices.DeleteFunc(in.Services, func(s *v1.Service) bool { return s.Name == "a" })
+		}, "ns/c"},
+		{"a comes back, older: it takes the port again", []string{"a"}, func() { in.Services = append(in.Services, older) }, "ns/a"},
+		{"c moves to another port", []string{"c"}, func() { byName("c").Spec.Ports[0].Port = 8080 }, ""},
+		{"b's source ranges change", []string{"b"}, func() {
+			byName("b").Spec.LoadBalancerSourceRanges = []string{"198.51.100.0/25"}
+		}, ""},
+		{"d goes to kube-proxy", []string{"d"}, func() { byName("d").Annotations["keeplb.io/forwarding"] = "kube-proxy" }, ""},
+		{"a new Service f, and its slice", []string{"f"}, func() {
+			f := service("f", []string{"192.0.2.6"})
+			f.UID, f.ResourceVersion = "svc-f", "1"
+			in.Services = append(in.Services, f)
+			in.Slices = append(in.Slices, slice("f", "f-1", discoveryv1.AddressTypeIPv4, httpPort(9090), ep{"10.1.0.7", "n2", "ready"}))
+		}, ""},
+		{"e's slice goes", []string{"e"}, func() {
+			in.Slices = slices.DeleteFunc(in.Slices, func(s *discoveryv1.EndpointSlice) bool { return s.Name == "e-1" })
+		}, ""},
+		{"e is another class's now", []string{"e"}, func() { byName("e").Spec.LoadBalancerClass = ptr("other") }, ""},
+		{"two at once", []string{"b", "f"}, func() {
+			sliceOf("b").Endpoints[1].Conditions = discoveryv1.EndpointConditions{Ready: ptr(false), Serving: ptr(false), Terminating: ptr(true)}
+			byName("f").Spec.SessionAffinity = v1.ServiceAffinityClientIP
+		}, ""},
+	}
+	for _, st := range steps {
+		st.change()
+		changed := map[string]ServiceInputs{}
+		for _, name := range st.changed {
+			var si ServiceInputs
+			si.Service = byName(name)
+			for _, s := range in.Slices {
+				if s.Labels[discoveryv1.LabelServiceName] == name {
+					si.Slices = append(si.Slices, s)
+				}
+			}
+			changed["ns/"+name] = si
+		}
+		got, gotProblems, d, ok := ca.Update(changed)
+		if !ok {
+			t.Fatalf("%s: Update refused after a Compute", st.name)
+		}
+		want := sameAsDesired(t, st.name, in, got, gotProblems)
+		if ca.RealServers() != countReals(want.IPVS) {
+			t.Errorf("%s: %d real servers counted; want %d", st.name, ca.RealServers(), countReals(want.IPVS))
+		}
+		if d.Full {
+			t.Errorf("%s: Delta is Full", st.name)
+		}
+		if st.owner != "" && got.Owners[contested] != st.owner {
+			t.Errorf("%s: %s is forwarded for %q; want %q", st.name, contested, got.Owners[contested], st.owner)
+		}
+		for k := range keysOf(prevIPVS, got.IPVS) {
+			if !prevIPVS[k].Equal(got.IPVS[k]) && !slices.Contains(d.Virtuals, k) {
+				t.Errorf("%s: %s changed, but the Delta names only %v", st.name, k, d.Virtuals)
+			}
+		}
+		nftChanged := !slices.Equal(prevSNAT, got.SNAT) || !reflect.DeepEqual(prevGuard, got.Guard) || !reflect.DeepEqual(prevRanges, got.SourceRanges)
+		if nftChanged && !d.NFT {
+			t.Errorf("%s: masquerading, guard or source ranges changed, but the Delta says not", st.name)
+		}
+		if !nftChanged && d.NFT && st.name == "one endpoint of b terminates" {
+			t.Errorf("%s: the Delta says the nftables side changed; it did not", st.name)
+		}
+		prevIPVS, prevSNAT, prevGuard, prevRanges = maps.Clone(got.IPVS), got.SNAT, got.Guard, maps.Clone(got.SourceRanges)
+	}
+}
+
+// TestUpdateNeedsCompute: Update has no Nodes or pools to work with before
+// a Compute.
+func TestUpdateNeedsCompute(t *testing.T) {
+	if _, _, _, ok := (&Cache{}).Update(map[string]ServiceInputs{"ns/a": {}}); ok {
+		t.Error("Update before any Compute succeeded; want false")
+	}
+}
+
+func countReals(t ipvs.Table) int {
+	n := 0
+	for _, e := range t {
+		n += len(e.Reals)
+	}
+	return n
+}
+
+func keysOf(a, b ipvs.Table) map[ipvs.Key]bool {
+	out := map[ipvs.Key]bool{}
+	for k := range a {
+		out[k] = true
+	}
+	for k := range b {
+		out[k] = true
+	}
+	return out
 }

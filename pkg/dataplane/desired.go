@@ -195,21 +195,8 @@ func newComputer(in Inputs, node string) *computer {
 	return c
 }
 
-// sortedServices returns the Services oldest first: the older Service
-// keeps a contested port.
-func sortedServices(in []*v1.Service) []*v1.Service {
-	svcs := slices.Clone(in)
-	slices.SortFunc(svcs, func(a, b *v1.Service) int {
-		if c := a.CreationTimestamp.Compare(b.CreationTimestamp.Time); c != 0 {
-			return c
-		}
-		return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name)
-	})
-	return svcs
-}
-
 // part computes one Service's share of the desired state on its own, as
-// if no other Service existed: merge settles contested ports.
+// if no other Service existed: the Cache settles contested ports.
 func (c *computer) part(svc *v1.Service) part {
 	saved, savedProblems := c.st, c.problems
 	c.st = State{IPVS: ipvs.Table{}, Owners: map[ipvs.Key]string{}, SourceRanges: map[ipvs.Key][]netip.Prefix{}, kubeProxy: map[ipvs.Key]bool{}}
@@ -236,45 +223,6 @@ func (c *computer) part(svc *v1.Service) part {
 	p.snat = c.st.SNAT
 	c.st, c.problems = saved, savedProblems
 	return p
-}
-
-// merge adds a Service's part to the state, in Service order: a port
-// another Service took first is a problem, not a virtual server.
-func (c *computer) merge(svc *v1.Service, p part) {
-	key := svc.Namespace + "/" + svc.Name
-	c.problems = append(c.problems, p.problems...)
-	for _, k := range p.kubeProxy {
-		c.st.kubeProxy[k] = true
-	}
-	var skip map[ipvs.Key]bool // rare: allocated only for a contested port
-	for _, e := range p.entries {
-		k := e.entry.Virtual.Key()
-		if owner, taken := c.st.Owners[k]; taken {
-			c.problem(svc, "spec.ports["+e.port+"]", "%s is already forwarded for %s; this port is not forwarded", k, owner)
-			if skip == nil {
-				skip = map[ipvs.Key]bool{}
-			}
-			skip[k] = true
-			continue
-		}
-		c.st.IPVS[k] = e.entry
-		c.st.Owners[k] = key
-		if e.filtered {
-			c.st.SourceRanges[k] = e.ranges
-		}
-	}
-	c.st.Guard.VIPs = append(c.st.Guard.VIPs, p.guard.VIPs...)
-	c.st.Guard.Ports = append(c.st.Guard.Ports, p.guard.Ports...)
-	c.st.Guard.Echo = append(c.st.Guard.Echo, p.guard.Echo...)
-	if skip == nil {
-		c.st.SNAT = append(c.st.SNAT, p.snat...)
-		return
-	}
-	for _, sn := range p.snat {
-		if !skip[sn.Virtual] {
-			c.st.SNAT = append(c.st.SNAT, sn)
-		}
-	}
 }
 
 func (c *computer) ours(svc *v1.Service) bool {

@@ -83,6 +83,17 @@ type Reconciler struct {
 	programmed ipvs.Table
 	ipv6Ready  bool // ipv6Sysctls hold
 
+	// clean is set while the last sync succeeded in whole, and base and
+	// baseGen say which Cache's State it brought the kernel to (nil after
+	// a plain Sync): SyncDelta may then change only what a Delta names.
+	clean   bool
+	base    *Cache
+	baseGen uint64
+	// foreign are the virtual servers the last dump found in the pools
+	// that were neither programmed nor wanted (see Report.Foreign),
+	// sorted.
+	foreign []ipvs.Key
+
 	// nftApplied is the text of the last transaction run successfully: a
 	// sync that renders the same text skips running nft. Cleared by Exit
 	// and by a failed run.
@@ -165,6 +176,12 @@ type Report struct {
 // Without IPVS only the VIP port guard is written: nothing is forwarded,
 // so nothing is masqueraded or filtered, but the node may hold VIPs.
 func (r *Reconciler) Sync(ctx context.Context, st State) (Report, error) {
+	rep, err := r.sync(ctx, st)
+	r.clean, r.base = err == nil, nil
+	return rep, err
+}
+
+func (r *Reconciler) sync(ctx context.Context, st State) (Report, error) {
 	var rep Report
 	if r.k.IPVS == nil {
 		if err := r.writeNFT(ctx, nft.Rules{Guard: st.Guard}, nil); err != nil {
@@ -204,25 +221,145 @@ func (r *Reconciler) Sync(ctx context.Context, st State) (Report, error) {
 		}
 	}
 	r.mu.Unlock()
-	rep.Result, rep.Foreign = res, foreign
-	if err != nil {
-		errs = append(errs, err)
-	}
-	// What the kernel refused is told to the Services it belongs to.
-	for _, k := range slices.SortedFunc(maps.Keys(res.Errors), ipvs.Key.Compare) {
-		if owner, ok := st.Owners[k]; ok {
-			rep.Problems = append(rep.Problems, KernelProblem(r.node, owner, st.IPVS[k].Virtual, res.Errors[k]))
-		}
-	}
-	if err = errors.Join(errs...); err != nil {
-		rep.IPVSFailed = true
-		err = fmt.Errorf("IPVS sync: %w", err)
-	}
+	rep.Foreign = foreign
+	err = r.outcome(&rep, st, res, append(errs, err))
 	if nftErr := r.writeNFT(ctx, rules, nil); nftErr != nil {
 		rep.NFTFailures++
 		err = errors.Join(err, nftErr)
 	}
 	return rep, errors.Join(preErr, err, r.nftInvalid)
+}
+
+// SyncDelta brings the kernel to st as Sync does, but, when it may, only
+// for the virtual servers d names: no dump, a diff of those virtual
+// servers against what this Reconciler programmed, and only their
+// changes, so that its work grows with what changed. keeplb's nftables
+// table is written around the changes, as in Sync, only when d says the
+// masquerading, source ranges or guard changed.
+//
+// It runs Sync instead (one dump of the whole scope, then the full diff)
+// when d is Full; when it does not follow the State of the last sync (of
+// another Cache, or a State in between was not synced); when the last
+// sync failed in any way (so a failure is always followed by a full
+// sync); without nftables, or when writing the table fails (Sync then
+// withholds what it must); when a virtual server this Reconciler
+// programmed leaves keeplb's ownership (Sync checks whether another
+// program took it); and when one it is to create was foreign at the last
+// dump (Sync adopts it). A virtual server it programmed that no Service
+// wants any more, but that is still keeplb's, is deleted as remembered.
+//
+// The kernel can change behind its back (an operator, another program):
+// the caller still runs a full Sync now and then.
+func (r *Reconciler) SyncDelta(ctx context.Context, st State, d Delta) (Report, error) {
+	var rep Report
+	var err error
+	if r.incremental(st, d) {
+		rep, err = r.syncDelta(ctx, st, d)
+	} else {
+		rep, err = r.sync(ctx, st)
+	}
+	r.clean, r.base, r.baseGen = err == nil, d.cache, d.gen
+	return rep, err
+}
+
+// incremental reports whether SyncDelta may change only what d names.
+func (r *Reconciler) incremental(st State, d Delta) bool {
+	if d.Full || d.cache == nil || d.cache != r.base || d.gen != r.baseGen+1 || !r.clean || r.k.IPVS == nil || r.k.NFT == nil {
+		return false
+	}
+	for _, k := range d.Virtuals {
+		_, was := r.programmed[k]
+		_, want := st.IPVS[k]
+		switch {
+		case was && !st.Owns(k):
+			return false
+		case !was && want:
+			if _, found := slices.BinarySearchFunc(r.foreign, k, ipvs.Key.Compare); found {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// syncDelta is SyncDelta's own path; see there.
+func (r *Reconciler) syncDelta(ctx context.Context, st State, d Delta) (Report, error) {
+	var rep Report
+	ops, desired := diffDelta(r.programmed, st, d)
+	rules := nft.Rules{SNAT: st.SNAT, SourceRanges: st.SourceRanges, Guard: st.Guard}
+	var errs []error
+	if err := r.ensureIPv6(desired); err != nil {
+		errs = append(errs, err)
+	}
+	if d.NFT {
+		if err := r.writeNFT(ctx, rules, r.snatApplied); err != nil {
+			full, ferr := r.sync(ctx, st)
+			full.NFTFailures++
+			return full, errors.Join(err, ferr)
+		}
+	}
+	r.mu.Lock()
+	res, err := Apply(r.k.IPVS, ops)
+	r.clearUDP(ctx, res.Removed)
+	for _, k := range d.Virtuals {
+		if _, failed := res.Errors[k]; failed {
+			continue // as it was: the full sync that follows sorts it out
+		}
+		if e, ok := desired[k]; ok {
+			r.programmed[k] = e
+			r.owners[k] = st.Owners[k]
+		} else {
+			delete(r.programmed, k)
+			delete(r.owners, k)
+		}
+	}
+	r.mu.Unlock()
+	rep.Foreign = r.foreign
+	err = r.outcome(&rep, st, res, append(errs, err))
+	if d.NFT {
+		if nftErr := r.writeNFT(ctx, rules, nil); nftErr != nil {
+			rep.NFTFailures++
+			err = errors.Join(err, nftErr)
+		}
+	}
+	return rep, errors.Join(err, r.nftInvalid)
+}
+
+// outcome puts an IPVS apply's result in rep, what the kernel refused
+// as problems of the Services it belongs to, and returns the sync's IPVS
+// error, errs joined.
+func (r *Reconciler) outcome(rep *Report, st State, res Result, errs []error) error {
+	rep.Result = res
+	for _, k := range slices.SortedFunc(maps.Keys(res.Errors), ipvs.Key.Compare) {
+		if owner, ok := st.Owners[k]; ok {
+			rep.Problems = append(rep.Problems, KernelProblem(r.node, owner, st.IPVS[k].Virtual, res.Errors[k]))
+		}
+	}
+	err := errors.Join(errs...)
+	if err != nil {
+		rep.IPVSFailed = true
+		err = fmt.Errorf("IPVS sync: %w", err)
+	}
+	return err
+}
+
+// diffDelta is the diff SyncDelta applies: the virtual servers d names,
+// from what was programmed to what st wants of them (those keeplb owns).
+// It returns the wanted entries too, for what to remember. It is pure and
+// walks only what d names.
+func diffDelta(programmed ipvs.Table, st State, d Delta) ([]Op, ipvs.Table) {
+	named := make(map[ipvs.Key]bool, len(d.Virtuals))
+	desired, current := ipvs.Table{}, ipvs.Table{}
+	for _, k := range d.Virtuals {
+		named[k] = true
+		if e, ok := st.IPVS[k]; ok && st.Owns(k) {
+			desired[k] = e
+		}
+		if e, ok := programmed[k]; ok {
+			current[k] = e
+		}
+	}
+	return Diff(current, desired, func(k ipvs.Key) bool { return named[k] }), desired
 }
 
 // Exit deletes what this Reconciler programmed (adopted virtual servers
@@ -236,6 +373,7 @@ func (r *Reconciler) Exit(ctx context.Context, owns func(ipvs.Key) bool) (Report
 		r.mu.Lock()
 		rep.Result, rep.Foreign, err = r.apply(ctx, ipvs.Table{}, func(ipvs.Key) bool { return false }, owns)
 		r.owners = nil
+		r.clean = false
 		r.mu.Unlock()
 		if err != nil {
 			err = fmt.Errorf("remove IPVS virtual servers: %w", err)
@@ -299,7 +437,8 @@ func (r *Reconciler) writeNFT(ctx context.Context, rules nft.Rules, keep []nft.S
 	r.guardTable = true
 	r.guardMu.Unlock()
 	r.nftFailed = false
-	r.nftApplied, r.snatApplied, r.rangesApplied = text, rules.SNAT, rules.SourceRanges
+	// A Cache changes its State's maps in place at its next call.
+	r.nftApplied, r.snatApplied, r.rangesApplied = text, rules.SNAT, maps.Clone(rules.SourceRanges)
 	klog.FromContext(ctx).V(2).Info("nftables table written", "snat", len(rules.SNAT), "sourceRanges", len(rules.SourceRanges))
 	return nil
 }
@@ -335,6 +474,7 @@ func (r *Reconciler) apply(ctx context.Context, desired ipvs.Table, adopt, poole
 		return Result{}, nil, err
 	}
 	slices.SortFunc(foreign, ipvs.Key.Compare)
+	r.foreign = foreign
 	taken := map[ipvs.Key]bool{}
 	for k, e := range current {
 		if prev, before := r.programmed[k]; before && !adopt(k) && !e.Equal(prev) {
