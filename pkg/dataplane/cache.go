@@ -92,8 +92,9 @@ func (p *part) before(o *part) bool {
 // before.
 type Delta struct {
 	// Full is set when anything may have changed: the Cache's first
-	// State, or one after the Nodes, the pools, this node or the class
-	// changed.
+	// State. (After the Nodes, the pools, this node or the class changed,
+	// Virtuals names every virtual server of both States.) A caller may
+	// set it to have Reconciler.SyncDelta read the whole table.
 	Full bool
 	// Virtuals are, unless Full, the virtual servers whose entry in
 	// State.IPVS may have changed (added, changed or gone), sorted.
@@ -123,20 +124,26 @@ func (ca *Cache) Desired(in Inputs, node string) (State, []Problem) {
 
 // Compute is the package's Desired, reusing the parts of Services whose
 // inputs are unchanged since the last call (by resourceVersion), and
-// starting over when the Nodes, the pools, node or the class changed. It
-// reads every object it is given.
+// recomputing every part when the Nodes, the pools, node or the class
+// changed. It reads every object it is given.
 func (ca *Cache) Compute(in Inputs, node string) (State, []Problem, Delta) {
 	c := newComputer(in, node)
 	g := globalKey(in, node)
-	full := g == "" || g != ca.global || ca.c == nil
-	if full {
+	first := ca.c == nil
+	t := newTouched()
+	if g == "" || g != ca.global || first {
+		// Every part is recomputed, and every virtual server of the
+		// last State and of this one may have changed.
+		for k := range ca.st.IPVS {
+			t.virtuals[k] = true
+		}
+		t.snat, t.guard, t.rngs = true, true, true
 		ca.reset(c)
 	}
 	ca.global = g
 	c.in.Services, c.in.Slices = nil, nil // not needed past here: let them go
 	ca.c = c
 	ca.Hits, ca.Misses = 0, 0
-	t := newTouched()
 	seen := make(map[string]bool, len(in.Services))
 	for _, svc := range in.Services {
 		if !c.ours(svc) {
@@ -157,7 +164,7 @@ func (ca *Cache) Compute(in Inputs, node string) (State, []Problem, Delta) {
 			ca.replace(key, nil, t)
 		}
 	}
-	return ca.finish(t, full)
+	return ca.finish(t, first)
 }
 
 // Update recomputes the Services in changed (keyed "namespace/name") from

@@ -209,3 +209,42 @@ func mustDesired(in Inputs) State {
 	st, _ := Desired(in, "n0")
 	return st
 }
+
+// TestSyncDeltaAfterGlobalChange: when the pools or the Nodes change,
+// Compute recomputes every Service and its Delta names every virtual
+// server; SyncDelta diffs them against what it programmed, with no dump.
+// A pool deleted takes its virtual servers out of keeplb's ownership: that
+// is the full sync's.
+func TestSyncDeltaAfterGlobalChange(t *testing.T) {
+	g := newDeltaRig(t, 20)
+	g.in.Pools[0].Spec.Forwarding = v1alpha1.ForwardingNodePort
+	g.in.Pools[0].ResourceVersion = "changed"
+	st, _, d := g.ca.Compute(g.in, "n0")
+	if d.Full || len(d.Virtuals) != 20 || !d.NFT {
+		t.Fatalf("Delta after the pool changed: Full %v, %d virtual servers, NFT %v; want every one of 20 and NFT, not Full", d.Full, len(d.Virtuals), d.NFT)
+	}
+	g.fake.ResetCalls()
+	if _, err := g.r.SyncDelta(t.Context(), st, d); err != nil {
+		t.Fatal(err)
+	}
+	calls := g.fake.Calls()
+	if slices.ContainsFunc(calls, func(c ipvstesting.Call) bool { return !c.IsWrite() }) {
+		t.Errorf("the kernel was read: %v", calls)
+	}
+	if want := mustDesired(g.in); !g.fake.Table().Equal(want.IPVS) {
+		t.Errorf("after the pool changed to nodeport, the kernel's table differs from a full computation's")
+	}
+
+	g.in.Pools = nil
+	st, _, d = g.ca.Compute(g.in, "n0")
+	g.fake.ResetCalls()
+	if _, err := g.r.SyncDelta(t.Context(), st, d); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.ContainsFunc(g.fake.Calls(), func(c ipvstesting.Call) bool { return c.Method == "VirtualServers" }) {
+		t.Errorf("virtual servers leaving keeplb with their pool were deleted without the full sync's check: %v", g.fake.Calls())
+	}
+	if len(g.fake.Table()) != 0 {
+		t.Errorf("the deleted pool's virtual servers stayed:\n%s", g.fake.Table())
+	}
+}
