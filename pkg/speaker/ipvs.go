@@ -100,36 +100,45 @@ func newIPVSStep(o *Options, k Kernel, m *metrics.Speaker, recorder record.Event
 	return d
 }
 
-// compute returns this node's desired dataplane state, with the problems
-// found. Without IPVS only its guard is written.
-func (d *ipvsStep) compute(in dataplane.Inputs) (dataplane.State, []dataplane.Problem) {
-	return d.desired.Desired(in, d.node)
+// compute returns this node's desired dataplane state from every object,
+// with the problems found and how it differs from the last one. Without
+// IPVS only its guard is written.
+func (d *ipvsStep) compute(in dataplane.Inputs) (dataplane.State, []dataplane.Problem, dataplane.Delta) {
+	return d.desired.Compute(in, d.node)
 }
 
-// apply brings this node's dataplane to st (computed from in) and reports
-// problems, st's and the kernel's.
-func (d *ipvsStep) apply(ctx context.Context, in dataplane.Inputs, st dataplane.State, problems []dataplane.Problem) error {
+// update returns this node's desired dataplane state after the Services
+// in changed changed, recomputing those alone (see dataplane.Cache.Update).
+// Only after a compute.
+func (d *ipvsStep) update(changed map[string]dataplane.ServiceInputs) (dataplane.State, []dataplane.Problem, dataplane.Delta) {
+	st, problems, delta, ok := d.desired.Update(changed)
+	if !ok {
+		panic("speaker: the forwarding step's update before its first compute") // observe makes the first sync full
+	}
+	return st, problems, delta
+}
+
+// apply brings this node's dataplane to st, changing what delta names
+// (see dataplane.Reconciler.SyncDelta), and reports problems, st's and the
+// kernel's, on the Services service looks up.
+func (d *ipvsStep) apply(ctx context.Context, service func(string) *v1.Service, st dataplane.State, problems []dataplane.Problem, delta dataplane.Delta) error {
 	start := time.Now()
 	if d.noIPVS {
-		d.warnUnavailable(in, st)
+		d.warnUnavailable(service, st)
 	}
-	rep, err := d.r.Sync(ctx, st)
+	rep, err := d.r.SyncDelta(ctx, st, delta)
 	d.metrics.NFTSyncErrors.Add(float64(rep.NFTFailures))
 	if d.noIPVS || d.guardOnly {
 		return err
 	}
 	d.reportForeign(ctx, rep.Foreign)
-	d.report(ctx, in, append(problems, rep.Problems...))
+	d.report(ctx, service, append(problems, rep.Problems...))
 	if res := rep.Result; res.Changes() > 0 || res.Failed > 0 {
 		klog.FromContext(ctx).V(2).Info("IPVS table changed", "result", res)
 	}
 	d.metrics.IPVSSyncDuration.Observe(time.Since(start).Seconds())
-	reals := 0
-	for _, e := range st.IPVS {
-		reals += len(e.Reals)
-	}
 	d.metrics.IPVSVirtualServers.Set(float64(len(st.IPVS)))
-	d.metrics.IPVSRealServers.Set(float64(reals))
+	d.metrics.IPVSRealServers.Set(float64(d.desired.RealServers()))
 	if rep.IPVSFailed {
 		d.metrics.IPVSSyncErrors.Inc()
 	}
@@ -209,7 +218,7 @@ func (d *ipvsStep) stats() []metrics.VirtualServerStats {
 
 // report logs the dataplane's problems, and records a Warning event on the
 // Service of each, once while it lasts.
-func (d *ipvsStep) report(ctx context.Context, in dataplane.Inputs, problems []dataplane.Problem) {
+func (d *ipvsStep) report(ctx context.Context, service func(string) *v1.Service, problems []dataplane.Problem) {
 	logger := klog.FromContext(ctx)
 	for _, p := range problems {
 		if !d.problems.fresh(p.String()) {
@@ -219,7 +228,7 @@ func (d *ipvsStep) report(ctx context.Context, in dataplane.Inputs, problems []d
 		if d.recorder == nil {
 			continue
 		}
-		if svc := serviceByKey(in, p.Service); svc != nil {
+		if svc := service(p.Service); svc != nil {
 			d.recorder.Eventf(svc, v1.EventTypeWarning, EventForwardingProblem, "%s: %s", p.Field, p.Message)
 		}
 	}
@@ -231,7 +240,7 @@ func (d *ipvsStep) report(ctx context.Context, in dataplane.Inputs, problems []d
 // it may hold, not forwarded by kube-proxy) that has not had one from this
 // process yet. Once per Service, not per sync: the condition lasts until
 // the speaker restarts, and repeating it would only add noise.
-func (d *ipvsStep) warnUnavailable(in dataplane.Inputs, st dataplane.State) {
+func (d *ipvsStep) warnUnavailable(service func(string) *v1.Service, st dataplane.State) {
 	if d.recorder == nil {
 		return
 	}
@@ -239,7 +248,7 @@ func (d *ipvsStep) warnUnavailable(in dataplane.Inputs, st dataplane.State) {
 		if d.unavailableWarned[owner] {
 			continue
 		}
-		svc := serviceByKey(in, owner)
+		svc := service(owner)
 		if svc == nil {
 			continue
 		}

@@ -1109,8 +1109,10 @@ func TestIPVSStepExportsStats(t *testing.T) {
 	}
 }
 
-// syncAll is the forwarding step's share of one sync: compute, then apply.
+// syncAll is the forwarding step's share of one full sync: compute from
+// every object, then apply, reading the whole table.
 func (d *ipvsStep) syncAll(ctx context.Context, in dataplane.Inputs) error {
-	st, problems := d.compute(in)
-	return d.apply(ctx, in, st, problems)
+	st, problems, delta := d.compute(in)
+	delta.Full = true
+	return d.apply(ctx, func(key string) *v1.Service { return serviceByKey(in, key) }, st, problems, delta)
 }

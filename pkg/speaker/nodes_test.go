@@ -194,7 +194,7 @@ func TestObserveMetrics(t *testing.T) {
 		Pools:    []*v1alpha1.IPPool{ippool("p", []string{"192.0.2.0/24"}, nil)},
 		Services: []*v1.Service{lbService("ns", "web", "192.0.2.1", false, nil)}}
 	pin, _ := PlanInput(in)
-	s.reportObserved(t.Context(), in, desired{plan: vrrp.Compute(pin)}, s.dp.canForward())
+	s.reportObserved(t.Context(), in, desired{vrrpDesired: vrrpDesired{plan: vrrp.Compute(pin)}}, s.dp.canForward())
 	if v := metric(t, m, `keeplb_vrrp_fail_static{pool="p"}`); v != 1 {
 		t.Errorf("vrrp_fail_static{pool=p} = %v with 2 of 3 nodes NotReady, want 1", v)
 	}
@@ -203,7 +203,7 @@ func TestObserveMetrics(t *testing.T) {
 	}
 	nodes[1].Status.Conditions[0].Status = v1.ConditionTrue
 	pin, _ = PlanInput(in)
-	s.reportObserved(t.Context(), in, desired{plan: vrrp.Compute(pin)}, s.dp.canForward())
+	s.reportObserved(t.Context(), in, desired{vrrpDesired: vrrpDesired{plan: vrrp.Compute(pin)}}, s.dp.canForward())
 	if v := metric(t, m, `keeplb_vrrp_fail_static{pool="p"}`); v != -1 {
 		t.Errorf("vrrp_fail_static{pool=p} = %v with 1 of 3 nodes NotReady, want no series", v)
 	}

@@ -68,6 +68,11 @@ const EventVIPAcquired = "VIPAcquired"
 // node, until the problem goes away.
 const EventVRRPConfigProblem = "VRRPConfigProblem"
 
+// resyncPeriod is the longest time between two syncs, and between two
+// syncs that compute everything and read the whole IPVS table: the safety
+// net under the syncs that recompute only what the informers saw change.
+const resyncPeriod = 5 * time.Minute
+
 // keepalivedStartGrace is how long keepalived may take to start after the
 // caches synced (the first sync, then the start) before /healthz fails.
 const keepalivedStartGrace = 30 * time.Second
@@ -184,6 +189,19 @@ type Speaker struct {
 	// observes.
 	statesMu sync.Mutex
 	states   map[string]keepalived.State
+
+	// pending are the informers' changes not synced yet; lastResync is
+	// when the last sync ran that computed everything and read the whole
+	// IPVS table.
+	pending    pending
+	lastResync time.Time
+	// lastLinks and lastStates are what the last sync observed of the
+	// node's links and keepalived's states, and lastVRRP what it computed
+	// of VRRP: a sync whose changes cannot change the VRRP step's inputs
+	// reuses it (see observe).
+	lastLinks  []hostnet.Link
+	lastStates map[string]keepalived.State
+	lastVRRP   *vrrpDesired
 }
 
 // newSpeaker assembles a speaker, whole: its informers, its forwarding
@@ -198,18 +216,23 @@ func newSpeaker(o *Options, client kubernetes.Interface, dyn dynamic.Interface, 
 	s.slices = s.factory.Discovery().V1().EndpointSlices().Informer()
 	s.nodes = s.factory.Core().V1().Nodes().Informer()
 	s.poolInf = s.dynFactory.ForResource(v1alpha1.IPPoolResource).Informer()
-	s.runner = runner.New(s.sync, o.MinSyncInterval, time.Second, 5*time.Minute)
+	// Indexers must be in place before the informers start.
+	if err := s.slices.AddIndexers(cache.Indexers{serviceIndex: indexByService}); err != nil {
+		panic(err) // only when the informer runs, or the index exists: neither can happen here
+	}
+	s.runner = runner.New(s.sync, o.MinSyncInterval, time.Second, resyncPeriod)
 	return s
 }
 
 func (s *Speaker) run(ctx context.Context) error {
 	logger := klog.FromContext(ctx)
-	for _, inf := range []cache.SharedIndexInformer{s.services, s.slices, s.nodes, s.poolInf} {
-		if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-			AddFunc:    func(any) { s.runner.Trigger() },
-			UpdateFunc: func(any, any) { s.runner.Trigger() },
-			DeleteFunc: func(any) { s.runner.Trigger() },
-		}); err != nil {
+	// A Node or IPPool change reaches every Service's state: the sync
+	// after it computes everything.
+	everything := func(any) { s.pending.everything() }
+	for inf, record := range map[cache.SharedIndexInformer]func(any){
+		s.services: s.pending.service, s.slices: s.pending.slice, s.nodes: everything, s.poolInf: everything,
+	} {
+		if _, err := inf.AddEventHandler(handlers(record, s.runner.Trigger)); err != nil {
 			return err
 		}
 	}
@@ -303,14 +326,22 @@ func (s *Speaker) refreshProcessMetrics() {
 	s.metrics.KeepalivedUp.Set(up)
 }
 
+// collect lists every object of the informers' caches.
 func (s *Speaker) collect() dataplane.Inputs {
-	in := dataplane.Inputs{Class: s.opts.LoadBalancerClass, DefaultClass: s.opts.DefaultClass}
+	in := s.collectGlobal()
 	for _, o := range s.services.GetStore().List() {
 		in.Services = append(in.Services, o.(*v1.Service))
 	}
 	for _, o := range s.slices.GetStore().List() {
 		in.Slices = append(in.Slices, o.(*discoveryv1.EndpointSlice))
 	}
+	return in
+}
+
+// collectGlobal lists the Nodes and IPPools alone, with the class rule:
+// what every Service's state depends on.
+func (s *Speaker) collectGlobal() dataplane.Inputs {
+	in := dataplane.Inputs{Class: s.opts.LoadBalancerClass, DefaultClass: s.opts.DefaultClass}
 	for _, o := range s.nodes.GetStore().List() {
 		in.Nodes = append(in.Nodes, o.(*v1.Node))
 	}
@@ -320,6 +351,33 @@ func (s *Speaker) collect() dataplane.Inputs {
 		}
 	}
 	return in
+}
+
+// changedInputs reads from the informers' caches the objects of the
+// Services named, with their EndpointSlices: a gone Service has none.
+func (s *Speaker) changedInputs(keys map[string]bool) map[string]dataplane.ServiceInputs {
+	out := make(map[string]dataplane.ServiceInputs, len(keys))
+	for key := range keys {
+		var si dataplane.ServiceInputs
+		if o, ok, err := s.services.GetStore().GetByKey(key); err == nil && ok {
+			si.Service = o.(*v1.Service)
+		}
+		objs, _ := s.slices.GetIndexer().ByIndex(serviceIndex, key)
+		for _, o := range objs {
+			si.Slices = append(si.Slices, o.(*discoveryv1.EndpointSlice))
+		}
+		out[key] = si
+	}
+	return out
+}
+
+// lookupService returns the Service "namespace/name" from the informer's
+// cache, or nil: what an event goes on.
+func (s *Speaker) lookupService(key string) *v1.Service {
+	if o, ok, err := s.services.GetStore().GetByKey(key); err == nil && ok {
+		return o.(*v1.Service)
+	}
+	return nil
 }
 
 // removeVIPs removes from this node every host address that lies in one of

@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
+	"reflect"
 	"slices"
 	"strconv"
 	"time"
 
+	v1 "k8s.io/api/core/v1"
 	"k8s.io/klog/v2"
 
 	"github.com/keeplb/keeplb/pkg/dataplane"
@@ -22,20 +24,47 @@ import (
 // observed is what one sync reads before it computes anything: the
 // informers' objects, the node's links, and keepalived's last reported
 // state of each instance (from the notify FIFO).
+//
+// A sync reads only what it needs. When full, in holds every object, and
+// everything is computed; resync says to read the whole IPVS table too.
+// Otherwise changed holds the Services the informers saw change, with
+// their EndpointSlices, and the forwarding state is updated for those
+// alone; in then holds every object only when the VRRP step's inputs may
+// have changed too (plan), and the Nodes and IPPools alone when not.
 type observed struct {
-	in     dataplane.Inputs
-	links  []hostnet.Link
-	states map[string]keepalived.State
+	in      dataplane.Inputs
+	full    bool
+	resync  bool
+	changed map[string]dataplane.ServiceInputs
+	plan    bool
+	links   []hostnet.Link
+	states  map[string]keepalived.State
+	// service looks a Service up in the informer's cache, for the events
+	// about it.
+	service func(key string) *v1.Service
 }
 
 // desired is everything this node should have after one sync, as compute
 // gives it from an observed state alone.
 type desired struct {
 	// forwarding is the dataplane's State (IPVS table, nftables rules),
-	// and forwardingProblems what it cannot do as asked.
+	// forwardingProblems what it cannot do as asked, and forwardingDelta
+	// how it differs from the last sync's.
 	forwarding         dataplane.State
 	forwardingProblems []dataplane.Problem
+	forwardingDelta    dataplane.Delta
 
+	vrrpDesired
+	// reused says vrrpDesired is the last sync's: its inputs did not
+	// change.
+	reused bool
+
+	// ignoredAddrs are the Nodes' InternalIPs that nodeview leaves out.
+	ignoredAddrs map[string][]nodeview.Ignored
+}
+
+// vrrpDesired is the VRRP step's share of desired.
+type vrrpDesired struct {
 	// plan is the cluster's VRRP plan, the same on every node, and owners
 	// maps each VIP to the Services using it.
 	plan   vrrp.Plan
@@ -52,9 +81,6 @@ type desired struct {
 	// forward: only applying the forwarding state tells which holds.
 	track map[bool]map[string]int
 
-	// ignoredAddrs are the Nodes' InternalIPs that nodeview leaves out.
-	ignoredAddrs map[string][]nodeview.Ignored
-
 	// claims are the VIPs this node masters, by Service, for the holder
 	// annotations; vipStates the keeplb_vrrp_state value of each VIP of
 	// this node's instances.
@@ -69,22 +95,31 @@ func (s *Speaker) sync(ctx context.Context) (err error) {
 	defer func() {
 		// The runner retries a failed sync; this says why it had to.
 		if err != nil {
+			// What this sync took of the changes is not lost: the next
+			// one computes everything. (After a failure of its own, the
+			// Reconciler reads the whole IPVS table again, too.)
+			s.pending.everything()
 			logger.Error(err, "Sync failed; retrying, less often while it keeps failing, and at once on any change")
 		} else {
 			s.metrics.LastSyncSuccess.SetToCurrentTime()
 		}
 	}()
-	obs, err := s.observe()
+	obs, err := s.observe(s.pending.take(), time.Now())
 	if err != nil {
 		return err
 	}
 	return s.apply(ctx, obs, s.compute(obs))
 }
 
-// observe reads the state a sync starts from. Only reading the node's
-// links can fail.
-func (s *Speaker) observe() (observed, error) {
-	obs := observed{in: s.collect()}
+// observe reads the state a sync starts from, given what the informers
+// saw change: everything when ch says so (a Node or an IPPool changed, or
+// the last sync failed) or resyncPeriod has passed since the last resync
+// (which reads the whole IPVS table too), else only the Services that
+// changed, and every object only when the VRRP step's inputs may have
+// changed (a Service object, the endpoints of a Local Service, the node's
+// links or keepalived's states). Only reading the node's links can fail.
+func (s *Speaker) observe(ch changes, now time.Time) (observed, error) {
+	obs := observed{service: s.lookupService}
 	links, err := s.net.Links()
 	if err != nil {
 		return observed{}, err
@@ -93,29 +128,68 @@ func (s *Speaker) observe() (observed, error) {
 	s.statesMu.Lock()
 	obs.states = maps.Clone(s.states)
 	s.statesMu.Unlock()
+	obs.resync = now.Sub(s.lastResync) >= resyncPeriod
+	obs.full = ch.all || obs.resync
+	obs.plan = obs.full || len(ch.services) > 0 || s.lastVRRP == nil ||
+		!reflect.DeepEqual(links, s.lastLinks) || !maps.Equal(obs.states, s.lastStates)
+	s.lastLinks, s.lastStates = links, obs.states
+	if !obs.full {
+		keys := maps.Clone(ch.services)
+		if keys == nil {
+			keys = map[string]bool{}
+		}
+		maps.Copy(keys, ch.endpoints)
+		obs.changed = s.changedInputs(keys)
+		for key := range ch.endpoints {
+			obs.plan = obs.plan || local(obs.changed[key].Service)
+		}
+	}
+	if obs.resync {
+		s.lastResync = now
+	}
+	if obs.plan {
+		obs.in = s.collect()
+	} else {
+		obs.in = s.collectGlobal()
+	}
 	return obs, nil
 }
 
 // compute is the speaker's one computation: from obs alone, with no
 // kernel or API call, everything this node should have. (The forwarding
-// step's Cache only spares recomputing the Services that did not change.)
+// step's Cache spares recomputing the Services that did not change, and
+// the VRRP step's share is the last sync's when obs says its inputs did
+// not change.)
 func (s *Speaker) compute(obs observed) desired {
 	node := s.opts.NodeName
 	var want desired
-	want.forwarding, want.forwardingProblems = s.dp.compute(obs.in)
+	if obs.full {
+		want.forwarding, want.forwardingProblems, want.forwardingDelta = s.dp.compute(obs.in)
+		// The safety net: the kernel can change behind the Reconciler.
+		want.forwardingDelta.Full = want.forwardingDelta.Full || obs.resync
+	} else {
+		want.forwarding, want.forwardingProblems, want.forwardingDelta = s.dp.update(obs.changed)
+	}
 
-	start := time.Now()
-	pin, owners := PlanInput(obs.in)
-	want.plan, want.owners = vrrp.Compute(pin), owners
-	want.keepalivedConf, want.configProblems, want.renderErr = renderVRRP(want.plan, node, pin, obs.links, s.layout)
-	want.renderTook = time.Since(start)
-	want.track = map[bool]map[string]int{
-		true:  vrrp.TrackValues(want.plan, node, pin, true),
-		false: vrrp.TrackValues(want.plan, node, pin, false),
+	if obs.plan || s.lastVRRP == nil {
+		start := time.Now()
+		pin, owners := PlanInput(obs.in)
+		v := &want.vrrpDesired
+		v.plan, v.owners = vrrp.Compute(pin), owners
+		v.keepalivedConf, v.configProblems, v.renderErr = renderVRRP(v.plan, node, pin, obs.links, s.layout)
+		v.renderTook = time.Since(start)
+		v.track = map[bool]map[string]int{
+			true:  vrrp.TrackValues(v.plan, node, pin, true),
+			false: vrrp.TrackValues(v.plan, node, pin, false),
+		}
+		v.claims, v.vipStates = holderClaims(v.plan, node, owners, obs.states)
+		last := want.vrrpDesired
+		s.lastVRRP = &last
+	} else {
+		want.vrrpDesired, want.reused = *s.lastVRRP, true
 	}
 
 	want.ignoredAddrs = ignoredAddrs(obs.in.Nodes)
-	want.claims, want.vipStates = holderClaims(want.plan, node, owners, obs.states)
 	return want
 }
 
@@ -133,7 +207,7 @@ func (s *Speaker) compute(obs observed) desired {
 //     right priorities);
 //  4. the VRRP state metrics and the holder annotations.
 func (s *Speaker) apply(ctx context.Context, obs observed, want desired) error {
-	dpErr := s.dp.apply(ctx, obs.in, want.forwarding, want.forwardingProblems)
+	dpErr := s.dp.apply(ctx, obs.service, want.forwarding, want.forwardingProblems, want.forwardingDelta)
 	canForward := s.dp.canForward()
 	s.reportObserved(ctx, obs.in, want, canForward)
 	err := s.applyVRRP(ctx, obs.in, want, canForward)
@@ -173,7 +247,9 @@ func (s *Speaker) applyVRRP(ctx context.Context, in dataplane.Inputs, want desir
 	if want.renderErr != nil {
 		return fmt.Errorf("render keepalived.conf: %w", want.renderErr)
 	}
-	s.metrics.RenderDuration.Observe(want.renderTook.Seconds())
+	if !want.reused {
+		s.metrics.RenderDuration.Observe(want.renderTook.Seconds())
+	}
 	s.report(ctx, in, want.plan, want.configProblems)
 	for _, name := range slices.Sorted(maps.Keys(want.track[canForward])) {
 		v := want.track[canForward][name]

@@ -2,18 +2,26 @@ package speaker
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
+	v1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	dynamicfake "k8s.io/client-go/dynamic/fake"
 	"k8s.io/client-go/kubernetes/fake"
 	"k8s.io/client-go/tools/record"
 	"sigs.k8s.io/knftables"
 
+	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/hostnet"
@@ -122,6 +130,7 @@ func TestSyncAppliesEverything(t *testing.T) {
 	nf.fail = true
 	in.Services = append(in.Services, fwdService("new", "192.0.2.5", 80, 30085)) // a change: the table is written again
 	_ = s.services.GetStore().Add(in.Services[len(in.Services)-1])
+	s.pending.service(in.Services[len(in.Services)-1]) // as its informer's handler does
 	err = s.sync(t.Context())
 	if err == nil || !strings.Contains(err.Error(), "nftables") {
 		t.Fatalf("a sync whose table write failed returned %v", err)
@@ -147,7 +156,7 @@ func TestSyncAppliesEverything(t *testing.T) {
 func TestComputeIsPure(t *testing.T) {
 	nf := knftables.NewFake(nft.Family, nft.Table)
 	s, k, _ := syncSpeaker(t, nftCluster(), nf)
-	obs, err := s.observe()
+	obs, err := s.observe(s.pending.take(), time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -177,3 +186,111 @@ func mapsEqual(a, b map[string]int) bool {
 	}
 	return true
 }
+
+// TestSyncRecomputesWhatChanged runs the speaker's syncs as its informers
+// drive them: after the first (full) sync, one endpoint change of a
+// Cluster Service costs the kernel exactly its real server (no dump) and
+// reuses the VRRP step's share; one of a Local Service recomputes VRRP
+// (its VIP may move); a failed sync and resyncPeriod each bring a full sync.
+func TestSyncRecomputesWhatChanged(t *testing.T) {
+	in := ipvsCluster()
+	web := annotate(in.Services[0], annotations.Forwarding, string(v1alpha1.ForwardingPod))
+	loc := fwdService("loc", "192.0.2.9", 80, 30090)
+	loc.Spec.ExternalTrafficPolicy = v1.ServiceExternalTrafficPolicyLocal
+	in.Services = []*v1.Service{web, loc}
+	in.Slices = []*discoveryv1.EndpointSlice{podSlice("web", "n2", "n3", "n3"), podSlice("loc", "n2")}
+	s, k, _ := syncSpeaker(t, in, knftables.NewFake(nft.Family, nft.Table))
+	fake := k.IPVS.(*ipvstesting.Fake)
+	dumped := func() bool {
+		return slices.ContainsFunc(fake.Calls(), func(c ipvstesting.Call) bool { return c.Method == "VirtualServers" })
+	}
+	if err := s.sync(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if !dumped() {
+		t.Fatal("the first sync did not read the IPVS table")
+	}
+	// change replaces a slice in the store and tells the speaker, as the
+	// informer does, then syncs.
+	change := func(what string, es *discoveryv1.EndpointSlice) {
+		t.Helper()
+		old, _, _ := s.slices.GetStore().Get(es)
+		if err := s.slices.GetStore().Update(es); err != nil {
+			t.Fatal(err)
+		}
+		s.pending.slice(old)
+		s.pending.slice(es)
+		fake.ResetCalls()
+		if err := s.sync(t.Context()); err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		want, _ := dataplane.Desired(s.collect(), "n1")
+		if got := fake.Table(); !got.Equal(want.IPVS) {
+			t.Errorf("%s: IPVS\n%s\nwant\n%s", what, got, want.IPVS)
+		}
+	}
+
+	vrrpBefore := s.lastVRRP
+	es := podSlice("web", "n2", "n3", "n3")
+	es.Endpoints[1].Conditions = discoveryv1.EndpointConditions{Ready: ptr(false), Serving: ptr(true), Terminating: ptr(true)}
+	change("a web endpoint terminates", es)
+	if got := fmt.Sprint(fake.Calls()); got != "[UpdateRealServer TCP/192.0.2.1:80 10.1.0.2:8080]" {
+		t.Errorf("a web endpoint terminates: kernel calls %s; want exactly the one weight change", got)
+	}
+	if s.lastVRRP != vrrpBefore {
+		t.Error("a Cluster Service's endpoint change recomputed the VRRP plan")
+	}
+
+	change("loc's endpoint moves to n3", podSlice("loc", "n3"))
+	if dumped() {
+		t.Errorf("loc's endpoint moves to n3: the sync read the whole table: %v", fake.Calls())
+	}
+	if s.lastVRRP == vrrpBefore {
+		t.Error("a Local Service's endpoint change did not recompute the VRRP plan")
+	}
+
+	fake.FailWith(func(c ipvstesting.Call) error {
+		if c.IsWrite() {
+			return syscall.ENOMEM
+		}
+		return nil
+	})
+	es = podSlice("web", "n2", "n3")
+	_ = s.slices.GetStore().Update(es)
+	s.pending.slice(es)
+	if err := s.sync(t.Context()); err == nil {
+		t.Fatal("a sync whose IPVS writes failed succeeded")
+	}
+	fake.FailWith(nil)
+	change("after a failed sync", es)
+	if !dumped() {
+		t.Errorf("the sync after a failed one did not read the whole table: %v", fake.Calls())
+	}
+
+	change("nothing, early", es)
+	if dumped() || len(fake.Calls()) != 0 {
+		t.Errorf("a sync with nothing changed called the kernel: %v", fake.Calls())
+	}
+	s.lastResync = s.lastResync.Add(-resyncPeriod)
+	change("nothing, resyncPeriod after the last full sync", es)
+	if !dumped() {
+		t.Errorf("the periodic resync did not read the whole table: %v", fake.Calls())
+	}
+}
+
+// podSlice is svc's EndpointSlice with one ready endpoint on each node
+// named, 10.1.0.1 onwards, port p 8080.
+func podSlice(svc string, nodes ...string) *discoveryv1.EndpointSlice {
+	es := &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Namespace: "ns", Name: svc + "-1", Labels: map[string]string{discoveryv1.LabelServiceName: svc}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Ports:       []discoveryv1.EndpointPort{{Name: ptr("p"), Protocol: ptr(v1.ProtocolTCP), Port: ptr(int32(8080))}},
+	}
+	for i, n := range nodes {
+		es.Endpoints = append(es.Endpoints, discoveryv1.Endpoint{Addresses: []string{fmt.Sprintf("10.1.0.%d", i+1)}, NodeName: ptr(n),
+			Conditions: discoveryv1.EndpointConditions{Ready: ptr(true), Serving: ptr(true), Terminating: ptr(false)}})
+	}
+	return es
+}
+
+func ptr[T any](v T) *T { return &v }
