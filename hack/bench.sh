@@ -89,15 +89,24 @@ awk '/^Benchmark/ { n = $1; sub(/-[0-9]+$/, "", n); for (i = 3; i < NF; i++) { i
   printf "| %s | %s | %s | %s |\n", n, ns, b, a }' _output/bench-speaker.txt
 
 echo >&2
-echo ">> go test -bench ./pkg/dataplane/ (desired state and diff, 10,000 Services x 10 endpoints)" >&2
-go test -run '^$' -bench 'BenchmarkDesiredAndDiff|BenchmarkDiff1000x10|BenchmarkNaivePerService' -benchmem -count 1 ./pkg/dataplane/ | tee _output/bench-dataplane.txt >&2
+echo ">> go test -bench ./pkg/dataplane/ (one endpoint change at 1,000 and 10,000 Services x 10 endpoints; diff)" >&2
+go test -run '^$' -bench 'BenchmarkEndpointChange|BenchmarkDiff1000x10|BenchmarkNaivePerService' -benchmem -count 1 ./pkg/dataplane/ | tee _output/bench-dataplane.txt >&2
 echo
-awk '/^Benchmark/ { n = $1; sub(/-[0-9]+$/, "", n); for (i = 3; i < NF; i++) { if ($(i+1) == "ns/op") ns[n] = $i; if ($(i+1) == "B/op") b[n] = $i } order[++k] = n }
+# One row per size: the full rebuild is the baseline, Cache.Compute given
+# every object the sync before Update, and Update with the diff of the
+# changed virtual servers the sync now; all three in this run.
+awk '/^Benchmark/ { n = $1; sub(/-[0-9]+$/, "", n); for (i = 3; i < NF; i++) { if ($(i+1) == "ns/op") ns[n] = $i; if ($(i+1) == "B/op") b[n] = $i; if ($(i+1) == "allocs/op") a[n] = $i } }
   END {
-    print "| benchmark | ms/op | MB/op |"; print "| --- | ---: | ---: |"
-    for (i = 1; i <= k; i++) printf "| %s | %.1f | %.1f |\n", order[i], ns[order[i]] / 1e6, b[order[i]] / 1e6
-    f = ns["BenchmarkDesiredAndDiff10000x10/full"]; o = ns["BenchmarkDesiredAndDiff10000x10/one-endpoint"]
-    if (f && o) printf "\nOne endpoint change with the Cache: %.1fx faster than a full rebuild.\n", f / o
+    print "| one endpoint change | full rebuild (baseline) | Cache.Compute, every object | Update + diff of what changed | B/op, allocs/op (Update) | full / Update |"
+    print "| --- | ---: | ---: | ---: | ---: | ---: |"
+    split("1000 10000", sizes, " ")
+    for (i = 1; i <= 2; i++) {
+      p = "BenchmarkEndpointChange/" sizes[i] "x10/"
+      f = ns[p "full"]; c = ns[p "cache"]; d = ns[p "delta"]
+      if (f && c && d) printf "| %s Services x 10 | %.1f ms | %.2f ms | %.1f us | %d B, %d | %.0fx |\n", sizes[i], f / 1e6, c / 1e6, d / 1e3, b[p "delta"], a[p "delta"], f / d
+    }
+    d1 = ns["BenchmarkEndpointChange/1000x10/delta"]; d2 = ns["BenchmarkEndpointChange/10000x10/delta"]
+    if (d1 && d2) printf "\nUpdate at 10,000 Services / at 1,000: %.2fx (flat: it grows with what changed, not with the Services).\n", d2 / d1
     d = ns["BenchmarkDiff1000x10"]; v = ns["BenchmarkNaivePerService1000x10"]
     if (d && v) printf "Diff of 1,000 virtual servers: %.0fx faster than a per-Service lookup.\n", v / d
   }' _output/bench-dataplane.txt
