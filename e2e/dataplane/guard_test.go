@@ -14,7 +14,6 @@ import (
 
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/dataplane"
-	"github.com/keeplb/keeplb/pkg/ipvs"
 	"github.com/keeplb/keeplb/pkg/nft"
 	"github.com/keeplb/keeplb/pkg/testing/netns"
 )
@@ -116,15 +115,7 @@ func TestGuardWithIPVS(t *testing.T) {
 	if len(problems) > 0 {
 		t.Fatalf("Desired reported problems: %v", problems)
 	}
-	h, err := ipvs.NewAt("/run/netns/" + lb)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	nf, err := nft.NewAt("/run/netns/" + lb)
-	if err != nil {
-		t.Fatalf("nft.NewAt %s: %v", lb, err)
-	}
+	h, nf := kernelIn(t, lb)
 	r := dataplane.NewReconciler("glb", dataplane.Kernel{IPVS: h, NFT: nf})
 	sync := func(st dataplane.State) {
 		t.Helper()
