@@ -1,0 +1,462 @@
+package scale_e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	v1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/keeplb/keeplb/pkg/annotations"
+	"github.com/keeplb/keeplb/pkg/ipvs"
+)
+
+// Metrics of the speaker the test reads.
+const (
+	mLastSync     = "keeplb_speaker_last_sync_success_timestamp_seconds"
+	mIPVSSum      = "keeplb_ipvs_sync_duration_seconds_sum"
+	mIPVSCount    = "keeplb_ipvs_sync_duration_seconds_count"
+	mRenderSum    = "keeplb_speaker_render_duration_seconds_sum"
+	mRenderCount  = "keeplb_speaker_render_duration_seconds_count"
+	mReloads      = "keeplb_keepalived_reloads"
+	mVirtual      = "keeplb_ipvs_virtual_servers"
+	mReal         = "keeplb_ipvs_real_servers"
+	resyncs       = 5
+	slowestSync   = 10 * time.Minute
+	vipsDeadline  = 3 * time.Minute
+	touchDeadline = time.Minute
+)
+
+// nodeSide is the test in the VM: node 0's link, the speaker, and the
+// measurements, left in dir/results.json for the host.
+func nodeSide(t *testing.T, s spec, dir string) {
+	ctx := t.Context()
+	cfg, err := clientcmd.BuildConfigFromFlags("", filepath.Join(dir, "admin.kubeconfig"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := kubernetes.NewForConfigOrDie(bulkConfig(cfg))
+	profiles := *flagProfiles
+	if profiles == "" {
+		profiles = dir
+	}
+	r := results{Spec: s}
+	addLink(t)
+	// What the DaemonSet's init container runs before the speaker.
+	exe, _ := os.Executable()
+	prep := exec.Command(exe, "prepare-node", "--ipvs")
+	prep.Env = append(os.Environ(), envExec+"=1")
+	if out, err := prep.CombinedOutput(); err != nil {
+		t.Fatalf("keeplb prepare-node --ipvs: %v\n%s", err, out)
+	}
+
+	sp := startSpeaker(t, filepath.Join(dir, "speaker.kubeconfig"), profiles, filepath.Join(profiles, "speaker.log"))
+	pid := sp.cmd.Process.Pid
+	stats := func() procStats {
+		st, err := statsOf(pid)
+		if err != nil {
+			t.Fatalf("speaker: %v (log: %s)", err, filepath.Join(profiles, "speaker.log"))
+		}
+		return st
+	}
+	var m map[string]float64
+	scrape := func() bool {
+		if sp.exited() {
+			t.Fatalf("the speaker exited; its log: %s", filepath.Join(profiles, "speaker.log"))
+		}
+		var err error
+		m, err = metrics(ctx)
+		return err == nil
+	}
+
+	// The first full sync: the informers' lists, then the whole state
+	// computed and programmed into an empty IPVS table.
+	waitFor(t, slowestSync, time.Second, "the speaker's first successful sync", func() bool { return scrape() && m[mLastSync] > 0 })
+	r.Speaker.FirstSync = stats()
+	r.FirstSync = unix(m[mLastSync]).Sub(sp.start)
+	if l, ok := sp.first("Caches are synced", sp.start); ok {
+		r.CachesSynced = l.at.Sub(sp.start)
+	}
+	// The first sync's parts, from its log: the IPVS table is written
+	// after the desired state is computed and the nftables table written,
+	// keepalived.conf after that.
+	if l, ok := sp.first("IPVS table changed", sp.start); ok {
+		r.FirstIPVS = l.at.Sub(sp.start) - r.CachesSynced
+	}
+	if l, ok := sp.first("keepalived.conf changed", sp.start); ok {
+		r.FirstConf = l.at.Sub(sp.start) - r.CachesSynced
+	}
+	if m[mRenderCount] >= 1 {
+		r.FirstRender = seconds(m[mRenderSum] / m[mRenderCount])
+	}
+	t.Logf("first sync done %s after start (caches synced at %s, IPVS written %s and keepalived.conf %s after that, VRRP render %s); speaker RSS %s, CPU %s",
+		r.FirstSync, r.CachesSynced, r.FirstIPVS, r.FirstConf, r.FirstRender, mib(r.Speaker.FirstSync.RSS), r.Speaker.FirstSync.CPU)
+
+	// keepalived takes every instance (its peers are API objects only):
+	// every VIP ends up on the link.
+	waitFor(t, vipsDeadline, time.Second, "every VIP on "+link, func() bool { return scrape() && countVIPs(t, s) >= s.Services })
+	r.AllVIPs = time.Since(sp.start)
+	t.Logf("%d VIPs on %s %s after start", s.Services, link, r.AllVIPs.Round(time.Millisecond))
+
+	// The cold Services' holder annotations, which the speaker writes
+	// after becoming MASTER, at its client's QPS.
+	coldStart := time.Now()
+	waitFor(t, slowestSync, time.Second, "the holder annotation on every cold Service", func() bool {
+		return scrape() && coldDone(ctx, t, client, s)
+	})
+	r.ColdHolders = time.Since(coldStart)
+	t.Logf("holder annotations of %d cold Services written in %s", s.Cold, r.ColdHolders.Round(time.Millisecond))
+
+	settle(t, scrape, &m)
+	r.Speaker.Settled = stats()
+	r.KeepalivedParent, r.KeepalivedVRRP = keepalivedStats(t)
+	if err := fetch(ctx, "/debug/pprof/heap?gc=1", filepath.Join(profiles, "heap.pprof")); err != nil {
+		t.Errorf("heap profile: %v", err)
+	}
+	_ = sp.cmd.Process.Signal(syscall.SIGUSR1) // the startup profile ends
+	t.Logf("settled: speaker RSS %s (peak %s), CPU %s; keepalived RSS %s + VRRP child %s",
+		mib(r.Speaker.Settled.RSS), mib(r.Speaker.Settled.HWM), r.Speaker.Settled.CPU, mib(r.KeepalivedParent.RSS), mib(r.KeepalivedVRRP.RSS))
+
+	checkKernel(t, s, &r, m)
+
+	// What one scrape of /metrics costs the speaker (10,000 VIPs' state
+	// gauges), so that the resyncs' CPU can be read without it.
+	before := stats().CPU
+	const scrapes = 5
+	for range scrapes {
+		scrape()
+	}
+	r.ScrapeCPU = (stats().CPU - before) / scrapes
+
+	// Syncs that change nothing: a Service that is not keeplb's changes,
+	// which wakes the speaker for a whole sync.
+	for k := 1; k <= resyncs; k++ {
+		scrape()
+		last, ipvsSum, renderSum, count := m[mLastSync], m[mIPVSSum], m[mRenderSum], m[mIPVSCount]
+		cpu := stats().CPU
+		t0 := time.Now()
+		if err := touch(ctx, client, k); err != nil {
+			t.Fatal(err)
+		}
+		// The sync's end is its own timestamp, so polling seldom costs
+		// no precision, and spares the speaker's CPU.
+		scrapes := 0
+		ok := poll(touchDeadline, 2*time.Second, func() bool { scrapes++; return scrape() && m[mLastSync] > last })
+		if !ok {
+			t.Errorf("no sync within %s of a change to Service %s/%s", touchDeadline, ns, touchService)
+			break
+		}
+		used := stats().CPU - cpu
+		r.Resyncs = append(r.Resyncs, resync{
+			Wall: unix(m[mLastSync]).Sub(t0), IPVS: seconds(m[mIPVSSum] - ipvsSum), Render: seconds(m[mRenderSum] - renderSum),
+			CPU: max(used-time.Duration(scrapes)*r.ScrapeCPU, 0), Syncs: int(m[mIPVSCount] - count),
+		})
+		t.Logf("resync %d: %+v", k, r.Resyncs[len(r.Resyncs)-1])
+		settle(t, scrape, &m)
+	}
+	_ = sp.cmd.Process.Signal(syscall.SIGUSR1) // the resyncs' profile ends
+
+	// keepalived's reload: a new Service's VIP joins an instance this node
+	// masters; the reload is from the speaker's SIGHUP (its log) to the
+	// VIP on the link (netlink).
+	for k := range s.Extra {
+		r.Reloads = append(r.Reloads, addService(t, client, sp, s, s.Services+k))
+		t.Logf("reload %d: %+v", k+1, r.Reloads[len(r.Reloads)-1])
+		settle(t, scrape, &m)
+	}
+	_ = sp.cmd.Process.Signal(syscall.SIGUSR1)
+	r.Speaker.End = stats()
+	r.KeepalivedParentEnd, r.KeepalivedVRRPEnd = keepalivedStats(t)
+
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, resultsFile), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// addLink makes node 0's interface: a dummy link with its InternalIP.
+func addLink(t *testing.T) {
+	l := &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: link}}
+	if err := netlink.LinkAdd(l); err != nil {
+		t.Fatalf("add %s: %v", link, err)
+	}
+	a := nodeIP(0).As4()
+	addr := &netlink.Addr{IPNet: &net.IPNet{IP: net.IP(a[:]), Mask: net.CIDRMask(nodeMask, 32)}}
+	if err := netlink.AddrAdd(l, addr); err != nil {
+		t.Fatal(err)
+	}
+	// keepalived sends its adverts to the VRRP multicast group, and
+	// refuses a link without multicast; a dummy link drops them.
+	if err := netlink.LinkSetMulticastOn(l); err != nil {
+		t.Fatal(err)
+	}
+	if err := netlink.LinkSetUp(l); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// inPools says whether a lies in one of the pools of s.
+func (s spec) inPools(a netip.Addr) bool {
+	b := a.As4()
+	return a.Is4() && b[0] == 10 && int(b[1]) >= 100 && int(b[1]) < 100+s.Pools
+}
+
+// vipsOnLink returns the VIPs on link.
+func vipsOnLink(t *testing.T, s spec) []netip.Addr {
+	l, err := netlink.LinkByName(link)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addrs, err := netlink.AddrList(l, netlink.FAMILY_V4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []netip.Addr
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok && s.inPools(ip) {
+			out = append(out, ip)
+		}
+	}
+	return out
+}
+
+func countVIPs(t *testing.T, s spec) int { return len(vipsOnLink(t, s)) }
+
+// coldDone says whether every cold Service names node 0 as its VIP's
+// holder.
+func coldDone(ctx context.Context, t *testing.T, client kubernetes.Interface, s spec) bool {
+	if s.Cold == 0 {
+		return true
+	}
+	list, err := client.CoreV1().Services(ns).List(ctx, metav1.ListOptions{LabelSelector: coldLabel + "=true"})
+	if err != nil {
+		t.Logf("list the cold Services: %v", err)
+		return false
+	}
+	if len(list.Items) != s.Cold {
+		t.Fatalf("%d cold Services, want %d", len(list.Items), s.Cold)
+	}
+	for _, svc := range list.Items {
+		vips := ingressOf(&svc)
+		h := annotations.ParseHolders(svc.Annotations[annotations.Holder], vips)
+		if len(vips) != 1 || h[vips[0]] != node(0) {
+			return false
+		}
+	}
+	return true
+}
+
+// settle waits until the speaker has been idle for a while: no sync and
+// no keepalived reload for quiet.
+func settle(t *testing.T, scrape func() bool, m *map[string]float64) {
+	const quiet = 3 * time.Second
+	var last, reloads float64
+	since := time.Now()
+	waitFor(t, slowestSync, time.Second, "the speaker idle for "+quiet.String(), func() bool {
+		if !scrape() {
+			return false
+		}
+		if (*m)[mLastSync] != last || (*m)[mReloads] != reloads {
+			last, reloads, since = (*m)[mLastSync], (*m)[mReloads], time.Now()
+		}
+		return time.Since(since) >= quiet
+	})
+}
+
+// keepalivedStats returns the memory and CPU of keepalived and of its
+// VRRP child.
+func keepalivedStats(t *testing.T) (parent, vrrp procStats) {
+	pp, vp := keepalivedPIDs()
+	var err error
+	if parent, err = statsOf(pp); err != nil {
+		t.Errorf("keepalived: %v", err)
+	}
+	if vrrp, err = statsOf(vp); err != nil {
+		t.Errorf("keepalived's VRRP child: %v", err)
+	}
+	return parent, vrrp
+}
+
+var (
+	vipLine      = regexp.MustCompile(`(?m)^\s+\d+\.\d+\.\d+\.\d+(/\d+)? dev ` + link + `$`)
+	instanceLine = regexp.MustCompile(`(?m)^vrrp_instance `)
+)
+
+// checkKernel compares the IPVS table and the VIPs with what the
+// objects imply, and records keepalived.conf's size and contents.
+func checkKernel(t *testing.T, s spec, r *results, m map[string]float64) {
+	conf, err := os.ReadFile(filepath.Join(runDir, "keepalived.conf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.ConfBytes = len(conf)
+	r.Instances = len(instanceLine.FindAll(conf, -1))
+	r.ConfVIPs = len(vipLine.FindAll(conf, -1))
+	r.VIPsOnLink = countVIPs(t, s)
+	if r.ConfVIPs != s.Services || r.VIPsOnLink != s.Services {
+		t.Errorf("keepalived.conf has %d VIPs and %s %d; want %d each", r.ConfVIPs, link, r.VIPsOnLink, s.Services)
+	}
+
+	h, err := ipvs.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	start := time.Now()
+	table, err := ipvs.Dump(h, func(k ipvs.Key) bool { return s.inPools(k.Address) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.DumpTook = time.Since(start)
+	r.VirtualServers = len(table)
+	r.NodePortRealsMin = math.MaxInt
+	var bad []string
+	for i := range s.Services {
+		k := ipvs.Key{Address: s.vip(i), Protocol: "TCP", Port: 80}
+		e, ok := table[k]
+		if !ok {
+			bad = append(bad, "no virtual server "+k.String())
+			continue
+		}
+		r.RealServers += len(e.Reals)
+		if s.nodePort(i) {
+			r.NodePortReals += len(e.Reals)
+			r.NodePortRealsMin, r.NodePortRealsMax = min(r.NodePortRealsMin, len(e.Reals)), max(r.NodePortRealsMax, len(e.Reals))
+			for _, rs := range e.Reals {
+				if b := rs.Address.As4(); b[0] != 10 || b[1] != 80 || rs.Port < 30000 {
+					bad = append(bad, fmt.Sprintf("%s: real server %s is no NodePort of a Node", k, rs.AddrPort()))
+				}
+			}
+			continue
+		}
+		r.PodReals += len(e.Reals)
+		var got, want []netip.AddrPort
+		for _, rs := range e.Reals {
+			got = append(got, rs.AddrPort())
+		}
+		for j := range s.Endpoints {
+			want = append(want, netip.AddrPortFrom(s.podIP(i, j), 8080))
+		}
+		slices.SortFunc(got, netip.AddrPort.Compare)
+		slices.SortFunc(want, netip.AddrPort.Compare)
+		if !slices.Equal(got, want) {
+			bad = append(bad, fmt.Sprintf("%s: real servers %v, want %v", k, got, want))
+		}
+	}
+	if r.NodePortRealsMin == math.MaxInt {
+		r.NodePortRealsMin = 0
+	}
+	if len(table) != s.Services {
+		bad = append(bad, fmt.Sprintf("%d virtual servers in keeplb's pools, want %d", len(table), s.Services))
+	}
+	if int(m[mVirtual]) != len(table) || int(m[mReal]) != r.RealServers {
+		bad = append(bad, fmt.Sprintf("the speaker's metrics say %v virtual and %v real servers; the kernel has %d and %d", m[mVirtual], m[mReal], len(table), r.RealServers))
+	}
+	if len(bad) > 0 {
+		t.Errorf("IPVS table does not match the objects (%d problems), first: %v", len(bad), bad[:min(len(bad), 5)])
+	}
+	t.Logf("IPVS: %d virtual servers, %d real servers (%d to pods, %d to NodePorts, %d–%d per nodeport Service), dumped in %s; keepalived.conf: %d bytes, %d instances, %d VIPs",
+		r.VirtualServers, r.RealServers, r.PodReals, r.NodePortReals, r.NodePortRealsMin, r.NodePortRealsMax, r.DumpTook.Round(time.Millisecond), r.ConfBytes, r.Instances, r.ConfVIPs)
+}
+
+// addService creates Service i (and its EndpointSlice) and measures the
+// keepalived reload that puts its VIP on the link.
+func addService(t *testing.T, client kubernetes.Interface, sp *speakerProc, s spec, i int) reload {
+	ctx := t.Context()
+	vip := s.vip(i)
+	updates, done := make(chan netlink.AddrUpdate, 4096), make(chan struct{})
+	defer close(done)
+	if err := netlink.AddrSubscribeWithOptions(updates, done, netlink.AddrSubscribeOptions{ReceiveBufferSize: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	created := time.Now()
+	if _, err := client.DiscoveryV1().EndpointSlices(ns).Create(ctx, s.slice(i), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	svc, err := client.CoreV1().Services(ns).Create(ctx, s.serviceObject(i), metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc.Status.LoadBalancer = s.ingress(i)
+	if _, err := client.CoreV1().Services(ns).UpdateStatus(ctx, svc, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	statused := time.Now()
+	deadline := time.After(2 * time.Minute)
+	for {
+		select {
+		case u := <-updates:
+			ip, _ := netip.AddrFromSlice(u.LinkAddress.IP.To4())
+			if !u.NewAddr || ip != vip {
+				continue
+			}
+			seen := time.Now()
+			rl := reload{Visible: seen.Sub(statused)}
+			if l, ok := sp.first("Reloaded keepalived", created); ok {
+				rl.SIGHUP = seen.Sub(l.at)
+			} else {
+				t.Errorf("%s is on the link, but the speaker logged no reload", vip)
+			}
+			return rl
+		case <-deadline:
+			t.Fatalf("%s of Service %s not on %s 2 minutes after its status was written", vip, service(i), link)
+		}
+	}
+}
+
+// ingressOf returns the addresses of svc's status.loadBalancer.ingress.
+func ingressOf(svc *v1.Service) []netip.Addr {
+	var out []netip.Addr
+	for _, ing := range svc.Status.LoadBalancer.Ingress {
+		if a, err := netip.ParseAddr(ing.IP); err == nil {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// waitFor polls cond every interval until it holds, failing t after
+// timeout.
+func waitFor(t *testing.T, timeout, interval time.Duration, what string, cond func() bool) {
+	t.Helper()
+	if !poll(timeout, interval, cond) {
+		t.Fatalf("timed out after %s waiting for %s", timeout, what)
+	}
+}
+
+// poll polls cond every interval until it holds or timeout passes, and
+// says whether it held.
+func poll(timeout, interval time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(interval)
+	}
+	return true
+}
+
+func unix(sec float64) time.Time { return time.Unix(0, int64(sec*1e9)) }
+
+func seconds(s float64) time.Duration { return time.Duration(s * float64(time.Second)) }
+
+func mib(b int64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
