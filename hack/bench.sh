@@ -89,24 +89,37 @@ awk '/^Benchmark/ { n = $1; sub(/-[0-9]+$/, "", n); for (i = 3; i < NF; i++) { i
   printf "| %s | %s | %s | %s |\n", n, ns, b, a }' _output/bench-speaker.txt
 
 echo >&2
-echo ">> go test -bench ./pkg/dataplane/ (one endpoint change at 1,000 and 10,000 Services x 10 endpoints; diff)" >&2
+echo ">> go test -bench ./pkg/dataplane/ ./pkg/speaker/ (one endpoint change at 1,000 and 10,000 Services x 10 endpoints; diff)" >&2
 go test -run '^$' -bench 'BenchmarkEndpointChange|BenchmarkDiff1000x10|BenchmarkNaivePerService' -benchmem -count 1 ./pkg/dataplane/ | tee _output/bench-dataplane.txt >&2
+go test -run '^$' -bench 'BenchmarkSyncEndpointChange' -benchmem -count 1 ./pkg/speaker/ | tee -a _output/bench-dataplane.txt >&2
 echo
-# One row per size: the full rebuild is the baseline, Cache.Compute given
-# every object the sync before Update, and Update with the diff of the
-# changed virtual servers the sync now; all three in this run.
+# One row per size and benchmark, each against its baseline of the same
+# run: dataplane's full rebuild (with Cache.Compute given every object,
+# the sync before Update, between), the speaker's sync computing
+# everything.
 awk '/^Benchmark/ { n = $1; sub(/-[0-9]+$/, "", n); for (i = 3; i < NF; i++) { if ($(i+1) == "ns/op") ns[n] = $i; if ($(i+1) == "B/op") b[n] = $i; if ($(i+1) == "allocs/op") a[n] = $i } }
+  function row(what, size, base, mid, new,   p) {
+    if (!(base && new)) return
+    printf "| %s | %s Services x 10 | %.1f ms | %s | %.1f us | %d B, %d | %.0fx |\n", what, size, ns[base] / 1e6, (mid ? sprintf("%.2f ms", ns[mid] / 1e6) : "-"), ns[new] / 1e3, b[new], a[new], ns[base] / ns[new]
+  }
   END {
-    print "| one endpoint change | full rebuild (baseline) | Cache.Compute, every object | Update + diff of what changed | B/op, allocs/op (Update) | full / Update |"
-    print "| --- | ---: | ---: | ---: | ---: | ---: |"
+    print "| one endpoint change | size | baseline | Cache.Compute, every object | what changed only | B/op, allocs/op | baseline / changed |"
+    print "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
     split("1000 10000", sizes, " ")
     for (i = 1; i <= 2; i++) {
       p = "BenchmarkEndpointChange/" sizes[i] "x10/"
-      f = ns[p "full"]; c = ns[p "cache"]; d = ns[p "delta"]
-      if (f && c && d) printf "| %s Services x 10 | %.1f ms | %.2f ms | %.1f us | %d B, %d | %.0fx |\n", sizes[i], f / 1e6, c / 1e6, d / 1e3, b[p "delta"], a[p "delta"], f / d
+      row("dataplane, desired state to IPVS diff (baseline: full rebuild)", sizes[i], p "full", p "cache", p "delta")
     }
-    d1 = ns["BenchmarkEndpointChange/1000x10/delta"]; d2 = ns["BenchmarkEndpointChange/10000x10/delta"]
-    if (d1 && d2) printf "\nUpdate at 10,000 Services / at 1,000: %.2fx (flat: it grows with what changed, not with the Services).\n", d2 / d1
+    for (i = 1; i <= 2; i++) {
+      p = "BenchmarkSyncEndpointChange/" sizes[i] "x10/"
+      row("speaker, handler to desired state (baseline: a sync reading every object)", sizes[i], p "everything", "", p "changed")
+    }
+    for (k = 1; k <= 2; k++) {
+      w = (k == 1 ? "BenchmarkEndpointChange/%sx10/delta" : "BenchmarkSyncEndpointChange/%sx10/changed")
+      d1 = ns[sprintf(w, 1000)]; d2 = ns[sprintf(w, 10000)]
+      if (d1 && d2) printf "%s%s at 10,000 Services / at 1,000: %.2fx (the baseline: %.1fx).\n", (k == 1 ? "\n" : ""), (k == 1 ? "dataplane" : "speaker"), d2 / d1,
+        (k == 1 ? ns["BenchmarkEndpointChange/10000x10/full"] / ns["BenchmarkEndpointChange/1000x10/full"] : ns["BenchmarkSyncEndpointChange/10000x10/everything"] / ns["BenchmarkSyncEndpointChange/1000x10/everything"])
+    }
     d = ns["BenchmarkDiff1000x10"]; v = ns["BenchmarkNaivePerService1000x10"]
     if (d && v) printf "Diff of 1,000 virtual servers: %.0fx faster than a per-Service lookup.\n", v / d
   }' _output/bench-dataplane.txt

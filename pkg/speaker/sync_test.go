@@ -35,7 +35,7 @@ import (
 
 // syncSpeaker is the speaker of node n1, built as run builds it, on a
 // Kernel of fakes, with in in its informers' stores.
-func syncSpeaker(t *testing.T, in dataplane.Inputs, nf knftables.Interface) (*Speaker, Kernel, *keepalivedtesting.Fake) {
+func syncSpeaker(t testing.TB, in dataplane.Inputs, nf knftables.Interface) (*Speaker, Kernel, *keepalivedtesting.Fake) {
 	t.Helper()
 	o := NewOptions()
 	o.NodeName, o.RunDir, o.SkipSysctls = "n1", t.TempDir(), true
