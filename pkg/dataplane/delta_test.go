@@ -248,3 +248,37 @@ func TestSyncDeltaAfterGlobalChange(t *testing.T) {
 		t.Errorf("the deleted pool's virtual servers stayed:\n%s", g.fake.Table())
 	}
 }
+
+// TestSyncDeltaGuardOnly: without IPVS (kube-proxy forwards) SyncDelta
+// writes keeplb's table, the guard alone, only when the Delta says the
+// guard may have changed.
+func TestSyncDeltaGuardOnly(t *testing.T) {
+	in := benchInputs(20)
+	nf := knftables.NewFake(nft.Family, nft.Table)
+	r := NewReconciler("n0", Kernel{NFT: nf})
+	ca := &Cache{}
+	st, _, d := ca.Compute(in, "n0")
+	if _, err := r.SyncDelta(t.Context(), st, d); err != nil {
+		t.Fatal(err)
+	}
+	if nf.LastTransaction == nil {
+		t.Fatal("the first sync wrote no table")
+	}
+	nf.LastTransaction = nil
+	in.Slices[5].Endpoints = in.Slices[5].Endpoints[1:]
+	st, _, d, _ = ca.Update(map[string]ServiceInputs{"ns/s00005": {Service: in.Services[5], Slices: in.Slices[5:6]}})
+	if _, err := r.SyncDelta(t.Context(), st, d); err != nil {
+		t.Fatal(err)
+	}
+	if nf.LastTransaction != nil {
+		t.Errorf("an endpoint change rewrote the guard:\n%s", nf.LastTransaction)
+	}
+	in.Services[5].Spec.Ports[0].Port = 81
+	st, _, d, _ = ca.Update(map[string]ServiceInputs{"ns/s00005": {Service: in.Services[5], Slices: in.Slices[5:6]}})
+	if _, err := r.SyncDelta(t.Context(), st, d); err != nil {
+		t.Fatal(err)
+	}
+	if got := elements(t, nf, "ports-v4"); !slices.Contains(got, "172.16.0.5 . tcp . 81") {
+		t.Errorf("after a port changed, the guard admits %v; want 172.16.0.5 . tcp . 81 among them", got)
+	}
+}

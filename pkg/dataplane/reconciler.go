@@ -182,14 +182,10 @@ func (r *Reconciler) Sync(ctx context.Context, st State) (Report, error) {
 }
 
 func (r *Reconciler) sync(ctx context.Context, st State) (Report, error) {
-	var rep Report
 	if r.k.IPVS == nil {
-		if err := r.writeNFT(ctx, nft.Rules{Guard: st.Guard}, nil); err != nil {
-			rep.NFTFailures++
-			return rep, err
-		}
-		return rep, r.nftInvalid
+		return r.guardOnly(ctx, st)
 	}
+	var rep Report
 	rules := nft.Rules{SNAT: st.SNAT, SourceRanges: st.SourceRanges, Guard: st.Guard}
 	var errs []error
 	if err := r.ensureIPv6(st.IPVS); err != nil {
@@ -230,12 +226,24 @@ func (r *Reconciler) sync(ctx context.Context, st State) (Report, error) {
 	return rep, errors.Join(preErr, err, r.nftInvalid)
 }
 
+// guardOnly is a sync without IPVS: only the VIP port guard is written.
+func (r *Reconciler) guardOnly(ctx context.Context, st State) (Report, error) {
+	var rep Report
+	if err := r.writeNFT(ctx, nft.Rules{Guard: st.Guard}, nil); err != nil {
+		rep.NFTFailures++
+		return rep, err
+	}
+	return rep, r.nftInvalid
+}
+
 // SyncDelta brings the kernel to st as Sync does, but, when it may, only
 // for the virtual servers d names: no dump, a diff of those virtual
 // servers against what this Reconciler programmed, and only their
 // changes, so that its work grows with what changed. keeplb's nftables
 // table is written around the changes, as in Sync, only when d says the
 // masquerading, source ranges or guard changed.
+//
+// Without IPVS, only the guard is written, when d says it changed.
 //
 // It runs Sync instead (one dump of the whole scope, then the full diff)
 // when d is Full; when it does not follow the State of the last sync (of
@@ -264,7 +272,7 @@ func (r *Reconciler) SyncDelta(ctx context.Context, st State, d Delta) (Report, 
 
 // incremental reports whether SyncDelta may change only what d names.
 func (r *Reconciler) incremental(st State, d Delta) bool {
-	if d.Full || d.cache == nil || d.cache != r.base || d.gen != r.baseGen+1 || !r.clean || r.k.IPVS == nil || r.k.NFT == nil {
+	if d.Full || d.cache == nil || d.cache != r.base || d.gen != r.baseGen+1 || !r.clean || r.k.NFT == nil {
 		return false
 	}
 	for _, k := range d.Virtuals {
@@ -284,6 +292,12 @@ func (r *Reconciler) incremental(st State, d Delta) bool {
 
 // syncDelta is SyncDelta's own path; see there.
 func (r *Reconciler) syncDelta(ctx context.Context, st State, d Delta) (Report, error) {
+	if r.k.IPVS == nil {
+		if !d.NFT {
+			return Report{}, r.nftInvalid
+		}
+		return r.guardOnly(ctx, st)
+	}
 	var rep Report
 	ops, desired := diffDelta(r.programmed, st, d)
 	rules := nft.Rules{SNAT: st.SNAT, SourceRanges: st.SourceRanges, Guard: st.Guard}

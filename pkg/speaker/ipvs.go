@@ -124,7 +124,7 @@ func (d *ipvsStep) update(changed map[string]dataplane.ServiceInputs) (dataplane
 func (d *ipvsStep) apply(ctx context.Context, service func(string) *v1.Service, st dataplane.State, problems []dataplane.Problem, delta dataplane.Delta) error {
 	start := time.Now()
 	if d.noIPVS {
-		d.warnUnavailable(service, st)
+		d.warnUnavailable(service, st, delta)
 	}
 	rep, err := d.r.SyncDelta(ctx, st, delta)
 	d.metrics.NFTSyncErrors.Add(float64(rep.NFTFailures))
@@ -239,12 +239,25 @@ func (d *ipvsStep) report(ctx context.Context, service func(string) *v1.Service,
 // node would forward (those st.Owners names: Services of pools whose VIPs
 // it may hold, not forwarded by kube-proxy) that has not had one from this
 // process yet. Once per Service, not per sync: the condition lasts until
-// the speaker restarts, and repeating it would only add noise.
-func (d *ipvsStep) warnUnavailable(service func(string) *v1.Service, st dataplane.State) {
+// the speaker restarts, and repeating it would only add noise. Unless
+// delta is Full, only the owners of the virtual servers it names can be
+// new.
+func (d *ipvsStep) warnUnavailable(service func(string) *v1.Service, st dataplane.State, delta dataplane.Delta) {
 	if d.recorder == nil {
 		return
 	}
-	for _, owner := range slices.Sorted(maps.Values(st.Owners)) {
+	owners := map[string]bool{}
+	if delta.Full {
+		for _, o := range st.Owners {
+			owners[o] = true
+		}
+	}
+	for _, k := range delta.Virtuals {
+		if o, ok := st.Owners[k]; ok {
+			owners[o] = true
+		}
+	}
+	for _, owner := range slices.Sorted(maps.Keys(owners)) {
 		if d.unavailableWarned[owner] {
 			continue
 		}
