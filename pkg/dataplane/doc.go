@@ -6,6 +6,15 @@
 // of what was removed, with keeplb's nftables table written before and
 // after IPVS (see Reconciler.Sync for the order).
 //
+// A sync's work grows with what changed. Cache.Update recomputes only the
+// Services an informer event named and returns a Delta, the virtual
+// servers whose entries may have changed; Reconciler.SyncDelta diffs those
+// alone against what it programmed, with no dump, so that one endpoint
+// change is one real server changed in the kernel. It falls back to the
+// full Sync whenever what it remembers may be wrong (after any failure,
+// a State skipped, a virtual server leaving keeplb's ownership or one to
+// adopt), and the speaker runs a full Sync every few minutes anyway.
+//
 // # What is programmed
 //
 // For every Service keeplb handles (type LoadBalancer, class ours, by the

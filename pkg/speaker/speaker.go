@@ -5,7 +5,10 @@
 // keeplb's nftables table, the cluster's VRRP plan, the same on every node,
 // and this node's keepalived.conf, track files and holder claims); then
 // applies it in a documented order (see Speaker.apply): forwarding first,
-// then keepalived, then the holder annotations.
+// then keepalived, then the holder annotations. The informers' handlers
+// record which Services changed, so that a sync reads and recomputes only
+// those, and reuses the VRRP step's share when its inputs did not change
+// (see Speaker.observe); every few minutes a resync reads everything.
 //
 // The node is reached through one Kernel struct (network, IPVS, nftables,
 // conntrack, keepalived), opened once from the options by OpenKernel, or
