@@ -3,7 +3,6 @@ package speaker
 import (
 	"sync"
 
-	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/client-go/tools/cache"
 
@@ -113,11 +112,4 @@ func handlers(record func(any), trigger func()) cache.ResourceEventHandlerFuncs 
 		},
 		DeleteFunc: func(obj any) { record(obj); trigger() },
 	}
-}
-
-// local reports whether svc's VRRP plan input depends on its endpoints:
-// only externalTrafficPolicy Local VIPs do (the nodes with a local
-// endpoint may hold them).
-func local(svc *v1.Service) bool {
-	return svc == nil || svc.Spec.ExternalTrafficPolicy == v1.ServiceExternalTrafficPolicyLocal
 }

@@ -62,7 +62,7 @@ func PlanInput(in dataplane.Inputs) (vrrp.Input, map[netip.Addr][]string) {
 			v := vrrp.VIP{Addr: a, Pool: pool, Service: key, Created: svc.CreationTimestamp.Time}
 			f, _ := annotations.ForwardingOf(svc, byName[pool])
 			v.Forwarded = f != v1alpha1.ForwardingKubeProxy
-			if svc.Spec.ExternalTrafficPolicy == v1.ServiceExternalTrafficPolicyLocal {
+			if localVIPs(svc) {
 				v.Local, v.LocalNodes = true, nodeview.LocalNodes(bySvc[key], allocator.FamilyOf(a))
 			}
 			out.VIPs = append(out.VIPs, v)
@@ -73,6 +73,13 @@ func PlanInput(in dataplane.Inputs) (vrrp.Input, map[netip.Addr][]string) {
 		sort.Strings(keys)
 	}
 	return out, owners
+}
+
+// localVIPs reports whether the plan places svc's VIPs by its endpoints:
+// with externalTrafficPolicy Local, only nodes with a ready local endpoint
+// may hold them. It is the only way endpoints reach the plan.
+func localVIPs(svc *v1.Service) bool {
+	return svc.Spec.ExternalTrafficPolicy == v1.ServiceExternalTrafficPolicyLocal
 }
 
 // nodeOf is the plan's view of n (package nodeview); warnNodes tells the

@@ -14,6 +14,7 @@ import (
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/klog/v2"
 
+	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/hostnet"
 	"github.com/keeplb/keeplb/pkg/keepalived"
@@ -86,6 +87,8 @@ type vrrpDesired struct {
 	// this node's instances.
 	claims    map[string][]netip.Addr
 	vipStates map[netip.Addr]float64
+	// services are the Services with VIPs in the plan, "namespace/name".
+	services map[string]bool
 }
 
 // sync is one pass of the speaker: it observes the API's and the node's
@@ -116,8 +119,8 @@ func (s *Speaker) sync(ctx context.Context) (err error) {
 // the last sync failed) or resyncPeriod has passed since the last resync
 // (which reads the whole IPVS table too), else only the Services that
 // changed, and every object only when the VRRP step's inputs may have
-// changed (a Service object, the endpoints of a Local Service, the node's
-// links or keepalived's states). Only reading the node's links can fail.
+// changed (see inPlan; or the node's links, or keepalived's states). Only
+// reading the node's links can fail.
 func (s *Speaker) observe(ch changes, now time.Time) (observed, error) {
 	obs := observed{service: s.lookupService}
 	links, err := s.net.Links()
@@ -130,7 +133,7 @@ func (s *Speaker) observe(ch changes, now time.Time) (observed, error) {
 	s.statesMu.Unlock()
 	obs.resync = now.Sub(s.lastResync) >= resyncPeriod
 	obs.full = ch.all || obs.resync
-	obs.plan = obs.full || len(ch.services) > 0 || s.lastVRRP == nil ||
+	obs.plan = obs.full || s.lastVRRP == nil ||
 		!reflect.DeepEqual(links, s.lastLinks) || !maps.Equal(obs.states, s.lastStates)
 	s.lastLinks, s.lastStates = links, obs.states
 	if !obs.full {
@@ -140,8 +143,8 @@ func (s *Speaker) observe(ch changes, now time.Time) (observed, error) {
 		}
 		maps.Copy(keys, ch.endpoints)
 		obs.changed = s.changedInputs(keys)
-		for key := range ch.endpoints {
-			obs.plan = obs.plan || local(obs.changed[key].Service)
+		for key := range keys {
+			obs.plan = obs.plan || s.inPlan(key, obs.changed[key].Service, ch.services[key])
 		}
 	}
 	if obs.resync {
@@ -153,6 +156,16 @@ func (s *Speaker) observe(ch changes, now time.Time) (observed, error) {
 		obs.in = s.collectGlobal()
 	}
 	return obs, nil
+}
+
+// inPlan reports whether a change of the Service key (svc now, nil when
+// gone; its object when object, else its endpoints) may change the VRRP
+// plan: only if the plan has it (at the last computation, or by the class
+// rule now), and, for endpoints, only if they place its VIPs (Local).
+func (s *Speaker) inPlan(key string, svc *v1.Service, object bool) bool {
+	ours := s.lastVRRP == nil || s.lastVRRP.services[key] ||
+		svc != nil && annotations.Handles(svc, s.opts.LoadBalancerClass, s.opts.DefaultClass)
+	return ours && (object || svc == nil || localVIPs(svc))
 }
 
 // compute is the speaker's one computation: from obs alone, with no
@@ -183,6 +196,12 @@ func (s *Speaker) compute(obs observed) desired {
 			false: vrrp.TrackValues(v.plan, node, pin, false),
 		}
 		v.claims, v.vipStates = holderClaims(v.plan, node, owners, obs.states)
+		v.services = map[string]bool{}
+		for _, keys := range owners {
+			for _, k := range keys {
+				v.services[k] = true
+			}
+		}
 		last := want.vrrpDesired
 		s.lastVRRP = &last
 	} else {

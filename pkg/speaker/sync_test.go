@@ -241,6 +241,23 @@ func TestSyncRecomputesWhatChanged(t *testing.T) {
 		t.Error("a Cluster Service's endpoint change recomputed the VRRP plan")
 	}
 
+	other := lbService("ns", "other", "192.0.2.77", false, ptr("example.com/other"))
+	for _, c := range []struct {
+		svc  *v1.Service
+		plan bool
+	}{{other, false}, {web, true}} {
+		_ = s.services.GetStore().Add(c.svc)
+		s.pending.service(c.svc)
+		before := s.lastVRRP
+		if err := s.sync(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		if recomputed := s.lastVRRP != before; recomputed != c.plan {
+			t.Errorf("a change of Service %s recomputed the VRRP plan: %v; want %v", c.svc.Name, recomputed, c.plan)
+		}
+	}
+	vrrpBefore = s.lastVRRP
+
 	change("loc's endpoint moves to n3", podSlice("loc", "n3"))
 	if dumped() {
 		t.Errorf("loc's endpoint moves to n3: the sync read the whole table: %v", fake.Calls())
