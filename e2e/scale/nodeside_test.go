@@ -28,18 +28,16 @@ import (
 
 // Metrics of the speaker the test reads.
 const (
-	mLastSync     = "keeplb_speaker_last_sync_success_timestamp_seconds"
-	mIPVSSum      = "keeplb_ipvs_sync_duration_seconds_sum"
-	mIPVSCount    = "keeplb_ipvs_sync_duration_seconds_count"
-	mRenderSum    = "keeplb_speaker_render_duration_seconds_sum"
-	mRenderCount  = "keeplb_speaker_render_duration_seconds_count"
-	mReloads      = "keeplb_keepalived_reloads"
-	mVirtual      = "keeplb_ipvs_virtual_servers"
-	mReal         = "keeplb_ipvs_real_servers"
-	resyncs       = 5
-	slowestSync   = 10 * time.Minute
-	vipsDeadline  = 3 * time.Minute
-	touchDeadline = time.Minute
+	mLastSync    = "keeplb_speaker_last_sync_success_timestamp_seconds"
+	mIPVSSum     = "keeplb_ipvs_sync_duration_seconds_sum"
+	mIPVSCount   = "keeplb_ipvs_sync_duration_seconds_count"
+	mRenderSum   = "keeplb_speaker_render_duration_seconds_sum"
+	mRenderCount = "keeplb_speaker_render_duration_seconds_count"
+	mReloads     = "keeplb_keepalived_reloads"
+	mVirtual     = "keeplb_ipvs_virtual_servers"
+	mReal        = "keeplb_ipvs_real_servers"
+	slowestSync  = 10 * time.Minute
+	vipsDeadline = 5 * time.Minute
 )
 
 // nodeSide is the test in the VM: node 0's link, the speaker, and the
@@ -74,100 +72,110 @@ func nodeSide(t *testing.T, s spec, dir string) {
 		}
 		return st
 	}
-	var m map[string]float64
-	scrape := func() bool {
+	alive := func() {
 		if sp.exited() {
 			t.Fatalf("the speaker exited; its log: %s", filepath.Join(profiles, "speaker.log"))
 		}
+	}
+	// Scrapes of /metrics are few and never the signal that a sync has
+	// ended: at this scale one costs the speaker seconds of CPU (see
+	// ScrapeCPU). The signals are its log and its CPU going idle.
+	var m map[string]float64
+	scrape := func() {
+		alive()
 		var err error
-		m, err = metrics(ctx)
-		return err == nil
+		if m, err = metrics(ctx); err != nil {
+			t.Fatalf("scrape the speaker's metrics: %v", err)
+		}
+	}
+	idle := func() {
+		alive()
+		if !quiet(pid, slowestSync) {
+			t.Fatalf("the speaker was not idle once in %s", slowestSync)
+		}
 	}
 
 	// The first full sync: the informers' lists, then the whole state
-	// computed and programmed into an empty IPVS table.
-	waitFor(t, slowestSync, time.Second, "the speaker's first successful sync", func() bool { return scrape() && m[mLastSync] > 0 })
+	// computed and programmed into an empty IPVS table (after the
+	// nftables table), then keepalived.conf written.
+	waitFor(t, slowestSync, time.Second, "keepalived.conf written by the first sync", func() bool {
+		alive()
+		_, ok := sp.first("keepalived.conf changed", sp.start)
+		return ok
+	})
 	r.Speaker.FirstSync = stats()
-	r.FirstSync = unix(m[mLastSync]).Sub(sp.start)
 	if l, ok := sp.first("Caches are synced", sp.start); ok {
 		r.CachesSynced = l.at.Sub(sp.start)
 	}
-	// The first sync's parts, from its log: the IPVS table is written
-	// after the desired state is computed and the nftables table written,
-	// keepalived.conf after that.
 	if l, ok := sp.first("IPVS table changed", sp.start); ok {
 		r.FirstIPVS = l.at.Sub(sp.start) - r.CachesSynced
 	}
-	if l, ok := sp.first("keepalived.conf changed", sp.start); ok {
-		r.FirstConf = l.at.Sub(sp.start) - r.CachesSynced
-	}
-	if m[mRenderCount] >= 1 {
-		r.FirstRender = seconds(m[mRenderSum] / m[mRenderCount])
-	}
-	t.Logf("first sync done %s after start (caches synced at %s, IPVS written %s and keepalived.conf %s after that, VRRP render %s); speaker RSS %s, CPU %s",
-		r.FirstSync, r.CachesSynced, r.FirstIPVS, r.FirstConf, r.FirstRender, mib(r.Speaker.FirstSync.RSS), r.Speaker.FirstSync.CPU)
+	l, _ := sp.first("keepalived.conf changed", sp.start)
+	r.FirstSync = l.at.Sub(sp.start)
+	t.Logf("first sync: caches synced %s after start, IPVS table written %s and keepalived.conf %s after that; speaker RSS %s, CPU %s",
+		r.CachesSynced, r.FirstIPVS, r.FirstSync-r.CachesSynced, mib(r.Speaker.FirstSync.RSS), r.Speaker.FirstSync.CPU)
 
 	// keepalived takes every instance (its peers are API objects only):
 	// every VIP ends up on the link.
-	waitFor(t, vipsDeadline, time.Second, "every VIP on "+link, func() bool { return scrape() && countVIPs(t, s) >= s.Services })
+	waitFor(t, vipsDeadline, 2*time.Second, "every VIP on "+link, func() bool { alive(); return countVIPs(t, s) >= s.Services })
 	r.AllVIPs = time.Since(sp.start)
 	t.Logf("%d VIPs on %s %s after start", s.Services, link, r.AllVIPs.Round(time.Millisecond))
 
 	// The cold Services' holder annotations, which the speaker writes
 	// after becoming MASTER, at its client's QPS.
 	coldStart := time.Now()
-	waitFor(t, slowestSync, time.Second, "the holder annotation on every cold Service", func() bool {
-		return scrape() && coldDone(ctx, t, client, s)
+	waitFor(t, slowestSync, 2*time.Second, "the holder annotation on every cold Service", func() bool {
+		alive()
+		return coldDone(ctx, t, client, s)
 	})
 	r.ColdHolders = time.Since(coldStart)
 	t.Logf("holder annotations of %d cold Services written in %s", s.Cold, r.ColdHolders.Round(time.Millisecond))
 
-	settle(t, scrape, &m)
+	idle()
 	r.Speaker.Settled = stats()
 	r.KeepalivedParent, r.KeepalivedVRRP = keepalivedStats(t)
+	_ = sp.cmd.Process.Signal(syscall.SIGUSR1) // the startup profile ends
 	if err := fetch(ctx, "/debug/pprof/heap?gc=1", filepath.Join(profiles, "heap.pprof")); err != nil {
 		t.Errorf("heap profile: %v", err)
 	}
-	_ = sp.cmd.Process.Signal(syscall.SIGUSR1) // the startup profile ends
 	t.Logf("settled: speaker RSS %s (peak %s), CPU %s; keepalived RSS %s + VRRP child %s",
 		mib(r.Speaker.Settled.RSS), mib(r.Speaker.Settled.HWM), r.Speaker.Settled.CPU, mib(r.KeepalivedParent.RSS), mib(r.KeepalivedVRRP.RSS))
 
+	// What a scrape of /metrics costs the speaker: its collectors dump
+	// the IPVS table's counters, and there is a VRRP state gauge per VIP.
+	before, start := stats().CPU, time.Now()
+	scrape()
+	r.ScrapeWall, r.ScrapeCPU = time.Since(start), stats().CPU-before
+	r.HeapInuse, r.NextGC = int64(m["go_memstats_heap_inuse_bytes"]), int64(m["go_memstats_next_gc_bytes"])
+	if m[mRenderCount] > 0 {
+		r.Render = seconds(m[mRenderSum] / m[mRenderCount])
+	}
+	r.FailedSyncs, r.FailedSyncExample = sp.failures()
 	checkKernel(t, s, &r, m)
 
-	// What one scrape of /metrics costs the speaker (10,000 VIPs' state
-	// gauges), so that the resyncs' CPU can be read without it.
-	before := stats().CPU
-	const scrapes = 5
-	for range scrapes {
-		scrape()
-	}
-	r.ScrapeCPU = (stats().CPU - before) / scrapes
-
 	// Syncs that change nothing: a Service that is not keeplb's changes,
-	// which wakes the speaker for a whole sync.
-	for k := 1; k <= resyncs; k++ {
-		scrape()
+	// which wakes the speaker for a sync. Its end is the sync's own
+	// timestamp, read after the speaker went idle again.
+	for k := 1; k <= *flagResyncs; k++ {
 		last, ipvsSum, renderSum, count := m[mLastSync], m[mIPVSSum], m[mRenderSum], m[mIPVSCount]
 		cpu := stats().CPU
 		t0 := time.Now()
 		if err := touch(ctx, client, k); err != nil {
 			t.Fatal(err)
 		}
-		// The sync's end is its own timestamp, so polling seldom costs
-		// no precision, and spares the speaker's CPU.
-		scrapes := 0
-		ok := poll(touchDeadline, 2*time.Second, func() bool { scrapes++; return scrape() && m[mLastSync] > last })
-		if !ok {
-			t.Errorf("no sync within %s of a change to Service %s/%s", touchDeadline, ns, touchService)
+		idle()
+		used := stats().CPU - cpu
+		scrape()
+		if m[mLastSync] <= last {
+			t.Errorf("no sync after a change to Service %s/%s", ns, touchService)
 			break
 		}
-		used := stats().CPU - cpu
 		r.Resyncs = append(r.Resyncs, resync{
 			Wall: unix(m[mLastSync]).Sub(t0), IPVS: seconds(m[mIPVSSum] - ipvsSum), Render: seconds(m[mRenderSum] - renderSum),
-			CPU: max(used-time.Duration(scrapes)*r.ScrapeCPU, 0), Syncs: int(m[mIPVSCount] - count),
+			CPU: used, Syncs: int(m[mIPVSCount] - count),
 		})
 		t.Logf("resync %d: %+v", k, r.Resyncs[len(r.Resyncs)-1])
-		settle(t, scrape, &m)
+		idle() // the scrape's own work
 	}
 	_ = sp.cmd.Process.Signal(syscall.SIGUSR1) // the resyncs' profile ends
 
@@ -177,7 +185,7 @@ func nodeSide(t *testing.T, s spec, dir string) {
 	for k := range s.Extra {
 		r.Reloads = append(r.Reloads, addService(t, client, sp, s, s.Services+k))
 		t.Logf("reload %d: %+v", k+1, r.Reloads[len(r.Reloads)-1])
-		settle(t, scrape, &m)
+		idle()
 	}
 	_ = sp.cmd.Process.Signal(syscall.SIGUSR1)
 	r.Speaker.End = stats()
@@ -264,21 +272,33 @@ func coldDone(ctx context.Context, t *testing.T, client kubernetes.Interface, s 
 	return true
 }
 
-// settle waits until the speaker has been idle for a while: no sync and
-// no keepalived reload for quiet.
-func settle(t *testing.T, scrape func() bool, m *map[string]float64) {
-	const quiet = 3 * time.Second
-	var last, reloads float64
-	since := time.Now()
-	waitFor(t, slowestSync, time.Second, "the speaker idle for "+quiet.String(), func() bool {
-		if !scrape() {
+// quiet waits until pid has used at most 2% of a CPU over 3 seconds, and
+// says whether it did within timeout. It reads /proc, which costs the
+// speaker nothing.
+func quiet(pid int, timeout time.Duration) bool {
+	const window, step = 3 * time.Second, 250 * time.Millisecond
+	type sample struct {
+		at  time.Time
+		cpu time.Duration
+	}
+	var samples []sample
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		st, err := statsOf(pid)
+		if err != nil {
 			return false
 		}
-		if (*m)[mLastSync] != last || (*m)[mReloads] != reloads {
-			last, reloads, since = (*m)[mLastSync], (*m)[mReloads], time.Now()
+		now := sample{time.Now(), st.CPU}
+		samples = append(samples, now)
+		for len(samples) > 1 && now.at.Sub(samples[1].at) >= window {
+			samples = samples[1:]
 		}
-		return time.Since(since) >= quiet
-	})
+		if first := samples[0]; now.at.Sub(first.at) >= window && now.cpu-first.cpu <= window/50 {
+			return true
+		}
+		time.Sleep(step)
+	}
+	return false
 }
 
 // keepalivedStats returns the memory and CPU of keepalived and of its
@@ -303,6 +323,7 @@ var (
 // checkKernel compares the IPVS table and the VIPs with what the
 // objects imply, and records keepalived.conf's size and contents.
 func checkKernel(t *testing.T, s spec, r *results, m map[string]float64) {
+	t.Helper()
 	conf, err := os.ReadFile(filepath.Join(runDir, "keepalived.conf"))
 	if err != nil {
 		t.Fatal(err)

@@ -30,19 +30,26 @@ type results struct {
 	KeepalivedParent, KeepalivedVRRP, KeepalivedParentEnd, KeepalivedVRRPEnd procStats
 
 	// CachesSynced and FirstSync are from the speaker's start to its
-	// informers' caches synced and to its first successful sync;
-	// FirstIPVS and FirstConf from the caches synced to the IPVS table
-	// and to keepalived.conf written (its log), FirstRender the VRRP
-	// plan and render of a sync (its metrics' mean until then).
-	CachesSynced, FirstSync, FirstIPVS, FirstConf, FirstRender time.Duration
+	// informers' caches synced and to keepalived.conf written by its
+	// first sync; FirstIPVS from the caches synced to the IPVS table
+	// written (its log); Render the VRRP plan and render of a sync (its
+	// metrics' mean until settled).
+	CachesSynced, FirstSync, FirstIPVS, Render time.Duration
 	// AllVIPs is from the start to every VIP on the link; ColdHolders
 	// from then to every cold Service's holder annotation written.
 	AllVIPs, ColdHolders time.Duration
 
 	Resyncs []resync
 	Reloads []reload
-	// ScrapeCPU is the speaker's CPU for one scrape of its /metrics.
-	ScrapeCPU time.Duration
+	// ScrapeWall and ScrapeCPU are one scrape of the speaker's /metrics,
+	// settled: its time and the speaker's CPU.
+	ScrapeWall, ScrapeCPU time.Duration
+	// HeapInuse and NextGC are the Go runtime's, settled.
+	HeapInuse, NextGC int64
+	// FailedSyncs counts the syncs that failed until settled;
+	// FailedSyncExample is the last one's log line.
+	FailedSyncs       int
+	FailedSyncExample string
 
 	// The kernel's IPVS table in keeplb's pools, dumped in DumpTook.
 	VirtualServers, RealServers, PodReals, NodePortReals int
@@ -57,8 +64,8 @@ type results struct {
 
 // resync is one sync that changed nothing: Wall from the change of the
 // touch Service to the sync's end (the watch's delivery included), IPVS
-// and Render its parts, CPU the speaker's (less the test's scrapes of its
-// metrics), Syncs how many ran.
+// and Render its parts, CPU the speaker's until it was idle again, Syncs
+// how many ran.
 type resync struct {
 	Wall, IPVS, Render, CPU time.Duration
 	Syncs                   int
@@ -93,13 +100,16 @@ func (r *results) markdown(s spec) string {
 	if peak > targetRSS {
 		r.Failures = append(r.Failures, fmt.Sprintf("speaker peak RSS %s > 200 MiB", mib(peak)))
 	}
+	row("speaker Go heap in use, settled; next GC at", fmt.Sprintf("%s; %s", mib(r.HeapInuse), mib(r.NextGC)), "")
 	row("keepalived RSS (parent + VRRP child), settled", fmt.Sprintf("%s + %s", mib(r.KeepalivedParent.RSS), mib(r.KeepalivedVRRP.RSS)), "")
-	row("start to caches synced, to first full sync done", fmt.Sprintf("%s, %s", sec(r.CachesSynced), sec(r.FirstSync)), "")
-	row("first full sync, from the caches synced: IPVS table written (empty to full), keepalived.conf written", fmt.Sprintf("%s, %s", sec(r.FirstIPVS), sec(r.FirstConf)), "")
-	row("VRRP plan and render of a sync (mean of the first ones)", ms(r.FirstRender), "")
+	row("speaker start to its informers' caches synced", sec(r.CachesSynced), "")
+	row("first full sync, from the caches synced: IPVS table written (empty to full; nftables first), keepalived.conf written", fmt.Sprintf("%s, %s", sec(r.FirstIPVS), sec(r.FirstSync-r.CachesSynced)), "")
+	row("VRRP plan and render of a sync (mean until settled)", ms(r.Render), "")
 	row("start to every VIP on the link (keepalived MASTER of all)", sec(r.AllVIPs), "")
 	row(fmt.Sprintf("holder annotations of %d Services written after that", s.Cold), sec(r.ColdHolders), "")
 	row("speaker CPU: to settled, in all", fmt.Sprintf("%s, %s", sec(r.Speaker.Settled.CPU), sec(r.Speaker.End.CPU)), "")
+	row("syncs failed until settled", fmt.Sprintf("%d%s", r.FailedSyncs, lastError(r.FailedSyncExample)), "")
+	row("one scrape of the speaker's /metrics: time, speaker CPU", fmt.Sprintf("%s, %s", sec(r.ScrapeWall), sec(r.ScrapeCPU)), "")
 	if len(r.Resyncs) > 0 {
 		var wall, ipvs, render, cpu []time.Duration
 		for _, x := range r.Resyncs {
@@ -111,7 +121,7 @@ func (r *results) markdown(s spec) string {
 			r.Failures = append(r.Failures, fmt.Sprintf("resync took up to %s > 2 s", sec(worst)))
 		}
 		row("… of which IPVS (dump and diff), VRRP plan and render", fmt.Sprintf("%s; %s", spread(ipvs), spread(render)), "")
-		row("… speaker CPU per resync (the test's scrapes of /metrics taken out)", fmt.Sprintf("%s (a scrape: %s)", spread(cpu), ms(r.ScrapeCPU)), "")
+		row("… speaker CPU per resync", spread(cpu), "")
 	} else {
 		row("resync, nothing changed", "not measured", "≤ 2 s ✗")
 		r.Failures = append(r.Failures, "no resync measured")
@@ -132,6 +142,16 @@ func (r *results) markdown(s spec) string {
 		thousands(r.VirtualServers), thousands(r.RealServers), thousands(r.PodReals), thousands(r.NodePortReals), r.NodePortRealsMin, r.NodePortRealsMax), "as the objects imply ✓")
 	row("keepalived.conf", fmt.Sprintf("%s bytes, %d instances, %s VIPs (%s on the link)", thousands(r.ConfBytes), r.Instances, thousands(r.ConfVIPs), thousands(r.VIPsOnLink)), "")
 	return b.String()
+}
+
+// lastError is `: "err"` from a klog line's err="…", or "".
+func lastError(line string) string {
+	_, after, ok := strings.Cut(line, `err="`)
+	if !ok {
+		return ""
+	}
+	msg, _, _ := strings.Cut(after, `"`)
+	return fmt.Sprintf(" (last: %q)", msg)
 }
 
 // spread is "median (min–max)".

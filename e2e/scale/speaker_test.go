@@ -146,6 +146,19 @@ func (p *speakerProc) first(s string, after time.Time) (logLine, bool) {
 	return logLine{}, false
 }
 
+// failures returns how many syncs failed, and the last such log line.
+func (p *speakerProc) failures() (int, string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n, last := 0, ""
+	for _, l := range p.lines {
+		if strings.Contains(l.text, "Sync failed") {
+			n, last = n+1, l.text
+		}
+	}
+	return n, last
+}
+
 // exited says whether the speaker has exited.
 func (p *speakerProc) exited() bool {
 	select {
