@@ -41,12 +41,17 @@ const services = 1000
 
 // BenchmarkController runs, on one control plane: the raw status-patch
 // rate with 4 and 16 clients; then keeplb with its default flags for a
-// burst of classless Services (the upstream service controller's), a burst
-// of keeplb.io/vip Services (keeplb's class controller), and a backlog of
-// classless Services that exist before the controller starts. Each reports
+// burst of classless Services (the upstream service controller's, two
+// writes each) and one of keeplb.io/vip Services (keeplb's class
+// controller, one write each), then a backlog of each, 1,000 Services that
+// exist before the controller starts. A burst can be no faster than the
+// API server creates the Services: the raw runs report that time too
+// (create-s). Each reports
 // svc/s, the rate relative to the faster raw run (x-raw), the
 // controller's writes to the Services per Service, the events written per
-// Service, and the Services left without their IPAllocated event. Run it
+// Service, and the events missing at the end: IPAllocated for every
+// Service, and EnsuringLoadBalancer and EnsuredLoadBalancer for every
+// Service of the upstream controller. Run it
 // with -benchtime=1x: one burst is the measurement.
 func BenchmarkController(b *testing.B) {
 	cp, err := controlplane.Start(b.Context(), controlplane.Options{Users: map[string][]string{keeplbtest.ControllerUser: keeplbtest.Groups}})
@@ -76,9 +81,10 @@ func BenchmarkController(b *testing.B) {
 		})
 	}
 	for _, s := range []scenario{
-		{name: "keeplb/classless"},
-		{name: "keeplb/vip", class: annotations.DefaultClass},
-		{name: "keeplb/backlog", backlog: true},
+		{name: "keeplb/burst-classless"},
+		{name: "keeplb/burst-vip", class: annotations.DefaultClass},
+		{name: "keeplb/backlog-classless", backlog: true},
+		{name: "keeplb/backlog-vip", class: annotations.DefaultClass, backlog: true},
 	} {
 		b.Run(s.name, func(b *testing.B) { h.keeplb(b, s, raw) })
 	}
@@ -131,7 +137,9 @@ func (h *harness) namespace(b *testing.B) string {
 // the Services.
 func (h *harness) raw(b *testing.B, clients int) time.Duration {
 	ns := h.namespace(b)
+	created := time.Now()
 	h.create(b, ns, "", 16)
+	b.ReportMetric(time.Since(created).Seconds(), "create-s")
 	sa := kubernetes.NewForConfigOrDie(h.sa)
 	start := time.Now()
 	parallel(services, clients, func(i int) {
@@ -171,7 +179,6 @@ func (h *harness) keeplb(b *testing.B, s scenario, raw time.Duration) {
 	// so that the harness can read them.
 	o.MetricsBindAddress, o.MetricsSecure = freeAddr(b), false
 	o.LeaderElectNamespace, o.Identity = "keeplb-system", ns
-	cfg.QPS, cfg.Burst = o.KubeAPIQPS, o.KubeAPIBurst // as Run does
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	start := time.Now()
@@ -182,11 +189,21 @@ func (h *harness) keeplb(b *testing.B, s scenario, raw time.Duration) {
 			b.Errorf("controller: %v", err)
 		}
 	}()
-	if !s.backlog {
+	seeded := make(chan time.Duration, 1)
+	if s.backlog {
+		// How much of the time the start takes: the informers' lists
+		// and seeding the allocator from every Service's status.
+		go func() {
+			if h.seeded(b.Context(), o, time.Minute) {
+				seeded <- time.Since(start)
+			}
+		}()
+	} else {
 		// The controller waits, seeded, for the burst.
 		h.waitSeeded(b, o)
 		start = time.Now()
 		h.create(b, ns, s.class, 16)
+		b.ReportMetric(time.Since(start).Seconds(), "create-s")
 	}
 	var d time.Duration
 	select {
@@ -198,11 +215,27 @@ func (h *harness) keeplb(b *testing.B, s scenario, raw time.Duration) {
 	b.ReportMetric(float64(d.Nanoseconds()), "ns/op")
 	b.ReportMetric(services/d.Seconds(), "svc/s")
 	b.ReportMetric(raw.Seconds()/d.Seconds(), "x-raw")
+	select {
+	case t := <-seeded:
+		b.ReportMetric(t.Seconds(), "start-s")
+	default:
+	}
 	// Writes settle once every Service was assigned; events may trail.
-	got := h.settleEvents(b, ns)
+	// Each Service is owed an IPAllocated event, and one of each upstream
+	// sync event when the upstream controller reconciles it.
+	want := []string{"IPAllocated"}
+	if s.class == "" {
+		want = append(want, "EnsuringLoadBalancer", "EnsuredLoadBalancer")
+	}
+	with := h.settleEvents(b, ns, o.MetricsBindAddress)
+	lost := 0
+	for _, reason := range want {
+		lost += services - with[reason]
+	}
 	b.ReportMetric(float64(writes.Load())/services, "writes/svc")
 	b.ReportMetric(float64(events.Load())/services, "events/svc")
-	b.ReportMetric(float64(services-got), "lost-IPAllocated")
+	b.ReportMetric(float64(services-with["IPAllocated"]), "lost-IPAllocated")
+	b.ReportMetric(float64(lost), "lost-events")
 	if n, ok := scrapeCounter(o.MetricsBindAddress, "keeplb_controller_events_dropped_total"); ok {
 		b.ReportMetric(n, "dropped-events")
 	}
@@ -228,20 +261,28 @@ func scrapeCounter(addr, metric string) (float64, bool) {
 	return sum, found
 }
 
-// waitSeeded waits until the controller leads (it holds the Lease) and
-// its allocator is seeded (/readyz, which a leader answers only then).
+// waitSeeded waits until the controller leads and is seeded.
 func (h *harness) waitSeeded(b *testing.B, o *controller.Options) {
-	deadline := time.Now().Add(time.Minute)
+	if !h.seeded(b.Context(), o, time.Minute) {
+		b.Fatal("the controller did not lead and seed within a minute")
+	}
+}
+
+// seeded polls until the controller leads (it holds the Lease) and its
+// allocator is seeded (/readyz, which a leader answers only then); false
+// if that takes longer than timeout.
+func (h *harness) seeded(ctx context.Context, o *controller.Options, timeout time.Duration) bool {
+	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
-		l, err := h.admin.CoordinationV1().Leases(o.LeaderElectNamespace).Get(b.Context(), o.LeaderElectName, metav1.GetOptions{})
+		l, err := h.admin.CoordinationV1().Leases(o.LeaderElectNamespace).Get(ctx, o.LeaderElectName, metav1.GetOptions{})
 		if err == nil && l.Spec.HolderIdentity != nil && *l.Spec.HolderIdentity == o.Identity {
 			if _, code, err := keeplbtest.Scrape("http://"+o.MetricsBindAddress+"/readyz", ""); err == nil && code == http.StatusOK {
-				return
+				return true
 			}
 		}
-		time.Sleep(50 * time.Millisecond)
+		time.Sleep(20 * time.Millisecond)
 	}
-	b.Fatal("the controller did not lead and seed within a minute")
+	return false
 }
 
 // watchAssigned returns a channel that receives the time at which the
@@ -279,11 +320,13 @@ func (h *harness) watchAssigned(b *testing.B, ns string) <-chan time.Time {
 	return out
 }
 
-// settleEvents waits until the events in ns stop changing (2 s without a
-// new one, at most 3 minutes) and returns how many Services have an
-// IPAllocated event.
-func (h *harness) settleEvents(b *testing.B, ns string) int {
+// settleEvents waits until the controller has no event left to write
+// (keeplb_controller_events_pending is 0; without that metric, until the
+// events in ns stop changing for 2 s), at most 3 minutes, and returns, by
+// reason, how many Services have an event of that reason.
+func (h *harness) settleEvents(b *testing.B, ns, metricsAddr string) map[string]int {
 	last, lastChange := -1, time.Now()
+	metered, drained := false, false
 	deadline := time.Now().Add(3 * time.Minute)
 	for {
 		list, err := h.admin.CoreV1().Events(ns).List(b.Context(), metav1.ListOptions{})
@@ -291,19 +334,28 @@ func (h *harness) settleEvents(b *testing.B, ns string) int {
 			b.Fatal(err)
 		}
 		var sum int
-		with := map[string]bool{}
+		with := map[string]map[string]bool{}
 		for _, e := range list.Items {
 			sum += int(e.Count)
-			if e.Reason == "IPAllocated" {
-				with[e.InvolvedObject.Name] = true
+			if with[e.Reason] == nil {
+				with[e.Reason] = map[string]bool{}
 			}
+			with[e.Reason][e.InvolvedObject.Name] = true
 		}
 		if sum != last {
 			last, lastChange = sum, time.Now()
 		}
-		if time.Since(lastChange) > 2*time.Second || time.Now().After(deadline) {
-			return len(with)
+		// The list above was taken after the writer was seen with nothing
+		// pending (and 250 ms for the writes then on the wire).
+		if drained || (!metered && time.Since(lastChange) > 2*time.Second) || time.Now().After(deadline) {
+			n := map[string]int{}
+			for reason, svcs := range with {
+				n[reason] = len(svcs)
+			}
+			return n
 		}
+		pending, ok := scrapeCounter(metricsAddr, "keeplb_controller_events_pending")
+		metered, drained = ok, ok && pending == 0
 		time.Sleep(250 * time.Millisecond)
 	}
 }
