@@ -23,8 +23,6 @@ import (
 	"k8s.io/client-go/informers"
 	coreinformers "k8s.io/client-go/informers/core/v1"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/kubernetes/scheme"
-	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
@@ -57,17 +55,18 @@ func Run(ctx context.Context, o *Options) error {
 	if err != nil {
 		return fmt.Errorf("load kubeconfig: %w", err)
 	}
-	cfg.QPS, cfg.Burst = o.KubeAPIQPS, o.KubeAPIBurst
 	return RunWithConfig(ctx, o, cfg)
 }
 
-// RunWithConfig is Run with a ready REST config, for tests and embedding.
+// RunWithConfig is Run with a ready REST config, for tests and embedding;
+// the client-side rate limits are the options', whatever cfg says.
 func RunWithConfig(ctx context.Context, o *Options, cfg *rest.Config) error {
 	if err := o.Validate(); err != nil {
 		return err
 	}
 	cfg = rest.CopyConfig(cfg)
 	cfg.UserAgent = Component
+	cfg.QPS, cfg.Burst = o.KubeAPIQPS, o.KubeAPIBurst
 	// The Lease is renewed and released with a client of its own: the
 	// fence stops every other write of this replica when it stops leading.
 	leases, err := kubernetes.NewForConfig(cfg)
@@ -79,15 +78,27 @@ func RunWithConfig(ctx context.Context, o *Options, cfg *rest.Config) error {
 	reviews := rest.CopyConfig(cfg)
 	f := newFence(o.writeTimeout())
 	cfg.Wrap(f.Wrap)
-	client, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		return err
+	// Each writer has a client, and so a client-side rate limit, of its
+	// own, as kube-controller-manager gives each of its controllers: the
+	// two Service reconcilers, the pool status writer, and the events,
+	// which then never take the budget of the status writes.
+	clients := make([]kubernetes.Interface, 3)
+	for i := range clients {
+		if clients[i], err = kubernetes.NewForConfig(cfg); err != nil {
+			return err
+		}
 	}
 	dyn, err := dynamic.NewForConfig(cfg)
 	if err != nil {
 		return err
 	}
-	c := &Controller{opts: o, client: client, leases: leases, dyn: dyn, fence: f, metrics: metrics.NewController()}
+	m := metrics.NewController()
+	c := &Controller{opts: o, client: clients[0], upstreamClient: clients[1], classClient: clients[2], leases: leases, dyn: dyn, fence: f, metrics: m}
+	events, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return err
+	}
+	c.events = newEventWriter(events.CoreV1(), metrics.NewEvents(m), klog.FromContext(ctx).WithName("events"))
 	srv, err := c.server(reviews)
 	if err != nil {
 		return err
@@ -99,12 +110,17 @@ func RunWithConfig(ctx context.Context, o *Options, cfg *rest.Config) error {
 // Controller is one running keeplb controller.
 type Controller struct {
 	opts *Options
-	// client and dyn write through fence; leases renews the Lease.
-	client  kubernetes.Interface
-	leases  kubernetes.Interface
-	dyn     dynamic.Interface
-	fence   *fence
-	metrics *metrics.Controller
+	// client (the pools' status, informers), upstreamClient, classClient
+	// and dyn write through fence, each with its own rate limit; leases
+	// renews the Lease.
+	client                      kubernetes.Interface
+	upstreamClient, classClient kubernetes.Interface
+	leases                      kubernetes.Interface
+	dyn                         dynamic.Interface
+	fence                       *fence
+	metrics                     *metrics.Controller
+	// events writes the events of both reconcilers.
+	events *eventWriter
 
 	// leading and seeded feed /readyz: a standby is ready, a leader is
 	// ready once the allocator is seeded.
@@ -139,11 +155,7 @@ func (c *Controller) run(ctx context.Context) error {
 	namespaces := factory.Core().V1().Namespaces()
 	c.poolInf = dynFactory.ForResource(v1alpha1.IPPoolResource).Informer()
 
-	broadcaster := record.NewBroadcaster(record.WithContext(ctx))
-	broadcaster.StartStructuredLogging(3)
-	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: c.client.CoreV1().Events("")})
-	defer broadcaster.Shutdown()
-	c.recorder = broadcaster.NewRecorder(scheme.Scheme, v1.EventSource{Component: Component})
+	c.recorder = eventRecorder{w: c.events, source: v1.EventSource{Component: Component}, logger: logger}
 
 	unmanaged, _ := o.unmanaged() // validated
 	c.alloc = allocator.New(unmanaged...)
@@ -183,6 +195,7 @@ func (c *Controller) run(ctx context.Context) error {
 	// Each Run returns once ctx is done; the writes their stray goroutines
 	// may still attempt are stopped by the fence (see elect).
 	var workers sync.WaitGroup
+	workers.Go(func() { c.events.run(ctx) })
 	workers.Go(func() { c.runner.Run(ctx) })
 	if upstream != nil {
 		workers.Go(func() { upstream.Run(ctx, o.Workers, controllersmetrics.NewControllerManagerMetrics("keeplb")) })
@@ -200,7 +213,7 @@ func (c *Controller) reconcilers(prov *provider.Provider, nodes coreinformers.No
 	var upstream *servicecontroller.Controller
 	if o.DefaultClass {
 		var err error
-		upstream, err = servicecontroller.New(prov, c.client, c.upstreamServices, quietNodes{nodes}, o.ClusterName, featuregate.NewFeatureGate())
+		upstream, err = servicecontroller.New(prov, eventsTo{Interface: c.upstreamClient, w: c.events}, c.upstreamServices, quietNodes{nodes}, o.ClusterName, featuregate.NewFeatureGate())
 		if err != nil {
 			return nil, nil, fmt.Errorf("create service controller: %w", err)
 		}
@@ -209,7 +222,7 @@ func (c *Controller) reconcilers(prov *provider.Provider, nodes coreinformers.No
 		Class:        o.LoadBalancerClass,
 		DefaultClass: o.DefaultClass,
 		ClusterName:  o.ClusterName,
-		Client:       c.client,
+		Client:       c.classClient,
 		Balancer:     prov,
 		Known:        c.known,
 		Manager:      Component,

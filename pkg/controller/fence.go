@@ -13,8 +13,8 @@ import (
 var errFenced = errors.New("keeplb controller: this replica does not lead; write refused")
 
 // fence is the one gate every API write of the leader's work passes: the
-// upstream service controller, the class controller, the pool status writer
-// and the event sink all share the client built on it. client-go's
+// clients of the upstream service controller, the class controller, the
+// pool status writer and the event writer are all built on it. client-go's
 // ReleaseOnCancel releases the Lease as soon as the election context ends,
 // while those workers may still have a PATCH to send (each of them returns
 // from Run without waiting for its goroutines), so a new leader could be

@@ -74,7 +74,7 @@ func NewOptions() *Options {
 		ClusterName:          "kubernetes",
 		LoadBalancerClass:    annotations.DefaultClass,
 		DefaultClass:         true,
-		Workers:              4,
+		Workers:              16,
 		RetryInterval:        time.Minute,
 		MetricsBindAddress:   ":10260",
 		MetricsSecure:        true,
@@ -85,8 +85,8 @@ func NewOptions() *Options {
 		RenewDeadline:        10 * time.Second,
 		RetryPeriod:          2 * time.Second,
 		Identity:             id,
-		KubeAPIQPS:           50,
-		KubeAPIBurst:         100,
+		KubeAPIQPS:           500,
+		KubeAPIBurst:         2000,
 	}
 }
 
