@@ -55,7 +55,8 @@ type Options struct {
 	LeaseDuration, RenewDeadline, RetryPeriod time.Duration
 	// Identity names this replica in the Lease; default: hostname.
 	Identity string
-	// KubeAPIQPS and KubeAPIBurst limit requests to the API server.
+	// KubeAPIQPS and KubeAPIBurst limit the requests to the API server of
+	// each writer: each has a client, and so a rate limiter, of its own.
 	KubeAPIQPS   float32
 	KubeAPIBurst int
 }
@@ -110,8 +111,8 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&o.RenewDeadline, "leader-elect-renew-deadline", o.RenewDeadline, "How long the leader tries to renew before giving up leadership.")
 	fs.DurationVar(&o.RetryPeriod, "leader-elect-retry-period", o.RetryPeriod, "How often candidates try to acquire or renew the Lease.")
 	fs.StringVar(&o.Identity, "leader-elect-identity", o.Identity, "This replica's identity in the Lease (default $POD_NAME or the hostname).")
-	fs.Float32Var(&o.KubeAPIQPS, "kube-api-qps", o.KubeAPIQPS, "Queries per second to the API server.")
-	fs.IntVar(&o.KubeAPIBurst, "kube-api-burst", o.KubeAPIBurst, "Burst of queries to the API server.")
+	fs.Float32Var(&o.KubeAPIQPS, "kube-api-qps", o.KubeAPIQPS, "Queries per second to the API server, for each writer (the upstream service controller, the class controller, the pool status writer and the event writer have a client each).")
+	fs.IntVar(&o.KubeAPIBurst, "kube-api-burst", o.KubeAPIBurst, "Burst of queries to the API server, for each writer.")
 }
 
 // Validate reports every invalid option at once.
