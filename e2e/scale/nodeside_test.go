@@ -3,6 +3,7 @@ package scale_e2e
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"net"
@@ -227,15 +228,22 @@ func (s spec) inPools(a netip.Addr) bool {
 	return a.Is4() && b[0] == 10 && int(b[1]) >= 100 && int(b[1]) < 100+s.Pools
 }
 
-// vipsOnLink returns the VIPs on link.
+// vipsOnLink returns the VIPs on link. A dump that the kernel reports
+// interrupted (addresses changed meanwhile: keepalived adding its VIPs)
+// is read again.
 func vipsOnLink(t *testing.T, s spec) []netip.Addr {
 	l, err := netlink.LinkByName(link)
 	if err != nil {
 		t.Fatal(err)
 	}
-	addrs, err := netlink.AddrList(l, netlink.FAMILY_V4)
+	var addrs []netlink.Addr
+	for range 100 {
+		if addrs, err = netlink.AddrList(l, netlink.FAMILY_V4); !errors.Is(err, netlink.ErrDumpInterrupted) {
+			break
+		}
+	}
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("addresses of %s: %v", link, err)
 	}
 	var out []netip.Addr
 	for _, a := range addrs {
