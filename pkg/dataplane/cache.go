@@ -49,9 +49,16 @@ type Cache struct {
 	// kubeProxy counts the Services that leave each virtual server to
 	// kube-proxy.
 	kubeProxy map[ipvs.Key]int
-	st        State
-	reals     int
-	gen       uint64
+	// snatRuns is the masquerading of each virtual server, sorted, and
+	// snatKeys those virtual servers, sorted, with snatN entries in all:
+	// State.SNAT is their concatenation, so that a change of one virtual
+	// server's masquerading costs a copy, not a sort of every entry.
+	snatRuns map[ipvs.Key][]nft.SNAT
+	snatKeys []ipvs.Key
+	snatN    int
+	st       State
+	reals    int
+	gen      uint64
 	// Hits and Misses count the Services reused and recomputed by the last
 	// call.
 	Hits, Misses int
@@ -137,7 +144,7 @@ func (ca *Cache) Compute(in Inputs, node string) (State, []Problem, Delta) {
 		for k := range ca.st.IPVS {
 			t.virtuals[k] = true
 		}
-		t.snat, t.guard, t.rngs = true, true, true
+		t.guard, t.rngs = true, true
 		ca.reset(c)
 	}
 	ca.global = g
@@ -202,8 +209,8 @@ func (ca *Cache) Update(changed map[string]ServiceInputs) (State, []Problem, Del
 
 // touched collects what one call changed.
 type touched struct {
-	virtuals          map[ipvs.Key]bool
-	snat, guard, rngs bool
+	virtuals    map[ipvs.Key]bool
+	guard, rngs bool
 }
 
 func newTouched() *touched { return &touched{virtuals: map[ipvs.Key]bool{}} }
@@ -214,6 +221,7 @@ func (ca *Cache) reset(c *computer) {
 	ca.claims = map[ipvs.Key][]*part{}
 	ca.contested, ca.withProblems = map[ipvs.Key]bool{}, map[*part]bool{}
 	ca.kubeProxy = map[ipvs.Key]int{}
+	ca.snatRuns, ca.snatKeys, ca.snatN = map[ipvs.Key][]nft.SNAT{}, nil, 0
 	ca.reals = 0
 	ca.st = State{
 		IPVS:         ipvs.Table{},
@@ -275,9 +283,8 @@ func (ca *Cache) replace(key string, p *part, t *touched) {
 	switch {
 	case old == nil && p == nil:
 	case old == nil || p == nil:
-		t.snat, t.guard, t.rngs = true, true, true
+		t.guard, t.rngs = true, true
 	default:
-		t.snat = t.snat || !slices.Equal(old.snat, p.snat)
 		t.guard = t.guard || !guardEqual(old.guard, p.guard)
 		t.rngs = t.rngs || !rangesEqual(old.entries, p.entries)
 	}
@@ -295,10 +302,14 @@ func rangesEqual(a, b []partEntry) bool {
 
 // finish brings the state's entries of the touched virtual servers up to
 // date (each goes to its oldest claimant), rebuilds the sorted lists that
-// changed and returns the state, its problems and the Delta.
+// changed and returns the state, its problems and the Delta. State.SNAT is
+// a new slice whenever it changes (the Reconciler keeps the one it last
+// wrote), so a real server added or removed costs a copy of every entry:
+// the nftables table is written whole then anyway.
 func (ca *Cache) finish(t *touched, full bool) (State, []Problem, Delta) {
 	ca.gen++
-	d := Delta{Full: full, NFT: full || t.snat || t.guard || t.rngs, cache: ca, gen: ca.gen}
+	d := Delta{Full: full, cache: ca, gen: ca.gen}
+	snat := false
 	for k := range t.virtuals {
 		if !full {
 			d.Virtuals = append(d.Virtuals, k)
@@ -318,13 +329,14 @@ func (ca *Cache) finish(t *touched, full bool) (State, []Problem, Delta) {
 			delete(ca.st.IPVS, k)
 			delete(ca.st.Owners, k)
 			delete(ca.st.SourceRanges, k)
+			snat = ca.setSNAT(k, nil) || snat
 			continue
 		}
 		w := cl[0]
 		if w.key != winnerBefore {
-			// Another Service's masquerading and filter now apply.
-			t.snat, t.rngs, d.NFT = true, true, true
+			t.rngs = true // another Service's filter now applies
 		}
+		snat = ca.setSNAT(k, w.snatOf(k)) || snat
 		e := w.entryOf(k)
 		ca.st.IPVS[k] = e.entry
 		ca.st.Owners[k] = w.key
@@ -336,8 +348,13 @@ func (ca *Cache) finish(t *touched, full bool) (State, []Problem, Delta) {
 		}
 	}
 	slices.SortFunc(d.Virtuals, ipvs.Key.Compare)
-	if t.snat {
-		ca.st.SNAT = ca.snat()
+	d.NFT = full || snat || t.guard || t.rngs
+	if snat {
+		out := make([]nft.SNAT, 0, ca.snatN)
+		for _, k := range ca.snatKeys {
+			out = append(out, ca.snatRuns[k]...)
+		}
+		ca.st.SNAT = out
 	}
 	if t.guard {
 		ca.st.Guard = ca.guard()
@@ -355,28 +372,40 @@ func (p *part) entryOf(k ipvs.Key) partEntry {
 	panic("dataplane: part " + p.key + " has no virtual server " + k.String())
 }
 
-// snat returns the masquerading of every virtual server, from the parts
-// that forward them, sorted.
-func (ca *Cache) snat() []nft.SNAT {
-	n := 0
-	for _, p := range ca.parts {
-		n += len(p.snat)
-	}
-	out := make([]nft.SNAT, 0, n)
-	for _, p := range ca.parts {
-		for _, sn := range p.snat {
-			if cl := ca.claims[sn.Virtual]; len(cl) > 0 && cl[0] == p {
-				out = append(out, sn)
-			}
+// snatOf returns p's masquerading of the virtual server k, sorted.
+func (p *part) snatOf(k ipvs.Key) []nft.SNAT {
+	var out []nft.SNAT
+	for _, sn := range p.snat {
+		if sn.Virtual == k {
+			out = append(out, sn)
 		}
 	}
-	slices.SortFunc(out, func(a, b nft.SNAT) int {
-		if c := a.Virtual.Compare(b.Virtual); c != 0 {
-			return c
-		}
-		return a.Real.Compare(b.Real)
-	})
+	slices.SortFunc(out, func(a, b nft.SNAT) int { return a.Real.Compare(b.Real) })
 	return slices.Compact(out)
+}
+
+// setSNAT makes run the masquerading of the virtual server k, and reports
+// whether it changed.
+func (ca *Cache) setSNAT(k ipvs.Key, run []nft.SNAT) bool {
+	old := ca.snatRuns[k]
+	if slices.Equal(old, run) {
+		return false
+	}
+	ca.snatN += len(run) - len(old)
+	i, found := slices.BinarySearchFunc(ca.snatKeys, k, ipvs.Key.Compare)
+	switch {
+	case len(run) == 0:
+		delete(ca.snatRuns, k)
+		if found {
+			ca.snatKeys = slices.Delete(ca.snatKeys, i, i+1)
+		}
+	default:
+		ca.snatRuns[k] = run
+		if !found {
+			ca.snatKeys = slices.Insert(ca.snatKeys, i, k)
+		}
+	}
+	return true
 }
 
 // guard returns every part's guard together.

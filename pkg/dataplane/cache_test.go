@@ -241,6 +241,31 @@ func BenchmarkEndpointChange(b *testing.B) {
 				maps.Copy(programmed, want)
 			}
 		})
+		// An endpoint that comes and goes changes the masquerading too,
+		// which the Cache rebuilds whole (see Cache.snat).
+		b.Run(fmt.Sprintf("%dx10/delta-add-remove", n), func(b *testing.B) {
+			ca := &Cache{}
+			st, _, _ := ca.Compute(in, "n0")
+			programmed := maps.Clone(st.IPVS)
+			extra := s.Endpoints[0]
+			extra.Addresses = []string{"10.99.0.1"}
+			full := s.Endpoints
+			b.ReportAllocs()
+			for b.Loop() {
+				if len(s.Endpoints) == len(full) {
+					s.Endpoints = append(slices.Clip(full), extra)
+				} else {
+					s.Endpoints = full
+				}
+				st, _, d, _ := ca.Update(map[string]ServiceInputs{svc.Namespace + "/" + svc.Name: {Service: svc, Slices: []*discoveryv1.EndpointSlice{s}}})
+				ops, want := diffDelta(programmed, st, d)
+				if len(ops) != 1 || !d.NFT {
+					b.Fatalf("%v, nftables changed %v; want one op and an nftables change", ops, d.NFT)
+				}
+				maps.Copy(programmed, want)
+			}
+			s.Endpoints = full
+		})
 	}
 }
 
