@@ -121,7 +121,7 @@ awk '/^Benchmark/ { n = $1; sub(/-[0-9]+$/, "", n); for (i = 3; i < NF; i++) { i
         (k == 1 ? ns["BenchmarkEndpointChange/10000x10/full"] / ns["BenchmarkEndpointChange/1000x10/full"] : ns["BenchmarkSyncEndpointChange/10000x10/everything"] / ns["BenchmarkSyncEndpointChange/1000x10/everything"])
     }
     a1 = ns["BenchmarkEndpointChange/1000x10/delta-add-remove"]; a2 = ns["BenchmarkEndpointChange/10000x10/delta-add-remove"]
-    if (a1 && a2) printf "An endpoint added or removed (the masquerading changes, State.SNAT is copied whole): %.2f ms at 1,000 Services, %.2f ms at 10,000.\n", a1 / 1e6, a2 / 1e6
+    if (a1 && a2) printf "An endpoint added or removed (the masquerading changes too; the SNAT entries after it move): %.1f us at 1,000 Services, %.1f us at 10,000.\n", a1 / 1e3, a2 / 1e3
     d = ns["BenchmarkDiff1000x10"]; v = ns["BenchmarkNaivePerService1000x10"]
     if (d && v) printf "Diff of 1,000 virtual servers: %.0fx faster than a per-Service lookup.\n", v / d
   }' _output/bench-dataplane.txt

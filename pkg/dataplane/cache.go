@@ -49,16 +49,9 @@ type Cache struct {
 	// kubeProxy counts the Services that leave each virtual server to
 	// kube-proxy.
 	kubeProxy map[ipvs.Key]int
-	// snatRuns is the masquerading of each virtual server, sorted, and
-	// snatKeys those virtual servers, sorted, with snatN entries in all:
-	// State.SNAT is their concatenation, so that a change of one virtual
-	// server's masquerading costs a copy, not a sort of every entry.
-	snatRuns map[ipvs.Key][]nft.SNAT
-	snatKeys []ipvs.Key
-	snatN    int
-	st       State
-	reals    int
-	gen      uint64
+	st        State
+	reals     int
+	gen       uint64
 	// Hits and Misses count the Services reused and recomputed by the last
 	// call.
 	Hits, Misses int
@@ -221,7 +214,6 @@ func (ca *Cache) reset(c *computer) {
 	ca.claims = map[ipvs.Key][]*part{}
 	ca.contested, ca.withProblems = map[ipvs.Key]bool{}, map[*part]bool{}
 	ca.kubeProxy = map[ipvs.Key]int{}
-	ca.snatRuns, ca.snatKeys, ca.snatN = map[ipvs.Key][]nft.SNAT{}, nil, 0
 	ca.reals = 0
 	ca.st = State{
 		IPVS:         ipvs.Table{},
@@ -302,13 +294,14 @@ func rangesEqual(a, b []partEntry) bool {
 
 // finish brings the state's entries of the touched virtual servers up to
 // date (each goes to its oldest claimant), rebuilds the sorted lists that
-// changed and returns the state, its problems and the Delta. State.SNAT is
-// a new slice whenever it changes (the Reconciler keeps the one it last
-// wrote), so a real server added or removed costs a copy of every entry:
-// the nftables table is written whole then anyway.
+// changed and returns the state, its problems and the Delta.
 func (ca *Cache) finish(t *touched, full bool) (State, []Problem, Delta) {
 	ca.gen++
 	d := Delta{Full: full, cache: ca, gen: ca.gen}
+	// A few virtual servers' masquerading is replaced in place; many are
+	// rebuilt at once (inserting one run after another would move the
+	// whole list each time).
+	bulk := len(t.virtuals) > bulkSNAT
 	snat := false
 	for k := range t.virtuals {
 		if !full {
@@ -329,14 +322,18 @@ func (ca *Cache) finish(t *touched, full bool) (State, []Problem, Delta) {
 			delete(ca.st.IPVS, k)
 			delete(ca.st.Owners, k)
 			delete(ca.st.SourceRanges, k)
-			snat = ca.setSNAT(k, nil) || snat
+			if !bulk {
+				snat = ca.setSNAT(k, nil) || snat
+			}
 			continue
 		}
 		w := cl[0]
 		if w.key != winnerBefore {
 			t.rngs = true // another Service's filter now applies
 		}
-		snat = ca.setSNAT(k, w.snatOf(k)) || snat
+		if !bulk {
+			snat = ca.setSNAT(k, w.snatOf(k)) || snat
+		}
 		e := w.entryOf(k)
 		ca.st.IPVS[k] = e.entry
 		ca.st.Owners[k] = w.key
@@ -348,14 +345,10 @@ func (ca *Cache) finish(t *touched, full bool) (State, []Problem, Delta) {
 		}
 	}
 	slices.SortFunc(d.Virtuals, ipvs.Key.Compare)
-	d.NFT = full || snat || t.guard || t.rngs
-	if snat {
-		out := make([]nft.SNAT, 0, ca.snatN)
-		for _, k := range ca.snatKeys {
-			out = append(out, ca.snatRuns[k]...)
-		}
-		ca.st.SNAT = out
+	if bulk {
+		snat = ca.rebuildSNAT()
 	}
+	d.NFT = full || snat || t.guard || t.rngs
 	if t.guard {
 		ca.st.Guard = ca.guard()
 	}
@@ -384,27 +377,45 @@ func (p *part) snatOf(k ipvs.Key) []nft.SNAT {
 	return slices.Compact(out)
 }
 
-// setSNAT makes run the masquerading of the virtual server k, and reports
-// whether it changed.
-func (ca *Cache) setSNAT(k ipvs.Key, run []nft.SNAT) bool {
-	old := ca.snatRuns[k]
-	if slices.Equal(old, run) {
+// bulkSNAT is how many virtual servers' masquerading finish replaces in
+// place, at most.
+const bulkSNAT = 64
+
+// rebuildSNAT makes State.SNAT anew from every virtual server's winner,
+// and reports whether it changed.
+func (ca *Cache) rebuildSNAT() bool {
+	var out []nft.SNAT
+	for k := range ca.st.IPVS {
+		out = append(out, ca.claims[k][0].snatOf(k)...)
+	}
+	slices.SortFunc(out, func(a, b nft.SNAT) int {
+		if c := a.Virtual.Compare(b.Virtual); c != 0 {
+			return c
+		}
+		return a.Real.Compare(b.Real)
+	})
+	if slices.Equal(out, ca.st.SNAT) {
 		return false
 	}
-	ca.snatN += len(run) - len(old)
-	i, found := slices.BinarySearchFunc(ca.snatKeys, k, ipvs.Key.Compare)
-	switch {
-	case len(run) == 0:
-		delete(ca.snatRuns, k)
-		if found {
-			ca.snatKeys = slices.Delete(ca.snatKeys, i, i+1)
-		}
-	default:
-		ca.snatRuns[k] = run
-		if !found {
-			ca.snatKeys = slices.Insert(ca.snatKeys, i, k)
-		}
+	ca.st.SNAT = out
+	return true
+}
+
+// setSNAT makes run the masquerading of the virtual server k in
+// State.SNAT, and reports whether it changed. State.SNAT is sorted, so k's
+// entries are one run, found by a binary search and replaced in place:
+// a real server added or removed costs moving the entries after it, not a
+// sort of all of them.
+func (ca *Cache) setSNAT(k ipvs.Key, run []nft.SNAT) bool {
+	i, _ := slices.BinarySearchFunc(ca.st.SNAT, k, func(sn nft.SNAT, k ipvs.Key) int { return sn.Virtual.Compare(k) })
+	j := i
+	for j < len(ca.st.SNAT) && ca.st.SNAT[j].Virtual == k {
+		j++
 	}
+	if slices.Equal(ca.st.SNAT[i:j], run) {
+		return false
+	}
+	ca.st.SNAT = slices.Replace(ca.st.SNAT, i, j, run...)
 	return true
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strconv"
 	"syscall"
@@ -99,6 +100,11 @@ func TestSyncDeltaExactOps(t *testing.T) {
 		}
 		if got, want := elements(t, g.nf, "snat-v4"), snatElements(st); !slices.Equal(got, want) {
 			t.Errorf("%s: %d masqueraded in the nftables table; want %d", tt.name, len(got), len(want))
+		}
+		// Every real server of a Cluster Service forwarded to pods is
+		// masqueraded: State.SNAT is all of them, sorted.
+		if all := everyReal(want.IPVS); !slices.Equal(st.SNAT, all) {
+			t.Errorf("%s: State.SNAT has %d entries; want the %d real servers, sorted", tt.name, len(st.SNAT), len(all))
 		}
 	}
 }
@@ -203,6 +209,18 @@ func TestSyncDeltaFallsBackToFull(t *testing.T) {
 			t.Errorf("adopted virtual server %s; want %s", got, st.IPVS[foreignVS.Key()])
 		}
 	})
+}
+
+// everyReal lists every real server of t as masquerading, sorted by
+// virtual server, then real server.
+func everyReal(t ipvs.Table) []nft.SNAT {
+	var out []nft.SNAT
+	for _, k := range slices.SortedFunc(maps.Keys(t), ipvs.Key.Compare) {
+		for _, r := range slices.SortedFunc(slices.Values(t[k].Reals), ipvs.CompareReal) {
+			out = append(out, nft.SNAT{Virtual: k, Real: r.AddrPort()})
+		}
+	}
+	return out
 }
 
 func mustDesired(in Inputs) State {
