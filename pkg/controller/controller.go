@@ -94,7 +94,9 @@ func RunWithConfig(ctx context.Context, o *Options, cfg *rest.Config) error {
 	}
 	m := metrics.NewController()
 	c := &Controller{opts: o, client: clients[0], upstreamClient: clients[1], classClient: clients[2], leases: leases, dyn: dyn, fence: f, metrics: m}
-	events, err := kubernetes.NewForConfig(cfg)
+	evcfg := rest.CopyConfig(cfg)
+	evcfg.QPS, evcfg.Burst = o.EventQPS, o.EventBurst
+	events, err := kubernetes.NewForConfig(evcfg)
 	if err != nil {
 		return err
 	}

@@ -59,6 +59,11 @@ type Options struct {
 	// each writer: each has a client, and so a rate limiter, of its own.
 	KubeAPIQPS   float32
 	KubeAPIBurst int
+	// EventQPS and EventBurst limit the event writer's requests: events
+	// trail the status writes instead of taking the API server's time
+	// from them (kubelet's --event-qps and --event-burst do the same).
+	EventQPS   float32
+	EventBurst int
 }
 
 // NewOptions returns Options with the defaults.
@@ -88,6 +93,8 @@ func NewOptions() *Options {
 		Identity:             id,
 		KubeAPIQPS:           500,
 		KubeAPIBurst:         2000,
+		EventQPS:             50,
+		EventBurst:           100,
 	}
 }
 
@@ -113,6 +120,8 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.Identity, "leader-elect-identity", o.Identity, "This replica's identity in the Lease (default $POD_NAME or the hostname).")
 	fs.Float32Var(&o.KubeAPIQPS, "kube-api-qps", o.KubeAPIQPS, "Queries per second to the API server, for each writer (the upstream service controller, the class controller, the pool status writer and the event writer have a client each).")
 	fs.IntVar(&o.KubeAPIBurst, "kube-api-burst", o.KubeAPIBurst, "Burst of queries to the API server, for each writer.")
+	fs.Float32Var(&o.EventQPS, "event-qps", o.EventQPS, "Events written per second at most: events queue behind the Service writes (up to 10,000 distinct ones; what is dropped is counted in keeplb_controller_events_dropped_total).")
+	fs.IntVar(&o.EventBurst, "event-burst", o.EventBurst, "Burst of events written at once.")
 }
 
 // Validate reports every invalid option at once.
@@ -149,6 +158,9 @@ func (o *Options) Validate() error {
 	}
 	if o.KubeAPIQPS <= 0 || o.KubeAPIBurst < 1 {
 		errs = append(errs, errors.New("--kube-api-qps and --kube-api-burst must be positive"))
+	}
+	if o.EventQPS <= 0 || o.EventBurst < 1 {
+		errs = append(errs, errors.New("--event-qps and --event-burst must be positive"))
 	}
 	return errors.Join(errs...)
 }

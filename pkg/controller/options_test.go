@@ -1,6 +1,7 @@
 package controller
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 )
@@ -17,15 +18,37 @@ func TestAllowUnmanagedIPsValidation(t *testing.T) {
 		{[]string{"::ffff:203.0.113.0/124"}, "write IPv4 ranges as IPv4"},
 		{[]string{"203.0.113.7"}, "want CIDRs"},
 	} {
-		o := NewOptions()
-		o.Identity = "test"
-		o.AllowUnmanagedIPs = tc.in
-		err := o.Validate()
-		switch {
-		case tc.want == "" && err != nil:
-			t.Errorf("%v: %v", tc.in, err)
-		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
-			t.Errorf("%v: error %v, want one containing %q", tc.in, err, tc.want)
-		}
+		checkValidate(t, fmt.Sprint(tc.in), func(o *Options) { o.AllowUnmanagedIPs = tc.in }, tc.want)
+	}
+}
+
+// checkValidate validates the defaults changed by mod, and wants an error
+// containing want, or none if want is "".
+func checkValidate(t *testing.T, name string, mod func(*Options), want string) {
+	t.Helper()
+	o := NewOptions()
+	o.Identity = "test"
+	mod(o)
+	err := o.Validate()
+	switch {
+	case want == "" && err != nil:
+		t.Errorf("%s: %v", name, err)
+	case want != "" && (err == nil || !strings.Contains(err.Error(), want)):
+		t.Errorf("%s: error %v, want one containing %q", name, err, want)
+	}
+}
+
+func TestRateLimitValidation(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		mod  func(*Options)
+		want string // "" for valid
+	}{
+		{"defaults", func(*Options) {}, ""},
+		{"no writer qps", func(o *Options) { o.KubeAPIQPS = 0 }, "--kube-api-qps and --kube-api-burst must be positive"},
+		{"no event qps", func(o *Options) { o.EventQPS = 0 }, "--event-qps and --event-burst must be positive"},
+		{"no event burst", func(o *Options) { o.EventBurst = 0 }, "--event-qps and --event-burst must be positive"},
+	} {
+		checkValidate(t, tc.name, tc.mod, tc.want)
 	}
 }
