@@ -54,7 +54,7 @@ func nodeSide(t *testing.T, s spec, dir string) {
 	if profiles == "" {
 		profiles = dir
 	}
-	r := results{Spec: s}
+	r := results{Spec: s, MemLimit: *flagMemLimit}
 	addLink(t)
 	// What the DaemonSet's init container runs before the speaker.
 	exe, _ := os.Executable()

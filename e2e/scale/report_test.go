@@ -21,6 +21,8 @@ const (
 type results struct {
 	Spec      spec
 	Populated populated
+	// MemLimit is the speaker's GOMEMLIMIT, if set.
+	MemLimit string
 
 	// Speaker is the speaker process at its first sync, settled after
 	// its start, and at the end.
@@ -90,8 +92,12 @@ func (r *results) markdown(s spec) string {
 		return target + " ✗"
 	}
 	peak := r.Speaker.End.HWM
-	fmt.Fprintf(&b, "%s Nodes, %s LoadBalancer Services (%s by nodeport), %s endpoints in %s EndpointSlices, %d IPPools whose VRRP nodeSelector picks %d Nodes; one speaker, for node-0000.\n\n",
+	fmt.Fprintf(&b, "%s Nodes, %s LoadBalancer Services (%s by nodeport), %s endpoints in %s EndpointSlices, %d IPPools whose VRRP nodeSelector picks %d Nodes; one speaker, for node-0000",
 		thousands(s.Nodes), thousands(s.Services), thousands(s.NodePort), thousands(s.Services*s.Endpoints), thousands(s.Services), s.Pools, s.VRRPNodes)
+	if r.MemLimit != "" {
+		fmt.Fprintf(&b, ", with GOMEMLIMIT=%s", r.MemLimit)
+	}
+	b.WriteString(".\n\n")
 	b.WriteString("| what | measured | target |\n| --- | --- | --- |\n")
 	row("objects created (32 clients)", fmt.Sprintf("Nodes %s, Services with status %s, EndpointSlices %s",
 		r.Populated.Nodes.Round(time.Second), r.Populated.Services.Round(time.Second), r.Populated.Slices.Round(time.Second)), "")

@@ -47,6 +47,7 @@ var (
 	flagExtra     = flag.Int("scale.reloads", 2, "Services added one at a time to time keepalived's reload")
 	flagResyncs   = flag.Int("scale.resyncs", 3, "syncs that change nothing to time")
 	flagMemory    = flag.String("scale.vm-memory", "3G", "the VM's memory")
+	flagMemLimit  = flag.String("scale.gomemlimit", "", "GOMEMLIMIT for the speaker, e.g. 180MiB (default: none, as the DaemonSet runs it)")
 	flagTable     = flag.String("scale.table", "", "write the results as a markdown table to this file")
 
 	flagNodeSide = flag.String("scale.node-side", "", "internal: the folder of the kubeconfigs when the test runs in the VM")

@@ -71,6 +71,9 @@ func startSpeaker(t *testing.T, kubeconfig, profileDir, logPath string) *speaker
 		"--metrics-bind-address="+metricsAddr, "--metrics-secure=false", "-v=2")
 	cmd.Env = append(os.Environ(), envExec+"=1", envPprof+"="+pprofAddr, envProfileDir+"="+profileDir,
 		envProfilePhases+"="+strings.Join(phases, ","))
+	if *flagMemLimit != "" {
+		cmd.Env = append(cmd.Env, "GOMEMLIMIT="+*flagMemLimit)
+	}
 	r, w := io.Pipe()
 	cmd.Stdout, cmd.Stderr = w, w
 	p := &speakerProc{cmd: cmd, done: make(chan struct{})}
