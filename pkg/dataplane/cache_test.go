@@ -303,7 +303,7 @@ func TestUpdateMatchesDesired(t *testing.T) {
 		t.Fatalf("%s is forwarded for %q; want the older ns/a", contested, owner)
 	}
 	prevIPVS := maps.Clone(prev.IPVS)
-	prevSNAT, prevGuard, prevRanges := prev.SNAT, prev.Guard, maps.Clone(prev.SourceRanges)
+	prevSNAT, prevGuard, prevRanges := slices.Clone(prev.SNAT), prev.Guard, maps.Clone(prev.SourceRanges)
 	steps := []struct {
 		name    string
 		changed []string
@@ -387,7 +387,7 @@ func TestUpdateMatchesDesired(t *testing.T) {
 		if !nftChanged && d.NFT && st.name == "one endpoint of b terminates" {
 			t.Errorf("%s: the Delta says the nftables side changed; it did not", st.name)
 		}
-		prevIPVS, prevSNAT, prevGuard, prevRanges = maps.Clone(got.IPVS), got.SNAT, got.Guard, maps.Clone(got.SourceRanges)
+		prevIPVS, prevSNAT, prevGuard, prevRanges = maps.Clone(got.IPVS), slices.Clone(got.SNAT), got.Guard, maps.Clone(got.SourceRanges)
 	}
 }
 

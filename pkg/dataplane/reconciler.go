@@ -451,8 +451,8 @@ func (r *Reconciler) writeNFT(ctx context.Context, rules nft.Rules, keep []nft.S
 	r.guardTable = true
 	r.guardMu.Unlock()
 	r.nftFailed = false
-	// A Cache changes its State's maps in place at its next call.
-	r.nftApplied, r.snatApplied, r.rangesApplied = text, rules.SNAT, maps.Clone(rules.SourceRanges)
+	// A Cache changes its State in place at its next call.
+	r.nftApplied, r.snatApplied, r.rangesApplied = text, slices.Clone(rules.SNAT), maps.Clone(rules.SourceRanges)
 	klog.FromContext(ctx).V(2).Info("nftables table written", "snat", len(rules.SNAT), "sourceRanges", len(rules.SourceRanges))
 	return nil
 }
