@@ -12,6 +12,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/util/retry"
 	servicehelper "k8s.io/cloud-provider/service/helpers"
 
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
@@ -427,12 +428,17 @@ func TestPoolStatusAndEdits(t *testing.T) {
 	// Shrinking a pool under an allocated address keeps it, warns, counts it.
 	e.create(newService("ns", "kept", ann("keeplb.io/ips", "192.0.2.3")))
 	e.waitIngress("ns", "kept", 1)
-	u, err := e.dyn.Resource(v1alpha1.IPPoolResource).Get(t.Context(), "older", metav1.GetOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	u.Object["spec"].(map[string]any)["addresses"] = []any{"192.0.2.0/31"}
-	if _, err := e.dyn.Resource(v1alpha1.IPPoolResource).Update(t.Context(), u, metav1.UpdateOptions{}); err != nil {
+	// The controller writes the pool's status meanwhile: read again on a
+	// conflict, as any client of a controller-owned object must.
+	if err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		u, err := e.dyn.Resource(v1alpha1.IPPoolResource).Get(t.Context(), "older", metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		u.Object["spec"].(map[string]any)["addresses"] = []any{"192.0.2.0/31"}
+		_, err = e.dyn.Resource(v1alpha1.IPPoolResource).Update(t.Context(), u, metav1.UpdateOptions{})
+		return err
+	}); err != nil {
 		t.Fatal(err)
 	}
 	e.waitEvent("ns", "kept", v1.EventTypeWarning, "AddressOutsidePool", "192.0.2.3", "keeps it")
@@ -466,11 +472,14 @@ func TestLoadBalancerClass(t *testing.T) {
 	}
 
 	// Changing type away from LoadBalancer releases the address.
-	s := e.get("ns", "ours")
-	ourIP := ingress(s)[0]
-	s.Spec.Type = v1.ServiceTypeClusterIP
-	s.Spec.LoadBalancerClass = nil
-	if _, err := e.client.CoreV1().Services("ns").Update(t.Context(), s, metav1.UpdateOptions{}); err != nil {
+	ourIP := ingress(e.get("ns", "ours"))[0]
+	if err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		s := e.get("ns", "ours")
+		s.Spec.Type = v1.ServiceTypeClusterIP
+		s.Spec.LoadBalancerClass = nil
+		_, err := e.client.CoreV1().Services("ns").Update(t.Context(), s, metav1.UpdateOptions{})
+		return err
+	}); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, 30*time.Second, "status and finalizer cleared", func() (bool, string) {

@@ -13,6 +13,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/dynamic"
+	"k8s.io/utils/ptr"
 
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/testing/controlplane"
@@ -72,6 +73,9 @@ func TestIPPoolAdmission(t *testing.T) {
 				}
 				if p.Spec.ICMPEcho != v1alpha1.ICMPEchoAllow {
 					t.Errorf("icmpEcho = %q, want defaulted to Allow", p.Spec.ICMPEcho)
+				}
+				if n := p.Spec.NodePortSubsetSize; n == nil || *n != v1alpha1.DefaultNodePortSubsetSize {
+					t.Errorf("nodePortSubsetSize = %v, want defaulted to %d", n, v1alpha1.DefaultNodePortSubsetSize)
 				}
 				if p.Spec.VRRP != nil {
 					t.Errorf("vrrp = %+v, want absent", p.Spec.VRRP)
@@ -144,8 +148,9 @@ func TestIPPoolAdmission(t *testing.T) {
 						},
 					},
 				},
-				"forwarding": "kube-proxy",
-				"icmpEcho":   "Drop",
+				"forwarding":         "kube-proxy",
+				"icmpEcho":           "Drop",
+				"nodePortSubsetSize": int64(0),
 				"vrrp": map[string]any{
 					"interface":             "bond0.100",
 					"virtualRouterIDs":      "10-20",
@@ -175,8 +180,9 @@ func TestIPPoolAdmission(t *testing.T) {
 							{Key: "internal", Operator: metav1.LabelSelectorOpDoesNotExist},
 						}},
 					},
-					Forwarding: v1alpha1.ForwardingKubeProxy,
-					ICMPEcho:   v1alpha1.ICMPEchoDrop,
+					Forwarding:         v1alpha1.ForwardingKubeProxy,
+					ICMPEcho:           v1alpha1.ICMPEchoDrop,
+					NodePortSubsetSize: ptr.To[int32](0),
 					VRRP: &v1alpha1.VRRP{
 						Interface:             "bond0.100",
 						VirtualRouterIDs:      "10-20",
@@ -289,6 +295,8 @@ func TestIPPoolAdmission(t *testing.T) {
 				[]string{`spec.forwarding: Unsupported value: "dsr"`, `"nodeport"`}},
 			{"bad icmpEcho", map[string]any{"addresses": []any{"192.0.2.0/28"}, "icmpEcho": "allow"},
 				[]string{`spec.icmpEcho: Unsupported value: "allow"`, `"Allow"`, `"Drop"`}},
+			{"negative nodePortSubsetSize", map[string]any{"addresses": []any{"192.0.2.0/28"}, "nodePortSubsetSize": int64(-1)},
+				[]string{"spec.nodePortSubsetSize", "should be greater than or equal to 0"}},
 			{"bad namespace", allocation(map[string]any{"namespaces": []any{"Web_Team"}}),
 				[]string{"spec.serviceAllocation.namespaces[0]", "should match"}},
 			{"duplicate namespace", allocation(map[string]any{"namespaces": []any{"web", "web"}}),
