@@ -19,7 +19,9 @@ package nodeview
 
 import (
 	"fmt"
+	"maps"
 	"net/netip"
+	"slices"
 
 	v1 "k8s.io/api/core/v1"
 
@@ -63,6 +65,17 @@ func Of(n *v1.Node) (vrrp.Node, []Ignored) {
 		vn.InternalIPs = append(vn.InternalIPs, ip)
 	}
 	return vn, ignored
+}
+
+// Same reports whether a and b give the same view and ignore the same
+// addresses: whether a change from a to b matters to keeplb. Most Node
+// updates do not (a kubelet's status heartbeat, its image list), and at
+// a thousand nodes they arrive several times a second.
+func Same(a, b *v1.Node) bool {
+	va, ia := Of(a)
+	vb, ib := Of(b)
+	return va.Name == vb.Name && va.Ready == vb.Ready && maps.Equal(va.Labels, vb.Labels) &&
+		slices.Equal(va.InternalIPs, vb.InternalIPs) && slices.Equal(ia, ib)
 }
 
 // Address parses s as an address other nodes can send traffic to, and

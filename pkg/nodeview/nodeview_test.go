@@ -95,3 +95,45 @@ func TestOf(t *testing.T) {
 		}
 	}
 }
+
+// TestSame: the updates a kubelet makes all the time (heartbeats, images,
+// resourceVersion) are not changes; any field of the view, or an ignored
+// address, is.
+func TestSame(t *testing.T) {
+	base := func() *v1.Node {
+		return &v1.Node{
+			ObjectMeta: metav1.ObjectMeta{Name: "n1", ResourceVersion: "1", Labels: map[string]string{"zone": "a"}},
+			Status: v1.NodeStatus{
+				Conditions: []v1.NodeCondition{{Type: v1.NodeReady, Status: v1.ConditionTrue, LastHeartbeatTime: metav1.Unix(100, 0)}},
+				Addresses:  []v1.NodeAddress{{Type: v1.NodeInternalIP, Address: "10.0.0.1"}, {Type: v1.NodeHostName, Address: "n1"}},
+			},
+		}
+	}
+	for _, tc := range []struct {
+		name   string
+		change func(*v1.Node)
+		same   bool
+	}{
+		{"heartbeat and resourceVersion", func(n *v1.Node) {
+			n.ResourceVersion = "2"
+			n.Status.Conditions[0].LastHeartbeatTime = metav1.Unix(200, 0)
+		}, true},
+		{"images", func(n *v1.Node) { n.Status.Images = []v1.ContainerImage{{Names: []string{"x"}}} }, true},
+		{"hostname", func(n *v1.Node) { n.Status.Addresses[1].Address = "other" }, true},
+		{"Ready", func(n *v1.Node) { n.Status.Conditions[0].Status = v1.ConditionUnknown }, false},
+		{"a label", func(n *v1.Node) { n.Labels["zone"] = "b" }, false},
+		{"the exclusion label", func(n *v1.Node) { n.Labels["node.kubernetes.io/exclude-from-external-load-balancers"] = "" }, false},
+		{"InternalIP", func(n *v1.Node) { n.Status.Addresses[0].Address = "10.0.0.2" }, false},
+		{"an ignored InternalIP added", func(n *v1.Node) {
+			n.Status.Addresses = append(n.Status.Addresses, v1.NodeAddress{Type: v1.NodeInternalIP, Address: "fe80::1%eth0"})
+		}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			n := base()
+			tc.change(n)
+			if got := Same(base(), n); got != tc.same {
+				t.Errorf("Same = %v, want %v", got, tc.same)
+			}
+		})
+	}
+}

@@ -3,6 +3,7 @@ package speaker
 import (
 	"sync"
 
+	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/client-go/tools/cache"
 
@@ -97,6 +98,25 @@ func (p *pending) slice(obj any) {
 	if s, ok := obj.(*discoveryv1.EndpointSlice); ok {
 		p.add(&p.ch.endpoints, sliceService(s))
 	}
+}
+
+// nodeHandlers are handlers(everything, trigger) for Nodes, except that an
+// update leaving keeplb's view of the Node as it was (nodeview.Same) is
+// no change at all: kubelets rewrite their Node's status for heartbeats
+// and image lists, several times a second at a thousand nodes, and each
+// would make the next sync compute everything.
+func nodeHandlers(everything func(any), trigger func()) cache.ResourceEventHandlerFuncs {
+	h := handlers(everything, trigger)
+	update := h.UpdateFunc
+	h.UpdateFunc = func(old, obj any) {
+		o, ok1 := old.(*v1.Node)
+		n, ok2 := obj.(*v1.Node)
+		if ok1 && ok2 && nodeview.Same(o, n) {
+			return
+		}
+		update(old, obj)
+	}
+	return h
 }
 
 // handlers returns the informers' event handlers: record tells what an

@@ -232,10 +232,13 @@ func (s *Speaker) run(ctx context.Context) error {
 	// A Node or IPPool change reaches every Service's state: the sync
 	// after it computes everything.
 	everything := func(any) { s.pending.everything() }
-	for inf, record := range map[cache.SharedIndexInformer]func(any){
-		s.services: s.pending.service, s.slices: s.pending.slice, s.nodes: everything, s.poolInf: everything,
+	for inf, h := range map[cache.SharedIndexInformer]cache.ResourceEventHandlerFuncs{
+		s.services: handlers(s.pending.service, s.runner.Trigger),
+		s.slices:   handlers(s.pending.slice, s.runner.Trigger),
+		s.nodes:    nodeHandlers(everything, s.runner.Trigger),
+		s.poolInf:  handlers(everything, s.runner.Trigger),
 	} {
-		if _, err := inf.AddEventHandler(handlers(record, s.runner.Trigger)); err != nil {
+		if _, err := inf.AddEventHandler(h); err != nil {
 			return err
 		}
 	}
