@@ -230,20 +230,20 @@ func (s spec) inPools(a netip.Addr) bool {
 
 // vipsOnLink returns the VIPs on link. A dump that the kernel reports
 // interrupted (addresses changed meanwhile: keepalived adding its VIPs)
-// is read again.
-func vipsOnLink(t *testing.T, s spec) []netip.Addr {
+// is read again, a few times; then its error is returned.
+func vipsOnLink(s spec) ([]netip.Addr, error) {
 	l, err := netlink.LinkByName(link)
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	var addrs []netlink.Addr
-	for range 100 {
+	for range 10 {
 		if addrs, err = netlink.AddrList(l, netlink.FAMILY_V4); !errors.Is(err, netlink.ErrDumpInterrupted) {
 			break
 		}
 	}
 	if err != nil {
-		t.Fatalf("addresses of %s: %v", link, err)
+		return nil, fmt.Errorf("addresses of %s: %w", link, err)
 	}
 	var out []netip.Addr
 	for _, a := range addrs {
@@ -251,10 +251,21 @@ func vipsOnLink(t *testing.T, s spec) []netip.Addr {
 			out = append(out, ip)
 		}
 	}
-	return out
+	return out, nil
 }
 
-func countVIPs(t *testing.T, s spec) int { return len(vipsOnLink(t, s)) }
+// countVIPs returns how many VIPs are on link; -1 while keepalived keeps
+// changing them faster than a dump can read them.
+func countVIPs(t *testing.T, s spec) int {
+	vips, err := vipsOnLink(s)
+	if errors.Is(err, netlink.ErrDumpInterrupted) {
+		return -1
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(vips)
+}
 
 // coldDone says whether every cold Service names node 0 as its VIP's
 // holder.
@@ -339,7 +350,10 @@ func checkKernel(t *testing.T, s spec, r *results, m map[string]float64) {
 	r.ConfBytes = len(conf)
 	r.Instances = len(instanceLine.FindAll(conf, -1))
 	r.ConfVIPs = len(vipLine.FindAll(conf, -1))
-	r.VIPsOnLink = countVIPs(t, s)
+	waitFor(t, time.Minute, time.Second, "a whole dump of "+link+"'s addresses", func() bool {
+		r.VIPsOnLink = countVIPs(t, s)
+		return r.VIPsOnLink >= 0
+	})
 	if r.ConfVIPs != s.Services || r.VIPsOnLink != s.Services {
 		t.Errorf("keepalived.conf has %d VIPs and %s %d; want %d each", r.ConfVIPs, link, r.VIPsOnLink, s.Services)
 	}
