@@ -46,7 +46,7 @@ demo-cluster: ## keeplb from its image on a real 3-node cluster in the VM, with 
 e2e-cluster: ## Run keeplb from its image on a real 3-node cluster in the VM (kubelet, containerd, kube-proxy; needs root).
 	hack/e2e-cluster.sh
 
-bench: ## Benchmark the allocator against a naive one; table in the output, raw in _output/bench.txt.
+bench: ## Every measurement of docs/benchmarks.md, each against a baseline in the same run (about an hour); tables in the output, raw in _output/.
 	hack/bench.sh
 
 fuzz: ## Run every fuzz target for FUZZTIME each (default 60s).
