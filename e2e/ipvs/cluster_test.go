@@ -161,6 +161,27 @@ func (c *cluster) holder(vip netip.Addr) string {
 	return h[0]
 }
 
+// servedBy waits until exactly one node holds vip and its IPVS table has
+// reals real servers for vip's TCP port 80, and returns the node. The VIP
+// can move in before the sync that brings a new EndpointSlice's real
+// servers: a request sent in between would test the race, not the
+// forwarding.
+func (c *cluster) servedBy(vip netip.Addr, reals int) string {
+	c.t.Helper()
+	var holder, table string
+	c.eventually(30*time.Second, fmt.Sprintf("one holder of %s with %d real servers for port 80", vip, reals), func() bool {
+		h := c.holders(vip)
+		if len(h) != 1 {
+			return false
+		}
+		holder = h[0]
+		out, err := exec.Command("ip", "netns", "exec", holder, "ipvsadm", "-Ln", "-t", netip.AddrPortFrom(vip, 80).String()).CombinedOutput()
+		table = string(out)
+		return err == nil && strings.Count(table, "->")-strings.Count(table, "-> RemoteAddress") == reals
+	})
+	return holder
+}
+
 // ipvsadm runs ipvsadm in node's namespace.
 func (c *cluster) ipvsadm(node string, args ...string) string {
 	c.t.Helper()

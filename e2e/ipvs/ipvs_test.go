@@ -155,7 +155,7 @@ func scenarios(t *testing.T, cfg *rest.Config) {
 			s.Spec.Ports[0].NodePort = 30080
 		})
 		c.slice("np", v1.ProtocolTCP, all...)
-		holder := c.holder(vip)
+		holder := c.servedBy(vip, 3)
 		got := names(c.answers(client, port(vip), 6))
 		// The other nodes' NodePorts, and the holder's own pod in place of
 		// its own NodePort, which IPVS cannot reach.
@@ -175,7 +175,7 @@ func scenarios(t *testing.T, cfg *rest.Config) {
 		c := c.at(t)
 		rrVIP = c.service("rr", v1.ProtocolTCP)
 		c.slice("rr", v1.ProtocolTCP, all...)
-		holder := c.holder(rrVIP)
+		holder := c.servedBy(rrVIP, 3)
 		as := c.answers(client, port(rrVIP), 6)
 		checkRR(t, names(as), []string{pods[0].Name, pods[1].Name, pods[2].Name})
 		// 2. Cluster: masqueraded, the pods see the holder, not the client.
@@ -190,7 +190,7 @@ func scenarios(t *testing.T, cfg *rest.Config) {
 		c := c.at(t)
 		vip := c.service("sh", v1.ProtocolTCP, func(s *v1.Service) { s.Annotations[annotations.Scheduler] = "sh" })
 		c.slice("sh", v1.ProtocolTCP, all...)
-		c.holder(vip)
+		c.servedBy(vip, 3)
 		got := names(c.answers(client, port(vip), 8))
 		if len(slices.Compact(slices.Sorted(slices.Values(got)))) != 1 {
 			t.Errorf("sh scheduler: one client was answered by %v; want one pod every time", got)
@@ -239,7 +239,7 @@ func scenarios(t *testing.T, cfg *rest.Config) {
 			s.Spec.ExternalTrafficPolicy = v1.ServiceExternalTrafficPolicyLocal
 		})
 		c.slice("local", v1.ProtocolTCP, all...)
-		holder := c.holder(vip)
+		holder := c.servedBy(vip, 1)
 		local := pods[slices.IndexFunc(pods, func(p *lab.Pod) bool { return p.Node == holder })]
 		for _, a := range c.answers(client, port(vip), 4) {
 			if a.Name != local.Name || a.From.Addr() != clientIP {
@@ -254,7 +254,7 @@ func scenarios(t *testing.T, cfg *rest.Config) {
 			s.Spec.LoadBalancerSourceRanges = []string{clientIP.String() + "/32"}
 		})
 		c.slice("ranges", v1.ProtocolTCP, all...)
-		c.holder(vip)
+		c.servedBy(vip, 3)
 		c.answers(client, port(vip), 2)
 		if a, err := lab.Get(t.Context(), outsider, port(vip), "/", time.Second); err == nil {
 			t.Errorf("a client outside loadBalancerSourceRanges was answered by %s", a.Name)
