@@ -7,7 +7,8 @@
 # It prints a markdown table, ready for docs/benchmarks.md, on stdout; the
 # test's whole log goes to _output/bench-scale.txt, the speaker's log and
 # its profiles to _output/scale/, and the top of each profile to stderr.
-# About 10 minutes on 2 cores; needs root.
+# 8 to 13 minutes on 2 cores (3 to 5 of them creating the Services: the API
+# server allocates ClusterIPs one at a time); needs root.
 #
 #   hack/bench-scale.sh                          the full scale
 #   hack/bench-scale.sh -scale.services=100 …    other sizes (flags of e2e/scale)
