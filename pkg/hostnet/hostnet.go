@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/vishvananda/netlink"
@@ -80,32 +81,94 @@ func NewAt(nsPath string) (*Netlink, error) {
 	return &Netlink{h: h, sysctlRoot: "/proc/sys"}, nil
 }
 
-// Links is part of Interface.
+// dumpAttempts bounds the reads of Links that the kernel interrupts: a
+// netlink dump is interrupted when the table changes during it, and its
+// result may then miss entries that were there all along (the dump's
+// position shifted) or list ones that came and went. keepalived adding
+// thousands of VIPs does that for a minute, so that no read may complete
+// uninterrupted for as long.
+const dumpAttempts = 10
+
+// Links is part of Interface. When the kernel interrupts a read, Links
+// reads again, up to dumpAttempts times, and if every read was
+// interrupted it returns their union: an address present throughout is in
+// at least one of them (an interrupted dump skips entries where the table
+// moved under it, not the same ones every time), and an extra address is
+// harmless to every caller: it is either one keepalived is adding (a VIP
+// of the plan, kept) or one being removed (deleting it again is no
+// error). Failing instead would fail every sync while keepalived adds its
+// VIPs, and back the speaker off for minutes.
 func (n *Netlink) Links() ([]Link, error) {
+	var union []Link
+	for range dumpAttempts {
+		links, err := n.links()
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return links, err
+		}
+		union = unionLinks(union, links)
+	}
+	return union, nil
+}
+
+// unionLinks adds to a every link and prefix of b it lacks.
+func unionLinks(a, b []Link) []Link {
+	for _, l := range b {
+		i := slices.IndexFunc(a, func(x Link) bool { return x.Name == l.Name })
+		if i < 0 {
+			a = append(a, l)
+			continue
+		}
+		for _, p := range l.Prefixes {
+			if !slices.Contains(a[i].Prefixes, p) {
+				a[i].Prefixes = append(a[i].Prefixes, p)
+			}
+		}
+		a[i].DefaultRoute4 = a[i].DefaultRoute4 || l.DefaultRoute4
+		a[i].DefaultRoute6 = a[i].DefaultRoute6 || l.DefaultRoute6
+	}
+	return a
+}
+
+// links reads the links, their addresses and the default routes: one dump
+// of each. A dump the kernel interrupted still gives what it read; the
+// result is then returned with netlink.ErrDumpInterrupted.
+func (n *Netlink) links() ([]Link, error) {
+	var interrupted error
+	// partial keeps an interrupted dump's result and remembers that it was.
+	partial := func(err error) error {
+		if errors.Is(err, netlink.ErrDumpInterrupted) {
+			interrupted = err
+			return nil
+		}
+		return err
+	}
 	links, err := n.h.LinkList()
-	if err != nil {
+	if err := partial(err); err != nil {
 		return nil, fmt.Errorf("list links: %w", err)
 	}
 	byIndex := map[int]*Link{}
-	out := make([]Link, 0, len(links))
-	for _, l := range links {
-		out = append(out, Link{Name: l.Attrs().Name})
-	}
+	out := make([]Link, len(links))
 	for i, l := range links {
+		out[i] = Link{Name: l.Attrs().Name}
 		byIndex[l.Attrs().Index] = &out[i]
-		addrs, err := n.h.AddrList(l, netlink.FAMILY_ALL)
-		if err != nil {
-			return nil, fmt.Errorf("list addresses of %s: %w", l.Attrs().Name, err)
-		}
-		for _, a := range addrs {
+	}
+	// One dump of every address: AddrList with a link dumps them all and
+	// filters in user space, so a dump per link would read the table as
+	// many times as there are links.
+	addrs, err := n.h.AddrList(nil, netlink.FAMILY_ALL)
+	if err := partial(err); err != nil {
+		return nil, fmt.Errorf("list addresses: %w", err)
+	}
+	for _, a := range addrs {
+		if l := byIndex[a.LinkIndex]; l != nil {
 			if p, ok := prefixOf(a.IPNet); ok {
-				out[i].Prefixes = append(out[i].Prefixes, p)
+				l.Prefixes = append(l.Prefixes, p)
 			}
 		}
 	}
 	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
 		routes, err := n.h.RouteListFiltered(fam, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
-		if err != nil {
+		if err := partial(err); err != nil {
 			return nil, fmt.Errorf("list routes: %w", err)
 		}
 		for _, r := range routes {
@@ -121,7 +184,7 @@ func (n *Netlink) Links() ([]Link, error) {
 			}
 		}
 	}
-	return out, nil
+	return out, interrupted
 }
 
 func isDefault(r netlink.Route) bool {

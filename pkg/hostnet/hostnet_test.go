@@ -1,11 +1,17 @@
 package hostnet_test
 
 import (
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/keeplb/keeplb/pkg/hostnet"
 	hostnettesting "github.com/keeplb/keeplb/pkg/hostnet/testing"
@@ -104,4 +110,90 @@ func TestNetlinkInNamespace(t *testing.T) {
 	if strings.Contains(string(out), "10.251.0.100") || !strings.Contains(string(out), "10.251.0.2/24") {
 		t.Fatalf("after cleanup: %s", out)
 	}
+}
+
+// TestLinksWhileAddressesChange reads the links while another link's
+// addresses change as fast as netlink takes them, as when keepalived adds
+// thousands of VIPs: the kernel then interrupts dumps, and Links must read
+// again rather than fail or return what an interrupted dump gave.
+func TestLinksWhileAddressesChange(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create a network namespace")
+	}
+	ns := "kl-hostnet-churn"
+	_ = exec.Command("ip", "netns", "del", ns).Run()
+	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
+		t.Skipf("network namespaces are unavailable here: %v %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
+	for _, args := range [][]string{
+		{"link", "add", "stable", "type", "veth", "peer", "name", "stable-p"},
+		{"addr", "add", "10.252.0.2/24", "dev", "stable"},
+		{"link", "add", "busy", "type", "veth", "peer", "name", "busy-p"},
+		{"link", "set", "busy", "up"},
+	} {
+		if out, err := exec.Command("ip", append([]string{"-n", ns}, args...)...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v\n%s", args, err, out)
+		}
+	}
+	nsh, err := netns.GetFromName(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nsh.Close()
+	churn, err := netlink.NewHandleAt(nsh, unix.NETLINK_ROUTE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer churn.Close()
+	busy, err := churn.LinkByName("busy")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// 500 addresses on busy, and then one added and removed again and
+	// again while Links reads.
+	for i := range 500 {
+		a := &netlink.Addr{IPNet: &net.IPNet{IP: net.IPv4(10, 253, byte(i/250), byte(i%250+1)), Mask: net.CIDRMask(32, 32)}}
+		if err := churn.AddrAdd(busy, a); err != nil {
+			t.Fatal(err)
+		}
+	}
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		a := &netlink.Addr{IPNet: &net.IPNet{IP: net.IPv4(10, 254, 0, 1), Mask: net.CIDRMask(32, 32)}}
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			_ = churn.AddrAdd(busy, a)
+			_ = churn.AddrDel(busy, a)
+		}
+	}()
+	h, err := hostnet.NewAt("/run/netns/" + ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	for i := range 200 {
+		links, err := h.Links()
+		if err != nil {
+			close(stop)
+			<-done
+			t.Fatalf("read %d: %v", i, err)
+		}
+		for _, l := range links {
+			if l.Name == "stable" && !slices.Equal(l.Prefixes, []netip.Prefix{netip.MustParsePrefix("10.252.0.2/24")}) {
+				t.Fatalf("read %d: stable has %v", i, l.Prefixes)
+			}
+			if l.Name == "busy" && len(l.Prefixes) < 500 {
+				t.Fatalf("read %d: busy has %d of its 500 addresses", i, len(l.Prefixes))
+			}
+		}
+	}
+	close(stop)
+	<-done
 }
