@@ -43,6 +43,15 @@ type Speaker struct {
 	// with IPVS (its kernel has IPVS and keeplb's nftables table is
 	// loaded); at 0 it lowers its VRRP priority for such VIPs.
 	CanForward *metrics.Gauge
+	// HolderPending is the number of Services whose holder annotation the
+	// last sync found not naming this node for VIPs it masters: writes
+	// queued, held back or being retried.
+	HolderPending *metrics.Gauge
+	// HolderWriteErrors counts holder annotation writes that failed and
+	// are retried (conflicts with other writers included).
+	HolderWriteErrors *metrics.Counter
+	// HolderEventsDropped counts VIPAcquired events never written.
+	HolderEventsDropped *metrics.Counter
 
 	// The IPVS metrics below are served only after RegisterIPVS, so that a
 	// speaker without --ipvs exports nothing about a dataplane it does not
@@ -141,6 +150,21 @@ func NewSpeaker() *Speaker {
 			Help:           "1 while this node can forward the VIPs keeplb forwards with IPVS (nodeport, pod): IPVS is on and in the kernel, and keeplb's nftables table is loaded. At 0 the node ranks below every node that can, for those VIPs.",
 			StabilityLevel: metrics.ALPHA,
 		}),
+		HolderPending: metrics.NewGauge(&metrics.GaugeOpts{
+			Namespace: namespace, Name: "speaker_holder_writes_pending",
+			Help:           "Services whose keeplb.io/holder annotation the last sync found not naming this node for VIPs it masters: writes queued, held back or being retried.",
+			StabilityLevel: metrics.ALPHA,
+		}),
+		HolderWriteErrors: metrics.NewCounter(&metrics.CounterOpts{
+			Namespace: namespace, Name: "speaker_holder_write_errors_total",
+			Help:           "Writes of the keeplb.io/holder annotation that failed and are retried with backoff, conflicts with other writers included.",
+			StabilityLevel: metrics.ALPHA,
+		}),
+		HolderEventsDropped: metrics.NewCounter(&metrics.CounterOpts{
+			Namespace: namespace, Name: "speaker_holder_events_dropped_total",
+			Help:           "VIPAcquired events this node never wrote to the API server (refused, or still failing after retries).",
+			StabilityLevel: metrics.ALPHA,
+		}),
 		IPVSAvailable: metrics.NewGauge(&metrics.GaugeOpts{
 			Namespace: namespace, Name: "ipvs_available",
 			Help:           "1 when the speaker programs IPVS, 0 when IPVS forwarding is on but the kernel has no IPVS (load ip_vs).",
@@ -174,7 +198,8 @@ func NewSpeaker() *Speaker {
 		}),
 	}
 	m.registry.MustRegister(m.VRRPState, m.Transitions, m.Reloads, m.Restarts, m.KeepalivedUp, m.RenderDuration, m.Problems,
-		m.InstancesDropped, m.PeersDropped, m.VRRPSyncErrors, m.LastSyncSuccess, m.NotifyFIFOUp, m.FailStatic, m.CanForward)
+		m.InstancesDropped, m.PeersDropped, m.VRRPSyncErrors, m.LastSyncSuccess, m.NotifyFIFOUp, m.FailStatic, m.CanForward,
+		m.HolderPending, m.HolderWriteErrors, m.HolderEventsDropped)
 	return m
 }
 

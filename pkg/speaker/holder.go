@@ -2,21 +2,12 @@ package speaker
 
 import (
 	"context"
-	"encoding/json"
-	"maps"
 	"net/netip"
-	"slices"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/tools/cache"
 	"k8s.io/klog/v2"
-	"k8s.io/utils/clock"
 
-	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/keepalived"
 	"github.com/keeplb/keeplb/pkg/vrrp"
 )
@@ -50,18 +41,17 @@ func holderClaims(plan vrrp.Plan, node string, owners map[netip.Addr][]string, s
 	return claims, vipStates
 }
 
-// applyHolders sets the VRRP state metrics and records this node in the
-// holder annotation of each Service it claims VIPs of (markHolder).
-func (s *Speaker) applyHolders(ctx context.Context, claims map[string][]netip.Addr, vipStates map[netip.Addr]float64) {
+// applyHolders sets the VRRP state metrics and hands the holder writer
+// the Services whose annotation should name this node for claims (see
+// holderWriter.set). It never waits for the API server: a node taking over
+// 10,000 VIPs at the client's rate would hold back every sync, and so all
+// forwarding changes, for minutes.
+func (s *Speaker) applyHolders(claims map[string][]netip.Addr, vipStates map[netip.Addr]float64) {
 	s.metrics.VRRPState.Reset()
 	for vip, v := range vipStates {
 		s.metrics.VRRPState.WithLabelValues(vip.String(), s.opts.NodeName).Set(v)
 	}
-	now := s.holders.now()
-	for _, key := range slices.Sorted(maps.Keys(claims)) {
-		s.markHolder(ctx, key, claims[key], now)
-	}
-	s.holders.forget(now)
+	s.holders.set(claims)
 }
 
 // watch follows keepalived's state changes: metrics, and on MASTER the
@@ -95,70 +85,6 @@ func applyEvent(states map[string]keepalived.State, ev keepalived.Event) {
 	}
 }
 
-// markHolder records this node as the holder of vips, VIPs of the Service
-// key that it masters, in the Service's holder annotation: only these VIPs'
-// entries change (see annotations.Holders), and nothing is written when they
-// name this node already. A VIPAcquired event goes out with each entry
-// written. Writes of one value to one Service are rate-limited (see
-// holderWrites), so that two nodes that both hold a VIP, in a split brain,
-// cannot overwrite each other at the sync rate.
-func (s *Speaker) markHolder(ctx context.Context, key string, vips []netip.Addr, now time.Time) {
-	logger := klog.FromContext(ctx)
-	ns, name, _ := cache.SplitMetaNamespaceKey(key)
-	// The informer's latest copy, not the sync's snapshot: its
-	// resourceVersion is the compare-and-swap's, and the fresher, the
-	// fewer conflicts.
-	obj, ok, _ := s.services.GetStore().GetByKey(key)
-	if !ok {
-		return
-	}
-	svc := obj.(*v1.Service)
-	all := ingressAddrs(svc)
-	h := annotations.ParseHolders(svc.Annotations[annotations.Holder], all)
-	var claimed []netip.Addr
-	for _, vip := range vips {
-		if h[vip] != s.opts.NodeName {
-			h[vip] = s.opts.NodeName
-			claimed = append(claimed, vip)
-		}
-	}
-	if len(claimed) == 0 {
-		return // recorded already; the events went out with the patch
-	}
-	value := h.Format(all)
-	if wait := s.holders.allow(key, value, now); wait > 0 {
-		logger.V(2).Info("Holder annotation written with this value lately; waiting before writing it again", "service", key, "value", value, "wait", wait)
-		s.holders.retryIn(wait, s.triggerSync)
-		return
-	}
-	// The resourceVersion makes this a compare-and-swap: another speaker's
-	// entries written since this node's informer saw the Service are not
-	// overwritten; the next sync reads them and tries again.
-	patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{
-		"resourceVersion": svc.ResourceVersion,
-		"annotations":     map[string]string{annotations.Holder: value},
-	}})
-	if _, err := s.client.CoreV1().Services(ns).Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: Component}); err != nil {
-		s.holders.failed(key)
-		if apierrors.IsConflict(err) {
-			logger.V(2).Info("Service changed since this node read it; recording the VIP holder at the next sync", "service", key)
-			return
-		}
-		logger.Error(err, "Recording the VIP holder failed", "service", key)
-		return
-	}
-	for _, vip := range claimed {
-		s.recorder.Eventf(svc, v1.EventTypeNormal, EventVIPAcquired, "Node %s holds %s", s.opts.NodeName, vip)
-	}
-}
-
-// triggerSync asks for a sync, once the speaker's runner exists.
-func (s *Speaker) triggerSync() {
-	if s.runner != nil {
-		s.runner.Trigger()
-	}
-}
-
 // ingressAddrs returns the addresses of svc's status.loadBalancer.ingress,
 // IPv4-mapped ones unmapped.
 func ingressAddrs(svc *v1.Service) []netip.Addr {
@@ -183,28 +109,15 @@ const (
 
 // holderWrites remembers, per Service, the last holder annotation value
 // this speaker wrote, when, and how long it waits before writing that value
-// again. The zero value is ready (on the real clock); only the runner uses
-// it, one sync at a time.
+// again. The zero value is ready; only the holder writer's worker uses it.
 type holderWrites struct {
-	clock clock.WithDelayedExecution // nil: the real clock
-	last  map[string]holderWrite
-	// timer triggers a sync when a held-back write may go out; at is its
-	// deadline.
-	timer clock.Timer
-	at    time.Time
+	last map[string]holderWrite
 }
 
 type holderWrite struct {
 	value string
 	at    time.Time
 	wait  time.Duration
-}
-
-func (w *holderWrites) now() time.Time {
-	if w.clock == nil {
-		return time.Now()
-	}
-	return w.clock.Now()
 }
 
 // allow records a write of value to key at now and returns 0, or returns
@@ -243,20 +156,4 @@ func (w *holderWrites) forget(now time.Time) {
 			delete(w.last, k)
 		}
 	}
-}
-
-// retryIn makes sure trigger runs in d, or sooner.
-func (w *holderWrites) retryIn(d time.Duration, trigger func()) {
-	at := w.now().Add(d)
-	if w.timer != nil && !w.at.After(at) && w.at.After(w.now()) {
-		return // one is due sooner
-	}
-	if w.timer != nil {
-		w.timer.Stop()
-	}
-	var c clock.WithDelayedExecution = clock.RealClock{}
-	if w.clock != nil {
-		c = w.clock
-	}
-	w.timer, w.at = c.AfterFunc(d, trigger), at
 }

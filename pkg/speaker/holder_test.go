@@ -1,17 +1,25 @@
 package speaker
 
 import (
+	"context"
+	"fmt"
+	"maps"
 	"net/netip"
+	"slices"
+	"sync"
 	"testing"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/client-go/tools/cache"
-	"k8s.io/client-go/tools/record"
+	"k8s.io/utils/clock"
 	clocktesting "k8s.io/utils/clock/testing"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/keepalived"
@@ -43,16 +51,22 @@ func holderSpeaker(t *testing.T, node string, client *fake.Clientset, clk *clock
 	o := NewOptions()
 	o.NodeName = node
 	inf := cache.NewSharedIndexInformer(&cache.ListWatch{}, &v1.Service{}, 0, cache.Indexers{})
-	return &Speaker{opts: o, client: client, metrics: metrics.NewSpeaker(), services: inf,
-		recorder: record.NewFakeRecorder(1000), holders: holderWrites{clock: clk}}
+	s := &Speaker{opts: o, client: client, metrics: metrics.NewSpeaker(), services: inf}
+	s.holders = newHolderWriter(node, client, s.lookupService, s.metrics, clk)
+	t.Cleanup(s.holders.queue.ShutDown)
+	return s
 }
 
-// reconcileHolders is the holders' share of one sync of s: compute the
-// claims, then apply them.
+// reconcileHolders is the holders' share of one sync of s, compute the
+// claims, then apply them, followed by the writer's work on what that
+// queued (the writer runs on its own in the speaker).
 func reconcileHolders(t *testing.T, s *Speaker, plan vrrp.Plan, owners map[netip.Addr][]string, states map[string]keepalived.State) {
 	t.Helper()
 	claims, vipStates := holderClaims(plan, s.opts.NodeName, owners, states)
-	s.applyHolders(t.Context(), claims, vipStates)
+	s.applyHolders(claims, vipStates)
+	for s.holders.queue.Len() > 0 {
+		s.holders.next(t.Context())
+	}
 }
 
 // see updates s's view of ns/web from the API, as its informer would.
@@ -183,31 +197,192 @@ func TestHolderWriteLimit(t *testing.T) {
 	}
 }
 
-// TestHolderRetry checks that a write held back is retried when its wait
-// ends, without waiting for the next periodic resync.
-func TestHolderRetry(t *testing.T) {
-	clk := clocktesting.NewFakeClock(time.Unix(1000, 0))
-	w := holderWrites{clock: clk}
-	fired := make(chan struct{}, 4)
-	trigger := func() { fired <- struct{}{} }
-	w.retryIn(5*time.Second, trigger)
-	w.retryIn(8*time.Second, trigger) // a later one is covered
-	clk.Step(4 * time.Second)
-	select {
-	case <-fired:
-		t.Fatal("triggered before the wait ended")
-	default:
+// TestHolderWriterOffTheSyncPath blocks the API server's answer to the
+// first holder write and checks that syncs still return, that a claim
+// changed while its Service waits in the queue is written once, with the
+// latest value, and that every annotation and event ends up as claimed.
+func TestHolderWriterOffTheSyncPath(t *testing.T) {
+	v4, v6 := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("2001:db8::10")
+	dual := lbService("ns", "dual", v4.String(), false, nil)
+	dual.Status.LoadBalancer.Ingress = append(dual.Status.LoadBalancer.Ingress, v1.LoadBalancerIngress{IP: v6.String()})
+	objs := []runtime.Object{lbService("ns", "blocker", "192.0.2.1", false, nil), dual}
+	for i := range 20 {
+		objs = append(objs, lbService("ns", fmt.Sprintf("svc%d", i), fmt.Sprintf("192.0.2.%d", 100+i), false, nil))
 	}
-	clk.Step(time.Second)
+	client := fake.NewClientset(objs...)
+	entered, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	client.PrependReactor("patch", "services", func(a k8stesting.Action) (bool, runtime.Object, error) {
+		if a.(k8stesting.PatchAction).GetName() == "blocker" {
+			once.Do(func() { close(entered) })
+			<-release // the API server takes its time
+		}
+		return false, nil, nil
+	})
+	// The writer reads the Services as a perfectly fresh informer would.
+	lookup := func(key string) *v1.Service {
+		ns, name, _ := cache.SplitMetaNamespaceKey(key)
+		o, err := client.Tracker().Get(v1.SchemeGroupVersion.WithResource("services"), ns, name)
+		if err != nil {
+			return nil
+		}
+		return o.(*v1.Service)
+	}
+	s := holderSpeaker(t, "a", client, clocktesting.NewFakeClock(time.Now()))
+	s.holders = newHolderWriter("a", client, lookup, s.metrics, clock.RealClock{})
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() { defer close(done); s.holders.run(ctx) }()
+	defer func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Error("the writer did not stop")
+		}
+	}()
+
+	// sync applies claims as a sync does, and fails the test if that
+	// waits for the API server.
+	sync := func(claims map[string][]netip.Addr) {
+		t.Helper()
+		returned := make(chan struct{})
+		go func() { defer close(returned); s.applyHolders(claims, nil) }()
+		select {
+		case <-returned:
+		case <-time.After(10 * time.Second):
+			t.Fatal("a sync waited for the holder writes")
+		}
+	}
+	sync(map[string][]netip.Addr{"ns/blocker": {netip.MustParseAddr("192.0.2.1")}})
 	select {
-	case <-fired:
+	case <-entered:
 	case <-time.After(10 * time.Second):
-		t.Fatal("not triggered when the wait ended")
+		t.Fatal("the blocker's write never reached the API server")
 	}
-	clk.Step(10 * time.Second)
-	select {
-	case <-fired:
-		t.Fatal("triggered twice")
-	case <-time.After(100 * time.Millisecond): // a second trigger would have come at once
+	claims := map[string][]netip.Addr{"ns/blocker": {netip.MustParseAddr("192.0.2.1")}, "ns/dual": {v4}}
+	for i := range 20 {
+		claims[fmt.Sprintf("ns/svc%d", i)] = []netip.Addr{netip.MustParseAddr(fmt.Sprintf("192.0.2.%d", 100+i))}
+	}
+	sync(claims)
+	claims["ns/dual"] = []netip.Addr{v4, v6} // this node now masters the IPv6 VIP too
+	sync(claims)
+	if got := testutil.ToFloat64(s.metrics.HolderPending); got != 22 {
+		t.Errorf("keeplb_speaker_holder_writes_pending %v while the API server is stuck, want 22", got)
+	}
+	close(release)
+
+	want := map[string]string{"blocker": "a", "dual": "a"}
+	for i := range 20 {
+		want[fmt.Sprintf("svc%d", i)] = "a"
+	}
+	got := map[string]string{}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		list, err := client.CoreV1().Services("ns").List(t.Context(), metav1.ListOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		clear(got)
+		for _, svc := range list.Items {
+			got[svc.Name] = svc.Annotations[annotations.Holder]
+		}
+		if maps.Equal(got, want) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("annotations %v, want %v", got, want)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	patches := map[string]int{}
+	for _, a := range client.Actions() {
+		if p, ok := a.(k8stesting.PatchAction); ok && p.GetResource().Resource == "services" {
+			patches[p.GetName()]++
+		}
+	}
+	if patches["dual"] != 1 {
+		t.Errorf("%d PATCHes of ns/dual, want 1: the later claim replaces the queued one", patches["dual"])
+	}
+	events, err := client.CoreV1().Events("ns").List(t.Context(), metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	acquired := map[string]bool{}
+	for _, ev := range events.Items {
+		if ev.Reason == EventVIPAcquired && ev.Source.Component == Component && ev.InvolvedObject.Kind == "Service" {
+			acquired[ev.InvolvedObject.Name+" "+ev.Message] = true
+		}
+	}
+	if len(events.Items) != 23 || !acquired["dual Node a holds 192.0.2.10"] || !acquired["dual Node a holds 2001:db8::10"] || !acquired["svc7 Node a holds 192.0.2.107"] {
+		t.Errorf("%d events, VIPAcquired %v; want one per VIP, 23", len(events.Items), slices.Sorted(maps.Keys(acquired)))
+	}
+	// Everything written, and seen: nothing pending at the next sync.
+	sync(claims)
+	if got := testutil.ToFloat64(s.metrics.HolderPending); got != 0 {
+		t.Errorf("keeplb_speaker_holder_writes_pending %v after every write, want 0", got)
+	}
+	if got := testutil.ToFloat64(s.metrics.HolderEventsDropped); got != 0 {
+		t.Errorf("keeplb_speaker_holder_events_dropped_total %v", got)
+	}
+}
+
+// TestHolderHeldBackWriteGoesOut checks that a value this node wrote
+// lately and found overwritten (a split brain) goes out again once its
+// wait ends, with no sync to ask for it.
+func TestHolderHeldBackWriteGoesOut(t *testing.T) {
+	client := fake.NewClientset(lbService("ns", "web", "192.0.2.1", false, nil))
+	t0 := time.Unix(1000, 0)
+	clk := clocktesting.NewFakeClock(t0)
+	s := holderSpeaker(t, "a", client, clk)
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() { defer close(done); s.holders.run(ctx) }()
+	defer func() { cancel(); <-done }()
+	plan, owners := holderPlan()
+	master := map[string]keepalived.State{"i4": keepalived.StateMaster}
+	claims, _ := holderClaims(plan, "a", owners, master)
+
+	holder := func() string {
+		svc, err := client.CoreV1().Services("ns").Get(t.Context(), "web", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return svc.Annotations[annotations.Holder]
+	}
+	waitHolder := func(want string, step time.Duration) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for holder() != want {
+			if time.Now().After(deadline) {
+				t.Fatalf("annotation %q, want %q", holder(), want)
+			}
+			clk.Step(step)
+			time.Sleep(time.Millisecond)
+		}
+	}
+	see(t, s, client)
+	s.applyHolders(claims, nil)
+	waitHolder("a", 0)
+	// Node b overwrites it; this node's informer sees it, and its sync
+	// wants it back, but wrote that value a moment ago.
+	svc, _ := client.CoreV1().Services("ns").Get(t.Context(), "web", metav1.GetOptions{})
+	svc.Annotations[annotations.Holder] = "b"
+	if _, err := client.CoreV1().Services("ns").Update(t.Context(), svc, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	see(t, s, client)
+	s.applyHolders(claims, nil)
+	waitHolder("a", 500*time.Millisecond)
+	// When it went out: the time of its event, on the fake clock.
+	events, _ := client.CoreV1().Events("ns").List(t.Context(), metav1.ListOptions{})
+	var last time.Time
+	for _, ev := range events.Items {
+		if ev.LastTimestamp.After(last) {
+			last = ev.LastTimestamp.Time
+		}
+	}
+	if len(events.Items) != 2 || last.Sub(t0) < holderMinRewrite {
+		t.Errorf("%d events, the last %s after the first write; want 2, the second at least %s after", len(events.Items), last.Sub(t0), holderMinRewrite)
 	}
 }

@@ -53,6 +53,10 @@ type Options struct {
 	// stays in its own, where it reaches the API server.
 	NetNS string
 	// KubeAPIQPS and KubeAPIBurst limit requests to the API server.
+	// kubelet's defaults: each Service a node takes over costs a holder
+	// PATCH and an event per VIP, so at 50 a node taking 10,000 VIPs
+	// records them in about 7 minutes (17 at the former 20), off the sync
+	// path either way.
 	KubeAPIQPS   float32
 	KubeAPIBurst int
 	// IPVS programs this node's IPVS table for keeplb's VIPs, besides
@@ -78,8 +82,8 @@ func NewOptions() *Options {
 		MinSyncInterval:    100 * time.Millisecond,
 		MetricsBindAddress: "127.0.0.1:10261",
 		MetricsSecure:      true,
-		KubeAPIQPS:         20,
-		KubeAPIBurst:       40,
+		KubeAPIQPS:         50,
+		KubeAPIBurst:       100,
 		IPVS:               true,
 	}
 }
@@ -100,7 +104,7 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.MetricsKeyFile, "metrics-key-file", o.MetricsKeyFile, "PEM private key of --metrics-cert-file.")
 	fs.BoolVar(&o.SkipSysctls, "skip-sysctls", o.SkipSysctls, "Do not check or set the sysctls VRRP needs.")
 	fs.StringVar(&o.NetNS, "netns", o.NetNS, "For tests and demos: manage addresses, run keepalived and (with --ipvs) program IPVS and keeplb's nftables table in this named network namespace (ip netns, /run/netns/NAME). Implies --skip-sysctls for the speaker's own namespace.")
-	fs.Float32Var(&o.KubeAPIQPS, "kube-api-qps", o.KubeAPIQPS, "Queries per second to the API server.")
+	fs.Float32Var(&o.KubeAPIQPS, "kube-api-qps", o.KubeAPIQPS, "Queries per second to the API server: mostly the holder annotations and VIPAcquired events, written apart from the syncs (one PATCH per Service and one event per VIP a node takes over).")
 	fs.IntVar(&o.KubeAPIBurst, "kube-api-burst", o.KubeAPIBurst, "Burst of queries to the API server.")
 	fs.BoolVar(&o.IPVS, "ipvs", o.IPVS, "Also forward VIP traffic with IPVS on this node (virtual servers to NodePorts or pods, with keeplb's nftables table inet keeplb for masquerading and loadBalancerSourceRanges; needs nft v1.0.1+; with --netns both live in that namespace). --ipvs=false: the speaker only holds VIPs with VRRP, and Services forwarded by nodeport or pod get no traffic. On a kernel without IPVS the speaker logs an error, records an IPVSUnavailable Warning event on each Service it would forward, and goes on holding VIPs.")
 	fs.BoolVar(&o.KeepIPVSOnExit, "keep-ipvs-on-exit", o.KeepIPVSOnExit, "With --ipvs: leave keeplb's IPVS virtual servers and its nftables table in place when the speaker exits, for upgrades, so the next speaker finds them programmed and only reconciles them. By default both are deleted on exit, so that a removed keeplb leaves no forwarding behind.")

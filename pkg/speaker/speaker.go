@@ -42,6 +42,7 @@ import (
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/klog/v2"
+	"k8s.io/utils/clock"
 
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/dataplane"
@@ -185,7 +186,9 @@ type Speaker struct {
 	reported lasting
 	// nodeReports does the same for the Nodes' ignored InternalIPs.
 	nodeReports lasting
-	holders     holderWrites // limits holder annotation writes (holder.go)
+	// holders writes the holder annotations the syncs decide, off the
+	// sync path (holderwriter.go).
+	holders *holderWriter
 
 	// statesMu guards states, keepalived's last reported state of each
 	// instance on this node, which the FIFO watcher writes and each sync
@@ -224,6 +227,7 @@ func newSpeaker(o *Options, client kubernetes.Interface, dyn dynamic.Interface, 
 		panic(err) // only when the informer runs, or the index exists: neither can happen here
 	}
 	s.runner = runner.New(s.sync, o.MinSyncInterval, time.Second, resyncPeriod)
+	s.holders = newHolderWriter(o.NodeName, client, s.lookupService, m, clock.RealClock{})
 	return s
 }
 
@@ -277,7 +281,10 @@ func (s *Speaker) run(ctx context.Context) error {
 	s.healthyMu.Lock()
 	s.health.synced = time.Now()
 	s.healthyMu.Unlock()
+	holdersDone := make(chan struct{})
+	go func() { defer close(holdersDone); s.holders.run(ctx) }()
 	s.runner.Run(ctx)
+	<-holdersDone
 
 	// Shutting down: keepalived's clean stop sends priority-0 adverts so
 	// peers take over at once; then no VIP of ours may stay behind.

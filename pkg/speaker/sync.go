@@ -224,7 +224,8 @@ func (s *Speaker) compute(obs observed) desired {
 //  2. the problems found, as logs, events and metrics;
 //  3. the track files, then keepalived.conf (a reload then starts with the
 //     right priorities);
-//  4. the VRRP state metrics and the holder annotations.
+//  4. the VRRP state metrics and the holder annotations, which it hands to
+//     the holder writer and does not wait for.
 func (s *Speaker) apply(ctx context.Context, obs observed, want desired) error {
 	dpErr := s.dp.apply(ctx, obs.service, want.forwarding, want.forwardingProblems, want.forwardingDelta)
 	canForward := s.dp.canForward()
@@ -237,7 +238,7 @@ func (s *Speaker) apply(ctx context.Context, obs observed, want desired) error {
 		s.metrics.VRRPSyncErrors.Inc()
 		return errors.Join(dpErr, err)
 	}
-	s.applyHolders(ctx, want.claims, want.vipStates)
+	s.applyHolders(want.claims, want.vipStates)
 	return dpErr
 }
 
