@@ -3,6 +3,8 @@ package metrics
 import (
 	"slices"
 	"strconv"
+	"sync"
+	"time"
 
 	"k8s.io/component-base/metrics"
 
@@ -19,24 +21,40 @@ type VirtualServerStats struct {
 }
 
 // ipvsStatsCollector turns the counters read reports into
-// keeplb_ipvs_*_total series at every scrape. They are read from the
-// kernel at scrape time, not at each sync, because syncs can be minutes
-// apart (the periodic resync is 5 minutes) and counters that stale would
-// make rates useless.
+// keeplb_ipvs_*_total series. They are read from the kernel when scraped,
+// not at each sync, because syncs can be minutes apart (the periodic resync
+// is 5 minutes) and counters that stale would make rates useless. But one
+// read is a dump of the whole IPVS table with its counters: at 10,000
+// virtual servers a scrape cost 13 s, over Prometheus' 10 s timeout. So a
+// scrape serves the series of the last read, built once, and starts a new
+// read in the background when that one is maxAge old: reads run at most
+// one at a time and once per maxAge however often anyone scrapes, and only
+// the first scrape waits for one. maxAge 0 reads at every scrape.
 type ipvsStatsCollector struct {
 	metrics.BaseStableCollector
 
 	read                        func() []VirtualServerStats
+	maxAge                      time.Duration
+	now                         func() time.Time
 	connections, packets, bytes *metrics.Desc
+
+	mu sync.Mutex
+	// series are the last read's, built; at is when that read started,
+	// reading says one is under way.
+	series  []metrics.Metric
+	at      time.Time
+	reading bool
+	// done, for tests, is told when a background read ends.
+	done func()
 }
 
 var _ metrics.StableCollector = (*ipvsStatsCollector)(nil)
 
-func newIPVSStatsCollector(read func() []VirtualServerStats) *ipvsStatsCollector {
+func newIPVSStatsCollector(read func() []VirtualServerStats, maxAge time.Duration) *ipvsStatsCollector {
 	labels := []string{"service", "vip", "port", "protocol"}
 	withDirection := slices.Concat(labels, []string{"direction"})
 	return &ipvsStatsCollector{
-		read: read,
+		read: read, maxAge: maxAge, now: time.Now,
 		connections: metrics.NewDesc(namespace+"_ipvs_connections_total",
 			"Connections IPVS scheduled to one of keeplb's virtual servers on this node, since the virtual server was created (the kernel counts in 32 bits, so it wraps).",
 			labels, nil, metrics.ALPHA, ""),
@@ -58,21 +76,71 @@ func (c *ipvsStatsCollector) DescribeWithStability(ch chan<- *metrics.Desc) {
 
 // CollectWithStability is part of metrics.StableCollector.
 func (c *ipvsStatsCollector) CollectWithStability(ch chan<- metrics.Metric) {
-	for _, s := range c.read() {
-		l := []string{s.Service, s.Key.Address.String(), strconv.Itoa(int(s.Key.Port)), s.Key.Protocol}
-		ch <- metrics.NewLazyConstMetric(c.connections, metrics.CounterValue, float64(s.Stats.Connections), l...)
-		ch <- metrics.NewLazyConstMetric(c.packets, metrics.CounterValue, float64(s.Stats.PacketsIn), append(l, "in")...)
-		ch <- metrics.NewLazyConstMetric(c.packets, metrics.CounterValue, float64(s.Stats.PacketsOut), append(l, "out")...)
-		ch <- metrics.NewLazyConstMetric(c.bytes, metrics.CounterValue, float64(s.Stats.BytesIn), append(l, "in")...)
-		ch <- metrics.NewLazyConstMetric(c.bytes, metrics.CounterValue, float64(s.Stats.BytesOut), append(l, "out")...)
+	for _, m := range c.current() {
+		ch <- m
 	}
+}
+
+// current returns the series to serve: the last read's, starting a new
+// read in the background when it is maxAge old; the first read, and every
+// read with maxAge 0, in the caller's time.
+func (c *ipvsStatsCollector) current() []metrics.Metric {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	now := c.now()
+	switch {
+	case c.maxAge == 0 || c.at.IsZero():
+		c.series, c.at = c.build(c.read()), now
+	case now.Sub(c.at) >= c.maxAge && !c.reading:
+		c.reading = true
+		go func() {
+			series := c.build(c.read())
+			c.mu.Lock()
+			c.series, c.at, c.reading = series, now, false
+			done := c.done
+			c.mu.Unlock()
+			if done != nil {
+				done()
+			}
+		}()
+	}
+	return c.series
+}
+
+// build turns counters into their series, five per virtual server.
+func (c *ipvsStatsCollector) build(stats []VirtualServerStats) []metrics.Metric {
+	out := make([]metrics.Metric, 0, 5*len(stats))
+	for _, s := range stats {
+		l := []string{s.Service, s.Key.Address.String(), strconv.Itoa(int(s.Key.Port)), s.Key.Protocol}
+		out = append(out,
+			metrics.NewLazyConstMetric(c.connections, metrics.CounterValue, float64(s.Stats.Connections), l...),
+			metrics.NewLazyConstMetric(c.packets, metrics.CounterValue, float64(s.Stats.PacketsIn), append(l, "in")...),
+			metrics.NewLazyConstMetric(c.packets, metrics.CounterValue, float64(s.Stats.PacketsOut), append(l, "out")...),
+			metrics.NewLazyConstMetric(c.bytes, metrics.CounterValue, float64(s.Stats.BytesIn), append(l, "in")...),
+			metrics.NewLazyConstMetric(c.bytes, metrics.CounterValue, float64(s.Stats.BytesOut), append(l, "out")...))
+	}
+	return out
+}
+
+// IPVSStats says how the per-virtual-server counters are served (see
+// RegisterIPVSStats). The zero value serves them, read at every scrape.
+type IPVSStats struct {
+	// Off serves none: five series per virtual server on every member node
+	// add up (50,000 per node at 10,000 Services).
+	Off bool
+	// MaxAge is how old the counters served may be; 0 reads them at every
+	// scrape.
+	MaxAge time.Duration
 }
 
 // RegisterIPVSStats serves keeplb_ipvs_connections_total,
 // keeplb_ipvs_packets_total{direction} and keeplb_ipvs_bytes_total{direction},
-// labelled by service, vip, port and protocol, from what read returns at
-// each scrape. read must be safe to call concurrently with everything else.
-// Call it once, with RegisterIPVS.
+// labelled by service, vip, port and protocol, from what read returns, as
+// m.IPVSStats says. read must be safe to call concurrently with everything
+// else. Call it once, with RegisterIPVS.
 func (m *Speaker) RegisterIPVSStats(read func() []VirtualServerStats) {
-	m.registry.CustomMustRegister(newIPVSStatsCollector(read))
+	if m.IPVSStats.Off {
+		return
+	}
+	m.registry.CustomMustRegister(newIPVSStatsCollector(read, m.IPVSStats.MaxAge))
 }

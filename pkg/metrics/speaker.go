@@ -53,6 +53,10 @@ type Speaker struct {
 	// HolderEventsDropped counts VIPAcquired events never written.
 	HolderEventsDropped *metrics.Counter
 
+	// IPVSStats says how RegisterIPVSStats serves the per-virtual-server
+	// counters; set it before.
+	IPVSStats IPVSStats
+
 	// The IPVS metrics below are served only after RegisterIPVS, so that a
 	// speaker without --ipvs exports nothing about a dataplane it does not
 	// run.

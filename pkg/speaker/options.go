@@ -64,6 +64,10 @@ type Options struct {
 	// ipMode Proxy for nodeport and pod forwarding, so kube-proxy leaves
 	// those VIPs alone and nothing else forwards their traffic.
 	IPVS bool
+	// IPVSStats serves the per-virtual-server IPVS counters, read from the
+	// kernel at most every IPVSStatsMaxAge (0: at every scrape).
+	IPVSStats       bool
+	IPVSStatsMaxAge time.Duration
 	// KeepIPVSOnExit leaves keeplb's IPVS virtual servers, and its
 	// nftables table, in place when the speaker exits, instead of deleting
 	// them.
@@ -85,6 +89,8 @@ func NewOptions() *Options {
 		KubeAPIQPS:         50,
 		KubeAPIBurst:       100,
 		IPVS:               true,
+		IPVSStats:          true,
+		IPVSStatsMaxAge:    30 * time.Second,
 	}
 }
 
@@ -107,6 +113,8 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.Float32Var(&o.KubeAPIQPS, "kube-api-qps", o.KubeAPIQPS, "Queries per second to the API server: mostly the holder annotations and VIPAcquired events, written apart from the syncs (one PATCH per Service and one event per VIP a node takes over).")
 	fs.IntVar(&o.KubeAPIBurst, "kube-api-burst", o.KubeAPIBurst, "Burst of queries to the API server.")
 	fs.BoolVar(&o.IPVS, "ipvs", o.IPVS, "Also forward VIP traffic with IPVS on this node (virtual servers to NodePorts or pods, with keeplb's nftables table inet keeplb for masquerading and loadBalancerSourceRanges; needs nft v1.0.1+; with --netns both live in that namespace). --ipvs=false: the speaker only holds VIPs with VRRP, and Services forwarded by nodeport or pod get no traffic. On a kernel without IPVS the speaker logs an error, records an IPVSUnavailable Warning event on each Service it would forward, and goes on holding VIPs.")
+	fs.BoolVar(&o.IPVSStats, "ipvs-stats", o.IPVSStats, "With --ipvs: serve keeplb_ipvs_connections_total, keeplb_ipvs_packets_total and keeplb_ipvs_bytes_total, five series per virtual server on every node that programs it (50,000 per node at 10,000 Services).")
+	fs.DurationVar(&o.IPVSStatsMaxAge, "ipvs-stats-max-age", o.IPVSStatsMaxAge, "With --ipvs-stats: read the IPVS counters from the kernel (a dump of the whole table) at most this often; a scrape serves the last read's and starts the next read in the background once they are this old. 0 reads at every scrape.")
 	fs.BoolVar(&o.KeepIPVSOnExit, "keep-ipvs-on-exit", o.KeepIPVSOnExit, "With --ipvs: leave keeplb's IPVS virtual servers and its nftables table in place when the speaker exits, for upgrades, so the next speaker finds them programmed and only reconciles them. By default both are deleted on exit, so that a removed keeplb leaves no forwarding behind.")
 }
 
@@ -129,8 +137,8 @@ func (o *Options) Validate() error {
 	if o.RunDir == "" || len(o.Keepalived) == 0 {
 		errs = append(errs, errors.New("--run-dir and --keepalived must not be empty"))
 	}
-	if o.ReloadWindow < 0 || o.MinSyncInterval < 0 {
-		errs = append(errs, errors.New("--reload-window and --min-sync-interval must not be negative"))
+	if o.ReloadWindow < 0 || o.MinSyncInterval < 0 || o.IPVSStatsMaxAge < 0 {
+		errs = append(errs, errors.New("--reload-window, --min-sync-interval and --ipvs-stats-max-age must not be negative"))
 	}
 	if o.MetricsBindAddress != "0" {
 		if err := o.serveConfig().Validate(); err != nil {

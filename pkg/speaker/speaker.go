@@ -214,6 +214,7 @@ type Speaker struct {
 // step on k, and its runner, which syncs at most every --min-sync-interval.
 func newSpeaker(o *Options, client kubernetes.Interface, dyn dynamic.Interface, k Kernel, sup *keepalived.Supervisor, recorder record.EventRecorder) *Speaker {
 	m := metrics.NewSpeaker()
+	m.IPVSStats = metrics.IPVSStats{Off: !o.IPVSStats, MaxAge: o.IPVSStatsMaxAge}
 	s := &Speaker{opts: o, client: client, net: k.Net, sup: sup, layout: Layout{RunDir: o.RunDir}, metrics: m, recorder: recorder,
 		dp: newIPVSStep(o, k, m, recorder), states: map[string]keepalived.State{}}
 	s.factory = informers.NewSharedInformerFactory(client, 0)
