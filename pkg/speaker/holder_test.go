@@ -304,9 +304,17 @@ func TestHolderWriterOffTheSyncPath(t *testing.T) {
 	if patches["dual"] != 1 {
 		t.Errorf("%d PATCHes of ns/dual, want 1: the later claim replaces the queued one", patches["dual"])
 	}
-	events, err := client.CoreV1().Events("ns").List(t.Context(), metav1.ListOptions{})
-	if err != nil {
-		t.Fatal(err)
+	// Each event follows its annotation.
+	var events *v1.EventList
+	for {
+		var err error
+		if events, err = client.CoreV1().Events("ns").List(t.Context(), metav1.ListOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if len(events.Items) >= 23 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	acquired := map[string]bool{}
 	for _, ev := range events.Items {
@@ -374,8 +382,17 @@ func TestHolderHeldBackWriteGoesOut(t *testing.T) {
 	see(t, s, client)
 	s.applyHolders(claims, nil)
 	waitHolder("a", 500*time.Millisecond)
-	// When it went out: the time of its event, on the fake clock.
-	events, _ := client.CoreV1().Events("ns").List(t.Context(), metav1.ListOptions{})
+	// When it went out: the time of its event, on the fake clock (written
+	// after the annotation).
+	var events *v1.EventList
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		events, _ = client.CoreV1().Events("ns").List(t.Context(), metav1.ListOptions{})
+		if len(events.Items) >= 2 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
 	var last time.Time
 	for _, ev := range events.Items {
 		if ev.LastTimestamp.After(last) {
