@@ -10,7 +10,10 @@
 // Services an informer event named and returns a Delta, the virtual
 // servers whose entries may have changed; Reconciler.SyncDelta diffs those
 // alone against what it programmed, with no dump, so that one endpoint
-// change is one real server changed in the kernel. It falls back to the
+// change is one real server changed in the kernel, and, when it is
+// masqueraded, one element of keeplb's nftables table (the table is
+// rewritten whole only by a full sync, or when its state is unknown; see
+// Reconciler.SyncDelta). It falls back to the
 // full Sync whenever what it remembers may be wrong (after any failure,
 // a State skipped, a virtual server leaving keeplb's ownership or one to
 // adopt), and the speaker runs a full Sync every few minutes anyway.

@@ -94,25 +94,31 @@ type Reconciler struct {
 	// sorted.
 	foreign []ipvs.Key
 
-	// nftApplied is the text of the last transaction run successfully: a
-	// sync that renders the same text skips running nft. Cleared by Exit
-	// and by a failed run.
-	nftApplied string
+	// nftWritten is what the last successful write left in keeplb's
+	// table's sets (its masquerading is what a write before IPVS keeps),
+	// nil before the first and after Exit. While the table is known to be
+	// as written, a write sends only the elements that differ from it.
+	nftWritten *nft.Elements
+	// nftUnknown is set after a failed write: the table's state is
+	// unknown, so the next write rewrites it whole, even unchanged.
+	nftUnknown bool
+	// nftResync is set during a full sync (Sync, or SyncDelta of a Full
+	// Delta): a write that changes anything then rewrites the table
+	// whole, which also heals what was done to it behind keeplb's back.
+	nftResync bool
 	// nftFailed is set while the last nft run failed: keeplb's table is
 	// missing or stale, so this node cannot forward (see CanForward).
 	nftFailed bool
-	// nftInvalid names the entries the last transaction left out (see
+	// nftInvalid names the entries the last write left out (see
 	// nft.Transaction), for the sync's error.
 	nftInvalid error
-	// snatApplied is the masquerading the last transaction wrote, and
-	// rangesApplied its source ranges: a filtered virtual server whose
-	// filter a later write could not change keeps its state only while
-	// its ranges are these (see withhold).
-	snatApplied   []nft.SNAT
+	// rangesApplied are the source ranges of the last successful write: a
+	// filtered virtual server whose filter a later write could not change
+	// keeps its state only while its ranges are these (see withhold).
 	rangesApplied map[ipvs.Key][]netip.Prefix
 
 	// guardMu guards guardDrops, the packets the VIP port guard dropped
-	// in the tables this reconciler replaced (each write recreates the
+	// in the tables this reconciler replaced (a whole write recreates the
 	// table's counter, so the total is kept here; see GuardDropped), and
 	// guardTable, set while a table it wrote is in place.
 	guardMu    sync.Mutex
@@ -175,8 +181,15 @@ type Report struct {
 //
 // Without IPVS only the VIP port guard is written: nothing is forwarded,
 // so nothing is masqueraded or filtered, but the node may hold VIPs.
+//
+// Sync's first write of keeplb's table that changes anything rewrites it
+// whole, so that what was done to the table behind keeplb's back is
+// healed; a later one changes only the elements that differ. A sync that
+// changes nothing in the table does not write it.
 func (r *Reconciler) Sync(ctx context.Context, st State) (Report, error) {
+	r.nftResync = true
 	rep, err := r.sync(ctx, st)
+	r.nftResync = false
 	r.clean, r.base = err == nil, nil
 	return rep, err
 }
@@ -191,7 +204,7 @@ func (r *Reconciler) sync(ctx context.Context, st State) (Report, error) {
 	if err := r.ensureIPv6(st.IPVS); err != nil {
 		errs = append(errs, err) // IPv4 is unaffected: program anyway
 	}
-	preErr := r.writeNFT(ctx, rules, r.snatApplied)
+	preErr := r.writeNFT(ctx, rules, true)
 	if preErr != nil {
 		rep.NFTFailures++
 	}
@@ -219,7 +232,7 @@ func (r *Reconciler) sync(ctx context.Context, st State) (Report, error) {
 	r.mu.Unlock()
 	rep.Foreign = foreign
 	err = r.outcome(&rep, st, res, append(errs, err))
-	if nftErr := r.writeNFT(ctx, rules, nil); nftErr != nil {
+	if nftErr := r.writeNFT(ctx, rules, false); nftErr != nil {
 		rep.NFTFailures++
 		err = errors.Join(err, nftErr)
 	}
@@ -229,7 +242,7 @@ func (r *Reconciler) sync(ctx context.Context, st State) (Report, error) {
 // guardOnly is a sync without IPVS: only the VIP port guard is written.
 func (r *Reconciler) guardOnly(ctx context.Context, st State) (Report, error) {
 	var rep Report
-	if err := r.writeNFT(ctx, nft.Rules{Guard: st.Guard}, nil); err != nil {
+	if err := r.writeNFT(ctx, nft.Rules{Guard: st.Guard}, false); err != nil {
 		rep.NFTFailures++
 		return rep, err
 	}
@@ -241,7 +254,10 @@ func (r *Reconciler) guardOnly(ctx context.Context, st State) (Report, error) {
 // servers against what this Reconciler programmed, and only their
 // changes, so that its work grows with what changed. keeplb's nftables
 // table is written around the changes, as in Sync, only when d says the
-// masquerading, source ranges or guard changed.
+// masquerading, source ranges or guard changed, and then only the set
+// elements that differ from the last write are sent, unless the table's
+// state is unknown (after a failed write) or d is Full: the table is then
+// rewritten whole, as by Sync.
 //
 // Without IPVS, only the guard is written, when d says it changed.
 //
@@ -259,6 +275,7 @@ func (r *Reconciler) guardOnly(ctx context.Context, st State) (Report, error) {
 // The kernel can change behind its back (an operator, another program):
 // the caller still runs a full Sync now and then.
 func (r *Reconciler) SyncDelta(ctx context.Context, st State, d Delta) (Report, error) {
+	r.nftResync = d.Full
 	var rep Report
 	var err error
 	if r.incremental(st, d) {
@@ -266,6 +283,7 @@ func (r *Reconciler) SyncDelta(ctx context.Context, st State, d Delta) (Report, 
 	} else {
 		rep, err = r.sync(ctx, st)
 	}
+	r.nftResync = false
 	r.clean, r.base, r.baseGen = err == nil, d.cache, d.gen
 	return rep, err
 }
@@ -306,7 +324,7 @@ func (r *Reconciler) syncDelta(ctx context.Context, st State, d Delta) (Report, 
 		errs = append(errs, err)
 	}
 	if d.NFT {
-		if err := r.writeNFT(ctx, rules, r.snatApplied); err != nil {
+		if err := r.writeNFT(ctx, rules, true); err != nil {
 			full, ferr := r.sync(ctx, st)
 			full.NFTFailures++
 			return full, errors.Join(err, ferr)
@@ -331,7 +349,7 @@ func (r *Reconciler) syncDelta(ctx context.Context, st State, d Delta) (Report, 
 	rep.Foreign = r.foreign
 	err = r.outcome(&rep, st, res, append(errs, err))
 	if d.NFT {
-		if nftErr := r.writeNFT(ctx, rules, nil); nftErr != nil {
+		if nftErr := r.writeNFT(ctx, rules, false); nftErr != nil {
 			rep.NFTFailures++
 			err = errors.Join(err, nftErr)
 		}
@@ -396,7 +414,7 @@ func (r *Reconciler) Exit(ctx context.Context, owns func(ipvs.Key) bool) (Report
 	if r.k.NFT == nil {
 		return rep, err
 	}
-	r.nftApplied, r.snatApplied, r.rangesApplied = "", nil, nil
+	r.nftWritten, r.rangesApplied = nil, nil
 	r.guardMu.Lock()
 	r.guardTable = false
 	r.guardMu.Unlock()
@@ -416,57 +434,78 @@ func (r *Reconciler) CanForward() bool {
 	return r != nil && r.k.IPVS != nil && r.k.NFT != nil && !r.nftFailed
 }
 
-// writeNFT rewrites keeplb's table with rules, masquerading also what keep
-// lists, unless the transaction is the one last run.
-func (r *Reconciler) writeNFT(ctx context.Context, rules nft.Rules, keep []nft.SNAT) error {
+// writeNFT brings keeplb's table to rules, masquerading also what the
+// last write masqueraded when keep is set (the write before IPVS changes).
+// While the table is known to be as last written it sends only the
+// elements that differ, nothing when none does. It rewrites the table
+// whole on the first write and after a failed one (even unchanged), in a
+// full sync when anything differs, and when nft refuses the change (the
+// table was not as written: someone flushed or edited it). A write that
+// fails leaves the table as it was (nft runs a transaction whole or not
+// at all), and the next one whole.
+func (r *Reconciler) writeNFT(ctx context.Context, rules nft.Rules, keep bool) error {
 	if r.k.NFT == nil {
 		return nil
 	}
-	if len(keep) > 0 {
-		rules.SNAT = unionSNAT(rules.SNAT, keep)
-	}
-	tx := r.k.NFT.NewTransaction()
-	// Entries the table cannot express are left out of tx, not allowed to
-	// stop it: the rest of the table still follows every other Service.
+	// Entries the table cannot express are left out, not allowed to stop
+	// the write: the rest of the table still follows every other Service.
+	want, err := nft.Compute(rules)
 	r.nftInvalid = nil
-	if err := nft.Transaction(tx, rules); err != nil {
+	if err != nil {
 		r.nftInvalid = fmt.Errorf("nftables table %s %s, entries left out: %w", nft.Family, nft.Table, err)
 	}
-	text := tx.String()
-	if text == r.nftApplied {
-		return nil
+	if keep {
+		want = want.KeepSNAT(r.nftWritten)
 	}
-	// The write recreates the guard's counter: keep what it counted.
+	logger := klog.FromContext(ctx)
+	if r.nftWritten != nil && !r.nftUnknown {
+		tx := r.k.NFT.NewTransaction()
+		n := nft.Update(tx, r.nftWritten, want)
+		if n == 0 {
+			return nil
+		}
+		if !r.nftResync {
+			err := r.k.NFT.Run(ctx, tx)
+			if err == nil {
+				r.nftDone(want, rules)
+				logger.V(2).Info("nftables table changed", "elements", n, "snat", want.SNATs(), "sourceRanges", len(rules.SourceRanges))
+				return nil
+			}
+			logger.Info("keeplb's nftables table is not as keeplb last wrote it (flushed or edited by something else?); rewriting it whole", "err", err)
+		}
+	}
+
+	tx := r.k.NFT.NewTransaction()
+	nft.Write(tx, want)
+	// A whole write recreates the guard's counter: keep what it counted.
+	// A failed write changes nothing, so the counter is read again then.
+	r.guardMu.Lock()
+	table := r.guardTable
+	r.guardMu.Unlock()
 	var dropped uint64
-	if r.nftApplied != "" {
+	if table {
 		dropped, _ = nft.GuardDrops(ctx, r.k.NFT)
 	}
-	r.nftApplied = ""
 	if err := r.k.NFT.Run(ctx, tx); err != nil {
-		r.nftFailed = true
+		r.nftFailed, r.nftUnknown = true, true
 		return fmt.Errorf("writing nftables table %s %s: %w", nft.Family, nft.Table, err)
 	}
 	r.guardMu.Lock()
 	r.guardDrops += dropped
 	r.guardTable = true
 	r.guardMu.Unlock()
-	r.nftFailed = false
-	// A Cache changes its State in place at its next call.
-	r.nftApplied, r.snatApplied, r.rangesApplied = text, slices.Clone(rules.SNAT), maps.Clone(rules.SourceRanges)
-	klog.FromContext(ctx).V(2).Info("nftables table written", "snat", len(rules.SNAT), "sourceRanges", len(rules.SourceRanges))
+	r.nftDone(want, rules)
+	logger.V(2).Info("nftables table written", "snat", want.SNATs(), "sourceRanges", len(rules.SourceRanges))
 	return nil
 }
 
-// unionSNAT returns a and b merged, sorted, without duplicates.
-func unionSNAT(a, b []nft.SNAT) []nft.SNAT {
-	out := append(slices.Clone(a), b...)
-	slices.SortFunc(out, func(x, y nft.SNAT) int {
-		if c := x.Virtual.Compare(y.Virtual); c != 0 {
-			return c
-		}
-		return x.Real.Compare(y.Real)
-	})
-	return slices.Compact(out)
+// nftDone records a successful write of want, from rules: the table is as
+// written.
+func (r *Reconciler) nftDone(want *nft.Elements, rules nft.Rules) {
+	r.nftFailed, r.nftUnknown, r.nftResync = false, false, false
+	// A Cache changes its State in place at its next call; want is a copy
+	// already.
+	r.nftWritten, r.rangesApplied = want, maps.Clone(rules.SourceRanges)
 }
 
 // apply brings the virtual servers in scope to desired: one dump, a diff,

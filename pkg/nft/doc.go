@@ -2,15 +2,36 @@
 // for traffic IPVS forwards in NAT mode, the Services'
 // spec.loadBalancerSourceRanges, and the VIP port guard. Transaction builds the table as plain
 // data (a knftables.Transaction) from Rules, which dataplane.Reconciler
-// runs; Delete and Cleanup remove the table on a clean exit. Nothing here reads the kernel:
-// every sync rewrites the whole table in one atomic transaction, so the
-// result depends on Rules alone, and no other table is ever touched.
+// runs; Delete and Cleanup remove the table on a clean exit. Nothing here
+// reads the kernel, and no other table is ever touched.
+//
+// # Writing the table
+//
+// The table's structure (chains, rules, sets, counter) is the same for
+// every Rules; only the sets' elements differ. Compute turns Rules into
+// Elements, validated and sorted. Write (what Transaction does) rewrites
+// the table whole in one atomic transaction: created if missing, deleted
+// and written anew, so the result depends on the Elements alone,
+// whatever the table held. Update sends only "add element" and "delete
+// element" for the elements in which two Elements differ, the deletes
+// first (an interval set takes a range that contains an old one only
+// once the old one is gone): at 100,000 masqueraded real servers, one
+// changed is two operations instead of a 9 MB script.
+//
+// Update is right only on a table that holds what it is told: the caller
+// keeps the Elements it last wrote successfully, and writes whole the
+// first time, after a failed write, and now and then to heal what others
+// did to the table. nft fails an update whole, changing nothing, when it
+// deletes an element the table lacks or adds to a set that is gone; the
+// caller then writes whole. Update uses delete, not destroy: nft 1.0.6
+// (Debian 12) has no destroy, and the failed delete is what shows a table
+// not as written. KeepSNAT makes the union a write before IPVS needs.
 //
 // Every address reaches the script text as a validated netip value: an
-// entry Transaction cannot express (an invalid or zoned address above all,
+// entry Compute cannot express (an invalid or zoned address above all,
 // which would be written as "fe80::1%eth0" and make nft reject the whole
 // transaction) is left out and named in its error, and the rest of the
-// table is written all the same.
+// table is written all the same, whole or by an update.
 //
 // # Table
 //
@@ -121,6 +142,7 @@
 // not see them. The sets list every VIP of every pool, on every node, so a
 // VIP is guarded on whichever node it moves to.
 //
-// Every write recreates the table, and the counter with it: GuardDrops
-// reads it, and a caller that exports a total adds it up before a write.
+// A whole write recreates the table, and the counter with it (an Update
+// keeps it): GuardDrops reads it, and a caller that exports a total adds
+// it up before a whole write.
 package nft

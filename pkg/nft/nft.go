@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -118,13 +117,6 @@ func families() [2]family {
 	}
 }
 
-func (f family) index() int {
-	if f.v6 {
-		return 1
-	}
-	return 0
-}
-
 func (f family) snatSet() string     { return "snat-" + f.suffix }
 func (f family) filteredSet() string { return "filtered-" + f.suffix }
 func (f family) allowedSet() string  { return "allowed-" + f.suffix }
@@ -153,12 +145,6 @@ func (f family) echoRequest() string {
 	return "icmp type echo-request"
 }
 
-// elements are the set elements of one family, each a concatenated key.
-type elements struct {
-	snat, filtered, allowed [][]string
-	vips, ports, echo       [][]string
-}
-
 // Transaction adds to tx the operations that (re)write keeplb's table to
 // express in: the table is created if missing, deleted and written anew,
 // all within tx, so running tx is atomic and idempotent. It touches no
@@ -172,8 +158,23 @@ type elements struct {
 // makes nft reject the whole transaction. A source range left out only
 // narrows what its virtual server admits: one whose ranges are all
 // invalid admits no client.
+//
+// It is Compute, then Write.
 func Transaction(tx *knftables.Transaction, in Rules) error {
-	els, err := compute(in)
+	e, err := Compute(in)
+	Write(tx, e)
+	return err
+}
+
+// Write adds to tx the operations that rewrite keeplb's table whole to
+// hold e: the table is created if missing, deleted and written anew, all
+// within tx, so running tx is atomic and idempotent, and the table is as
+// written whatever was done to it before (flushed, edited, deleted). The
+// guard's counter starts again from zero. It touches no other table.
+func Write(tx *knftables.Transaction, e *Elements) {
+	if e == nil {
+		e = &Elements{}
+	}
 	table := &knftables.Table{
 		Family:  Family,
 		Name:    Table,
@@ -304,22 +305,7 @@ func Transaction(tx *knftables.Transaction, in Rules) error {
 		}
 	}
 
-	for _, f := range families() {
-		e := els[f.index()]
-		addElements(tx, f.snatSet(), e.snat)
-		addElements(tx, f.filteredSet(), e.filtered)
-		addElements(tx, f.allowedSet(), e.allowed)
-		addElements(tx, f.vipsSet(), e.vips)
-		addElements(tx, f.portsSet(), e.ports)
-		addElements(tx, f.echoSet(), e.echo)
-	}
-	return err
-}
-
-func addElements(tx *knftables.Transaction, set string, keys [][]string) {
-	for _, k := range keys {
-		tx.Add(&knftables.Element{Family: Family, Table: Table, Set: set, Key: k})
-	}
+	addElements(tx, e)
 }
 
 // Delete adds to tx the operations that remove keeplb's table, whether or
@@ -345,113 +331,10 @@ func Cleanup(ctx context.Context, nft knftables.Interface) error {
 	return nil
 }
 
-// compute validates in and returns the sorted, deduplicated set elements
-// per family (index 0 IPv4, 1 IPv6) of its valid entries, and an error
-// naming the others. Every address in an element is a validated
-// netip.Addr or netip.Prefix without a zone, so the element text is
-// digits, dots, colons and a slash: nothing nft could read as syntax.
-func compute(in Rules) ([2]elements, error) {
-	var out [2]elements
-	var errs []error
-
-	snat := slices.Clone(in.SNAT)
-	slices.SortFunc(snat, func(a, b SNAT) int {
-		return cmp.Or(a.Virtual.Compare(b.Virtual), a.Real.Compare(b.Real))
-	})
-	snat = slices.Compact(snat)
-	for _, s := range snat {
-		vip, proto, err := virtual(s.Virtual)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("SNAT %s: %w", s, err))
-			continue
-		}
-		rip := s.Real.Addr().Unmap()
-		switch {
-		case !rip.IsValid():
-			errs = append(errs, fmt.Errorf("SNAT %s: invalid real server address", s))
-			continue
-		case rip.Zone() != "":
-			errs = append(errs, fmt.Errorf("SNAT %s: real server address with a zone", s))
-			continue
-		case rip.Is6() != vip.Is6():
-			errs = append(errs, fmt.Errorf("SNAT %s: real server and VIP are of different address families", s))
-			continue
-		case s.Real.Port() == 0:
-			errs = append(errs, fmt.Errorf("SNAT %s: real server port 0", s))
-			continue
-		}
-		i := familyIndex(vip)
-		out[i].snat = append(out[i].snat, []string{vip.String(), proto, port(s.Virtual.Port), rip.String(), port(s.Real.Port())})
-	}
-
-	keys := slices.SortedFunc(maps.Keys(in.SourceRanges), ipvs.Key.Compare)
-	for _, k := range keys {
-		ranges := in.SourceRanges[k]
-		vip, proto, err := virtual(k)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("source ranges of %s: %w", k, err))
-			continue
-		}
-		allowed, err := outermost(ranges, vip.Is6())
-		if err != nil {
-			// Filtered with the valid ranges only: closed to the
-			// clients of the invalid one, never opened.
-			errs = append(errs, fmt.Errorf("source ranges of %s: %w", k, err))
-		}
-		i := familyIndex(vip)
-		vkey := []string{vip.String(), proto, port(k.Port)}
-		out[i].filtered = append(out[i].filtered, vkey)
-		for _, p := range allowed {
-			out[i].allowed = append(out[i].allowed, append(slices.Clone(vkey), p.String()))
-		}
-	}
-	errs = append(errs, guardElements(&out, in.Guard)...)
-	return out, errors.Join(errs...)
-}
-
-// guardElements adds the guard's set elements to out, sorted and without
-// duplicates, and returns errors naming the entries left out. A VIP left
-// out is not guarded (its address is invalid, so no node holds it); a
-// port left out is dropped by the guard.
-func guardElements(out *[2]elements, g Guard) []error {
-	var errs []error
-	addrs := func(what string, as []netip.Addr, into func(*elements) *[][]string) {
-		as = slices.Clone(as)
-		slices.SortFunc(as, netip.Addr.Compare)
-		for _, a := range slices.Compact(as) {
-			a = a.Unmap()
-			switch {
-			case !a.IsValid():
-				errs = append(errs, fmt.Errorf("guard: invalid %s", what))
-				continue
-			case a.Zone() != "":
-				errs = append(errs, fmt.Errorf("guard: %s %s with a zone", what, a))
-				continue
-			}
-			e := into(&out[familyIndex(a)])
-			*e = append(*e, []string{a.String()})
-		}
-	}
-	addrs("VIP", g.VIPs, func(e *elements) *[][]string { return &e.vips })
-	addrs("echo VIP", g.Echo, func(e *elements) *[][]string { return &e.echo })
-	ports := slices.Clone(g.Ports)
-	slices.SortFunc(ports, ipvs.Key.Compare)
-	for _, k := range slices.Compact(ports) {
-		vip, proto, err := virtual(k)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("guard: port %s: %w", k, err))
-			continue
-		}
-		i := familyIndex(vip)
-		out[i].ports = append(out[i].ports, []string{vip.String(), proto, port(k.Port)})
-	}
-	return errs
-}
-
 // GuardDrops returns the packets the VIP port guard dropped since keeplb's
-// table was last written: every write recreates the table, and with it
-// the counter, so a caller that counts across writes adds this up before
-// each write.
+// table was last written whole: Write recreates the table, and with it
+// the counter (Update keeps it), so a caller that counts across writes
+// adds this up before each whole write.
 func GuardDrops(ctx context.Context, nft knftables.Interface) (uint64, error) {
 	counters, err := nft.ListCounters(ctx)
 	if err != nil {
@@ -463,33 +346,6 @@ func GuardDrops(ctx context.Context, nft knftables.Interface) (uint64, error) {
 		}
 	}
 	return 0, fmt.Errorf("nftables table %s %s has no counter %s", Family, Table, CounterGuard)
-}
-
-// virtual validates a virtual server and returns its address and nft
-// protocol name.
-func virtual(k ipvs.Key) (netip.Addr, string, error) {
-	vip := k.Address.Unmap()
-	if !vip.IsValid() {
-		return vip, "", errors.New("invalid VIP")
-	}
-	if vip.Zone() != "" {
-		return vip, "", errors.New("VIP with a zone")
-	}
-	if k.Port == 0 {
-		return vip, "", errors.New("port 0")
-	}
-	var proto string
-	switch k.Protocol {
-	case ipvs.TCP:
-		proto = "tcp"
-	case ipvs.UDP:
-		proto = "udp"
-	case ipvs.SCTP:
-		proto = "sctp"
-	default:
-		return vip, "", fmt.Errorf("unknown protocol %q", k.Protocol)
-	}
-	return vip, proto, nil
 }
 
 // outermost returns the valid ranges of one family, masked, sorted,

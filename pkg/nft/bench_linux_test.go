@@ -1,0 +1,59 @@
+package nft_test
+
+import (
+	"testing"
+
+	"github.com/keeplb/keeplb/pkg/nft"
+	netnstest "github.com/keeplb/keeplb/pkg/testing/netns"
+)
+
+// BenchmarkKernelWrite runs what BenchmarkWrite builds with the real nft,
+// in a network namespace of its own (root only): one masqueraded real
+// server among 100,000 changes back and forth, the table rewritten whole
+// against the two elements that differ, in the same run. Each op is the
+// sync's work: Compute, the transaction, and nft parsing and committing
+// it.
+func BenchmarkKernelWrite(b *testing.B) {
+	netnstest.Require(b, "apt-get install iproute2 nftables", "ip", "nft")
+	a, c := benchRules(10000)
+	for _, mode := range []string{"whole", "update"} {
+		b.Run("100000/"+mode, func(b *testing.B) {
+			n, err := nft.NewAt("/run/netns/" + netnstest.New(b, "bench"))
+			if err != nil {
+				b.Fatal(err)
+			}
+			written, _ := nft.Compute(a)
+			tx := n.NewTransaction()
+			nft.Write(tx, written)
+			if err := n.Run(b.Context(), tx); err != nil {
+				b.Fatal(err)
+			}
+			next := c
+			for b.Loop() {
+				e, err := nft.Compute(next)
+				if err != nil {
+					b.Fatal(err)
+				}
+				tx := n.NewTransaction()
+				if mode == "whole" {
+					nft.Write(tx, e)
+				} else if nft.Update(tx, written, e) != 2 {
+					b.Fatal("want 2 operations")
+				}
+				if err := n.Run(b.Context(), tx); err != nil {
+					b.Fatal(err)
+				}
+				written = e
+				if next.SNAT[len(next.SNAT)/2] == c.SNAT[len(c.SNAT)/2] {
+					next = a
+				} else {
+					next = c
+				}
+			}
+			elements, err := n.ListElements(b.Context(), "set", "snat-v4")
+			if err != nil || len(elements) != len(a.SNAT) {
+				b.Fatalf("snat-v4 has %d elements, %v; want %d", len(elements), err, len(a.SNAT))
+			}
+		})
+	}
+}
