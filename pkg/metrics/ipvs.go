@@ -107,17 +107,41 @@ func (c *ipvsStatsCollector) current() []metrics.Metric {
 	return c.series
 }
 
-// build turns counters into their series, five per virtual server.
+// build turns counters into their series, five per virtual server, in the
+// order the registry sorts them into at every scrape (by label values, in
+// the labels' alphabetical order: direction, port, protocol, service, vip),
+// so that its sort finds them sorted: in random order it was a third of a
+// scrape at 10,000 virtual servers.
 func (c *ipvsStatsCollector) build(stats []VirtualServerStats) []metrics.Metric {
-	out := make([]metrics.Metric, 0, 5*len(stats))
-	for _, s := range stats {
-		l := []string{s.Service, s.Key.Address.String(), strconv.Itoa(int(s.Key.Port)), s.Key.Protocol}
-		out = append(out,
-			metrics.NewLazyConstMetric(c.connections, metrics.CounterValue, float64(s.Stats.Connections), l...),
-			metrics.NewLazyConstMetric(c.packets, metrics.CounterValue, float64(s.Stats.PacketsIn), append(l, "in")...),
-			metrics.NewLazyConstMetric(c.packets, metrics.CounterValue, float64(s.Stats.PacketsOut), append(l, "out")...),
-			metrics.NewLazyConstMetric(c.bytes, metrics.CounterValue, float64(s.Stats.BytesIn), append(l, "in")...),
-			metrics.NewLazyConstMetric(c.bytes, metrics.CounterValue, float64(s.Stats.BytesOut), append(l, "out")...))
+	type row struct {
+		labels []string // port, protocol, service, vip: sorted by name
+		s      ipvs.Stats
+	}
+	rows := make([]row, len(stats))
+	for i, s := range stats {
+		rows[i] = row{labels: []string{strconv.Itoa(int(s.Key.Port)), s.Key.Protocol, s.Service, s.Key.Address.String()}, s: s.Stats}
+	}
+	slices.SortFunc(rows, func(a, b row) int { return slices.Compare(a.labels, b.labels) })
+	out := make([]metrics.Metric, 0, 5*len(rows))
+	for _, f := range []struct {
+		desc      *metrics.Desc
+		direction string
+		value     func(ipvs.Stats) uint64
+	}{
+		{c.connections, "", func(s ipvs.Stats) uint64 { return s.Connections }},
+		{c.packets, "in", func(s ipvs.Stats) uint64 { return s.PacketsIn }},
+		{c.packets, "out", func(s ipvs.Stats) uint64 { return s.PacketsOut }},
+		{c.bytes, "in", func(s ipvs.Stats) uint64 { return s.BytesIn }},
+		{c.bytes, "out", func(s ipvs.Stats) uint64 { return s.BytesOut }},
+	} {
+		for _, r := range rows {
+			// The descriptions' label order: service, vip, port, protocol.
+			l := []string{r.labels[2], r.labels[3], r.labels[0], r.labels[1]}
+			if f.direction != "" {
+				l = append(l, f.direction)
+			}
+			out = append(out, metrics.NewLazyConstMetric(f.desc, metrics.CounterValue, float64(f.value(r.s)), l...))
+		}
 	}
 	return out
 }

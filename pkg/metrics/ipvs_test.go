@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -128,12 +129,30 @@ func TestIPVSStatsCached(t *testing.T) {
 	}
 }
 
+// oldIPVSStatsCollector is the collector as it was before the cache, the
+// benchmark's baseline: a read at every scrape, the series built in the
+// read's order.
+type oldIPVSStatsCollector struct{ *ipvsStatsCollector }
+
+func (c oldIPVSStatsCollector) CollectWithStability(ch chan<- metrics.Metric) {
+	for _, s := range c.read() {
+		l := []string{s.Service, s.Key.Address.String(), strconv.Itoa(int(s.Key.Port)), s.Key.Protocol}
+		ch <- metrics.NewLazyConstMetric(c.connections, metrics.CounterValue, float64(s.Stats.Connections), l...)
+		ch <- metrics.NewLazyConstMetric(c.packets, metrics.CounterValue, float64(s.Stats.PacketsIn), append(l, "in")...)
+		ch <- metrics.NewLazyConstMetric(c.packets, metrics.CounterValue, float64(s.Stats.PacketsOut), append(l, "out")...)
+		ch <- metrics.NewLazyConstMetric(c.bytes, metrics.CounterValue, float64(s.Stats.BytesIn), append(l, "in")...)
+		ch <- metrics.NewLazyConstMetric(c.bytes, metrics.CounterValue, float64(s.Stats.BytesOut), append(l, "out")...)
+	}
+}
+
 // BenchmarkIPVSStatsScrape measures one scrape of the IPVS counters (the
 // collector's series gathered and written in the text format, as /metrics
 // does) at 10,000 virtual servers, read from the state-modelling fake as
-// Reconciler.Stats reads the kernel: "every-scrape" reads at each scrape
-// (the old path, the baseline), "cached" serves the last read's series.
-// The fake's dump is far cheaper than the kernel's, so the gap here is a
+// Reconciler.Stats reads the kernel: "old" is the collector before the
+// cache (oldIPVSStatsCollector, the baseline), "every-scrape" today's with
+// --ipvs-stats-max-age=0 (a read at every scrape, series in the registry's
+// order), "cached" the default, serving the last read's series. The
+// fake's dump is far cheaper than the kernel's, so the gaps here are a
 // floor.
 func BenchmarkIPVSStatsScrape(b *testing.B) {
 	const n = 10000
@@ -161,10 +180,15 @@ func BenchmarkIPVSStatsScrape(b *testing.B) {
 	for _, bc := range []struct {
 		name   string
 		maxAge time.Duration
-	}{{"every-scrape", 0}, {"cached", time.Hour}} {
+		old    bool
+	}{{"old", 0, true}, {"every-scrape", 0, false}, {"cached", time.Hour, false}} {
 		b.Run(fmt.Sprintf("%s/%d", bc.name, n), func(b *testing.B) {
 			reg := metrics.NewKubeRegistry()
-			reg.CustomMustRegister(newIPVSStatsCollector(read, bc.maxAge))
+			var c metrics.StableCollector = newIPVSStatsCollector(read, bc.maxAge)
+			if bc.old {
+				c = oldIPVSStatsCollector{newIPVSStatsCollector(read, 0)}
+			}
+			reg.CustomMustRegister(c)
 			scrape := func() {
 				mfs, err := reg.Gather()
 				if err != nil {
