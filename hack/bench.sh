@@ -129,6 +129,23 @@ awk '/^Benchmark/ { n = $1; sub(/-[0-9]+$/, "", n); for (i = 3; i < NF; i++) { i
     if (d && v) printf "Diff of 1,000 virtual servers: %.0fx faster than a per-Service lookup.\n", v / d
   }' _output/bench-dataplane.txt
 
+# keeplb's nftables table: one masqueraded real server changed among
+# 100,000, written whole (the baseline) and as an update of the elements
+# that differ; with the real nft in a namespace when root. And one scrape
+# of the IPVS counters at 10,000 virtual servers, before the cache (the
+# baseline), read at every scrape, and cached.
+echo >&2
+echo ">> go test -bench ./pkg/nft/ ./pkg/metrics/ (nftables writes, /metrics scrapes)" >&2
+go test -run '^$' -bench 'BenchmarkWrite|BenchmarkKernelWrite|BenchmarkIPVSStatsScrape' -benchtime 10x -benchmem -count 1 ./pkg/nft/ ./pkg/metrics/ | tee _output/bench-nft.txt >&2
+echo
+echo "| benchmark | ms/op | MB/op | other |"
+echo "| --- | ---: | ---: | --- |"
+awk '/^Benchmark/ { n = $1; sub(/-[0-9]+$/, "", n); ns = ""; b = ""; other = ""
+    for (i = 3; i < NF; i++) { u = $(i+1)
+      if (u == "ns/op") ns = $i; else if (u == "B/op") b = $i
+      else if (u == "nft-ops" || u == "script-bytes") other = other (other == "" ? "" : ", ") $i " " u }
+    printf "| %s | %.2f | %s | %s |\n", n, ns / 1e6, (b == "" ? "-" : sprintf("%.1f", b / 1e6)), other }' _output/bench-nft.txt
+
 # The controller against a real API server: 1,000 Services against the raw
 # rate of 1,000 status patches in the same run (about 8 minutes).
 echo >&2
