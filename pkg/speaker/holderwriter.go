@@ -168,6 +168,9 @@ func (w *holderWriter) next(ctx context.Context) bool {
 	}
 	wait, err := w.write(ctx, key)
 	switch {
+	case err != nil && ctx.Err() != nil:
+		// Stopping: the write failed for that, and the queue takes nothing
+		// more.
 	case err != nil:
 		w.metrics.HolderWriteErrors.Inc()
 		w.queue.AddRateLimited(key)
@@ -221,6 +224,8 @@ func (w *holderWriter) write(ctx context.Context, key string) (time.Duration, er
 		switch {
 		case apierrors.IsNotFound(err):
 			return 0, nil
+		case ctx.Err() != nil:
+			// Stopping: next retries nothing.
 		case apierrors.IsConflict(err):
 			logger.V(2).Info("Service changed since this node read it; recording the VIP holder again", "service", key)
 		default:
