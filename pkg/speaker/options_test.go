@@ -37,3 +37,19 @@ func TestMetricsDefaults(t *testing.T) {
 		t.Error("Validate accepts --metrics-cert-file without --metrics-key-file (and without --metrics-secure)")
 	}
 }
+
+// TestNegativeDurationsRefused: a negative interval is a typo, not a mode.
+func TestNegativeDurationsRefused(t *testing.T) {
+	for _, flag := range []string{"--ipvs-stats-max-age=-1s", "--min-sync-interval=-1ms", "--reload-window=-1s"} {
+		o := NewOptions()
+		o.NodeName = "n"
+		fs := pflag.NewFlagSet("speaker", pflag.ContinueOnError)
+		o.AddFlags(fs)
+		if err := fs.Parse([]string{flag}); err != nil {
+			t.Fatal(err)
+		}
+		if err := o.Validate(); err == nil {
+			t.Errorf("Validate accepts %s", flag)
+		}
+	}
+}
