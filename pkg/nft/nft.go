@@ -316,9 +316,10 @@ func Delete(tx *knftables.Transaction) {
 }
 
 // New returns a knftables.Interface for keeplb's table. It fails where
-// nft is missing or nftables is unusable.
+// nft is missing or nftables is unusable. It does not keep the memory of
+// its largest write (see bigTransaction).
 func New() (knftables.Interface, error) {
-	return knftables.New(Family, Table)
+	return newReleasing(func() (knftables.Interface, error) { return knftables.New(Family, Table) })
 }
 
 // Cleanup removes keeplb's table, for a clean exit.
