@@ -63,7 +63,6 @@ type part struct {
 	created time.Time
 	fp      string
 	entries []partEntry
-	snat    []nft.SNAT
 	// kubeProxy are the virtual servers the Service leaves to kube-proxy.
 	kubeProxy []ipvs.Key
 	problems  []Problem
@@ -77,6 +76,12 @@ type partEntry struct {
 	// computer.sourceRanges).
 	ranges   []netip.Prefix
 	filtered bool
+	// The entry's real servers are masqueraded (State.SNAT), except
+	// those in unmasqueraded, or none if noneMasqueraded. Kept this way
+	// rather than as the SNAT entries themselves, which would hold every
+	// real server a second time (8 MB at 100,000 of them).
+	unmasqueraded   []ipvs.RealServer
+	noneMasqueraded bool
 }
 
 // before orders parts as the full computation does: the older Service
@@ -367,10 +372,14 @@ func (p *part) entryOf(k ipvs.Key) partEntry {
 
 // snatOf returns p's masquerading of the virtual server k, sorted.
 func (p *part) snatOf(k ipvs.Key) []nft.SNAT {
+	e := p.entryOf(k)
+	if e.noneMasqueraded {
+		return nil
+	}
 	var out []nft.SNAT
-	for _, sn := range p.snat {
-		if sn.Virtual == k {
-			out = append(out, sn)
+	for _, r := range e.entry.Reals {
+		if !slices.Contains(e.unmasqueraded, r) {
+			out = append(out, nft.SNAT{Virtual: k, Real: r.AddrPort()})
 		}
 	}
 	slices.SortFunc(out, func(a, b nft.SNAT) int { return a.Real.Compare(b.Real) })

@@ -220,7 +220,6 @@ func (c *computer) part(svc *v1.Service) part {
 		p.kubeProxy = append(p.kubeProxy, k)
 	}
 	p.entries = c.entries
-	p.snat = c.st.SNAT
 	c.st, c.problems = saved, savedProblems
 	return p
 }
@@ -330,12 +329,8 @@ func (c *computer) service(svc *v1.Service, vip netip.Addr, pool *v1alpha1.IPPoo
 		}
 		c.st.IPVS[k] = ipvs.Entry{Virtual: vs, Reals: reals}
 		c.st.Owners[k] = key
-		c.entries = append(c.entries, partEntry{entry: c.st.IPVS[k], port: portName(p), ranges: ranges, filtered: filtered})
-		for _, r := range reals {
-			if !slices.Contains(unmasqueraded, r) {
-				c.st.SNAT = append(c.st.SNAT, nft.SNAT{Virtual: k, Real: r.AddrPort()})
-			}
-		}
+		c.entries = append(c.entries, partEntry{entry: c.st.IPVS[k], port: portName(p), ranges: ranges, filtered: filtered,
+			unmasqueraded: unmasqueraded, noneMasqueraded: mode == v1alpha1.ForwardingPod && local})
 	}
 }
 
