@@ -217,7 +217,7 @@ func newSpeaker(o *Options, client kubernetes.Interface, dyn dynamic.Interface, 
 	m.IPVSStats = metrics.IPVSStats{Off: !o.IPVSStats, MaxAge: o.IPVSStatsMaxAge}
 	s := &Speaker{opts: o, client: client, net: k.Net, sup: sup, layout: Layout{RunDir: o.RunDir}, metrics: m, recorder: recorder,
 		dp: newIPVSStep(o, k, m, recorder), states: map[string]keepalived.State{}}
-	s.factory = informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithTransform(trim))
+	s.factory = informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithTransform(newTrimmer().trim))
 	s.dynFactory = dynamicinformer.NewDynamicSharedInformerFactory(dyn, 0)
 	s.services = s.factory.Core().V1().Services().Informer()
 	s.slices = s.factory.Discovery().V1().EndpointSlices().Informer()
