@@ -21,7 +21,7 @@ const (
 type results struct {
 	Spec      spec
 	Populated populated
-	// MemLimit is the speaker's GOMEMLIMIT, if set.
+	// MemLimit is the speaker's GOMEMLIMIT, or none.
 	MemLimit string
 
 	// Speaker is the speaker process at its first sync, settled after
@@ -94,7 +94,10 @@ func (r *results) markdown(s spec) string {
 	peak := r.Speaker.End.HWM
 	fmt.Fprintf(&b, "%s Nodes, %s LoadBalancer Services (%s by nodeport), %s endpoints in %s EndpointSlices, %d IPPools whose VRRP nodeSelector picks %d Nodes; one speaker, for node-0000",
 		thousands(s.Nodes), thousands(s.Services), thousands(s.NodePort), thousands(s.Services*s.Endpoints), thousands(s.Services), s.Pools, s.VRRPNodes)
-	if r.MemLimit != "" {
+	switch r.MemLimit {
+	case "", "none":
+		b.WriteString(", without GOMEMLIMIT")
+	default:
 		fmt.Fprintf(&b, ", with GOMEMLIMIT=%s", r.MemLimit)
 	}
 	b.WriteString(".\n\n")

@@ -47,7 +47,7 @@ var (
 	flagExtra     = flag.Int("scale.reloads", 2, "Services added one at a time to time keepalived's reload")
 	flagResyncs   = flag.Int("scale.resyncs", 3, "syncs that change nothing to time")
 	flagMemory    = flag.String("scale.vm-memory", "3G", "the VM's memory")
-	flagMemLimit  = flag.String("scale.gomemlimit", "", "GOMEMLIMIT for the speaker, e.g. 180MiB (default: none, as the DaemonSet runs it)")
+	flagMemLimit  = flag.String("scale.gomemlimit", "", "GOMEMLIMIT for the speaker, e.g. 180MiB, or none (default: the DaemonSet's, "+daemonSetPath+")")
 	flagTable     = flag.String("scale.table", "", "write the results as a markdown table to this file")
 
 	flagNodeSide = flag.String("scale.node-side", "", "internal: the folder of the kubeconfigs when the test runs in the VM")
@@ -114,9 +114,18 @@ func TestSpeakerAtScale(t *testing.T) {
 	if err := speakerKubeconfig(admin, filepath.Join(dir, "speaker.kubeconfig")); err != nil {
 		t.Fatal(err)
 	}
-	args := []string{"-scale.node-side=" + dir}
+	limit := *flagMemLimit
+	if limit == "" {
+		if limit, err = manifestMemLimit(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if limit == "" {
+		limit = "none"
+	}
+	args := []string{"-scale.node-side=" + dir, "-scale.gomemlimit=" + limit}
 	flag.Visit(func(f *flag.Flag) {
-		if f.Name != "scale.node-side" && f.Name != "scale.table" && len(f.Name) > 6 && f.Name[:6] == "scale." {
+		if f.Name != "scale.node-side" && f.Name != "scale.table" && f.Name != "scale.gomemlimit" && len(f.Name) > 6 && f.Name[:6] == "scale." {
 			args = append(args, "-"+f.Name+"="+f.Value.String())
 		}
 	})

@@ -71,7 +71,7 @@ func startSpeaker(t *testing.T, kubeconfig, profileDir, logPath string) *speaker
 		"--metrics-bind-address="+metricsAddr, "--metrics-secure=false", "-v=2")
 	cmd.Env = append(os.Environ(), envExec+"=1", envPprof+"="+pprofAddr, envProfileDir+"="+profileDir,
 		envProfilePhases+"="+strings.Join(phases, ","))
-	if *flagMemLimit != "" {
+	if *flagMemLimit != "" && *flagMemLimit != "none" { // the host side gives it, the DaemonSet's by default
 		cmd.Env = append(cmd.Env, "GOMEMLIMIT="+*flagMemLimit)
 	}
 	r, w := io.Pipe()
