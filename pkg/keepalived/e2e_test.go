@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -279,6 +280,63 @@ func TestE2EReload1000VIPs(t *testing.T) {
 		t.Errorf("takeover of all VIPs took %v, want under 1s", lastB.Sub(stopped))
 	}
 	<-a.done
+}
+
+// TestE2EReloadAtScale: keepalived's reload in the shape of the speaker at
+// scale (e2e/scale: 128 instances holding 10,000 VIPs, all MASTER), here
+// natively, in network namespaces on the host, where e2e/scale runs under
+// the VM's emulated CPU: one VIP is added, as a new Service adds it, and
+// the time from the SIGHUP to the VIP on the link is logged for make
+// bench. It checks that the reload moves nothing: the peer stays BACKUP
+// of every instance and the master keeps every VIP.
+func TestE2EReloadAtScale(t *testing.T) {
+	a, b := newPair(t)
+	const instances, vips = 128, 10000
+	sets := make([][]netip.Prefix, instances)
+	next := netip.MustParseAddr("10.240.0.0")
+	for i := range vips {
+		next = next.Next()
+		sets[i%instances] = append(sets[i%instances], netip.PrefixFrom(next, 32))
+	}
+	a.apply(t, a.config(150, sets...))
+	b.apply(t, b.config(100, sets...))
+	onA := func() int { return strings.Count(ip(t, "-n", a.ns, "addr", "show", "dev", e2eIface), "inet 10.240.") }
+	// keepalived adds 10,000 addresses over seconds: the last one first,
+	// then the states.
+	if _, ok := a.addrs.wait(next, time.Minute); !ok {
+		t.Fatalf("%s not on a within a minute", next)
+	}
+	// MASTER_RX_LOWER_PRI: a, MASTER, heard b's adverts from before b
+	// heard a's and went BACKUP.
+	eventually(t, "a MASTER of every instance, b BACKUP", func() bool {
+		for i := range instances {
+			name := fmt.Sprintf("vi_%d", i+1)
+			if st := a.events.state(name); st != keepalived.StateMaster && st != keepalived.StateMasterRxLowerPri || b.events.state(name) != keepalived.StateBackup {
+				return false
+			}
+		}
+		return true
+	})
+	if got := onA(); got != vips {
+		t.Fatalf("a has %d VIPs, want %d", got, vips)
+	}
+	eventsB := b.events.len()
+	const runs = 5
+	var took []time.Duration
+	for range runs {
+		next = next.Next()
+		sets[0] = append(sets[0], netip.PrefixFrom(next, 32))
+		a.apply(t, a.config(150, sets...))
+		seen := a.addrs.waitAdded(t, next)
+		took = append(took, seen.Sub(a.timed.lastReload()))
+	}
+	slices.Sort(took)
+	t.Logf("reload at scale, %d instances and %d VIPs, one VIP added: SIGHUP to the new VIP on the link, %d runs: median %v (%v–%v)",
+		instances, vips, runs, took[runs/2].Round(100*time.Microsecond), took[0].Round(100*time.Microsecond), took[runs-1].Round(100*time.Microsecond))
+	stays(t, "b stays BACKUP", 5*e2eAdvert, func() bool { return b.events.len() == eventsB })
+	if got := onA(); got != vips+runs {
+		t.Errorf("a has %d VIPs after the reloads, want %d", got, vips+runs)
+	}
 }
 
 // TestE2ETrackFile: writing the track file moves the VIP without a reload.
