@@ -203,8 +203,8 @@ func (h *harness) keeplb(b *testing.B, s scenario, raw time.Duration) {
 		h.waitSeeded(b, o)
 		start = time.Now()
 		h.create(b, ns, s.class, 16)
-		b.ReportMetric(time.Since(start).Seconds(), "create-s")
 	}
+	created := time.Since(start)
 	var d time.Duration
 	select {
 	case last := <-assigned:
@@ -215,9 +215,19 @@ func (h *harness) keeplb(b *testing.B, s scenario, raw time.Duration) {
 	b.ReportMetric(float64(d.Nanoseconds()), "ns/op")
 	b.ReportMetric(services/d.Seconds(), "svc/s")
 	b.ReportMetric(raw.Seconds()/d.Seconds(), "x-raw")
+	if !s.backlog {
+		// A burst ends no sooner than its last create: how long after it
+		// the last Service had its address says whether the controller
+		// kept pace.
+		b.ReportMetric(created.Seconds(), "create-s")
+		b.ReportMetric((d - created).Seconds(), "lag-s")
+	}
 	select {
 	case t := <-seeded:
+		// The start (lists, seeding) is paid once; the rate of the rest
+		// is the controller's own.
 		b.ReportMetric(t.Seconds(), "start-s")
+		b.ReportMetric(raw.Seconds()/(d-t).Seconds(), "x-raw-after-start")
 	default:
 	}
 	// Writes settle once every Service was assigned; events may trail.
