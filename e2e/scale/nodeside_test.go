@@ -54,7 +54,7 @@ func nodeSide(t *testing.T, s spec, dir string) {
 	if profiles == "" {
 		profiles = dir
 	}
-	r := results{Spec: s, MemLimit: *flagMemLimit}
+	r := results{Spec: s, MemLimit: *flagMemLimit, GOGC: *flagGOGC}
 	addLink(t)
 	// What the DaemonSet's init container runs before the speaker.
 	exe, _ := os.Executable()

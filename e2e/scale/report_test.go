@@ -21,8 +21,8 @@ const (
 type results struct {
 	Spec      spec
 	Populated populated
-	// MemLimit is the speaker's GOMEMLIMIT, or none.
-	MemLimit string
+	// MemLimit and GOGC are the speaker's GOMEMLIMIT and GOGC, or none.
+	MemLimit, GOGC string
 
 	// Speaker is the speaker process at its first sync, settled after
 	// its start, and at the end.
@@ -94,11 +94,13 @@ func (r *results) markdown(s spec) string {
 	peak := r.Speaker.End.HWM
 	fmt.Fprintf(&b, "%s Nodes, %s LoadBalancer Services (%s by nodeport), %s endpoints in %s EndpointSlices, %d IPPools whose VRRP nodeSelector picks %d Nodes; one speaker, for node-0000",
 		thousands(s.Nodes), thousands(s.Services), thousands(s.NodePort), thousands(s.Services*s.Endpoints), thousands(s.Services), s.Pools, s.VRRPNodes)
-	switch r.MemLimit {
-	case "", "none":
-		b.WriteString(", without GOMEMLIMIT")
-	default:
-		fmt.Fprintf(&b, ", with GOMEMLIMIT=%s", r.MemLimit)
+	for _, e := range []struct{ name, v string }{{"GOGC", r.GOGC}, {"GOMEMLIMIT", r.MemLimit}} {
+		switch e.v {
+		case "", "none":
+			fmt.Fprintf(&b, ", without %s", e.name)
+		default:
+			fmt.Fprintf(&b, ", with %s=%s", e.name, e.v)
+		}
 	}
 	b.WriteString(".\n\n")
 	b.WriteString("| what | measured | target |\n| --- | --- | --- |\n")

@@ -48,6 +48,7 @@ var (
 	flagResyncs   = flag.Int("scale.resyncs", 3, "syncs that change nothing to time")
 	flagMemory    = flag.String("scale.vm-memory", "3G", "the VM's memory")
 	flagMemLimit  = flag.String("scale.gomemlimit", "", "GOMEMLIMIT for the speaker, e.g. 180MiB, or none (default: the DaemonSet's, "+daemonSetPath+")")
+	flagGOGC      = flag.String("scale.gogc", "", "GOGC for the speaker, e.g. 50, or none (default: the DaemonSet's)")
 	flagTable     = flag.String("scale.table", "", "write the results as a markdown table to this file")
 
 	flagNodeSide = flag.String("scale.node-side", "", "internal: the folder of the kubeconfigs when the test runs in the VM")
@@ -114,18 +115,25 @@ func TestSpeakerAtScale(t *testing.T) {
 	if err := speakerKubeconfig(admin, filepath.Join(dir, "speaker.kubeconfig")); err != nil {
 		t.Fatal(err)
 	}
-	limit := *flagMemLimit
-	if limit == "" {
-		if limit, err = manifestMemLimit(); err != nil {
-			t.Fatal(err)
+	// The Go runtime's settings: the flag's, else the DaemonSet's, else
+	// none; the VM side is always told.
+	args := []string{"-scale.node-side=" + dir}
+	given := map[string]bool{}
+	for _, e := range goEnv {
+		v := flag.Lookup(e.flag).Value.String()
+		if v == "" {
+			if v, err = manifestEnv(e.name); err != nil {
+				t.Fatal(err)
+			}
 		}
+		if v == "" {
+			v = "none"
+		}
+		args = append(args, "-"+e.flag+"="+v)
+		given[e.flag] = true
 	}
-	if limit == "" {
-		limit = "none"
-	}
-	args := []string{"-scale.node-side=" + dir, "-scale.gomemlimit=" + limit}
 	flag.Visit(func(f *flag.Flag) {
-		if f.Name != "scale.node-side" && f.Name != "scale.table" && f.Name != "scale.gomemlimit" && len(f.Name) > 6 && f.Name[:6] == "scale." {
+		if f.Name != "scale.node-side" && f.Name != "scale.table" && !given[f.Name] && len(f.Name) > 6 && f.Name[:6] == "scale." {
 			args = append(args, "-"+f.Name+"="+f.Value.String())
 		}
 	})

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"net/http"
@@ -71,8 +72,11 @@ func startSpeaker(t *testing.T, kubeconfig, profileDir, logPath string) *speaker
 		"--metrics-bind-address="+metricsAddr, "--metrics-secure=false", "-v=2")
 	cmd.Env = append(os.Environ(), envExec+"=1", envPprof+"="+pprofAddr, envProfileDir+"="+profileDir,
 		envProfilePhases+"="+strings.Join(phases, ","))
-	if *flagMemLimit != "" && *flagMemLimit != "none" { // the host side gives it, the DaemonSet's by default
-		cmd.Env = append(cmd.Env, "GOMEMLIMIT="+*flagMemLimit)
+	// The host side gives them, the DaemonSet's by default.
+	for _, e := range goEnv {
+		if v := flag.Lookup(e.flag).Value.String(); v != "" && v != "none" {
+			cmd.Env = append(cmd.Env, e.name+"="+v)
+		}
 	}
 	r, w := io.Pipe()
 	cmd.Stdout, cmd.Stderr = w, w

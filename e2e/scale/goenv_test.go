@@ -12,12 +12,19 @@ import (
 // daemonSetPath is the speaker's DaemonSet, from the repository's root.
 const daemonSetPath = "manifests/speaker/daemonset.yaml"
 
-// manifestMemLimit returns the GOMEMLIMIT the speaker's DaemonSet gives
-// its speaker container ("" for none), so that the speaker measured here
+// goEnv are the Go runtime's settings the speaker's memory depends on,
+// each with the flag that overrides the DaemonSet's value.
+var goEnv = []struct{ name, flag string }{
+	{"GOGC", "scale.gogc"},
+	{"GOMEMLIMIT", "scale.gomemlimit"},
+}
+
+// manifestEnv returns the value the speaker's DaemonSet gives name in its
+// speaker container ("" for none), so that the speaker measured here
 // runs as the manifest runs it. The file is found from the working
 // directory upwards (go test runs in the package's folder, the bench
 // script in the repository's).
-func manifestMemLimit() (string, error) {
+func manifestEnv(name string) (string, error) {
 	dir, err := os.Getwd()
 	if err != nil {
 		return "", err
@@ -40,7 +47,7 @@ func manifestMemLimit() (string, error) {
 			continue
 		}
 		for _, e := range c.Env {
-			if e.Name == "GOMEMLIMIT" {
+			if e.Name == name {
 				return e.Value, nil
 			}
 		}
