@@ -46,11 +46,24 @@ func holderClaims(plan vrrp.Plan, node string, owners map[netip.Addr][]string, s
 // holderWriter.set). It never waits for the API server: a node taking over
 // 10,000 VIPs at the client's rate would hold back every sync, and so all
 // forwarding changes, for minutes.
+//
+// The metric changes by difference with what the last sync set: series of
+// VIPs gone are deleted, changed ones set, the rest left alone. Clearing
+// it and setting every series again, as it once did, let a scrape in
+// between see VIPs missing, and cost 10,000 new series per sync at 10,000
+// VIPs.
 func (s *Speaker) applyHolders(claims map[string][]netip.Addr, vipStates map[netip.Addr]float64) {
-	s.metrics.VRRPState.Reset()
-	for vip, v := range vipStates {
-		s.metrics.VRRPState.WithLabelValues(vip.String(), s.opts.NodeName).Set(v)
+	for vip := range s.vipStates {
+		if _, ok := vipStates[vip]; !ok {
+			s.metrics.VRRPState.DeleteLabelValues(vip.String(), s.opts.NodeName)
+		}
 	}
+	for vip, v := range vipStates {
+		if old, ok := s.vipStates[vip]; !ok || old != v {
+			s.metrics.VRRPState.WithLabelValues(vip.String(), s.opts.NodeName).Set(v)
+		}
+	}
+	s.vipStates = vipStates
 	s.holders.set(claims)
 }
 

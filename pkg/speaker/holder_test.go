@@ -6,6 +6,7 @@ import (
 	"maps"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -16,6 +17,7 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/client-go/tools/cache"
+	cbtestutil "k8s.io/component-base/metrics/testutil"
 	"k8s.io/utils/clock"
 	clocktesting "k8s.io/utils/clock/testing"
 
@@ -402,4 +404,40 @@ func TestHolderHeldBackWriteGoesOut(t *testing.T) {
 	if len(events.Items) != 2 || last.Sub(t0) < holderMinRewrite {
 		t.Errorf("%d events, the last %s after the first write; want 2, the second at least %s after", len(events.Items), last.Sub(t0), holderMinRewrite)
 	}
+}
+
+// TestVRRPStateMetricByDifference: each sync leaves keeplb_vrrp_state with
+// exactly one series per VIP of this node's instances, with its value,
+// however the VIPs and states changed since the last one; a VIP gone loses
+// its series.
+func TestVRRPStateMetricByDifference(t *testing.T) {
+	s := holderSpeaker(t, "a", fake.NewClientset(), clocktesting.NewFakeClock(time.Now()))
+	plan, owners := holderPlan()
+	want := func(series ...string) {
+		t.Helper()
+		exp := "# HELP keeplb_vrrp_state [ALPHA] VRRP state of a VIP on this node: 1 MASTER, 0 BACKUP, -1 FAULT.\n# TYPE keeplb_vrrp_state gauge\n"
+		for _, l := range series {
+			exp += l + "\n"
+		}
+		if len(series) == 0 {
+			exp = ""
+		}
+		if err := cbtestutil.CollectAndCompare(s.metrics.VRRPState, strings.NewReader(exp), "keeplb_vrrp_state"); err != nil {
+			t.Error(err)
+		}
+	}
+	v4 := `keeplb_vrrp_state{node="a",vip="` + holderV4.String() + `"}`
+	v6 := `keeplb_vrrp_state{node="a",vip="` + holderV6.String() + `"}`
+
+	reconcileHolders(t, s, plan, owners, map[string]keepalived.State{"i4": keepalived.StateMaster, "i6": keepalived.StateBackup})
+	want(v4+" 1", v6+" 0")
+	reconcileHolders(t, s, plan, owners, map[string]keepalived.State{"i4": keepalived.StateMaster, "i6": keepalived.StateBackup})
+	want(v4+" 1", v6+" 0")
+	// i6 no longer reported (keepalived stopped it), i4 in FAULT.
+	reconcileHolders(t, s, plan, owners, map[string]keepalived.State{"i4": keepalived.StateFault})
+	want(v4 + " -1")
+	reconcileHolders(t, s, plan, owners, map[string]keepalived.State{"i6": keepalived.StateMaster})
+	want(v6 + " 1")
+	reconcileHolders(t, s, plan, owners, nil)
+	want()
 }

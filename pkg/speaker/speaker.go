@@ -189,6 +189,9 @@ type Speaker struct {
 	// holders writes the holder annotations the syncs decide, off the
 	// sync path (holderwriter.go).
 	holders *holderWriter
+	// vipStates are the keeplb_vrrp_state values the last sync set, so
+	// that the next one changes only what differs (applyHolders).
+	vipStates map[netip.Addr]float64
 
 	// statesMu guards states, keepalived's last reported state of each
 	// instance on this node, which the FIFO watcher writes and each sync
