@@ -44,8 +44,12 @@ const (
 	serviceTimeout = 2 * time.Minute
 	// rolloutTimeout bounds `kubectl rollout status` of the three speakers,
 	// replaced one at a time: 4 to 4.75 minutes here, about 30% more on
-	// CI's machine, where 6 minutes once ran out.
-	rolloutTimeout = 12 * time.Minute
+	// CI's machine, where 6 minutes once ran out. 12 minutes ran out here
+	// once too: the first two pods took 3 minutes each, then containerd
+	// on the third node took over 5 minutes to clean up the init
+	// container's finished task ("failed to delete task: context deadline
+	// exceeded", retried with backoff), with the pod in Init meanwhile.
+	rolloutTimeout = 20 * time.Minute
 )
 
 // repo is the repository's root, from this package's folder.
