@@ -169,7 +169,7 @@ func TestForwardingNodePort(t *testing.T) {
 	}
 	t.Logf("desired IPVS:\n%sSNAT: %v", desired.IPVS, desired.SNAT)
 	key := ipvs.Key{Address: netip.MustParseAddr(vip), Protocol: ipvs.TCP, Port: 80}
-	if _, ok := desired.IPVS[key]; !ok || len(desired.SNAT) != 1 {
+	if _, ok := desired.IPVS[key]; !ok || len(desired.SNAT) != 1 || len(desired.SNAT[0].Reals) != 1 {
 		t.Fatalf("desired state lacks %s or its one SNAT entry", key)
 	}
 

@@ -370,19 +370,20 @@ func (p *part) entryOf(k ipvs.Key) partEntry {
 	panic("dataplane: part " + p.key + " has no virtual server " + k.String())
 }
 
-// snatOf returns p's masquerading of the virtual server k, sorted.
-func (p *part) snatOf(k ipvs.Key) []nft.SNAT {
+// snatOf returns p's masquerading of the virtual server k: its real
+// servers, sorted, in a new slice (nft keeps it; see nft.SNAT).
+func (p *part) snatOf(k ipvs.Key) []netip.AddrPort {
 	e := p.entryOf(k)
 	if e.noneMasqueraded {
 		return nil
 	}
-	var out []nft.SNAT
+	var out []netip.AddrPort
 	for _, r := range e.entry.Reals {
 		if !slices.Contains(e.unmasqueraded, r) {
-			out = append(out, nft.SNAT{Virtual: k, Real: r.AddrPort()})
+			out = append(out, r.AddrPort())
 		}
 	}
-	slices.SortFunc(out, func(a, b nft.SNAT) int { return a.Real.Compare(b.Real) })
+	slices.SortFunc(out, netip.AddrPort.Compare)
 	return slices.Compact(out)
 }
 
@@ -391,40 +392,57 @@ func (p *part) snatOf(k ipvs.Key) []nft.SNAT {
 const bulkSNAT = 64
 
 // rebuildSNAT makes State.SNAT anew from every virtual server's winner,
-// and reports whether it changed.
+// and reports whether it changed. A virtual server's real servers that
+// did not change keep their slice, which nft then need not compare.
 func (ca *Cache) rebuildSNAT() bool {
-	var out []nft.SNAT
-	for k := range ca.st.IPVS {
-		out = append(out, ca.claims[k][0].snatOf(k)...)
-	}
-	slices.SortFunc(out, func(a, b nft.SNAT) int {
-		if c := a.Virtual.Compare(b.Virtual); c != 0 {
-			return c
+	keys := slices.SortedFunc(maps.Keys(ca.st.IPVS), ipvs.Key.Compare)
+	out := make([]nft.SNAT, 0, len(keys))
+	changed := false
+	for _, k := range keys {
+		reals := ca.claims[k][0].snatOf(k)
+		old, found := ca.snatAt(k)
+		switch {
+		case found && slices.Equal(ca.st.SNAT[old].Reals, reals):
+			reals = ca.st.SNAT[old].Reals
+		case found || len(reals) > 0:
+			changed = true
 		}
-		return a.Real.Compare(b.Real)
-	})
-	if slices.Equal(out, ca.st.SNAT) {
+		if len(reals) > 0 {
+			out = append(out, nft.SNAT{Virtual: k, Reals: reals})
+		}
+	}
+	if !changed && len(out) == len(ca.st.SNAT) {
 		return false
 	}
 	ca.st.SNAT = out
 	return true
 }
 
-// setSNAT makes run the masquerading of the virtual server k in
-// State.SNAT, and reports whether it changed. State.SNAT is sorted, so k's
-// entries are one run, found by a binary search and replaced in place:
-// a real server added or removed costs moving the entries after it, not a
-// sort of all of them.
-func (ca *Cache) setSNAT(k ipvs.Key, run []nft.SNAT) bool {
-	i, _ := slices.BinarySearchFunc(ca.st.SNAT, k, func(sn nft.SNAT, k ipvs.Key) int { return sn.Virtual.Compare(k) })
-	j := i
-	for j < len(ca.st.SNAT) && ca.st.SNAT[j].Virtual == k {
-		j++
-	}
-	if slices.Equal(ca.st.SNAT[i:j], run) {
+// snatAt finds the virtual server k in State.SNAT, which is sorted: its
+// index, or where it would go.
+func (ca *Cache) snatAt(k ipvs.Key) (int, bool) {
+	return slices.BinarySearchFunc(ca.st.SNAT, k, func(s nft.SNAT, k ipvs.Key) int { return s.Virtual.Compare(k) })
+}
+
+// setSNAT makes reals the masquerading of the virtual server k in
+// State.SNAT, and reports whether it changed. State.SNAT is sorted by
+// virtual server, so k's entry is found by a binary search and replaced
+// in place: a change costs one slice of real servers, not a copy of all.
+func (ca *Cache) setSNAT(k ipvs.Key, reals []netip.AddrPort) bool {
+	i, found := ca.snatAt(k)
+	switch {
+	case found && len(reals) == 0:
+		ca.st.SNAT = slices.Delete(ca.st.SNAT, i, i+1)
+	case found:
+		if slices.Equal(ca.st.SNAT[i].Reals, reals) {
+			return false
+		}
+		ca.st.SNAT[i].Reals = reals
+	case len(reals) > 0:
+		ca.st.SNAT = slices.Insert(ca.st.SNAT, i, nft.SNAT{Virtual: k, Reals: reals})
+	default:
 		return false
 	}
-	ca.st.SNAT = slices.Replace(ca.st.SNAT, i, j, run...)
 	return true
 }
 

@@ -112,7 +112,7 @@ func sameAsDesired(t *testing.T, step string, in Inputs, got State, gotProblems 
 	if !got.IPVS.Equal(want.IPVS) {
 		t.Errorf("%s: table\n%s\nwant\n%s", step, got.IPVS, want.IPVS)
 	}
-	if !slices.Equal(got.SNAT, want.SNAT) || !reflect.DeepEqual(got.Owners, want.Owners) {
+	if !slices.Equal(snatPairs(got.SNAT), snatPairs(want.SNAT)) || !reflect.DeepEqual(got.Owners, want.Owners) {
 		t.Errorf("%s: SNAT %v, owners %v; want %v, %v", step, got.SNAT, got.Owners, want.SNAT, want.Owners)
 	}
 	if !reflect.DeepEqual(got.Guard, want.Guard) || !reflect.DeepEqual(got.SourceRanges, want.SourceRanges) {
@@ -303,7 +303,7 @@ func TestUpdateMatchesDesired(t *testing.T) {
 		t.Fatalf("%s is forwarded for %q; want the older ns/a", contested, owner)
 	}
 	prevIPVS := maps.Clone(prev.IPVS)
-	prevSNAT, prevGuard, prevRanges := slices.Clone(prev.SNAT), prev.Guard, maps.Clone(prev.SourceRanges)
+	prevSNAT, prevGuard, prevRanges := snatPairs(prev.SNAT), prev.Guard, maps.Clone(prev.SourceRanges)
 	steps := []struct {
 		name    string
 		changed []string
@@ -380,14 +380,14 @@ func TestUpdateMatchesDesired(t *testing.T) {
 				t.Errorf("%s: %s changed, but the Delta names only %v", st.name, k, d.Virtuals)
 			}
 		}
-		nftChanged := !slices.Equal(prevSNAT, got.SNAT) || !reflect.DeepEqual(prevGuard, got.Guard) || !reflect.DeepEqual(prevRanges, got.SourceRanges)
+		nftChanged := !slices.Equal(prevSNAT, snatPairs(got.SNAT)) || !reflect.DeepEqual(prevGuard, got.Guard) || !reflect.DeepEqual(prevRanges, got.SourceRanges)
 		if nftChanged && !d.NFT {
 			t.Errorf("%s: masquerading, guard or source ranges changed, but the Delta says not", st.name)
 		}
 		if !nftChanged && d.NFT && st.name == "one endpoint of b terminates" {
 			t.Errorf("%s: the Delta says the nftables side changed; it did not", st.name)
 		}
-		prevIPVS, prevSNAT, prevGuard, prevRanges = maps.Clone(got.IPVS), slices.Clone(got.SNAT), got.Guard, maps.Clone(got.SourceRanges)
+		prevIPVS, prevSNAT, prevGuard, prevRanges = maps.Clone(got.IPVS), snatPairs(got.SNAT), got.Guard, maps.Clone(got.SourceRanges)
 	}
 }
 

@@ -103,8 +103,8 @@ func TestSyncDeltaExactOps(t *testing.T) {
 		}
 		// Every real server of a Cluster Service forwarded to pods is
 		// masqueraded: State.SNAT is all of them, sorted.
-		if all := everyReal(want.IPVS); !slices.Equal(st.SNAT, all) {
-			t.Errorf("%s: State.SNAT has %d entries; want the %d real servers, sorted", tt.name, len(st.SNAT), len(all))
+		if got, all := snatPairs(st.SNAT), everyReal(want.IPVS); !slices.Equal(got, all) {
+			t.Errorf("%s: State.SNAT has %d entries; want the %d real servers, sorted", tt.name, len(got), len(all))
 		}
 	}
 }
@@ -213,11 +213,11 @@ func TestSyncDeltaFallsBackToFull(t *testing.T) {
 
 // everyReal lists every real server of t as masquerading, sorted by
 // virtual server, then real server.
-func everyReal(t ipvs.Table) []nft.SNAT {
-	var out []nft.SNAT
+func everyReal(t ipvs.Table) []string {
+	var out []string
 	for _, k := range slices.SortedFunc(maps.Keys(t), ipvs.Key.Compare) {
 		for _, r := range slices.SortedFunc(slices.Values(t[k].Reals), ipvs.CompareReal) {
-			out = append(out, nft.SNAT{Virtual: k, Real: r.AddrPort()})
+			out = append(out, k.String()+" -> "+r.AddrPort().String())
 		}
 	}
 	return out

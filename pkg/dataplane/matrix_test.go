@@ -86,8 +86,8 @@ func TestDesiredMatrix(t *testing.T) {
 						if local { // this node's own pods keep the client's address
 							wantSNAT--
 						}
-						if len(st.SNAT) != wantSNAT {
-							t.Errorf("%d real servers masqueraded; want %d: %v", len(st.SNAT), wantSNAT, st.SNAT)
+						if got := snatPairs(st.SNAT); len(got) != wantSNAT {
+							t.Errorf("%d real servers masqueraded; want %d: %v", len(got), wantSNAT, got)
 						}
 					})
 				}

@@ -298,14 +298,13 @@ func TestWriteNFTInvalid(t *testing.T) {
 	log := &nftLog{Fake: knftables.NewFake(nft.Family, nft.Table)}
 	r := NewReconciler("n0", Kernel{NFT: log})
 	vip := ipvs.Key{Address: addr("192.0.2.1"), Protocol: ipvs.TCP, Port: 80}
-	good := nft.Rules{SNAT: []nft.SNAT{{Virtual: vip, Real: netip.MustParseAddrPort("10.0.0.1:30080")}}, Guard: nft.Guard{VIPs: []netip.Addr{vip.Address}}}
+	good := nft.Rules{SNAT: []nft.SNAT{{Virtual: vip, Reals: []netip.AddrPort{netip.MustParseAddrPort("10.0.0.1:30080")}}}, Guard: nft.Guard{VIPs: []netip.Addr{vip.Address}}}
 	if err := r.writeNFT(t.Context(), good, false); err != nil || r.nftInvalid != nil {
 		t.Fatal(err, r.nftInvalid)
 	}
 	bad := good
 	bad.SNAT = append(slices.Clone(good.SNAT),
-		nft.SNAT{Virtual: vip, Real: netip.MustParseAddrPort("10.0.0.2:30080")},
-		nft.SNAT{Virtual: vip, Real: netip.AddrPortFrom(addr("fe80::1%eth0"), 30080)})
+		nft.SNAT{Virtual: vip, Reals: []netip.AddrPort{netip.MustParseAddrPort("10.0.0.2:30080"), netip.AddrPortFrom(addr("fe80::1%eth0"), 30080)}})
 	log.take()
 	if err := r.writeNFT(t.Context(), bad, false); err != nil {
 		t.Fatal(err)

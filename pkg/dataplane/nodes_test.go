@@ -33,8 +33,10 @@ func TestNodeAddressesFromKubelet(t *testing.T) {
 		t.Errorf("IPVS table\n%s\nwant\n%s", st.IPVS, want)
 	}
 	for _, s := range st.SNAT {
-		if a := s.Real.Addr(); a.Zone() != "" || !a.IsGlobalUnicast() || a.Is4In6() {
-			t.Errorf("masquerading entry %s has a real server no node can send to", s)
+		for _, r := range s.Reals {
+			if a := r.Addr(); a.Zone() != "" || !a.IsGlobalUnicast() || a.Is4In6() {
+				t.Errorf("masquerading entry %s has a real server no node can send to: %s", s, r)
+			}
 		}
 	}
 }

@@ -32,12 +32,26 @@ func elements(t *testing.T, fake *knftables.Fake, set string) []string {
 	return out
 }
 
+// snatPairs lists what ss masquerades, one "virtual -> real server" each,
+// in ss's order.
+func snatPairs(ss []nft.SNAT) []string {
+	var out []string
+	for _, s := range ss {
+		for _, r := range s.Reals {
+			out = append(out, s.Virtual.String()+" -> "+r.String())
+		}
+	}
+	return out
+}
+
 // snatElements is what st masquerades, as the fake's snat-v4 set shows it.
 func snatElements(st State) []string {
 	var out []string
 	for _, s := range st.SNAT {
-		if s.Virtual.Address.Is4() {
-			out = append(out, fmt.Sprintf("%s . %s . %d . %s . %d", s.Virtual.Address, strings.ToLower(s.Virtual.Protocol), s.Virtual.Port, s.Real.Addr(), s.Real.Port()))
+		for _, r := range s.Reals {
+			if s.Virtual.Address.Is4() {
+				out = append(out, fmt.Sprintf("%s . %s . %d . %s . %d", s.Virtual.Address, strings.ToLower(s.Virtual.Protocol), s.Virtual.Port, r.Addr(), r.Port()))
+			}
 		}
 	}
 	slices.Sort(out)

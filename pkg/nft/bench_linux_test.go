@@ -44,15 +44,15 @@ func BenchmarkKernelWrite(b *testing.B) {
 					b.Fatal(err)
 				}
 				written = e
-				if next.SNAT[len(next.SNAT)/2] == c.SNAT[len(c.SNAT)/2] {
+				if &next.SNAT[0] == &c.SNAT[0] {
 					next = a
 				} else {
 					next = c
 				}
 			}
 			elements, err := n.ListElements(b.Context(), "set", "snat-v4")
-			if err != nil || len(elements) != len(a.SNAT) {
-				b.Fatalf("snat-v4 has %d elements, %v; want %d", len(elements), err, len(a.SNAT))
+			if want := len(a.SNAT) * 10; err != nil || len(elements) != want {
+				b.Fatalf("snat-v4 has %d elements, %v; want %d", len(elements), err, want)
 			}
 		})
 	}

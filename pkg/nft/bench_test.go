@@ -2,6 +2,7 @@ package nft_test
 
 import (
 	"net/netip"
+	"slices"
 	"testing"
 
 	"sigs.k8s.io/knftables"
@@ -18,17 +19,21 @@ func benchRules(n int) (a, b nft.Rules) {
 		v := ipvs.Key{Address: netip.AddrFrom4([4]byte{172, 16, byte(i >> 8), byte(i)}), Protocol: ipvs.TCP, Port: 80}
 		a.Guard.VIPs = append(a.Guard.VIPs, v.Address)
 		a.Guard.Ports = append(a.Guard.Ports, v)
+		s := nft.SNAT{Virtual: v}
 		for j := range 10 {
-			real := netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, byte(j + 1), byte(i >> 8), byte(i)}), 8080)
-			a.SNAT = append(a.SNAT, nft.SNAT{Virtual: v, Real: real})
+			s.Reals = append(s.Reals, netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, byte(j + 1), byte(i >> 8), byte(i)}), 8080))
 		}
+		a.SNAT = append(a.SNAT, s)
 	}
 	b = a
-	b.SNAT = append([]nft.SNAT(nil), a.SNAT...)
-	// Another port of the same address: the list stays sorted, as the
-	// dataplane keeps it.
+	b.SNAT = slices.Clone(a.SNAT)
+	// Another port of the same address for the last real server: the
+	// list stays sorted, as the dataplane keeps it, and is a new slice,
+	// as the dataplane gives it.
 	mid := &b.SNAT[len(b.SNAT)/2]
-	mid.Real = netip.AddrPortFrom(mid.Real.Addr(), 8081)
+	mid.Reals = slices.Clone(mid.Reals)
+	last := &mid.Reals[len(mid.Reals)-1]
+	*last = netip.AddrPortFrom(last.Addr(), 8081)
 	return a, b
 }
 

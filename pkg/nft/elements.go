@@ -26,8 +26,15 @@ import (
 // each list is its IPv4 elements then its IPv6 ones. The zero value holds
 // nothing. Elements are not changed once made: Compute copies what it is
 // given, so the caller's Rules may change afterwards.
+//
+// The masquerading is kept by virtual server (SNAT), sorted by virtual
+// server, each real server list sorted and non-empty; nsnat counts the
+// real servers. Elements share those real server lists with the Rules
+// they came from and with each other (KeepSNAT), so that the lists a sync
+// left alone cost neither a copy nor, in Update, a comparison.
 type Elements struct {
 	snat     []SNAT
+	nsnat    int
 	filtered []ipvs.Key
 	allowed  []allowed
 	vips     []netip.Addr
@@ -41,9 +48,7 @@ type allowed struct {
 	source  netip.Prefix
 }
 
-func compareSNAT(a, b SNAT) int {
-	return cmp.Or(a.Virtual.Compare(b.Virtual), a.Real.Compare(b.Real))
-}
+func compareSNAT(a, b SNAT) int { return a.Virtual.Compare(b.Virtual) }
 
 func comparePrefix(a, b netip.Prefix) int {
 	return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
@@ -58,7 +63,7 @@ func (e *Elements) SNATs() int {
 	if e == nil {
 		return 0
 	}
-	return len(e.snat)
+	return e.nsnat
 }
 
 // KeepSNAT returns e with the masquerading of keep added to its own: the
@@ -70,8 +75,83 @@ func (e *Elements) KeepSNAT(keep *Elements) *Elements {
 		return e
 	}
 	out := *e
-	out.snat = union(e.snat, keep.snat, compareSNAT)
+	out.snat, out.nsnat = unionSNAT(e.snat, keep.snat)
 	return &out
+}
+
+// unionSNAT merges two lists of masquerading into a new one, and counts
+// its real servers. A virtual server's real servers are shared, not
+// copied, where only one list has it or both have the same.
+func unionSNAT(a, b []SNAT) ([]SNAT, int) {
+	out := make([]SNAT, 0, max(len(a), len(b)))
+	n := 0
+	for len(a) > 0 && len(b) > 0 {
+		var s SNAT
+		switch c := compareSNAT(a[0], b[0]); {
+		case c < 0:
+			s, a = a[0], a[1:]
+		case c > 0:
+			s, b = b[0], b[1:]
+		default:
+			s = a[0]
+			if !sameReals(a[0].Reals, b[0].Reals) {
+				s.Reals = union(a[0].Reals, b[0].Reals, netip.AddrPort.Compare)
+			}
+			a, b = a[1:], b[1:]
+		}
+		out = append(out, s)
+		n += len(s.Reals)
+	}
+	for _, s := range slices.Concat(a, b) {
+		out = append(out, s)
+		n += len(s.Reals)
+	}
+	return out, n
+}
+
+// sameReals reports whether a and b hold the same real servers; at once
+// when they are the same slice, the usual case for a virtual server a
+// sync left alone.
+func sameReals(a, b []netip.AddrPort) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	if len(a) == 0 || &a[0] == &b[0] {
+		return true
+	}
+	return slices.Equal(a, b)
+}
+
+// diffSNAT calls gone with each real server of from missing from to,
+// and added with each of to missing from from.
+func diffSNAT(from, to []SNAT, gone, added func(ipvs.Key, netip.AddrPort)) {
+	each := func(s SNAT, f func(ipvs.Key, netip.AddrPort)) {
+		for _, r := range s.Reals {
+			f(s.Virtual, r)
+		}
+	}
+	for len(from) > 0 && len(to) > 0 {
+		switch c := compareSNAT(from[0], to[0]); {
+		case c < 0:
+			each(from[0], gone)
+			from = from[1:]
+		case c > 0:
+			each(to[0], added)
+			to = to[1:]
+		default:
+			if v := to[0].Virtual; !sameReals(from[0].Reals, to[0].Reals) {
+				diff(from[0].Reals, to[0].Reals, netip.AddrPort.Compare,
+					func(r netip.AddrPort) { gone(v, r) }, func(r netip.AddrPort) { added(v, r) })
+			}
+			from, to = from[1:], to[1:]
+		}
+	}
+	for _, s := range from {
+		each(s, gone)
+	}
+	for _, s := range to {
+		each(s, added)
+	}
 }
 
 // union merges two sorted lists without duplicates into a new one.
@@ -157,7 +237,7 @@ func Update(tx *knftables.Transaction, from, to *Elements) int {
 	}
 	del := func(set string, key []string) { tx.Delete(op(set, key)) }
 	add := func(set string, key []string) { adds = append(adds, op(set, key)) }
-	diff(from.snat, to.snat, compareSNAT, func(s SNAT) { del(snatKey(s)) }, func(s SNAT) { add(snatKey(s)) })
+	diffSNAT(from.snat, to.snat, func(v ipvs.Key, r netip.AddrPort) { del(snatKey(v, r)) }, func(v ipvs.Key, r netip.AddrPort) { add(snatKey(v, r)) })
 	diff(from.filtered, to.filtered, ipvs.Key.Compare, func(k ipvs.Key) { del(filteredKey(k)) }, func(k ipvs.Key) { add(filteredKey(k)) })
 	diff(from.allowed, to.allowed, compareAllowed, func(a allowed) { del(allowedKey(a)) }, func(a allowed) { add(allowedKey(a)) })
 	diff(from.vips, to.vips, netip.Addr.Compare, func(a netip.Addr) { del(addrKey(a, family.vipsSet)) }, func(a netip.Addr) { add(addrKey(a, family.vipsSet)) })
@@ -177,7 +257,9 @@ func addElements(tx *knftables.Transaction, e *Elements) {
 	}
 	for _, f := range families() {
 		for _, s := range ofFamily(e.snat, f, func(s SNAT) netip.Addr { return s.Virtual.Address }) {
-			add(snatKey(s))
+			for _, r := range s.Reals {
+				add(snatKey(s.Virtual, r))
+			}
 		}
 		for _, k := range ofFamily(e.filtered, f, func(k ipvs.Key) netip.Addr { return k.Address }) {
 			add(filteredKey(k))
@@ -219,8 +301,8 @@ func virtualKey(k ipvs.Key) []string {
 	return []string{k.Address.String(), nftProtocol(k.Protocol), port(k.Port)}
 }
 
-func snatKey(s SNAT) (string, []string) {
-	return familyOf(s.Virtual.Address).snatSet(), append(virtualKey(s.Virtual), s.Real.Addr().String(), port(s.Real.Port()))
+func snatKey(v ipvs.Key, r netip.AddrPort) (string, []string) {
+	return familyOf(v.Address).snatSet(), append(virtualKey(v), r.Addr().String(), port(r.Port()))
 }
 
 func filteredKey(k ipvs.Key) (string, []string) {
@@ -245,38 +327,7 @@ func Compute(in Rules) (*Elements, error) {
 	var e Elements
 	var errs []error
 
-	// Sorted before validating, so that the errors come in a stable order
-	// and a duplicate is named once.
-	snat := sortCompact(slices.Clone(in.SNAT), compareSNAT)
-	e.snat = snat[:0] // in place: each entry is written after it is read
-	unmapped := false
-	for _, s := range snat {
-		vip, err := virtual(s.Virtual)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("SNAT %s: %w", s, err))
-			continue
-		}
-		rip := s.Real.Addr().Unmap()
-		switch {
-		case !rip.IsValid():
-			errs = append(errs, fmt.Errorf("SNAT %s: invalid real server address", s))
-			continue
-		case rip.Zone() != "":
-			errs = append(errs, fmt.Errorf("SNAT %s: real server address with a zone", s))
-			continue
-		case rip.Is6() != vip.Address.Is6():
-			errs = append(errs, fmt.Errorf("SNAT %s: real server and VIP are of different address families", s))
-			continue
-		case s.Real.Port() == 0:
-			errs = append(errs, fmt.Errorf("SNAT %s: real server port 0", s))
-			continue
-		}
-		unmapped = unmapped || vip.Address != s.Virtual.Address || rip != s.Real.Addr()
-		e.snat = append(e.snat, SNAT{Virtual: vip, Real: netip.AddrPortFrom(rip, s.Real.Port())})
-	}
-	if unmapped { // which may have reordered or merged entries
-		e.snat = sortCompact(e.snat, compareSNAT)
-	}
+	errs = e.masquerade(in.SNAT, errs)
 
 	for _, k := range slices.SortedFunc(maps.Keys(in.SourceRanges), ipvs.Key.Compare) {
 		vip, err := virtual(k)
@@ -300,6 +351,94 @@ func Compute(in Rules) (*Elements, error) {
 
 	errs = append(errs, e.guard(in.Guard)...)
 	return &e, errors.Join(errs...)
+}
+
+// masquerade sets the masquerading of e from in, and returns errs with
+// errors naming the entries left out. The real server lists of in are
+// kept, not copied, when they are valid, unmapped and sorted.
+func (e *Elements) masquerade(in []SNAT, errs []error) []error {
+	// Sorted before validating, so that the errors come in a stable order
+	// and a virtual server given twice is named once. Stable, so that its
+	// lists merge in the order given.
+	runs := slices.Clone(in)
+	if !slices.IsSortedFunc(runs, compareSNAT) {
+		slices.SortStableFunc(runs, compareSNAT)
+	}
+	e.snat = runs[:0] // in place: each entry is written after it is read
+	unmapped := false
+	for i := 0; i < len(runs); {
+		v, reals := runs[i].Virtual, runs[i].Reals
+		for i++; i < len(runs) && runs[i].Virtual == v; i++ {
+			reals = slices.Concat(reals, runs[i].Reals)
+		}
+		vip, err := virtual(v)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("SNAT %s: %w", v, err))
+			continue
+		}
+		reals, errs = validReals(vip, reals, errs)
+		if len(reals) == 0 {
+			continue
+		}
+		unmapped = unmapped || vip != v
+		e.snat = append(e.snat, SNAT{Virtual: vip, Reals: reals})
+	}
+	if unmapped { // which may have reordered or merged virtual servers
+		slices.SortStableFunc(e.snat, compareSNAT)
+		merged := e.snat[:0]
+		for _, s := range e.snat {
+			if n := len(merged); n > 0 && merged[n-1].Virtual == s.Virtual {
+				merged[n-1].Reals = union(merged[n-1].Reals, s.Reals, netip.AddrPort.Compare)
+				continue
+			}
+			merged = append(merged, s)
+		}
+		e.snat = merged
+	}
+	for _, s := range e.snat {
+		e.nsnat += len(s.Reals)
+	}
+	return errs
+}
+
+// validReals returns the real servers of the virtual server vip that nft
+// can express, unmapped, sorted and without duplicates: reals itself
+// when they are all that already, else a copy; and errs with an error for
+// each one left out.
+func validReals(vip ipvs.Key, reals []netip.AddrPort, errs []error) ([]netip.AddrPort, []error) {
+	ok := func(r netip.AddrPort) error {
+		a := r.Addr()
+		switch {
+		case !a.IsValid():
+			return errors.New("invalid real server address")
+		case a.Zone() != "":
+			return errors.New("real server address with a zone")
+		case a.Unmap().Is6() != vip.Address.Is6():
+			return errors.New("real server and VIP are of different address families")
+		case r.Port() == 0:
+			return errors.New("real server port 0")
+		}
+		return nil
+	}
+	clean := true
+	for i, r := range reals {
+		if ok(r) != nil || r.Addr().Is4In6() || (i > 0 && reals[i-1].Compare(r) >= 0) {
+			clean = false
+			break
+		}
+	}
+	if clean {
+		return reals, errs
+	}
+	out := make([]netip.AddrPort, 0, len(reals))
+	for _, r := range reals {
+		if err := ok(r); err != nil {
+			errs = append(errs, fmt.Errorf("SNAT %s -> %s: %w", vip, r, err))
+			continue
+		}
+		out = append(out, netip.AddrPortFrom(r.Addr().Unmap(), r.Port()))
+	}
+	return sortCompact(out, netip.AddrPort.Compare), errs
 }
 
 // guard sets the guard's elements of e and returns errors naming the

@@ -129,7 +129,7 @@ func TestNewAtWritesTheNamedNamespace(t *testing.T) {
 	hostHadTable := hostErr == nil
 	r := realNFT{t, ns}
 	n := r.open()
-	in := nft.Rules{SNAT: []nft.SNAT{{Virtual: ipvs.Key{Address: netip.MustParseAddr("192.0.2.1"), Protocol: ipvs.TCP, Port: 80}, Real: netip.MustParseAddrPort("10.0.0.1:30080")}}}
+	in := nft.Rules{SNAT: []nft.SNAT{{Virtual: ipvs.Key{Address: netip.MustParseAddr("192.0.2.1"), Protocol: ipvs.TCP, Port: 80}, Reals: []netip.AddrPort{netip.MustParseAddrPort("10.0.0.1:30080")}}}}
 	if err := write(t.Context(), n, in); err != nil {
 		t.Fatalf("Sync through NewAt: %v", err)
 	}
@@ -426,7 +426,7 @@ func TestKernelRefusesZonedAddresses(t *testing.T) {
 	ns := newNetns(t, "zoned")
 	in := dualStack()
 	for _, a := range []string{"fe80::1%eth0", "2001:db8::1%eth0"} {
-		in.SNAT = append(in.SNAT, nft.SNAT{Virtual: web6, Real: netip.AddrPortFrom(netip.MustParseAddr(a), 30443)})
+		in.SNAT = append(in.SNAT, nft.SNAT{Virtual: web6, Reals: []netip.AddrPort{netip.AddrPortFrom(netip.MustParseAddr(a), 30443)}})
 	}
 	err := (realNFT{t, ns}).sync(in)
 	if err == nil || !strings.Contains(err.Error(), "zone") || strings.Contains(err.Error(), "writing nftables table") {

@@ -28,7 +28,7 @@ func key(proto, addrPort string) ipvs.Key {
 func snat(v ipvs.Key, reals ...string) []nft.SNAT {
 	var out []nft.SNAT
 	for _, r := range reals {
-		out = append(out, nft.SNAT{Virtual: v, Real: netip.MustParseAddrPort(r)})
+		out = append(out, nft.SNAT{Virtual: v, Reals: []netip.AddrPort{netip.MustParseAddrPort(r)}})
 	}
 	return out
 }
@@ -448,11 +448,11 @@ func TestInvalidInput(t *testing.T) {
 	}{
 		{"unknown protocol", nft.Rules{SNAT: snat(key("ICMP", "192.0.2.10:80"), "10.0.0.1:80")}, `unknown protocol "ICMP"`},
 		{"mixed families", nft.Rules{SNAT: snat(web4, "[fd00::1]:80")}, "different address families"},
-		{"invalid VIP", nft.Rules{SNAT: []nft.SNAT{{Virtual: ipvs.Key{Protocol: ipvs.TCP, Port: 80}, Real: netip.MustParseAddrPort("10.0.0.1:80")}}}, "invalid VIP"},
-		{"zoned VIP", nft.Rules{SNAT: []nft.SNAT{{Virtual: ipvs.Key{Address: netip.MustParseAddr("2001:db8::10%eth0"), Protocol: ipvs.TCP, Port: 443}, Real: netip.MustParseAddrPort("[fd00::1]:30443")}}}, "VIP with a zone"},
-		{"invalid real server", nft.Rules{SNAT: []nft.SNAT{{Virtual: web4}}}, "invalid real server"},
-		{"link-local real server with a zone", nft.Rules{SNAT: []nft.SNAT{{Virtual: web6, Real: zoned("fe80::1%eth0")}}}, "real server address with a zone"},
-		{"global real server with a zone", nft.Rules{SNAT: []nft.SNAT{{Virtual: web6, Real: zoned("2001:db8::1%eth0")}}}, "real server address with a zone"},
+		{"invalid VIP", nft.Rules{SNAT: []nft.SNAT{{Virtual: ipvs.Key{Protocol: ipvs.TCP, Port: 80}, Reals: []netip.AddrPort{netip.MustParseAddrPort("10.0.0.1:80")}}}}, "invalid VIP"},
+		{"zoned VIP", nft.Rules{SNAT: []nft.SNAT{{Virtual: ipvs.Key{Address: netip.MustParseAddr("2001:db8::10%eth0"), Protocol: ipvs.TCP, Port: 443}, Reals: []netip.AddrPort{netip.MustParseAddrPort("[fd00::1]:30443")}}}}, "VIP with a zone"},
+		{"invalid real server", nft.Rules{SNAT: []nft.SNAT{{Virtual: web4, Reals: []netip.AddrPort{{}}}}}, "invalid real server"},
+		{"link-local real server with a zone", nft.Rules{SNAT: []nft.SNAT{{Virtual: web6, Reals: []netip.AddrPort{zoned("fe80::1%eth0")}}}}, "real server address with a zone"},
+		{"global real server with a zone", nft.Rules{SNAT: []nft.SNAT{{Virtual: web6, Reals: []netip.AddrPort{zoned("2001:db8::1%eth0")}}}}, "real server address with a zone"},
 		{"real port 0", nft.Rules{SNAT: snat(web4, "10.0.0.1:0")}, "real server port 0"},
 		{"VIP port 0", nft.Rules{SourceRanges: map[ipvs.Key][]netip.Prefix{key(ipvs.TCP, "192.0.2.10:0"): prefixes("10.0.0.0/8")}}, "port 0"},
 		{"zoned VIP with ranges", nft.Rules{SourceRanges: map[ipvs.Key][]netip.Prefix{{Address: netip.MustParseAddr("fe80::10%eth0"), Protocol: ipvs.TCP, Port: 80}: prefixes("2001:db8::/32")}}, "VIP with a zone"},

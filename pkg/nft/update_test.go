@@ -45,7 +45,7 @@ func randomRules(rng *rand.Rand, invalid bool) nft.Rules {
 		for _, r := range reals[v.Address.Is6()] {
 			for _, rport := range []uint16{30080, 8080} {
 				if some(3) {
-					in.SNAT = append(in.SNAT, nft.SNAT{Virtual: v, Real: netip.AddrPortFrom(r, rport)})
+					in.SNAT = append(in.SNAT, nft.SNAT{Virtual: v, Reals: []netip.AddrPort{netip.AddrPortFrom(r, rport)}})
 				}
 			}
 		}
@@ -75,7 +75,7 @@ func randomRules(rng *rand.Rand, invalid bool) nft.Rules {
 	}
 	if invalid && some(2) {
 		zoned := netip.MustParseAddr("fe80::1%eth0")
-		in.SNAT = append(in.SNAT, nft.SNAT{Virtual: virtuals[0], Real: netip.AddrPortFrom(zoned, 80)})
+		in.SNAT = append(in.SNAT, nft.SNAT{Virtual: virtuals[0], Reals: []netip.AddrPort{netip.AddrPortFrom(zoned, 80)}})
 		in.Guard.VIPs = append(in.Guard.VIPs, zoned)
 		in.Guard.Ports = append(in.Guard.Ports, ipvs.Key{Address: vips[0], Protocol: "ICMP", Port: 1})
 	}
@@ -83,7 +83,8 @@ func randomRules(rng *rand.Rand, invalid bool) nft.Rules {
 	if len(in.SNAT) > 0 && some(3) {
 		s := in.SNAT[0]
 		if s.Virtual.Address.Is4() {
-			s.Real = netip.AddrPortFrom(netip.AddrFrom16(s.Real.Addr().As16()), s.Real.Port())
+			r := s.Reals[0]
+			s.Reals = []netip.AddrPort{netip.AddrPortFrom(netip.AddrFrom16(r.Addr().As16()), r.Port())}
 			in.SNAT = append(in.SNAT, s)
 		}
 	}
@@ -185,7 +186,7 @@ func TestUpdateSendsTheDifference(t *testing.T) {
 	}
 	moved := dualStack()
 	moved.SNAT = slices.Clone(moved.SNAT)
-	moved.SNAT[1].Real = netip.MustParseAddrPort("10.0.0.3:30080")
+	moved.SNAT[1] = nft.SNAT{Virtual: moved.SNAT[1].Virtual, Reals: []netip.AddrPort{netip.MustParseAddrPort("10.0.0.3:30080")}}
 	ranges := func(p string) nft.Rules {
 		return nft.Rules{SourceRanges: map[ipvs.Key][]netip.Prefix{web4: prefixes(p)}}
 	}
