@@ -29,7 +29,6 @@ package keepalived
 
 import (
 	"bytes"
-	"cmp"
 	"crypto/sha256"
 	_ "embed"
 	"encoding/hex"
@@ -315,7 +314,12 @@ func (c Config) check() checked {
 	// In name order, so that of two clashing instances the same one stays
 	// whatever the order of c.Instances.
 	sorted := slices.SortedStableFunc(slices.Values(c.Instances), func(a, b Instance) int {
-		return cmp.Or(strings.Compare(a.Name, b.Name), strings.Compare(fmt.Sprint(a), fmt.Sprint(b)))
+		// Formatted only for a duplicate name: cmp.Or would format both
+		// instances, every VIP of them, at each comparison.
+		if c := strings.Compare(a.Name, b.Name); c != 0 {
+			return c
+		}
+		return strings.Compare(fmt.Sprint(a), fmt.Sprint(b))
 	})
 	names := map[string]bool{}
 	vrids := map[string]string{}       // interface/family/VRID -> instance

@@ -24,8 +24,13 @@ func Compute(in Input) Plan {
 	nodes := slices.Clone(in.Nodes)
 	slices.SortFunc(nodes, func(a, b Node) int {
 		// Names are unique in a cluster; the rest only makes a duplicate's
-		// fate independent of input order.
-		return cmp.Or(cmp.Compare(a.Name, b.Name), cmp.Compare(fmt.Sprint(a), fmt.Sprint(b)))
+		// fate independent of input order. Not in one cmp.Or, which would
+		// format both nodes at every comparison (its arguments are all
+		// evaluated): 51 MB and 124 ms a plan at 1,000 nodes.
+		if c := cmp.Compare(a.Name, b.Name); c != 0 {
+			return c
+		}
+		return cmp.Compare(fmt.Sprint(a), fmt.Sprint(b))
 	})
 
 	names := make([]string, 0, len(byPool))
@@ -79,7 +84,10 @@ type pool struct {
 func (c *computer) pools(in []Pool) map[string]*pool {
 	sorted := slices.Clone(in)
 	slices.SortFunc(sorted, func(a, b Pool) int {
-		return cmp.Or(cmp.Compare(a.Order, b.Order), cmp.Compare(a.Name, b.Name), cmp.Compare(fmt.Sprint(a), fmt.Sprint(b)))
+		if c := cmp.Or(cmp.Compare(a.Order, b.Order), cmp.Compare(a.Name, b.Name)); c != 0 {
+			return c
+		}
+		return cmp.Compare(fmt.Sprint(a), fmt.Sprint(b)) // only for a duplicate, see Compute
 	})
 	out := make(map[string]*pool, len(sorted))
 	var kept []*pool
