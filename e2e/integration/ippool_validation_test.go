@@ -118,17 +118,32 @@ func TestIPPoolAdmission(t *testing.T) {
 				if v.AdvertisementInterval == nil || v.AdvertisementInterval.Duration != time.Second {
 					t.Errorf("advertisementInterval = %v, want defaulted to 1s", v.AdvertisementInterval)
 				}
+				if v.Failback != v1alpha1.FailbackDelayed || v.FailbackDelay != nil {
+					t.Errorf("failback = %q, delay %v; want defaulted to Delayed, the delay unset (60s)", v.Failback, v.FailbackDelay)
+				}
 			},
 		}, {
 			name: "vrrp bounds",
 			spec: map[string]any{"addresses": []any{"192.0.2.0/28"}, "vrrp": map[string]any{
-				"virtualRouterIDs": "255", "advertisementInterval": "10ms",
+				"virtualRouterIDs": "255", "advertisementInterval": "10ms", "failbackDelay": "0s",
 			}},
 		}, {
 			name: "vrrp upper bounds",
 			spec: map[string]any{"addresses": []any{"192.0.2.0/28"}, "vrrp": map[string]any{
 				"virtualRouterIDs": "1-255", "advertisementInterval": "40s", "interface": "enp129s0f1.4094",
+				"failback": "Delayed", "failbackDelay": "1000s",
 			}},
+		}, {
+			name: "failback never",
+			spec: map[string]any{"addresses": []any{"192.0.2.0/28"}, "vrrp": map[string]any{"failback": "Never"}},
+			check: func(t *testing.T, p *v1alpha1.IPPool) {
+				if v := p.Spec.VRRP; v.Failback != v1alpha1.FailbackNever || v.FailbackDelay != nil {
+					t.Errorf("failback = %q, delay %v; want Never without a delay", v.Failback, v.FailbackDelay)
+				}
+			},
+		}, {
+			name: "failback immediate",
+			spec: map[string]any{"addresses": []any{"192.0.2.0/28"}, "vrrp": map[string]any{"failback": "Immediate"}},
 		}, {
 			name: "every optional field",
 			spec: map[string]any{
@@ -156,6 +171,8 @@ func TestIPPoolAdmission(t *testing.T) {
 					"virtualRouterIDs":      "10-20",
 					"advertisementInterval": "1.5s",
 					"unicast":               true,
+					"failback":              "Delayed",
+					"failbackDelay":         "2.5s",
 					"nodeSelector": map[string]any{
 						"matchLabels": map[string]any{"node-role.example.com/edge": ""},
 						"matchExpressions": []any{
@@ -188,6 +205,8 @@ func TestIPPoolAdmission(t *testing.T) {
 						VirtualRouterIDs:      "10-20",
 						AdvertisementInterval: &metav1.Duration{Duration: 1500 * time.Millisecond},
 						Unicast:               true,
+						Failback:              v1alpha1.FailbackDelayed,
+						FailbackDelay:         &metav1.Duration{Duration: 2500 * time.Millisecond},
 						NodeSelector: &metav1.LabelSelector{
 							MatchLabels: map[string]string{"node-role.example.com/edge": ""},
 							MatchExpressions: []metav1.LabelSelectorRequirement{
@@ -287,6 +306,18 @@ func TestIPPoolAdmission(t *testing.T) {
 				[]string{"spec.vrrp.advertisementInterval", "should match"}},
 			{"interval not a duration", vrrp(map[string]any{"advertisementInterval": "1 day"}),
 				[]string{"spec.vrrp.advertisementInterval", "should match"}},
+			{"failback lower case", vrrp(map[string]any{"failback": "never"}),
+				[]string{`spec.vrrp.failback: Unsupported value: "never"`, `"Delayed"`, `"Immediate"`, `"Never"`}},
+			{"failbackDelay with Never", vrrp(map[string]any{"failback": "Never", "failbackDelay": "30s"}),
+				[]string{"spec.vrrp.failbackDelay", "failbackDelay applies to failback Delayed only; this pool has failback Never"}},
+			{"failbackDelay with Immediate", vrrp(map[string]any{"failback": "Immediate", "failbackDelay": "30s"}),
+				[]string{"failbackDelay applies to failback Delayed only; this pool has failback Immediate"}},
+			{"failbackDelay too long", vrrp(map[string]any{"failbackDelay": "1001s"}),
+				[]string{`failbackDelay "1001s" must be between 0s and 1000s`}},
+			{"failbackDelay not centiseconds", vrrp(map[string]any{"failbackDelay": "15ms"}),
+				[]string{`failbackDelay "15ms" must be between 0s and 1000s in whole multiples of 10ms`}},
+			{"failbackDelay not a duration", vrrp(map[string]any{"failbackDelay": "1m"}),
+				[]string{"spec.vrrp.failbackDelay", "should match"}},
 			{"interface too long", vrrp(map[string]any{"interface": "enp129s0f1.40940"}),
 				[]string{"spec.vrrp.interface", "Too long"}},
 			{"interface with slash", vrrp(map[string]any{"interface": "eth0/1"}),

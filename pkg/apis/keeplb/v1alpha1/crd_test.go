@@ -297,6 +297,7 @@ func TestCRDDefaults(t *testing.T) {
 		"spec.nodePortSubsetSize":         strconv.Itoa(v1alpha1.DefaultNodePortSubsetSize),
 		"spec.vrrp.virtualRouterIDs":      `"1-255"`,
 		"spec.vrrp.advertisementInterval": `"1s"`,
+		"spec.vrrp.failback":              `"` + string(v1alpha1.FailbackDelayed) + `"`,
 	} {
 		s := prop(t, root, path)
 		if s.Default == nil || string(s.Default.Raw) != want {
@@ -333,6 +334,21 @@ func TestCRDDefaults(t *testing.T) {
 	}
 	if v1alpha1.ICMPEcho("allow").Valid() {
 		t.Error(`ICMPEcho("allow").Valid() = true; the enum is case-sensitive`)
+	}
+	var failback []v1alpha1.Failback
+	for _, e := range prop(t, root, "spec.vrrp.failback").Enum {
+		failback = append(failback, v1alpha1.Failback(strings.Trim(string(e.Raw), `"`)))
+	}
+	if !slices.Equal(failback, []v1alpha1.Failback{v1alpha1.FailbackDelayed, v1alpha1.FailbackImmediate, v1alpha1.FailbackNever}) {
+		t.Errorf("failback enum %v, want Delayed, Immediate and Never", failback)
+	}
+	for _, f := range failback {
+		if !f.Valid() {
+			t.Errorf("failback enum value %q is not a valid Failback", f)
+		}
+	}
+	if v1alpha1.Failback("").Valid() || v1alpha1.Failback("never").Valid() {
+		t.Error(`Failback "" or "never" is Valid; the enum is case-sensitive and has a default`)
 	}
 }
 
@@ -375,6 +391,8 @@ func fullPool() *v1alpha1.IPPool {
 				AdvertisementInterval: &metav1.Duration{Duration: 200 * time.Millisecond},
 				Unicast:               true,
 				NodeSelector:          selector("node"),
+				Failback:              v1alpha1.FailbackDelayed,
+				FailbackDelay:         &metav1.Duration{Duration: 90 * time.Second},
 			},
 		},
 		Status: v1alpha1.IPPoolStatus{

@@ -90,6 +90,10 @@ func (in *VRRP) DeepCopyInto(out *VRRP) {
 		d := *in.AdvertisementInterval
 		out.AdvertisementInterval = &d
 	}
+	if in.FailbackDelay != nil {
+		d := *in.FailbackDelay
+		out.FailbackDelay = &d
+	}
 	out.NodeSelector = in.NodeSelector.DeepCopy()
 }
 

@@ -1,6 +1,8 @@
 package v1alpha1
 
 import (
+	"time"
+
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 )
@@ -180,6 +182,49 @@ type VRRP struct {
 
 	// NodeSelector restricts which nodes may hold this pool's VIPs.
 	NodeSelector *metav1.LabelSelector `json:"nodeSelector,omitempty"`
+
+	// Failback is when a node that ranks above the VIPs' current holder
+	// (it came back, or became eligible) takes them over: Delayed (the
+	// default), Immediate or Never. Every move resets the connections
+	// through the VIP; the failover of a failed holder is never delayed.
+	Failback Failback `json:"failback,omitempty"`
+
+	// FailbackDelay is how long Delayed waits, between 0s and 1000s in
+	// whole multiples of 10ms. Default 60s. Only with failback Delayed.
+	FailbackDelay *metav1.Duration `json:"failbackDelay,omitempty"`
+}
+
+// Failback is when a pool's VIPs return to the node the plan ranks first
+// for them, once it can hold them again, from the node that took them over.
+type Failback string
+
+const (
+	// FailbackDelayed returns the VIPs once the node has ranked first for
+	// failbackDelay (60 s by default), which covers a node flapping Ready
+	// and a speaker in a crash loop: they move once, not back and forth.
+	FailbackDelayed Failback = "Delayed"
+	// FailbackImmediate returns the VIPs at once: for pools that value
+	// balance over the connections that a move resets.
+	FailbackImmediate Failback = "Immediate"
+	// FailbackNever leaves the VIPs on the node that holds them until it
+	// fails or leaves the pool (keepalived's nopreempt): no move but those a
+	// failure forces. Balance is not restored: after a rolling reboot the
+	// VIPs sit on the nodes rebooted first.
+	FailbackNever Failback = "Never"
+)
+
+// DefaultFailbackDelay is the failback delay of a Delayed pool that sets
+// none.
+const DefaultFailbackDelay = 60 * time.Second
+
+// MaxFailbackDelay is the longest failback delay keepalived takes
+// (preempt_delay, at most 1000 s).
+const MaxFailbackDelay = 1000 * time.Second
+
+// Valid reports whether f is one of the three policies; "" (unset) is
+// not.
+func (f Failback) Valid() bool {
+	return f == FailbackDelayed || f == FailbackImmediate || f == FailbackNever
 }
 
 // IPPoolStatus is the observed state of an IPPool, kept by the controller.
