@@ -183,6 +183,7 @@ func KeepalivedConfig(plan vrrp.Plan, node string, in vrrp.Input, links []hostne
 			Version:        inst.Version,
 			IPv6:           inst.Family == allocator.IPv6,
 			PreemptDelay:   inst.PreemptDelay,
+			NoPreempt:      inst.NoPreempt,
 			AdvertAddr:     anchors[inst.Name],
 		}
 		for i, v := range inst.VIPs {

@@ -94,6 +94,42 @@ func TestPlanInputSelectsOurVIPs(t *testing.T) {
 	}
 }
 
+// TestFailbackRendered: a pool's failback policy reaches every instance of
+// its keepalived.conf: preempt_delay for Delayed, nothing for Immediate,
+// nopreempt for Never (each instance starts in BACKUP, which both need).
+func TestFailbackRendered(t *testing.T) {
+	for _, tc := range []struct {
+		vrrp       *v1alpha1.VRRP
+		want, none string
+	}{
+		{&v1alpha1.VRRP{}, "preempt_delay 60\n", "nopreempt"},
+		{&v1alpha1.VRRP{Failback: v1alpha1.FailbackDelayed, FailbackDelay: &metav1.Duration{Duration: 2500 * time.Millisecond}}, "preempt_delay 2.5\n", "nopreempt"},
+		{&v1alpha1.VRRP{Failback: v1alpha1.FailbackImmediate}, "state BACKUP", "preempt"},
+		{&v1alpha1.VRRP{Failback: v1alpha1.FailbackNever}, "nopreempt\n", "preempt_delay"},
+	} {
+		in := dataplane.Inputs{
+			Class: "keeplb.io/vip", DefaultClass: true,
+			Nodes:    []*v1.Node{node("n1", "10.0.0.1"), node("n2", "10.0.0.2")},
+			Pools:    []*v1alpha1.IPPool{ippool("p", []string{"10.0.0.128/25"}, tc.vrrp)},
+			Services: []*v1.Service{lbService("ns", "shared", "10.0.0.129", false, nil), lbService("ns", "local", "10.0.0.130", true, nil)},
+		}
+		pin, _ := PlanInput(in)
+		links := []hostnet.Link{{Name: "eth0", Prefixes: []netip.Prefix{netip.MustParsePrefix("10.0.0.1/24")}, DefaultRoute4: true}}
+		cfg, errs := KeepalivedConfig(vrrp.Compute(pin), "n1", pin, links, Layout{RunDir: "/run/keeplb"})
+		if len(errs) > 0 || len(cfg.Instances) != 2 {
+			t.Fatalf("%+v: %d instances, %v", tc.vrrp, len(cfg.Instances), errs)
+		}
+		data, err := keepalived.Render(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		text := string(data)
+		if strings.Count(text, tc.want) != 2 || strings.Contains(text, tc.none) {
+			t.Errorf("failback %q: want %q in both instances and no %q:\n%s", tc.vrrp.Failback, tc.want, tc.none, text)
+		}
+	}
+}
+
 func TestKeepalivedConfigRendersThisNodesShare(t *testing.T) {
 	in := dataplane.Inputs{
 		Class: "keeplb.io/vip", DefaultClass: true,

@@ -88,7 +88,10 @@
 // grace period and speaker crash loops; failover of a dead master is not
 // delayed. The price is one planned move per instance 60 s after a node
 // returns. nopreempt would avoid even that but never restores balance: after
-// a rolling reboot every VIP would sit on the node rebooted last.
+// a rolling reboot every VIP would sit on the node rebooted last. A pool
+// chooses (Pool.Failback, from spec.vrrp.failback): Delayed (the default,
+// with its own delay if it sets one), Immediate (no delay) or Never
+// (nopreempt); every instance of the pool carries it.
 //
 // # Local Services without reloads
 //

@@ -337,11 +337,12 @@ func (c *computer) group(p *pool, fam allocator.Family, vs []*address, nodes []N
 			forwarded[a.addr] = true
 		}
 	}
+	delay, never := p.preempt()
 	base := func(name string, vrid int, vips []netip.Addr, prio map[string]int, local bool) Instance {
 		return Instance{
 			Name: name, Pool: p.Name, Family: fam, VRID: vrid, Version: Version,
 			Advert: p.Advert, Unicast: p.Unicast, Interface: p.Interface,
-			VIPs: vips, Priorities: prio, Local: local, PreemptDelay: PreemptDelay,
+			VIPs: vips, Priorities: prio, Local: local, PreemptDelay: delay, NoPreempt: never,
 			TrackFile: local || slices.ContainsFunc(vips, func(a netip.Addr) bool { return forwarded[a] }),
 		}
 	}

@@ -72,6 +72,13 @@ func PoolsOf(all []*v1alpha1.IPPool, order []string) []Pool {
 			}
 			vp.Unicast, vp.Interface = v.Unicast, v.Interface
 			vp.NodeSelector = selectorOf(v.NodeSelector)
+			vp.Failback = v.Failback
+			if d := v.FailbackDelay; d != nil && vp.Failback != v1alpha1.FailbackNever {
+				vp.FailbackDelay = d.Duration
+				if d.Duration == 0 { // waiting 0s is failing back at once
+					vp.Failback = v1alpha1.FailbackImmediate
+				}
+			}
 		}
 		out = append(out, vp)
 	}

@@ -1,7 +1,9 @@
 package vrrp
 
 import (
+	"net/netip"
 	"testing"
+	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
@@ -69,5 +71,47 @@ func TestPoolAdmits(t *testing.T) {
 		if got := ps[c.pool].Admits(c.labels); got != c.want {
 			t.Errorf("pool %s admits %v = %v, want %v", ps[c.pool].Name, c.labels, got, c.want)
 		}
+	}
+}
+
+// TestFailback: each failback policy becomes its keepalived terms on every
+// instance of the pool, shared and Local alike.
+func TestFailback(t *testing.T) {
+	d := func(x time.Duration) *metav1.Duration { return &metav1.Duration{Duration: x} }
+	for _, tc := range []struct {
+		name      string
+		vrrp      *v1alpha1.VRRP
+		delay     time.Duration
+		noPreempt bool
+	}{
+		{"no vrrp block", nil, PreemptDelay, false},
+		{"unset", &v1alpha1.VRRP{}, PreemptDelay, false},
+		{"Delayed", &v1alpha1.VRRP{Failback: v1alpha1.FailbackDelayed}, PreemptDelay, false},
+		{"Delayed 90s", &v1alpha1.VRRP{Failback: v1alpha1.FailbackDelayed, FailbackDelay: d(90 * time.Second)}, 90 * time.Second, false},
+		{"Delayed 0s is Immediate", &v1alpha1.VRRP{Failback: v1alpha1.FailbackDelayed, FailbackDelay: d(0)}, 0, false},
+		{"Immediate", &v1alpha1.VRRP{Failback: v1alpha1.FailbackImmediate}, 0, false},
+		{"Never", &v1alpha1.VRRP{Failback: v1alpha1.FailbackNever}, 0, true},
+		// The API refuses a delay beside Never; were one there, Never wins.
+		{"Never with a delay", &v1alpha1.VRRP{Failback: v1alpha1.FailbackNever, FailbackDelay: d(time.Second)}, 0, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			in := Input{
+				Pools: PoolsOf([]*v1alpha1.IPPool{apiPool("p", tc.vrrp)}, []string{"p"}),
+				Nodes: readyNodes(3),
+				VIPs: []VIP{
+					{Addr: netip.MustParseAddr("10.1.0.1"), Pool: "p", Service: "ns/shared"},
+					local("p", netip.MustParseAddr("10.1.0.2"), 0, "node-1"),
+				},
+			}
+			plan := Compute(in)
+			if len(plan.Instances) != 2 {
+				t.Fatalf("%d instances, want a shared and a Local one: %+v", len(plan.Instances), plan.Problems)
+			}
+			for _, inst := range plan.Instances {
+				if inst.PreemptDelay != tc.delay || inst.NoPreempt != tc.noPreempt {
+					t.Errorf("%s: preempt delay %v, nopreempt %v; want %v, %v", inst.Name, inst.PreemptDelay, inst.NoPreempt, tc.delay, tc.noPreempt)
+				}
+			}
+		})
 	}
 }

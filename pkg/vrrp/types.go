@@ -8,6 +8,7 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/keeplb/keeplb/pkg/allocator"
+	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 )
 
 // ExcludeLabel on a Node keeps it from holding any VIP, as for cloud load
@@ -94,6 +95,28 @@ type Pool struct {
 	// overlapping VRIDs (use creation order, as pools.Parse does); equal
 	// Orders fall back to the name.
 	Order int
+	// Failback is when a node that outranks the master takes over
+	// (spec.vrrp.failback); "" is Delayed.
+	Failback v1alpha1.Failback
+	// FailbackDelay is Delayed's wait (spec.vrrp.failbackDelay); 0 means
+	// PreemptDelay (PoolsOf makes a Delayed pool with 0s Immediate).
+	FailbackDelay time.Duration
+}
+
+// preempt returns how the pool's instances let a node that outranks the
+// master take over: after delay, or never. This is the one translation of
+// the failback policy into keepalived's terms.
+func (p Pool) preempt() (delay time.Duration, never bool) {
+	switch p.Failback {
+	case v1alpha1.FailbackNever:
+		return 0, true
+	case v1alpha1.FailbackImmediate:
+		return 0, false
+	}
+	if p.FailbackDelay > 0 {
+		return p.FailbackDelay, false
+	}
+	return PreemptDelay, false
 }
 
 // VIP is one load-balancer address of one Service.
@@ -171,6 +194,9 @@ type Instance struct {
 	// PreemptDelay is keepalived's preempt_delay. It needs the instance to
 	// start in state BACKUP, which every instance should.
 	PreemptDelay time.Duration
+	// NoPreempt is keepalived's nopreempt: a node that outranks the master
+	// never takes over from it (failback Never). PreemptDelay is then 0.
+	NoPreempt bool
 }
 
 // Master returns the node with the highest base priority, or "" when no
