@@ -49,4 +49,9 @@ for p in startup resyncs reloads heap; do
   echo ">> top of the speaker's $p profile ($f)" >&2
   go tool pprof -top -nodecount=20 _output/scale.test "$f" 2>/dev/null | sed -n '1,28p' >&2 || true
 done
+if [[ -s _output/scale/heap.pprof && -s _output/scale/end-heap.pprof ]]; then
+  echo >&2
+  echo ">> what the speaker allocated after it settled (scrapes, resyncs, reloads): end-heap.pprof over heap.pprof" >&2
+  go tool pprof -sample_index=alloc_space -top -nodecount=20 -base _output/scale/heap.pprof _output/scale.test _output/scale/end-heap.pprof 2>/dev/null | sed -n '1,28p' >&2 || true
+fi
 exit "$status"

@@ -190,6 +190,11 @@ func nodeSide(t *testing.T, s spec, dir string) {
 	}
 	_ = sp.cmd.Process.Signal(syscall.SIGUSR1)
 	r.Speaker.End = stats()
+	// What the scrapes, resyncs and reloads allocated: compare with the
+	// settled profile (go tool pprof -base heap.pprof end-heap.pprof).
+	if err := fetch(ctx, "/debug/pprof/heap", filepath.Join(profiles, "end-heap.pprof")); err != nil {
+		t.Errorf("end heap profile: %v", err)
+	}
 	r.KeepalivedParentEnd, r.KeepalivedVRRPEnd = keepalivedStats(t)
 
 	b, err := json.MarshalIndent(r, "", "  ")
