@@ -25,7 +25,9 @@ import (
 // sorted without duplicates. netip.Addr.Compare puts IPv4 before IPv6, so
 // each list is its IPv4 elements then its IPv6 ones. The zero value holds
 // nothing. Elements are not changed once made: Compute copies what it is
-// given, so the caller's Rules may change afterwards.
+// given, so the caller's Rules may change afterwards, except the real
+// server lists of Rules.SNAT, which it keeps (see SNAT.Reals): a caller
+// replaces such a list, never changes it.
 //
 // The masquerading is kept by virtual server (SNAT), sorted by virtual
 // server, each real server list sorted and non-empty; nsnat counts the
