@@ -19,6 +19,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -210,26 +211,17 @@ type Failure struct {
 func (r Report) SurvivedExcept(gone ...string) (survived, of int) {
 	lost := 0
 	for _, f := range r.Failed {
-		if !contains(gone, f.Backend) {
+		if !slices.Contains(gone, f.Backend) {
 			lost++
 		}
 	}
 	of = r.Streams
 	for b, n := range r.Backends {
-		if contains(gone, b) {
+		if slices.Contains(gone, b) {
 			of -= n
 		}
 	}
 	return of - lost, of
-}
-
-func contains(s []string, v string) bool {
-	for _, x := range s {
-		if x == v {
-			return true
-		}
-	}
-	return false
 }
 
 // String summarises r in one line, for a test's log.
