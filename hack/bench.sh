@@ -132,8 +132,8 @@ awk '/^Benchmark/ { n = $1; sub(/-[0-9]+$/, "", n); for (i = 3; i < NF; i++) { i
 # keeplb's nftables table: one masqueraded real server changed among
 # 100,000, written whole (the baseline) and as an update of the elements
 # that differ; with the real nft in a namespace when root. And one scrape
-# of the IPVS counters at 10,000 virtual servers, before the cache (the
-# baseline), read at every scrape, and cached.
+# of the IPVS counters at 10,000 virtual servers: as the collector they
+# were (the baselines), and as text, read at every scrape and kept.
 echo >&2
 echo ">> go test -bench ./pkg/nft/ ./pkg/metrics/ (nftables writes, /metrics scrapes)" >&2
 go test -run '^$' -bench 'BenchmarkWrite|BenchmarkKernelWrite|BenchmarkIPVSStatsScrape' -benchtime 10x -benchmem -count 1 ./pkg/nft/ ./pkg/metrics/ | tee _output/bench-nft.txt >&2

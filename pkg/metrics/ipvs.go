@@ -1,12 +1,17 @@
 package metrics
 
 import (
+	"compress/gzip"
+	"io"
+	"net/http"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
-	"k8s.io/component-base/metrics"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/common/expfmt"
 
 	"github.com/keeplb/keeplb/pkg/ipvs"
 )
@@ -20,83 +25,89 @@ type VirtualServerStats struct {
 	Stats   ipvs.Stats
 }
 
-// ipvsStatsCollector turns the counters read reports into
-// keeplb_ipvs_*_total series. They are read from the kernel when scraped,
-// not at each sync, because syncs can be minutes apart (the periodic resync
-// is 5 minutes) and counters that stale would make rates useless. But one
-// read is a dump of the whole IPVS table with its counters: at 10,000
-// virtual servers a scrape cost 13 s, over Prometheus' 10 s timeout. So a
-// scrape serves the series of the last read, built once, and starts a new
-// read in the background when that one is maxAge old: reads run at most
-// one at a time and once per maxAge however often anyone scrapes, and only
-// the first scrape waits for one. maxAge 0 reads at every scrape.
-type ipvsStatsCollector struct {
-	metrics.BaseStableCollector
+// ipvsFamilies are the IPVS counters' families: their names, their HELP
+// texts (with the stability prefix component-base gives its own metrics,
+// so that they read like the rest of /metrics) and their series per
+// virtual server.
+var ipvsFamilies = [...]struct {
+	name, help string
+	series     []ipvsSeries
+}{
+	{namespace + "_ipvs_connections_total",
+		"[ALPHA] Connections IPVS scheduled to one of keeplb's virtual servers on this node, since the virtual server was created (the kernel counts in 32 bits, so it wraps).",
+		[]ipvsSeries{{"", func(s ipvs.Stats) uint64 { return s.Connections }}}},
+	{namespace + "_ipvs_packets_total",
+		"[ALPHA] Packets through one of keeplb's virtual servers on this node, by direction (in: from clients, out: replies), since the virtual server was created (32 bits, so it wraps).",
+		[]ipvsSeries{{"in", func(s ipvs.Stats) uint64 { return s.PacketsIn }}, {"out", func(s ipvs.Stats) uint64 { return s.PacketsOut }}}},
+	{namespace + "_ipvs_bytes_total",
+		"[ALPHA] Bytes through one of keeplb's virtual servers on this node, by direction (in: from clients, out: replies), since the virtual server was created.",
+		[]ipvsSeries{{"in", func(s ipvs.Stats) uint64 { return s.BytesIn }}, {"out", func(s ipvs.Stats) uint64 { return s.BytesOut }}}},
+}
 
-	read                        func() []VirtualServerStats
-	maxAge                      time.Duration
-	now                         func() time.Time
-	connections, packets, bytes *metrics.Desc
+// ipvsSeries is one series of a family per virtual server: its direction
+// label ("" for none) and its counter.
+type ipvsSeries struct {
+	direction string
+	value     func(ipvs.Stats) uint64
+}
+
+// ipvsStatsText serves the keeplb_ipvs_*_total series as text in the
+// Prometheus exposition format, rendered once per read of the kernel's
+// counters.
+//
+// They are read from the kernel when scraped, not at each sync, because
+// syncs can be minutes apart (the periodic resync is 5 minutes) and
+// counters that stale would make rates useless. But one read is a dump of
+// the whole IPVS table with its counters: at 10,000 virtual servers a
+// scrape cost 13 s, over Prometheus' 10 s timeout. So a scrape serves the
+// last read's text and starts a new read in the background when that one
+// is maxAge old: reads run at most one at a time and once per maxAge
+// however often anyone scrapes, and only the first scrape waits for one.
+// maxAge 0 reads at every scrape.
+//
+// Why text and not a collector: five series per virtual server are 50,000
+// at 10,000 Services. As collected metrics they were kept built between
+// reads (36 MB live at that scale) and gathered and encoded again at every
+// scrape (about 40 MB of garbage each), most of the speaker's memory at
+// scale once it had settled. As text they are about 6 MB, written as they
+// are.
+type ipvsStatsText struct {
+	read   func() []VirtualServerStats
+	maxAge time.Duration
+	now    func() time.Time
 
 	mu sync.Mutex
-	// series are the last read's, built; at is when that read started,
+	// text is the last read's, rendered; never written to once rendered,
+	// since scrapes write it out unlocked. at is when that read started;
 	// reading says one is under way.
-	series  []metrics.Metric
+	text    []byte
 	at      time.Time
 	reading bool
 	// done, for tests, is told when a background read ends.
 	done func()
 }
 
-var _ metrics.StableCollector = (*ipvsStatsCollector)(nil)
-
-func newIPVSStatsCollector(read func() []VirtualServerStats, maxAge time.Duration) *ipvsStatsCollector {
-	labels := []string{"service", "vip", "port", "protocol"}
-	withDirection := slices.Concat(labels, []string{"direction"})
-	return &ipvsStatsCollector{
-		read: read, maxAge: maxAge, now: time.Now,
-		connections: metrics.NewDesc(namespace+"_ipvs_connections_total",
-			"Connections IPVS scheduled to one of keeplb's virtual servers on this node, since the virtual server was created (the kernel counts in 32 bits, so it wraps).",
-			labels, nil, metrics.ALPHA, ""),
-		packets: metrics.NewDesc(namespace+"_ipvs_packets_total",
-			"Packets through one of keeplb's virtual servers on this node, by direction (in: from clients, out: replies), since the virtual server was created (32 bits, so it wraps).",
-			withDirection, nil, metrics.ALPHA, ""),
-		bytes: metrics.NewDesc(namespace+"_ipvs_bytes_total",
-			"Bytes through one of keeplb's virtual servers on this node, by direction (in: from clients, out: replies), since the virtual server was created.",
-			withDirection, nil, metrics.ALPHA, ""),
-	}
+func newIPVSStatsText(read func() []VirtualServerStats, maxAge time.Duration) *ipvsStatsText {
+	return &ipvsStatsText{read: read, maxAge: maxAge, now: time.Now}
 }
 
-// DescribeWithStability is part of metrics.StableCollector.
-func (c *ipvsStatsCollector) DescribeWithStability(ch chan<- *metrics.Desc) {
-	ch <- c.connections
-	ch <- c.packets
-	ch <- c.bytes
-}
-
-// CollectWithStability is part of metrics.StableCollector.
-func (c *ipvsStatsCollector) CollectWithStability(ch chan<- metrics.Metric) {
-	for _, m := range c.current() {
-		ch <- m
-	}
-}
-
-// current returns the series to serve: the last read's, starting a new
-// read in the background when it is maxAge old; the first read, and every
-// read with maxAge 0, in the caller's time.
-func (c *ipvsStatsCollector) current() []metrics.Metric {
+// current returns the text to serve: the last read's, starting a new read
+// in the background when it is maxAge old; the first read, and every read
+// with maxAge 0, in the caller's time.
+func (c *ipvsStatsText) current() []byte {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	now := c.now()
 	switch {
 	case c.maxAge == 0 || c.at.IsZero():
-		c.series, c.at = c.build(c.read()), now
+		c.text, c.at = renderIPVSStats(c.read(), len(c.text)), now
 	case now.Sub(c.at) >= c.maxAge && !c.reading:
 		c.reading = true
+		size := len(c.text)
 		go func() {
-			series := c.build(c.read())
+			text := renderIPVSStats(c.read(), size)
 			c.mu.Lock()
-			c.series, c.at, c.reading = series, now, false
+			c.text, c.at, c.reading = text, now, false
 			done := c.done
 			c.mu.Unlock()
 			if done != nil {
@@ -104,46 +115,89 @@ func (c *ipvsStatsCollector) current() []metrics.Metric {
 			}
 		}()
 	}
-	return c.series
+	return c.text
 }
 
-// build turns counters into their series, five per virtual server, in the
-// order the registry sorts them into at every scrape (by label values, in
-// the labels' alphabetical order: direction, port, protocol, service, vip),
-// so that its sort finds them sorted: in random order it was a third of a
-// scrape at 10,000 virtual servers.
-func (c *ipvsStatsCollector) build(stats []VirtualServerStats) []metrics.Metric {
+// renderIPVSStats writes counters as the three families' text, five lines
+// per virtual server, as the registry writes its own: labels in
+// alphabetical order (direction, port, protocol, service, vip) and series
+// sorted by their values in that order, so that the output is stable and
+// reads like the rest of /metrics. sizeHint is the last rendering's
+// length, to allocate once.
+func renderIPVSStats(stats []VirtualServerStats, sizeHint int) []byte {
+	if len(stats) == 0 {
+		return nil
+	}
 	type row struct {
-		labels []string // port, protocol, service, vip: sorted by name
+		values [4]string // port, protocol, service, vip
+		labels []byte    // port="…",protocol="…",service="…",vip="…"
 		s      ipvs.Stats
 	}
 	rows := make([]row, len(stats))
 	for i, s := range stats {
-		rows[i] = row{labels: []string{strconv.Itoa(int(s.Key.Port)), s.Key.Protocol, s.Service, s.Key.Address.String()}, s: s.Stats}
+		r := &rows[i]
+		r.values = [4]string{strconv.Itoa(int(s.Key.Port)), s.Key.Protocol, s.Service, s.Key.Address.String()}
+		r.s = s.Stats
 	}
-	slices.SortFunc(rows, func(a, b row) int { return slices.Compare(a.labels, b.labels) })
-	out := make([]metrics.Metric, 0, 5*len(rows))
-	for _, f := range []struct {
-		desc      *metrics.Desc
-		direction string
-		value     func(ipvs.Stats) uint64
-	}{
-		{c.connections, "", func(s ipvs.Stats) uint64 { return s.Connections }},
-		{c.packets, "in", func(s ipvs.Stats) uint64 { return s.PacketsIn }},
-		{c.packets, "out", func(s ipvs.Stats) uint64 { return s.PacketsOut }},
-		{c.bytes, "in", func(s ipvs.Stats) uint64 { return s.BytesIn }},
-		{c.bytes, "out", func(s ipvs.Stats) uint64 { return s.BytesOut }},
-	} {
-		for _, r := range rows {
-			// The descriptions' label order: service, vip, port, protocol.
-			l := []string{r.labels[2], r.labels[3], r.labels[0], r.labels[1]}
-			if f.direction != "" {
-				l = append(l, f.direction)
+	slices.SortFunc(rows, func(a, b row) int { return slices.Compare(a.values[:], b.values[:]) })
+	for i := range rows {
+		r := &rows[i]
+		for j, name := range [4]string{"port", "protocol", "service", "vip"} {
+			if j > 0 {
+				r.labels = append(r.labels, ',')
 			}
-			out = append(out, metrics.NewLazyConstMetric(f.desc, metrics.CounterValue, float64(f.value(r.s)), l...))
+			r.labels = appendLabel(r.labels, name, r.values[j])
 		}
 	}
-	return out
+	b := make([]byte, 0, max(sizeHint, 1024))
+	line := func(name, direction string, labels []byte, v uint64) {
+		b = append(b, name...)
+		b = append(b, '{')
+		if direction != "" {
+			b = append(b, `direction="`...)
+			b = append(b, direction...)
+			b = append(b, `",`...)
+		}
+		b = append(b, labels...)
+		b = append(b, "} "...)
+		b = strconv.AppendUint(b, v, 10)
+		b = append(b, '\n')
+	}
+	for _, f := range ipvsFamilies {
+		b = append(b, "# HELP "...)
+		b = append(b, f.name...)
+		b = append(b, ' ')
+		b = append(b, f.help...)
+		b = append(b, "\n# TYPE "...)
+		b = append(b, f.name...)
+		b = append(b, " counter\n"...)
+		for _, s := range f.series {
+			for _, r := range rows {
+				line(f.name, s.direction, r.labels, s.value(r.s))
+			}
+		}
+	}
+	return b
+}
+
+// appendLabel appends name="value", value escaped as the text format
+// requires (backslash, double quote and newline).
+func appendLabel(b []byte, name, value string) []byte {
+	b = append(b, name...)
+	b = append(b, `="`...)
+	for i := range len(value) {
+		switch c := value[i]; c {
+		case '\\':
+			b = append(b, `\\`...)
+		case '"':
+			b = append(b, `\"`...)
+		case '\n':
+			b = append(b, `\n`...)
+		default:
+			b = append(b, c)
+		}
+	}
+	return append(b, '"')
 }
 
 // IPVSStats says how the per-virtual-server counters are served (see
@@ -161,10 +215,55 @@ type IPVSStats struct {
 // keeplb_ipvs_packets_total{direction} and keeplb_ipvs_bytes_total{direction},
 // labelled by service, vip, port and protocol, from what read returns, as
 // m.IPVSStats says. read must be safe to call concurrently with everything
-// else. Call it once, with RegisterIPVS.
+// else. Call it once, with RegisterIPVS, before Handler.
 func (m *Speaker) RegisterIPVSStats(read func() []VirtualServerStats) {
 	if m.IPVSStats.Off {
 		return
 	}
-	m.registry.CustomMustRegister(newIPVSStatsCollector(read, m.IPVSStats.MaxAge))
+	m.ipvsStats = newIPVSStatsText(read, m.IPVSStats.MaxAge)
+}
+
+// serveWithIPVSStats serves what g gathers followed by the IPVS counters'
+// text, always in the text format (which every Prometheus accepts),
+// gzipped when the client accepts it.
+func serveWithIPVSStats(g prometheus.Gatherer, stats *ipvsStatsText) http.Handler {
+	format := expfmt.NewFormat(expfmt.TypeTextPlain)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mfs, err := g.Gather()
+		if err != nil {
+			// As promhttp's default (HTTPErrorOnError) does.
+			http.Error(w, "An error has occurred while gathering metrics:\n\n"+err.Error(), http.StatusInternalServerError)
+			return
+		}
+		text := stats.current()
+		w.Header().Set("Content-Type", string(format))
+		var out io.Writer = w
+		if acceptsGzip(r) {
+			w.Header().Set("Content-Encoding", "gzip")
+			w.Header().Add("Vary", "Accept-Encoding")
+			gz := gzip.NewWriter(w)
+			defer func() { _ = gz.Close() }() // a client gone away is not ours to report
+			out = gz
+		}
+		enc := expfmt.NewEncoder(out, format)
+		for _, mf := range mfs {
+			if err := enc.Encode(mf); err != nil {
+				return // the client went away; nothing to tell it
+			}
+		}
+		_, _ = out.Write(text)
+	})
+}
+
+// acceptsGzip says whether r's Accept-Encoding lists gzip without q=0.
+func acceptsGzip(r *http.Request) bool {
+	for _, v := range r.Header.Values("Accept-Encoding") {
+		for part := range strings.SplitSeq(v, ",") {
+			coding, params, _ := strings.Cut(strings.TrimSpace(part), ";")
+			if strings.EqualFold(strings.TrimSpace(coding), "gzip") && strings.ReplaceAll(params, " ", "") != "q=0" {
+				return true
+			}
+		}
+	}
+	return false
 }

@@ -11,6 +11,8 @@ import (
 // Speaker holds the speaker's metrics.
 type Speaker struct {
 	registry metrics.KubeRegistry
+	// ipvsStats serves the IPVS counters, after RegisterIPVSStats.
+	ipvsStats *ipvsStatsText
 
 	// VRRPState is 1 while this node is MASTER for the VIP, 0 while BACKUP
 	// and -1 in FAULT.
@@ -215,5 +217,9 @@ func (m *Speaker) RegisterIPVS() {
 
 // Handler serves these metrics with the process-wide ones.
 func (m *Speaker) Handler() http.Handler {
-	return metrics.HandlerFor(prometheus.Gatherers{m.registry, legacyregistry.DefaultGatherer}, metrics.HandlerOpts{})
+	g := prometheus.Gatherers{m.registry, legacyregistry.DefaultGatherer}
+	if m.ipvsStats != nil {
+		return serveWithIPVSStats(g, m.ipvsStats)
+	}
+	return metrics.HandlerFor(g, metrics.HandlerOpts{})
 }
