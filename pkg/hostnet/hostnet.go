@@ -15,6 +15,7 @@ import (
 	"strings"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
@@ -45,7 +46,10 @@ type Interface interface {
 // Netlink implements Interface with netlink, in the network namespace of
 // its handle.
 type Netlink struct {
-	h          *netlink.Handle
+	h *netlink.Handle
+	// addrs is a route socket of the handle's namespace of our own, for
+	// the address dump that Links parses itself (see addresses).
+	addrs      map[int]*nl.SocketHandle
 	sysctlRoot string
 }
 
@@ -53,15 +57,31 @@ var _ Interface = (*Netlink)(nil)
 
 // New returns an Interface for the current network namespace.
 func New() (*Netlink, error) {
-	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
-	if err != nil {
-		return nil, fmt.Errorf("open netlink: %w", err)
-	}
-	return &Netlink{h: h, sysctlRoot: "/proc/sys"}, nil
+	return open(netns.None(), "")
 }
 
-// Close releases the netlink socket.
-func (n *Netlink) Close() { n.h.Close() }
+// open opens the handle and the address socket in ns (netns.None(): the
+// calling thread's); where names it for errors.
+func open(ns netns.NsHandle, where string) (*Netlink, error) {
+	// Only rtnetlink: without a family list netlink opens xfrm and
+	// netfilter sockets too, which fail on kernels without those modules.
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("open netlink%s: %w", where, err)
+	}
+	s, err := nl.GetNetlinkSocketAt(ns, netns.None(), unix.NETLINK_ROUTE)
+	if err != nil {
+		h.Close()
+		return nil, fmt.Errorf("open netlink%s: %w", where, err)
+	}
+	return &Netlink{h: h, addrs: map[int]*nl.SocketHandle{unix.NETLINK_ROUTE: {Socket: s}}, sysctlRoot: "/proc/sys"}, nil
+}
+
+// Close releases the netlink sockets.
+func (n *Netlink) Close() {
+	n.h.Close()
+	n.addrs[unix.NETLINK_ROUTE].Socket.Close()
+}
 
 // NewAt returns an Interface for the network namespace at nsPath (such as
 // /run/netns/NAME). Its sysctls are still those of the calling process's
@@ -71,14 +91,8 @@ func NewAt(nsPath string) (*Netlink, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open network namespace %s: %w", nsPath, err)
 	}
-	defer func() { _ = ns.Close() }() // the handle keeps the namespace alive
-	// Only rtnetlink: without a family list netlink opens xfrm and
-	// netfilter sockets too, which fail on kernels without those modules.
-	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
-	if err != nil {
-		return nil, fmt.Errorf("open netlink in %s: %w", nsPath, err)
-	}
-	return &Netlink{h: h, sysctlRoot: "/proc/sys"}, nil
+	defer func() { _ = ns.Close() }() // the sockets keep the namespace alive
+	return open(ns, " in "+nsPath)
 }
 
 // dumpAttempts bounds the reads of Links that the kernel interrupts: a
@@ -155,19 +169,22 @@ func (n *Netlink) links() ([]Link, error) {
 	// One dump of every address: AddrList with a link dumps them all and
 	// filters in user space, so a dump per link would read the table as
 	// many times as there are links.
-	addrs, err := n.h.AddrList(nil, netlink.FAMILY_ALL)
+	err = n.addresses(func(index int, p netip.Prefix) {
+		if l := byIndex[index]; l != nil {
+			l.Prefixes = append(l.Prefixes, p)
+		}
+	})
 	if err := partial(err); err != nil {
 		return nil, fmt.Errorf("list addresses: %w", err)
 	}
-	for _, a := range addrs {
-		if l := byIndex[a.LinkIndex]; l != nil {
-			if p, ok := prefixOf(a.IPNet); ok {
-				l.Prefixes = append(l.Prefixes, p)
-			}
-		}
-	}
 	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-		routes, err := n.h.RouteListFiltered(fam, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+		// The main table only, which is what netlink keeps without a
+		// table filter: it skips every other table's routes before
+		// parsing them, where a filter on the main table parses them all
+		// first. The local table holds a route per address, so that was
+		// every VIP's route parsed at every sync (at 10,000 VIPs most of
+		// what a sync allocated).
+		routes, err := n.h.RouteListFiltered(fam, &netlink.Route{}, 0)
 		if err := partial(err); err != nil {
 			return nil, fmt.Errorf("list routes: %w", err)
 		}
@@ -195,17 +212,64 @@ func isDefault(r netlink.Route) bool {
 	return ones == 0
 }
 
-func prefixOf(n *net.IPNet) (netip.Prefix, bool) {
-	if n == nil {
-		return netip.Prefix{}, false
+// addresses dumps every address of the namespace, of both families,
+// calling add with each one's interface index and prefix. It parses the
+// kernel's messages itself, keeping nothing but the prefix, because a
+// speaker holding VIPs has that many addresses on its link and reads them
+// all at every sync: netlink's AddrList copied every message and made
+// each address a struct of slices and strings, about 1.5 KB apiece, 15 MB
+// per sync at 10,000 VIPs (BenchmarkLinks).
+func (n *Netlink) addresses(add func(index int, p netip.Prefix)) error {
+	req := nl.NewNetlinkRequest(unix.RTM_GETADDR, unix.NLM_F_DUMP)
+	req.AddData(nl.NewIfAddrmsg(unix.AF_UNSPEC))
+	req.Sockets = n.addrs
+	return req.ExecuteIter(unix.NETLINK_ROUTE, unix.RTM_NEWADDR, func(m []byte) bool {
+		if index, p, ok := parseAddrMsg(m); ok {
+			add(index, p)
+		}
+		return true
+	})
+}
+
+// parseAddrMsg reads an RTM_NEWADDR message's payload (struct ifaddrmsg
+// and its attributes): the interface index and the address with its prefix
+// length. The address is IFA_LOCAL where there is one (on a point-to-point
+// link IFA_ADDRESS is the peer's), else IFA_ADDRESS, as netlink's AddrList
+// chose. An IPv4-mapped IPv6 address stays IPv6: the kernel holds it as an
+// IPv6 address, not as the IPv4 address a VIP would be, and unmapped its
+// prefix length would not fit. ok is false for a message too short, of
+// another family, or whose address does not fit its family or its prefix
+// length.
+func parseAddrMsg(m []byte) (index int, p netip.Prefix, ok bool) {
+	if len(m) < unix.SizeofIfAddrmsg {
+		return 0, netip.Prefix{}, false
 	}
-	a, ok := netip.AddrFromSlice(n.IP)
-	if !ok {
-		return netip.Prefix{}, false
+	family, bits := m[0], int(m[1])
+	index = int(nl.NativeEndian().Uint32(m[4:8]))
+	var local, address []byte
+	for attrs := m[unix.SizeofIfAddrmsg:]; len(attrs) >= unix.SizeofRtAttr; {
+		l := int(nl.NativeEndian().Uint16(attrs[0:2]))
+		if l < unix.SizeofRtAttr || l > len(attrs) {
+			break
+		}
+		switch nl.NativeEndian().Uint16(attrs[2:4]) {
+		case unix.IFA_LOCAL:
+			local = attrs[unix.SizeofRtAttr:l]
+		case unix.IFA_ADDRESS:
+			address = attrs[unix.SizeofRtAttr:l]
+		}
+		attrs = attrs[min(len(attrs), (l+unix.RTA_ALIGNTO-1)&^(unix.RTA_ALIGNTO-1)):]
 	}
-	ones, _ := n.Mask.Size()
-	a = a.Unmap()
-	return netip.PrefixFrom(a, ones), true
+	raw := local
+	if raw == nil {
+		raw = address
+	}
+	a, ok := netip.AddrFromSlice(raw)
+	switch {
+	case !ok, family != unix.AF_INET && family != unix.AF_INET6, (family == unix.AF_INET) != a.Is4(), bits > a.BitLen():
+		return 0, netip.Prefix{}, false
+	}
+	return index, netip.PrefixFrom(a, bits), true
 }
 
 // DeleteAddress is part of Interface.

@@ -1,6 +1,7 @@
 package hostnet_test
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -77,6 +78,11 @@ func TestNetlinkInNamespace(t *testing.T) {
 	run("-n", ns, "addr", "add", "10.251.0.2/24", "dev", "d0")
 	run("-n", ns, "addr", "add", "10.251.0.100/32", "dev", "d0")
 	run("-n", ns, "route", "add", "default", "via", "10.251.0.1")
+	// Default routes in another table are not the node's: policy routing
+	// (a VRF, a CNI's own table) must not make a link the default one.
+	run("-n", ns, "addr", "add", "10.252.0.2/24", "dev", "d1")
+	run("-n", ns, "route", "add", "default", "via", "10.252.0.1", "dev", "d1", "table", "100")
+	run("-n", ns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "d0", "table", "100")
 
 	h, err := hostnet.NewAt("/run/netns/" + ns)
 	if err != nil {
@@ -86,14 +92,20 @@ func TestNetlinkInNamespace(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var d0 *hostnet.Link
+	var d0, d1 *hostnet.Link
 	for i := range links {
-		if links[i].Name == "d0" {
+		switch links[i].Name {
+		case "d0":
 			d0 = &links[i]
+		case "d1":
+			d1 = &links[i]
 		}
 	}
 	if d0 == nil || !d0.DefaultRoute4 || d0.DefaultRoute6 || len(d0.Prefixes) < 2 {
-		t.Fatalf("d0 = %+v, want two addresses and the IPv4 default route", d0)
+		t.Fatalf("d0 = %+v, want two addresses and the IPv4 default route of the main table only", d0)
+	}
+	if d1 == nil || d1.DefaultRoute4 || d1.DefaultRoute6 {
+		t.Fatalf("d1 = %+v, want no default route: its only one is in table 100", d1)
 	}
 	stale := hostnet.StaleVIPs(links, netip.MustParsePrefix("10.251.0.0/24").Contains, map[netip.Addr]bool{netip.MustParseAddr("10.251.0.2"): true})
 	for link, ps := range stale {
@@ -196,4 +208,48 @@ func TestLinksWhileAddressesChange(t *testing.T) {
 	}
 	close(stop)
 	<-done
+}
+
+// BenchmarkLinks reads the links of a namespace whose link holds 10,000
+// VIPs, as a speaker holding them does at every sync (e2e/scale's shape):
+// every address, and for the default routes the main table, while the
+// local table has a route per VIP.
+func BenchmarkLinks(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root to create a network namespace")
+	}
+	const vips = 10000
+	ns := "kl-hostnet-bench"
+	_ = exec.Command("ip", "netns", "del", ns).Run()
+	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
+		b.Skipf("network namespaces are unavailable here: %v %s", err, out)
+	}
+	b.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
+	var batch strings.Builder
+	batch.WriteString("link add vips type veth peer name vips-p\nlink set vips-p up\nlink set vips up\naddr add 10.250.0.2/16 dev vips\nroute add default via 10.250.0.1\n")
+	for i := range vips {
+		fmt.Fprintf(&batch, "addr add 10.250.%d.%d/32 dev vips\n", 1+i/250, 1+i%250)
+	}
+	cmd := exec.Command("ip", "-n", ns, "-batch", "-")
+	cmd.Stdin = strings.NewReader(batch.String())
+	if out, err := cmd.CombinedOutput(); err != nil {
+		b.Fatalf("ip -batch: %v\n%s", err, out)
+	}
+	h, err := hostnet.NewAt("/run/netns/" + ns)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer h.Close()
+	b.ReportAllocs()
+	for b.Loop() {
+		links, err := h.Links()
+		if err != nil {
+			b.Fatal(err)
+		}
+		i := slices.IndexFunc(links, func(l hostnet.Link) bool { return l.Name == "vips" })
+		// Its VIPs, its own address and an IPv6 link-local one.
+		if i < 0 || len(links[i].Prefixes) < vips+1 || !links[i].DefaultRoute4 {
+			b.Fatalf("%d links, want vips with %d addresses or more and the default route", len(links), vips+1)
+		}
+	}
 }
