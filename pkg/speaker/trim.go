@@ -1,11 +1,14 @@
 package speaker
 
 import (
+	"strings"
 	"sync"
 
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
+
+	"github.com/keeplb/keeplb/pkg/annotations"
 )
 
 // lastApplied is the annotation kubectl apply leaves on objects: a copy of
@@ -48,15 +51,38 @@ func (t *trimmer) trim(obj any) (any, error) {
 		}
 	}
 	switch o := obj.(type) {
+	case *v1.Service:
+		// What the speaker reads of a Service is its ports, type, class,
+		// traffic policy, affinity, source ranges, status and its own
+		// annotations; its selector (a map per Service), cluster IPs and
+		// families, labels and other controllers' annotations are kube-
+		// proxy's and the EndpointSlice controller's business.
+		o.Labels = nil
+		o.Annotations = ownAnnotations(o.Annotations)
+		o.Spec.Selector, o.Spec.ClusterIP, o.Spec.ClusterIPs, o.Spec.ExternalIPs = nil, "", nil, nil
+		o.Spec.IPFamilies, o.Spec.IPFamilyPolicy, o.Spec.InternalTrafficPolicy = nil, nil, nil
+		o.Status.Conditions = nil
 	case *v1.Node:
+		// A Node's labels (the pools' selectors), addresses and
+		// conditions decide; its annotations (a CNI's, often kilobytes),
+		// capacity and system info do not.
+		o.Annotations, o.OwnerReferences = nil, nil
 		o.Status.Images = nil
 		o.Status.VolumesInUse = nil
 		o.Status.VolumesAttached = nil
+		o.Status.Capacity, o.Status.Allocatable = nil, nil
+		o.Status.NodeInfo = v1.NodeSystemInfo{}
+		o.Status.RuntimeHandlers, o.Status.Features, o.Status.Config = nil, nil, nil
 	case *discoveryv1.EndpointSlice:
 		// Its annotations are the EndpointSlice controller's trigger
 		// time, distinct on every slice; its owner is the Service, known
-		// by the label.
+		// by the label, the only one kept.
 		o.Annotations, o.OwnerReferences = nil, nil
+		if name, ok := o.Labels[discoveryv1.LabelServiceName]; ok {
+			o.Labels = map[string]string{discoveryv1.LabelServiceName: name}
+		} else {
+			o.Labels = nil
+		}
 		t.mu.Lock()
 		defer t.mu.Unlock()
 		if len(t.nodes) > maxInterned {
@@ -71,6 +97,23 @@ func (t *trimmer) trim(obj any) (any, error) {
 		}
 	}
 	return obj, nil
+}
+
+// ownAnnotations returns the annotations of a that the speaker reads:
+// keeplb's own and the legacy loadBalancerSourceRanges annotation; nil if
+// none. a itself is left alone: it is the decoded object's, about to be
+// cached in its trimmed form.
+func ownAnnotations(a map[string]string) map[string]string {
+	var out map[string]string
+	for k, v := range a {
+		if strings.HasPrefix(k, annotations.Prefix) || k == v1.AnnotationLoadBalancerSourceRangesKey {
+			if out == nil {
+				out = map[string]string{}
+			}
+			out[k] = v
+		}
+	}
+	return out
 }
 
 func (t *trimmer) node(n *string) *string {

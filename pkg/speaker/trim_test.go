@@ -2,10 +2,12 @@ package speaker
 
 import (
 	"context"
+	"maps"
 	"testing"
 
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	dynamicfake "k8s.io/client-go/dynamic/fake"
@@ -17,17 +19,31 @@ import (
 )
 
 // TestInformersCacheTrimmedObjects: what the speaker's informers cache has
-// no managedFields, no last-applied copy, no Node image list and no
-// endpoint's pod, hostname, zone or hints, and keeps everything the
+// no managedFields, no last-applied copy, no Service selector, cluster IPs,
+// labels or other controllers' annotations, no Node image list,
+// annotations, capacity or system info, no slice label but the Service's,
+// and no endpoint's pod, hostname, zone or hints; it keeps everything the
 // speaker reads, with what endpoints repeat shared.
 func TestInformersCacheTrimmedObjects(t *testing.T) {
 	managed := []metav1.ManagedFieldsEntry{{Manager: "kubectl", Operation: metav1.ManagedFieldsOperationApply}}
-	svc := &v1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "web", ManagedFields: managed, Annotations: map[string]string{
-		lastApplied: `{"apiVersion":"v1","kind":"Service"}`, annotations.Forwarding: "pod",
-	}}}
+	svc := &v1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "web", ManagedFields: managed, Labels: map[string]string{"app": "web"}, Annotations: map[string]string{
+			lastApplied: `{"apiVersion":"v1","kind":"Service"}`, annotations.Forwarding: "pod",
+			v1.AnnotationLoadBalancerSourceRangesKey: "192.0.2.0/24", "meta.helm.sh/release-name": "web",
+		}},
+		Spec: v1.ServiceSpec{
+			Type: v1.ServiceTypeLoadBalancer, Selector: map[string]string{"app": "web"}, ClusterIP: "10.96.0.10", ClusterIPs: []string{"10.96.0.10"},
+			IPFamilies: []v1.IPFamily{v1.IPv4Protocol}, ExternalTrafficPolicy: v1.ServiceExternalTrafficPolicyLocal, HealthCheckNodePort: 32000,
+			Ports: []v1.ServicePort{{Name: "http", Port: 80, NodePort: 30080}}, LoadBalancerSourceRanges: []string{"198.51.100.0/24"},
+		},
+		Status: v1.ServiceStatus{LoadBalancer: v1.LoadBalancerStatus{Ingress: []v1.LoadBalancerIngress{{IP: "192.0.2.1"}}}},
+	}
 	node := &v1.Node{
-		ObjectMeta: metav1.ObjectMeta{Name: "n1", ManagedFields: managed, Labels: map[string]string{"zone": "a"}},
+		ObjectMeta: metav1.ObjectMeta{Name: "n1", ManagedFields: managed, Labels: map[string]string{"zone": "a"},
+			Annotations: map[string]string{"flannel.alpha.coreos.com/backend-data": `{"VNI":1}`}},
 		Status: v1.NodeStatus{
+			Capacity: v1.ResourceList{v1.ResourceCPU: resource.MustParse("4")},
+			NodeInfo: v1.NodeSystemInfo{KernelVersion: "6.1.0"},
 			Images:     []v1.ContainerImage{{Names: []string{"registry.example/app:1"}, SizeBytes: 1 << 20}},
 			Addresses:  []v1.NodeAddress{{Type: v1.NodeInternalIP, Address: "10.0.0.1"}},
 			Conditions: []v1.NodeCondition{{Type: v1.NodeReady, Status: v1.ConditionTrue}},
@@ -39,7 +55,7 @@ func TestInformersCacheTrimmedObjects(t *testing.T) {
 	slice := func(name, addr string, ready bool) *discoveryv1.EndpointSlice {
 		return &discoveryv1.EndpointSlice{
 			ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: name, ManagedFields: managed,
-				Labels:          map[string]string{discoveryv1.LabelServiceName: "web"},
+				Labels:          map[string]string{discoveryv1.LabelServiceName: "web", discoveryv1.LabelManagedBy: "endpointslice-controller.k8s.io"},
 				Annotations:     map[string]string{"endpoints.kubernetes.io/last-change-trigger-time": "2026-12-06T10:00:00Z"},
 				OwnerReferences: []metav1.OwnerReference{{Kind: "Service", Name: "web"}}},
 			AddressType: discoveryv1.AddressTypeIPv4,
@@ -70,16 +86,25 @@ func TestInformersCacheTrimmedObjects(t *testing.T) {
 		t.Fatal("the Service is not cached")
 	}
 	gs := got.(*v1.Service)
-	if len(gs.ManagedFields) > 0 || gs.Annotations[lastApplied] != "" || gs.Annotations[annotations.Forwarding] != "pod" {
-		t.Errorf("cached Service: managedFields %v, annotations %v; want no managedFields, no last-applied, the forwarding annotation kept", gs.ManagedFields, gs.Annotations)
+	wantAnn := map[string]string{annotations.Forwarding: "pod", v1.AnnotationLoadBalancerSourceRangesKey: "192.0.2.0/24"}
+	if len(gs.ManagedFields) > 0 || !maps.Equal(gs.Annotations, wantAnn) || gs.Labels != nil {
+		t.Errorf("cached Service: managedFields %v, labels %v, annotations %v; want no managedFields or labels, annotations %v", gs.ManagedFields, gs.Labels, gs.Annotations, wantAnn)
+	}
+	if gs.Spec.Selector != nil || gs.Spec.ClusterIP != "" || gs.Spec.ClusterIPs != nil || gs.Spec.IPFamilies != nil {
+		t.Errorf("cached Service spec %+v keeps kube-proxy's fields", gs.Spec)
+	}
+	if gs.Spec.Type != v1.ServiceTypeLoadBalancer || gs.Spec.ExternalTrafficPolicy != v1.ServiceExternalTrafficPolicyLocal || gs.Spec.HealthCheckNodePort != 32000 ||
+		len(gs.Spec.Ports) != 1 || gs.Spec.Ports[0].NodePort != 30080 || len(gs.Spec.LoadBalancerSourceRanges) != 1 || len(gs.Status.LoadBalancer.Ingress) != 1 {
+		t.Errorf("cached Service %+v lost what the speaker reads", gs)
 	}
 	got, ok, _ = s.nodes.GetStore().GetByKey("n1")
 	if !ok {
 		t.Fatal("the Node is not cached")
 	}
 	gn := got.(*v1.Node)
-	if len(gn.ManagedFields) > 0 || len(gn.Status.Images) > 0 || gn.Labels["zone"] != "a" || len(gn.Status.Addresses) != 1 || len(gn.Status.Conditions) != 1 {
-		t.Errorf("cached Node: %+v; want no managedFields and images, labels, addresses and conditions kept", gn)
+	if len(gn.ManagedFields) > 0 || len(gn.Status.Images) > 0 || gn.Annotations != nil || gn.Status.Capacity != nil || gn.Status.NodeInfo.KernelVersion != "" ||
+		gn.Labels["zone"] != "a" || len(gn.Status.Addresses) != 1 || len(gn.Status.Conditions) != 1 {
+		t.Errorf("cached Node: %+v; want no managedFields, images, annotations, capacity or system info, and labels, addresses and conditions kept", gn)
 	}
 	var eps []discoveryv1.Endpoint
 	for _, name := range []string{"web-a", "web-b"} {
@@ -88,7 +113,7 @@ func TestInformersCacheTrimmedObjects(t *testing.T) {
 			t.Fatalf("the EndpointSlice %s is not cached", name)
 		}
 		es := got.(*discoveryv1.EndpointSlice)
-		if len(es.ManagedFields) > 0 || es.Annotations != nil || es.OwnerReferences != nil || es.Labels[discoveryv1.LabelServiceName] != "web" ||
+		if len(es.ManagedFields) > 0 || es.Annotations != nil || es.OwnerReferences != nil || len(es.Labels) != 1 || es.Labels[discoveryv1.LabelServiceName] != "web" ||
 			len(es.Ports) != 1 || *es.Ports[0].Port != 8080 || len(es.Endpoints) != 1 {
 			t.Fatalf("cached EndpointSlice %s: %+v; want no managedFields, annotations or owners, the label, ports and endpoint kept", name, es)
 		}
