@@ -42,8 +42,8 @@ func TestInformersCacheTrimmedObjects(t *testing.T) {
 		ObjectMeta: metav1.ObjectMeta{Name: "n1", ManagedFields: managed, Labels: map[string]string{"zone": "a"},
 			Annotations: map[string]string{"flannel.alpha.coreos.com/backend-data": `{"VNI":1}`}},
 		Status: v1.NodeStatus{
-			Capacity: v1.ResourceList{v1.ResourceCPU: resource.MustParse("4")},
-			NodeInfo: v1.NodeSystemInfo{KernelVersion: "6.1.0"},
+			Capacity:   v1.ResourceList{v1.ResourceCPU: resource.MustParse("4")},
+			NodeInfo:   v1.NodeSystemInfo{KernelVersion: "6.1.0"},
 			Images:     []v1.ContainerImage{{Names: []string{"registry.example/app:1"}, SizeBytes: 1 << 20}},
 			Addresses:  []v1.NodeAddress{{Type: v1.NodeInternalIP, Address: "10.0.0.1"}},
 			Conditions: []v1.NodeCondition{{Type: v1.NodeReady, Status: v1.ConditionTrue}},
