@@ -2,8 +2,12 @@
 //
 // It speaks in small domain types (VirtualServer, RealServer, Key) with Equal
 // and String, so that the dataplane can compute and diff the table in
-// memory. Netlink implements Interface over github.com/moby/ipvs for one
-// network namespace; package ipvstesting has a fake that models the table.
+// memory. Netlink implements Interface for one network namespace: writes
+// over github.com/moby/ipvs, the virtual server dump parsed by our own
+// code (it runs at every read of the counters); and it implements
+// SyncDaemons, the kernel's connection synchronisation daemons, with
+// generic netlink commands moby/ipvs does not send. Package ipvstesting
+// has a fake that models the table and the daemons.
 //
 // Only NAT (masquerade) forwarding is modelled for writing: keeplb forwards
 // to NodePorts and pod ports, which needs port rewriting, and DR or tunnel
@@ -109,8 +113,9 @@ type VirtualServer struct {
 }
 
 // Stats are a virtual server's traffic counters since it was created. In
-// is from clients, Out is replies to them. The kernel counts connections
-// and packets in 32 bits (as moby/ipvs reads them), so they wrap.
+// is from clients, Out is replies to them. Read from the kernel's 64-bit
+// counters where it has them (Linux 4.1); before that it counts
+// connections and packets in 32 bits, so they wrap.
 type Stats struct {
 	Connections           uint64
 	PacketsIn, PacketsOut uint64

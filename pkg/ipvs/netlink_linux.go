@@ -10,6 +10,8 @@ import (
 
 	mobyipvs "github.com/moby/ipvs"
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -23,6 +25,9 @@ const (
 // namespace it was opened in.
 type Netlink struct {
 	h *mobyipvs.Handle
+	// genl is a generic netlink socket of the same namespace, for the
+	// sync daemon commands moby/ipvs does not send (sync_linux.go).
+	genl map[int]*nl.SocketHandle
 }
 
 var _ Interface = (*Netlink)(nil)
@@ -42,11 +47,24 @@ func NewAt(nsPath string) (*Netlink, error) {
 	if err := Available(); err != nil {
 		return nil, err
 	}
+	ns := netns.None()
+	if nsPath != "" {
+		var err error
+		if ns, err = netns.GetFromPath(nsPath); err != nil {
+			return nil, fmt.Errorf("open network namespace %s: %w", nsPath, err)
+		}
+		defer func() { _ = ns.Close() }() // the sockets keep it alive
+	}
 	h, err := mobyipvs.New(nsPath)
 	if err != nil {
 		return nil, fmt.Errorf("open IPVS netlink socket: %w", err)
 	}
-	return &Netlink{h: h}, nil
+	genl, err := genlSocket(ns)
+	if err != nil {
+		h.Close()
+		return nil, fmt.Errorf("open a generic netlink socket: %w", err)
+	}
+	return &Netlink{h: h, genl: genl}, nil
 }
 
 // Available reports whether the kernel has IPVS, loading the ip_vs module
@@ -66,23 +84,10 @@ func Available() error {
 	return nil
 }
 
-// Close releases the netlink socket.
-func (n *Netlink) Close() { n.h.Close() }
-
-// VirtualServers is part of Interface. Firewall-mark services and
-// protocols keeplb does not know are left out.
-func (n *Netlink) VirtualServers() ([]VirtualServer, error) {
-	svcs, err := n.h.GetServices()
-	if err != nil {
-		return nil, err
-	}
-	out := make([]VirtualServer, 0, len(svcs))
-	for _, s := range svcs {
-		if vs, ok := fromService(s); ok {
-			out = append(out, vs)
-		}
-	}
-	return out, nil
+// Close releases the netlink sockets.
+func (n *Netlink) Close() {
+	n.h.Close()
+	n.genl[unix.NETLINK_GENERIC].Socket.Close()
 }
 
 // RealServers is part of Interface.
@@ -232,32 +237,4 @@ func toService(vs VirtualServer) (*mobyipvs.Service, error) {
 		s.Timeout = uint32(vs.Timeout / time.Second)
 	}
 	return s, nil
-}
-
-// fromService converts from moby's type; false for firewall-mark services
-// and unknown protocols.
-func fromService(s *mobyipvs.Service) (VirtualServer, bool) {
-	if s.FWMark != 0 {
-		return VirtualServer{}, false
-	}
-	proto, ok := protoName(s.Protocol)
-	if !ok {
-		return VirtualServer{}, false
-	}
-	a, ok := netip.AddrFromSlice(s.Address)
-	if !ok {
-		return VirtualServer{}, false
-	}
-	vs := VirtualServer{Address: a.Unmap(), Protocol: proto, Port: s.Port, Scheduler: s.SchedName, Stats: Stats{
-		Connections: uint64(s.Stats.Connections),
-		PacketsIn:   uint64(s.Stats.PacketsIn),
-		PacketsOut:  uint64(s.Stats.PacketsOut),
-		BytesIn:     s.Stats.BytesIn,
-		BytesOut:    s.Stats.BytesOut,
-	}}
-	if s.Flags&svcFlagPersistent != 0 {
-		vs.Persistent = true
-		vs.Timeout = time.Duration(s.Timeout) * time.Second
-	}
-	return vs, true
 }

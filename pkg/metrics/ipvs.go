@@ -34,10 +34,10 @@ var ipvsFamilies = [...]struct {
 	series     []ipvsSeries
 }{
 	{namespace + "_ipvs_connections_total",
-		"[ALPHA] Connections IPVS scheduled to one of keeplb's virtual servers on this node, since the virtual server was created (the kernel counts in 32 bits, so it wraps).",
+		"[ALPHA] Connections IPVS scheduled to one of keeplb's virtual servers on this node, since the virtual server was created (64-bit where the kernel has 64-bit counters, Linux 4.1 and later; 32-bit before, where it wraps).",
 		[]ipvsSeries{{"", func(s ipvs.Stats) uint64 { return s.Connections }}}},
 	{namespace + "_ipvs_packets_total",
-		"[ALPHA] Packets through one of keeplb's virtual servers on this node, by direction (in: from clients, out: replies), since the virtual server was created (32 bits, so it wraps).",
+		"[ALPHA] Packets through one of keeplb's virtual servers on this node, by direction (in: from clients, out: replies), since the virtual server was created (64-bit from Linux 4.1; 32-bit before, where it wraps).",
 		[]ipvsSeries{{"in", func(s ipvs.Stats) uint64 { return s.PacketsIn }}, {"out", func(s ipvs.Stats) uint64 { return s.PacketsOut }}}},
 	{namespace + "_ipvs_bytes_total",
 		"[ALPHA] Bytes through one of keeplb's virtual servers on this node, by direction (in: from clients, out: replies), since the virtual server was created.",

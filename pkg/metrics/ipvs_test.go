@@ -49,12 +49,12 @@ func TestIPVSStatsServed(t *testing.T) {
 		}
 	}
 	want := `
-# HELP keeplb_ipvs_connections_total [ALPHA] Connections IPVS scheduled to one of keeplb's virtual servers on this node, since the virtual server was created (the kernel counts in 32 bits, so it wraps).
+# HELP keeplb_ipvs_connections_total [ALPHA] Connections IPVS scheduled to one of keeplb's virtual servers on this node, since the virtual server was created (64-bit where the kernel has 64-bit counters, Linux 4.1 and later; 32-bit before, where it wraps).
 # TYPE keeplb_ipvs_connections_total counter
 keeplb_ipvs_connections_total{port="53",protocol="UDP",service="ns/dns",vip="2001:db8::5"} 1
 keeplb_ipvs_connections_total{port="80",protocol="TCP",service="ns/web",vip="192.0.2.1"} 3
 keeplb_ipvs_connections_total{port="65535",protocol="SCTP",service="ns/big",vip="192.0.2.9"} 4.294967295e+09
-# HELP keeplb_ipvs_packets_total [ALPHA] Packets through one of keeplb's virtual servers on this node, by direction (in: from clients, out: replies), since the virtual server was created (32 bits, so it wraps).
+# HELP keeplb_ipvs_packets_total [ALPHA] Packets through one of keeplb's virtual servers on this node, by direction (in: from clients, out: replies), since the virtual server was created (64-bit from Linux 4.1; 32-bit before, where it wraps).
 # TYPE keeplb_ipvs_packets_total counter
 keeplb_ipvs_packets_total{direction="in",port="53",protocol="UDP",service="ns/dns",vip="2001:db8::5"} 2
 keeplb_ipvs_packets_total{direction="out",port="53",protocol="UDP",service="ns/dns",vip="2001:db8::5"} 2

@@ -1073,7 +1073,7 @@ func TestIPVSStepExportsStats(t *testing.T) {
 	defer srv.Close()
 	names := []string{"keeplb_ipvs_connections_total", "keeplb_ipvs_packets_total", "keeplb_ipvs_bytes_total"}
 	header := `
-# HELP keeplb_ipvs_connections_total [ALPHA] Connections IPVS scheduled to one of keeplb's virtual servers on this node, since the virtual server was created (the kernel counts in 32 bits, so it wraps).
+# HELP keeplb_ipvs_connections_total [ALPHA] Connections IPVS scheduled to one of keeplb's virtual servers on this node, since the virtual server was created (64-bit where the kernel has 64-bit counters, Linux 4.1 and later; 32-bit before, where it wraps).
 # TYPE keeplb_ipvs_connections_total counter
 `
 	want := func(conns int) string {

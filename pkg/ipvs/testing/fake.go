@@ -5,6 +5,7 @@
 package ipvstesting
 
 import (
+	"errors"
 	"fmt"
 	"maps"
 	"net/netip"
@@ -30,9 +31,9 @@ type Call struct {
 	Real netip.AddrPort
 }
 
-// IsWrite reports whether the call changes the table.
+// IsWrite reports whether the call changes the kernel's state.
 func (c Call) IsWrite() bool {
-	return c.Method != "VirtualServers" && c.Method != "RealServers"
+	return c.Method != "VirtualServers" && c.Method != "RealServers" && c.Method != "SyncDaemons"
 }
 
 // String returns e.g. "AddRealServer TCP/192.0.2.1:80 10.0.0.1:30080".
@@ -61,12 +62,19 @@ type Fake struct {
 	fail  func(Call) error
 	// schedulers the kernel has; nil means Schedulers.
 	schedulers []string
+	// daemons are the running sync daemons, by state.
+	daemons map[ipvs.SyncState]ipvs.SyncDaemon
 }
 
-var _ ipvs.Interface = (*Fake)(nil)
+var (
+	_ ipvs.Interface   = (*Fake)(nil)
+	_ ipvs.SyncDaemons = (*Fake)(nil)
+)
 
 // New returns an empty Fake.
-func New() *Fake { return &Fake{table: map[ipvs.Key]*entry{}} }
+func New() *Fake {
+	return &Fake{table: map[ipvs.Key]*entry{}, daemons: map[ipvs.SyncState]ipvs.SyncDaemon{}}
+}
 
 // Seed puts a virtual server and its real servers in the table without
 // recording calls, as another program (kube-proxy, an operator with
@@ -345,5 +353,55 @@ func (f *Fake) DeleteRealServer(k ipvs.Key, rs netip.AddrPort) error {
 		return errorf(syscall.ENOENT, "no real server %s in %s", rs, k)
 	}
 	delete(e.reals, rs)
+	return nil
+}
+
+// SyncDaemons is part of ipvs.SyncDaemons: the running daemons, master
+// first, as the kernel lists them.
+func (f *Fake) SyncDaemons() ([]ipvs.SyncDaemon, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.begin(Call{Method: "SyncDaemons"}); err != nil {
+		return nil, err
+	}
+	var out []ipvs.SyncDaemon
+	for _, s := range []ipvs.SyncState{ipvs.SyncMaster, ipvs.SyncBackup} {
+		if d, ok := f.daemons[s]; ok {
+			out = append(out, d)
+		}
+	}
+	return out, nil
+}
+
+// StartSyncDaemon is part of ipvs.SyncDaemons: EEXIST if a daemon of the
+// state runs, EINVAL for what Validate rejects.
+func (f *Fake) StartSyncDaemon(d ipvs.SyncDaemon) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.begin(Call{Method: "StartSyncDaemon"}); err != nil {
+		return err
+	}
+	if err := d.Validate(); err != nil {
+		return errors.Join(err, syscall.EINVAL) // the kernel answers a bare EINVAL
+	}
+	if _, ok := f.daemons[d.State]; ok {
+		return errorf(syscall.EEXIST, "start the IPVS sync daemon (%s)", d)
+	}
+	f.daemons[d.State] = d
+	return nil
+}
+
+// StopSyncDaemon is part of ipvs.SyncDaemons: ESRCH if none of the state
+// runs.
+func (f *Fake) StopSyncDaemon(s ipvs.SyncState) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.begin(Call{Method: "StopSyncDaemon"}); err != nil {
+		return err
+	}
+	if _, ok := f.daemons[s]; !ok {
+		return errorf(syscall.ESRCH, "stop the IPVS %s sync daemon", s)
+	}
+	delete(f.daemons, s)
 	return nil
 }

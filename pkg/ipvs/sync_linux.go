@@ -1,0 +1,212 @@
+package ipvs
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// The IPVS generic netlink commands and attributes of the sync daemons
+// (linux/ip_vs.h), which moby/ipvs does not send.
+const (
+	genlVersion    = 1  // IPVS_GENL_VERSION
+	cmdNewDaemon   = 9  // IPVS_CMD_NEW_DAEMON
+	cmdDelDaemon   = 10 // IPVS_CMD_DEL_DAEMON
+	cmdGetDaemon   = 11 // IPVS_CMD_GET_DAEMON
+	cmdAttrDaemon  = 3  // IPVS_CMD_ATTR_DAEMON, nested
+	daemonState    = 1  // IPVS_DAEMON_ATTR_STATE, u32
+	daemonIfn      = 2  // IPVS_DAEMON_ATTR_MCAST_IFN, string
+	daemonSyncID   = 3  // IPVS_DAEMON_ATTR_SYNC_ID, u32
+	daemonMaxLen   = 4  // IPVS_DAEMON_ATTR_SYNC_MAXLEN, u16 (Linux 4.3)
+	daemonGroup    = 5  // IPVS_DAEMON_ATTR_MCAST_GROUP, in_addr
+	daemonGroup6   = 6  // IPVS_DAEMON_ATTR_MCAST_GROUP6, in6_addr
+	daemonPort     = 7  // IPVS_DAEMON_ATTR_MCAST_PORT, u16, host order
+	daemonTTL      = 8  // IPVS_DAEMON_ATTR_MCAST_TTL, u8
+	nlaTypeMask    = ^uint16(unix.NLA_F_NESTED | unix.NLA_F_NET_BYTEORDER)
+	ipvsFamilyName = "IPVS"
+)
+
+var _ SyncDaemons = (*Netlink)(nil)
+
+// genlSocket opens a generic netlink socket in ns (netns.None(): the
+// calling thread's), for the commands moby/ipvs does not send.
+func genlSocket(ns netns.NsHandle) (map[int]*nl.SocketHandle, error) {
+	s, err := nl.GetNetlinkSocketAt(ns, netns.None(), unix.NETLINK_GENERIC)
+	if err != nil {
+		return nil, err
+	}
+	return map[int]*nl.SocketHandle{unix.NETLINK_GENERIC: {Socket: s}}, nil
+}
+
+// command sends one IPVS command and returns the payloads of the answers,
+// after their generic netlink header.
+func (n *Netlink) command(cmd uint8, flags int, attrs ...nl.NetlinkRequestData) ([][]byte, error) {
+	fam, err := netlink.GenlFamilyGet(ipvsFamilyName)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrNoIPVS, err)
+	}
+	req := nl.NewNetlinkRequest(int(fam.ID), flags|unix.NLM_F_ACK)
+	req.AddData(&nl.Genlmsg{Command: cmd, Version: genlVersion})
+	for _, a := range attrs {
+		req.AddData(a)
+	}
+	req.Sockets = n.genl
+	msgs, err := req.Execute(unix.NETLINK_GENERIC, 0)
+	if err != nil {
+		return nil, err
+	}
+	out := make([][]byte, 0, len(msgs))
+	for _, m := range msgs {
+		if len(m) >= nl.SizeofGenlmsg {
+			out = append(out, m[nl.SizeofGenlmsg:])
+		}
+	}
+	return out, nil
+}
+
+// SyncDaemons is part of SyncDaemons.
+func (n *Netlink) SyncDaemons() ([]SyncDaemon, error) {
+	msgs, err := n.command(cmdGetDaemon, unix.NLM_F_DUMP)
+	if err != nil {
+		return nil, fmt.Errorf("list IPVS sync daemons: %w", err)
+	}
+	var out []SyncDaemon
+	for _, m := range msgs {
+		d, ok, err := parseDaemonMsg(m)
+		if err != nil {
+			return nil, fmt.Errorf("list IPVS sync daemons: %w", err)
+		}
+		if ok {
+			out = append(out, d)
+		}
+	}
+	return out, nil
+}
+
+// StartSyncDaemon is part of SyncDaemons.
+func (n *Netlink) StartSyncDaemon(d SyncDaemon) error {
+	if err := d.Validate(); err != nil {
+		return err
+	}
+	_, err := n.command(cmdNewDaemon, 0, daemonAttr(d))
+	if err != nil {
+		return fmt.Errorf("start the IPVS sync daemon (%s): %w", d, err)
+	}
+	return nil
+}
+
+// StopSyncDaemon is part of SyncDaemons.
+func (n *Netlink) StopSyncDaemon(s SyncState) error {
+	a := nl.NewRtAttr(cmdAttrDaemon, nil)
+	a.AddRtAttr(daemonState, nl.Uint32Attr(uint32(s)))
+	if _, err := n.command(cmdDelDaemon, 0, a); err != nil {
+		return fmt.Errorf("stop the IPVS %s sync daemon: %w", s, err)
+	}
+	return nil
+}
+
+// daemonAttr is the nested IPVS_CMD_ATTR_DAEMON that starts d: the
+// optional attributes only where they differ from the kernel's default, so
+// that kernels before 4.3, which know only the first three, take a daemon
+// that sets none of them.
+func daemonAttr(d SyncDaemon) *nl.RtAttr {
+	a := nl.NewRtAttr(cmdAttrDaemon, nil)
+	a.AddRtAttr(daemonState, nl.Uint32Attr(uint32(d.State)))
+	a.AddRtAttr(daemonIfn, nl.ZeroTerminated(d.Interface))
+	a.AddRtAttr(daemonSyncID, nl.Uint32Attr(uint32(d.SyncID)))
+	if d.MaxLen != 0 {
+		a.AddRtAttr(daemonMaxLen, nl.Uint16Attr(d.MaxLen))
+	}
+	switch {
+	case d.Group.Is4():
+		b := d.Group.As4()
+		a.AddRtAttr(daemonGroup, b[:])
+	case d.Group.Is6():
+		b := d.Group.As16()
+		a.AddRtAttr(daemonGroup6, b[:])
+	}
+	if d.Port != 0 {
+		a.AddRtAttr(daemonPort, nl.Uint16Attr(d.Port))
+	}
+	if d.TTL != 0 {
+		a.AddRtAttr(daemonTTL, []byte{d.TTL})
+	}
+	return a
+}
+
+// parseDaemonMsg reads one answer to IPVS_CMD_GET_DAEMON (after its
+// generic netlink header); ok is false for one that holds no daemon. It
+// walks the attributes itself: netlink's ParseRouteAttr panics on an
+// attribute whose length overruns the message.
+func parseDaemonMsg(m []byte) (d SyncDaemon, ok bool, err error) {
+	daemon, err := nested(m, cmdAttrDaemon)
+	if err != nil || daemon == nil {
+		return SyncDaemon{}, false, err
+	}
+	err = walkAttrs(daemon, func(typ uint16, v []byte) {
+		switch typ {
+		case daemonState:
+			if len(v) >= 4 {
+				d.State = SyncState(nl.NativeEndian().Uint32(v))
+			}
+		case daemonIfn:
+			d.Interface, _, _ = strings.Cut(string(v), "\x00")
+		case daemonSyncID:
+			if len(v) >= 4 {
+				d.SyncID = uint8(nl.NativeEndian().Uint32(v))
+			}
+		case daemonMaxLen:
+			if len(v) >= 2 {
+				d.MaxLen = nl.NativeEndian().Uint16(v)
+			}
+		case daemonGroup, daemonGroup6:
+			if g, ok := netip.AddrFromSlice(v); ok {
+				d.Group = g
+			}
+		case daemonPort:
+			if len(v) >= 2 {
+				d.Port = nl.NativeEndian().Uint16(v)
+			}
+		case daemonTTL:
+			if len(v) >= 1 {
+				d.TTL = v[0]
+			}
+		}
+	})
+	if err != nil {
+		return SyncDaemon{}, false, err
+	}
+	return d, d.State != 0, nil
+}
+
+// nested returns the value of the first attribute of type typ in b, nil if
+// there is none.
+func nested(b []byte, typ uint16) ([]byte, error) {
+	var out []byte
+	err := walkAttrs(b, func(t uint16, v []byte) {
+		if t == typ && out == nil {
+			out = v
+		}
+	})
+	return out, err
+}
+
+// walkAttrs calls f with the type (flags masked off) and value of each
+// netlink attribute in b, in order; an error for one whose length does not
+// fit.
+func walkAttrs(b []byte, f func(typ uint16, v []byte)) error {
+	for len(b) >= unix.SizeofRtAttr {
+		l := int(nl.NativeEndian().Uint16(b[0:2]))
+		if l < unix.SizeofRtAttr || l > len(b) {
+			return fmt.Errorf("malformed netlink attribute: length %d of %d bytes left", l, len(b))
+		}
+		f(nl.NativeEndian().Uint16(b[2:4])&nlaTypeMask, b[unix.SizeofRtAttr:l])
+		b = b[min(len(b), (l+unix.RTA_ALIGNTO-1)&^(unix.RTA_ALIGNTO-1)):]
+	}
+	return nil
+}

@@ -1,0 +1,264 @@
+package ipvs_test
+
+import (
+	"bufio"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netns"
+
+	"github.com/keeplb/keeplb/pkg/ipvs"
+	"github.com/keeplb/keeplb/pkg/testing/vm"
+)
+
+// TestSyncDaemonsInNamespaces starts the kernel's connection sync daemons
+// through our generic netlink commands and checks that they work: a TCP
+// connection a client (namespace c) opens through the virtual server of
+// the holder (a, master daemon) appears in the standby's (b, backup
+// daemon) connection table, bound to the same real server (r), and stays
+// there while the stream runs. It also checks what the commands answer:
+// the settings listed back as set, EEXIST for a second daemon of a state,
+// ESRCH for stopping one that does not run.
+//
+//	c (10.7.0.2) ── a (10.7.0.1; VIP 192.0.2.1 on lo; 10.8.0.1) ── r (10.8.0.2:8080)
+//	                └ sync: a/sa 10.9.0.1 ── b/sb 10.9.0.2 (VIP's virtual server too)
+func TestSyncDaemonsInNamespaces(t *testing.T) {
+	if ipvs.Available() != nil && !vm.InVM() && os.Getenv("KEEPLB_VM") == "1" {
+		vm.RunSelf(t)
+		return
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create network namespaces and program IPVS")
+	}
+	if err := ipvs.Available(); err != nil {
+		t.Skipf("skipping the real-kernel sync daemon test: %v", err)
+	}
+	p := fmt.Sprintf("kl-sync-%d-", os.Getpid())
+	a, b, c, r := p+"a", p+"b", p+"c", p+"r"
+	for _, ns := range []string{a, b, c, r} {
+		if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
+			t.Skipf("network namespaces are unavailable here: %v %s", err, out)
+		}
+		t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
+	}
+	ip := func(ns string, args ...string) {
+		t.Helper()
+		if out, err := exec.Command("ip", append([]string{"-n", ns}, args...)...).CombinedOutput(); err != nil {
+			t.Fatalf("ip -n %s %v: %v %s", ns, args, err, out)
+		}
+	}
+	link := func(ns1, if1, addr1, ns2, if2, addr2 string) {
+		t.Helper()
+		ip(ns1, "link", "add", if1, "type", "veth", "peer", "name", if2, "netns", ns2)
+		ip(ns1, "addr", "add", addr1, "dev", if1)
+		ip(ns2, "addr", "add", addr2, "dev", if2)
+		ip(ns1, "link", "set", if1, "up")
+		ip(ns2, "link", "set", if2, "up")
+	}
+	for _, ns := range []string{a, b, c, r} {
+		ip(ns, "link", "set", "lo", "up")
+	}
+	link(a, "ac", "10.7.0.1/24", c, "ca", "10.7.0.2/24")
+	link(a, "ar", "10.8.0.1/24", r, "ra", "10.8.0.2/24")
+	link(a, "sa", "10.9.0.1/24", b, "sb", "10.9.0.2/24")
+	ip(a, "addr", "add", "192.0.2.1/32", "dev", "lo")
+	ip(c, "route", "add", "default", "via", "10.7.0.1")
+	ip(r, "route", "add", "default", "via", "10.8.0.1")
+	ip(b, "route", "add", "10.8.0.0/24", "via", "10.9.0.1") // b's real server must be routable
+	if out, err := exec.Command("ip", "netns", "exec", a, "sysctl", "-qw", "net.ipv4.ip_forward=1").CombinedOutput(); err != nil {
+		t.Fatalf("ip_forward: %v %s", err, out)
+	}
+
+	vs := ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.1"), Protocol: ipvs.TCP, Port: 80, Scheduler: "rr"}
+	real := ipvs.RealServer{Address: netip.MustParseAddr("10.8.0.2"), Port: 8080, Weight: 1}
+	handles := map[string]*ipvs.Netlink{}
+	for _, ns := range []string{a, b} {
+		h, err := ipvs.NewAt("/run/netns/" + ns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(h.Close)
+		handles[ns] = h
+		if err := h.AddVirtualServer(vs); err != nil {
+			t.Fatal(err)
+		}
+		if err := h.AddRealServer(vs.Key(), real); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ha, hb := handles[a], handles[b]
+
+	group := netip.MustParseAddr("239.0.7.81")
+	master := ipvs.SyncDaemon{State: ipvs.SyncMaster, Interface: "sa", SyncID: 7, Group: group, Port: 8850, TTL: 1, MaxLen: 1400}
+	backup := ipvs.SyncDaemon{State: ipvs.SyncBackup, Interface: "sb", SyncID: 7, Group: group, Port: 8850, TTL: 1, MaxLen: 1400}
+	if err := ha.StartSyncDaemon(master); err != nil {
+		t.Fatal(err)
+	}
+	if err := hb.StartSyncDaemon(backup); err != nil {
+		t.Fatal(err)
+	}
+	if err := ha.StartSyncDaemon(master); !errors.Is(err, syscall.EEXIST) {
+		t.Errorf("a second master: %v, want EEXIST", err)
+	}
+	if err := ha.StopSyncDaemon(ipvs.SyncBackup); !errors.Is(err, syscall.ESRCH) {
+		t.Errorf("stopping a backup that does not run: %v, want ESRCH", err)
+	}
+	if err := ha.StartSyncDaemon(ipvs.SyncDaemon{State: ipvs.SyncBackup, Interface: "sa", Group: netip.MustParseAddr("10.9.0.9")}); err == nil {
+		t.Error("a unicast group was taken")
+	}
+	for ns, want := range map[string]ipvs.SyncDaemon{a: master, b: backup} {
+		got, err := handles[ns].SyncDaemons()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(got) != 1 || got[0] != want {
+			t.Errorf("%s lists %v, want [%v]", ns, got, want)
+		}
+	}
+
+	// The real server echoes every line, in r.
+	var ln net.Listener
+	if err := inNetns(r, func() (err error) { ln, err = net.Listen("tcp", "10.8.0.2:8080"); return err }); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ln.Close() })
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { _, _ = io.Copy(conn, conn); _ = conn.Close() }()
+		}
+	}()
+	// The client, in c, through a's virtual server.
+	var conn net.Conn
+	if err := inNetns(c, func() (err error) {
+		conn, err = net.DialTimeout("tcp", "192.0.2.1:80", 5*time.Second)
+		return err
+	}); err != nil {
+		t.Fatalf("connect through the virtual server: %v", err)
+	}
+	t.Cleanup(func() { _ = conn.Close() })
+	rd := bufio.NewReader(conn)
+	exchange := func(i int) {
+		t.Helper()
+		_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+		msg := "hello " + strconv.Itoa(i) + "\n"
+		if _, err := io.WriteString(conn, msg); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := rd.ReadString('\n'); err != nil || got != msg {
+			t.Fatalf("echo %d: %q, %v", i, got, err)
+		}
+	}
+	client := netip.MustParseAddrPort(conn.LocalAddr().String())
+	want := ipvsConn{client: client, virtual: netip.MustParseAddrPort("192.0.2.1:80"), real: real.AddrPort()}
+	// The master syncs a connection when its state changes and every
+	// sync_threshold packets: exchange until the backup has it.
+	deadline := time.Now().Add(10 * time.Second)
+	for i := 0; ; i++ {
+		exchange(i)
+		if conns := conns(t, a); !contains(conns, want) {
+			t.Fatalf("a's own table %v lacks the client's connection %v", conns, want)
+		}
+		if contains(conns(t, b), want) {
+			t.Logf("b has the connection after %d exchanges", i+1)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("b's connection table %v never got %v", conns(t, b), want)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	// The holder's counters, read by our own dump, saw the stream.
+	vss, err := ha.VirtualServers()
+	if err != nil || len(vss) != 1 {
+		t.Fatalf("a's virtual servers: %v, %v", vss, err)
+	}
+	if st := vss[0].Stats; st.Connections != 1 || st.PacketsIn < 3 || st.PacketsOut < 3 || st.BytesIn == 0 || st.BytesOut == 0 {
+		t.Errorf("a's counters %+v, want the one connection and its packets both ways", st)
+	}
+
+	for _, h := range []*ipvs.Netlink{ha, hb} {
+		for _, s := range []ipvs.SyncState{ipvs.SyncMaster, ipvs.SyncBackup} {
+			_ = h.StopSyncDaemon(s)
+		}
+		if got, err := h.SyncDaemons(); err != nil || len(got) != 0 {
+			t.Errorf("after stopping: %v, %v; want none", got, err)
+		}
+	}
+}
+
+// ipvsConn is an entry of /proc/net/ip_vs_conn.
+type ipvsConn struct{ client, virtual, real netip.AddrPort }
+
+func contains(cs []ipvsConn, c ipvsConn) bool {
+	for _, x := range cs {
+		if x == c {
+			return true
+		}
+	}
+	return false
+}
+
+// conns reads namespace ns's IPVS connection table (IPv4 entries).
+func conns(t *testing.T, ns string) []ipvsConn {
+	t.Helper()
+	out, err := exec.Command("ip", "netns", "exec", ns, "cat", "/proc/net/ip_vs_conn").Output()
+	if err != nil {
+		t.Fatalf("read %s's connections: %v", ns, err)
+	}
+	var cs []ipvsConn
+	for _, line := range strings.Split(string(out), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) < 7 {
+			continue
+		}
+		ap := func(addr, port string) netip.AddrPort {
+			b, err1 := hex.DecodeString(addr)
+			p, err2 := strconv.ParseUint(port, 16, 16)
+			a, ok := netip.AddrFromSlice(b)
+			if err1 != nil || err2 != nil || !ok {
+				return netip.AddrPort{}
+			}
+			return netip.AddrPortFrom(a, uint16(p))
+		}
+		cs = append(cs, ipvsConn{client: ap(f[1], f[2]), virtual: ap(f[3], f[4]), real: ap(f[5], f[6])})
+	}
+	return cs
+}
+
+// inNetns runs f on a thread of its own in namespace name, so that the
+// sockets f opens live there; the thread stays locked and dies with its
+// goroutine.
+func inNetns(name string, f func() error) error {
+	h, err := netns.GetFromName(name)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: see above
+		if err := netns.Set(h); err != nil {
+			errc <- err
+			return
+		}
+		errc <- f()
+	}()
+	return <-errc
+}
