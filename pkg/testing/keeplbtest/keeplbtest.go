@@ -91,6 +91,10 @@ func StartController(tb testing.TB, cp *controlplane.ControlPlane, mods ...func(
 	tb.Cleanup(func() { cancel(); <-done })
 }
 
+// RunDir is the run folder StartSpeaker gives node's speaker (unless its
+// mods set another): its keepalived.conf, track files and notify FIFO.
+func RunDir(node string) string { return filepath.Join(os.TempDir(), "keeplb-e2e-"+node) }
+
 // StartSpeaker runs the speaker of node, whose node side is the network
 // namespace of the same name (--netns), as the speaker's ServiceAccount
 // through admin (an admin config), with a fresh run folder, no metrics and
@@ -101,7 +105,7 @@ func StartSpeaker(tb testing.TB, admin *rest.Config, node string, mods ...func(*
 	tb.Helper()
 	o := speaker.NewOptions()
 	o.NodeName, o.NetNS, o.MetricsBindAddress = node, node, "0"
-	o.RunDir = filepath.Join(os.TempDir(), "keeplb-e2e-"+node)
+	o.RunDir = RunDir(node)
 	o.MinSyncInterval = 50 * time.Millisecond
 	for _, m := range mods {
 		m(o)
