@@ -12,7 +12,9 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -253,9 +255,23 @@ func TestVRRP(t *testing.T) {
 				}
 				return newHolder
 			}
+			// The planned second choice is the one backup at TopPriority-1
+			// (the others are vrrp.BackupGap lower); read before the stop.
+			second := ""
+			for _, n := range c.tp.nodes {
+				if priorityOf(t, n, vip) == vrrp.TopPriority-1 {
+					second = n
+				}
+			}
+			if second == "" {
+				t.Fatalf("no node has %s at priority %d", vip, vrrp.TopPriority-1)
+			}
 			newHolder := measure("graceful", func() { c.stopSpeaker(holder) }, bound)
 			if h := c.holder(vip, 5*time.Second); h != newHolder {
 				t.Fatalf("holder after graceful failover is %s, client saw %s", h, newHolder)
+			}
+			if newHolder != second {
+				t.Errorf("graceful handover went to %s, not to the planned second choice %s", newHolder, second)
 			}
 			c.startSpeaker(holder)
 
@@ -274,6 +290,32 @@ func TestVRRP(t *testing.T) {
 			})
 		})
 	}
+}
+
+// priorityOf returns node's priority for the instance holding vip, from
+// the keepalived.conf its speaker rendered (keeplbtest.RunDir);
+// 0 if it has none.
+func priorityOf(t *testing.T, node, vip string) int {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(keeplbtest.RunDir(node), "keepalived.conf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, block := range strings.Split(string(b), "vrrp_instance ")[1:] {
+		if !strings.Contains(block, " "+vip+"/") {
+			continue
+		}
+		for _, line := range strings.Split(block, "\n") {
+			if f := strings.Fields(line); len(f) == 2 && f[0] == "priority" {
+				p, err := strconv.Atoi(f[1])
+				if err != nil {
+					t.Fatalf("%s's keepalived.conf: %q", node, line)
+				}
+				return p
+			}
+		}
+	}
+	return 0
 }
 
 // snapshot returns vip -> holders for each vip.

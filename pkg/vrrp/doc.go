@@ -43,8 +43,9 @@
 // nodeSelector, lack the exclude-from-external-load-balancers label, and
 // (for unicast) have an InternalIP of the family: durable facts. Each shared
 // instance gets a preference order over the members; the eligible members
-// (the Ready ones) get priorities 254, 253, ... in that order (never below
-// 1), and the first is the master. Ready is deliberately not part of the
+// (the Ready ones) get priorities 254, 253, then 220, 219, ... in that
+// order (never below 1; BackupGap separates the second choice from the
+// rest, for graceful handovers), and the first is the master. Ready is deliberately not part of the
 // order: a node going NotReady moves exactly the instances it mastered, to
 // their next choice, and coming back moves exactly those back. A membership
 // change (a Node deleted or added, labels changed) recomputes the orders and

@@ -39,13 +39,14 @@ func (p Plan) For(node string) []Instance {
 // canForward says whether this node can forward with IPVS now (its kernel
 // has IPVS, keeplb's nftables table is loaded). A node that cannot must not
 // hold a Forwarded VIP while a node that can is up, so for an instance
-// with a Forwarded VIP its value is lowered by n, the number of nodes
-// taking part: a shared instance gets -n instead of 0, and a Local one
-// LocalLift-n instead of LocalLift. Base priorities of the nodes taking
-// part are n consecutive numbers (see Compute), so every node that cannot
-// forward ranks below every node that can, the order among them is kept
-// (up to 127 nodes), and none faults: when no node can forward, the VIP is
-// still held where the plan puts it. A node needs no word from the others:
+// with a Forwarded VIP its value is lowered by forwardPenalty(n), n the
+// number of nodes taking part: a shared instance gets -n-BackupGap instead
+// of 0, and a Local one LocalLift-n-BackupGap instead of LocalLift. Base
+// priorities of the nodes taking part span n-1+BackupGap (see
+// priorities), so every node that cannot forward ranks below every node
+// that can, the order among them is kept (up to 95 nodes for Local
+// instances), and none faults: when no node can forward, the VIP is still
+// held where the plan puts it. A node needs no word from the others:
 // lowering its own priority is enough. A node that can forward writes 0
 // for a shared instance, its base priority unchanged.
 func TrackValues(p Plan, node string, in Input, canForward bool) map[string]int {
@@ -67,7 +68,7 @@ func TrackValues(p Plan, node string, in Input, canForward bool) map[string]int 
 		}
 		penalty := 0
 		if !canForward && slices.ContainsFunc(inst.VIPs, func(a netip.Addr) bool { return forwarded[a] }) {
-			penalty = len(inst.Priorities)
+			penalty = forwardPenalty(len(inst.Priorities))
 		}
 		if !inst.Local {
 			out[inst.Name] = -penalty
@@ -225,4 +226,15 @@ func Place(inst Instance, ifaces []Interface) (Placement, error) {
 // keepalived reload must never stall adverts for longer.
 func MasterDown(advert time.Duration, priority int) time.Duration {
 	return 3*advert + time.Duration(256-priority)*advert/256
+}
+
+// forwardPenalty is what a node that cannot forward takes off an
+// instance's priority where n nodes take part: more than the span of their
+// base priorities (n-1, and the gap after the second choice), so that it
+// ranks below every node that can.
+func forwardPenalty(n int) int {
+	if n <= 2 {
+		return n
+	}
+	return n + BackupGap
 }

@@ -351,7 +351,10 @@ func TestPriorities(t *testing.T) {
 			got = append(got, v)
 		}
 		slices.Sort(got)
-		if want := []int{250, 251, 252, 253, 254}; !reflect.DeepEqual(got, want) {
+		// The first two choices one apart, then BackupGap below the
+		// second: the handover goes to the second choice well before any
+		// other backup's skew time.
+		if want := []int{218, 219, 220, 253, 254}; !reflect.DeepEqual(got, want) {
 			t.Errorf("%s priorities %v, want %v", inst.Name, got, want)
 		}
 	}
@@ -366,8 +369,8 @@ func TestPriorities(t *testing.T) {
 			low++
 		}
 	}
-	if low != 300-253 {
-		t.Errorf("%d nodes at priority 1, want %d", low, 300-253)
+	if want := 300 - 253 + BackupGap; low != want {
+		t.Errorf("%d nodes at priority 1, want %d", low, want)
 	}
 }
 

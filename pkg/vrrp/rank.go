@@ -118,7 +118,15 @@ func balancedOrders(keys []string, members []string) [][]string {
 }
 
 // priorities gives the eligible nodes of order their base priorities: top
-// for the first, one less for each next, never below 1.
+// for the first, one less for the second, and BackupGap less again for
+// the third and each after (one less each), never below 1.
+//
+// The gap is for the graceful handover: a master that leaves sends
+// priority 0, and each backup takes over after its skew time,
+// (256-priority)/256 of an advert interval. Priorities one apart put the
+// first and second backups' skew times 0.4 ms apart at 100 ms adverts,
+// which a busy keepalived loses: the VIP then went to the third choice and
+// moved twice more, back to the second once its preempt delay passed.
 func priorities(order []string, eligible map[string]bool, top int) map[string]int {
 	out := make(map[string]int)
 	r := 0
@@ -126,7 +134,11 @@ func priorities(order []string, eligible map[string]bool, top int) map[string]in
 		if !eligible[n] {
 			continue
 		}
-		out[n] = max(1, top-r)
+		p := top - r
+		if r >= 2 {
+			p -= BackupGap
+		}
+		out[n] = max(1, p)
 		r++
 	}
 	return out
