@@ -170,6 +170,7 @@ var edits = map[string][]edit{
 			"      {{- if .Values.speaker.prepareNode }}",
 			"      {{- end }}")},
 		{after: "        - name: speaker", line: "          args:", change: appendLines(extraArgs(12, ".Values.speaker.extraArgs"))},
+		{after: "            - name: GOMEMLIMIT", line: "              value:", change: replace(`              value: "{{ .Values.speaker.goMemLimit }}"`)},
 		{line: "          resources:", change: replace(toYAMLBlock(10, "resources", ".Values.speaker.resources"))},
 	},
 }

@@ -111,6 +111,9 @@ func (s *Speaker) sync(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
+	if obs.resync {
+		warnMemoryLimit(logger)
+	}
 	return s.apply(ctx, obs, s.compute(obs))
 }
 
