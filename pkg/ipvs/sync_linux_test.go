@@ -35,9 +35,102 @@ import (
 //	c (10.7.0.2) ── a (10.7.0.1; VIP 192.0.2.1 on lo; 10.8.0.1) ── r (10.8.0.2:8080)
 //	                └ sync: a/sa 10.9.0.1 ── b/sb 10.9.0.2 (VIP's virtual server too)
 func TestSyncDaemonsInNamespaces(t *testing.T) {
+	if inVM(t) {
+		return
+	}
+	l := newSyncLab(t)
+	a, b := l.a, l.b
+	real := l.real
+	ha, hb := l.ha, l.hb
+
+	group := netip.MustParseAddr("239.0.7.81")
+	master := ipvs.SyncDaemon{State: ipvs.SyncMaster, Interface: "sa", SyncID: 7, Group: group, Port: 8850, TTL: 1, MaxLen: 1400}
+	backup := ipvs.SyncDaemon{State: ipvs.SyncBackup, Interface: "sb", SyncID: 7, Group: group, Port: 8850, TTL: 1, MaxLen: 1400}
+	if err := ha.StartSyncDaemon(master); err != nil {
+		t.Fatal(err)
+	}
+	if err := hb.StartSyncDaemon(backup); err != nil {
+		t.Fatal(err)
+	}
+	if err := ha.StartSyncDaemon(master); !errors.Is(err, syscall.EEXIST) {
+		t.Errorf("a second master: %v, want EEXIST", err)
+	}
+	if err := ha.StopSyncDaemon(ipvs.SyncBackup); !errors.Is(err, syscall.ESRCH) {
+		t.Errorf("stopping a backup that does not run: %v, want ESRCH", err)
+	}
+	if err := ha.StartSyncDaemon(ipvs.SyncDaemon{State: ipvs.SyncBackup, Interface: "sa", Group: netip.MustParseAddr("10.9.0.9")}); err == nil {
+		t.Error("a unicast group was taken")
+	}
+	for ns, want := range map[string]ipvs.SyncDaemon{a: master, b: backup} {
+		got, err := map[string]*ipvs.Netlink{a: ha, b: hb}[ns].SyncDaemons()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(got) != 1 || got[0] != want {
+			t.Errorf("%s lists %v, want [%v]", ns, got, want)
+		}
+	}
+
+	conn := l.dial(t)
+	rd := bufio.NewReader(conn)
+	exchange := func(i int) {
+		t.Helper()
+		_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+		msg := "hello " + strconv.Itoa(i) + "\n"
+		if _, err := io.WriteString(conn, msg); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := rd.ReadString('\n'); err != nil || got != msg {
+			t.Fatalf("echo %d: %q, %v", i, got, err)
+		}
+	}
+	client := netip.MustParseAddrPort(conn.LocalAddr().String())
+	want := ipvsConn{client: client, virtual: netip.MustParseAddrPort("192.0.2.1:80"), real: real.AddrPort()}
+	// The master syncs a connection when its state changes and every
+	// sync_threshold packets: exchange until the backup has it.
+	deadline := time.Now().Add(10 * time.Second)
+	for i := 0; ; i++ {
+		exchange(i)
+		if conns := conns(t, a); !contains(conns, want) {
+			t.Fatalf("a's own table %v lacks the client's connection %v", conns, want)
+		}
+		if contains(conns(t, b), want) {
+			t.Logf("b has the connection after %d exchanges", i+1)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("b's connection table %v never got %v", conns(t, b), want)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	// The holder's counters, read by our own dump, saw the stream.
+	vss, err := ha.VirtualServers()
+	if err != nil || len(vss) != 1 {
+		t.Fatalf("a's virtual servers: %v, %v", vss, err)
+	}
+	if st := vss[0].Stats; st.Connections != 1 || st.PacketsIn < 3 || st.PacketsOut < 3 || st.BytesIn == 0 || st.BytesOut == 0 {
+		t.Errorf("a's counters %+v, want the one connection and its packets both ways", st)
+	}
+
+	for _, h := range []*ipvs.Netlink{ha, hb} {
+		for _, s := range []ipvs.SyncState{ipvs.SyncMaster, ipvs.SyncBackup} {
+			_ = h.StopSyncDaemon(s)
+		}
+		if got, err := h.SyncDaemons(); err != nil || len(got) != 0 {
+			t.Errorf("after stopping: %v, %v; want none", got, err)
+		}
+	}
+}
+
+// inVM runs the calling test in the VM of hack/vm where the host kernel
+// lacks IPVS and KEEPLB_VM=1 asks for it, and says so: the caller then
+// returns. Otherwise it skips the test where it cannot run.
+func inVM(t *testing.T) bool {
+	t.Helper()
 	if ipvs.Available() != nil && !vm.InVM() && os.Getenv("KEEPLB_VM") == "1" {
 		vm.RunSelf(t)
-		return
+		return true
 	}
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to create network namespaces and program IPVS")
@@ -45,6 +138,23 @@ func TestSyncDaemonsInNamespaces(t *testing.T) {
 	if err := ipvs.Available(); err != nil {
 		t.Skipf("skipping the real-kernel sync daemon test: %v", err)
 	}
+	return false
+}
+
+// syncLab is the namespaces of the sync daemon tests, with the virtual
+// server in a and b and the echo server in r running:
+//
+//	c (10.7.0.2) ── a (10.7.0.1; VIP 192.0.2.1 on lo; 10.8.0.1) ── r (10.8.0.2:8080)
+//	                └ sync: a/sa 10.9.0.1 ── b/sb 10.9.0.2 (VIP's virtual server too)
+type syncLab struct {
+	a, b, c, r string
+	ha, hb     *ipvs.Netlink
+	vs         ipvs.VirtualServer
+	real       ipvs.RealServer
+}
+
+func newSyncLab(t *testing.T) *syncLab {
+	t.Helper()
 	p := fmt.Sprintf("kl-sync-%d-", os.Getpid())
 	a, b, c, r := p+"a", p+"b", p+"c", p+"r"
 	for _, ns := range []string{a, b, c, r} {
@@ -98,36 +208,8 @@ func TestSyncDaemonsInNamespaces(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	ha, hb := handles[a], handles[b]
 
-	group := netip.MustParseAddr("239.0.7.81")
-	master := ipvs.SyncDaemon{State: ipvs.SyncMaster, Interface: "sa", SyncID: 7, Group: group, Port: 8850, TTL: 1, MaxLen: 1400}
-	backup := ipvs.SyncDaemon{State: ipvs.SyncBackup, Interface: "sb", SyncID: 7, Group: group, Port: 8850, TTL: 1, MaxLen: 1400}
-	if err := ha.StartSyncDaemon(master); err != nil {
-		t.Fatal(err)
-	}
-	if err := hb.StartSyncDaemon(backup); err != nil {
-		t.Fatal(err)
-	}
-	if err := ha.StartSyncDaemon(master); !errors.Is(err, syscall.EEXIST) {
-		t.Errorf("a second master: %v, want EEXIST", err)
-	}
-	if err := ha.StopSyncDaemon(ipvs.SyncBackup); !errors.Is(err, syscall.ESRCH) {
-		t.Errorf("stopping a backup that does not run: %v, want ESRCH", err)
-	}
-	if err := ha.StartSyncDaemon(ipvs.SyncDaemon{State: ipvs.SyncBackup, Interface: "sa", Group: netip.MustParseAddr("10.9.0.9")}); err == nil {
-		t.Error("a unicast group was taken")
-	}
-	for ns, want := range map[string]ipvs.SyncDaemon{a: master, b: backup} {
-		got, err := handles[ns].SyncDaemons()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if len(got) != 1 || got[0] != want {
-			t.Errorf("%s lists %v, want [%v]", ns, got, want)
-		}
-	}
-
+	l := &syncLab{a: a, b: b, c: c, r: r, ha: handles[a], hb: handles[b], vs: vs, real: real}
 	// The real server echoes every line, in r.
 	var ln net.Listener
 	if err := inNetns(r, func() (err error) { ln, err = net.Listen("tcp", "10.8.0.2:8080"); return err }); err != nil {
@@ -143,64 +225,107 @@ func TestSyncDaemonsInNamespaces(t *testing.T) {
 			go func() { _, _ = io.Copy(conn, conn); _ = conn.Close() }()
 		}
 	}()
-	// The client, in c, through a's virtual server.
+	return l
+}
+
+// dial opens a connection from c through a's virtual server.
+func (l *syncLab) dial(t *testing.T) net.Conn {
+	t.Helper()
 	var conn net.Conn
-	if err := inNetns(c, func() (err error) {
+	if err := inNetns(l.c, func() (err error) {
 		conn, err = net.DialTimeout("tcp", "192.0.2.1:80", 5*time.Second)
 		return err
 	}); err != nil {
 		t.Fatalf("connect through the virtual server: %v", err)
 	}
 	t.Cleanup(func() { _ = conn.Close() })
-	rd := bufio.NewReader(conn)
-	exchange := func(i int) {
+	return conn
+}
+
+// TestSyncDaemonCost measures what synchronising connections costs: the
+// bytes and packets the master sends for n new connections (each an echo
+// exchange, then held open), and again when they close, and the kernel's
+// memory per connection entry (the ip_vs_conn slab's object size). It
+// asserts that the backup got every connection; the figures are logged
+// for docs/connections.md.
+func TestSyncDaemonCost(t *testing.T) {
+	if inVM(t) {
+		return
+	}
+	const n = 200
+	l := newSyncLab(t)
+	if err := l.ha.StartSyncDaemon(ipvs.SyncDaemon{State: ipvs.SyncMaster, Interface: "sa", SyncID: 9}); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.hb.StartSyncDaemon(ipvs.SyncDaemon{State: ipvs.SyncBackup, Interface: "sb", SyncID: 9}); err != nil {
+		t.Fatal(err)
+	}
+	sent := func() (bytes, packets int) {
 		t.Helper()
+		read := func(what string) int {
+			out, err := exec.Command("ip", "netns", "exec", l.a, "cat", "/sys/class/net/sa/statistics/"+what).Output()
+			if err != nil {
+				t.Fatal(err)
+			}
+			v, err := strconv.Atoi(strings.TrimSpace(string(out)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return v
+		}
+		return read("tx_bytes"), read("tx_packets")
+	}
+	synced := func() int {
+		k := 0
+		for _, c := range conns(t, l.b) {
+			if c.real == l.real.AddrPort() {
+				k++
+			}
+		}
+		return k
+	}
+	waitSynced := func(want int, what string) {
+		t.Helper()
+		deadline := time.Now().Add(30 * time.Second)
+		for synced() != want {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: the backup has %d connections, want %d", what, synced(), want)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	b0, p0 := sent()
+	var open []net.Conn
+	for i := range n {
+		conn := l.dial(t)
 		_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
-		msg := "hello " + strconv.Itoa(i) + "\n"
+		msg := "conn " + strconv.Itoa(i) + "\n"
 		if _, err := io.WriteString(conn, msg); err != nil {
 			t.Fatal(err)
 		}
-		if got, err := rd.ReadString('\n'); err != nil || got != msg {
+		if got, err := bufio.NewReader(conn).ReadString('\n'); err != nil || got != msg {
 			t.Fatalf("echo %d: %q, %v", i, got, err)
 		}
+		open = append(open, conn)
 	}
-	client := netip.MustParseAddrPort(conn.LocalAddr().String())
-	want := ipvsConn{client: client, virtual: netip.MustParseAddrPort("192.0.2.1:80"), real: real.AddrPort()}
-	// The master syncs a connection when its state changes and every
-	// sync_threshold packets: exchange until the backup has it.
-	deadline := time.Now().Add(10 * time.Second)
-	for i := 0; ; i++ {
-		exchange(i)
-		if conns := conns(t, a); !contains(conns, want) {
-			t.Fatalf("a's own table %v lacks the client's connection %v", conns, want)
-		}
-		if contains(conns(t, b), want) {
-			t.Logf("b has the connection after %d exchanges", i+1)
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("b's connection table %v never got %v", conns(t, b), want)
-		}
-		time.Sleep(50 * time.Millisecond)
+	waitSynced(n, "after opening")
+	b1, p1 := sent()
+	for _, conn := range open {
+		_ = conn.Close()
 	}
-
-	// The holder's counters, read by our own dump, saw the stream.
-	vss, err := ha.VirtualServers()
-	if err != nil || len(vss) != 1 {
-		t.Fatalf("a's virtual servers: %v, %v", vss, err)
+	// Closing syncs each connection's new state; the entries stay in the
+	// backup's table until they time out.
+	time.Sleep(2 * time.Second) // the master sends at most every second; nothing asserts on it
+	b2, p2 := sent()
+	// SLUB names the cache's object size in sysfs, also where it merged
+	// the cache with another of the same size (and /proc/slabinfo then
+	// has no line of its own for it).
+	objsize := 0
+	if out, err := os.ReadFile("/sys/kernel/slab/ip_vs_conn/object_size"); err == nil {
+		objsize, _ = strconv.Atoi(strings.TrimSpace(string(out)))
 	}
-	if st := vss[0].Stats; st.Connections != 1 || st.PacketsIn < 3 || st.PacketsOut < 3 || st.BytesIn == 0 || st.BytesOut == 0 {
-		t.Errorf("a's counters %+v, want the one connection and its packets both ways", st)
-	}
-
-	for _, h := range []*ipvs.Netlink{ha, hb} {
-		for _, s := range []ipvs.SyncState{ipvs.SyncMaster, ipvs.SyncBackup} {
-			_ = h.StopSyncDaemon(s)
-		}
-		if got, err := h.SyncDaemons(); err != nil || len(got) != 0 {
-			t.Errorf("after stopping: %v, %v; want none", got, err)
-		}
-	}
+	t.Logf("sync cost: %d connections opened: %d bytes in %d packets on the sync link (%.0f bytes per connection); closed: %d bytes in %d packets more; a connection entry is a %d-byte kernel object on each node",
+		n, b1-b0, p1-p0, float64(b1-b0)/n, b2-b1, p2-p1, objsize)
 }
 
 // ipvsConn is an entry of /proc/net/ip_vs_conn.
