@@ -2,6 +2,7 @@ package ipvs_test
 
 import (
 	"bufio"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -326,6 +327,77 @@ func TestSyncDaemonCost(t *testing.T) {
 	}
 	t.Logf("sync cost: %d connections opened: %d bytes in %d packets on the sync link (%.0f bytes per connection); closed: %d bytes in %d packets more; a connection entry is a %d-byte kernel object on each node",
 		n, b1-b0, p1-p0, float64(b1-b0)/n, b2-b1, p2-p1, objsize)
+}
+
+// TestSyncDaemonTakesForgedEntries measures what docs/connections.md
+// warns of: a backup daemon installs whatever connection entries reach it
+// with its sync ID, from any sender, to any destination. Here a sender at
+// an address no node has plants an entry sending a client's flow through
+// the VIP to an address that is no real server. The speaker must
+// therefore let sync messages in only from its nodes' addresses, and not
+// run a backup daemon where it cannot install that filter.
+func TestSyncDaemonTakesForgedEntries(t *testing.T) {
+	if inVM(t) {
+		return
+	}
+	l := newSyncLab(t)
+	if err := l.hb.StartSyncDaemon(ipvs.SyncDaemon{State: ipvs.SyncBackup, Interface: "sb", SyncID: 9}); err != nil {
+		t.Fatal(err)
+	}
+	// The forger: an address on the sync link that is no node's.
+	for _, args := range [][]string{{"addr", "add", "10.9.0.66/24", "dev", "sa"}, {"route", "add", "224.0.0.0/4", "dev", "sa"}} {
+		if out, err := exec.Command("ip", append([]string{"-n", l.a}, args...)...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v %s", args, err, out)
+		}
+	}
+	forged := ipvsConn{
+		client:  netip.MustParseAddrPort("10.7.0.66:4444"),
+		virtual: netip.MustParseAddrPort("192.0.2.1:80"),
+		real:    netip.MustParseAddrPort("10.66.66.66:80"),
+	}
+	msg := syncMessage(9, forged)
+	deadline := time.Now().Add(10 * time.Second)
+	for !contains(conns(t, l.b), forged) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the backup did not take the forged entry; its table: %v", conns(t, l.b))
+		}
+		if err := inNetns(l.a, func() error {
+			c, err := net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.MustParseAddrPort("10.9.0.66:0")), net.UDPAddrFromAddrPort(netip.MustParseAddrPort("224.0.0.81:8848")))
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			_, err = c.Write(msg)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Logf("a sender at 10.9.0.66, no node's address, planted %v -> %v -> %v in the backup's table", forged.client, forged.virtual, forged.real)
+}
+
+// syncMessage is an IPVS sync message of protocol version 1 with one
+// established TCP connection (struct ip_vs_sync_mesg and ip_vs_sync_v4,
+// net/netfilter/ipvs/ip_vs_sync.c), as a master sends it.
+func syncMessage(syncID uint8, c ipvsConn) []byte {
+	const connSize = 36
+	b := []byte{0, syncID, 0, 0, 1, 1, 0, 0} // reserved, syncid, size, nr_conns, version, spare
+	binary.BigEndian.PutUint16(b[2:], 8+connSize)
+	b = append(b, 0, 6) // type (IPv4), protocol (TCP)
+	b = binary.BigEndian.AppendUint16(b, connSize)
+	b = binary.BigEndian.AppendUint32(b, 0) // flags: masquerade
+	b = binary.BigEndian.AppendUint16(b, 1) // state: IP_VS_TCP_S_ESTABLISHED
+	b = binary.BigEndian.AppendUint16(b, c.client.Port())
+	b = binary.BigEndian.AppendUint16(b, c.virtual.Port())
+	b = binary.BigEndian.AppendUint16(b, c.real.Port())
+	b = binary.BigEndian.AppendUint32(b, 0)   // fwmark
+	b = binary.BigEndian.AppendUint32(b, 900) // timeout, seconds
+	for _, a := range []netip.Addr{c.client.Addr(), c.virtual.Addr(), c.real.Addr()} {
+		a4 := a.As4()
+		b = append(b, a4[:]...)
+	}
+	return b
 }
 
 // ipvsConn is an entry of /proc/net/ip_vs_conn.
