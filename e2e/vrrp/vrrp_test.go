@@ -255,16 +255,18 @@ func TestVRRP(t *testing.T) {
 				}
 				return newHolder
 			}
-			// The planned second choice is the one backup at TopPriority-1
-			// (the others are vrrp.BackupGap lower); read before the stop.
-			second := ""
+			// The backup that must take over: the highest priority but the
+			// holder's (the plan's second choice, or its first when a new
+			// VIP started on the second; the others are vrrp.BackupGap
+			// lower). Read before the stop.
+			second, best := "", 0
 			for _, n := range c.tp.nodes {
-				if priorityOf(t, n, vip) == vrrp.TopPriority-1 {
-					second = n
+				if p := priorityOf(t, n, vip); n != holder && p > best {
+					second, best = n, p
 				}
 			}
-			if second == "" {
-				t.Fatalf("no node has %s at priority %d", vip, vrrp.TopPriority-1)
+			if best < vrrp.TopPriority-1 {
+				t.Fatalf("the best backup of %s, %s, is at priority %d; want %d or more", vip, second, best, vrrp.TopPriority-1)
 			}
 			newHolder := measure("graceful", func() { c.stopSpeaker(holder) }, bound)
 			if h := c.holder(vip, 5*time.Second); h != newHolder {
@@ -273,12 +275,12 @@ func TestVRRP(t *testing.T) {
 			switch {
 			case newHolder == second:
 			case advert >= 100*time.Millisecond:
-				t.Errorf("graceful handover went to %s, not to the planned second choice %s", newHolder, second)
+				t.Errorf("graceful handover went to %s, not to the best backup %s", newHolder, second)
 			default:
 				// At 20 ms adverts the gap is 2.6 ms of skew, which a
 				// loaded machine's scheduling can still lose: reported,
 				// as docs/connections.md says.
-				t.Logf("graceful handover at %s adverts went to %s, not to the planned second choice %s", advert, newHolder, second)
+				t.Logf("graceful handover at %s adverts went to %s, not to the best backup %s", advert, newHolder, second)
 			}
 			c.startSpeaker(holder)
 
