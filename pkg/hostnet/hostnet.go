@@ -18,6 +18,8 @@ import (
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/keeplb/keeplb/pkg/nlattr"
 )
 
 // Link is a network interface with its addresses.
@@ -247,18 +249,15 @@ func parseAddrMsg(m []byte) (index int, p netip.Prefix, ok bool) {
 	family, bits := m[0], int(m[1])
 	index = int(nl.NativeEndian().Uint32(m[4:8]))
 	var local, address []byte
-	for attrs := m[unix.SizeofIfAddrmsg:]; len(attrs) >= unix.SizeofRtAttr; {
-		l := int(nl.NativeEndian().Uint16(attrs[0:2]))
-		if l < unix.SizeofRtAttr || l > len(attrs) {
-			break
-		}
-		switch nl.NativeEndian().Uint16(attrs[2:4]) {
+	if err := nlattr.Walk(m[unix.SizeofIfAddrmsg:], func(typ uint16, v []byte) {
+		switch typ {
 		case unix.IFA_LOCAL:
-			local = attrs[unix.SizeofRtAttr:l]
+			local = v
 		case unix.IFA_ADDRESS:
-			address = attrs[unix.SizeofRtAttr:l]
+			address = v
 		}
-		attrs = attrs[min(len(attrs), (l+unix.RTA_ALIGNTO-1)&^(unix.RTA_ALIGNTO-1)):]
+	}); err != nil {
+		return 0, netip.Prefix{}, false
 	}
 	raw := local
 	if raw == nil {

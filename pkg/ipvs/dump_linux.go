@@ -10,6 +10,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
+
+	"github.com/keeplb/keeplb/pkg/nlattr"
 )
 
 // The IPVS generic netlink attributes of a virtual server (linux/ip_vs.h).
@@ -92,7 +94,7 @@ var schedulers = func() map[string]string {
 // firewall-mark service, a protocol it does not know, an address that
 // does not fit its family.
 func parseServiceMsg(m []byte) (vs VirtualServer, ok bool, err error) {
-	svc, err := nested(m, cmdAttrService)
+	svc, err := nlattr.Find(m, cmdAttrService)
 	if err != nil || svc == nil {
 		return VirtualServer{}, false, err
 	}
@@ -104,7 +106,7 @@ func parseServiceMsg(m []byte) (vs VirtualServer, ok bool, err error) {
 		stats, stats64  []byte
 		havePort, known bool
 	)
-	err = walkAttrs(svc, func(typ uint16, v []byte) {
+	err = nlattr.Walk(svc, func(typ uint16, v []byte) {
 		switch typ {
 		case svcAF:
 			if len(v) >= 2 {
@@ -180,7 +182,7 @@ func parseServiceMsg(m []byte) (vs VirtualServer, ok bool, err error) {
 // and packets in 32 bits) or IPVS_SVC_ATTR_STATS64.
 func parseStats(b []byte, wide bool) (Stats, error) {
 	var s Stats
-	err := walkAttrs(b, func(typ uint16, v []byte) {
+	err := nlattr.Walk(b, func(typ uint16, v []byte) {
 		var x uint64
 		switch {
 		case len(v) >= 8 && (wide || typ == statsInBytes || typ == statsOutBytes):

@@ -9,6 +9,8 @@ import (
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/keeplb/keeplb/pkg/nlattr"
 )
 
 // The IPVS generic netlink commands and attributes of the sync daemons
@@ -27,7 +29,6 @@ const (
 	daemonGroup6   = 6  // IPVS_DAEMON_ATTR_MCAST_GROUP6, in6_addr
 	daemonPort     = 7  // IPVS_DAEMON_ATTR_MCAST_PORT, u16, host order
 	daemonTTL      = 8  // IPVS_DAEMON_ATTR_MCAST_TTL, u8
-	nlaTypeMask    = ^uint16(unix.NLA_F_NESTED | unix.NLA_F_NET_BYTEORDER)
 	ipvsFamilyName = "IPVS"
 )
 
@@ -140,15 +141,13 @@ func daemonAttr(d SyncDaemon) *nl.RtAttr {
 }
 
 // parseDaemonMsg reads one answer to IPVS_CMD_GET_DAEMON (after its
-// generic netlink header); ok is false for one that holds no daemon. It
-// walks the attributes itself: netlink's ParseRouteAttr panics on an
-// attribute whose length overruns the message.
+// generic netlink header); ok is false for one that holds no daemon.
 func parseDaemonMsg(m []byte) (d SyncDaemon, ok bool, err error) {
-	daemon, err := nested(m, cmdAttrDaemon)
+	daemon, err := nlattr.Find(m, cmdAttrDaemon)
 	if err != nil || daemon == nil {
 		return SyncDaemon{}, false, err
 	}
-	err = walkAttrs(daemon, func(typ uint16, v []byte) {
+	err = nlattr.Walk(daemon, func(typ uint16, v []byte) {
 		switch typ {
 		case daemonState:
 			if len(v) >= 4 {
@@ -182,31 +181,4 @@ func parseDaemonMsg(m []byte) (d SyncDaemon, ok bool, err error) {
 		return SyncDaemon{}, false, err
 	}
 	return d, d.State != 0, nil
-}
-
-// nested returns the value of the first attribute of type typ in b, nil if
-// there is none.
-func nested(b []byte, typ uint16) ([]byte, error) {
-	var out []byte
-	err := walkAttrs(b, func(t uint16, v []byte) {
-		if t == typ && out == nil {
-			out = v
-		}
-	})
-	return out, err
-}
-
-// walkAttrs calls f with the type (flags masked off) and value of each
-// netlink attribute in b, in order; an error for one whose length does not
-// fit.
-func walkAttrs(b []byte, f func(typ uint16, v []byte)) error {
-	for len(b) >= unix.SizeofRtAttr {
-		l := int(nl.NativeEndian().Uint16(b[0:2]))
-		if l < unix.SizeofRtAttr || l > len(b) {
-			return fmt.Errorf("malformed netlink attribute: length %d of %d bytes left", l, len(b))
-		}
-		f(nl.NativeEndian().Uint16(b[2:4])&nlaTypeMask, b[unix.SizeofRtAttr:l])
-		b = b[min(len(b), (l+unix.RTA_ALIGNTO-1)&^(unix.RTA_ALIGNTO-1)):]
-	}
-	return nil
 }
