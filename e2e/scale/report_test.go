@@ -44,7 +44,8 @@ type results struct {
 	Resyncs []resync
 	Reloads []reload
 	// ScrapeWall and ScrapeCPU are one scrape of the speaker's /metrics,
-	// settled: its time and the speaker's CPU.
+	// settled: its time, and the speaker's CPU until it is idle again (the
+	// read of the IPVS counters the first scrape starts included).
 	ScrapeWall, ScrapeCPU time.Duration
 	// HeapInuse and NextGC are the Go runtime's, settled.
 	HeapInuse, NextGC int64
@@ -120,7 +121,7 @@ func (r *results) markdown(s spec) string {
 	row(fmt.Sprintf("holder annotations of %d Services written after that", s.Cold), sec(r.ColdHolders), "")
 	row("speaker CPU: to settled, in all", fmt.Sprintf("%s, %s", sec(r.Speaker.Settled.CPU), sec(r.Speaker.End.CPU)), "")
 	row("syncs failed until settled", fmt.Sprintf("%d%s", r.FailedSyncs, lastError(r.FailedSyncExample)), "")
-	row("one scrape of the speaker's /metrics: time, speaker CPU", fmt.Sprintf("%s, %s", sec(r.ScrapeWall), sec(r.ScrapeCPU)), "")
+	row("one scrape of the speaker's /metrics: time; speaker CPU, with the counters' read it starts", fmt.Sprintf("%s, %s", sec(r.ScrapeWall), sec(r.ScrapeCPU)), "")
 	if len(r.Resyncs) > 0 {
 		var wall, ipvs, render, cpu []time.Duration
 		for _, x := range r.Resyncs {
