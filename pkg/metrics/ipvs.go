@@ -94,10 +94,11 @@ func newIPVSStatsText(read func() []VirtualServerStats, maxAge time.Duration) *i
 // current returns the text to serve: the last read's, starting a new read
 // in the background when there is none yet or it is maxAge old; with
 // maxAge 0, a read in the caller's time. The first scrape thus serves no
-// counters rather than wait for the first read: at 10,000 virtual servers
-// that read, behind the speaker's first full sync, took 13 to 18 s under
-// the test VM's emulated CPU, past Prometheus' default 10 s timeout, which
-// would have failed the whole scrape.
+// counters rather than wait for the first read: a dump of 10,000 virtual
+// servers takes seconds of CPU under the test VM's emulated CPU, and
+// holds the Reconciler's lock, so a scrape that waited for it could wait
+// behind a sync too, toward Prometheus' default 10 s timeout, which fails
+// the whole scrape.
 func (c *ipvsStatsText) current() []byte {
 	c.mu.Lock()
 	defer c.mu.Unlock()
