@@ -7,7 +7,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 
@@ -45,18 +44,14 @@ const (
 // the 64-bit counters where the kernel has them (Linux 4.1), which
 // moby/ipvs does not.
 func (n *Netlink) VirtualServers() ([]VirtualServer, error) {
-	fam, err := netlink.GenlFamilyGet(ipvsFamilyName)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrNoIPVS, err)
-	}
-	req := nl.NewNetlinkRequest(int(fam.ID), unix.NLM_F_DUMP)
+	req := nl.NewNetlinkRequest(int(n.family), unix.NLM_F_DUMP)
 	req.AddData(&nl.Genlmsg{Command: cmdGetService, Version: genlVersion})
 	req.Sockets = n.genl
 	var (
 		out  []VirtualServer
 		perr error
 	)
-	err = req.ExecuteIter(unix.NETLINK_GENERIC, fam.ID, func(m []byte) bool {
+	err := req.ExecuteIter(unix.NETLINK_GENERIC, n.family, func(m []byte) bool {
 		if len(m) < nl.SizeofGenlmsg {
 			return true
 		}

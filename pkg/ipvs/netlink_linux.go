@@ -28,6 +28,8 @@ type Netlink struct {
 	// genl is a generic netlink socket of the same namespace, for the
 	// sync daemon commands moby/ipvs does not send (sync_linux.go).
 	genl map[int]*nl.SocketHandle
+	// family is the IPVS generic netlink family's ID.
+	family uint16
 }
 
 var _ Interface = (*Netlink)(nil)
@@ -64,7 +66,15 @@ func NewAt(nsPath string) (*Netlink, error) {
 		h.Close()
 		return nil, fmt.Errorf("open a generic netlink socket: %w", err)
 	}
-	return &Netlink{h: h, genl: genl}, nil
+	// Generic netlink families are the kernel's, not a namespace's: one
+	// lookup serves every command.
+	fam, err := netlink.GenlFamilyGet(ipvsFamilyName)
+	if err != nil {
+		h.Close()
+		genl[unix.NETLINK_GENERIC].Socket.Close()
+		return nil, fmt.Errorf("%w: %v", ErrNoIPVS, err)
+	}
+	return &Netlink{h: h, genl: genl, family: fam.ID}, nil
 }
 
 // Available reports whether the kernel has IPVS, loading the ip_vs module
@@ -75,7 +85,7 @@ func Available() error {
 	if path, err := exec.LookPath("modprobe"); err == nil {
 		_ = exec.Command(path, "-q", "ip_vs").Run()
 	}
-	if _, err := netlink.GenlFamilyGet("IPVS"); err != nil {
+	if _, err := netlink.GenlFamilyGet(ipvsFamilyName); err != nil {
 		if _, statErr := os.Stat("/proc/net/ip_vs"); statErr == nil {
 			return nil // family lookup failed for another reason, yet IPVS is there
 		}

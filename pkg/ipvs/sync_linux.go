@@ -5,7 +5,6 @@ import (
 	"net/netip"
 	"strings"
 
-	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -47,11 +46,7 @@ func genlSocket(ns netns.NsHandle) (map[int]*nl.SocketHandle, error) {
 // command sends one IPVS command and returns the payloads of the answers,
 // after their generic netlink header.
 func (n *Netlink) command(cmd uint8, flags int, attrs ...nl.NetlinkRequestData) ([][]byte, error) {
-	fam, err := netlink.GenlFamilyGet(ipvsFamilyName)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrNoIPVS, err)
-	}
-	req := nl.NewNetlinkRequest(int(fam.ID), flags|unix.NLM_F_ACK)
+	req := nl.NewNetlinkRequest(int(n.family), flags|unix.NLM_F_ACK)
 	req.AddData(&nl.Genlmsg{Command: cmd, Version: genlVersion})
 	for _, a := range attrs {
 		req.AddData(a)
