@@ -475,8 +475,6 @@ func (r *Reconciler) writeNFT(ctx context.Context, rules nft.Rules, keep bool) e
 		}
 	}
 
-	tx := r.k.NFT.NewTransaction()
-	nft.Write(tx, want)
 	// A whole write recreates the guard's counter: keep what it counted.
 	// A failed write changes nothing, so the counter is read again then.
 	r.guardMu.Lock()
@@ -486,7 +484,7 @@ func (r *Reconciler) writeNFT(ctx context.Context, rules nft.Rules, keep bool) e
 	if table {
 		dropped, _ = nft.GuardDrops(ctx, r.k.NFT)
 	}
-	if err := r.k.NFT.Run(ctx, tx); err != nil {
+	if err := nft.Whole(ctx, r.k.NFT, want); err != nil {
 		r.nftFailed, r.nftUnknown = true, true
 		return fmt.Errorf("writing nftables table %s %s: %w", nft.Family, nft.Table, err)
 	}

@@ -1,9 +1,11 @@
 // Package nft writes keeplb's nftables table, inet keeplb: masquerading
 // for traffic IPVS forwards in NAT mode, the Services'
-// spec.loadBalancerSourceRanges, and the VIP port guard. Transaction builds the table as plain
-// data (a knftables.Transaction) from Rules, which dataplane.Reconciler
-// runs; Delete and Cleanup remove the table on a clean exit. Nothing here
-// reads the kernel, and no other table is ever touched.
+// spec.loadBalancerSourceRanges, and the VIP port guard. Compute turns
+// Rules into Elements; Write and Update build the transactions that
+// bring the table to them, which dataplane.Reconciler runs (a whole
+// write through Whole); Delete and Cleanup remove the table on a clean
+// exit. Nothing here reads the kernel but through nft, and no other
+// table is ever touched.
 //
 // # Writing the table
 //
@@ -12,7 +14,13 @@
 // Elements, validated and sorted. Write (what Transaction does) rewrites
 // the table whole in one atomic transaction: created if missing, deleted
 // and written anew, so the result depends on the Elements alone,
-// whatever the table held. Update sends only "add element" and "delete
+// whatever the table held. Whole runs that rewrite: with the real nft it
+// streams the same script to nft's input a line at a time instead of
+// building a knftables.Transaction (an object per element, then the
+// whole text in one buffer: about 45 MB at 100,000 masqueraded real
+// servers), and kills nft before its input ends should the script not be
+// finished, since nft commits whatever it has read at the end of its
+// input. Update sends only "add element" and "delete
 // element" for the elements in which two Elements differ, the deletes
 // first (an interval set takes a range that contains an old one only
 // once the old one is gone): at 100,000 masqueraded real servers, one

@@ -251,12 +251,17 @@ func Update(tx *knftables.Transaction, from, to *Elements) int {
 	return n
 }
 
-// addElements adds every element of e to tx, by family then set, in the
-// order a whole write has always used.
+// addElements adds every element of e to tx.
 func addElements(tx *knftables.Transaction, e *Elements) {
-	add := func(set string, key []string) {
+	eachElement(e, func(set string, key []string) {
 		tx.Add(&knftables.Element{Family: Family, Table: Table, Set: set, Key: key})
-	}
+	})
+}
+
+// eachElement calls add with every element of e, by family then set, in
+// the order a whole write has always used: the one walk of a whole write,
+// built as a transaction (addElements) or streamed (writeElements).
+func eachElement(e *Elements, add func(set string, key []string)) {
 	for _, f := range families() {
 		for _, s := range ofFamily(e.snat, f, func(s SNAT) netip.Addr { return s.Virtual.Address }) {
 			for _, r := range s.Reals {

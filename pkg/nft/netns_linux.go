@@ -1,7 +1,9 @@
 package nft
 
 import (
+	"bufio"
 	"context"
+	"errors"
 
 	"sigs.k8s.io/knftables"
 
@@ -34,7 +36,10 @@ type netnsNFT struct {
 	inner knftables.Interface
 }
 
-var _ knftables.Interface = (*netnsNFT)(nil)
+var (
+	_ knftables.Interface = (*netnsNFT)(nil)
+	_ streamer            = (*netnsNFT)(nil)
+)
 
 // inNetns runs f in the namespace at path. The namespace is opened per
 // call, so a namespace deleted and recreated under the same name is found
@@ -80,4 +85,21 @@ func (n *netnsNFT) ListElements(ctx context.Context, objectType, name string) ([
 // ListCounters is part of knftables.Interface.
 func (n *netnsNFT) ListCounters(ctx context.Context) ([]*knftables.Counter, error) {
 	return inNetns(n.path, func() ([]*knftables.Counter, error) { return n.inner.ListCounters(ctx) })
+}
+
+func (n *netnsNFT) nftPath() string {
+	if s, ok := n.inner.(streamer); ok {
+		return s.nftPath()
+	}
+	return ""
+}
+
+// runScript runs the inner Interface's nft in the namespace; the script
+// is written from the namespace's thread too, which only formats text.
+func (n *netnsNFT) runScript(ctx context.Context, write func(*bufio.Writer) error) error {
+	s, ok := n.inner.(streamer)
+	if !ok {
+		return errors.New("nft: this Interface cannot stream a script")
+	}
+	return n.do(func() error { return s.runScript(ctx, write) })
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os/exec"
 	"slices"
 	"strconv"
 
@@ -328,7 +329,14 @@ func Delete(tx *knftables.Transaction) {
 // nft is missing or nftables is unusable. It does not keep the memory of
 // its largest write (see bigTransaction).
 func New() (knftables.Interface, error) {
-	return newReleasing(func() (knftables.Interface, error) { return knftables.New(Family, Table) })
+	r, err := newReleasing(func() (knftables.Interface, error) { return knftables.New(Family, Table) })
+	if err != nil {
+		return nil, err
+	}
+	// knftables.New found nft in $PATH; Whole streams to the same one.
+	// Without it (it cannot be, but) Whole runs transactions.
+	r.path, _ = exec.LookPath("nft")
+	return r, nil
 }
 
 // Cleanup removes keeplb's table, for a clean exit.

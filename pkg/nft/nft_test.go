@@ -525,9 +525,8 @@ func TestTransactionNeedsMatchingInterface(t *testing.T) {
 // entries nft.Transaction leaves out are reported after the rest is
 // written.
 func write(ctx context.Context, n knftables.Interface, in nft.Rules) error {
-	tx := n.NewTransaction()
-	invalid := nft.Transaction(tx, in)
-	if err := n.Run(ctx, tx); err != nil {
+	e, invalid := nft.Compute(in)
+	if err := nft.Whole(ctx, n, e); err != nil {
 		return errors.Join(err, invalid)
 	}
 	return invalid

@@ -1,6 +1,7 @@
 package nft
 
 import (
+	"bufio"
 	"context"
 	"sync"
 
@@ -27,12 +28,16 @@ const bigTransaction = 4096
 // with the old one.
 type releasing struct {
 	renew func() (knftables.Interface, error)
-	big   int // bigTransaction; smaller in tests
+	path  string // the nft Whole streams to; "" for none
+	big   int    // bigTransaction; smaller in tests
 	mu    sync.Mutex
 	inner knftables.Interface
 }
 
-var _ knftables.Interface = (*releasing)(nil)
+var (
+	_ knftables.Interface = (*releasing)(nil)
+	_ streamer            = (*releasing)(nil)
+)
 
 func newReleasing(renew func() (knftables.Interface, error)) (*releasing, error) {
 	inner, err := renew()
@@ -101,4 +106,11 @@ func (r *releasing) ListElements(ctx context.Context, objectType, name string) (
 // ListCounters is part of knftables.Interface.
 func (r *releasing) ListCounters(ctx context.Context) ([]*knftables.Counter, error) {
 	return r.get().ListCounters(ctx)
+}
+
+func (r *releasing) nftPath() string { return r.path }
+
+// runScript streams a script to nft, without knftables and its buffer.
+func (r *releasing) runScript(ctx context.Context, write func(*bufio.Writer) error) error {
+	return runScript(ctx, r.path, write)
 }

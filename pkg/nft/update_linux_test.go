@@ -43,7 +43,7 @@ func TestKernelUpdate(t *testing.T) {
 	for i := range 40 {
 		in := randomRules(rng, i%5 == 0)
 		next, _ := nft.Compute(in)
-		if err := run(w, func(tx *knftables.Transaction) { nft.Write(tx, next) }); err != nil {
+		if err := nft.Whole(t.Context(), w, next); err != nil {
 			t.Fatalf("step %d: whole write: %v", i, err)
 		}
 		var ops int
