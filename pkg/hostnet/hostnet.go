@@ -115,34 +115,50 @@ const dumpAttempts = 10
 // error). Failing instead would fail every sync while keepalived adds its
 // VIPs, and back the speaker off for minutes.
 func (n *Netlink) Links() ([]Link, error) {
-	var union []Link
+	var union linkUnion
 	for range dumpAttempts {
 		links, err := n.links()
 		if !errors.Is(err, netlink.ErrDumpInterrupted) {
 			return links, err
 		}
-		union = unionLinks(union, links)
+		union.add(links)
 	}
-	return union, nil
+	return union.links, nil
 }
 
-// unionLinks adds to a every link and prefix of b it lacks.
-func unionLinks(a, b []Link) []Link {
+// linkUnion is the union of reads of the links: every link and prefix
+// any of them had. The prefixes of each link are indexed, because a link
+// holds every VIP of the node (10,000 at scale), and a read is unioned
+// while keepalived adds them: a search of the list per prefix was 100
+// million comparisons per read, seconds of CPU.
+type linkUnion struct {
+	links []Link
+	seen  []map[netip.Prefix]bool // by index in links
+}
+
+// add adds to u every link and prefix of b it lacks.
+func (u *linkUnion) add(b []Link) {
 	for _, l := range b {
-		i := slices.IndexFunc(a, func(x Link) bool { return x.Name == l.Name })
+		i := slices.IndexFunc(u.links, func(x Link) bool { return x.Name == l.Name })
 		if i < 0 {
-			a = append(a, l)
+			seen := make(map[netip.Prefix]bool, len(l.Prefixes))
+			for _, p := range l.Prefixes {
+				seen[p] = true
+			}
+			u.links = append(u.links, l)
+			u.seen = append(u.seen, seen)
 			continue
 		}
+		a := &u.links[i]
 		for _, p := range l.Prefixes {
-			if !slices.Contains(a[i].Prefixes, p) {
-				a[i].Prefixes = append(a[i].Prefixes, p)
+			if !u.seen[i][p] {
+				u.seen[i][p] = true
+				a.Prefixes = append(a.Prefixes, p)
 			}
 		}
-		a[i].DefaultRoute4 = a[i].DefaultRoute4 || l.DefaultRoute4
-		a[i].DefaultRoute6 = a[i].DefaultRoute6 || l.DefaultRoute6
+		a.DefaultRoute4 = a.DefaultRoute4 || l.DefaultRoute4
+		a.DefaultRoute6 = a.DefaultRoute6 || l.DefaultRoute6
 	}
-	return a
 }
 
 // links reads the links, their addresses and the default routes: one dump
