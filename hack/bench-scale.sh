@@ -34,7 +34,7 @@ status=0
 KEEPLB_SCALE=1 KEEPLB_TOOLS_DIR=$dir _output/scale.test -test.run '^TestSpeakerAtScale$' -test.v -test.timeout 30m \
   -scale.table "$root/_output/bench-scale.md" -scale.profiles "$root/_output/scale" "$@" >_output/bench-scale.txt 2>&1 || status=$?
 # Progress and verdicts, without the VM's console noise.
-grep -E 'created [0-9]|first sync|VIPs on|holder annotations of|settled:|IPVS:|resync [0-9]|reload [0-9]|target missed|--- (PASS|FAIL)|^(ok|FAIL)' _output/bench-scale.txt |
+grep -E 'created [0-9]|first sync|VIPs on|holder annotations of|settled:|the first scrape|IPVS:|resync [0-9]|reload [0-9]|target missed|--- (PASS|FAIL)|^(ok|FAIL)' _output/bench-scale.txt |
   sed 's/^ *[a-z_0-9]*\.go:[0-9]*: //' >&2 || true
 if [[ ! -s _output/bench-scale.md ]]; then
   tail -n 60 _output/bench-scale.txt >&2

@@ -17,6 +17,8 @@ const daemonSetPath = "manifests/speaker/daemonset.yaml"
 var goEnv = []struct{ name, flag string }{
 	{"GOGC", "scale.gogc"},
 	{"GOMEMLIMIT", "scale.gomemlimit"},
+	// Diagnostics only: gctrace=1 logs the heap at each collection.
+	{"GODEBUG", "scale.godebug"},
 }
 
 // manifestEnv returns the value the speaker's DaemonSet gives name in its

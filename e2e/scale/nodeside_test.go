@@ -152,6 +152,7 @@ func nodeSide(t *testing.T, s spec, dir string) {
 	r.ScrapeWall = time.Since(start)
 	idle()
 	r.ScrapeCPU = stats().CPU - before
+	t.Logf("the first scrape: %s, speaker CPU %s; peak RSS after it %s", r.ScrapeWall.Round(time.Millisecond), r.ScrapeCPU, mib(stats().HWM))
 	r.HeapInuse, r.NextGC = int64(m["go_memstats_heap_inuse_bytes"]), int64(m["go_memstats_next_gc_bytes"])
 	if m[mRenderCount] > 0 {
 		r.Render = seconds(m[mRenderSum] / m[mRenderCount])
@@ -180,7 +181,7 @@ func nodeSide(t *testing.T, s spec, dir string) {
 			Wall: unix(m[mLastSync]).Sub(t0), IPVS: seconds(m[mIPVSSum] - ipvsSum), Render: seconds(m[mRenderSum] - renderSum),
 			CPU: used, Syncs: int(m[mIPVSCount] - count),
 		})
-		t.Logf("resync %d: %+v", k, r.Resyncs[len(r.Resyncs)-1])
+		t.Logf("resync %d: %+v; peak RSS %s", k, r.Resyncs[len(r.Resyncs)-1], mib(stats().HWM))
 		idle() // the scrape's own work
 	}
 	_ = sp.cmd.Process.Signal(syscall.SIGUSR1) // the resyncs' profile ends
@@ -190,7 +191,7 @@ func nodeSide(t *testing.T, s spec, dir string) {
 	// VIP on the link (netlink).
 	for k := range s.Extra {
 		r.Reloads = append(r.Reloads, addService(t, client, sp, s, s.Services+k))
-		t.Logf("reload %d: %+v", k+1, r.Reloads[len(r.Reloads)-1])
+		t.Logf("reload %d: %+v; peak RSS %s", k+1, r.Reloads[len(r.Reloads)-1], mib(stats().HWM))
 		idle()
 	}
 	_ = sp.cmd.Process.Signal(syscall.SIGUSR1)

@@ -49,6 +49,7 @@ var (
 	flagMemory    = flag.String("scale.vm-memory", "3G", "the VM's memory")
 	flagMemLimit  = flag.String("scale.gomemlimit", "", "GOMEMLIMIT for the speaker, e.g. 180MiB, or none (default: the DaemonSet's, "+daemonSetPath+")")
 	flagGOGC      = flag.String("scale.gogc", "", "GOGC for the speaker, e.g. 50, or none (default: the DaemonSet's)")
+	_             = flag.String("scale.godebug", "", "GODEBUG for the speaker, e.g. gctrace=1: its log then has the heap at each collection (default: the DaemonSet's)")
 	flagTable     = flag.String("scale.table", "", "write the results as a markdown table to this file")
 
 	flagNodeSide = flag.String("scale.node-side", "", "internal: the folder of the kubeconfigs when the test runs in the VM")

@@ -242,6 +242,10 @@ func fetch(ctx context.Context, path, file string) error {
 type procStats struct {
 	// RSS and HWM are VmRSS and VmHWM (the peak RSS), in bytes.
 	RSS, HWM int64
+	// Anon and File are RssAnon and RssFile, the parts of RSS that are
+	// the process's own memory and pages of files it maps (above all its
+	// binary's code and read-only data, which GOMEMLIMIT does not count).
+	Anon, File int64
 	// CPU is user and system time.
 	CPU time.Duration
 }
@@ -268,6 +272,10 @@ func statsOf(pid int) (procStats, error) {
 			s.RSS = kb << 10
 		case "VmHWM:":
 			s.HWM = kb << 10
+		case "RssAnon:":
+			s.Anon = kb << 10
+		case "RssFile:":
+			s.File = kb << 10
 		}
 	}
 	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
