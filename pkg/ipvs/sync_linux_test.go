@@ -21,6 +21,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/keeplb/keeplb/pkg/ipvs"
+	"github.com/keeplb/keeplb/pkg/nft"
 	"github.com/keeplb/keeplb/pkg/testing/vm"
 )
 
@@ -344,23 +345,36 @@ func TestSyncDaemonTakesForgedEntries(t *testing.T) {
 	if err := l.hb.StartSyncDaemon(ipvs.SyncDaemon{State: ipvs.SyncBackup, Interface: "sb", SyncID: 9}); err != nil {
 		t.Fatal(err)
 	}
-	// The forger: an address on the sync link that is no node's.
-	for _, args := range [][]string{{"addr", "add", "10.9.0.66/24", "dev", "sa"}, {"route", "add", "224.0.0.0/4", "dev", "sa"}} {
-		if out, err := exec.Command("ip", append([]string{"-n", l.a}, args...)...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %v: %v %s", args, err, out)
-		}
-	}
-	forged := ipvsConn{
-		client:  netip.MustParseAddrPort("10.7.0.66:4444"),
-		virtual: netip.MustParseAddrPort("192.0.2.1:80"),
-		real:    netip.MustParseAddrPort("10.66.66.66:80"),
-	}
-	msg := syncMessage(9, forged)
+	forged, forge := l.forger(t)
 	deadline := time.Now().Add(10 * time.Second)
 	for !contains(conns(t, l.b), forged) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the backup did not take the forged entry; its table: %v", conns(t, l.b))
 		}
+		forge()
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Logf("a sender at 10.9.0.66, no node's address, planted %v -> %v -> %v in the backup's table", forged.client, forged.virtual, forged.real)
+}
+
+// forger gives a sender at 10.9.0.66, an address on a's sync link that is
+// no node's, and the established connection it forges: forge sends one
+// sync message (sync ID 9) planting it, to the sync daemons' group.
+func (l *syncLab) forger(t *testing.T) (forged ipvsConn, forge func()) {
+	t.Helper()
+	for _, args := range [][]string{{"addr", "add", "10.9.0.66/24", "dev", "sa"}, {"route", "add", "224.0.0.0/4", "dev", "sa"}} {
+		if out, err := exec.Command("ip", append([]string{"-n", l.a}, args...)...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v %s", args, err, out)
+		}
+	}
+	forged = ipvsConn{
+		client:  netip.MustParseAddrPort("10.7.0.66:4444"),
+		virtual: netip.MustParseAddrPort("192.0.2.1:80"),
+		real:    netip.MustParseAddrPort("10.66.66.66:80"),
+	}
+	msg := syncMessage(9, forged)
+	return forged, func() {
+		t.Helper()
 		if err := inNetns(l.a, func() error {
 			c, err := net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.MustParseAddrPort("10.9.0.66:0")), net.UDPAddrFromAddrPort(netip.MustParseAddrPort("224.0.0.81:8848")))
 			if err != nil {
@@ -372,9 +386,7 @@ func TestSyncDaemonTakesForgedEntries(t *testing.T) {
 		}); err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(200 * time.Millisecond)
 	}
-	t.Logf("a sender at 10.9.0.66, no node's address, planted %v -> %v -> %v in the backup's table", forged.client, forged.virtual, forged.real)
 }
 
 // syncMessage is an IPVS sync message of protocol version 1 with one
@@ -458,4 +470,75 @@ func inNetns(name string, f func() error) error {
 		errc <- f()
 	}()
 	return <-errc
+}
+
+// TestSyncGuardKeepsForgedEntriesOut: with keeplb's nftables table in the
+// backup's namespace admitting sync messages from the master's address
+// only (nft.SyncGuard), the backup installs the master's entries and none
+// of a stranger's. The forged datagram of TestSyncDaemonTakesForgedEntries
+// goes out before every echo exchange of a real connection through the
+// master, until that connection's entry reaches the backup: the forged
+// one, sent first each time, is then still absent, and the guard counted
+// its drops.
+func TestSyncGuardKeepsForgedEntriesOut(t *testing.T) {
+	if inVM(t) {
+		return
+	}
+	l := newSyncLab(t)
+	n, err := nft.NewAt("/run/netns/" + l.b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := nft.Compute(nft.Rules{Sync: nft.SyncGuard{Ports: []uint16{8848}, Peers: []netip.Addr{netip.MustParseAddr("10.9.0.1")}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := nft.Whole(t.Context(), n, e); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.ha.StartSyncDaemon(ipvs.SyncDaemon{State: ipvs.SyncMaster, Interface: "sa", SyncID: 9}); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.hb.StartSyncDaemon(ipvs.SyncDaemon{State: ipvs.SyncBackup, Interface: "sb", SyncID: 9}); err != nil {
+		t.Fatal(err)
+	}
+	forged, forge := l.forger(t)
+	conn := l.dial(t)
+	r := bufio.NewReader(conn)
+	real := func() bool {
+		for _, c := range conns(t, l.b) {
+			if c.real == l.real.AddrPort() && c.virtual == forged.virtual {
+				return true
+			}
+		}
+		return false
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	exchanges := 0
+	for !real() {
+		if time.Now().After(deadline) {
+			t.Fatalf("the master's connection did not reach the backup in 20s (%d exchanges); its table: %v", exchanges, conns(t, l.b))
+		}
+		forge()
+		_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.WriteString(conn, "ping\n"); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := r.ReadString('\n'); err != nil || got != "ping\n" {
+			t.Fatalf("echo: %q, %v", got, err)
+		}
+		exchanges++
+		time.Sleep(50 * time.Millisecond) // the pace of a stream, not an assertion
+	}
+	if contains(conns(t, l.b), forged) {
+		t.Fatalf("the backup took the forged entry through the sync guard: %v", conns(t, l.b))
+	}
+	out, err := exec.Command("ip", "netns", "exec", l.b, "nft", "list", "chain", "inet", "keeplb", nft.ChainSync).CombinedOutput()
+	if err != nil {
+		t.Fatalf("nft list chain: %v %s", err, out)
+	}
+	if !strings.Contains(string(out), "counter packets") || strings.Contains(string(out), "ip saddr != @sync-peers-v4 counter packets 0 ") {
+		t.Errorf("the sync guard counted no drop of the %d forged datagrams:\n%s", exchanges, out)
+	}
+	t.Logf("the master's connection reached the backup after %d exchanges, each after a forged datagram; the backup took none of them", exchanges)
 }

@@ -49,11 +49,14 @@
 //	set vips-v4, vips-v6         every keeplb VIP
 //	set ports-v4, ports-v6       VIP . proto . port of the VIP's Services
 //	set echo-v4, echo-v6         VIPs that answer ping
+//	set sync-ports               UDP ports of the IPVS sync daemons
+//	set sync-peers-v4, -v6       node addresses sync messages may come from
 //	counter vip-guard-dropped
 //	chain ipvs-masquerade type nat hook postrouting priority srcnat
 //	chain source-ranges   type filter hook input priority filter
 //	chain vip-guard       type filter hook prerouting priority dstnat - 50
 //	chain vip-guard-v4, vip-guard-v6 (jumped to from vip-guard)
+//	chain ipvs-sync       type filter hook input priority filter
 //
 // Two rules per base chain, one per family, and six per guard chain; the
 // sets carry the data, so the rule count does not grow with Services or
@@ -153,4 +156,15 @@
 // A whole write recreates the table, and the counter with it (an Update
 // keeps it): GuardDrops reads it, and a caller that exports a total adds
 // it up before a whole write.
+//
+// # The sync guard
+//
+// The kernel's IPVS connection sync daemon installs every connection
+// entry that reaches its UDP port, unauthenticated, from any sender
+// (docs/connections.md measures a forged one). The ipvs-sync chain drops
+// UDP to the sync-ports from any source not in sync-peers-v4 or -v6, at
+// input, before the daemon's socket reads it. It binds the channel to the
+// nodes' addresses, not to the nodes: a sender on the segment that forges
+// a node's address still gets through, as with VRRP's own adverts. With
+// no ports (no daemon runs) it matches nothing.
 package nft

@@ -42,6 +42,9 @@ type Elements struct {
 	vips     []netip.Addr
 	ports    []ipvs.Key
 	echo     []netip.Addr
+	// The sync guard's: ports sorted without 0, peers as the guard's VIPs.
+	syncPorts []uint16
+	syncPeers []netip.Addr
 }
 
 // allowed is one source range of a filtered virtual server.
@@ -245,6 +248,8 @@ func Update(tx *knftables.Transaction, from, to *Elements) int {
 	diff(from.vips, to.vips, netip.Addr.Compare, func(a netip.Addr) { del(addrKey(a, family.vipsSet)) }, func(a netip.Addr) { add(addrKey(a, family.vipsSet)) })
 	diff(from.ports, to.ports, ipvs.Key.Compare, func(k ipvs.Key) { del(portsKey(k)) }, func(k ipvs.Key) { add(portsKey(k)) })
 	diff(from.echo, to.echo, netip.Addr.Compare, func(a netip.Addr) { del(addrKey(a, family.echoSet)) }, func(a netip.Addr) { add(addrKey(a, family.echoSet)) })
+	diff(from.syncPeers, to.syncPeers, netip.Addr.Compare, func(a netip.Addr) { del(addrKey(a, family.syncPeersSet)) }, func(a netip.Addr) { add(addrKey(a, family.syncPeersSet)) })
+	diff(from.syncPorts, to.syncPorts, cmp.Compare[uint16], func(p uint16) { del(syncPortKey(p)) }, func(p uint16) { add(syncPortKey(p)) })
 	for _, e := range adds {
 		tx.Add(e)
 	}
@@ -283,6 +288,12 @@ func eachElement(e *Elements, add func(set string, key []string)) {
 		for _, a := range ofFamily(e.echo, f, func(a netip.Addr) netip.Addr { return a }) {
 			add(addrKey(a, family.echoSet))
 		}
+		for _, a := range ofFamily(e.syncPeers, f, func(a netip.Addr) netip.Addr { return a }) {
+			add(addrKey(a, family.syncPeersSet))
+		}
+	}
+	for _, p := range e.syncPorts {
+		add(syncPortKey(p))
 	}
 }
 
@@ -328,6 +339,8 @@ func addrKey(a netip.Addr, set func(family) string) (string, []string) {
 	return set(familyOf(a)), []string{a.String()}
 }
 
+func syncPortKey(p uint16) (string, []string) { return syncPortsSet, []string{port(p)} }
+
 // Compute validates in and returns its set elements, and an error naming
 // the entries it left out (see Transaction).
 func Compute(in Rules) (*Elements, error) {
@@ -357,7 +370,36 @@ func Compute(in Rules) (*Elements, error) {
 	e.allowed = sortCompact(e.allowed, compareAllowed)
 
 	errs = append(errs, e.guard(in.Guard)...)
+	errs = append(errs, e.sync(in.Sync)...)
 	return &e, errors.Join(errs...)
+}
+
+// sync sets the sync guard's elements of e from g and returns errors
+// naming what it left out. A peer left out is a node whose messages are
+// dropped, never one admitted.
+func (e *Elements) sync(g SyncGuard) []error {
+	var errs []error
+	for _, p := range sortCompact(slices.Clone(g.Ports), cmp.Compare[uint16]) {
+		if p == 0 {
+			errs = append(errs, errors.New("sync guard: port 0"))
+			continue
+		}
+		e.syncPorts = append(e.syncPorts, p)
+	}
+	for _, a := range g.Peers {
+		a = a.Unmap()
+		switch {
+		case !a.IsValid():
+			errs = append(errs, errors.New("sync guard: invalid peer address"))
+			continue
+		case a.Zone() != "":
+			errs = append(errs, fmt.Errorf("sync guard: peer %s with a zone", a))
+			continue
+		}
+		e.syncPeers = append(e.syncPeers, a)
+	}
+	e.syncPeers = sortCompact(e.syncPeers, netip.Addr.Compare)
+	return errs
 }
 
 // masquerade sets the masquerading of e from in, and returns errs with

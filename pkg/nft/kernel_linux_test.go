@@ -646,3 +646,96 @@ func TestKernelGuard(t *testing.T) {
 	}
 	t.Logf("the guard dropped %d packets", drops)
 }
+
+// TestKernelSyncGuard sends real UDP datagrams to the sync daemons' ports
+// over lo, so that they traverse input as sync messages from another node
+// would: those of a peer (IPv4, IPv4-mapped in the Rules, IPv6) arrive,
+// those of any other address are dropped and counted, and other ports
+// are left alone.
+func TestKernelSyncGuard(t *testing.T) {
+	requireKernel(t)
+	ns := newNetns(t, "sync")
+	for _, a := range []string{"192.0.2.1/32", "192.0.2.2/32", "192.0.2.66/32", "2001:db8::1/128", "2001:db8::2/128", "2001:db8::66/128"} {
+		run(t, "ip", "-n", ns, "addr", "add", a, "dev", "lo", "nodad")
+	}
+	in := nft.Rules{Sync: nft.SyncGuard{Ports: []uint16{8848, 8849}, Peers: addrs("::ffff:192.0.2.2", "2001:db8::2")}}
+	if err := (realNFT{t, ns}).sync(in); err != nil {
+		t.Fatal(err)
+	}
+	// A receiver per port and family; what each got, by source.
+	type datagram struct {
+		port uint16
+		src  netip.Addr
+	}
+	got := make(chan datagram, 64)
+	for _, laddr := range []string{"192.0.2.1:8848", "192.0.2.1:8849", "192.0.2.1:8850", "[2001:db8::1]:8848"} {
+		ap := netip.MustParseAddrPort(laddr)
+		var c *net.UDPConn
+		if err := inNetns(t, ns, func() (err error) {
+			c, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(ap))
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		go func() {
+			buf := make([]byte, 64)
+			for {
+				_, from, err := c.ReadFromUDPAddrPort(buf)
+				if err != nil {
+					return
+				}
+				got <- datagram{ap.Port(), from.Addr().Unmap()}
+			}
+		}()
+	}
+	send := func(src, dst string) {
+		t.Helper()
+		if err := inNetns(t, ns, func() error {
+			c, err := net.DialUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr(src), 0)), net.UDPAddrFromAddrPort(netip.MustParseAddrPort(dst)))
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			_, err = c.Write([]byte("sync"))
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The strangers' datagrams go first: by the time the peer's last one
+	// arrives, theirs would have too.
+	for _, tc := range []struct{ src, dst string }{
+		{"192.0.2.66", "192.0.2.1:8848"},
+		{"192.0.2.66", "192.0.2.1:8849"},
+		{"2001:db8::66", "[2001:db8::1]:8848"},
+		{"192.0.2.66", "192.0.2.1:8850"}, // not a sync port: arrives
+		{"192.0.2.2", "192.0.2.1:8848"},
+		{"192.0.2.2", "192.0.2.1:8849"},
+		{"2001:db8::2", "[2001:db8::1]:8848"},
+	} {
+		send(tc.src, tc.dst)
+	}
+	want := map[datagram]bool{
+		{8850, netip.MustParseAddr("192.0.2.66")}:  true,
+		{8848, netip.MustParseAddr("192.0.2.2")}:   true,
+		{8849, netip.MustParseAddr("192.0.2.2")}:   true,
+		{8848, netip.MustParseAddr("2001:db8::2")}: true,
+	}
+	deadline := time.After(5 * time.Second)
+	for arrived := map[datagram]bool{}; len(arrived) < len(want); {
+		select {
+		case d := <-got:
+			if !want[d] {
+				t.Fatalf("a datagram from %s to port %d arrived: the sync guard let a stranger through", d.src, d.port)
+			}
+			arrived[d] = true
+		case <-deadline:
+			t.Fatalf("only %v of %v arrived in 5s", arrived, want)
+		}
+	}
+	out, _ := nftIn(ns, "", "list", "chain", "inet", "keeplb", nft.ChainSync)
+	if !strings.Contains(out, "counter packets 2 ") || !strings.Contains(out, "counter packets 1 ") {
+		t.Errorf("the sync guard's counters are not 2 (IPv4) and 1 (IPv6) drops:\n%s", out)
+	}
+}

@@ -34,6 +34,9 @@ const (
 	// CounterGuard counts the packets the VIP port guard dropped since
 	// the table was last written.
 	CounterGuard = "vip-guard-dropped"
+	// ChainSync drops IPVS connection sync messages from any address but
+	// a peer's (Rules.Sync).
+	ChainSync = "ipvs-sync"
 )
 
 // GuardPriority is the VIP port guard's priority in the prerouting hook:
@@ -60,6 +63,23 @@ type Rules struct {
 	// Guard is what may reach keeplb's VIPs, as the dataplane computes it;
 	// everything else to them is dropped.
 	Guard Guard
+	// Sync guards the kernel's IPVS connection sync daemons.
+	Sync SyncGuard
+}
+
+// SyncGuard admits the kernel's IPVS connection sync messages from peers
+// only. A sync daemon installs whatever connection entries reach it, from
+// any sender, unauthenticated (docs/connections.md): the table drops UDP
+// to Ports from every source but Peers before the daemon reads it. The
+// kernel's socket is bound to the sync interface, so what arrives on
+// others never reaches it. No Ports: nothing is guarded (no daemon runs).
+type SyncGuard struct {
+	// Ports are the UDP ports the daemons use: the group's port, and for
+	// a master of several threads the ones after it.
+	Ports []uint16
+	// Peers are the addresses sync messages may come from: the other
+	// nodes' addresses on the sync interface.
+	Peers []netip.Addr
 }
 
 // Guard lists what may reach keeplb's VIPs on a node: the ports of the
@@ -127,13 +147,17 @@ func families() [2]family {
 	}
 }
 
-func (f family) snatSet() string     { return "snat-" + f.suffix }
-func (f family) filteredSet() string { return "filtered-" + f.suffix }
-func (f family) allowedSet() string  { return "allowed-" + f.suffix }
-func (f family) vipsSet() string     { return "vips-" + f.suffix }
-func (f family) portsSet() string    { return "ports-" + f.suffix }
-func (f family) echoSet() string     { return "echo-" + f.suffix }
-func (f family) guardChain() string  { return ChainGuard + "-" + f.suffix }
+func (f family) snatSet() string      { return "snat-" + f.suffix }
+func (f family) filteredSet() string  { return "filtered-" + f.suffix }
+func (f family) allowedSet() string   { return "allowed-" + f.suffix }
+func (f family) vipsSet() string      { return "vips-" + f.suffix }
+func (f family) portsSet() string     { return "ports-" + f.suffix }
+func (f family) echoSet() string      { return "echo-" + f.suffix }
+func (f family) guardChain() string   { return ChainGuard + "-" + f.suffix }
+func (f family) syncPeersSet() string { return "sync-peers-" + f.suffix }
+
+// syncPortsSet is the set of the sync daemons' ports, both families'.
+const syncPortsSet = "sync-ports"
 
 // icmpAccepted are the ICMP types a VIP always accepts: the errors that
 // make path MTU discovery and failing connections work (also for flows
@@ -226,6 +250,15 @@ func Write(tx *knftables.Transaction, e *Elements) {
 		Priority: knftables.PtrTo(GuardPriority),
 		Comment:  knftables.PtrTo("send traffic to keeplb's VIPs through the VIP port guard, before kube-proxy's DNAT and IPVS"),
 	})
+	tx.Add(&knftables.Chain{
+		Family:   Family,
+		Table:    Table,
+		Name:     ChainSync,
+		Type:     knftables.PtrTo(knftables.FilterType),
+		Hook:     knftables.PtrTo(knftables.InputHook),
+		Priority: knftables.PtrTo(knftables.FilterPriority),
+		Comment:  knftables.PtrTo("drop IPVS connection sync messages from anything but a peer node"),
+	})
 	tx.Add(&knftables.Counter{
 		Family:  Family,
 		Table:   Table,
@@ -253,6 +286,7 @@ func Write(tx *knftables.Transaction, e *Elements) {
 			{f.snatSet(), vipPort + " . " + f.addr + " . inet_service", "VIP . protocol . port . real server . port to masquerade", false},
 			{f.filteredSet(), vipPort, "VIP . protocol . port with loadBalancerSourceRanges", false},
 			{f.allowedSet(), vipPort + " . " + f.addr, "VIP . protocol . port . allowed source range", true},
+			{f.syncPeersSet(), f.addr, "nodes whose IPVS connection sync messages are accepted", false},
 		} {
 			s := &knftables.Set{Family: Family, Table: Table, Name: set.name, Type: set.typ, Comment: knftables.PtrTo(set.comment)}
 			if set.interval {
@@ -261,6 +295,8 @@ func Write(tx *knftables.Transaction, e *Elements) {
 			tx.Add(s)
 		}
 	}
+
+	tx.Add(&knftables.Set{Family: Family, Table: Table, Name: syncPortsSet, Type: "inet_service", Comment: knftables.PtrTo("UDP ports of the IPVS connection sync daemons")})
 
 	for _, f := range families() {
 		tx.Add(&knftables.Rule{
@@ -286,6 +322,18 @@ func Write(tx *knftables.Transaction, e *Elements) {
 				f.ip, "daddr . meta l4proto . th dport", "@"+f.filteredSet(),
 				f.ip, "daddr . meta l4proto . th dport .", f.ip, "saddr", "!=", "@"+f.allowedSet(),
 				"counter drop",
+			),
+		})
+	}
+
+	for _, f := range families() {
+		tx.Add(&knftables.Rule{
+			Family: Family,
+			Table:  Table,
+			Chain:  ChainSync,
+			Rule: knftables.Concat(
+				"udp dport", "@"+syncPortsSet,
+				f.ip, "saddr", "!=", "@"+f.syncPeersSet(), "counter drop",
 			),
 		})
 	}

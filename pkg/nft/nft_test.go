@@ -89,6 +89,10 @@ var goldenCases = []struct {
 	{"ipv6-source-ranges", nft.Rules{SourceRanges: map[ipvs.Key][]netip.Prefix{web6: prefixes("2001:db8:1::/48")}}},
 	{"guard", nft.Rules{Guard: nft.Guard{VIPs: addrs("192.0.2.10", "2001:db8::10"), Ports: []ipvs.Key{web4, web6}, Echo: addrs("2001:db8::10")}}},
 	{"dualstack", dualStack()},
+	{"sync-guard", nft.Rules{Sync: nft.SyncGuard{
+		Ports: []uint16{8849, 8848, 8848},
+		Peers: addrs("192.0.2.3", "::ffff:192.0.2.2", "2001:db8::3", "192.0.2.3"),
+	}}},
 }
 
 func sync(t *testing.T, fake *knftables.Fake, in nft.Rules) {
@@ -193,17 +197,17 @@ func TestEmpty(t *testing.T) {
 	if fake.Table == nil {
 		t.Fatal("no table after syncing empty input")
 	}
-	want := []string{nft.ChainSNAT, nft.ChainSourceRanges, nft.ChainGuard, nft.ChainGuard + "-v4", nft.ChainGuard + "-v6"}
+	want := []string{nft.ChainSNAT, nft.ChainSourceRanges, nft.ChainGuard, nft.ChainGuard + "-v4", nft.ChainGuard + "-v6", nft.ChainSync}
 	if got := slices.Sorted(maps.Keys(fake.Table.Chains)); !slices.Equal(got, slices.Sorted(slices.Values(want))) {
 		t.Errorf("chains = %v, want %v", got, want)
 	}
-	for name, n := range map[string]int{nft.ChainSNAT: 2, nft.ChainSourceRanges: 2, nft.ChainGuard: 2, nft.ChainGuard + "-v4": 6, nft.ChainGuard + "-v6": 6} {
+	for name, n := range map[string]int{nft.ChainSNAT: 2, nft.ChainSourceRanges: 2, nft.ChainGuard: 2, nft.ChainGuard + "-v4": 6, nft.ChainGuard + "-v6": 6, nft.ChainSync: 2} {
 		if ch := fake.Table.Chains[name]; ch == nil || len(ch.Rules) != n {
 			t.Errorf("chain %s: want %d rules", name, n)
 		}
 	}
-	if len(fake.Table.Sets) != 12 {
-		t.Errorf("%d sets, want 12", len(fake.Table.Sets))
+	if len(fake.Table.Sets) != 15 {
+		t.Errorf("%d sets, want 15", len(fake.Table.Sets))
 	}
 	for name, s := range fake.Table.Sets {
 		if len(s.Elements) != 0 {

@@ -73,8 +73,20 @@ func randomRules(rng *rand.Rand, invalid bool) nft.Rules {
 			in.Guard.Echo = append(in.Guard.Echo, v)
 		}
 	}
+	for _, p := range []uint16{8848, 8849} {
+		if some(2) {
+			in.Sync.Ports = append(in.Sync.Ports, p)
+		}
+	}
+	for _, a := range addrs("10.0.0.1", "10.0.0.2", "::ffff:10.0.0.3", "fd00::1") {
+		if some(2) {
+			in.Sync.Peers = append(in.Sync.Peers, a)
+		}
+	}
 	if invalid && some(2) {
 		zoned := netip.MustParseAddr("fe80::1%eth0")
+		in.Sync.Peers = append(in.Sync.Peers, zoned)
+		in.Sync.Ports = append(in.Sync.Ports, 0)
 		in.SNAT = append(in.SNAT, nft.SNAT{Virtual: virtuals[0], Reals: []netip.AddrPort{netip.AddrPortFrom(zoned, 80)}})
 		in.Guard.VIPs = append(in.Guard.VIPs, zoned)
 		in.Guard.Ports = append(in.Guard.Ports, ipvs.Key{Address: vips[0], Protocol: "ICMP", Port: 1})
