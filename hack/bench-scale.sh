@@ -12,6 +12,10 @@
 #
 #   hack/bench-scale.sh                          the full scale
 #   hack/bench-scale.sh -scale.services=100 …    other sizes (flags of e2e/scale)
+#   hack/bench-scale.sh -scale.cpuprofiles       CPU profiles of the speaker's
+#                                                phases too (the profiler's memory
+#                                                then counts in its RSS)
+#   hack/bench-scale.sh -scale.godebug=gctrace=1 a line per collection in its log
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)

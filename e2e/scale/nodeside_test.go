@@ -13,7 +13,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
-	"syscall"
 	"testing"
 	"time"
 
@@ -135,7 +134,7 @@ func nodeSide(t *testing.T, s spec, dir string) {
 	idle()
 	r.Speaker.Settled = stats()
 	r.KeepalivedParent, r.KeepalivedVRRP = keepalivedStats(t)
-	_ = sp.cmd.Process.Signal(syscall.SIGUSR1) // the startup profile ends
+	sp.endPhase() // the startup profile
 	if err := fetch(ctx, "/debug/pprof/heap?gc=1", filepath.Join(profiles, "heap.pprof")); err != nil {
 		t.Errorf("heap profile: %v", err)
 	}
@@ -184,7 +183,7 @@ func nodeSide(t *testing.T, s spec, dir string) {
 		t.Logf("resync %d: %+v; peak RSS %s", k, r.Resyncs[len(r.Resyncs)-1], mib(stats().HWM))
 		idle() // the scrape's own work
 	}
-	_ = sp.cmd.Process.Signal(syscall.SIGUSR1) // the resyncs' profile ends
+	sp.endPhase() // the resyncs' profile
 
 	// keepalived's reload: a new Service's VIP joins an instance this node
 	// masters; the reload is from the speaker's SIGHUP (its log) to the
@@ -194,7 +193,7 @@ func nodeSide(t *testing.T, s spec, dir string) {
 		t.Logf("reload %d: %+v; peak RSS %s", k+1, r.Reloads[len(r.Reloads)-1], mib(stats().HWM))
 		idle()
 	}
-	_ = sp.cmd.Process.Signal(syscall.SIGUSR1)
+	sp.endPhase() // the reloads' profile
 	r.Speaker.End = stats()
 	// What the scrapes, resyncs and reloads allocated: compare with the
 	// settled profile (go tool pprof -base heap.pprof end-heap.pprof).

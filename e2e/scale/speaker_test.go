@@ -70,8 +70,10 @@ func startSpeaker(t *testing.T, kubeconfig, profileDir, logPath string) *speaker
 	}
 	cmd := exec.Command(exe, "speaker", "--node-name="+node(0), "--kubeconfig="+kubeconfig, "--run-dir="+runDir,
 		"--metrics-bind-address="+metricsAddr, "--metrics-secure=false", "-v=2")
-	cmd.Env = append(os.Environ(), envExec+"=1", envPprof+"="+pprofAddr, envProfileDir+"="+profileDir,
-		envProfilePhases+"="+strings.Join(phases, ","))
+	cmd.Env = append(os.Environ(), envExec+"=1", envPprof+"="+pprofAddr)
+	if *flagCPUProfiles {
+		cmd.Env = append(cmd.Env, envProfileDir+"="+profileDir, envProfilePhases+"="+strings.Join(phases, ","))
+	}
 	// The host side gives them, the DaemonSet's by default.
 	for _, e := range goEnv {
 		if v := flag.Lookup(e.flag).Value.String(); v != "" && v != "none" {
@@ -106,6 +108,15 @@ func startSpeaker(t *testing.T, kubeconfig, profileDir, logPath string) *speaker
 		_ = logFile.Close()
 	})
 	return p
+}
+
+// endPhase ends the current CPU profile and starts the next, if the
+// speaker profiles (-scale.cpuprofiles): without a profiler SIGUSR1 would
+// end the speaker.
+func (p *speakerProc) endPhase() {
+	if *flagCPUProfiles {
+		_ = p.cmd.Process.Signal(syscall.SIGUSR1)
+	}
 }
 
 func (p *speakerProc) read(r io.Reader, copyTo io.Writer) {
