@@ -692,7 +692,7 @@ func (r *Reconciler) Stats() []Counters {
 	if err != nil {
 		return nil
 	}
-	var out []Counters
+	out := make([]Counters, 0, min(len(vss), len(r.owners)))
 	for _, vs := range vss {
 		if owner, ok := r.owners[vs.Key()]; ok {
 			out = append(out, Counters{Service: owner, Key: vs.Key(), Stats: vs.Stats})

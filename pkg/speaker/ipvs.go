@@ -209,8 +209,9 @@ func (d *ipvsStep) reportForeign(ctx context.Context, foreign []ipvs.Key) {
 // stats returns the kernel's counters of the virtual servers keeplb
 // programmed, for the metrics scrape (see dataplane.Reconciler.Stats).
 func (d *ipvsStep) stats() []metrics.VirtualServerStats {
-	var out []metrics.VirtualServerStats
-	for _, c := range d.r.Stats() {
+	cs := d.r.Stats()
+	out := make([]metrics.VirtualServerStats, 0, len(cs))
+	for _, c := range cs {
 		out = append(out, metrics.VirtualServerStats{Service: c.Service, Key: c.Key, Stats: c.Stats})
 	}
 	return out
