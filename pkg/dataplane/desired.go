@@ -53,6 +53,10 @@ type State struct {
 	// Guard is what the VIP port guard lets through to keeplb's VIPs. It
 	// is the same on every node, whichever pools the node may hold.
 	Guard nft.Guard
+	// Sync is the guard of the kernel's connection sync daemons, which
+	// the caller sets (package connsync computes it): the dataplane
+	// writes it with the rest of keeplb's table.
+	Sync nft.SyncGuard
 
 	ranges    []allocator.Range
 	kubeProxy map[ipvs.Key]bool

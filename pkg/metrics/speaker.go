@@ -45,6 +45,9 @@ type Speaker struct {
 	// with IPVS (its kernel has IPVS and keeplb's nftables table is
 	// loaded); at 0 it lowers its VRRP priority for such VIPs.
 	CanForward *metrics.Gauge
+	// ConnSyncDaemons is 1 for each IPVS connection sync daemon (state
+	// master or backup) that runs on this node (--conn-sync).
+	ConnSyncDaemons *metrics.GaugeVec
 	// HolderPending is the number of Services whose holder annotation the
 	// last sync found not naming this node for VIPs it masters: writes
 	// queued, held back or being retried.
@@ -156,6 +159,11 @@ func NewSpeaker() *Speaker {
 			Help:           "1 while this node can forward the VIPs keeplb forwards with IPVS (nodeport, pod): IPVS is on and in the kernel, and keeplb's nftables table is loaded. At 0 the node ranks below every node that can, for those VIPs.",
 			StabilityLevel: metrics.ALPHA,
 		}),
+		ConnSyncDaemons: metrics.NewGaugeVec(&metrics.GaugeOpts{
+			Namespace: namespace, Name: "speaker_conn_sync_daemons",
+			Help:           "1 for each of the kernel's IPVS connection sync daemons (state master or backup) that runs on this node (--conn-sync). The backup runs only while keeplb's nftables table admits sync messages from the other Nodes alone.",
+			StabilityLevel: metrics.ALPHA,
+		}, []string{"state"}),
 		HolderPending: metrics.NewGauge(&metrics.GaugeOpts{
 			Namespace: namespace, Name: "speaker_holder_writes_pending",
 			Help:           "Services whose keeplb.io/holder annotation the last sync found not naming this node for VIPs it masters: writes queued, held back or being retried.",
@@ -205,7 +213,7 @@ func NewSpeaker() *Speaker {
 	}
 	m.registry.MustRegister(m.VRRPState, m.Transitions, m.Reloads, m.Restarts, m.KeepalivedUp, m.RenderDuration, m.Problems,
 		m.InstancesDropped, m.PeersDropped, m.VRRPSyncErrors, m.LastSyncSuccess, m.NotifyFIFOUp, m.FailStatic, m.CanForward,
-		m.HolderPending, m.HolderWriteErrors, m.HolderEventsDropped)
+		m.ConnSyncDaemons, m.HolderPending, m.HolderWriteErrors, m.HolderEventsDropped)
 	return m
 }
 

@@ -36,6 +36,9 @@ type Kernel struct {
 	Conntrack conntrack.Interface
 	// Keepalived runs keepalived with the speaker's keepalived.conf.
 	Keepalived keepalived.Process
+	// Sync runs the kernel's IPVS connection sync daemons; nil without
+	// --conn-sync or IPVS.
+	Sync ipvs.SyncDaemons
 }
 
 // OpenKernel opens the node side of the speaker: the network namespace
@@ -72,6 +75,9 @@ func OpenKernel(ctx context.Context, o *Options) (Kernel, error) {
 		}
 		if k.IPVS != nil {
 			k.Conntrack = openConntrack(ctx, path)
+			if o.ConnSync.Enabled {
+				k.Sync = h
+			}
 		}
 	}
 	k.NFT = openNFT(ctx, path)

@@ -2,12 +2,15 @@ package speaker
 
 import (
 	"errors"
+	"fmt"
+	"net/netip"
 	"os"
 	"time"
 
 	"github.com/spf13/pflag"
 
 	"github.com/keeplb/keeplb/pkg/annotations"
+	"github.com/keeplb/keeplb/pkg/connsync"
 	"github.com/keeplb/keeplb/pkg/kubeconfig"
 	"github.com/keeplb/keeplb/pkg/serve"
 )
@@ -72,6 +75,10 @@ type Options struct {
 	// nftables table, in place when the speaker exits, instead of deleting
 	// them.
 	KeepIPVSOnExit bool
+	// ConnSync runs the kernel's IPVS connection sync daemons behind the
+	// sync guard (package connsync). Off by default: see
+	// docs/connections.md for what it keeps and what not yet.
+	ConnSync connsync.Config
 }
 
 // NewOptions returns Options with the defaults.
@@ -115,6 +122,11 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.BoolVar(&o.IPVS, "ipvs", o.IPVS, "Also forward VIP traffic with IPVS on this node (virtual servers to NodePorts or pods, with keeplb's nftables table inet keeplb for masquerading and loadBalancerSourceRanges; needs nft v1.0.1+; with --netns both live in that namespace). --ipvs=false: the speaker only holds VIPs with VRRP, and Services forwarded by nodeport or pod get no traffic. On a kernel without IPVS the speaker logs an error, records an IPVSUnavailable Warning event on each Service it would forward, and goes on holding VIPs.")
 	fs.BoolVar(&o.IPVSStats, "ipvs-stats", o.IPVSStats, "With --ipvs: serve keeplb_ipvs_connections_total, keeplb_ipvs_packets_total and keeplb_ipvs_bytes_total, five series per virtual server on every node that programs it (50,000 per node at 10,000 Services).")
 	fs.DurationVar(&o.IPVSStatsMaxAge, "ipvs-stats-max-age", o.IPVSStatsMaxAge, "With --ipvs-stats: read the IPVS counters from the kernel (a dump of the whole table) at most this often; a scrape serves the last read's and starts the next read in the background once they are this old. 0 reads at every scrape.")
+	fs.BoolVar(&o.ConnSync.Enabled, "conn-sync", o.ConnSync.Enabled, "With --ipvs: run the kernel's IPVS connection sync daemons, so that the node that takes a VIP over has the connection entries of the node that held it (docs/connections.md: what this keeps, and what not yet). The backup daemon, which installs what it receives, runs only while keeplb's nftables table admits sync messages from the other Nodes' InternalIPs alone; a kernel without the daemons gets a Warning event on the Node and forwards as before.")
+	fs.StringVar(&o.ConnSync.Interface, "conn-sync-interface", o.ConnSync.Interface, "With --conn-sync: the link the sync daemons use (default: the one that holds the Node's InternalIP of the group's family).")
+	fs.Uint8Var(&o.ConnSync.SyncID, "conn-sync-id", o.ConnSync.SyncID, "With --conn-sync: the sync ID of this cluster's messages (0 to 255); a node installs only its own ID's (0: any). Give clusters that share a segment different IDs.")
+	fs.Var(addrValue{&o.ConnSync.Group}, "conn-sync-group", "With --conn-sync: the multicast group (default 224.0.0.81, the kernel's; an IPv6 group syncs over IPv6).")
+	fs.Uint16Var(&o.ConnSync.Port, "conn-sync-port", o.ConnSync.Port, fmt.Sprintf("With --conn-sync: the first UDP port (0: %d); the daemons' threads use up to %d ports from it, all guarded.", connsync.DefaultPort, connsync.MaxThreads))
 	fs.BoolVar(&o.KeepIPVSOnExit, "keep-ipvs-on-exit", o.KeepIPVSOnExit, "With --ipvs: leave keeplb's IPVS virtual servers and its nftables table in place when the speaker exits, for upgrades, so the next speaker finds them programmed and only reconciles them. By default both are deleted on exit, so that a removed keeplb leaves no forwarding behind.")
 }
 
@@ -140,6 +152,12 @@ func (o *Options) Validate() error {
 	if o.ReloadWindow < 0 || o.MinSyncInterval < 0 || o.IPVSStatsMaxAge < 0 {
 		errs = append(errs, errors.New("--reload-window, --min-sync-interval and --ipvs-stats-max-age must not be negative"))
 	}
+	if err := o.ConnSync.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if o.ConnSync.Enabled && !o.IPVS {
+		errs = append(errs, errors.New("--conn-sync needs --ipvs: the sync daemons copy IPVS connection entries"))
+	}
 	if o.MetricsBindAddress != "0" {
 		if err := o.serveConfig().Validate(); err != nil {
 			errs = append(errs, err)
@@ -154,3 +172,32 @@ func (o *Options) serveConfig() serve.Config {
 	c.Defaults()
 	return c
 }
+
+// addrValue is a pflag.Value of an optional IP address: "" is the zero
+// Addr.
+type addrValue struct{ a *netip.Addr }
+
+// String is part of pflag.Value.
+func (v addrValue) String() string {
+	if v.a == nil || !v.a.IsValid() {
+		return ""
+	}
+	return v.a.String()
+}
+
+// Set is part of pflag.Value.
+func (v addrValue) Set(s string) error {
+	if s == "" {
+		*v.a = netip.Addr{}
+		return nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return err
+	}
+	*v.a = a
+	return nil
+}
+
+// Type is part of pflag.Value.
+func (addrValue) Type() string { return "ip" }

@@ -1,6 +1,7 @@
 package speaker
 
 import (
+	"strings"
 	"testing"
 
 	"github.com/spf13/pflag"
@@ -50,6 +51,46 @@ func TestNegativeDurationsRefused(t *testing.T) {
 		}
 		if err := o.Validate(); err == nil {
 			t.Errorf("Validate accepts %s", flag)
+		}
+	}
+}
+
+// TestConnSyncFlags: the --conn-sync flags reach connsync.Config, and
+// Validate names the flag at fault.
+func TestConnSyncFlags(t *testing.T) {
+	parse := func(args ...string) (*Options, error) {
+		o := NewOptions()
+		o.NodeName = "n"
+		fs := pflag.NewFlagSet("speaker", pflag.ContinueOnError)
+		o.AddFlags(fs)
+		if err := fs.Parse(args); err != nil {
+			return o, err
+		}
+		err := o.Validate()
+		return o, err
+	}
+	o, err := parse("--conn-sync", "--conn-sync-interface=bond0", "--conn-sync-id=42", "--conn-sync-group=239.8.8.48", "--conn-sync-port=9000")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c := o.ConnSync; !c.Enabled || c.Interface != "bond0" || c.SyncID != 42 || c.Group.String() != "239.8.8.48" || c.Port != 9000 {
+		t.Errorf("flags gave %+v", c)
+	}
+	if o, err := parse(); err != nil || o.ConnSync.Enabled {
+		t.Errorf("by default: %+v, %v; want off", o.ConnSync, err)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--conn-sync", "--ipvs=false"}, "--conn-sync needs --ipvs"},
+		{[]string{"--conn-sync", "--conn-sync-group=10.0.0.1"}, "not a multicast address"},
+		{[]string{"--conn-sync", "--conn-sync-port=65500"}, "--conn-sync-port 65500"},
+		{[]string{"--conn-sync-group=not-an-address"}, "conn-sync-group"},
+		{[]string{"--conn-sync-id=256"}, "conn-sync-id"},
+	} {
+		if _, err := parse(tc.args...); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%v: %v; want an error saying %q", tc.args, err, tc.want)
 		}
 	}
 }

@@ -168,6 +168,9 @@ type Speaker struct {
 	// dp is the forwarding step: IPVS and keeplb's nftables table, or the
 	// table's VIP port guard alone.
 	dp *ipvsStep
+	// cs is the connection sync step: the kernel's IPVS sync daemons,
+	// behind their guard in the table dp writes.
+	cs *syncStep
 
 	factory    informers.SharedInformerFactory
 	dynFactory dynamicinformer.DynamicSharedInformerFactory
@@ -219,7 +222,7 @@ func newSpeaker(o *Options, client kubernetes.Interface, dyn dynamic.Interface, 
 	m := metrics.NewSpeaker()
 	m.IPVSStats = metrics.IPVSStats{Off: !o.IPVSStats, MaxAge: o.IPVSStatsMaxAge}
 	s := &Speaker{opts: o, client: client, net: k.Net, sup: sup, layout: Layout{RunDir: o.RunDir}, metrics: m, recorder: recorder,
-		dp: newIPVSStep(o, k, m, recorder), states: map[string]keepalived.State{}}
+		dp: newIPVSStep(o, k, m, recorder), cs: newSyncStep(o, k, m, recorder), states: map[string]keepalived.State{}}
 	s.factory = informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithTransform(newTrimmer().trim))
 	s.dynFactory = dynamicinformer.NewDynamicSharedInformerFactory(dyn, 0)
 	s.services = s.factory.Core().V1().Services().Informer()
@@ -296,6 +299,10 @@ func (s *Speaker) run(ctx context.Context) error {
 	<-supDone
 	logger.Info("keepalived stopped; removing VIPs")
 	err = s.removeVIPs(context.WithoutCancel(ctx))
+	if !s.opts.KeepIPVSOnExit {
+		// The backup daemon stops before its guard goes with the table.
+		err = errors.Join(err, s.cs.exit(context.WithoutCancel(ctx)))
+	}
 	return errors.Join(err, s.dp.exit(context.WithoutCancel(ctx), s.collect()))
 }
 

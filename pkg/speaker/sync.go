@@ -15,6 +15,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/keeplb/keeplb/pkg/annotations"
+	"github.com/keeplb/keeplb/pkg/connsync"
 	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/hostnet"
 	"github.com/keeplb/keeplb/pkg/keepalived"
@@ -62,6 +63,10 @@ type desired struct {
 
 	// ignoredAddrs are the Nodes' InternalIPs that nodeview leaves out.
 	ignoredAddrs map[string][]nodeview.Ignored
+
+	// connSync is the connection sync daemons this node should run; their
+	// guard is in forwarding (State.Sync).
+	connSync connsync.Want
 }
 
 // vrrpDesired is the VRRP step's share of desired.
@@ -186,6 +191,10 @@ func (s *Speaker) compute(obs observed) desired {
 	} else {
 		want.forwarding, want.forwardingProblems, want.forwardingDelta = s.dp.update(obs.changed)
 	}
+	var guardChanged bool
+	want.connSync, guardChanged = s.cs.compute(obs.in.Nodes, obs.links)
+	want.forwarding.Sync = want.connSync.Guard
+	want.forwardingDelta.NFT = want.forwardingDelta.NFT || guardChanged
 
 	if obs.plan || s.lastVRRP == nil {
 		start := time.Now()
@@ -224,14 +233,17 @@ func (s *Speaker) compute(obs observed) desired {
 //     VRRP: a node whose IPVS failed still holds its VIPs (with the
 //     priorities of a node that cannot forward, when its table is
 //     missing);
-//  2. the problems found, as logs, events and metrics;
-//  3. the track files, then keepalived.conf (a reload then starts with the
+//  2. the connection sync daemons, behind the guard the table now holds
+//     (or the backup stopped, if the table's write failed);
+//  3. the problems found, as logs, events and metrics;
+//  4. the track files, then keepalived.conf (a reload then starts with the
 //     right priorities);
-//  4. the VRRP state metrics and the holder annotations, which it hands to
+//  5. the VRRP state metrics and the holder annotations, which it hands to
 //     the holder writer and does not wait for.
 func (s *Speaker) apply(ctx context.Context, obs observed, want desired) error {
 	dpErr := s.dp.apply(ctx, obs.service, want.forwarding, want.forwardingProblems, want.forwardingDelta)
 	canForward := s.dp.canForward()
+	s.cs.apply(ctx, nodeNamed(obs.in.Nodes, s.opts.NodeName), want.connSync, canForward)
 	s.reportObserved(ctx, obs.in, want, canForward)
 	err := s.applyVRRP(ctx, obs.in, want, canForward)
 	s.healthyMu.Lock()

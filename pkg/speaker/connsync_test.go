@@ -1,0 +1,123 @@
+package speaker
+
+import (
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+
+	v1 "k8s.io/api/core/v1"
+	"k8s.io/client-go/tools/record"
+	"sigs.k8s.io/knftables"
+
+	"github.com/keeplb/keeplb/pkg/ipvs"
+	ipvstesting "github.com/keeplb/keeplb/pkg/ipvs/testing"
+	"github.com/keeplb/keeplb/pkg/nft"
+)
+
+// TestSyncRunsConnSyncBehindItsGuard: with --conn-sync a sync writes the
+// sync guard into keeplb's table (every thread's port; the other Nodes'
+// InternalIPs) and runs both daemons on the link of the node's own
+// InternalIP. A Node's new address reaches the guard with the next sync,
+// an incremental one. When a write of the table fails, the backup stops
+// in that sync and the master goes on; the backup is back once a write
+// succeeds. A kernel that refuses the daemons gets one Warning event on
+// the Node while it lasts, and forwarding goes on. A clean exit stops
+// them.
+func TestSyncRunsConnSyncBehindItsGuard(t *testing.T) {
+	nf := &failingNFT{Fake: knftables.NewFake(nft.Family, nft.Table)}
+	s, k, _ := syncSpeaker(t, nftCluster(), nf)
+	kernel := k.IPVS.(*ipvstesting.Fake)
+	s.opts.ConnSync.Enabled, s.opts.ConnSync.SyncID = true, 5
+	k.Sync = kernel
+	s.cs = newSyncStep(s.opts, k, s.metrics, s.recorder)
+	events := s.recorder.(*record.FakeRecorder).Events
+
+	daemons := func() []ipvs.SyncDaemon {
+		t.Helper()
+		ds, err := kernel.SyncDaemons()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ds
+	}
+	master := ipvs.SyncDaemon{State: ipvs.SyncMaster, Interface: "eth0", SyncID: 5}
+	backup := ipvs.SyncDaemon{State: ipvs.SyncBackup, Interface: "eth0", SyncID: 5}
+
+	if err := s.sync(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if got := daemons(); !slices.Equal(got, []ipvs.SyncDaemon{master, backup}) {
+		t.Fatalf("daemons after the first sync: %v", got)
+	}
+	wantElements(t, nf.Fake, "sync-peers-v4", "10.0.0.2", "10.0.0.3")
+	if ports := nftElements(t, nf.Fake, "sync-ports"); len(ports) != 64 || !slices.Contains(ports, "8848") || !slices.Contains(ports, "8911") {
+		t.Errorf("sync-ports %v; want 8848 to 8911", ports)
+	}
+
+	// n2 moves to another address: a Service-only sync would not rewrite
+	// the table, the guard's change alone does.
+	n2 := node("n2", "10.0.0.22")
+	_ = s.nodes.GetStore().Update(n2)
+	svc := fwdService("touch", "192.0.2.9", 80, 30099)
+	_ = s.services.GetStore().Add(svc)
+	s.pending.service(svc)
+	if err := s.sync(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	wantElements(t, nf.Fake, "sync-peers-v4", "10.0.0.22", "10.0.0.3")
+
+	nf.fail = true
+	svc = fwdService("touch2", "192.0.2.10", 80, 30100)
+	_ = s.services.GetStore().Add(svc)
+	s.pending.service(svc)
+	if err := s.sync(t.Context()); err == nil {
+		t.Fatal("a sync whose table write failed succeeded")
+	}
+	if got := daemons(); !slices.Equal(got, []ipvs.SyncDaemon{master}) {
+		t.Fatalf("daemons after a failed write of the table: %v; want the master alone", got)
+	}
+	nf.fail = false
+	if err := s.sync(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if got := daemons(); !slices.Equal(got, []ipvs.SyncDaemon{master, backup}) {
+		t.Fatalf("daemons once the table is written again: %v", got)
+	}
+	for len(events) > 0 {
+		if e := <-events; strings.Contains(e, EventConnSyncFailed) {
+			t.Errorf("an event while the daemons ran as asked: %s", e)
+		}
+	}
+
+	// A kernel without the daemons.
+	if err := s.cs.exit(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if got := daemons(); len(got) != 0 {
+		t.Fatalf("daemons after exit: %v", got)
+	}
+	kernel.FailWith(func(c ipvstesting.Call) error {
+		if c.Method == "StartSyncDaemon" {
+			return syscall.ENOPROTOOPT
+		}
+		return nil
+	})
+	for range 2 {
+		if err := s.sync(t.Context()); err != nil {
+			t.Fatalf("a sync failed because the kernel refused the sync daemons: %v", err)
+		}
+	}
+	var warned []string
+	for len(events) > 0 {
+		if e := <-events; strings.Contains(e, EventConnSyncFailed) {
+			warned = append(warned, e)
+		}
+	}
+	if len(warned) != 1 || !strings.Contains(warned[0], v1.EventTypeWarning) || !strings.Contains(warned[0], "start the IPVS sync master daemon") {
+		t.Errorf("events over two syncs with the daemons refused: %q; want one Warning naming the daemon", warned)
+	}
+	if len(kernel.Table()) == 0 {
+		t.Error("no virtual server: forwarding stopped with the sync daemons")
+	}
+}
