@@ -112,7 +112,7 @@ func connSync(t *testing.T, cfg *rest.Config) {
 		return failed == n || now >= before+n*20
 	})
 	r := checker.Stop()
-	t.Logf("graceful handover of %s from %s to %s with --conn-sync: %s", vip, holder, next, r)
+	t.Logf("graceful handover of %s from %s to %s with --conn-sync: %s; failed: %v", vip, holder, next, r, r.Failed)
 }
 
 // hexAddr is an IPv4 address as /proc/net/ip_vs_conn writes it: eight
