@@ -49,7 +49,9 @@ type Config struct {
 	// with its own ID (0 takes every ID).
 	SyncID uint8
 	// Group is the multicast group; invalid means the kernel's,
-	// 224.0.0.81. An IPv6 group syncs over IPv6 (Linux 4.3 or later).
+	// 224.0.0.81. An IPv6 group syncs over IPv6 (Linux 4.3 or later), and
+	// must be of wider than link-local scope: the messages must come from
+	// the Nodes' InternalIPs, which the guard admits.
 	Group netip.Addr
 	// Port is the first UDP port; 0 means DefaultPort.
 	Port uint16
@@ -66,6 +68,12 @@ func (c Config) Validate() error {
 	}
 	if err := d.Validate(); err != nil {
 		return fmt.Errorf("--conn-sync: %w", err)
+	}
+	if c.Group.Is6() && c.Group.IsLinkLocalMulticast() {
+		// The kernel sends to a link-local group from the link's
+		// link-local address, which no Node has as an InternalIP: the
+		// guard would drop every message.
+		return fmt.Errorf("--conn-sync-group %s: a link-local group's messages come from link-local addresses, which the guard (the Nodes' InternalIPs) drops; use a group of wider scope, such as ff05::8848", c.Group)
 	}
 	if int(c.port())+MaxThreads-1 > 65535 {
 		return fmt.Errorf("--conn-sync-port %d: want at most %d, so that its %d threads' ports fit", c.Port, 65535-MaxThreads+1, MaxThreads)

@@ -65,7 +65,7 @@ func TestCompute(t *testing.T) {
 		t.Errorf("guarded ports %v; want %d to %d", w.Guard.Ports, DefaultPort, DefaultPort+MaxThreads-1)
 	}
 
-	group := netip.MustParseAddr("ff02::8848")
+	group := netip.MustParseAddr("ff05::8848")
 	w = Compute(Config{Enabled: true, Group: group, Port: 9000}, "node-a", nodes, links)
 	if w.Problem != nil || w.Daemons[0].Interface != "eth1" || w.Daemons[1].Group != group || w.Daemons[1].Port != 9000 {
 		t.Errorf("IPv6 group: %+v", w)
@@ -100,6 +100,8 @@ func TestValidate(t *testing.T) {
 		{Config{Enabled: true, Port: 65473}, "--conn-sync-port 65473"},
 		{Config{Enabled: true, Group: netip.MustParseAddr("10.0.0.1")}, "not a multicast address"},
 		{Config{Enabled: true, Interface: "an-interface-name-too-long"}, "interface"},
+		{Config{Enabled: true, Group: netip.MustParseAddr("ff02::8848")}, "link-local group"},
+		{Config{Enabled: true, Group: netip.MustParseAddr("ff05::8848")}, ""},
 	} {
 		err := tc.c.Validate()
 		if (err == nil) != (tc.err == "") || err != nil && !strings.Contains(err.Error(), tc.err) {

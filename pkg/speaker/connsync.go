@@ -2,7 +2,9 @@ package speaker
 
 import (
 	"context"
+	"errors"
 	"slices"
+	"syscall"
 
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/tools/record"
@@ -85,6 +87,11 @@ func (c *syncStep) apply(ctx context.Context, self *v1.Node, want connsync.Want,
 	problems := []error{want.Problem}
 	running, err := connsync.Apply(c.k, c.running, want, guarded)
 	c.running = running
+	if errors.Is(err, syscall.EEXIST) {
+		// A daemon runs that this speaker did not list (its first
+		// listing failed): list again at the next sync.
+		c.listed = false
+	}
 	problems = append(problems, err)
 	if len(want.Daemons) > 0 && !guarded {
 		logger.V(2).Info("IPVS connection sync: the backup daemon waits for keeplb's nftables table to admit the peers alone")

@@ -121,3 +121,32 @@ func TestSyncRunsConnSyncBehindItsGuard(t *testing.T) {
 		t.Error("no virtual server: forwarding stopped with the sync daemons")
 	}
 }
+
+// TestConnSyncFindsUnlistedDaemons: a daemon this speaker did not list
+// (its first listing failed; a previous speaker left it) makes the start
+// fail with EEXIST; the next sync lists the kernel's daemons again and
+// replaces it with the wanted one.
+func TestConnSyncFindsUnlistedDaemons(t *testing.T) {
+	s, k, _ := syncSpeaker(t, nftCluster(), knftables.NewFake(nft.Family, nft.Table))
+	kernel := k.IPVS.(*ipvstesting.Fake)
+	if err := kernel.StartSyncDaemon(ipvs.SyncDaemon{State: ipvs.SyncMaster, Interface: "eth9", SyncID: 1}); err != nil {
+		t.Fatal(err)
+	}
+	s.opts.ConnSync.Enabled = true
+	k.Sync = kernel
+	s.cs = newSyncStep(s.opts, k, s.metrics, s.recorder)
+	s.cs.listed = true // as if listed, and found nothing
+	if err := s.sync(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if s.cs.listed {
+		t.Fatal("an EEXIST from the kernel left the step trusting its listing")
+	}
+	if err := s.sync(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	want := []ipvs.SyncDaemon{{State: ipvs.SyncMaster, Interface: "eth0"}, {State: ipvs.SyncBackup, Interface: "eth0"}}
+	if got, _ := kernel.SyncDaemons(); !slices.Equal(got, want) {
+		t.Errorf("daemons after the second sync: %v; want %v", got, want)
+	}
+}
