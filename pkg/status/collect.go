@@ -180,9 +180,26 @@ func condition(cs []metav1.Condition, t string) Condition {
 // controller and the speaker.
 
 // warningIndex holds the most recent Warning event of each Service, by
-// namespace, name and UID: an event about an earlier Service of the same
-// name must not be reported on its successor.
-type warningIndex map[string]*v1.Event
+// namespace, name and UID (an event about an earlier Service of the same
+// name must not be reported on its successor): the most recent of the
+// components that decide a Service's VIPs (ours), and the most recent of
+// any (all).
+type warningIndex struct{ ours, all map[string]*v1.Event }
+
+// ours reports whether component is an event source whose warnings say
+// why keeplb cannot serve a Service: controller.Component,
+// speaker.Component (a test keeps these names equal to those constants,
+// which this package does not import) and the upstream service
+// controller that keeplb runs. A pending Service also collects other
+// components' warnings (the API server's ClusterIP repair, for one),
+// which would otherwise hide keeplb's reason whenever they are newer.
+func ours(component string) bool {
+	switch component {
+	case "keeplb-controller", "keeplb-speaker", "service-controller":
+		return true
+	}
+	return false
+}
 
 func warningKey(ns, name string, uid types.UID) string {
 	return ns + "/" + name + "/" + string(uid)
@@ -191,7 +208,7 @@ func warningKey(ns, name string, uid types.UID) string {
 // lastWarnings indexes events. The filter repeats the field selector, which
 // not every client (fakes among them) applies.
 func lastWarnings(events []v1.Event) warningIndex {
-	out := warningIndex{}
+	ix := warningIndex{ours: map[string]*v1.Event{}, all: map[string]*v1.Event{}}
 	for i := range events {
 		ev := &events[i]
 		if ev.Type != v1.EventTypeWarning || ev.InvolvedObject.Kind != "Service" {
@@ -202,26 +219,35 @@ func lastWarnings(events []v1.Event) warningIndex {
 			ns = ev.Namespace
 		}
 		key := warningKey(ns, ev.InvolvedObject.Name, ev.InvolvedObject.UID)
-		if prev, ok := out[key]; !ok || eventTime(ev).After(eventTime(prev)) {
-			out[key] = ev
+		maps := []map[string]*v1.Event{ix.all}
+		if ours(ev.Source.Component) || ours(ev.ReportingController) {
+			maps = append(maps, ix.ours)
+		}
+		for _, m := range maps {
+			if prev, ok := m[key]; !ok || eventTime(ev).After(eventTime(prev)) {
+				m[key] = ev
+			}
 		}
 	}
-	return out
+	return ix
 }
 
-// last returns the message of svc's most recent Warning event, counting
-// events that name no UID as svc's.
+// last returns the message of svc's most recent Warning event from the
+// components that serve it, else from any, counting events that name no
+// UID as svc's.
 func (ix warningIndex) last(svc *v1.Service) string {
-	var best *v1.Event
-	for _, uid := range []types.UID{svc.UID, ""} {
-		if ev := ix[warningKey(svc.Namespace, svc.Name, uid)]; ev != nil && (best == nil || eventTime(ev).After(eventTime(best))) {
-			best = ev
+	for _, m := range []map[string]*v1.Event{ix.ours, ix.all} {
+		var best *v1.Event
+		for _, uid := range []types.UID{svc.UID, ""} {
+			if ev := m[warningKey(svc.Namespace, svc.Name, uid)]; ev != nil && (best == nil || eventTime(ev).After(eventTime(best))) {
+				best = ev
+			}
+		}
+		if best != nil {
+			return best.Message
 		}
 	}
-	if best == nil {
-		return ""
-	}
-	return best.Message
+	return ""
 }
 
 // eventTime is when the event last happened, whichever API wrote it.

@@ -16,6 +16,8 @@ import (
 
 	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
+	"github.com/keeplb/keeplb/pkg/controller"
+	"github.com/keeplb/keeplb/pkg/speaker"
 )
 
 var t0 = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
@@ -125,5 +127,51 @@ func TestCollect(t *testing.T) {
 	}
 	if len(got.Services) != 1 || got.Services[0].Name != "wide" {
 		t.Errorf("without default class: services %+v, want only default/wide", got.Services)
+	}
+}
+
+// TestProblemPrefersKeeplbsWarning: a pending Service's problem is the
+// latest Warning of keeplb's components (or the upstream service
+// controller it runs), even when another component warned later (the API
+// server's ClusterIP repair did, in the integration suite); a Service
+// with only others' warnings shows the latest of those.
+func TestProblemPrefersKeeplbsWarning(t *testing.T) {
+	from := func(ev *v1.Event, component, reporting string) v1.Event {
+		ev.Source.Component, ev.ReportingController = component, reporting
+		return *ev
+	}
+	svcs := []v1.Service{
+		*lbService("ns", "a", nil, nil),
+		*lbService("ns", "b", nil, nil),
+		*lbService("ns", "c", nil, nil),
+	}
+	for i := range svcs {
+		svcs[i].UID = k8stypes.UID("uid-" + svcs[i].Name)
+	}
+	events := []v1.Event{
+		from(warning("ns", "a", "uid-a", "Error syncing load balancer: IPPool small has no free IPv4 address", 0), "service-controller", ""),
+		from(warning("ns", "a", "uid-a", "Cluster IP [IPv4]: 10.96.59.116 is not allocated; repairing", time.Second), "ipallocator-repair-controller", ""),
+		from(warning("ns", "b", "uid-b", "no VRRP instance: VRID range full", 0), "", speaker.Component),
+		from(warning("ns", "b", "uid-b", "ClusterIP repair said something", time.Minute), "", "ipallocator-repair-controller"),
+		from(warning("ns", "c", "uid-c", "only a foreign warning", 0), "someone-else", ""),
+		from(warning("ns", "c", "uid-c", "a later foreign warning", time.Second), "someone-else", ""),
+	}
+	r := Build(nil, svcs, events, Options{LoadBalancerClass: "keeplb.io/vip", DefaultClass: true})
+	got := map[string]string{}
+	for _, s := range r.Services {
+		got[s.Name] = s.Problem
+	}
+	want := map[string]string{
+		"a": "Error syncing load balancer: IPPool small has no free IPv4 address",
+		"b": "no VRRP instance: VRID range full",
+		"c": "a later foreign warning",
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("problems %q; want %q", got, want)
+	}
+	for _, c := range []string{controller.Component, speaker.Component} {
+		if !ours(c) {
+			t.Errorf("component %q is not counted as keeplb's", c)
+		}
 	}
 }
