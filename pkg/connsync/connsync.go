@@ -102,6 +102,12 @@ type Want struct {
 	// Guard admits the other nodes' messages to the daemons' ports. It is
 	// what keeplb's nftables table must hold before the backup runs.
 	Guard nft.SyncGuard
+	// FollowVIP says keeplb's masquerade must follow the VIP
+	// (nft.Rules.FollowVIP): set whenever the sync is enabled, daemons or
+	// not, since a synced entry keeps no masqueraded connection without
+	// it, and a node must not change what its backends see with the
+	// state of its sync link.
+	FollowVIP bool
 	// Problem says why no daemon is wanted although the sync is enabled,
 	// and what to do about it.
 	Problem error
@@ -134,15 +140,15 @@ func Compute(c Config, self string, nodes []vrrp.Node, links []hostnet.Link) Wan
 	iface := c.Interface
 	if iface == "" {
 		if !own.IsValid() {
-			return Want{Problem: fmt.Errorf("connection sync: Node %s has no %s InternalIP to find its sync link by: give --conn-sync-interface", self, fam)}
+			return Want{FollowVIP: true, Problem: fmt.Errorf("connection sync: Node %s has no %s InternalIP to find its sync link by: give --conn-sync-interface", self, fam)}
 		}
 		iface = linkOf(links, own)
 		if iface == "" {
-			return Want{Problem: fmt.Errorf("connection sync: no link of this node holds its InternalIP %s: give --conn-sync-interface", own)}
+			return Want{FollowVIP: true, Problem: fmt.Errorf("connection sync: no link of this node holds its InternalIP %s: give --conn-sync-interface", own)}
 		}
 	}
 	port := c.port()
-	var w Want
+	w := Want{FollowVIP: true}
 	for _, s := range []ipvs.SyncState{ipvs.SyncMaster, ipvs.SyncBackup} {
 		w.Daemons = append(w.Daemons, ipvs.SyncDaemon{State: s, Interface: iface, SyncID: c.SyncID, Group: c.Group, Port: c.Port})
 	}

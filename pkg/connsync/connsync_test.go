@@ -43,13 +43,16 @@ var (
 // family, each once; and a node whose link cannot be found runs nothing
 // and says what to give.
 func TestCompute(t *testing.T) {
-	if w := Compute(Config{}, "node-a", nodes, links); len(w.Daemons) != 0 || len(w.Guard.Ports) != 0 || w.Problem != nil {
+	if w := Compute(Config{}, "node-a", nodes, links); len(w.Daemons) != 0 || len(w.Guard.Ports) != 0 || w.Problem != nil || w.FollowVIP {
 		t.Errorf("disabled: %+v; want nothing", w)
 	}
 
 	w := Compute(Config{Enabled: true, SyncID: 7}, "node-a", nodes, links)
 	if w.Problem != nil {
 		t.Fatal(w.Problem)
+	}
+	if !w.FollowVIP {
+		t.Error("enabled: the masquerade does not follow the VIP")
 	}
 	want := []ipvs.SyncDaemon{
 		{State: ipvs.SyncMaster, Interface: "eth1", SyncID: 7},
@@ -83,8 +86,8 @@ func TestCompute(t *testing.T) {
 		{"node-x", "no IPv4 InternalIP"},
 	} {
 		w := Compute(Config{Enabled: true}, tc.node, nodes, links)
-		if w.Problem == nil || !strings.Contains(w.Problem.Error(), tc.want) || !strings.Contains(w.Problem.Error(), "--conn-sync-interface") || len(w.Daemons) != 0 {
-			t.Errorf("%s: %+v; want no daemon and a problem saying %q and the flag", tc.node, w, tc.want)
+		if w.Problem == nil || !strings.Contains(w.Problem.Error(), tc.want) || !strings.Contains(w.Problem.Error(), "--conn-sync-interface") || len(w.Daemons) != 0 || !w.FollowVIP {
+			t.Errorf("%s: %+v; want no daemon, a problem saying %q and the flag, and the masquerade following the VIP all the same", tc.node, w, tc.want)
 		}
 	}
 }

@@ -57,6 +57,10 @@ type State struct {
 	// the caller sets (package connsync computes it): the dataplane
 	// writes it with the rest of keeplb's table.
 	Sync nft.SyncGuard
+	// FollowVIP masquerades to the VIP rather than to the node, and keeps
+	// flows routed for a VIP held elsewhere in a conntrack zone of their
+	// own (nft.Rules.FollowVIP), which the caller sets with Sync.
+	FollowVIP bool
 
 	ranges    []allocator.Range
 	kubeProxy map[ipvs.Key]bool

@@ -199,7 +199,7 @@ func (r *Reconciler) sync(ctx context.Context, st State) (Report, error) {
 		return r.guardOnly(ctx, st)
 	}
 	var rep Report
-	rules := nft.Rules{SNAT: st.SNAT, SourceRanges: st.SourceRanges, Guard: st.Guard, Sync: st.Sync}
+	rules := nft.Rules{SNAT: st.SNAT, SourceRanges: st.SourceRanges, Guard: st.Guard, Sync: st.Sync, FollowVIP: st.FollowVIP}
 	var errs []error
 	if err := r.ensureIPv6(st.IPVS); err != nil {
 		errs = append(errs, err) // IPv4 is unaffected: program anyway
@@ -318,7 +318,7 @@ func (r *Reconciler) syncDelta(ctx context.Context, st State, d Delta) (Report, 
 	}
 	var rep Report
 	ops, desired := diffDelta(r.programmed, st, d)
-	rules := nft.Rules{SNAT: st.SNAT, SourceRanges: st.SourceRanges, Guard: st.Guard, Sync: st.Sync}
+	rules := nft.Rules{SNAT: st.SNAT, SourceRanges: st.SourceRanges, Guard: st.Guard, Sync: st.Sync, FollowVIP: st.FollowVIP}
 	var errs []error
 	if err := r.ensureIPv6(desired); err != nil {
 		errs = append(errs, err)

@@ -51,12 +51,15 @@
 //	set echo-v4, echo-v6         VIPs that answer ping
 //	set sync-ports               UDP ports of the IPVS sync daemons
 //	set sync-peers-v4, -v6       node addresses sync messages may come from
+//	set snat-vip-v4, -v6         as snat, masqueraded to the VIP (FollowVIP)
+//	set transit-v4, -v6          VIPs whose routed flows take TransitZone
 //	counter vip-guard-dropped
 //	chain ipvs-masquerade type nat hook postrouting priority srcnat
 //	chain source-ranges   type filter hook input priority filter
 //	chain vip-guard       type filter hook prerouting priority dstnat - 50
 //	chain vip-guard-v4, vip-guard-v6 (jumped to from vip-guard)
 //	chain ipvs-sync       type filter hook input priority filter
+//	chain vip-transit     type filter hook prerouting priority raw
 //
 // Two rules per base chain, one per family, and six per guard chain; the
 // sets carry the data, so the rule count does not grow with Services or
@@ -167,4 +170,24 @@
 // nodes' addresses, not to the nodes: a sender on the segment that forges
 // a node's address still gets through, as with VRRP's own adverts. With
 // no ports (no daemon runs) it matches nothing.
+//
+// # Masquerading that follows the VIP
+//
+// With Rules.FollowVIP the real servers go to snat-vip instead of snat,
+// whose rule translates the source to the VIP the connection was opened
+// to (snat ip to ct original ip daddr), keeping the client's port where
+// the tuple is free. A backend then sees VIP:client-port from whichever
+// node holds the VIP, and replies to the VIP, so they reach the new holder
+// after a move, which, given the connection's IPVS entry by the sync
+// daemon, forwards the next segment to the same backend with the same
+// tuple. A node that does not hold the VIP routes such flows between the
+// holder and its own pods; the vip-transit chain puts them in conntrack
+// zone TransitZone (from a VIP to an address not local, or to a VIP not
+// local), before conntrack sees them. In the default zone their entries
+// would break a move both ways: on the new holder, the routed flow's
+// entry holds the tuple its NAT needs for the same connection, so the NAT
+// picks another port and the pod resets the stream; on the old holder,
+// its pods' replies would match the holder's entry and be de-NATed to
+// the client with the pod's address. The test of both is
+// TestConnSync in e2e/ipvs.
 package nft

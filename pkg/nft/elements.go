@@ -45,6 +45,9 @@ type Elements struct {
 	// The sync guard's: ports sorted without 0, peers as the guard's VIPs.
 	syncPorts []uint16
 	syncPeers []netip.Addr
+	// followVIP puts snat in the snat-vip sets, and vips in the transit
+	// sets too (Rules.FollowVIP).
+	followVIP bool
 }
 
 // allowed is one source range of a filtered virtual server.
@@ -242,7 +245,14 @@ func Update(tx *knftables.Transaction, from, to *Elements) int {
 	}
 	del := func(set string, key []string) { tx.Delete(op(set, key)) }
 	add := func(set string, key []string) { adds = append(adds, op(set, key)) }
-	diffSNAT(from.snat, to.snat, func(v ipvs.Key, r netip.AddrPort) { del(snatKey(v, r)) }, func(v ipvs.Key, r netip.AddrPort) { add(snatKey(v, r)) })
+	if from.followVIP == to.followVIP {
+		diffSNAT(from.snat, to.snat, func(v ipvs.Key, r netip.AddrPort) { del(from.snatKey(v, r)) }, func(v ipvs.Key, r netip.AddrPort) { add(to.snatKey(v, r)) })
+	} else {
+		// Every real server changes set: out of one, into the other.
+		diffSNAT(from.snat, nil, func(v ipvs.Key, r netip.AddrPort) { del(from.snatKey(v, r)) }, nil)
+		diffSNAT(nil, to.snat, nil, func(v ipvs.Key, r netip.AddrPort) { add(to.snatKey(v, r)) })
+	}
+	diff(from.transit(), to.transit(), netip.Addr.Compare, func(a netip.Addr) { del(addrKey(a, family.transitSet)) }, func(a netip.Addr) { add(addrKey(a, family.transitSet)) })
 	diff(from.filtered, to.filtered, ipvs.Key.Compare, func(k ipvs.Key) { del(filteredKey(k)) }, func(k ipvs.Key) { add(filteredKey(k)) })
 	diff(from.allowed, to.allowed, compareAllowed, func(a allowed) { del(allowedKey(a)) }, func(a allowed) { add(allowedKey(a)) })
 	diff(from.vips, to.vips, netip.Addr.Compare, func(a netip.Addr) { del(addrKey(a, family.vipsSet)) }, func(a netip.Addr) { add(addrKey(a, family.vipsSet)) })
@@ -270,7 +280,7 @@ func eachElement(e *Elements, add func(set string, key []string)) {
 	for _, f := range families() {
 		for _, s := range ofFamily(e.snat, f, func(s SNAT) netip.Addr { return s.Virtual.Address }) {
 			for _, r := range s.Reals {
-				add(snatKey(s.Virtual, r))
+				add(e.snatKey(s.Virtual, r))
 			}
 		}
 		for _, k := range ofFamily(e.filtered, f, func(k ipvs.Key) netip.Addr { return k.Address }) {
@@ -290,6 +300,9 @@ func eachElement(e *Elements, add func(set string, key []string)) {
 		}
 		for _, a := range ofFamily(e.syncPeers, f, func(a netip.Addr) netip.Addr { return a }) {
 			add(addrKey(a, family.syncPeersSet))
+		}
+		for _, a := range ofFamily(e.transit(), f, func(a netip.Addr) netip.Addr { return a }) {
+			add(addrKey(a, family.transitSet))
 		}
 	}
 	for _, p := range e.syncPorts {
@@ -319,8 +332,23 @@ func virtualKey(k ipvs.Key) []string {
 	return []string{k.Address.String(), nftProtocol(k.Protocol), port(k.Port)}
 }
 
-func snatKey(v ipvs.Key, r netip.AddrPort) (string, []string) {
-	return familyOf(v.Address).snatSet(), append(virtualKey(v), r.Addr().String(), port(r.Port()))
+// snatKey is the element of a masqueraded real server, in the set that
+// e's FollowVIP says.
+func (e *Elements) snatKey(v ipvs.Key, r netip.AddrPort) (string, []string) {
+	set := familyOf(v.Address).snatSet()
+	if e.followVIP {
+		set = familyOf(v.Address).snatVIPSet()
+	}
+	return set, append(virtualKey(v), r.Addr().String(), port(r.Port()))
+}
+
+// transit returns the VIPs whose routed flows go to the transit conntrack
+// zone: every VIP with FollowVIP, none without.
+func (e *Elements) transit() []netip.Addr {
+	if !e.followVIP {
+		return nil
+	}
+	return e.vips
 }
 
 func filteredKey(k ipvs.Key) (string, []string) {
@@ -371,6 +399,7 @@ func Compute(in Rules) (*Elements, error) {
 
 	errs = append(errs, e.guard(in.Guard)...)
 	errs = append(errs, e.sync(in.Sync)...)
+	e.followVIP = in.FollowVIP
 	return &e, errors.Join(errs...)
 }
 

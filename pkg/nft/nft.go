@@ -37,7 +37,20 @@ const (
 	// ChainSync drops IPVS connection sync messages from any address but
 	// a peer's (Rules.Sync).
 	ChainSync = "ipvs-sync"
+	// ChainTransit puts the flows this node only routes between a VIP
+	// held elsewhere and its own pods in conntrack zone TransitZone
+	// (Rules.FollowVIP).
+	ChainTransit = "vip-transit"
 )
+
+// TransitZone is the conntrack zone of the flows a node routes between a
+// VIP it does not hold and its own pods, with Rules.FollowVIP. Their
+// tuples are the holder's NAT's (VIP:client port → pod), so in the default
+// zone they would block this node's NAT from choosing the same tuple once
+// it holds the VIP itself, and its pods' replies would keep matching them
+// after it gave the VIP up (docs/connections.md, part 2). 27500 is "kl" in
+// ASCII; nothing else on a node is known to use it.
+const TransitZone = 27500
 
 // GuardPriority is the VIP port guard's priority in the prerouting hook:
 // after conntrack (-200), which gives the guard the connection's state,
@@ -65,6 +78,15 @@ type Rules struct {
 	Guard Guard
 	// Sync guards the kernel's IPVS connection sync daemons.
 	Sync SyncGuard
+	// FollowVIP masquerades SNAT's real servers to the VIP, keeping the
+	// client's port where it is free, instead of to this node's address,
+	// and keeps the flows this node only routes between a VIP and its own
+	// pods in conntrack zone TransitZone: a backend then sees the same
+	// tuple from whichever node holds the VIP, and its replies follow the
+	// VIP, so that a connection whose IPVS entry reached the new holder
+	// survives the move (docs/connections.md). Only Guard.VIPs are put in
+	// the zone.
+	FollowVIP bool
 }
 
 // SyncGuard admits the kernel's IPVS connection sync messages from peers
@@ -155,6 +177,8 @@ func (f family) portsSet() string     { return "ports-" + f.suffix }
 func (f family) echoSet() string      { return "echo-" + f.suffix }
 func (f family) guardChain() string   { return ChainGuard + "-" + f.suffix }
 func (f family) syncPeersSet() string { return "sync-peers-" + f.suffix }
+func (f family) snatVIPSet() string   { return "snat-vip-" + f.suffix }
+func (f family) transitSet() string   { return "transit-" + f.suffix }
 
 // syncPortsSet is the set of the sync daemons' ports, both families'.
 const syncPortsSet = "sync-ports"
@@ -259,6 +283,17 @@ func Write(tx *knftables.Transaction, e *Elements) {
 		Priority: knftables.PtrTo(knftables.FilterPriority),
 		Comment:  knftables.PtrTo("drop IPVS connection sync messages from anything but a peer node"),
 	})
+	tx.Add(&knftables.Chain{
+		Family: Family,
+		Table:  Table,
+		Name:   ChainTransit,
+		Type:   knftables.PtrTo(knftables.FilterType),
+		Hook:   knftables.PtrTo(knftables.PreroutingHook),
+		// raw (-300) runs before conntrack (-200) looks the packet up,
+		// which the zone must precede.
+		Priority: knftables.PtrTo(knftables.RawPriority),
+		Comment:  knftables.PtrTo("keep flows routed between a VIP held elsewhere and this node's pods in a conntrack zone of their own"),
+	})
 	tx.Add(&knftables.Counter{
 		Family:  Family,
 		Table:   Table,
@@ -284,6 +319,8 @@ func Write(tx *knftables.Transaction, e *Elements) {
 			{f.portsSet(), vipPort, "VIP . protocol . port of the Services using the VIP", false},
 			{f.echoSet(), f.addr, "VIPs that answer echo requests", false},
 			{f.snatSet(), vipPort + " . " + f.addr + " . inet_service", "VIP . protocol . port . real server . port to masquerade", false},
+			{f.snatVIPSet(), vipPort + " . " + f.addr + " . inet_service", "VIP . protocol . port . real server . port to masquerade to the VIP", false},
+			{f.transitSet(), f.addr, "VIPs whose routed flows go to the transit conntrack zone", false},
 			{f.filteredSet(), vipPort, "VIP . protocol . port with loadBalancerSourceRanges", false},
 			{f.allowedSet(), vipPort + " . " + f.addr, "VIP . protocol . port . allowed source range", true},
 			{f.syncPeersSet(), f.addr, "nodes whose IPVS connection sync messages are accepted", false},
@@ -312,6 +349,35 @@ func Write(tx *knftables.Transaction, e *Elements) {
 				"@"+f.snatSet(), "masquerade",
 			),
 		})
+	}
+	for _, f := range families() {
+		tx.Add(&knftables.Rule{
+			Family: Family,
+			Table:  Table,
+			Chain:  ChainSNAT,
+			Rule: knftables.Concat(
+				"meta l4proto", protocols,
+				"ct original", f.ip, "daddr . meta l4proto . ct original proto-dst .",
+				f.ip, "daddr . th dport",
+				"@"+f.snatVIPSet(), "snat", f.ip, "to ct original", f.ip, "daddr",
+			),
+		})
+	}
+	for _, f := range families() {
+		// From a VIP to an address not local: the holder's NAT sending a
+		// flow to this node's pod. To a VIP not local: the pod's reply.
+		// Both directions must be in the zone for the entry to match.
+		for _, dir := range []string{"saddr", "daddr"} {
+			tx.Add(&knftables.Rule{
+				Family: Family,
+				Table:  Table,
+				Chain:  ChainTransit,
+				Rule: knftables.Concat(
+					f.ip, dir, "@"+f.transitSet(), "fib daddr type != local",
+					"ct zone set", strconv.Itoa(TransitZone),
+				),
+			})
+		}
 	}
 	for _, f := range families() {
 		tx.Add(&knftables.Rule{

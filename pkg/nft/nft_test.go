@@ -93,6 +93,11 @@ var goldenCases = []struct {
 		Ports: []uint16{8849, 8848, 8848},
 		Peers: addrs("192.0.2.3", "::ffff:192.0.2.2", "2001:db8::3", "192.0.2.3"),
 	}}},
+	{"follow-vip", nft.Rules{
+		FollowVIP: true,
+		SNAT:      snat(web4, "10.0.0.1:8080", "10.0.0.2:8080"),
+		Guard:     nft.Guard{VIPs: addrs("192.0.2.10", "2001:db8::10"), Ports: []ipvs.Key{web4, web6}},
+	}},
 }
 
 func sync(t *testing.T, fake *knftables.Fake, in nft.Rules) {
@@ -197,17 +202,17 @@ func TestEmpty(t *testing.T) {
 	if fake.Table == nil {
 		t.Fatal("no table after syncing empty input")
 	}
-	want := []string{nft.ChainSNAT, nft.ChainSourceRanges, nft.ChainGuard, nft.ChainGuard + "-v4", nft.ChainGuard + "-v6", nft.ChainSync}
+	want := []string{nft.ChainSNAT, nft.ChainSourceRanges, nft.ChainGuard, nft.ChainGuard + "-v4", nft.ChainGuard + "-v6", nft.ChainSync, nft.ChainTransit}
 	if got := slices.Sorted(maps.Keys(fake.Table.Chains)); !slices.Equal(got, slices.Sorted(slices.Values(want))) {
 		t.Errorf("chains = %v, want %v", got, want)
 	}
-	for name, n := range map[string]int{nft.ChainSNAT: 2, nft.ChainSourceRanges: 2, nft.ChainGuard: 2, nft.ChainGuard + "-v4": 6, nft.ChainGuard + "-v6": 6, nft.ChainSync: 2} {
+	for name, n := range map[string]int{nft.ChainSNAT: 4, nft.ChainSourceRanges: 2, nft.ChainGuard: 2, nft.ChainGuard + "-v4": 6, nft.ChainGuard + "-v6": 6, nft.ChainSync: 2, nft.ChainTransit: 4} {
 		if ch := fake.Table.Chains[name]; ch == nil || len(ch.Rules) != n {
 			t.Errorf("chain %s: want %d rules", name, n)
 		}
 	}
-	if len(fake.Table.Sets) != 15 {
-		t.Errorf("%d sets, want 15", len(fake.Table.Sets))
+	if len(fake.Table.Sets) != 19 {
+		t.Errorf("%d sets, want 19", len(fake.Table.Sets))
 	}
 	for name, s := range fake.Table.Sets {
 		if len(s.Elements) != 0 {
@@ -332,7 +337,7 @@ func TestRules(t *testing.T) {
 	fake := knftables.NewFake(nft.Family, nft.Table)
 	sync(t, fake, nft.Rules{})
 	var got []string
-	for _, c := range []string{nft.ChainSNAT, nft.ChainSourceRanges, nft.ChainGuard, nft.ChainGuard + "-v4", nft.ChainGuard + "-v6"} {
+	for _, c := range []string{nft.ChainSNAT, nft.ChainSourceRanges, nft.ChainGuard, nft.ChainGuard + "-v4", nft.ChainGuard + "-v6", nft.ChainTransit} {
 		ch := fake.Table.Chains[c]
 		if ch.Type != nil {
 			got = append(got, string(*ch.Type)+" "+string(*ch.Hook)+" "+string(*ch.Priority))
@@ -347,6 +352,9 @@ func TestRules(t *testing.T) {
 		"nat postrouting srcnat",
 		"meta l4proto { tcp, udp, sctp } ct original ip daddr . meta l4proto . ct original proto-dst . ip daddr . th dport @snat-v4 masquerade",
 		"meta l4proto { tcp, udp, sctp } ct original ip6 daddr . meta l4proto . ct original proto-dst . ip6 daddr . th dport @snat-v6 masquerade",
+		// FollowVIP: to the address the client opened the connection to.
+		"meta l4proto { tcp, udp, sctp } ct original ip daddr . meta l4proto . ct original proto-dst . ip daddr . th dport @snat-vip-v4 snat ip to ct original ip daddr",
+		"meta l4proto { tcp, udp, sctp } ct original ip6 daddr . meta l4proto . ct original proto-dst . ip6 daddr . th dport @snat-vip-v6 snat ip6 to ct original ip6 daddr",
 		"filter input filter",
 		"ip daddr . meta l4proto . th dport @filtered-v4 ip daddr . meta l4proto . th dport . ip saddr != @allowed-v4 counter drop",
 		"ip6 daddr . meta l4proto . th dport @filtered-v6 ip6 daddr . meta l4proto . th dport . ip6 saddr != @allowed-v6 counter drop",
@@ -369,6 +377,12 @@ func TestRules(t *testing.T) {
 		"icmpv6 type { destination-unreachable, packet-too-big, time-exceeded, parameter-problem, nd-neighbor-solicit, nd-neighbor-advert } accept",
 		"ip6 daddr @echo-v6 icmpv6 type echo-request accept",
 		`counter name "vip-guard-dropped" drop`,
+		// Before conntrack (-200) looks the packet up in its zone.
+		"filter prerouting raw",
+		"ip saddr @transit-v4 fib daddr type != local ct zone set 27500",
+		"ip daddr @transit-v4 fib daddr type != local ct zone set 27500",
+		"ip6 saddr @transit-v6 fib daddr type != local ct zone set 27500",
+		"ip6 daddr @transit-v6 fib daddr type != local ct zone set 27500",
 	}
 	if !slices.Equal(got, want) {
 		t.Errorf("rules:\n got %q\nwant %q", got, want)

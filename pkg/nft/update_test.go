@@ -83,6 +83,9 @@ func randomRules(rng *rand.Rand, invalid bool) nft.Rules {
 			in.Sync.Peers = append(in.Sync.Peers, a)
 		}
 	}
+	// Flipped now and then: every real server changes set, and the
+	// transit sets fill or empty.
+	in.FollowVIP = some(4)
 	if invalid && some(2) {
 		zoned := netip.MustParseAddr("fe80::1%eth0")
 		in.Sync.Peers = append(in.Sync.Peers, zoned)

@@ -40,6 +40,8 @@ type syncStep struct {
 	// guard is the last computed guard, so that a change of it alone (a
 	// Node's address) makes the forwarding step write the table.
 	guard nft.SyncGuard
+	// followVIP is the last computed Want.FollowVIP, for the same reason.
+	followVIP bool
 	// reports shows each problem once while it lasts.
 	reports lasting
 }
@@ -64,8 +66,8 @@ func (c *syncStep) compute(nodes []*v1.Node, links []hostnet.Link) (connsync.Wan
 		views = append(views, v)
 	}
 	want := connsync.Compute(c.cfg, c.node, views, links)
-	changed := !slices.Equal(want.Guard.Ports, c.guard.Ports) || !slices.Equal(want.Guard.Peers, c.guard.Peers)
-	c.guard = want.Guard
+	changed := !slices.Equal(want.Guard.Ports, c.guard.Ports) || !slices.Equal(want.Guard.Peers, c.guard.Peers) || want.FollowVIP != c.followVIP
+	c.guard, c.followVIP = want.Guard, want.FollowVIP
 	return want, changed
 }
 

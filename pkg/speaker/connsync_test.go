@@ -51,6 +51,14 @@ func TestSyncRunsConnSyncBehindItsGuard(t *testing.T) {
 		t.Fatalf("daemons after the first sync: %v", got)
 	}
 	wantElements(t, nf.Fake, "sync-peers-v4", "10.0.0.2", "10.0.0.3")
+	// The masquerade follows the VIP, and every VIP's routed flows take
+	// the transit zone.
+	if n := len(nftElements(t, nf.Fake, "snat-vip-v4")); n == 0 || len(nftElements(t, nf.Fake, "snat-v4")) != 0 {
+		t.Errorf("snat-vip-v4 has %d elements, snat-v4 %v; want every masqueraded real server in snat-vip-v4", n, nftElements(t, nf.Fake, "snat-v4"))
+	}
+	if vips, transit := nftElements(t, nf.Fake, "vips-v4"), nftElements(t, nf.Fake, "transit-v4"); len(vips) == 0 || !slices.Equal(vips, transit) {
+		t.Errorf("transit-v4 %v; want every VIP, %v", transit, vips)
+	}
 	if ports := nftElements(t, nf.Fake, "sync-ports"); len(ports) != 64 || !slices.Contains(ports, "8848") || !slices.Contains(ports, "8911") {
 		t.Errorf("sync-ports %v; want 8848 to 8911", ports)
 	}

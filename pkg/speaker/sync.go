@@ -194,6 +194,7 @@ func (s *Speaker) compute(obs observed) desired {
 	var guardChanged bool
 	want.connSync, guardChanged = s.cs.compute(obs.in.Nodes, obs.links)
 	want.forwarding.Sync = want.connSync.Guard
+	want.forwarding.FollowVIP = want.connSync.FollowVIP
 	want.forwardingDelta.NFT = want.forwardingDelta.NFT || guardChanged
 
 	if obs.plan || s.lastVRRP == nil {
