@@ -1,10 +1,13 @@
 // Package conntrack is keeplb's boundary to the kernel's connection
-// tracking table, for one job: when a UDP real server leaves a virtual
-// server, delete the conntrack entries of flows to that VIP:port whose
-// replies come from that real server. UDP has no connection to close, so
+// tracking table, for two jobs. When a UDP real server leaves a virtual
+// server, it deletes the conntrack entries of flows to that VIP:port whose
+// replies come from that real server: UDP has no connection to close, so
 // without this a client that keeps sending from the same port stays bound
 // to the dead backend until its entry times out (kube-proxy clears the
-// same entries for the same reason).
+// same entries for the same reason). And when a speaker whose masquerade
+// follows the VIP leaves, it deletes the entries of the flows opened to
+// the VIPs, so that its pods' replies to a VIP that moved are routed to
+// the new holder instead of being de-NATed here (docs/connections.md).
 //
 // Flow and Matches are pure; Netlink implements Interface over
 // github.com/vishvananda/netlink for one network namespace; package
@@ -33,6 +36,8 @@ type Tuple struct {
 type Flow struct {
 	Protocol        uint8
 	Original, Reply Tuple
+	// Zone is the flow's conntrack zone, 0 the default.
+	Zone uint16
 }
 
 // Matches reports whether f is a UDP flow opened to vip whose replies come
@@ -40,6 +45,13 @@ type Flow struct {
 // an IPv4-mapped IPv6 address matches its IPv4 form.
 func Matches(f Flow, vip, real netip.AddrPort) bool {
 	return f.Protocol == UDP && same(f.Original.Dst, vip) && same(f.Reply.Src, real)
+}
+
+// OpenedTo reports whether f is a flow of the default zone opened to one of
+// vips, any protocol and port: the flows DeleteOpenedTo deletes. vips must
+// be unmapped.
+func OpenedTo(f Flow, vips map[netip.Addr]bool) bool {
+	return f.Zone == 0 && vips[f.Original.Dst.Addr().Unmap()]
 }
 
 func same(a, b netip.AddrPort) bool {
@@ -51,4 +63,7 @@ type Interface interface {
 	// DeleteUDP deletes the UDP flows opened to vip whose replies come
 	// from real (see Matches), and returns how many it deleted.
 	DeleteUDP(vip, real netip.AddrPort) (int, error)
+	// DeleteOpenedTo deletes the flows of the default zone opened to any
+	// of vips (see OpenedTo), and returns how many it deleted.
+	DeleteOpenedTo(vips []netip.Addr) (int, error)
 }

@@ -132,3 +132,127 @@ func TestKernelDeleteUDP(t *testing.T) {
 		t.Errorf("second DeleteUDP = %d, %v; want 0", n, err)
 	}
 }
+
+// TestKernelDeleteOpenedTo makes real conntrack entries in a network
+// namespace of its own, UDP and TCP, to two VIPs and to another address,
+// one of them in another zone, and checks that DeleteOpenedTo removes
+// exactly those of the default zone opened to the VIPs it is given.
+func TestKernelDeleteOpenedTo(t *testing.T) {
+	netnstest.Require(t, "apt-get install iproute2 nftables", "ip", "nft")
+	ns := netnstest.New(t, "ctvip")
+	for _, a := range []string{"192.0.2.1/32", "192.0.2.2/32", "192.0.2.3/32", "10.0.0.2/32"} {
+		if out, err := exec.Command("ip", "-n", ns, "addr", "add", a, "dev", "lo").CombinedOutput(); err != nil {
+			t.Skipf("skipped: ip addr add %s: %v: %s", a, err, out)
+		}
+	}
+	// The zone as keeplb's vip-transit chain sets it, before conntrack.
+	rules := `table ip ct-test {
+	chain raw {
+		type filter hook output priority raw;
+		udp sport 40009 ct zone set 27500
+	}
+	chain out {
+		type nat hook output priority -100;
+		ip daddr 192.0.2.9 dnat to 10.0.0.2
+	}
+}
+`
+	cmd := exec.Command("ip", "netns", "exec", ns, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(rules)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Skipf("skipped: nftables (and so conntrack) unavailable in a network namespace: %v: %s", err, out)
+	}
+	sends := [][2]string{
+		{"10.0.0.2:40000", "192.0.2.1:53"},   // opened to a VIP: deleted
+		{"10.0.0.2:40001", "192.0.2.1:8080"}, // another port: deleted
+		{"10.0.0.2:40002", "192.0.2.2:53"},   // the other VIP: deleted
+		{"10.0.0.2:40009", "192.0.2.1:53"},   // the transit zone: kept
+		{"10.0.0.2:40003", "192.0.2.3:53"},   // not a VIP given: kept
+		{"192.0.2.1:40004", "10.0.0.2:53"},   // from a VIP: kept
+	}
+	if err := netnstest.Do(t, ns, func() error {
+		for _, s := range sends {
+			c, err := net.DialUDP("udp", net.UDPAddrFromAddrPort(netip.MustParseAddrPort(s[0])), net.UDPAddrFromAddrPort(netip.MustParseAddrPort(s[1])))
+			if err != nil {
+				return err
+			}
+			_, err = c.Write([]byte("ping"))
+			c.Close()
+			if err != nil {
+				return err
+			}
+		}
+		// A TCP connection to a VIP, open until the test ends: deleted.
+		l, err := net.Listen("tcp", "192.0.2.2:80")
+		if err != nil {
+			return err
+		}
+		t.Cleanup(func() { l.Close() })
+		d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.MustParseAddrPort("10.0.0.2:40005"))}
+		c, err := d.Dial("tcp", "192.0.2.2:80")
+		if err != nil {
+			return err
+		}
+		t.Cleanup(func() { c.Close() })
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	list := func() []string {
+		t.Helper()
+		h, err := netns.GetFromPath("/run/netns/" + ns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer h.Close()
+		nh, err := netlink.NewHandleAt(h, unix.NETLINK_NETFILTER)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer nh.Close()
+		flows, err := nh.ConntrackTableList(netlink.ConntrackTable, unix.AF_INET)
+		if err != nil {
+			t.Fatalf("listing conntrack: %v", err)
+		}
+		var out []string
+		for _, f := range flows {
+			if f.Forward.SrcPort >= 40000 && f.Forward.SrcPort < 40010 {
+				out = append(out, fmt.Sprintf("%d %s:%d>%s:%d zone %d", f.Forward.Protocol, f.Forward.SrcIP, f.Forward.SrcPort, f.Forward.DstIP, f.Forward.DstPort, f.Zone))
+			}
+		}
+		slices.Sort(out)
+		return out
+	}
+	want := []string{
+		"17 10.0.0.2:40000>192.0.2.1:53 zone 0",
+		"17 10.0.0.2:40001>192.0.2.1:8080 zone 0",
+		"17 10.0.0.2:40002>192.0.2.2:53 zone 0",
+		"17 10.0.0.2:40003>192.0.2.3:53 zone 0",
+		"17 10.0.0.2:40009>192.0.2.1:53 zone 27500",
+		"17 192.0.2.1:40004>10.0.0.2:53 zone 0",
+		"6 10.0.0.2:40005>192.0.2.2:80 zone 0",
+	}
+	switch got := list(); {
+	case len(got) == 0:
+		t.Skip("skipped: no conntrack entries in a network namespace (nf_conntrack unavailable?)")
+	case !slices.Equal(got, want):
+		t.Fatalf("conntrack entries before\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	ct, err := conntrack.NewAt("/run/netns/" + ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ct.Close()
+	vips := []netip.Addr{netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("::ffff:192.0.2.2")}
+	n, err := ct.DeleteOpenedTo(vips)
+	if err != nil {
+		t.Fatalf("DeleteOpenedTo: %v", err)
+	}
+	wantLeft := []string{want[3], want[4], want[5]}
+	if got := list(); n != 4 || !slices.Equal(got, wantLeft) {
+		t.Errorf("DeleteOpenedTo deleted %d entries (want 4), leaving\n%s\nwant\n%s", n, strings.Join(got, "\n"), strings.Join(wantLeft, "\n"))
+	}
+	if n, err := ct.DeleteOpenedTo(vips); err != nil || n != 0 {
+		t.Errorf("second DeleteOpenedTo = %d, %v; want 0", n, err)
+	}
+}

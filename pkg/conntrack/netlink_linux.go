@@ -58,6 +58,42 @@ func (n *Netlink) DeleteUDP(vip, real netip.AddrPort) (int, error) {
 	return int(deleted), nil
 }
 
+// DeleteOpenedTo is part of Interface. It dumps each family's table that
+// vips have addresses of.
+func (n *Netlink) DeleteOpenedTo(vips []netip.Addr) (int, error) {
+	set := map[netip.Addr]bool{}
+	families := map[netlink.InetFamily]bool{}
+	for _, v := range vips {
+		v = v.Unmap()
+		set[v] = true
+		if v.Is6() {
+			families[unix.AF_INET6] = true
+		} else {
+			families[unix.AF_INET] = true
+		}
+	}
+	total := 0
+	for _, family := range []netlink.InetFamily{unix.AF_INET, unix.AF_INET6} {
+		if !families[family] {
+			continue
+		}
+		deleted, err := n.h.ConntrackDeleteFilters(netlink.ConntrackTable, family, openedTo(set))
+		total += int(deleted)
+		if err != nil {
+			return total, fmt.Errorf("delete conntrack entries opened to %d VIPs: %w", len(set), err)
+		}
+	}
+	return total, nil
+}
+
+// openedTo is a netlink.CustomConntrackFilter for OpenedTo.
+type openedTo map[netip.Addr]bool
+
+// MatchConntrackFlow is part of netlink.CustomConntrackFilter.
+func (o openedTo) MatchConntrackFlow(c *netlink.ConntrackFlow) bool {
+	return OpenedTo(fromNetlink(c), o)
+}
+
 // filter is a netlink.CustomConntrackFilter for Matches.
 type filter struct{ vip, real netip.AddrPort }
 
@@ -71,6 +107,7 @@ func fromNetlink(c *netlink.ConntrackFlow) Flow {
 		Protocol: c.Forward.Protocol,
 		Original: Tuple{Src: addrPort(c.Forward.SrcIP, c.Forward.SrcPort), Dst: addrPort(c.Forward.DstIP, c.Forward.DstPort)},
 		Reply:    Tuple{Src: addrPort(c.Reverse.SrcIP, c.Reverse.SrcPort), Dst: addrPort(c.Reverse.DstIP, c.Reverse.DstPort)},
+		Zone:     c.Zone,
 	}
 }
 

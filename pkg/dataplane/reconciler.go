@@ -396,8 +396,10 @@ func diffDelta(programmed ipvs.Table, st State, d Delta) ([]Op, ipvs.Table) {
 
 // Exit deletes what this Reconciler programmed (adopted virtual servers
 // included), then keeplb's table: no window where IPVS forwards a VIP's
-// traffic unmasqueraded or unfiltered. owns tells keeplb's addresses, as
-// State.Owns, for Report.Foreign.
+// traffic unmasqueraded or unfiltered. Where the table's masquerade
+// followed the VIP, the conntrack entries of the flows opened to the VIPs
+// go in between (see forgetFollowedFlows). owns tells keeplb's addresses,
+// as State.Owns, for Report.Foreign.
 func (r *Reconciler) Exit(ctx context.Context, owns func(ipvs.Key) bool) (Report, error) {
 	var rep Report
 	var err error
@@ -414,6 +416,7 @@ func (r *Reconciler) Exit(ctx context.Context, owns func(ipvs.Key) bool) (Report
 	if r.k.NFT == nil {
 		return rep, err
 	}
+	r.forgetFollowedFlows(ctx)
 	r.nftWritten, r.rangesApplied = nil, nil
 	r.guardMu.Lock()
 	r.guardTable = false
@@ -423,6 +426,29 @@ func (r *Reconciler) Exit(ctx context.Context, owns func(ipvs.Key) bool) (Report
 		return rep, errors.Join(err, cerr)
 	}
 	return rep, err
+}
+
+// forgetFollowedFlows deletes, on exit, the conntrack entries of the flows
+// opened to VIPs whose masquerade followed the VIP (nft.Rules.FollowVIP),
+// before the table and its transit zone go. This node's pods keep
+// replying to those VIPs, now held elsewhere; with the entries they
+// would be de-NATed here and sent to the client from the pod's address,
+// since the IPVS entry that turned them back into the VIP's is gone.
+// Without them they are routed to the VIP's new holder, which owns the
+// flow now (docs/connections.md). A failure is logged: the flows it
+// concerns are lost, nothing else.
+func (r *Reconciler) forgetFollowedFlows(ctx context.Context) {
+	vips := r.nftWritten.FollowedVIPs()
+	if len(vips) == 0 || r.k.Conntrack == nil {
+		return
+	}
+	logger := klog.FromContext(ctx)
+	n, err := r.k.Conntrack.DeleteOpenedTo(vips)
+	if err != nil {
+		logger.Error(err, "Deleting the conntrack entries of the VIPs' flows failed; this node's pods' replies to connections that moved with a VIP go back to their clients unchanged, which reset them", "deleted", n)
+		return
+	}
+	logger.Info("Deleted the conntrack entries of the flows opened to the VIPs, so that this node's pods reply through their new holders", "entries", n, "vips", len(vips))
 }
 
 // CanForward reports whether this node can forward what keeplb forwards

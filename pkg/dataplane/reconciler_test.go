@@ -12,6 +12,8 @@ import (
 	v1 "k8s.io/api/core/v1"
 	"sigs.k8s.io/knftables"
 
+	"github.com/keeplb/keeplb/pkg/conntrack"
+	conntracktesting "github.com/keeplb/keeplb/pkg/conntrack/testing"
 	"github.com/keeplb/keeplb/pkg/ipvs"
 	ipvstesting "github.com/keeplb/keeplb/pkg/ipvs/testing"
 	"github.com/keeplb/keeplb/pkg/nft"
@@ -270,5 +272,55 @@ func TestReconcilerGuardOnly(t *testing.T) {
 	}
 	if r.CanForward() {
 		t.Error("CanForward without IPVS")
+	}
+}
+
+// TestExitForgetsFollowedFlows: a node whose masquerade followed the VIP
+// deletes, on exit, the conntrack entries of the flows opened to the VIPs
+// (its pods' replies must then go to the new holder), and nothing else:
+// not the transit zone's, not other flows'. A node that masqueraded to
+// itself deletes none, and a failing conntrack does not fail the exit.
+func TestExitForgetsFollowedFlows(t *testing.T) {
+	tuple := func(src, dst string) conntrack.Tuple {
+		return conntrack.Tuple{Src: netip.MustParseAddrPort(src), Dst: netip.MustParseAddrPort(dst)}
+	}
+	opened := conntrack.Flow{Protocol: conntrack.TCP, Original: tuple("198.51.100.7:40000", "192.0.2.1:80"), Reply: tuple("10.1.4.1:8080", "192.0.2.1:40000")}
+	openedV6 := conntrack.Flow{Protocol: conntrack.UDP, Original: tuple("[2001:db8:9::7]:40000", "[2001:db8::1]:80"), Reply: tuple("[fd00::1]:8080", "[2001:db8::1]:40000")}
+	transit := conntrack.Flow{Protocol: conntrack.TCP, Original: tuple("192.0.2.1:40001", "10.1.4.1:8080"), Reply: tuple("10.1.4.1:8080", "192.0.2.1:40001"), Zone: nft.TransitZone}
+	transitReply := conntrack.Flow{Protocol: conntrack.TCP, Original: tuple("10.1.4.1:8080", "192.0.2.1:40002"), Reply: tuple("192.0.2.1:40002", "10.1.4.1:8080"), Zone: nft.TransitZone}
+	other := conntrack.Flow{Protocol: conntrack.TCP, Original: tuple("198.51.100.7:40000", "10.0.0.1:22"), Reply: tuple("10.0.0.1:22", "198.51.100.7:40000")}
+	all := []conntrack.Flow{opened, openedV6, transit, transitReply, other}
+
+	for _, tc := range []struct {
+		name      string
+		followVIP bool
+		fail      error
+		want      []conntrack.Flow
+	}{
+		{"followed", true, nil, []conntrack.Flow{transit, transitReply, other}},
+		{"masqueraded to the node", false, nil, all},
+		{"conntrack failing", true, errors.New("injected: operation not permitted"), all},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ct := conntracktesting.New(all...)
+			nf := knftables.NewFake(nft.Family, nft.Table)
+			r := NewReconciler("n1", Kernel{IPVS: ipvstesting.New(), NFT: nf, Conntrack: ct})
+			st, _ := Desired(syncInputs(), "n1")
+			st.FollowVIP = tc.followVIP
+			if _, err := r.Sync(t.Context(), st); err != nil {
+				t.Fatal(err)
+			}
+			ct.FailWith(tc.fail)
+			if _, err := r.Exit(t.Context(), st.Owns); err != nil {
+				t.Fatalf("exit: %v", err)
+			}
+			ct.FailWith(nil)
+			if got := ct.Flows(); !slices.Equal(got, tc.want) {
+				t.Errorf("flows left\n%+v\nwant\n%+v", got, tc.want)
+			}
+			if nf.Table != nil {
+				t.Error("exit left keeplb's table")
+			}
+		})
 	}
 }

@@ -74,6 +74,16 @@ func (e *Elements) SNATs() int {
 	return e.nsnat
 }
 
+// FollowedVIPs returns the VIPs whose masquerade e has follow the VIP
+// (Rules.FollowVIP): every VIP of the guard with it, none without. Their
+// flows' conntrack entries are what a node leaving them must delete.
+func (e *Elements) FollowedVIPs() []netip.Addr {
+	if e == nil {
+		return nil
+	}
+	return e.transit()
+}
+
 // KeepSNAT returns e with the masquerading of keep added to its own: the
 // table a sync writes before IPVS changes, which must still masquerade the
 // real servers IPVS forwards to until IPVS has let go of them. e and keep

@@ -38,7 +38,7 @@ func (f *Fake) Flows() []conntrack.Flow {
 	return slices.Clone(f.flows)
 }
 
-// FailWith makes DeleteUDP fail with err, deleting nothing; nil stops it.
+// FailWith makes DeleteUDP and DeleteOpenedTo fail with err, deleting nothing; nil stops it.
 func (f *Fake) FailWith(err error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -54,5 +54,21 @@ func (f *Fake) DeleteUDP(vip, real netip.AddrPort) (int, error) {
 	}
 	before := len(f.flows)
 	f.flows = slices.DeleteFunc(f.flows, func(fl conntrack.Flow) bool { return conntrack.Matches(fl, vip, real) })
+	return before - len(f.flows), nil
+}
+
+// DeleteOpenedTo is part of conntrack.Interface.
+func (f *Fake) DeleteOpenedTo(vips []netip.Addr) (int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.err != nil {
+		return 0, f.err
+	}
+	set := map[netip.Addr]bool{}
+	for _, v := range vips {
+		set[v.Unmap()] = true
+	}
+	before := len(f.flows)
+	f.flows = slices.DeleteFunc(f.flows, func(fl conntrack.Flow) bool { return conntrack.OpenedTo(fl, set) })
 	return before - len(f.flows), nil
 }
