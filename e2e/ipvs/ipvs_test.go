@@ -421,7 +421,7 @@ func scenarios(t *testing.T, cfg *rest.Config) {
 		if gap > bound {
 			t.Errorf("traffic resumed after %s; want within %s", gap, bound)
 		}
-		if err := lab.SetLink(old, true); err != nil {
+		if err := c.lab.SetNodeLink(old, true); err != nil {
 			t.Fatal(err)
 		}
 	})

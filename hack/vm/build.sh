@@ -44,6 +44,7 @@ modules="crc32c_generic virtio_pci 9p 9pnet_virtio virtio_net
   ip_vs ip_vs_rr ip_vs_wrr ip_vs_sh ip_vs_lc ip_vs_wlc ip_vs_mh
   nf_conntrack nf_conntrack_netlink nf_nat
   nf_tables nft_nat nft_masq nft_chain_nat nft_ct nft_objref
+  nft_fib nft_fib_ipv4 nft_fib_ipv6 nft_fib_inet
   veth bridge dummy ${KEEPLB_VM_EXTRA_MODULES:-}"
 # Host programs copied into the initrd, to the same folder, replacing busybox's
 # applets of the same name. Debian's busybox-static prefers its own applets

@@ -4,10 +4,11 @@
 // replies come from that real server: UDP has no connection to close, so
 // without this a client that keeps sending from the same port stays bound
 // to the dead backend until its entry times out (kube-proxy clears the
-// same entries for the same reason). And when a speaker whose masquerade
-// follows the VIP leaves, it deletes the entries of the flows opened to
-// the VIPs, so that its pods' replies to a VIP that moved are routed to
-// the new holder instead of being de-NATed here (docs/connections.md).
+// same entries for the same reason). And where keeplb's masquerade
+// follows the VIP, it deletes the entries of the VIPs' flows in the
+// default zone when a speaker starts and leaves, so that no stale entry
+// de-NATs a pod's reply to a VIP that moved, or holds the tuple a new
+// holder's NAT needs (docs/connections.md).
 //
 // Flow and Matches are pure; Netlink implements Interface over
 // github.com/vishvananda/netlink for one network namespace; package
@@ -47,11 +48,13 @@ func Matches(f Flow, vip, real netip.AddrPort) bool {
 	return f.Protocol == UDP && same(f.Original.Dst, vip) && same(f.Reply.Src, real)
 }
 
-// OpenedTo reports whether f is a flow of the default zone opened to one of
-// vips, any protocol and port: the flows DeleteOpenedTo deletes. vips must
-// be unmapped.
-func OpenedTo(f Flow, vips map[netip.Addr]bool) bool {
-	return f.Zone == 0 && vips[f.Original.Dst.Addr().Unmap()]
+// OfVIPs reports whether f is a flow of the default zone whose original
+// tuple has one of vips at either end, any protocol and port: opened to a
+// VIP (by a client, or by a pod's reply no entry matched), or sent from
+// one (the holder's NAT, routed to a pod here). These are the flows
+// DeleteOfVIPs deletes. vips must be unmapped.
+func OfVIPs(f Flow, vips map[netip.Addr]bool) bool {
+	return f.Zone == 0 && (vips[f.Original.Dst.Addr().Unmap()] || vips[f.Original.Src.Addr().Unmap()])
 }
 
 func same(a, b netip.AddrPort) bool {
@@ -63,7 +66,8 @@ type Interface interface {
 	// DeleteUDP deletes the UDP flows opened to vip whose replies come
 	// from real (see Matches), and returns how many it deleted.
 	DeleteUDP(vip, real netip.AddrPort) (int, error)
-	// DeleteOpenedTo deletes the flows of the default zone opened to any
-	// of vips (see OpenedTo), and returns how many it deleted.
-	DeleteOpenedTo(vips []netip.Addr) (int, error)
+	// DeleteOfVIPs deletes the flows of the default zone with any of vips
+	// at either end of their original tuple (see OfVIPs), and returns how
+	// many it deleted.
+	DeleteOfVIPs(vips []netip.Addr) (int, error)
 }

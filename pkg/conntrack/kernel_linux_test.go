@@ -133,11 +133,12 @@ func TestKernelDeleteUDP(t *testing.T) {
 	}
 }
 
-// TestKernelDeleteOpenedTo makes real conntrack entries in a network
-// namespace of its own, UDP and TCP, to two VIPs and to another address,
-// one of them in another zone, and checks that DeleteOpenedTo removes
-// exactly those of the default zone opened to the VIPs it is given.
-func TestKernelDeleteOpenedTo(t *testing.T) {
+// TestKernelDeleteOfVIPs makes real conntrack entries in a network
+// namespace of its own, UDP and TCP, to and from two VIPs and to another
+// address, one of them in another zone, and checks that DeleteOfVIPs
+// removes exactly those of the default zone with the VIPs it is given at
+// either end.
+func TestKernelDeleteOfVIPs(t *testing.T) {
 	netnstest.Require(t, "apt-get install iproute2 nftables", "ip", "nft")
 	ns := netnstest.New(t, "ctvip")
 	for _, a := range []string{"192.0.2.1/32", "192.0.2.2/32", "192.0.2.3/32", "10.0.0.2/32"} {
@@ -168,7 +169,7 @@ func TestKernelDeleteOpenedTo(t *testing.T) {
 		{"10.0.0.2:40002", "192.0.2.2:53"},   // the other VIP: deleted
 		{"10.0.0.2:40009", "192.0.2.1:53"},   // the transit zone: kept
 		{"10.0.0.2:40003", "192.0.2.3:53"},   // not a VIP given: kept
-		{"192.0.2.1:40004", "10.0.0.2:53"},   // from a VIP: kept
+		{"192.0.2.1:40004", "10.0.0.2:53"},   // from a VIP: deleted
 	}
 	if err := netnstest.Do(t, ns, func() error {
 		for _, s := range sends {
@@ -244,15 +245,15 @@ func TestKernelDeleteOpenedTo(t *testing.T) {
 	}
 	defer ct.Close()
 	vips := []netip.Addr{netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("::ffff:192.0.2.2")}
-	n, err := ct.DeleteOpenedTo(vips)
+	n, err := ct.DeleteOfVIPs(vips)
 	if err != nil {
-		t.Fatalf("DeleteOpenedTo: %v", err)
+		t.Fatalf("DeleteOfVIPs: %v", err)
 	}
-	wantLeft := []string{want[3], want[4], want[5]}
-	if got := list(); n != 4 || !slices.Equal(got, wantLeft) {
-		t.Errorf("DeleteOpenedTo deleted %d entries (want 4), leaving\n%s\nwant\n%s", n, strings.Join(got, "\n"), strings.Join(wantLeft, "\n"))
+	wantLeft := []string{want[3], want[4]}
+	if got := list(); n != 5 || !slices.Equal(got, wantLeft) {
+		t.Errorf("DeleteOfVIPs deleted %d entries (want 5), leaving\n%s\nwant\n%s", n, strings.Join(got, "\n"), strings.Join(wantLeft, "\n"))
 	}
-	if n, err := ct.DeleteOpenedTo(vips); err != nil || n != 0 {
-		t.Errorf("second DeleteOpenedTo = %d, %v; want 0", n, err)
+	if n, err := ct.DeleteOfVIPs(vips); err != nil || n != 0 {
+		t.Errorf("second DeleteOfVIPs = %d, %v; want 0", n, err)
 	}
 }

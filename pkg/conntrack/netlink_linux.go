@@ -58,9 +58,9 @@ func (n *Netlink) DeleteUDP(vip, real netip.AddrPort) (int, error) {
 	return int(deleted), nil
 }
 
-// DeleteOpenedTo is part of Interface. It dumps each family's table that
+// DeleteOfVIPs is part of Interface. It dumps each family's table that
 // vips have addresses of.
-func (n *Netlink) DeleteOpenedTo(vips []netip.Addr) (int, error) {
+func (n *Netlink) DeleteOfVIPs(vips []netip.Addr) (int, error) {
 	set := map[netip.Addr]bool{}
 	families := map[netlink.InetFamily]bool{}
 	for _, v := range vips {
@@ -77,21 +77,21 @@ func (n *Netlink) DeleteOpenedTo(vips []netip.Addr) (int, error) {
 		if !families[family] {
 			continue
 		}
-		deleted, err := n.h.ConntrackDeleteFilters(netlink.ConntrackTable, family, openedTo(set))
+		deleted, err := n.h.ConntrackDeleteFilters(netlink.ConntrackTable, family, ofVIPs(set))
 		total += int(deleted)
 		if err != nil {
-			return total, fmt.Errorf("delete conntrack entries opened to %d VIPs: %w", len(set), err)
+			return total, fmt.Errorf("delete conntrack entries of %d VIPs: %w", len(set), err)
 		}
 	}
 	return total, nil
 }
 
-// openedTo is a netlink.CustomConntrackFilter for OpenedTo.
-type openedTo map[netip.Addr]bool
+// ofVIPs is a netlink.CustomConntrackFilter for OfVIPs.
+type ofVIPs map[netip.Addr]bool
 
 // MatchConntrackFlow is part of netlink.CustomConntrackFilter.
-func (o openedTo) MatchConntrackFlow(c *netlink.ConntrackFlow) bool {
-	return OpenedTo(fromNetlink(c), o)
+func (o ofVIPs) MatchConntrackFlow(c *netlink.ConntrackFlow) bool {
+	return OfVIPs(fromNetlink(c), o)
 }
 
 // filter is a netlink.CustomConntrackFilter for Matches.

@@ -116,6 +116,10 @@ type Reconciler struct {
 	// filtered virtual server whose filter a later write could not change
 	// keeps its state only while its ranges are these (see withhold).
 	rangesApplied map[ipvs.Key][]netip.Prefix
+	// flowsForgotten is set once the VIPs' flows of the default zone were
+	// deleted after the first table whose masquerade follows the VIP
+	// (see forgetFlows).
+	flowsForgotten bool
 
 	// guardMu guards guardDrops, the packets the VIP port guard dropped
 	// in the tables this reconciler replaced (a whole write recreates the
@@ -398,7 +402,7 @@ func diffDelta(programmed ipvs.Table, st State, d Delta) ([]Op, ipvs.Table) {
 // included), then keeplb's table: no window where IPVS forwards a VIP's
 // traffic unmasqueraded or unfiltered. Where the table's masquerade
 // followed the VIP, the conntrack entries of the flows opened to the VIPs
-// go in between (see forgetFollowedFlows). owns tells keeplb's addresses,
+// go in between (see forgetFlows). owns tells keeplb's addresses,
 // as State.Owns, for Report.Foreign.
 func (r *Reconciler) Exit(ctx context.Context, owns func(ipvs.Key) bool) (Report, error) {
 	var rep Report
@@ -416,7 +420,7 @@ func (r *Reconciler) Exit(ctx context.Context, owns func(ipvs.Key) bool) (Report
 	if r.k.NFT == nil {
 		return rep, err
 	}
-	r.forgetFollowedFlows(ctx)
+	r.forgetFlows(ctx, r.nftWritten.FollowedVIPs(), "exit")
 	r.nftWritten, r.rangesApplied = nil, nil
 	r.guardMu.Lock()
 	r.guardTable = false
@@ -428,27 +432,36 @@ func (r *Reconciler) Exit(ctx context.Context, owns func(ipvs.Key) bool) (Report
 	return rep, err
 }
 
-// forgetFollowedFlows deletes, on exit, the conntrack entries of the flows
-// opened to VIPs whose masquerade followed the VIP (nft.Rules.FollowVIP),
-// before the table and its transit zone go. This node's pods keep
-// replying to those VIPs, now held elsewhere; with the entries they
-// would be de-NATed here and sent to the client from the pod's address,
-// since the IPVS entry that turned them back into the VIP's is gone.
-// Without them they are routed to the VIP's new holder, which owns the
-// flow now (docs/connections.md). A failure is logged: the flows it
-// concerns are lost, nothing else.
-func (r *Reconciler) forgetFollowedFlows(ctx context.Context) {
-	vips := r.nftWritten.FollowedVIPs()
+// forgetFlows deletes the conntrack entries of the VIPs' flows in the
+// default zone (conntrack.OfVIPs), where the masquerade follows the VIP
+// (nft.Rules.FollowVIP). when says why, for the log:
+//
+//   - "start", after the first write of the table: a node that held no
+//     table (its speaker restarting) routed the flows of VIPs held
+//     elsewhere to its pods in the default zone. Such an entry holds the
+//     tuple this node's NAT needs once it holds the VIP itself, so the
+//     NAT would pick another port and the pod reset the connection. The
+//     table's transit zone takes such flows from now on; and this node
+//     holds no VIP yet (keepalived starts after the first write).
+//   - "exit", before the table and its transit zone go: this node's pods
+//     keep replying to VIPs now held elsewhere. With the entries of the
+//     flows it held they would be de-NATed here and sent to the client
+//     from the pod's address; without them they are routed to the VIP's
+//     new holder, which owns the flow now.
+//
+// A failure is logged: the flows it concerns may be lost, nothing else
+// (docs/connections.md).
+func (r *Reconciler) forgetFlows(ctx context.Context, vips []netip.Addr, when string) {
 	if len(vips) == 0 || r.k.Conntrack == nil {
 		return
 	}
 	logger := klog.FromContext(ctx)
-	n, err := r.k.Conntrack.DeleteOpenedTo(vips)
+	n, err := r.k.Conntrack.DeleteOfVIPs(vips)
 	if err != nil {
-		logger.Error(err, "Deleting the conntrack entries of the VIPs' flows failed; this node's pods' replies to connections that moved with a VIP go back to their clients unchanged, which reset them", "deleted", n)
+		logger.Error(err, "Deleting the conntrack entries of the VIPs' flows failed; connections that move with a VIP to or from this node may be reset", "at", when, "deleted", n)
 		return
 	}
-	logger.Info("Deleted the conntrack entries of the flows opened to the VIPs, so that this node's pods reply through their new holders", "entries", n, "vips", len(vips))
+	logger.Info("Deleted the conntrack entries of the VIPs' flows, so that connections moving with a VIP find none of this node's stale ones", "at", when, "entries", n, "vips", len(vips))
 }
 
 // CanForward reports whether this node can forward what keeplb forwards
@@ -518,6 +531,13 @@ func (r *Reconciler) writeNFT(ctx context.Context, rules nft.Rules, keep bool) e
 	r.guardDrops += dropped
 	r.guardTable = true
 	r.guardMu.Unlock()
+	if !r.flowsForgotten && len(want.FollowedVIPs()) > 0 {
+		// The first table of this speaker whose masquerade follows the
+		// VIP: before it, with no table or another speaker's, this
+		// node's routed VIP flows went to the default zone.
+		r.flowsForgotten = true
+		r.forgetFlows(ctx, want.FollowedVIPs(), "start")
+	}
 	r.nftDone(want, rules)
 	logger.V(2).Info("nftables table written", "snat", want.SNATs(), "sourceRanges", len(rules.SourceRanges))
 	return nil

@@ -275,12 +275,13 @@ func TestReconcilerGuardOnly(t *testing.T) {
 	}
 }
 
-// TestExitForgetsFollowedFlows: a node whose masquerade followed the VIP
-// deletes, on exit, the conntrack entries of the flows opened to the VIPs
-// (its pods' replies must then go to the new holder), and nothing else:
-// not the transit zone's, not other flows'. A node that masqueraded to
-// itself deletes none, and a failing conntrack does not fail the exit.
-func TestExitForgetsFollowedFlows(t *testing.T) {
+// TestForgetsFollowedFlows: a node whose masquerade follows the VIP
+// deletes the conntrack entries of the VIPs' flows in the default zone
+// after its first table, and again on exit (its pods' replies must then
+// go to the new holder), and nothing else: not the transit zone's, not
+// other flows'. Later writes delete nothing. A node that masquerades to
+// itself deletes none, and a failing conntrack fails neither.
+func TestForgetsFollowedFlows(t *testing.T) {
 	tuple := func(src, dst string) conntrack.Tuple {
 		return conntrack.Tuple{Src: netip.MustParseAddrPort(src), Dst: netip.MustParseAddrPort(dst)}
 	}
@@ -289,7 +290,9 @@ func TestExitForgetsFollowedFlows(t *testing.T) {
 	transit := conntrack.Flow{Protocol: conntrack.TCP, Original: tuple("192.0.2.1:40001", "10.1.4.1:8080"), Reply: tuple("10.1.4.1:8080", "192.0.2.1:40001"), Zone: nft.TransitZone}
 	transitReply := conntrack.Flow{Protocol: conntrack.TCP, Original: tuple("10.1.4.1:8080", "192.0.2.1:40002"), Reply: tuple("192.0.2.1:40002", "10.1.4.1:8080"), Zone: nft.TransitZone}
 	other := conntrack.Flow{Protocol: conntrack.TCP, Original: tuple("198.51.100.7:40000", "10.0.0.1:22"), Reply: tuple("10.0.0.1:22", "198.51.100.7:40000")}
-	all := []conntrack.Flow{opened, openedV6, transit, transitReply, other}
+	// Routed to this node's pod before its table had the transit zone.
+	routed := conntrack.Flow{Protocol: conntrack.TCP, Original: tuple("192.0.2.1:40003", "10.1.4.1:8080"), Reply: tuple("10.1.4.1:8080", "192.0.2.1:40003")}
+	all := []conntrack.Flow{opened, openedV6, transit, transitReply, other, routed}
 
 	for _, tc := range []struct {
 		name      string
@@ -307,16 +310,35 @@ func TestExitForgetsFollowedFlows(t *testing.T) {
 			r := NewReconciler("n1", Kernel{IPVS: ipvstesting.New(), NFT: nf, Conntrack: ct})
 			st, _ := Desired(syncInputs(), "n1")
 			st.FollowVIP = tc.followVIP
+			ct.FailWith(tc.fail)
 			if _, err := r.Sync(t.Context(), st); err != nil {
 				t.Fatal(err)
+			}
+			ct.FailWith(nil)
+			if got := ct.Flows(); !slices.Equal(got, tc.want) {
+				t.Errorf("flows left after the first sync\n%+v\nwant\n%+v", got, tc.want)
+			}
+			// A later write, and a whole one, delete nothing; exit
+			// deletes what came since.
+			ct.Add(opened, routed)
+			st.Guard.Echo = nil
+			if _, err := r.Sync(t.Context(), st); err != nil {
+				t.Fatal(err)
+			}
+			if got, want := ct.Flows(), append(slices.Clone(tc.want), opened, routed); !slices.Equal(got, want) {
+				t.Errorf("flows left after the second sync\n%+v\nwant\n%+v", got, want)
 			}
 			ct.FailWith(tc.fail)
 			if _, err := r.Exit(t.Context(), st.Owns); err != nil {
 				t.Fatalf("exit: %v", err)
 			}
 			ct.FailWith(nil)
-			if got := ct.Flows(); !slices.Equal(got, tc.want) {
-				t.Errorf("flows left\n%+v\nwant\n%+v", got, tc.want)
+			want := tc.want
+			if !tc.followVIP || tc.fail != nil {
+				want = append(slices.Clone(tc.want), opened, routed)
+			}
+			if got := ct.Flows(); !slices.Equal(got, want) {
+				t.Errorf("flows left after exit\n%+v\nwant\n%+v", got, want)
 			}
 			if nf.Table != nil {
 				t.Error("exit left keeplb's table")

@@ -38,7 +38,7 @@ func (f *Fake) Flows() []conntrack.Flow {
 	return slices.Clone(f.flows)
 }
 
-// FailWith makes DeleteUDP and DeleteOpenedTo fail with err, deleting nothing; nil stops it.
+// FailWith makes DeleteUDP and DeleteOfVIPs fail with err, deleting nothing; nil stops it.
 func (f *Fake) FailWith(err error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -57,8 +57,8 @@ func (f *Fake) DeleteUDP(vip, real netip.AddrPort) (int, error) {
 	return before - len(f.flows), nil
 }
 
-// DeleteOpenedTo is part of conntrack.Interface.
-func (f *Fake) DeleteOpenedTo(vips []netip.Addr) (int, error) {
+// DeleteOfVIPs is part of conntrack.Interface.
+func (f *Fake) DeleteOfVIPs(vips []netip.Addr) (int, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.err != nil {
@@ -69,6 +69,6 @@ func (f *Fake) DeleteOpenedTo(vips []netip.Addr) (int, error) {
 		set[v.Unmap()] = true
 	}
 	before := len(f.flows)
-	f.flows = slices.DeleteFunc(f.flows, func(fl conntrack.Flow) bool { return conntrack.OpenedTo(fl, set) })
+	f.flows = slices.DeleteFunc(f.flows, func(fl conntrack.Flow) bool { return conntrack.OfVIPs(fl, set) })
 	return before - len(f.flows), nil
 }

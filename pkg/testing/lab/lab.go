@@ -195,6 +195,24 @@ func SetLink(ns string, up bool) error {
 	return ipRun(ns, "link set eth0 "+state)
 }
 
+// SetNodeLink sets node's eth0 up or down, as SetLink, and on the way up
+// puts back the routes to the other nodes' pods, which the kernel deleted
+// with the link: a crashed node that comes back reaches every pod again,
+// as its CNI would see to.
+func (l *Lab) SetNodeLink(node string, up bool) error {
+	if err := SetLink(node, up); err != nil || !up {
+		return err
+	}
+	for _, b := range l.Nodes {
+		if b.Name != node {
+			if err := ipRun(node, "route replace "+b.PodCIDR.String()+" via "+b.IP.String()); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
 // OnClose registers f to run first on Close: servers to stop.
 func (l *Lab) OnClose(f func()) {
 	l.mu.Lock()

@@ -19,6 +19,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -62,12 +63,24 @@ func (c *Checker) Progress() (replies, failed int) {
 	return c.replies, c.failed
 }
 
+// Locals returns the client's end of every stream, for a test that looks
+// for the streams' entries in a kernel's tables.
+func (c *Checker) Locals() []netip.AddrPort {
+	out := make([]netip.AddrPort, 0, len(c.streams))
+	for _, s := range c.streams {
+		out = append(out, s.local)
+	}
+	return out
+}
+
 // stream is one connection's record, written by its goroutine only until
 // Stop has waited for it.
 type stream struct {
-	backend  string // the ID in its first reply
+	local    netip.AddrPort // the client's end
+	backend  string         // the ID in its first reply
 	replies  int
 	stall    time.Duration // the longest time between two replies
+	last     time.Time     // of the last reply
 	err      error         // why it failed; nil while it lives
 	failedAt time.Time
 }
@@ -103,6 +116,9 @@ func Start(ctx context.Context, opts Options) (*Checker, error) {
 	}
 	for _, conn := range conns {
 		s := &stream{}
+		if a, ok := conn.LocalAddr().(*net.TCPAddr); ok {
+			s.local = a.AddrPort()
+		}
 		c.streams = append(c.streams, s)
 		r := bufio.NewReader(conn)
 		// The first exchange names the backend and proves the stream
@@ -128,6 +144,7 @@ func (c *Checker) run(ctx context.Context, conn net.Conn, r *bufio.Reader, s *st
 	last := time.Now()
 	t := time.NewTimer(c.opts.Interval)
 	defer t.Stop()
+	s.last = last
 	for seq := 1; ; seq++ {
 		select {
 		case <-ctx.Done():
@@ -151,7 +168,7 @@ func (c *Checker) run(ctx context.Context, conn net.Conn, r *bufio.Reader, s *st
 			return
 		}
 		s.stall = max(s.stall, now.Sub(last))
-		last = now
+		last, s.last = now, now
 		t.Reset(c.opts.Interval)
 	}
 }
@@ -190,8 +207,12 @@ type Report struct {
 	// Replies is how many replies were checked, on all streams.
 	Replies int
 	// LongestStall is the longest time between two replies of a stream
-	// that survived: what its client felt of the event.
+	// that survived, or from its last reply to Stop: what its client felt
+	// of the event. A stream that had no reply for a while when stopped
+	// did not fail yet, but stalled that long.
 	LongestStall time.Duration
+	// Stalls is the longest stall of the surviving streams, by backend.
+	Stalls map[string]time.Duration
 	// Failed are the streams that failed, with their backend and why.
 	Failed []Failure
 	// Backends counts the streams by the backend that served them.
@@ -224,6 +245,18 @@ func (r Report) SurvivedExcept(gone ...string) (survived, of int) {
 	return of - lost, of
 }
 
+// LongestStallExcept returns the longest stall of the streams that
+// survived, of those not served by a backend in gone.
+func (r Report) LongestStallExcept(gone ...string) time.Duration {
+	var out time.Duration
+	for b, d := range r.Stalls {
+		if !slices.Contains(gone, b) {
+			out = max(out, d)
+		}
+	}
+	return out
+}
+
 // String summarises r in one line, for a test's log.
 func (r Report) String() string {
 	return fmt.Sprintf("%d of %d streams survived, %d replies checked, longest stall %s, backends %v",
@@ -232,9 +265,10 @@ func (r Report) String() string {
 
 // Stop ends every stream and reports.
 func (c *Checker) Stop() Report {
+	stopped := time.Now()
 	c.cancel()
 	c.wg.Wait()
-	r := Report{Streams: len(c.streams), Backends: map[string]int{}}
+	r := Report{Streams: len(c.streams), Backends: map[string]int{}, Stalls: map[string]time.Duration{}}
 	for _, s := range c.streams {
 		r.Backends[s.backend]++
 		r.Replies += s.replies
@@ -243,7 +277,12 @@ func (c *Checker) Stop() Report {
 			continue
 		}
 		r.Survived++
-		r.LongestStall = max(r.LongestStall, s.stall)
+		stall := s.stall
+		if !s.last.IsZero() {
+			stall = max(stall, stopped.Sub(s.last))
+		}
+		r.LongestStall = max(r.LongestStall, stall)
+		r.Stalls[s.backend] = max(r.Stalls[s.backend], stall)
 	}
 	return r
 }

@@ -224,3 +224,42 @@ func TestStartFailsOnABrokenStart(t *testing.T) {
 		t.Error("Start took zero Streams, Interval and Timeout")
 	}
 }
+
+// TestStopCountsTheStallInProgress: a stream waiting for a reply when
+// stopped has not failed, but has stalled since its last reply, and that
+// counts; LongestStallExcept leaves out the backends given.
+func TestStopCountsTheStallInProgress(t *testing.T) {
+	paused, steady := listen(t), listen(t)
+	p := servePuppet(t, paused, "pod-a")
+	go func() { _ = Serve(steady, "pod-b") }()
+	a, err := Start(t.Context(), opts(paused, 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := Start(t.Context(), opts(steady, 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitReplies(t, a, 5)
+	p.conn(0).pause <- 3 * time.Second
+	// Until the pause has lasted: no reply for 600 ms.
+	replies, _ := a.Progress()
+	waitReplies(t, b, 5)
+	deadline := time.Now().Add(600 * time.Millisecond)
+	for time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if now, _ := a.Progress(); now > replies+1 {
+		t.Fatalf("%d replies during the pause; the puppet did not pause", now-replies)
+	}
+	ra, rb := a.Stop(), b.Stop()
+	if ra.Survived != 1 || ra.LongestStall < 500*time.Millisecond || ra.Stalls["pod-a"] != ra.LongestStall {
+		t.Errorf("paused stream: %s, stalls %v; want it alive, stalled at least 500 ms", ra, ra.Stalls)
+	}
+	if got := ra.LongestStallExcept("pod-a"); got != 0 {
+		t.Errorf("LongestStallExcept(pod-a) = %s; want 0: its only stream is pod-a's", got)
+	}
+	if rb.LongestStall >= 500*time.Millisecond {
+		t.Errorf("steady stream stalled %s", rb.LongestStall)
+	}
+}
