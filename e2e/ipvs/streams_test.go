@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -151,23 +153,14 @@ func streamTable(t *testing.T, cfg *rest.Config) {
 
 	var rows []streamRow
 	for _, on := range settings {
-		// The events with the speaker's default exit; then the rolling
-		// restart, where --conn-sync goes with --keep-ipvs-on-exit: a
-		// restarted node keeps its synced entries and its daemons.
-		keeps := []bool{false}
-		if on {
-			keeps = append(keeps, true)
+		for _, n := range c.lab.Nodes {
+			c.speakers.Start(n.Name, streamSpeaker(on))
 		}
-		for _, keep := range keeps {
-			for _, n := range c.lab.Nodes {
-				c.speakers.Start(n.Name, streamSpeaker(on, keep))
-			}
-			for _, m := range modes {
-				rows = append(rows, c.at(t).streamEvents(m, vips[m.svc], client, on, keep)...)
-			}
-			for _, n := range c.lab.Nodes {
-				c.stopSpeaker(n.Name)
-			}
+		for _, m := range modes {
+			rows = append(rows, c.at(t).streamEvents(m, vips[m.svc], client, on)...)
+		}
+		for _, n := range c.lab.Nodes {
+			c.stopSpeaker(n.Name)
 		}
 	}
 
@@ -196,20 +189,15 @@ func streamTable(t *testing.T, cfg *rest.Config) {
 }
 
 // streamSpeaker returns the speaker options of the table: --conn-sync as
-// on says, --keep-ipvs-on-exit as keep says.
-func streamSpeaker(on, keep bool) func(*speaker.Options) {
-	return func(o *speaker.Options) {
-		o.ConnSync.Enabled, o.ConnSync.SyncID = on, 7
-		o.KeepIPVSOnExit = keep
-	}
+// on says.
+func streamSpeaker(on bool) func(*speaker.Options) {
+	return func(o *speaker.Options) { o.ConnSync.Enabled, o.ConnSync.SyncID = on, 7 }
 }
 
 // streamEvents measures mode's events through vip, with the speakers
-// running with --conn-sync or not, as on says: the handover, failback and
-// crash, or, when the speakers keep IPVS on exit or run without
-// --conn-sync, the rolling restart. It leaves them running with the VIP on
-// its planned master.
-func (c *cluster) streamEvents(m streamMode, vip netip.Addr, client string, on, keep bool) []streamRow {
+// running with --conn-sync or not, as on says. It leaves them running
+// with the VIP on its planned master.
+func (c *cluster) streamEvents(m streamMode, vip netip.Addr, client string, on bool) []streamRow {
 	c.t.Helper()
 	planned := c.holder(vip)
 	var rows []streamRow
@@ -240,7 +228,7 @@ func (c *cluster) streamEvents(m streamMode, vip netip.Addr, client string, on, 
 		}
 	}
 
-	if keep || !on {
+	{
 		// A rolling restart: each node's speaker stops and starts again,
 		// the next once the VIP is back on its planned master, while a
 		// prober opens new connections.
@@ -248,17 +236,25 @@ func (c *cluster) streamEvents(m streamMode, vip netip.Addr, client string, on, 
 			stop := c.probeNewConns(vip, client)
 			for _, n := range c.lab.Nodes {
 				c.stopSpeaker(n.Name)
-				c.speakers.Start(n.Name, streamSpeaker(on, keep))
+				c.speakers.Start(n.Name, streamSpeaker(on))
+				// The next node only once this one's keepalived has run
+				// for a master-down interval, as a readiness gate would
+				// wait: it knows the master then, and is the backup a
+				// handover goes to.
+				var up time.Time
 				c.eventually(60*time.Second, vip.String()+" on "+planned+" after restarting "+n.Name, func() bool {
+					if _, err := os.Stat(filepath.Join(keeplbtest.RunDir(n.Name), "vrrp.pid")); err != nil {
+						return false
+					}
+					if up.IsZero() {
+						up = time.Now()
+					}
 					h := c.holders(vip)
-					return len(h) == 1 && h[0] == planned && c.syncDaemonsRun(n.Name, on)
+					return len(h) == 1 && h[0] == planned && c.syncDaemonsRun(n.Name, on) && time.Since(up) > 3*streamAdvert+streamAdvert/2
 				})
 			}
 			return stop()
 		})
-		if keep {
-			return rows
-		}
 	}
 
 	// A graceful handover, then failback: the planned master's speaker
@@ -272,7 +268,7 @@ func (c *cluster) streamEvents(m streamMode, vip netip.Addr, client string, on, 
 		return 0, 0
 	})
 	row("failback", nil, func(*moves) (int, int) {
-		c.speakers.Start(planned, streamSpeaker(on, false))
+		c.speakers.Start(planned, streamSpeaker(on))
 		c.eventually(60*time.Second, vip.String()+" back on "+planned, func() bool {
 			h := c.holders(vip)
 			return len(h) == 1 && h[0] == planned
@@ -297,7 +293,7 @@ func (c *cluster) streamEvents(m streamMode, vip netip.Addr, client string, on, 
 	if err := c.lab.SetNodeLink(planned, true); err != nil {
 		c.t.Fatal(err)
 	}
-	c.speakers.Start(planned, streamSpeaker(on, false))
+	c.speakers.Start(planned, streamSpeaker(on))
 	c.eventually(60*time.Second, vip.String()+" back on "+planned+" after the crash", func() bool {
 		h := c.holders(vip)
 		return len(h) == 1 && h[0] == planned

@@ -48,13 +48,13 @@ func Matches(f Flow, vip, real netip.AddrPort) bool {
 	return f.Protocol == UDP && same(f.Original.Dst, vip) && same(f.Reply.Src, real)
 }
 
-// OfVIPs reports whether f is a flow of the default zone whose original
-// tuple has one of vips at either end, any protocol and port: opened to a
-// VIP (by a client, or by a pod's reply no entry matched), or sent from
-// one (the holder's NAT, routed to a pod here). These are the flows
-// DeleteOfVIPs deletes. vips must be unmapped.
-func OfVIPs(f Flow, vips map[netip.Addr]bool) bool {
-	return f.Zone == 0 && (vips[f.Original.Dst.Addr().Unmap()] || vips[f.Original.Src.Addr().Unmap()])
+// OfVIPs reports whether f is a flow of zone whose original tuple has one
+// of vips at either end, any protocol and port: opened to a VIP (by a
+// client, or by a pod's reply no entry matched), or sent from one (the
+// holder's NAT, routed to a pod here). These are the flows DeleteOfVIPs
+// deletes. vips must be unmapped.
+func OfVIPs(f Flow, vips map[netip.Addr]bool, zone uint16) bool {
+	return f.Zone == zone && (vips[f.Original.Dst.Addr().Unmap()] || vips[f.Original.Src.Addr().Unmap()])
 }
 
 func same(a, b netip.AddrPort) bool {
@@ -66,8 +66,8 @@ type Interface interface {
 	// DeleteUDP deletes the UDP flows opened to vip whose replies come
 	// from real (see Matches), and returns how many it deleted.
 	DeleteUDP(vip, real netip.AddrPort) (int, error)
-	// DeleteOfVIPs deletes the flows of the default zone with any of vips
-	// at either end of their original tuple (see OfVIPs), and returns how
-	// many it deleted.
-	DeleteOfVIPs(vips []netip.Addr) (int, error)
+	// DeleteOfVIPs deletes the flows of zone with any of vips at either
+	// end of their original tuple (see OfVIPs), and returns how many it
+	// deleted.
+	DeleteOfVIPs(vips []netip.Addr, zone uint16) (int, error)
 }

@@ -136,7 +136,7 @@ func TestKernelDeleteUDP(t *testing.T) {
 // TestKernelDeleteOfVIPs makes real conntrack entries in a network
 // namespace of its own, UDP and TCP, to and from two VIPs and to another
 // address, one of them in another zone, and checks that DeleteOfVIPs
-// removes exactly those of the default zone with the VIPs it is given at
+// removes exactly those of the zone given with the VIPs it is given at
 // either end.
 func TestKernelDeleteOfVIPs(t *testing.T) {
 	netnstest.Require(t, "apt-get install iproute2 nftables", "ip", "nft")
@@ -245,7 +245,7 @@ func TestKernelDeleteOfVIPs(t *testing.T) {
 	}
 	defer ct.Close()
 	vips := []netip.Addr{netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("::ffff:192.0.2.2")}
-	n, err := ct.DeleteOfVIPs(vips)
+	n, err := ct.DeleteOfVIPs(vips, 0)
 	if err != nil {
 		t.Fatalf("DeleteOfVIPs: %v", err)
 	}
@@ -253,7 +253,14 @@ func TestKernelDeleteOfVIPs(t *testing.T) {
 	if got := list(); n != 5 || !slices.Equal(got, wantLeft) {
 		t.Errorf("DeleteOfVIPs deleted %d entries (want 5), leaving\n%s\nwant\n%s", n, strings.Join(got, "\n"), strings.Join(wantLeft, "\n"))
 	}
-	if n, err := ct.DeleteOfVIPs(vips); err != nil || n != 0 {
+	if n, err := ct.DeleteOfVIPs(vips, 0); err != nil || n != 0 {
 		t.Errorf("second DeleteOfVIPs = %d, %v; want 0", n, err)
+	}
+	// The other zone's alone.
+	if n, err := ct.DeleteOfVIPs(vips, 27500); err != nil || n != 1 {
+		t.Errorf("DeleteOfVIPs in zone 27500 = %d, %v; want 1", n, err)
+	}
+	if got := list(); !slices.Equal(got, []string{want[3]}) {
+		t.Errorf("after deleting zone 27500's, left\n%s\nwant\n%s", strings.Join(got, "\n"), want[3])
 	}
 }

@@ -60,7 +60,7 @@ func (n *Netlink) DeleteUDP(vip, real netip.AddrPort) (int, error) {
 
 // DeleteOfVIPs is part of Interface. It dumps each family's table that
 // vips have addresses of.
-func (n *Netlink) DeleteOfVIPs(vips []netip.Addr) (int, error) {
+func (n *Netlink) DeleteOfVIPs(vips []netip.Addr, zone uint16) (int, error) {
 	set := map[netip.Addr]bool{}
 	families := map[netlink.InetFamily]bool{}
 	for _, v := range vips {
@@ -77,21 +77,24 @@ func (n *Netlink) DeleteOfVIPs(vips []netip.Addr) (int, error) {
 		if !families[family] {
 			continue
 		}
-		deleted, err := n.h.ConntrackDeleteFilters(netlink.ConntrackTable, family, ofVIPs(set))
+		deleted, err := n.h.ConntrackDeleteFilters(netlink.ConntrackTable, family, ofVIPs{vips: set, zone: zone})
 		total += int(deleted)
 		if err != nil {
-			return total, fmt.Errorf("delete conntrack entries of %d VIPs: %w", len(set), err)
+			return total, fmt.Errorf("delete conntrack entries of %d VIPs in zone %d: %w", len(set), zone, err)
 		}
 	}
 	return total, nil
 }
 
 // ofVIPs is a netlink.CustomConntrackFilter for OfVIPs.
-type ofVIPs map[netip.Addr]bool
+type ofVIPs struct {
+	vips map[netip.Addr]bool
+	zone uint16
+}
 
 // MatchConntrackFlow is part of netlink.CustomConntrackFilter.
 func (o ofVIPs) MatchConntrackFlow(c *netlink.ConntrackFlow) bool {
-	return OfVIPs(fromNetlink(c), o)
+	return OfVIPs(fromNetlink(c), o.vips, o.zone)
 }
 
 // filter is a netlink.CustomConntrackFilter for Matches.

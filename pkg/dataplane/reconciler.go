@@ -420,7 +420,7 @@ func (r *Reconciler) Exit(ctx context.Context, owns func(ipvs.Key) bool) (Report
 	if r.k.NFT == nil {
 		return rep, err
 	}
-	r.forgetFlows(ctx, r.nftWritten.FollowedVIPs(), "exit")
+	r.forgetFlows(ctx, r.nftWritten.FollowedVIPs(), "exit", 0)
 	r.nftWritten, r.rangesApplied = nil, nil
 	r.guardMu.Lock()
 	r.guardTable = false
@@ -432,36 +432,64 @@ func (r *Reconciler) Exit(ctx context.Context, owns func(ipvs.Key) bool) (Report
 	return rep, err
 }
 
-// forgetFlows deletes the conntrack entries of the VIPs' flows in the
-// default zone (conntrack.OfVIPs), where the masquerade follows the VIP
-// (nft.Rules.FollowVIP). when says why, for the log:
+// forgetFlows deletes the conntrack entries of the VIPs' flows
+// (conntrack.OfVIPs) in each of zones, where the masquerade follows the
+// VIP (nft.Rules.FollowVIP). when says why, for the log:
 //
-//   - "start", after the first write of the table: a node that held no
-//     table (its speaker restarting) routed the flows of VIPs held
-//     elsewhere to its pods in the default zone. Such an entry holds the
-//     tuple this node's NAT needs once it holds the VIP itself, so the
-//     NAT would pick another port and the pod reset the connection. The
-//     table's transit zone takes such flows from now on; and this node
-//     holds no VIP yet (keepalived starts after the first write).
-//   - "exit", before the table and its transit zone go: this node's pods
-//     keep replying to VIPs now held elsewhere. With the entries of the
-//     flows it held they would be de-NATed here and sent to the client
-//     from the pod's address; without them they are routed to the VIP's
-//     new holder, which owns the flow now.
+//   - "start", after the first write of the table, both zones: a node
+//     that held no table (its speaker restarting) routed the flows of
+//     VIPs held elsewhere to its pods in the default zone. Such an entry
+//     holds the tuple this node's NAT needs once it holds the VIP itself,
+//     so the NAT would pick another port and the pod reset the
+//     connection. The transit zone's entries are a previous speaker's,
+//     their TCP windows stale (see Acquired). This node holds no VIP yet
+//     (keepalived starts after the first write).
+//   - "exit", the default zone, before the table and its transit zone
+//     go: this node's pods keep replying to VIPs now held elsewhere. With
+//     the entries of the flows it held they would be de-NATed here and
+//     sent to the client from the pod's address; without them they are
+//     routed to the VIP's new holder, which owns the flow now.
+//   - "acquired", the transit zone (see Acquired).
 //
 // A failure is logged: the flows it concerns may be lost, nothing else
 // (docs/connections.md).
-func (r *Reconciler) forgetFlows(ctx context.Context, vips []netip.Addr, when string) {
+func (r *Reconciler) forgetFlows(ctx context.Context, vips []netip.Addr, when string, zones ...uint16) {
 	if len(vips) == 0 || r.k.Conntrack == nil {
 		return
 	}
 	logger := klog.FromContext(ctx)
-	n, err := r.k.Conntrack.DeleteOfVIPs(vips)
-	if err != nil {
-		logger.Error(err, "Deleting the conntrack entries of the VIPs' flows failed; connections that move with a VIP to or from this node may be reset", "at", when, "deleted", n)
-		return
+	for _, zone := range zones {
+		n, err := r.k.Conntrack.DeleteOfVIPs(vips, zone)
+		if err != nil {
+			logger.Error(err, "Deleting the conntrack entries of the VIPs' flows failed; connections that move with a VIP to or from this node may be reset", "at", when, "zone", zone, "deleted", n)
+			continue
+		}
+		logger.Info("Deleted the conntrack entries of the VIPs' flows, so that connections moving with a VIP find none of this node's stale ones", "at", when, "zone", zone, "entries", n, "vips", len(vips))
 	}
-	logger.Info("Deleted the conntrack entries of the VIPs' flows, so that connections moving with a VIP find none of this node's stale ones", "at", when, "entries", n, "vips", len(vips))
+}
+
+// Acquired tells r that this node has just become the holder of vips. Where
+// the masquerade follows the VIP, it deletes their flows' entries in the
+// transit zone: while this node holds a VIP its pods' replies to it take
+// the default zone, and a transit entry left alone would keep the TCP
+// window of the moment the node took the VIP over. Once the node gives
+// the VIP up, the flows take the transit zone again, and conntrack would
+// find their packets far outside that window: invalid, which the VIP
+// guard's and kube-proxy's rules drop. Deleted, the first packet after
+// makes a new entry from mid-stream. Only one goroutine calls it, as
+// Sync.
+func (r *Reconciler) Acquired(ctx context.Context, vips []netip.Addr) {
+	followed := map[netip.Addr]bool{}
+	for _, v := range r.nftWritten.FollowedVIPs() {
+		followed[v] = true
+	}
+	var ours []netip.Addr
+	for _, v := range vips {
+		if followed[v.Unmap()] {
+			ours = append(ours, v.Unmap())
+		}
+	}
+	r.forgetFlows(ctx, ours, "acquired", nft.TransitZone)
 }
 
 // CanForward reports whether this node can forward what keeplb forwards
@@ -536,7 +564,7 @@ func (r *Reconciler) writeNFT(ctx context.Context, rules nft.Rules, keep bool) e
 		// VIP: before it, with no table or another speaker's, this
 		// node's routed VIP flows went to the default zone.
 		r.flowsForgotten = true
-		r.forgetFlows(ctx, want.FollowedVIPs(), "start")
+		r.forgetFlows(ctx, want.FollowedVIPs(), "start", 0, nft.TransitZone)
 	}
 	r.nftDone(want, rules)
 	logger.V(2).Info("nftables table written", "snat", want.SNATs(), "sourceRanges", len(rules.SourceRanges))

@@ -276,11 +276,12 @@ func TestReconcilerGuardOnly(t *testing.T) {
 }
 
 // TestForgetsFollowedFlows: a node whose masquerade follows the VIP
-// deletes the conntrack entries of the VIPs' flows in the default zone
-// after its first table, and again on exit (its pods' replies must then
-// go to the new holder), and nothing else: not the transit zone's, not
-// other flows'. Later writes delete nothing. A node that masquerades to
-// itself deletes none, and a failing conntrack fails neither.
+// deletes the conntrack entries of the VIPs' flows: both zones' after its
+// first table, the transit zone's of the VIPs it has just acquired, the
+// default zone's on exit (its pods' replies must then go to the new
+// holder); never other flows, and later writes delete nothing. A node
+// that masquerades to itself deletes none, and a failing conntrack fails
+// nothing.
 func TestForgetsFollowedFlows(t *testing.T) {
 	tuple := func(src, dst string) conntrack.Tuple {
 		return conntrack.Tuple{Src: netip.MustParseAddrPort(src), Dst: netip.MustParseAddrPort(dst)}
@@ -292,17 +293,24 @@ func TestForgetsFollowedFlows(t *testing.T) {
 	other := conntrack.Flow{Protocol: conntrack.TCP, Original: tuple("198.51.100.7:40000", "10.0.0.1:22"), Reply: tuple("10.0.0.1:22", "198.51.100.7:40000")}
 	// Routed to this node's pod before its table had the transit zone.
 	routed := conntrack.Flow{Protocol: conntrack.TCP, Original: tuple("192.0.2.1:40003", "10.1.4.1:8080"), Reply: tuple("10.1.4.1:8080", "192.0.2.1:40003")}
+	// Of a VIP this node does not acquire.
+	otherTransit := conntrack.Flow{Protocol: conntrack.TCP, Original: tuple("192.0.2.2:40004", "10.1.4.1:8080"), Reply: tuple("10.1.4.1:8080", "192.0.2.2:40004"), Zone: nft.TransitZone}
 	all := []conntrack.Flow{opened, openedV6, transit, transitReply, other, routed}
+	later := []conntrack.Flow{opened, routed, transit, otherTransit}
 
 	for _, tc := range []struct {
 		name      string
 		followVIP bool
 		fail      error
-		want      []conntrack.Flow
+		// What each step leaves: the first sync, Acquired, exit.
+		first, acquired, exit []conntrack.Flow
 	}{
-		{"followed", true, nil, []conntrack.Flow{transit, transitReply, other}},
-		{"masqueraded to the node", false, nil, all},
-		{"conntrack failing", true, errors.New("injected: operation not permitted"), all},
+		{"followed", true, nil,
+			[]conntrack.Flow{other},
+			[]conntrack.Flow{other, opened, routed, otherTransit},
+			[]conntrack.Flow{other, otherTransit}},
+		{"masqueraded to the node", false, nil, all, append(slices.Clone(all), later...), append(slices.Clone(all), later...)},
+		{"conntrack failing", true, errors.New("injected: operation not permitted"), all, append(slices.Clone(all), later...), append(slices.Clone(all), later...)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ct := conntracktesting.New(all...)
@@ -310,36 +318,36 @@ func TestForgetsFollowedFlows(t *testing.T) {
 			r := NewReconciler("n1", Kernel{IPVS: ipvstesting.New(), NFT: nf, Conntrack: ct})
 			st, _ := Desired(syncInputs(), "n1")
 			st.FollowVIP = tc.followVIP
+			check := func(step string, want []conntrack.Flow) {
+				t.Helper()
+				ct.FailWith(nil)
+				if got := ct.Flows(); !slices.Equal(got, want) {
+					t.Errorf("flows left after %s\n%+v\nwant\n%+v", step, got, want)
+				}
+				ct.FailWith(tc.fail)
+			}
 			ct.FailWith(tc.fail)
 			if _, err := r.Sync(t.Context(), st); err != nil {
 				t.Fatal(err)
 			}
+			check("the first sync", tc.first)
+
 			ct.FailWith(nil)
-			if got := ct.Flows(); !slices.Equal(got, tc.want) {
-				t.Errorf("flows left after the first sync\n%+v\nwant\n%+v", got, tc.want)
-			}
-			// A later write, and a whole one, delete nothing; exit
-			// deletes what came since.
-			ct.Add(opened, routed)
+			ct.Add(later...)
+			ct.FailWith(tc.fail)
 			st.Guard.Echo = nil
 			if _, err := r.Sync(t.Context(), st); err != nil {
 				t.Fatal(err)
 			}
-			if got, want := ct.Flows(), append(slices.Clone(tc.want), opened, routed); !slices.Equal(got, want) {
-				t.Errorf("flows left after the second sync\n%+v\nwant\n%+v", got, want)
-			}
-			ct.FailWith(tc.fail)
+			check("the second sync", append(slices.Clone(tc.first), later...))
+
+			r.Acquired(t.Context(), []netip.Addr{netip.MustParseAddr("::ffff:192.0.2.1"), netip.MustParseAddr("203.0.113.1")})
+			check("acquiring 192.0.2.1", tc.acquired)
+
 			if _, err := r.Exit(t.Context(), st.Owns); err != nil {
 				t.Fatalf("exit: %v", err)
 			}
-			ct.FailWith(nil)
-			want := tc.want
-			if !tc.followVIP || tc.fail != nil {
-				want = append(slices.Clone(tc.want), opened, routed)
-			}
-			if got := ct.Flows(); !slices.Equal(got, want) {
-				t.Errorf("flows left after exit\n%+v\nwant\n%+v", got, want)
-			}
+			check("exit", tc.exit)
 			if nf.Table != nil {
 				t.Error("exit left keeplb's table")
 			}

@@ -138,7 +138,9 @@
 // A VIP that keepalived adds to a node is a local address: without more,
 // every listener on the wildcard address (sshd, the kubelet, exporters)
 // answers on it, and kube-proxy in iptables mode translates every
-// NodePort on it. The guard accepts, for a destination in vips, only
+// NodePort on it. The guard accepts, for a destination in vips that is a
+// local address (fib daddr type local: the node holds the VIP; a packet
+// to a VIP held elsewhere is routed and reaches no listener), only
 //
 //	iifname "lo"                            the node's own processes
 //	ct state established,related            replies, ICMP errors, flows opened before

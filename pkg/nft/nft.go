@@ -409,7 +409,11 @@ func Write(tx *knftables.Transaction, e *Elements) {
 			Family: Family,
 			Table:  Table,
 			Chain:  ChainGuard,
-			Rule:   knftables.Concat(f.ip, "daddr", "@"+f.vipsSet(), "jump", f.guardChain()),
+			// Only where the VIP is local: a packet to a VIP held
+			// elsewhere is routed, reaches no listener here, and may be
+			// a pod's reply that conntrack finds out of window (the
+			// flow moved), which the guard must not drop.
+			Rule: knftables.Concat(f.ip, "daddr", "@"+f.vipsSet(), "fib daddr type local", "jump", f.guardChain()),
 		})
 	}
 	for _, f := range families() {

@@ -361,8 +361,8 @@ func TestRules(t *testing.T) {
 		// Before kube-proxy's DNAT (dstnat, -100), so VIP:NodePort is
 		// seen as such; after conntrack (-200), for ct state.
 		"filter prerouting dstnat - 50",
-		"ip daddr @vips-v4 jump vip-guard-v4",
-		"ip6 daddr @vips-v6 jump vip-guard-v6",
+		"ip daddr @vips-v4 fib daddr type local jump vip-guard-v4",
+		"ip6 daddr @vips-v6 fib daddr type local jump vip-guard-v6",
 		"regular vip-guard-v4",
 		`iifname "lo" accept`,
 		"ct state established,related accept",

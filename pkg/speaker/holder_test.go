@@ -65,7 +65,7 @@ func holderSpeaker(t *testing.T, node string, client *fake.Clientset, clk *clock
 func reconcileHolders(t *testing.T, s *Speaker, plan vrrp.Plan, owners map[netip.Addr][]string, states map[string]keepalived.State) {
 	t.Helper()
 	claims, vipStates := holderClaims(plan, s.opts.NodeName, owners, states)
-	s.applyHolders(claims, vipStates)
+	s.applyHolders(t.Context(), claims, vipStates)
 	for s.holders.queue.Len() > 0 {
 		s.holders.next(t.Context())
 	}
@@ -249,7 +249,7 @@ func TestHolderWriterOffTheSyncPath(t *testing.T) {
 	sync := func(claims map[string][]netip.Addr) {
 		t.Helper()
 		returned := make(chan struct{})
-		go func() { defer close(returned); s.applyHolders(claims, nil) }()
+		go func() { defer close(returned); s.applyHolders(t.Context(), claims, nil) }()
 		select {
 		case <-returned:
 		case <-time.After(10 * time.Second):
@@ -372,7 +372,7 @@ func TestHolderHeldBackWriteGoesOut(t *testing.T) {
 		}
 	}
 	see(t, s, client)
-	s.applyHolders(claims, nil)
+	s.applyHolders(t.Context(), claims, nil)
 	waitHolder("a", 0)
 	// Node b overwrites it; this node's informer sees it, and its sync
 	// wants it back, but wrote that value a moment ago.
@@ -382,7 +382,7 @@ func TestHolderHeldBackWriteGoesOut(t *testing.T) {
 		t.Fatal(err)
 	}
 	see(t, s, client)
-	s.applyHolders(claims, nil)
+	s.applyHolders(t.Context(), claims, nil)
 	waitHolder("a", 500*time.Millisecond)
 	// When it went out: the time of its event, on the fake clock (written
 	// after the annotation).

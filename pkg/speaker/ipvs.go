@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"net/netip"
 	"slices"
 	"strings"
 	"time"
@@ -154,6 +155,15 @@ func (d *ipvsStep) canForward() bool {
 
 // exit deletes keeplb's virtual servers (those it programmed) and its
 // table, unless --keep-ipvs-on-exit.
+// acquired passes on the VIPs this node has just become the holder of
+// (dataplane.Reconciler.Acquired).
+func (d *ipvsStep) acquired(ctx context.Context, vips []netip.Addr) {
+	if d == nil || d.r == nil {
+		return
+	}
+	d.r.Acquired(ctx, vips)
+}
+
 func (d *ipvsStep) exit(ctx context.Context, in dataplane.Inputs) error {
 	logger := klog.FromContext(ctx)
 	if d.keepOnExit {

@@ -254,7 +254,7 @@ func (s *Speaker) apply(ctx context.Context, obs observed, want desired) error {
 		s.metrics.VRRPSyncErrors.Inc()
 		return errors.Join(dpErr, err)
 	}
-	s.applyHolders(want.claims, want.vipStates)
+	s.applyHolders(ctx, want.claims, want.vipStates)
 	return dpErr
 }
 

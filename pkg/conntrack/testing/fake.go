@@ -58,7 +58,7 @@ func (f *Fake) DeleteUDP(vip, real netip.AddrPort) (int, error) {
 }
 
 // DeleteOfVIPs is part of conntrack.Interface.
-func (f *Fake) DeleteOfVIPs(vips []netip.Addr) (int, error) {
+func (f *Fake) DeleteOfVIPs(vips []netip.Addr, zone uint16) (int, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.err != nil {
@@ -69,6 +69,6 @@ func (f *Fake) DeleteOfVIPs(vips []netip.Addr) (int, error) {
 		set[v.Unmap()] = true
 	}
 	before := len(f.flows)
-	f.flows = slices.DeleteFunc(f.flows, func(fl conntrack.Flow) bool { return conntrack.OfVIPs(fl, set) })
+	f.flows = slices.DeleteFunc(f.flows, func(fl conntrack.Flow) bool { return conntrack.OfVIPs(fl, set, zone) })
 	return before - len(f.flows), nil
 }
