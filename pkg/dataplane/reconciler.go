@@ -449,7 +449,8 @@ func (r *Reconciler) Exit(ctx context.Context, owns func(ipvs.Key) bool) (Report
 //     the entries of the flows it held they would be de-NATed here and
 //     sent to the client from the pod's address; without them they are
 //     routed to the VIP's new holder, which owns the flow now.
-//   - "acquired", the transit zone (see Acquired).
+//   - "acquired", the transit zone (see Acquired); "released", the
+//     default zone (see Released).
 //
 // A failure is logged: the flows it concerns may be lost, nothing else
 // (docs/connections.md).
@@ -479,17 +480,35 @@ func (r *Reconciler) forgetFlows(ctx context.Context, vips []netip.Addr, when st
 // makes a new entry from mid-stream. Only one goroutine calls it, as
 // Sync.
 func (r *Reconciler) Acquired(ctx context.Context, vips []netip.Addr) {
-	followed := map[netip.Addr]bool{}
+	r.forgetFlows(ctx, r.followed(vips), "acquired", nft.TransitZone)
+}
+
+// Released tells r that this node has just stopped holding vips. Where the
+// masquerade follows the VIP, it deletes their flows' entries in the
+// default zone: the flows this node forwarded as the holder. Their
+// clients' packets go to the new holder now, this node's pods' replies to
+// the transit zone; left alone, an entry would outlive its connection (it
+// never sees the connection close) and meet a new connection of the same
+// client port, with a stale TCP window and another real server, once the
+// VIP comes back here.
+func (r *Reconciler) Released(ctx context.Context, vips []netip.Addr) {
+	r.forgetFlows(ctx, r.followed(vips), "released", 0)
+}
+
+// followed returns those of vips whose masquerade follows the VIP in the
+// table last written, unmapped.
+func (r *Reconciler) followed(vips []netip.Addr) []netip.Addr {
+	set := map[netip.Addr]bool{}
 	for _, v := range r.nftWritten.FollowedVIPs() {
-		followed[v] = true
+		set[v] = true
 	}
-	var ours []netip.Addr
+	var out []netip.Addr
 	for _, v := range vips {
-		if followed[v.Unmap()] {
-			ours = append(ours, v.Unmap())
+		if set[v.Unmap()] {
+			out = append(out, v.Unmap())
 		}
 	}
-	r.forgetFlows(ctx, ours, "acquired", nft.TransitZone)
+	return out
 }
 
 // CanForward reports whether this node can forward what keeplb forwards

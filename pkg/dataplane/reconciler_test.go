@@ -278,7 +278,7 @@ func TestReconcilerGuardOnly(t *testing.T) {
 // TestForgetsFollowedFlows: a node whose masquerade follows the VIP
 // deletes the conntrack entries of the VIPs' flows: both zones' after its
 // first table, the transit zone's of the VIPs it has just acquired, the
-// default zone's on exit (its pods' replies must then go to the new
+// default zone's of those it has just released, and on exit (its pods' replies must then go to the new
 // holder); never other flows, and later writes delete nothing. A node
 // that masquerades to itself deletes none, and a failing conntrack fails
 // nothing.
@@ -302,7 +302,8 @@ func TestForgetsFollowedFlows(t *testing.T) {
 		name      string
 		followVIP bool
 		fail      error
-		// What each step leaves: the first sync, Acquired, exit.
+		// What each step leaves: the first sync, Acquired, then Released
+		// and exit (with the flow opened in between).
 		first, acquired, exit []conntrack.Flow
 	}{
 		{"followed", true, nil,
@@ -343,11 +344,20 @@ func TestForgetsFollowedFlows(t *testing.T) {
 
 			r.Acquired(t.Context(), []netip.Addr{netip.MustParseAddr("::ffff:192.0.2.1"), netip.MustParseAddr("203.0.113.1")})
 			check("acquiring 192.0.2.1", tc.acquired)
+			r.Released(t.Context(), []netip.Addr{netip.MustParseAddr("192.0.2.1")})
+			check("releasing 192.0.2.1", tc.exit)
+			ct.FailWith(nil)
+			ct.Add(opened)
+			ct.FailWith(tc.fail)
 
 			if _, err := r.Exit(t.Context(), st.Owns); err != nil {
 				t.Fatalf("exit: %v", err)
 			}
-			check("exit", tc.exit)
+			want := tc.exit
+			if !tc.followVIP || tc.fail != nil {
+				want = append(slices.Clone(tc.exit), opened)
+			}
+			check("exit", want)
 			if nf.Table != nil {
 				t.Error("exit left keeplb's table")
 			}

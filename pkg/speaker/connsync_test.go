@@ -1,6 +1,7 @@
 package speaker
 
 import (
+	"net/netip"
 	"slices"
 	"strings"
 	"syscall"
@@ -10,6 +11,8 @@ import (
 	"k8s.io/client-go/tools/record"
 	"sigs.k8s.io/knftables"
 
+	"github.com/keeplb/keeplb/pkg/conntrack"
+	conntracktesting "github.com/keeplb/keeplb/pkg/conntrack/testing"
 	"github.com/keeplb/keeplb/pkg/ipvs"
 	ipvstesting "github.com/keeplb/keeplb/pkg/ipvs/testing"
 	"github.com/keeplb/keeplb/pkg/nft"
@@ -156,5 +159,42 @@ func TestConnSyncFindsUnlistedDaemons(t *testing.T) {
 	want := []ipvs.SyncDaemon{{State: ipvs.SyncMaster, Interface: "eth0"}, {State: ipvs.SyncBackup, Interface: "eth0"}}
 	if got, _ := kernel.SyncDaemons(); !slices.Equal(got, want) {
 		t.Errorf("daemons after the second sync: %v; want %v", got, want)
+	}
+}
+
+// TestHoldingForgetsFlows: with --conn-sync the masquerade follows the
+// VIP, and the node's VRRP states decide which conntrack entries of a
+// VIP's flows go: those of the transit zone when the node becomes its
+// holder, those of the default zone when it stops being it. Nothing else.
+func TestHoldingForgetsFlows(t *testing.T) {
+	s, k, _ := syncSpeaker(t, nftCluster(), knftables.NewFake(nft.Family, nft.Table))
+	s.opts.ConnSync.Enabled = true
+	k.Sync = k.IPVS.(*ipvstesting.Fake)
+	s.cs = newSyncStep(s.opts, k, s.metrics, s.recorder)
+	if err := s.sync(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	ct := k.Conntrack.(*conntracktesting.Fake)
+	vip := netip.MustParseAddr("192.0.2.1")
+	tuple := func(src, dst string) conntrack.Tuple {
+		return conntrack.Tuple{Src: netip.MustParseAddrPort(src), Dst: netip.MustParseAddrPort(dst)}
+	}
+	held := conntrack.Flow{Protocol: conntrack.TCP, Original: tuple("198.51.100.7:40000", "192.0.2.1:80"), Reply: tuple("10.1.0.5:8080", "192.0.2.1:40000")}
+	routed := conntrack.Flow{Protocol: conntrack.TCP, Original: tuple("192.0.2.1:40001", "10.1.0.5:8080"), Reply: tuple("10.1.0.5:8080", "192.0.2.1:40001"), Zone: nft.TransitZone}
+	other := conntrack.Flow{Protocol: conntrack.TCP, Original: tuple("192.0.2.3:40002", "10.1.0.5:8080"), Reply: tuple("10.1.0.5:8080", "192.0.2.3:40002"), Zone: nft.TransitZone}
+	ct.Add(held, routed, other)
+
+	s.applyHolders(t.Context(), nil, map[netip.Addr]float64{vip: 1, netip.MustParseAddr("192.0.2.3"): 0})
+	if got, want := ct.Flows(), []conntrack.Flow{held, other}; !slices.Equal(got, want) {
+		t.Errorf("after taking %s over, flows\n%+v\nwant\n%+v", vip, got, want)
+	}
+	ct.Add(routed)
+	s.applyHolders(t.Context(), nil, map[netip.Addr]float64{vip: 1, netip.MustParseAddr("192.0.2.3"): 0})
+	if got, want := ct.Flows(), []conntrack.Flow{held, other, routed}; !slices.Equal(got, want) {
+		t.Errorf("holding %s still, flows\n%+v\nwant\n%+v", vip, got, want)
+	}
+	s.applyHolders(t.Context(), nil, map[netip.Addr]float64{vip: 0, netip.MustParseAddr("192.0.2.3"): 0})
+	if got, want := ct.Flows(), []conntrack.Flow{other, routed}; !slices.Equal(got, want) {
+		t.Errorf("after giving %s up, flows\n%+v\nwant\n%+v", vip, got, want)
 	}
 }

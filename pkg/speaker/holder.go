@@ -44,7 +44,8 @@ func holderClaims(plan vrrp.Plan, node string, owners map[netip.Addr][]string, s
 // applyHolders sets the VRRP state metrics and hands the holder writer
 // the Services whose annotation should name this node for claims (see
 // holderWriter.set). The forwarding step learns which VIPs this node has
-// just become the holder of (see dataplane.Reconciler.Acquired). It never waits for the API server: a node taking over
+// just become the holder of, and which it has just stopped holding (see
+// dataplane.Reconciler.Acquired and Released). It never waits for the API server: a node taking over
 // 10,000 VIPs at the client's rate would hold back every sync, and so all
 // forwarding changes, for minutes.
 //
@@ -54,15 +55,18 @@ func holderClaims(plan vrrp.Plan, node string, owners map[netip.Addr][]string, s
 // between see VIPs missing, and cost 10,000 new series per sync at 10,000
 // VIPs.
 func (s *Speaker) applyHolders(ctx context.Context, claims map[string][]netip.Addr, vipStates map[netip.Addr]float64) {
-	var acquired []netip.Addr
+	var acquired, released []netip.Addr
 	for vip, v := range vipStates {
 		if v == 1 && s.vipStates[vip] != 1 {
 			acquired = append(acquired, vip)
 		}
 	}
-	if len(acquired) > 0 {
-		s.dp.acquired(ctx, acquired)
+	for vip, v := range s.vipStates {
+		if v == 1 && vipStates[vip] != 1 {
+			released = append(released, vip)
+		}
 	}
+	s.dp.holding(ctx, acquired, released)
 	for vip := range s.vipStates {
 		if _, ok := vipStates[vip]; !ok {
 			s.metrics.VRRPState.DeleteLabelValues(vip.String(), s.opts.NodeName)

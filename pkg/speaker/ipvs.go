@@ -155,13 +155,19 @@ func (d *ipvsStep) canForward() bool {
 
 // exit deletes keeplb's virtual servers (those it programmed) and its
 // table, unless --keep-ipvs-on-exit.
-// acquired passes on the VIPs this node has just become the holder of
-// (dataplane.Reconciler.Acquired).
-func (d *ipvsStep) acquired(ctx context.Context, vips []netip.Addr) {
+// holding passes on the VIPs this node has just become the holder of and
+// those it has just stopped holding (dataplane.Reconciler.Acquired and
+// Released).
+func (d *ipvsStep) holding(ctx context.Context, acquired, released []netip.Addr) {
 	if d == nil || d.r == nil {
 		return
 	}
-	d.r.Acquired(ctx, vips)
+	if len(acquired) > 0 {
+		d.r.Acquired(ctx, acquired)
+	}
+	if len(released) > 0 {
+		d.r.Released(ctx, released)
+	}
 }
 
 func (d *ipvsStep) exit(ctx context.Context, in dataplane.Inputs) error {

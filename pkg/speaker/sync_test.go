@@ -23,6 +23,7 @@ import (
 
 	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
+	conntracktesting "github.com/keeplb/keeplb/pkg/conntrack/testing"
 	"github.com/keeplb/keeplb/pkg/dataplane"
 	"github.com/keeplb/keeplb/pkg/hostnet"
 	hostnettesting "github.com/keeplb/keeplb/pkg/hostnet/testing"
@@ -44,7 +45,7 @@ func syncSpeaker(t testing.TB, in dataplane.Inputs, nf knftables.Interface) (*Sp
 	}
 	links := []hostnet.Link{{Name: "eth0", Prefixes: []netip.Prefix{netip.MustParsePrefix("10.0.0.1/24"), netip.MustParsePrefix("192.0.2.250/24")}, DefaultRoute4: true}}
 	proc := keepalivedtesting.NewFake(Layout{RunDir: o.RunDir}.ConfigPath())
-	k := Kernel{Net: hostnettesting.New(links, nil), IPVS: ipvstesting.New(), NFT: nf, Keepalived: proc}
+	k := Kernel{Net: hostnettesting.New(links, nil), IPVS: ipvstesting.New(), NFT: nf, Keepalived: proc, Conntrack: conntracktesting.New()}
 	sup, err := keepalived.NewSupervisor(k.Keepalived, keepalived.SupervisorOptions{ConfigPath: Layout{RunDir: o.RunDir}.ConfigPath()})
 	if err != nil {
 		t.Fatal(err)
