@@ -85,7 +85,11 @@ func onIPVSKernel(t *testing.T, node func(*testing.T, *rest.Config)) {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	vm.RunSelfWith(t, vm.Options{Net: true, Memory: "1536M", Shares: []string{dir}}, "-lab.kubeconfig="+path)
+	args := []string{"-lab.kubeconfig=" + path}
+	if *streamsTable {
+		args = append(args, "-streams.table")
+	}
+	vm.RunSelfWith(t, vm.Options{Net: true, Memory: "1536M", Shares: []string{dir}}, args...)
 	t.Logf("VM run (boot, scenarios, shutdown): %s", time.Since(start).Round(100*time.Millisecond))
 }
 

@@ -63,6 +63,21 @@ func (c *Checker) Progress() (replies, failed int) {
 	return c.replies, c.failed
 }
 
+// Stalled returns the client's end of the streams that have had no reply
+// for longer than d (and not failed yet), for a test to look at them while
+// they stall.
+func (c *Checker) Stalled(d time.Duration) []netip.AddrPort {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []netip.AddrPort
+	for _, s := range c.streams {
+		if !s.lastSeen.IsZero() && time.Since(s.lastSeen) > d {
+			out = append(out, s.local)
+		}
+	}
+	return out
+}
+
 // Locals returns the client's end of every stream, for a test that looks
 // for the streams' entries in a kernel's tables.
 func (c *Checker) Locals() []netip.AddrPort {
@@ -81,6 +96,7 @@ type stream struct {
 	replies  int
 	stall    time.Duration // the longest time between two replies
 	last     time.Time     // of the last reply
+	lastSeen time.Time     // the same, under the Checker's mu, for Stalled
 	err      error         // why it failed; nil while it lives
 	failedAt time.Time
 }
@@ -145,6 +161,9 @@ func (c *Checker) run(ctx context.Context, conn net.Conn, r *bufio.Reader, s *st
 	t := time.NewTimer(c.opts.Interval)
 	defer t.Stop()
 	s.last = last
+	c.mu.Lock()
+	s.lastSeen = last
+	c.mu.Unlock()
 	for seq := 1; ; seq++ {
 		select {
 		case <-ctx.Done():
@@ -159,8 +178,10 @@ func (c *Checker) run(ctx context.Context, conn net.Conn, r *bufio.Reader, s *st
 		c.mu.Lock()
 		if err != nil {
 			c.failed++
+			s.lastSeen = time.Time{}
 		} else {
 			c.replies++
+			s.lastSeen = now
 		}
 		c.mu.Unlock()
 		if err != nil {
@@ -221,6 +242,8 @@ type Report struct {
 
 // Failure is one stream that failed.
 type Failure struct {
+	// Local is the client's end of the stream.
+	Local   netip.AddrPort
 	Backend string
 	At      time.Time
 	Err     error
@@ -273,7 +296,7 @@ func (c *Checker) Stop() Report {
 		r.Backends[s.backend]++
 		r.Replies += s.replies
 		if s.err != nil {
-			r.Failed = append(r.Failed, Failure{Backend: s.backend, At: s.failedAt, Err: s.err})
+			r.Failed = append(r.Failed, Failure{Local: s.local, Backend: s.backend, At: s.failedAt, Err: s.err})
 			continue
 		}
 		r.Survived++
