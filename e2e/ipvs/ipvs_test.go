@@ -89,7 +89,17 @@ func onIPVSKernel(t *testing.T, node func(*testing.T, *rest.Config)) {
 	if *streamsTable {
 		args = append(args, "-streams.table")
 	}
-	vm.RunSelfWith(t, vm.Options{Net: true, Memory: "1536M", Shares: []string{dir}}, args...)
+	if *streamsRolling {
+		args = append(args, "-streams.rolling")
+	}
+	opts := vm.Options{Net: true, Memory: "1536M", Shares: []string{dir}}
+	if t.Name() == "TestStreams" && !*streamsTable {
+		// Its default run takes under 2 minutes; a guest kernel stuck in
+		// softirq (seen once: docs/connections.md) must not take the
+		// package's 30.
+		opts.Timeout = 8 * time.Minute
+	}
+	vm.RunSelfWith(t, opts, args...)
 	t.Logf("VM run (boot, scenarios, shutdown): %s", time.Since(start).Round(100*time.Millisecond))
 }
 

@@ -28,7 +28,10 @@ import (
 	"github.com/keeplb/keeplb/pkg/testing/streams"
 )
 
-var streamsTable = flag.Bool("streams.table", false, "TestStreams measures every forwarding mode with --conn-sync and without, and asserts nothing of the modes that cannot keep connections (make bench)")
+var (
+	streamsTable   = flag.Bool("streams.table", false, "TestStreams measures every forwarding mode with --conn-sync and without, and asserts nothing of the modes that cannot keep connections (make bench)")
+	streamsRolling = flag.Bool("streams.rolling", false, "TestStreams measures the rolling restart too (implied by -streams.table)")
+)
 
 // Stream figures: the checker, 50 streams each exchanging a
 // message every 20 ms.
@@ -216,21 +219,14 @@ func (c *cluster) streamEvents(m streamMode, vip netip.Addr, client string, on b
 			c.eventually(30*time.Second, "the streams flowing", func() bool { now, _ := ch.Progress(); return now >= before+streamCount*5 })
 		}
 		mv := watchMoves(c, vip)
+		stopWatch := c.watchStalls(ch, m.name+" "+event, gone)
 		n, nf := run(mv)
 		before, _ := ch.Progress()
-		dumped := false
 		c.eventually(60*time.Second, "the streams to go on or fail after "+event, func() bool {
-			if st := ch.Stalled(3 * time.Second); len(st) > 0 && !dumped {
-				// What the nodes hold of a stream while it stalls, for
-				// a failure's analysis.
-				dumped = true
-				for _, l := range st[:min(2, len(st))] {
-					c.t.Logf("  %s %s: the stream from %s stalls; the nodes hold:\n%s", m.name, event, l, c.flowState(l))
-				}
-			}
 			now, failed := ch.Progress()
 			return failed == streamCount || now >= before+streamCount*20
 		})
+		stopWatch()
 		moved := mv.stop()
 		r := ch.Stop()
 		survived, of := r.SurvivedExcept(gone...)
@@ -284,7 +280,7 @@ func (c *cluster) streamEvents(m streamMode, vip netip.Addr, client string, on b
 		return len(h) == 1 && h[0] == planned
 	})
 
-	if *streamsTable {
+	if *streamsTable || *streamsRolling {
 		// A rolling restart: each node's speaker stops and starts again,
 		// the next once the VIP is back on its planned master, while a
 		// prober opens new connections.
@@ -500,4 +496,29 @@ func (c *cluster) flowState(local netip.AddrPort) string {
 		}
 	}
 	return b.String()
+}
+
+// watchStalls logs, once, what the nodes hold of two streams that have
+// had no reply for 3 s (but those of backends in gone), while they stall:
+// for a failure's analysis. The returned function stops the watch.
+func (c *cluster) watchStalls(ch *streams.Checker, what string, gone []string) func() {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for ctx.Err() == nil {
+			st := slices.DeleteFunc(ch.Stalled(3*time.Second), func(f streams.Failure) bool { return slices.Contains(gone, f.Backend) })
+			if len(st) > 0 {
+				for _, f := range st[:min(2, len(st))] {
+					c.t.Logf("  %s: the stream from %s to %s stalls since %s; the nodes hold:\n%s", what, f.Local, f.Backend, f.At.Format("15:04:05.000"), c.flowState(f.Local))
+				}
+				return
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(500 * time.Millisecond):
+			}
+		}
+	}()
+	return func() { cancel(); <-done }
 }

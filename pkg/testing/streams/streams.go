@@ -63,16 +63,16 @@ func (c *Checker) Progress() (replies, failed int) {
 	return c.replies, c.failed
 }
 
-// Stalled returns the client's end of the streams that have had no reply
-// for longer than d (and not failed yet), for a test to look at them while
-// they stall.
-func (c *Checker) Stalled(d time.Duration) []netip.AddrPort {
+// Stalled returns the streams that have had no reply for longer than d
+// (and not failed yet), with their client end and backend, for a test to
+// look at them while they stall.
+func (c *Checker) Stalled(d time.Duration) []Failure {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	var out []netip.AddrPort
+	var out []Failure
 	for _, s := range c.streams {
 		if !s.lastSeen.IsZero() && time.Since(s.lastSeen) > d {
-			out = append(out, s.local)
+			out = append(out, Failure{Local: s.local, Backend: s.backend, At: s.lastSeen})
 		}
 	}
 	return out

@@ -78,6 +78,11 @@ type Options struct {
 	// unloaded at boot, by their names (e.g. "ip_vs"), for tests of what
 	// loads them on demand (keeplb.skipmods= on the kernel command line).
 	SkipModules []string
+	// Timeout ends the VM this long after it starts, if sooner than the
+	// test's deadline; 0 means the test's deadline only. For a test whose
+	// hang (a guest kernel stuck in a loop) must not take the rest of the
+	// package's time with it.
+	Timeout time.Duration
 }
 
 func (o Options) env() []string {
@@ -145,6 +150,11 @@ func RunWith(tb testing.TB, opts Options, testBinary string, args ...string) {
 			ctx, cancel = context.WithDeadline(ctx, dl.Add(-10*time.Second))
 			defer cancel()
 		}
+	}
+	if opts.Timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, opts.Timeout)
+		defer cancel()
 	}
 	start := time.Now()
 	w := &logWriter{tb: tb}
