@@ -74,22 +74,8 @@ func TestKernelDeleteUDP(t *testing.T) {
 	}
 	list := func() []string {
 		t.Helper()
-		h, err := netns.GetFromPath("/run/netns/" + ns)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer h.Close()
-		nh, err := netlink.NewHandleAt(h, unix.NETLINK_NETFILTER)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer nh.Close()
-		flows, err := nh.ConntrackTableList(netlink.ConntrackTable, unix.AF_INET)
-		if err != nil {
-			t.Fatalf("listing conntrack: %v", err)
-		}
 		var out []string
-		for _, f := range flows {
+		for _, f := range flows(t, ns) {
 			if f.Forward.Protocol == unix.IPPROTO_UDP {
 				out = append(out, fmt.Sprintf("%s:%d>%s:%d reply %s:%d", f.Forward.SrcIP, f.Forward.SrcPort, f.Forward.DstIP, f.Forward.DstPort, f.Reverse.SrcIP, f.Reverse.SrcPort))
 			}
@@ -201,22 +187,8 @@ func TestKernelDeleteOfVIPs(t *testing.T) {
 	}
 	list := func() []string {
 		t.Helper()
-		h, err := netns.GetFromPath("/run/netns/" + ns)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer h.Close()
-		nh, err := netlink.NewHandleAt(h, unix.NETLINK_NETFILTER)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer nh.Close()
-		flows, err := nh.ConntrackTableList(netlink.ConntrackTable, unix.AF_INET)
-		if err != nil {
-			t.Fatalf("listing conntrack: %v", err)
-		}
 		var out []string
-		for _, f := range flows {
+		for _, f := range flows(t, ns) {
 			if f.Forward.SrcPort >= 40000 && f.Forward.SrcPort < 40010 {
 				out = append(out, fmt.Sprintf("%d %s:%d>%s:%d zone %d", f.Forward.Protocol, f.Forward.SrcIP, f.Forward.SrcPort, f.Forward.DstIP, f.Forward.DstPort, f.Zone))
 			}
@@ -263,4 +235,24 @@ func TestKernelDeleteOfVIPs(t *testing.T) {
 	if got := list(); !slices.Equal(got, []string{want[3]}) {
 		t.Errorf("after deleting zone 27500's, left\n%s\nwant\n%s", strings.Join(got, "\n"), want[3])
 	}
+}
+
+// flows lists the IPv4 conntrack entries of the network namespace ns.
+func flows(t *testing.T, ns string) []*netlink.ConntrackFlow {
+	t.Helper()
+	h, err := netns.GetFromPath("/run/netns/" + ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	nh, err := netlink.NewHandleAt(h, unix.NETLINK_NETFILTER)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nh.Close()
+	out, err := nh.ConntrackTableList(netlink.ConntrackTable, unix.AF_INET)
+	if err != nil {
+		t.Fatalf("listing conntrack: %v", err)
+	}
+	return out
 }

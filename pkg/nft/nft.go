@@ -335,33 +335,30 @@ func Write(tx *knftables.Transaction, e *Elements) {
 
 	tx.Add(&knftables.Set{Family: Family, Table: Table, Name: syncPortsSet, Type: "inet_service", Comment: knftables.PtrTo("UDP ports of the IPVS connection sync daemons")})
 
-	for _, f := range families() {
-		tx.Add(&knftables.Rule{
-			Family: Family,
-			Table:  Table,
-			Chain:  ChainSNAT,
-			// nft needs the protocols to type ct original proto-dst
-			// (else "variable sized data types (invalid) in concat").
-			Rule: knftables.Concat(
-				"meta l4proto", protocols,
-				"ct original", f.ip, "daddr . meta l4proto . ct original proto-dst .",
-				f.ip, "daddr . th dport",
-				"@"+f.snatSet(), "masquerade",
-			),
-		})
-	}
-	for _, f := range families() {
-		tx.Add(&knftables.Rule{
-			Family: Family,
-			Table:  Table,
-			Chain:  ChainSNAT,
-			Rule: knftables.Concat(
-				"meta l4proto", protocols,
-				"ct original", f.ip, "daddr . meta l4proto . ct original proto-dst .",
-				f.ip, "daddr . th dport",
-				"@"+f.snatVIPSet(), "snat", f.ip, "to ct original", f.ip, "daddr",
-			),
-		})
+	// To this node's address, or, with FollowVIP, to the VIP the client
+	// connected to (each family's rules, then the next action's).
+	for _, to := range []func(family) (set, action string){
+		func(f family) (string, string) { return f.snatSet(), "masquerade" },
+		func(f family) (string, string) {
+			return f.snatVIPSet(), knftables.Concat("snat", f.ip, "to ct original", f.ip, "daddr")
+		},
+	} {
+		for _, f := range families() {
+			set, action := to(f)
+			tx.Add(&knftables.Rule{
+				Family: Family,
+				Table:  Table,
+				Chain:  ChainSNAT,
+				// nft needs the protocols to type ct original proto-dst
+				// (else "variable sized data types (invalid) in concat").
+				Rule: knftables.Concat(
+					"meta l4proto", protocols,
+					"ct original", f.ip, "daddr . meta l4proto . ct original proto-dst .",
+					f.ip, "daddr . th dport",
+					"@"+set, action,
+				),
+			})
+		}
 	}
 	for _, f := range families() {
 		// From a VIP to an address not local: the holder's NAT sending a
