@@ -2,6 +2,7 @@ package ipvs_e2e
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
 	"os/exec"
 	"strings"
@@ -20,6 +21,7 @@ import (
 	"github.com/keeplb/keeplb/pkg/speaker"
 	"github.com/keeplb/keeplb/pkg/testing/keeplbtest"
 	"github.com/keeplb/keeplb/pkg/testing/lab"
+	"github.com/keeplb/keeplb/pkg/testing/streams"
 )
 
 // cluster is the node side (a lab with one speaker per node) and the API
@@ -65,6 +67,18 @@ func newCluster(t *testing.T, cfg *rest.Config) *cluster {
 		}
 	}
 	return c
+}
+
+// serveStreams answers streams (package streams) on addr in the network
+// namespace ns, naming itself name in every reply, until the lab closes.
+func (c *cluster) serveStreams(ns string, addr netip.AddrPort, name string) {
+	c.t.Helper()
+	var l net.Listener
+	if err := lab.Do(ns, func() (err error) { l, err = net.Listen("tcp", addr.String()); return err }); err != nil {
+		c.t.Fatal(err)
+	}
+	go func() { _ = streams.Serve(l, name) }()
+	c.lab.OnClose(func() { _ = l.Close() })
 }
 
 // startSpeaker runs node's speaker, with IPVS, as its ServiceAccount.

@@ -38,12 +38,7 @@ func connSync(t *testing.T, cfg *rest.Config) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var l net.Listener
-		if err := lab.Do(p.Name, func() (err error) { l, err = net.Listen("tcp", netip.AddrPortFrom(p.IP, 8080).String()); return err }); err != nil {
-			t.Fatal(err)
-		}
-		go func() { _ = streams.Serve(l, p.Name) }()
-		c.lab.OnClose(func() { _ = l.Close() })
+		c.serveStreams(p.Name, netip.AddrPortFrom(p.IP, 8080), p.Name)
 		all = append(all, ready(p))
 		if err := speaker.PrepareNode(t.Context(), &speaker.PrepareOptions{IPVS: true, NetNS: n.Name}); err != nil {
 			t.Fatal(err)

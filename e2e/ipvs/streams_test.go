@@ -117,17 +117,8 @@ func streamTable(t *testing.T, cfg *rest.Config) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		for _, at := range []struct {
-			ns, name string
-			addr     netip.AddrPort
-		}{{p.Name, p.Name, netip.AddrPortFrom(p.IP, 8080)}, {n.Name, n.Name, netip.AddrPortFrom(n.IP, 30080)}} {
-			var l net.Listener
-			if err := lab.Do(at.ns, func() (err error) { l, err = net.Listen("tcp", at.addr.String()); return err }); err != nil {
-				t.Fatal(err)
-			}
-			go func() { _ = streams.Serve(l, at.name) }()
-			c.lab.OnClose(func() { _ = l.Close() })
-		}
+		c.serveStreams(p.Name, netip.AddrPortFrom(p.IP, 8080), p.Name)
+		c.serveStreams(n.Name, netip.AddrPortFrom(n.IP, 30080), n.Name)
 		pods = append(pods, ready(p))
 		if err := speaker.PrepareNode(t.Context(), &speaker.PrepareOptions{IPVS: true, NetNS: n.Name}); err != nil {
 			t.Fatal(err)
