@@ -32,6 +32,11 @@ type Process interface {
 	// priority-0 adverts so that peers take over at once) and waits; when
 	// ctx is done first, it kills keepalived.
 	Stop(ctx context.Context) error
+	// Kill kills keepalived and its children at once and waits for them
+	// to be gone: unlike Stop, its instances send no priority-0 advert
+	// and leave their addresses in place (a hand-off; see package
+	// handoff).
+	Kill() error
 	// Running reports whether keepalived is running.
 	Running() bool
 }
@@ -202,6 +207,23 @@ func (p *ExecProcess) Stop(ctx context.Context) error {
 	_ = syscall.Kill(-pid, syscall.SIGKILL)
 	<-done
 	return fmt.Errorf("keepalived did not exit after SIGTERM, killed: %w", ctx.Err())
+}
+
+// Kill is part of Process: SIGKILL to keepalived's process group, so
+// that its VRRP child dies with it instead of getting SIGTERM (its
+// parent-death signal) and stopping cleanly.
+func (p *ExecProcess) Kill() error {
+	p.mu.Lock()
+	pid, done, running := p.pid, p.done, p.runningLocked()
+	p.mu.Unlock()
+	if !running {
+		return nil
+	}
+	if err := syscall.Kill(-pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return fmt.Errorf("kill keepalived: %w", err)
+	}
+	<-done
+	return nil
 }
 
 // Running is part of Process.

@@ -3,6 +3,7 @@ package keepalived
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"time"
 
@@ -50,6 +51,7 @@ type Supervisor struct {
 	opts SupervisorOptions
 
 	applied chan struct{} // a new configuration was written
+	handoff chan handoffRequest
 
 	mu      sync.Mutex
 	desired []byte // nil until the first Apply
@@ -73,7 +75,7 @@ func NewSupervisor(p Process, o SupervisorOptions) (*Supervisor, error) {
 	if o.StopTimeout <= 0 {
 		o.StopTimeout = 5 * time.Second
 	}
-	return &Supervisor{proc: p, opts: o, applied: make(chan struct{}, 1)}, nil
+	return &Supervisor{proc: p, opts: o, applied: make(chan struct{}, 1), handoff: make(chan handoffRequest)}, nil
 }
 
 // Apply makes data keepalived's configuration: it writes the file if the
@@ -96,6 +98,38 @@ func (s *Supervisor) Apply(data []byte) (changed bool, err error) {
 	return changed, nil
 }
 
+// handoffRequest asks Run to hand off (see HandOff).
+type handoffRequest struct {
+	wait time.Duration
+	done chan error
+}
+
+// HandOff ends Run by a hand-off: it writes data as the configuration and
+// has the running keepalived reload it at once (no debounce), waits wait
+// (for keepalived to announce what data says), then kills keepalived
+// (Process.Kill: no priority-0 advert, the addresses stay) and lets Run
+// return. It fails, and leaves keepalived as it was, when keepalived is
+// not running (Run is starting it, or waiting to restart it) or the
+// reload fails; ctx bounds how long it waits for Run.
+func (s *Supervisor) HandOff(ctx context.Context, data []byte, wait time.Duration) error {
+	s.mu.Lock()
+	_, err := WriteAtomic(s.opts.ConfigPath, data)
+	if err == nil {
+		s.desired = append([]byte{}, data...)
+	}
+	s.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	req := handoffRequest{wait: wait, done: make(chan error, 1)}
+	select {
+	case s.handoff <- req:
+	case <-ctx.Done():
+		return fmt.Errorf("keepalived is not running: %w", context.Cause(ctx))
+	}
+	return <-req.done
+}
+
 // Status returns the current status.
 func (s *Supervisor) Status() Status {
 	s.mu.Lock()
@@ -103,8 +137,8 @@ func (s *Supervisor) Status() Status {
 	return s.status
 }
 
-// Run supervises keepalived until ctx is done, then stops it. It starts
-// keepalived after the first Apply.
+// Run supervises keepalived until ctx is done, then stops it, or until a
+// HandOff kills it. It starts keepalived after the first Apply.
 func (s *Supervisor) Run(ctx context.Context) {
 	logger := klog.FromContext(ctx)
 	select {
@@ -154,6 +188,17 @@ func (s *Supervisor) Run(ctx context.Context) {
 				}
 				logger.Error(err, "keepalived exited unexpectedly", "restartIn", backoff)
 				break running
+			case req := <-s.handoff:
+				if err := s.proc.Reload(); err != nil {
+					req.done <- fmt.Errorf("reload keepalived for the hand-off: %w", err)
+					continue
+				}
+				s.update(func(st *Status) { st.Reloads++ })
+				time.Sleep(req.wait)
+				err := s.proc.Kill()
+				s.update(func(st *Status) { st.Running = false })
+				req.done <- err
+				return
 			case <-s.applied:
 				if due, pending := deb.Changed(s.current(), time.Now()); pending {
 					reload.Reset(time.Until(due))

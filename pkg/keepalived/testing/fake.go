@@ -26,6 +26,9 @@ type Fake struct {
 	starts     int
 	reloads    int
 	failStarts int
+	// killed says the last exit was Kill: no priority-0 adverts, the
+	// addresses left in place.
+	killed bool
 }
 
 // NewFake returns a stopped Fake that reads configPath.
@@ -49,7 +52,7 @@ func (f *Fake) Start(context.Context) (<-chan error, error) {
 	if err != nil {
 		return nil, err
 	}
-	f.running, f.config, f.exited = true, data, make(chan error, 1)
+	f.running, f.config, f.exited, f.killed = true, data, make(chan error, 1), false
 	f.starts++
 	return f.exited, nil
 }
@@ -74,6 +77,28 @@ func (f *Fake) Reload() error {
 func (f *Fake) Stop(context.Context) error {
 	f.exit(nil)
 	return nil
+}
+
+// Kill is part of keepalived.Process.
+func (f *Fake) Kill() error {
+	f.mu.Lock()
+	running := f.running
+	f.mu.Unlock()
+	if running {
+		f.exit(errors.New("fake keepalived: killed"))
+		f.mu.Lock()
+		f.killed = true
+		f.mu.Unlock()
+	}
+	return nil
+}
+
+// Killed reports whether the last exit was a Kill, not a Stop or a
+// Crash.
+func (f *Fake) Killed() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.killed
 }
 
 // Running is part of keepalived.Process.
