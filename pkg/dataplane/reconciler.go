@@ -432,6 +432,15 @@ func (r *Reconciler) Exit(ctx context.Context, owns func(ipvs.Key) bool) (Report
 	return rep, err
 }
 
+// KeepFlows keeps the conntrack entries of the VIPs' flows at the first
+// table write, which deletes them otherwise (see forgetFlows): the
+// speaker calls it before its first sync when it adopts a hand-off, whose
+// entries are current; deleting them would reset every connection the
+// hand-off keeps.
+func (r *Reconciler) KeepFlows() {
+	r.flowsForgotten = true
+}
+
 // forgetFlows deletes the conntrack entries of the VIPs' flows
 // (conntrack.OfVIPs) in each of zones, where the masquerade follows the
 // VIP (nft.Rules.FollowVIP). when says why, for the log:

@@ -37,6 +37,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 )
 
@@ -190,4 +191,17 @@ func Parse(data []byte) (Record, error) {
 		}
 	}
 	return r, nil
+}
+
+// bootIDPath is the kernel's boot ID, new at every boot.
+const bootIDPath = "/proc/sys/kernel/random/boot_id"
+
+// BootID returns the kernel's boot ID (the same in every container of the
+// node: it is not namespaced).
+func BootID() (string, error) {
+	data, err := os.ReadFile(bootIDPath)
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimSpace(string(data)), nil
 }

@@ -153,6 +153,15 @@ func (d *ipvsStep) canForward() bool {
 	return d != nil && d.r.CanForward()
 }
 
+// keepFlows keeps the conntrack entries the first table write would
+// delete (dataplane.Reconciler.KeepFlows): they belong to a hand-off this
+// speaker adopts.
+func (d *ipvsStep) keepFlows() {
+	if d != nil && d.r != nil {
+		d.r.KeepFlows()
+	}
+}
+
 // exit deletes keeplb's virtual servers (those it programmed) and its
 // table, unless --keep-ipvs-on-exit.
 // holding passes on the VIPs this node has just become the holder of and

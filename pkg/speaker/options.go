@@ -11,6 +11,7 @@ import (
 
 	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/connsync"
+	"github.com/keeplb/keeplb/pkg/handoff"
 	"github.com/keeplb/keeplb/pkg/kubeconfig"
 	"github.com/keeplb/keeplb/pkg/serve"
 )
@@ -79,7 +80,29 @@ type Options struct {
 	// sync guard (package connsync). Off by default: see
 	// docs/connections.md for what it keeps and what not yet.
 	ConnSync connsync.Config
+	// Handoff says when the speaker hands off as it exits (package
+	// handoff): HandoffAuto when a replacement will start on this node
+	// (handoff.Decide, from its own Pod, DaemonSet and Node),
+	// HandoffAlways, or HandoffNever (keepalived stops with priority-0
+	// adverts and the VIPs move at once).
+	Handoff string
+	// HandoffDir holds the hand-off record. It must outlive the pod and
+	// not a reboot: a hostPath on the node's /run. Empty: no hand-off.
+	HandoffDir string
+	// HandoffTimeout is how long the backups wait for the replacement
+	// before they take over: at most handoff.MaxTimeout.
+	HandoffTimeout time.Duration
+	// PodName and PodNamespace name the speaker's own Pod (downward API),
+	// for HandoffAuto.
+	PodName, PodNamespace string
 }
+
+// The values of Options.Handoff.
+const (
+	HandoffAuto   = "auto"
+	HandoffAlways = "always"
+	HandoffNever  = "never"
+)
 
 // NewOptions returns Options with the defaults.
 func NewOptions() *Options {
@@ -98,6 +121,10 @@ func NewOptions() *Options {
 		IPVS:               true,
 		IPVSStats:          true,
 		IPVSStatsMaxAge:    30 * time.Second,
+		Handoff:            HandoffAuto,
+		HandoffTimeout:     30 * time.Second,
+		PodName:            os.Getenv("POD_NAME"),
+		PodNamespace:       os.Getenv("POD_NAMESPACE"),
 	}
 }
 
@@ -127,6 +154,9 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.Uint8Var(&o.ConnSync.SyncID, "conn-sync-id", o.ConnSync.SyncID, "With --conn-sync: the sync ID of this cluster's messages (0 to 255); a node installs only its own ID's (0: any). Give clusters that share a segment different IDs.")
 	fs.Var(addrValue{&o.ConnSync.Group}, "conn-sync-group", "With --conn-sync: the multicast group (default 224.0.0.81, the kernel's; an IPv6 group syncs over IPv6).")
 	fs.Uint16Var(&o.ConnSync.Port, "conn-sync-port", o.ConnSync.Port, fmt.Sprintf("With --conn-sync: the first UDP port (0: %d); the daemons' threads use up to %d ports from it, all guarded.", connsync.DefaultPort, connsync.MaxThreads))
+	fs.StringVar(&o.Handoff, "handoff", o.Handoff, "When to hand off as the speaker exits, so that replacing it moves no VIP (docs/speaker.md#upgrades-that-move-no-vip): \"auto\" when a replacement will start on this node (its Pod is being deleted, not evicted, by a DaemonSet that still selects the node; needs --handoff-dir, $POD_NAME and $POD_NAMESPACE), \"always\", or \"never\" (keepalived stops with priority-0 adverts and the VIPs move at once).")
+	fs.StringVar(&o.HandoffDir, "handoff-dir", o.HandoffDir, "Directory for the hand-off record, which the replacement reads: it must outlive the pod and not a reboot (the DaemonSet mounts the node's /run/keeplb-handoff). Empty: no hand-off.")
+	fs.DurationVar(&o.HandoffTimeout, "handoff-timeout", o.HandoffTimeout, fmt.Sprintf("How long the backups wait for the replacement after a hand-off before they take over (at most %v). A node that fails in that window fails over after it, not after three adverts.", handoff.MaxTimeout))
 	fs.BoolVar(&o.KeepIPVSOnExit, "keep-ipvs-on-exit", o.KeepIPVSOnExit, "With --ipvs: leave keeplb's IPVS virtual servers and its nftables table in place when the speaker exits, for upgrades, so the next speaker finds them programmed and only reconciles them. By default both are deleted on exit, so that a removed keeplb leaves no forwarding behind.")
 }
 
@@ -157,6 +187,18 @@ func (o *Options) Validate() error {
 	}
 	if o.ConnSync.Enabled && !o.IPVS {
 		errs = append(errs, errors.New("--conn-sync needs --ipvs: the sync daemons copy IPVS connection entries"))
+	}
+	switch o.Handoff {
+	case HandoffAuto, HandoffNever:
+	case HandoffAlways:
+		if o.HandoffDir == "" {
+			errs = append(errs, errors.New("--handoff=always needs --handoff-dir: the replacement reads the hand-off record there"))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("--handoff=%q: want %q, %q or %q", o.Handoff, HandoffAuto, HandoffAlways, HandoffNever))
+	}
+	if o.HandoffTimeout <= 0 || o.HandoffTimeout > handoff.MaxTimeout {
+		errs = append(errs, fmt.Errorf("--handoff-timeout=%v: want more than 0 and at most %v (three times the longest advert interval VRRPv3 carries)", o.HandoffTimeout, handoff.MaxTimeout))
 	}
 	if o.MetricsBindAddress != "0" {
 		if err := o.serveConfig().Validate(); err != nil {

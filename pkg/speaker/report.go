@@ -12,7 +12,6 @@ import (
 
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/dataplane"
-	"github.com/keeplb/keeplb/pkg/hostnet"
 	"github.com/keeplb/keeplb/pkg/keepalived"
 	"github.com/keeplb/keeplb/pkg/vrrp"
 )
@@ -46,11 +45,12 @@ func (l *lasting) end() {
 }
 
 // renderVRRP is the pure part of a sync's VRRP step: this node's
-// keepalived.conf for the plan, without what cannot be configured, which it
-// returns. Its error is for keepalived.conf's global settings only, which
-// RunWith checked: no value in the API can make it fail.
-func renderVRRP(plan vrrp.Plan, node string, pin vrrp.Input, links []hostnet.Link, l Layout) ([]byte, []ConfigProblem, error) {
-	cfg, problems := KeepalivedConfig(plan, node, pin, links, l)
+// keepalived.conf for the plan, from cfg (KeepalivedConfig's, whose
+// problems are problems), without what keepalived would refuse, which it
+// adds to the problems it returns. Its error is for keepalived.conf's
+// global settings only, which RunWith checked: no value in the API can
+// make it fail.
+func renderVRRP(plan vrrp.Plan, node string, pin vrrp.Input, cfg keepalived.Config, problems []ConfigProblem) ([]byte, []ConfigProblem, error) {
 	data, dropped, err := keepalived.RenderValid(cfg)
 	if err != nil {
 		return nil, nil, err

@@ -214,6 +214,11 @@ type Speaker struct {
 	lastLinks  []hostnet.Link
 	lastStates map[string]keepalived.State
 	lastVRRP   *vrrpDesired
+	// adoption is the hand-off this speaker adopts, if any; lastAdopting
+	// and lastAdoptExpired are what the last sync observed of it.
+	adoption         adoption
+	lastAdopting     map[netip.Prefix]bool
+	lastAdoptExpired bool
 }
 
 // newSpeaker assembles a speaker, whole: its informers, its forwarding
@@ -262,8 +267,9 @@ func (s *Speaker) run(ctx context.Context) error {
 	}
 
 	// VIPs of our pools left on this node by a crash would answer next to
-	// the real holder: remove them before keepalived starts.
-	if err := s.removeVIPs(ctx); err != nil {
+	// the real holder: remove them before keepalived starts, except those
+	// of a hand-off this speaker adopts.
+	if err := s.removeVIPs(ctx, s.adoptHandoff(ctx)...); err != nil {
 		return err
 	}
 	events, err := keepalived.WatchFIFO(ctx, s.layout.FIFOPath())
@@ -293,8 +299,15 @@ func (s *Speaker) run(ctx context.Context) error {
 	s.runner.Run(ctx)
 	<-holdersDone
 
-	// Shutting down: keepalived's clean stop sends priority-0 adverts so
-	// peers take over at once; then no VIP of ours may stay behind.
+	// Shutting down. A hand-off leaves everything in place for the
+	// replacement (package handoff).
+	if s.handOff(context.WithoutCancel(ctx)) {
+		<-supDone
+		stopSup()
+		return nil
+	}
+	// Otherwise keepalived's clean stop sends priority-0 adverts so peers
+	// take over at once; then no VIP of ours may stay behind.
 	stopSup()
 	<-supDone
 	logger.Info("keepalived stopped; removing VIPs")
@@ -314,6 +327,29 @@ type health struct {
 	vrrpErr error
 	// fifoDead is set once keepalived's notify FIFO can no longer be read.
 	fifoDead bool
+	// applied is set once a sync applied keepalived.conf; notReady says
+	// why the speaker is not ready since the last one, "" when it is (see
+	// setReadiness).
+	applied  bool
+	notReady string
+}
+
+// unready says why /readyz fails, or "" when it passes: the speaker is
+// healthy, a sync applied keepalived.conf, keepalived runs and has
+// reported every instance's state, and no hand-off is being adopted. A
+// rolling update of the DaemonSet waits for it before it replaces the
+// next node's speaker, so that no node leaves while the one before it
+// cannot take its VIPs yet.
+func unready(h health, st keepalived.Status, now time.Time) string {
+	switch {
+	case h.synced.IsZero() || !h.applied:
+		return "starting"
+	case !st.Running:
+		return "keepalived is not running"
+	case h.notReady != "":
+		return h.notReady
+	}
+	return unhealthy(h, st, now)
 }
 
 // unhealthy says why /healthz fails, or "" when it passes. It fails when
@@ -405,11 +441,14 @@ func (s *Speaker) lookupService(key string) *v1.Service {
 }
 
 // removeVIPs removes from this node every host address that lies in one of
-// our pools and is not one of the node's own addresses.
-func (s *Speaker) removeVIPs(ctx context.Context) error {
+// our pools and is not one of the node's own addresses, nor one of except.
+func (s *Speaker) removeVIPs(ctx context.Context, except ...netip.Prefix) error {
 	in := s.collect()
 	parsed := pools.Parse(in.Pools)
 	keep := map[netip.Addr]bool{}
+	for _, p := range except {
+		keep[p.Addr()] = true
+	}
 	for _, n := range in.Nodes {
 		if n.Name != s.opts.NodeName {
 			continue
@@ -459,6 +498,15 @@ func (s *Speaker) server(ctx context.Context, kube *rest.Config) (*serve.Server,
 			h := s.health
 			s.healthyMu.Unlock()
 			if why := unhealthy(h, s.sup.Status(), time.Now()); why != "" {
+				http.Error(w, why, http.StatusServiceUnavailable)
+				return
+			}
+			_, _ = w.Write([]byte("ok"))
+		}), "/readyz": http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+			s.healthyMu.Lock()
+			h := s.health
+			s.healthyMu.Unlock()
+			if why := unready(h, s.sup.Status(), time.Now()); why != "" {
 				http.Error(w, why, http.StatusServiceUnavailable)
 				return
 			}

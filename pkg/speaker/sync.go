@@ -17,6 +17,7 @@ import (
 	"github.com/keeplb/keeplb/pkg/annotations"
 	"github.com/keeplb/keeplb/pkg/connsync"
 	"github.com/keeplb/keeplb/pkg/dataplane"
+	"github.com/keeplb/keeplb/pkg/handoff"
 	"github.com/keeplb/keeplb/pkg/hostnet"
 	"github.com/keeplb/keeplb/pkg/keepalived"
 	"github.com/keeplb/keeplb/pkg/nodeview"
@@ -41,6 +42,11 @@ type observed struct {
 	plan    bool
 	links   []hostnet.Link
 	states  map[string]keepalived.State
+	// adopting are the VIPs of a hand-off this speaker still adopts, and
+	// adoptExpired says the hand-off's deadline has passed (see
+	// adoption).
+	adopting     map[netip.Prefix]bool
+	adoptExpired bool
 	// service looks a Service up in the informer's cache, for the events
 	// about it.
 	service func(key string) *v1.Service
@@ -77,8 +83,15 @@ type vrrpDesired struct {
 	owners map[netip.Addr][]string
 	// keepalivedConf is this node's keepalived.conf, and configProblems
 	// what it leaves out; renderErr, when set, says it could not be
-	// rendered at all.
-	keepalivedConf []byte
+	// rendered at all. keepalivedConfig is what it was rendered from: a
+	// hand-off renders it again.
+	keepalivedConf   []byte
+	keepalivedConfig keepalived.Config
+	// instances are the names of the instances keepalivedConf has.
+	instances []string
+	// adoptDone are the adopted VIPs keepalived now holds, adoptRelease
+	// those to take off the node (handoff.Adopt).
+	adoptDone, adoptRelease map[netip.Prefix]bool
 	configProblems []ConfigProblem
 	renderErr      error
 	// renderTook is how long the plan and keepalived.conf took.
@@ -141,9 +154,12 @@ func (s *Speaker) observe(ch changes, now time.Time) (observed, error) {
 	s.statesMu.Unlock()
 	obs.resync = now.Sub(s.lastResync) >= resyncPeriod
 	obs.full = ch.all || obs.resync
+	obs.adopting, obs.adoptExpired = s.adoption.observe(now)
 	obs.plan = obs.full || s.lastVRRP == nil ||
-		!reflect.DeepEqual(links, s.lastLinks) || !maps.Equal(obs.states, s.lastStates)
+		!reflect.DeepEqual(links, s.lastLinks) || !maps.Equal(obs.states, s.lastStates) ||
+		!maps.Equal(obs.adopting, s.lastAdopting) || obs.adoptExpired != s.lastAdoptExpired
 	s.lastLinks, s.lastStates = links, obs.states
+	s.lastAdopting, s.lastAdoptExpired = obs.adopting, obs.adoptExpired
 	if !obs.full {
 		keys := maps.Clone(ch.services)
 		if keys == nil {
@@ -202,7 +218,22 @@ func (s *Speaker) compute(obs observed) desired {
 		pin, owners := PlanInput(obs.in)
 		v := &want.vrrpDesired
 		v.plan, v.owners = vrrp.Compute(pin), owners
-		v.keepalivedConf, v.configProblems, v.renderErr = renderVRRP(v.plan, node, pin, obs.links, s.layout)
+		cfg, problems := KeepalivedConfig(v.plan, node, pin, obs.links, s.layout)
+		var still map[netip.Prefix]bool
+		still, v.adoptDone, v.adoptRelease = handoff.Adopt(cfg, obs.states, obs.adopting, obs.adoptExpired)
+		v.keepalivedConfig = handoff.WithoutAdopted(cfg, still)
+		v.keepalivedConf, v.configProblems, v.renderErr = renderVRRP(v.plan, node, pin, v.keepalivedConfig, problems)
+		dropped := map[string]bool{}
+		for _, p := range v.configProblems {
+			if p.Dropped {
+				dropped[p.Instance] = true
+			}
+		}
+		for _, in := range cfg.Instances {
+			if !dropped[in.Name] {
+				v.instances = append(v.instances, in.Name)
+			}
+		}
 		v.renderTook = time.Since(start)
 		v.track = map[bool]map[string]int{
 			true:  vrrp.TrackValues(v.plan, node, pin, true),
@@ -240,7 +271,10 @@ func (s *Speaker) compute(obs observed) desired {
 //  4. the track files, then keepalived.conf (a reload then starts with the
 //     right priorities);
 //  5. the VRRP state metrics and the holder annotations, which it hands to
-//     the holder writer and does not wait for.
+//     the holder writer and does not wait for;
+//  6. the end of a hand-off's adoption: the VIPs keepalived now holds
+//     leave the adopted set (this sync's keepalived.conf has them back),
+//     those released are taken off the node; then readiness.
 func (s *Speaker) apply(ctx context.Context, obs observed, want desired) error {
 	dpErr := s.dp.apply(ctx, obs.service, want.forwarding, want.forwardingProblems, want.forwardingDelta)
 	canForward := s.dp.canForward()
@@ -255,6 +289,8 @@ func (s *Speaker) apply(ctx context.Context, obs observed, want desired) error {
 		return errors.Join(dpErr, err)
 	}
 	s.applyHolders(ctx, want.claims, want.vipStates)
+	s.adoptionDone(ctx, obs.links, want.adoptDone, want.adoptRelease)
+	s.setReadiness(want.instances, obs.states)
 	return dpErr
 }
 

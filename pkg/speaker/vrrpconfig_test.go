@@ -52,7 +52,8 @@ func (c vrrpCase) render(t *testing.T) (string, vrrp.Plan, []ConfigProblem) {
 		c.nodes(pin.Nodes)
 	}
 	plan := vrrp.Compute(pin)
-	data, problems, err := renderVRRP(plan, c.node, pin, testLinks, Layout{RunDir: "/run/keeplb"})
+	cfg, problems := KeepalivedConfig(plan, c.node, pin, testLinks, Layout{RunDir: "/run/keeplb"})
+	data, problems, err := renderVRRP(plan, c.node, pin, cfg, problems)
 	if err != nil {
 		t.Fatalf("rendering failed as a whole: %v", err)
 	}

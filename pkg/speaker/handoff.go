@@ -1,0 +1,266 @@
+package speaker
+
+import (
+	"context"
+	"errors"
+	"maps"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	v1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/klog/v2"
+
+	"github.com/keeplb/keeplb/pkg/handoff"
+	"github.com/keeplb/keeplb/pkg/hostnet"
+	"github.com/keeplb/keeplb/pkg/keepalived"
+)
+
+// handoffSettle is how long a leaving speaker lets keepalived run after
+// the reload that announces the longer advert interval: a reloaded master
+// sends its next advert at once, and a reload of 1,000 instances took
+// 28 ms (docs/scale.md); the rest is margin for a busy node.
+const handoffSettle = time.Second
+
+// handoffAPITimeout bounds the API calls that decide a hand-off at exit:
+// without an answer the speaker exits as before.
+const handoffAPITimeout = 3 * time.Second
+
+// adoption is the hand-off a speaker adopts as it starts (package
+// handoff): the VIPs the leaving speaker held, which this one keeps on
+// the node and out of keepalived.conf until keepalived holds them
+// (handoff.Adopt), and the Record's deadline.
+type adoption struct {
+	mu       sync.Mutex
+	vips     map[netip.Prefix]bool
+	deadline time.Time
+}
+
+// start begins adopting vips until deadline.
+func (a *adoption) start(vips []netip.Prefix, deadline time.Time) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.vips = map[netip.Prefix]bool{}
+	for _, p := range vips {
+		a.vips[p] = true
+	}
+	a.deadline = deadline
+}
+
+// observe returns the VIPs still adopted, and whether the deadline has
+// passed at now.
+func (a *adoption) observe(now time.Time) (map[netip.Prefix]bool, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if len(a.vips) == 0 {
+		return nil, false
+	}
+	return maps.Clone(a.vips), !now.Before(a.deadline)
+}
+
+// finish ends the adoption of the VIPs given.
+func (a *adoption) finish(sets ...map[netip.Prefix]bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, set := range sets {
+		for p := range set {
+			delete(a.vips, p)
+		}
+	}
+}
+
+// pending returns how many VIPs are still adopted.
+func (a *adoption) pending() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return len(a.vips)
+}
+
+// adoptHandoff reads the hand-off record a leaving speaker wrote, before
+// keepalived starts, and adopts it when it is valid (handoff.Take): it
+// returns the VIPs to keep on the node. The conntrack entries of the
+// VIPs' flows are the leaving speaker's, current: the forwarding step
+// keeps them.
+func (s *Speaker) adoptHandoff(ctx context.Context) []netip.Prefix {
+	logger := klog.FromContext(ctx)
+	if s.opts.HandoffDir == "" {
+		return nil
+	}
+	boot, err := handoff.BootID()
+	if err != nil {
+		logger.Error(err, "Cannot read the kernel's boot ID: not adopting any hand-off")
+		return nil
+	}
+	rec, ok, why := handoff.Take(s.opts.HandoffDir, s.opts.NodeName, boot, time.Now())
+	if why != nil {
+		logger.Info("Not adopting the hand-off record", "reason", why.Error())
+	}
+	if !ok {
+		return nil
+	}
+	vips := rec.VIPs()
+	s.adoption.start(vips, rec.Deadline)
+	s.dp.keepFlows()
+	// The sync at the deadline releases what keepalived does not hold by
+	// then.
+	time.AfterFunc(time.Until(rec.Deadline)+10*time.Millisecond, s.runner.Trigger)
+	logger.Info("Adopting the previous speaker's hand-off: keeping its VIPs, IPVS and nftables tables until keepalived holds them",
+		"vips", len(vips), "instances", len(rec.Instances), "handedOffAgo", time.Since(rec.Written).Round(time.Millisecond), "deadline", rec.Deadline)
+	return vips
+}
+
+// adoptionDone ends the adoption of the VIPs keepalived holds now (done)
+// and takes those released off the node's links.
+func (s *Speaker) adoptionDone(ctx context.Context, links []hostnet.Link, done, release map[netip.Prefix]bool) {
+	if len(done) == 0 && len(release) == 0 {
+		return
+	}
+	logger := klog.FromContext(ctx)
+	s.adoption.finish(done, release)
+	if len(done) > 0 {
+		logger.Info("keepalived holds adopted VIPs", "vips", len(done), "stillAdopting", s.adoption.pending())
+	}
+	for _, ln := range links {
+		for _, p := range ln.Prefixes {
+			if !release[p] {
+				continue
+			}
+			logger.Info("Releasing an adopted VIP that keepalived did not take by the hand-off's deadline, or that this node no longer serves", "address", p, "interface", ln.Name)
+			if err := s.net.DeleteAddress(ln.Name, p); err != nil {
+				logger.Error(err, "Releasing an adopted VIP", "address", p, "interface", ln.Name)
+			}
+		}
+	}
+}
+
+// handOff ends the speaker by a hand-off when one is due (decideHandoff):
+// keepalived announces the longer advert interval, is killed, and the
+// record is written. It returns false, with keepalived untouched, when
+// the speaker must stop as before.
+func (s *Speaker) handOff(ctx context.Context) bool {
+	logger := klog.FromContext(ctx)
+	ok, why := s.decideHandoff(ctx)
+	if !ok {
+		logger.Info("Not handing off: keepalived stops with priority-0 adverts and the VIPs move at once", "reason", why)
+		return false
+	}
+	if s.lastVRRP == nil || s.lastVRRP.renderErr != nil {
+		logger.Info("Not handing off: no keepalived configuration was applied", "reason", why)
+		return false
+	}
+	s.statesMu.Lock()
+	held := handoff.Held(s.lastVRRP.keepalivedConfig, s.states)
+	s.statesMu.Unlock()
+	data, _, err := keepalived.RenderValid(handoff.Patient(s.lastVRRP.keepalivedConfig, s.opts.HandoffTimeout))
+	if err != nil {
+		logger.Error(err, "Not handing off: cannot render the hand-off's keepalived configuration")
+		return false
+	}
+	boot, err := handoff.BootID()
+	if err != nil {
+		logger.Error(err, "Not handing off: cannot read the kernel's boot ID")
+		return false
+	}
+	hctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	settle := handoffSettle
+	if len(held) == 0 {
+		settle = 0 // no adverts to send: this node masters nothing
+	}
+	if err := s.sup.HandOff(hctx, data, settle); err != nil {
+		logger.Error(err, "Not handing off: keepalived did not take the hand-off's configuration")
+		return false
+	}
+	now := time.Now()
+	rec := handoff.Record{Node: s.opts.NodeName, BootID: boot, Written: now, Deadline: now.Add(s.opts.HandoffTimeout), Instances: held}
+	if err := handoff.Write(s.opts.HandoffDir, rec); err != nil {
+		// keepalived is gone: the backups take over after the timeout,
+		// and the replacement, finding no record, deletes the VIPs.
+		logger.Error(err, "Writing the hand-off record failed: the replacement will not adopt this node's VIPs")
+		return true
+	}
+	logger.Info("Handed off: VIPs, IPVS and nftables tables and conntrack entries stay for the replacement; keepalived killed without priority-0 adverts",
+		"reason", why, "instances", len(held), "vips", len(rec.VIPs()), "backupsWait", s.opts.HandoffTimeout)
+	return true
+}
+
+// decideHandoff says whether this speaker's exit is a hand-off, and why:
+// --handoff, then, for auto, handoff.Decide on its Pod, DaemonSet and
+// Node as the API server has them now.
+func (s *Speaker) decideHandoff(ctx context.Context) (bool, string) {
+	switch {
+	case s.opts.HandoffDir == "":
+		return false, "no --handoff-dir"
+	case s.opts.Handoff == HandoffNever:
+		return false, "--handoff=never"
+	case s.opts.Handoff == HandoffAlways:
+		return true, "--handoff=always"
+	}
+	ctx, cancel := context.WithTimeout(ctx, handoffAPITimeout)
+	defer cancel()
+	var (
+		pod  *v1.Pod
+		ds   *appsv1.DaemonSet
+		errs []error
+	)
+	if s.opts.PodName != "" && s.opts.PodNamespace != "" {
+		p, err := s.client.CoreV1().Pods(s.opts.PodNamespace).Get(ctx, s.opts.PodName, metav1.GetOptions{})
+		if err == nil {
+			pod = p
+		}
+		errs = append(errs, err)
+	}
+	if ref := ownerDaemonSet(pod); ref != "" {
+		d, err := s.client.AppsV1().DaemonSets(pod.Namespace).Get(ctx, ref, metav1.GetOptions{})
+		if err == nil {
+			ds = d
+		}
+		errs = append(errs, err)
+	}
+	node, err := s.client.CoreV1().Nodes().Get(ctx, s.opts.NodeName, metav1.GetOptions{})
+	if err != nil {
+		node = nil
+	}
+	errs = append(errs, err)
+	ok, why := handoff.Decide(pod, ds, node)
+	if err := errors.Join(errs...); err != nil && !ok {
+		why += " (API: " + err.Error() + ")"
+	}
+	return ok, why
+}
+
+// ownerDaemonSet returns the name of the DaemonSet that controls pod, or
+// "".
+func ownerDaemonSet(pod *v1.Pod) string {
+	if pod == nil {
+		return ""
+	}
+	if ref := metav1.GetControllerOfNoCopy(pod); ref != nil && ref.Kind == "DaemonSet" {
+		return ref.Name
+	}
+	return ""
+}
+
+// setReadiness records why the speaker is not ready yet, or "": ready
+// once keepalived has reported a state for every instance it runs and
+// no hand-off is being adopted. A rolling update waits for it before it
+// replaces the next node's speaker.
+func (s *Speaker) setReadiness(instances []string, states map[string]keepalived.State) {
+	why := ""
+	missing := slices.DeleteFunc(slices.Clone(instances), func(name string) bool { _, ok := states[name]; return ok })
+	switch {
+	case s.adoption.pending() > 0:
+		why = "adopting the previous speaker's hand-off"
+	case len(missing) > 0:
+		why = "keepalived has not reported the state of " + missing[0]
+		if len(missing) > 1 {
+			why += " and others"
+		}
+	}
+	s.healthyMu.Lock()
+	s.health.applied, s.health.notReady = true, why
+	s.healthyMu.Unlock()
+}
