@@ -364,3 +364,31 @@ func TestForgetsFollowedFlows(t *testing.T) {
 		})
 	}
 }
+
+// TestKeepFlowsAtAdoption: a speaker adopting a hand-off keeps every
+// conntrack entry at its first table write, which deletes the VIPs'
+// flows otherwise (TestForgetsFollowedFlows).
+func TestKeepFlowsAtAdoption(t *testing.T) {
+	tuple := func(src, dst string) conntrack.Tuple {
+		return conntrack.Tuple{Src: netip.MustParseAddrPort(src), Dst: netip.MustParseAddrPort(dst)}
+	}
+	flows := []conntrack.Flow{
+		{Protocol: conntrack.TCP, Original: tuple("198.51.100.7:40000", "192.0.2.1:80"), Reply: tuple("10.1.4.1:8080", "192.0.2.1:40000")},
+		{Protocol: conntrack.TCP, Original: tuple("192.0.2.1:40001", "10.1.4.1:8080"), Reply: tuple("10.1.4.1:8080", "192.0.2.1:40001"), Zone: nft.TransitZone},
+	}
+	for _, adopt := range []bool{true, false} {
+		ct := conntracktesting.New(flows...)
+		r := NewReconciler("n1", Kernel{IPVS: ipvstesting.New(), NFT: knftables.NewFake(nft.Family, nft.Table), Conntrack: ct})
+		if adopt {
+			r.KeepFlows()
+		}
+		st, _ := Desired(syncInputs(), "n1")
+		st.FollowVIP = true
+		if _, err := r.Sync(t.Context(), st); err != nil {
+			t.Fatal(err)
+		}
+		if kept := len(ct.Flows()) == len(flows); kept != adopt {
+			t.Errorf("adopting %v: %d of %d flows left after the first sync", adopt, len(ct.Flows()), len(flows))
+		}
+	}
+}
