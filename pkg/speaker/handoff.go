@@ -12,6 +12,7 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	v1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/klog/v2"
 
 	"github.com/keeplb/keeplb/pkg/handoff"
@@ -142,7 +143,7 @@ func (s *Speaker) adoptionDone(ctx context.Context, links []hostnet.Link, done, 
 // the speaker must stop as before.
 func (s *Speaker) handOff(ctx context.Context) bool {
 	logger := klog.FromContext(ctx)
-	ok, why := s.decideHandoff(ctx)
+	ok, why := DecideHandoff(ctx, s.client, s.opts)
 	if !ok {
 		logger.Info("Not handing off: keepalived stops with priority-0 adverts and the VIPs move at once", "reason", why)
 		return false
@@ -187,16 +188,18 @@ func (s *Speaker) handOff(ctx context.Context) bool {
 	return true
 }
 
-// decideHandoff says whether this speaker's exit is a hand-off, and why:
-// --handoff, then, for auto, handoff.Decide on its Pod, DaemonSet and
-// Node as the API server has them now.
-func (s *Speaker) decideHandoff(ctx context.Context) (bool, string) {
+// DecideHandoff says whether the exit of the speaker of o is a hand-off,
+// and why: --handoff, then, for auto, handoff.Decide on its Pod,
+// DaemonSet and Node as client reads them now (with the speaker's
+// permissions: its own namespace's pods and daemonsets, and nodes). An
+// API server that does not answer within handoffAPITimeout means no.
+func DecideHandoff(ctx context.Context, client kubernetes.Interface, o *Options) (bool, string) {
 	switch {
-	case s.opts.HandoffDir == "":
+	case o.HandoffDir == "":
 		return false, "no --handoff-dir"
-	case s.opts.Handoff == HandoffNever:
+	case o.Handoff == HandoffNever:
 		return false, "--handoff=never"
-	case s.opts.Handoff == HandoffAlways:
+	case o.Handoff == HandoffAlways:
 		return true, "--handoff=always"
 	}
 	ctx, cancel := context.WithTimeout(ctx, handoffAPITimeout)
@@ -206,21 +209,21 @@ func (s *Speaker) decideHandoff(ctx context.Context) (bool, string) {
 		ds   *appsv1.DaemonSet
 		errs []error
 	)
-	if s.opts.PodName != "" && s.opts.PodNamespace != "" {
-		p, err := s.client.CoreV1().Pods(s.opts.PodNamespace).Get(ctx, s.opts.PodName, metav1.GetOptions{})
+	if o.PodName != "" && o.PodNamespace != "" {
+		p, err := client.CoreV1().Pods(o.PodNamespace).Get(ctx, o.PodName, metav1.GetOptions{})
 		if err == nil {
 			pod = p
 		}
 		errs = append(errs, err)
 	}
 	if ref := ownerDaemonSet(pod); ref != "" {
-		d, err := s.client.AppsV1().DaemonSets(pod.Namespace).Get(ctx, ref, metav1.GetOptions{})
+		d, err := client.AppsV1().DaemonSets(pod.Namespace).Get(ctx, ref, metav1.GetOptions{})
 		if err == nil {
 			ds = d
 		}
 		errs = append(errs, err)
 	}
-	node, err := s.client.CoreV1().Nodes().Get(ctx, s.opts.NodeName, metav1.GetOptions{})
+	node, err := client.CoreV1().Nodes().Get(ctx, o.NodeName, metav1.GetOptions{})
 	if err != nil {
 		node = nil
 	}
