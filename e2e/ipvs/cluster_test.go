@@ -33,6 +33,11 @@ type cluster struct {
 	client   kubernetes.Interface
 	dyn      dynamic.Interface
 	speakers *keeplbtest.Speakers
+	// pods stand for the speakers' DaemonSet and Pods, and metrics are
+	// the speakers' metrics and health addresses, by node, in the tests
+	// that restart speakers as a rolling update does (TestStreams).
+	pods    *keeplbtest.SpeakerPods
+	metrics map[string]string
 }
 
 // at returns c for subtest t: failures end t, not its parent.

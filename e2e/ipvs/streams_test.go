@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -46,26 +47,38 @@ const (
 	// streamAdvert is the pool's advertisement interval: 1 s, which the
 	// VM's emulated CPUs keep reliably.
 	streamAdvert = time.Second
+	// handoffGap is how long a node is without a speaker in the hand-off
+	// row: longer than the backups' master-down interval at streamAdvert
+	// (3 adverts and a skew under 10 ms), so that only the hand-off keeps
+	// them from taking over.
+	handoffGap = 4 * time.Second
+	// handoffEvent is the hand-off row's event.
+	handoffEvent = "rolling update, hand-off"
 )
 
 // TestStreams measures what long-lived TCP streams through a VIP live
 // through, on the VM's kernel with real speakers and keepalived: a
 // graceful handover (the holder's speaker stops), failback (it starts
-// again and takes the VIP back: the pool's failback is Immediate), and a
-// holder crash (its link goes down and its speaker with it). Each row
-// gives how many streams survived, of those whose backend still runs, the
-// longest stall of a survivor, and how many times the VIP moved.
+// again and takes the VIP back: the pool's failback is Immediate), a
+// holder crash (its link goes down and its speaker with it), and a
+// rolling update with the hand-off (each node's speaker Pod deleted, its
+// speaker stopped, and a replacement started handoffGap later, the next
+// node once it is ready). Each row gives how many streams survived, of
+// those whose backend still runs, the longest stall of a survivor, and
+// how many times the VIP moved.
 //
 // By default it measures `pod` Cluster forwarding with --conn-sync and
 // asserts its rows: every stream survives the handover and the failback,
-// 99% the crash. With -streams.table (make bench) it measures every mode,
-// each with --conn-sync and without, in the same run, and a rolling
-// restart of every speaker as well (one after the other, as kubectl
-// rollout restart does with maxUnavailable 1, with new connections
-// probed throughout), prints the table, and asserts the same rows. The
-// rolling restart is reported, not asserted: without the hand-off exit it
-// moves the VIP twice, and a connection opened in the milliseconds
-// before a move can be lost (docs/connections.md).
+// 99% the crash, and the rolling update keeps every stream, fails no new
+// connection and moves no VIP. With -streams.table (make bench) it
+// measures every mode, each with --conn-sync and without, in the same
+// run, and a rolling restart without the hand-off as well (one speaker
+// after the other, each after the previous one's keepalived knew the
+// master, with new connections probed throughout), prints the table,
+// and asserts the same rows, the rolling update with the hand-off in
+// every mode. The rolling restart without the hand-off is reported, not
+// asserted: it moves the VIP twice, and a connection opened in the
+// milliseconds before a move can be lost (docs/connections.md).
 func TestStreams(t *testing.T) { onIPVSKernel(t, streamTable) }
 
 // streamMode is one forwarding mode of the table, with its Service.
@@ -150,10 +163,19 @@ func streamTable(t *testing.T, cfg *rest.Config) {
 		c.slice(m.svc, v1.ProtocolTCP, pods...)
 	}
 
+	var nodes []string
+	for _, n := range c.lab.Nodes {
+		nodes = append(nodes, n.Name)
+	}
+	c.pods = keeplbtest.NewSpeakerPods(t, c.client, nodes...)
+	c.metrics = map[string]string{}
+	for _, n := range nodes {
+		c.metrics[n] = freeLoopback(t)
+	}
 	var rows []streamRow
 	for _, on := range settings {
 		for _, n := range c.lab.Nodes {
-			c.speakers.Start(n.Name, streamSpeaker(on))
+			c.startStreamSpeaker(n.Name, on)
 		}
 		for _, m := range modes {
 			rows = append(rows, c.at(t).streamEvents(m, vips[m.svc], client, on)...)
@@ -174,6 +196,15 @@ func streamTable(t *testing.T, cfg *rest.Config) {
 	}
 	for _, r := range rows {
 		m := modes[slices.IndexFunc(modes, func(m streamMode) bool { return m.name == r.mode })]
+		if r.event == handoffEvent {
+			// The VIP never moves: every mode keeps every stream, with
+			// --conn-sync or without.
+			if r.survived < r.of || r.newFail > 0 || r.moves > 0 {
+				t.Errorf("%s, %s, --conn-sync %v: %d of %d streams survived, %d of %d new connections failed, the VIP moved %d times; want all, none, none",
+					r.mode, r.event, r.connSync, r.survived, r.of, r.newFail, r.newConns, r.moves)
+			}
+			continue
+		}
 		if !m.asserted || !r.connSync || r.event == "rolling restart" {
 			continue
 		}
@@ -187,10 +218,36 @@ func streamTable(t *testing.T, cfg *rest.Config) {
 	}
 }
 
-// streamSpeaker returns the speaker options of the table: --conn-sync as
-// on says.
-func streamSpeaker(on bool) func(*speaker.Options) {
-	return func(o *speaker.Options) { o.ConnSync.Enabled, o.ConnSync.SyncID = on, 7 }
+// startStreamSpeaker starts node's speaker with the options of the table:
+// --conn-sync as on says, as a new Pod of the DaemonSet (c.pods), with
+// /readyz served.
+func (c *cluster) startStreamSpeaker(node string, on bool) {
+	c.t.Helper()
+	c.speakers.Start(node, c.pods.Mods(node), func(o *speaker.Options) {
+		o.ConnSync.Enabled, o.ConnSync.SyncID = on, 7
+		o.MetricsBindAddress, o.MetricsSecure = c.metrics[node], false
+	})
+}
+
+// speakerReady reports whether node's speaker answers /readyz with 200.
+func (c *cluster) speakerReady(node string) bool {
+	resp, err := http.Get("http://" + c.metrics[node] + "/readyz")
+	if err != nil {
+		return false
+	}
+	resp.Body.Close()
+	return resp.StatusCode == http.StatusOK
+}
+
+// freeLoopback returns a loopback address with a port free now.
+func freeLoopback(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
 }
 
 // streamEvents measures mode's events through vip, with the speakers
@@ -240,7 +297,7 @@ func (c *cluster) streamEvents(m streamMode, vip netip.Addr, client string, on b
 		return 0, 0
 	})
 	row("failback", nil, func(*moves) (int, int) {
-		c.speakers.Start(planned, streamSpeaker(on))
+		c.startStreamSpeaker(planned, on)
 		c.eventually(60*time.Second, vip.String()+" back on "+planned, func() bool {
 			h := c.holders(vip)
 			return len(h) == 1 && h[0] == planned
@@ -265,10 +322,28 @@ func (c *cluster) streamEvents(m streamMode, vip netip.Addr, client string, on b
 	if err := c.lab.SetNodeLink(planned, true); err != nil {
 		c.t.Fatal(err)
 	}
-	c.speakers.Start(planned, streamSpeaker(on))
+	c.startStreamSpeaker(planned, on)
 	c.eventually(60*time.Second, vip.String()+" back on "+planned+" after the crash", func() bool {
 		h := c.holders(vip)
 		return len(h) == 1 && h[0] == planned
+	})
+	for _, n := range c.lab.Nodes {
+		c.eventually(60*time.Second, n.Name+"'s speaker ready", func() bool { return c.speakerReady(n.Name) })
+	}
+
+	// A rolling update with the hand-off: each node's Pod is deleted and
+	// its speaker stops, as the DaemonSet controller and the kubelet do,
+	// and the replacement starts handoffGap later; the next node's once
+	// this one is ready, as maxUnavailable 1 waits for.
+	row(handoffEvent, nil, func(*moves) (int, int) {
+		stop := c.probeNewConns(vip, client)
+		for _, n := range c.lab.Nodes {
+			c.pods.Roll(n.Name, func() { c.stopSpeaker(n.Name) })
+			time.Sleep(handoffGap)
+			c.startStreamSpeaker(n.Name, on)
+			c.eventually(60*time.Second, n.Name+"'s replacement ready", func() bool { return c.speakerReady(n.Name) })
+		}
+		return stop()
 	})
 
 	if *streamsTable || *streamsRolling {
@@ -279,7 +354,7 @@ func (c *cluster) streamEvents(m streamMode, vip netip.Addr, client string, on b
 			stop := c.probeNewConns(vip, client)
 			for _, n := range c.lab.Nodes {
 				c.stopSpeaker(n.Name)
-				c.speakers.Start(n.Name, streamSpeaker(on))
+				c.startStreamSpeaker(n.Name, on)
 				// The next node only once this one's keepalived has run
 				// for a master-down interval, as a readiness gate would
 				// wait: it knows the master then, and is the backup a
