@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
@@ -39,6 +40,11 @@ type Interface interface {
 	// DeleteAddress removes p from the named interface; removing an
 	// address that is not there is not an error.
 	DeleteAddress(link string, p netip.Prefix) error
+	// SetAddressLifetime makes the kernel remove p from the named
+	// interface once valid has passed (whole seconds, rounded up), or
+	// never (valid 0), as `ip addr change ... valid_lft` does. p must be
+	// there. A hand-off bounds the VIPs it leaves with it.
+	SetAddressLifetime(link string, p netip.Prefix, valid time.Duration) error
 	// Sysctl reads a sysctl such as "net/ipv4/ip_nonlocal_bind".
 	Sysctl(name string) (string, error)
 	// SetSysctl writes a sysctl.
@@ -298,6 +304,45 @@ func (n *Netlink) DeleteAddress(link string, p netip.Prefix) error {
 		return fmt.Errorf("remove %s from %s: %w", p, link, err)
 	}
 	return nil
+}
+
+// infiniteLifetime is the kernel's INFINITY_LIFE_TIME: an address that
+// never expires.
+const infiniteLifetime = 0xFFFFFFFF
+
+// SetAddressLifetime is part of Interface: RTM_NEWADDR with NLM_F_REPLACE
+// of the address as it is (its label, scope and flags), with new
+// lifetimes (IFA_CACHEINFO), the preferred one equal to the valid one.
+func (n *Netlink) SetAddressLifetime(link string, p netip.Prefix, valid time.Duration) error {
+	l, err := n.h.LinkByName(link)
+	if err != nil {
+		return fmt.Errorf("find interface %s: %w", link, err)
+	}
+	family := unix.AF_INET
+	if p.Addr().Is6() {
+		family = unix.AF_INET6
+	}
+	addrs, err := n.h.AddrList(l, family)
+	if err != nil {
+		return fmt.Errorf("list the addresses of %s: %w", link, err)
+	}
+	for _, a := range addrs {
+		ap, ok := netip.AddrFromSlice(a.IP)
+		ones, _ := a.Mask.Size()
+		if !ok || netip.PrefixFrom(ap.Unmap(), ones) != p {
+			continue
+		}
+		lft := infiniteLifetime
+		if valid > 0 {
+			lft = int((valid + time.Second - 1) / time.Second)
+		}
+		a.ValidLft, a.PreferedLft = lft, lft
+		if err := n.h.AddrReplace(l, &a); err != nil {
+			return fmt.Errorf("set the lifetime of %s on %s: %w", p, link, err)
+		}
+		return nil
+	}
+	return fmt.Errorf("set the lifetime of %s on %s: no such address", p, link)
 }
 
 // Sysctl is part of Interface. The sysctls of /proc/sys/net are those of

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -251,5 +252,75 @@ func BenchmarkLinks(b *testing.B) {
 		if i < 0 || len(links[i].Prefixes) < vips+1 || !links[i].DefaultRoute4 {
 			b.Fatalf("%d links, want vips with %d addresses or more and the default route", len(links), vips+1)
 		}
+	}
+}
+
+// TestAddressLifetime: on a real kernel, SetAddressLifetime bounds an
+// address (IPv4 and IPv6, with its label kept), makes it permanent again,
+// and the kernel removes a bounded one when its lifetime ends.
+func TestAddressLifetime(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create a network namespace")
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		t.Skip("needs iproute2's ip command")
+	}
+	ns := "kl-hostnet-lft"
+	_ = exec.Command("ip", "netns", "del", ns).Run()
+	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
+		t.Skipf("network namespaces are unavailable here: %v %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
+	ip := func(args ...string) string {
+		t.Helper()
+		out, err := exec.Command("ip", append([]string{"-n", ns}, args...)...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("ip %v: %v\n%s", args, err, out)
+		}
+		return string(out)
+	}
+	ip("link", "add", "d0", "type", "veth", "peer", "name", "d1")
+	ip("link", "set", "d0", "up")
+	v4, v6 := netip.MustParsePrefix("10.251.0.100/32"), netip.MustParsePrefix("2001:db8::100/128")
+	ip("addr", "add", v4.String(), "dev", "d0", "label", "d0:vip")
+	ip("addr", "add", v6.String(), "dev", "d0", "nodad")
+	h, err := hostnet.NewAt("/run/netns/" + ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	show := func(p netip.Prefix) string {
+		return ip("addr", "show", "dev", "d0", "to", p.String())
+	}
+	for _, p := range []netip.Prefix{v4, v6} {
+		if err := h.SetAddressLifetime("d0", p, 30*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		if out := show(p); !strings.Contains(out, "valid_lft 30sec") && !strings.Contains(out, "valid_lft 29sec") {
+			t.Errorf("%v after a 30 s lifetime:\n%s", p, out)
+		}
+		if err := h.SetAddressLifetime("d0", p, 0); err != nil {
+			t.Fatal(err)
+		}
+		if out := show(p); !strings.Contains(out, "valid_lft forever") {
+			t.Errorf("%v made permanent again:\n%s", p, out)
+		}
+	}
+	if out := show(v4); !strings.Contains(out, "d0:vip") {
+		t.Errorf("the label is gone:\n%s", out)
+	}
+	if err := h.SetAddressLifetime("d0", netip.MustParsePrefix("10.251.0.101/32"), time.Second); err == nil {
+		t.Error("setting the lifetime of an absent address did not fail")
+	}
+	for _, p := range []netip.Prefix{v4, v6} {
+		if err := h.SetAddressLifetime("d0", p, time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for show(v4) != "" || show(v6) != "" {
+		if time.Now().After(deadline) {
+			t.Fatalf("the kernel did not remove the addresses after their 1 s lifetime:\n%s", ip("addr", "show", "dev", "d0"))
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }

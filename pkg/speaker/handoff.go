@@ -126,6 +126,13 @@ func (s *Speaker) adoptionDone(ctx context.Context, links []hostnet.Link, done, 
 	}
 	for _, ln := range links {
 		for _, p := range ln.Prefixes {
+			if done[p] {
+				// keepalived holds it now: it must outlive the hand-off's
+				// deadline.
+				if err := s.net.SetAddressLifetime(ln.Name, p, 0); err != nil {
+					logger.Error(err, "Making an adopted VIP permanent again failed: the kernel removes it at the hand-off's deadline", "address", p, "interface", ln.Name)
+				}
+			}
 			if !release[p] {
 				continue
 			}
@@ -177,6 +184,7 @@ func (s *Speaker) handOff(ctx context.Context) bool {
 	}
 	now := time.Now()
 	rec := handoff.Record{Node: s.opts.NodeName, BootID: boot, Written: now, Deadline: now.Add(s.opts.HandoffTimeout), Instances: held}
+	s.boundVIPs(ctx, rec.VIPs(), max(time.Second, s.opts.HandoffTimeout.Truncate(time.Second)))
 	if err := handoff.Write(s.opts.HandoffDir, rec); err != nil {
 		// keepalived is gone: the backups take over after the timeout,
 		// and the replacement, finding no record, deletes the VIPs.
@@ -186,6 +194,34 @@ func (s *Speaker) handOff(ctx context.Context) bool {
 	logger.Info("Handed off: VIPs, IPVS and nftables tables and conntrack entries stay for the replacement; keepalived killed without priority-0 adverts",
 		"reason", why, "instances", len(held), "vips", len(rec.VIPs()), "backupsWait", s.opts.HandoffTimeout)
 	return true
+}
+
+// boundVIPs gives the VIPs a hand-off leaves on the node a lifetime of
+// valid, so that the kernel removes them when the backups stop waiting,
+// whether a replacement comes or not: they are never on two nodes. The
+// replacement makes them permanent again once keepalived holds them
+// (adoptionDone).
+func (s *Speaker) boundVIPs(ctx context.Context, vips []netip.Prefix, valid time.Duration) {
+	logger := klog.FromContext(ctx)
+	links, err := s.net.Links()
+	if err != nil {
+		logger.Error(err, "Cannot bound the VIPs left to the hand-off: they stay until the replacement starts")
+		return
+	}
+	want := map[netip.Prefix]bool{}
+	for _, p := range vips {
+		want[p] = true
+	}
+	for _, ln := range links {
+		for _, p := range ln.Prefixes {
+			if !want[p] {
+				continue
+			}
+			if err := s.net.SetAddressLifetime(ln.Name, p, valid); err != nil {
+				logger.Error(err, "Cannot bound a VIP left to the hand-off: it stays until the replacement starts", "address", p, "interface", ln.Name)
+			}
+		}
+	}
 }
 
 // DecideHandoff says whether the exit of the speaker of o is a hand-off,

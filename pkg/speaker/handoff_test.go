@@ -10,6 +10,8 @@ import (
 
 	"sigs.k8s.io/knftables"
 
+	"github.com/keeplb/keeplb/pkg/handoff"
+	hostnettesting "github.com/keeplb/keeplb/pkg/hostnet/testing"
 	"github.com/keeplb/keeplb/pkg/keepalived"
 	"github.com/keeplb/keeplb/pkg/nft"
 )
@@ -25,11 +27,13 @@ func TestAdoption(t *testing.T) {
 	gone := netip.MustParsePrefix("192.0.2.99/32") // in the pool, in no instance
 	for _, expired := range []bool{false, true} {
 		s, k, _ := syncSpeaker(t, nftCluster(), knftables.NewFake(nft.Family, nft.Table))
-		net := k.Net.(interface {
-			AddAddress(string, netip.Prefix)
-		})
+		net := k.Net.(*hostnettesting.Fake)
 		net.AddAddress("eth0", held)
 		net.AddAddress("eth0", gone)
+		// As the leaving speaker left it: bounded by the deadline.
+		if err := net.SetAddressLifetime("eth0", held, time.Hour); err != nil {
+			t.Fatal(err)
+		}
 		deadline := time.Now().Add(time.Hour)
 		if expired {
 			deadline = time.Now().Add(-time.Millisecond)
@@ -97,6 +101,9 @@ func TestAdoption(t *testing.T) {
 		if !onNode(held) || !inConf() || s.adoption.pending() != 0 {
 			t.Errorf("MASTER: %v on the node %v, in keepalived.conf %v, still adopted %d; want on, in, 0", held, onNode(held), inConf(), s.adoption.pending())
 		}
+		if at, bounded := net.Expires(held); bounded {
+			t.Errorf("MASTER: %v still goes at %v, the hand-off's deadline; keepalived holds it now", held, at)
+		}
 		if why := unready(s.health, keepalived.Status{Running: true}, time.Now()); why != "" {
 			t.Errorf("not ready once adopted and every state known: %q", why)
 		}
@@ -124,5 +131,56 @@ func TestUnready(t *testing.T) {
 		if tc.want == "" && got != "" || tc.want != "" && !strings.Contains(got, tc.want) {
 			t.Errorf("unready(%+v, %+v) = %q, want %q", tc.h, tc.st, got, tc.want)
 		}
+	}
+}
+
+// TestHandOffExit runs a speaker's hand-off exit on fakes: keepalived is
+// killed (not stopped) after loading a configuration that announces the
+// patient advert interval, the VIP stays on the node, bounded by the
+// timeout, and the record names the instance it mastered.
+func TestHandOffExit(t *testing.T) {
+	s, k, proc := syncSpeaker(t, nftCluster(), knftables.NewFake(nft.Family, nft.Table))
+	s.opts.Handoff, s.opts.HandoffDir, s.opts.HandoffTimeout = HandoffAlways, t.TempDir(), 30*time.Second
+	net := k.Net.(*hostnettesting.Fake)
+	vip := netip.MustParsePrefix("192.0.2.1/32")
+	net.AddAddress("eth0", vip) // keepalived's doing, as master
+	if err := s.sync(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	name := ""
+	for _, in := range s.lastVRRP.keepalivedConfig.Instances {
+		if slices.Contains(in.VIPs, vip) {
+			name = in.Name
+		}
+	}
+	if name == "" {
+		t.Fatalf("no instance of n1 has %v", vip)
+	}
+	s.statesMu.Lock()
+	s.states[name] = keepalived.StateMaster
+	s.statesMu.Unlock()
+	done := make(chan struct{})
+	go func() { defer close(done); s.sup.Run(t.Context()) }()
+	for !proc.Running() {
+		time.Sleep(time.Millisecond)
+	}
+
+	if !s.handOff(t.Context()) {
+		t.Fatal("no hand-off")
+	}
+	<-done
+	if !proc.Killed() {
+		t.Error("keepalived was not killed: a clean stop sends priority-0 adverts")
+	}
+	if !strings.Contains(string(proc.Config()), "advert_int 10") {
+		t.Errorf("keepalived's last configuration does not announce 10 s adverts:\n%s", proc.Config())
+	}
+	if at, bounded := net.Expires(vip); !bounded || time.Until(at) > 30*time.Second || time.Until(at) < 25*time.Second {
+		t.Errorf("%v left with lifetime until %v (bounded %v), want the 30 s timeout", vip, at, bounded)
+	}
+	boot, _ := handoff.BootID()
+	rec, ok, why := handoff.Take(s.opts.HandoffDir, "n1", boot, time.Now())
+	if !ok || !slices.Equal(rec.Instances[name], []netip.Prefix{vip}) {
+		t.Errorf("record %+v (valid %v, %v), want %s with %v", rec, ok, why, name, vip)
 	}
 }

@@ -7,14 +7,21 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"time"
 
 	"github.com/keeplb/keeplb/pkg/hostnet"
 )
 
-// Fake models a node's links, addresses and sysctls.
+// Fake models a node's links, addresses (with their lifetimes: an
+// address whose lifetime has passed is gone, as the kernel removes it)
+// and sysctls.
 type Fake struct {
+	// Now is the clock of the lifetimes; time.Now unless set.
+	Now func() time.Time
+
 	mu       sync.Mutex
 	links    map[string]*hostnet.Link
+	expires  map[netip.Prefix]time.Time // no entry: never
 	sysctls  map[string]string
 	readOnly map[string]bool
 }
@@ -23,7 +30,7 @@ var _ hostnet.Interface = (*Fake)(nil)
 
 // New returns a Fake with the given links and sysctls.
 func New(links []hostnet.Link, sysctls map[string]string) *Fake {
-	f := &Fake{links: map[string]*hostnet.Link{}, sysctls: map[string]string{}, readOnly: map[string]bool{}}
+	f := &Fake{Now: time.Now, links: map[string]*hostnet.Link{}, expires: map[netip.Prefix]time.Time{}, sysctls: map[string]string{}, readOnly: map[string]bool{}}
 	for _, l := range links {
 		l.Prefixes = slices.Clone(l.Prefixes)
 		f.links[l.Name] = &l
@@ -50,10 +57,58 @@ func (f *Fake) AddAddress(link string, p netip.Prefix) {
 	}
 }
 
+// expire removes the addresses whose lifetime has passed.
+func (f *Fake) expire() {
+	now := f.Now()
+	for p, at := range f.expires {
+		if now.Before(at) {
+			continue
+		}
+		for _, l := range f.links {
+			l.Prefixes = slices.DeleteFunc(l.Prefixes, func(q netip.Prefix) bool { return q == p })
+		}
+		delete(f.expires, p)
+	}
+}
+
+// Expires returns when p's lifetime ends, and false if it never does (or
+// p is on no link).
+func (f *Fake) Expires(p netip.Prefix) (time.Time, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.expire()
+	at, ok := f.expires[p]
+	return at, ok
+}
+
+// SetAddressLifetime is part of hostnet.Interface.
+func (f *Fake) SetAddressLifetime(link string, p netip.Prefix, valid time.Duration) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.expire()
+	l := f.links[link]
+	if l == nil || !slices.Contains(l.Prefixes, p) {
+		return fmt.Errorf("set the lifetime of %s on %s: no such address", p, link)
+	}
+	if valid <= 0 {
+		delete(f.expires, p)
+		return nil
+	}
+	f.expires[p] = f.Now().Add(ceilSeconds(valid))
+	return nil
+}
+
+// ceilSeconds rounds d up to whole seconds, as the kernel's lifetimes
+// are.
+func ceilSeconds(d time.Duration) time.Duration {
+	return (d + time.Second - 1).Truncate(time.Second)
+}
+
 // Links is part of hostnet.Interface.
 func (f *Fake) Links() ([]hostnet.Link, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.expire()
 	out := make([]hostnet.Link, 0, len(f.links))
 	for _, l := range f.links {
 		c := *l
@@ -73,6 +128,7 @@ func (f *Fake) DeleteAddress(link string, p netip.Prefix) error {
 		return fmt.Errorf("find interface %s: no such link", link)
 	}
 	l.Prefixes = slices.DeleteFunc(l.Prefixes, func(q netip.Prefix) bool { return q == p })
+	delete(f.expires, p)
 	return nil
 }
 
