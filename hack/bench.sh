@@ -212,8 +212,10 @@ awk '/^Benchmark/ { n = $1; sub(/-[0-9]+$/, "", n); for (i = 3; i < NF; i++) { i
   }' _output/bench-ipvs.txt
 
 # Connections across a VIP move: 50 TCP streams through the VIP of real
-# speakers in the VM, through a rolling restart, a graceful handover,
-# failback and a holder crash, in every forwarding mode, with --conn-sync
+# speakers in the VM, through a graceful handover, failback, a holder
+# crash, a rolling update with the hand-off and a rolling restart without
+# it,
+# in every forwarding mode, with --conn-sync
 # and without (the baseline) in the same run (about 15 minutes under TCG).
 echo >&2
 echo ">> streams across VIP moves, every mode, --conn-sync on and off (e2e/ipvs TestStreams -streams.table)" >&2

@@ -19,8 +19,10 @@ import (
 // for longer than its backups' master-down interval, and the VIP must
 // stay on its holder alone, answering every request, throughout. Each
 // restarted speaker must turn ready (/readyz) before the next one goes.
-// Then the control: the holder's speaker stops without the hand-off, and
-// the VIP moves.
+// Then a hand-off that no replacement adopts: the VIP leaves the holder
+// when the backups stop waiting, never on two nodes at once. Then the
+// control: the holder's speaker stops without the hand-off, and the VIP
+// moves at once.
 func TestHandOff(t *testing.T) {
 	const (
 		advert = 500 * time.Millisecond
@@ -29,7 +31,7 @@ func TestHandOff(t *testing.T) {
 		gone = 2500 * time.Millisecond
 	)
 	c := newCluster(t)
-	keeplbtest.CreatePool(t, c.dyn, "vips", fmt.Sprintf(`{addresses: ["10.77.0.200-10.77.0.250"], vrrp: {advertisementInterval: %q}}`, advert))
+	keeplbtest.CreatePool(t, c.dyn, "vips", fmt.Sprintf(`{addresses: ["10.77.0.200-10.77.0.250"], vrrp: {advertisementInterval: %q, failback: Immediate}}`, advert))
 	c.service("web")
 	vip := c.vip("web")
 	addrs := map[string]string{}
@@ -89,6 +91,36 @@ func TestHandOff(t *testing.T) {
 	if conf := keepalivedConf(t, m); !strings.Contains(conf, vip+"/32 dev eth0") {
 		t.Errorf("%s's keepalived.conf does not have %s back after the adoption:\n%s", m, vip, conf)
 	}
+
+	// No replacement: the holder hands off and stays away. The kernel
+	// removes its VIP at the end of the hand-off's timeout, as the
+	// backups take over: the VIP is never on two nodes.
+	c.speakers.Stop(m)
+	c.speakers.Start(m, handOff(m), func(o *speaker.Options) { o.HandoffTimeout = 4 * time.Second })
+	eventually(t, 20*time.Second, m+" ready", func() bool { return ready(m) })
+	c.speakers.Stop(m)
+	left := time.Now()
+	for {
+		h := c.tp.holders(vip)
+		if len(h) > 1 {
+			t.Fatalf("%s on %v at once, %v after a hand-off with no replacement", vip, h, time.Since(left).Round(time.Millisecond))
+		}
+		if len(h) == 1 && h[0] != m {
+			t.Logf("no replacement: %s moved to %s %v after the hand-off (timeout 4 s)", vip, h[0], time.Since(left).Round(time.Millisecond))
+			break
+		}
+		if time.Since(left) > 15*time.Second {
+			t.Fatalf("%s still on %v 15 s after a hand-off with a 4 s timeout", vip, h)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if time.Since(left) < 3*time.Second {
+		t.Errorf("the VIP moved %v after the hand-off: the backups did not wait", time.Since(left))
+	}
+	c.speakers.Start(m, handOff(m))
+	eventually(t, 20*time.Second, vip+" back on "+m+" (failback Immediate)", func() bool {
+		return ready(m) && slices.Equal(c.tp.holders(vip), []string{m})
+	})
 
 	// The control: without the hand-off, the holder's exit moves the VIP.
 	c.speakers.Stop(m)

@@ -76,3 +76,22 @@ func Adopt(c keepalived.Config, states map[string]keepalived.State, adopting map
 	}
 	return still, done, release
 }
+
+// settleGrace is what Settle allows beyond keepalived's own election:
+// starting keepalived after the first sync, and the sync that follows
+// its report.
+const settleGrace = 5 * time.Second
+
+// Settle returns how long after a replacement begins adopting its
+// keepalived should be master of the adopted instances: four advert
+// intervals of c's slowest instance (the Master_Down_Interval is three
+// and a skew under one) and settleGrace. An instance that is not master
+// by then has found another master (one that ranks higher, or a backup
+// that did not wait): its adopted VIPs must leave the node.
+func Settle(c keepalived.Config) time.Duration {
+	var slowest time.Duration
+	for _, in := range c.Instances {
+		slowest = max(slowest, in.AdvertInterval)
+	}
+	return 4*slowest + settleGrace
+}

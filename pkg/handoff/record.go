@@ -156,6 +156,8 @@ func Take(dir, node, bootID string, now time.Time) (r Record, ok bool, why error
 		return r, false, fmt.Errorf("hand-off record %s is of node %q, not %q", path, r.Node, node)
 	case r.BootID != bootID:
 		return r, false, fmt.Errorf("hand-off record %s is from another boot of the node", path)
+	case r.Written.After(now):
+		return r, false, fmt.Errorf("hand-off record %s was written at %s, after now (%s)", path, r.Written, now)
 	case !now.Before(r.Deadline):
 		return r, false, fmt.Errorf("hand-off record %s expired %s ago: the backups have taken over", path, now.Sub(r.Deadline).Round(time.Millisecond))
 	}
@@ -179,6 +181,11 @@ func Parse(data []byte) (Record, error) {
 	}
 	if !r.Deadline.After(r.Written) {
 		return Record{}, fmt.Errorf("deadline %s is not after written %s", r.Deadline, r.Written)
+	}
+	if r.Deadline.Sub(r.Written) > MaxTimeout {
+		// No backup waits longer: a record that says so is not a
+		// speaker's, and would keep VIPs on the node for as long.
+		return Record{}, fmt.Errorf("deadline %s is more than %v after written %s", r.Deadline, MaxTimeout, r.Written)
 	}
 	for name, ps := range r.Instances {
 		if name == "" {

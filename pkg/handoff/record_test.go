@@ -54,6 +54,7 @@ func TestTakeVoid(t *testing.T) {
 		"other node":   {node: "node-b", boot: "boot-1", at: t0, wantErr: `of node "node-a"`},
 		"other boot":   {node: "node-a", boot: "boot-2", at: t0, wantErr: "another boot"},
 		"expired":      {node: "node-a", boot: "boot-1", at: t0.Add(30 * time.Second), wantErr: "expired"},
+		"future":       {node: "node-a", boot: "boot-1", at: t0.Add(-time.Second), wantErr: "after now"},
 		"garbage":      {node: "node-a", boot: "boot-1", at: t0, raw: "{not json", wantErr: "hand-off record"},
 		"unknown keys": {node: "node-a", boot: "boot-1", at: t0, raw: `{"node":"node-a","extra":1}`, wantErr: "unknown field"},
 	} {
@@ -93,6 +94,7 @@ func TestParseRejects(t *testing.T) {
 		"network":        `{"node":"a","written":"2026-12-07T01:00:00Z","deadline":"2026-12-07T01:00:30Z","instances":{"i":["10.0.0.0/24"]}}`,
 		"empty name":     `{"node":"a","written":"2026-12-07T01:00:00Z","deadline":"2026-12-07T01:00:30Z","instances":{"":["10.0.0.1/32"]}}`,
 		"trailing":       `{"node":"a","written":"2026-12-07T01:00:00Z","deadline":"2026-12-07T01:00:30Z"} {}`,
+		"a year":         `{"node":"a","written":"2026-12-07T01:00:00Z","deadline":"2027-12-07T01:00:00Z"}`,
 	} {
 		if _, err := Parse([]byte(raw)); err == nil {
 			t.Errorf("%s: Parse accepted %s", name, raw)
@@ -130,7 +132,7 @@ func FuzzParse(f *testing.F) {
 		}
 		// What Parse accepts, the replacement puts on the node: host
 		// addresses without zones, and a deadline after it was written.
-		if r.Node == "" || !r.Deadline.After(r.Written) {
+		if r.Node == "" || !r.Deadline.After(r.Written) || r.Deadline.Sub(r.Written) > MaxTimeout {
 			t.Fatalf("accepted %+v", r)
 		}
 		for _, p := range r.VIPs() {

@@ -48,6 +48,13 @@ type Speaker struct {
 	// ConnSyncDaemons is 1 for each IPVS connection sync daemon (state
 	// master or backup) that runs on this node (--conn-sync).
 	ConnSyncDaemons *metrics.GaugeVec
+	// HandoffAdopting is the number of VIPs adopted from the previous
+	// speaker's hand-off that keepalived does not hold yet.
+	HandoffAdopting *metrics.Gauge
+	// HandoffAdopted counts the VIPs of hand-offs this speaker adopted,
+	// by result: held (keepalived took them over) or released (taken off
+	// the node: the deadline passed, or no instance has them).
+	HandoffAdopted *metrics.CounterVec
 	// HolderPending is the number of Services whose holder annotation the
 	// last sync found not naming this node for VIPs it masters: writes
 	// queued, held back or being retried.
@@ -164,6 +171,16 @@ func NewSpeaker() *Speaker {
 			Help:           "1 for each of the kernel's IPVS connection sync daemons (state master or backup) that runs on this node (--conn-sync). The backup runs only while keeplb's nftables table admits sync messages from the other Nodes alone.",
 			StabilityLevel: metrics.ALPHA,
 		}, []string{"state"}),
+		HandoffAdopting: metrics.NewGauge(&metrics.GaugeOpts{
+			Namespace: namespace, Name: "speaker_handoff_adopting_vips",
+			Help:           "VIPs adopted from the previous speaker's hand-off (a rolling update) that keepalived does not hold yet; the speaker is not ready meanwhile.",
+			StabilityLevel: metrics.ALPHA,
+		}),
+		HandoffAdopted: metrics.NewCounterVec(&metrics.CounterOpts{
+			Namespace: namespace, Name: "speaker_handoff_adopted_vips_total",
+			Help:           "VIPs of the previous speakers' hand-offs this speaker adopted, by result: held (keepalived took them over) or released (taken off the node: the hand-off's deadline passed, or no instance of this node has them).",
+			StabilityLevel: metrics.ALPHA,
+		}, []string{"result"}),
 		HolderPending: metrics.NewGauge(&metrics.GaugeOpts{
 			Namespace: namespace, Name: "speaker_holder_writes_pending",
 			Help:           "Services whose keeplb.io/holder annotation the last sync found not naming this node for VIPs it masters: writes queued, held back or being retried.",
@@ -213,7 +230,7 @@ func NewSpeaker() *Speaker {
 	}
 	m.registry.MustRegister(m.VRRPState, m.Transitions, m.Reloads, m.Restarts, m.KeepalivedUp, m.RenderDuration, m.Problems,
 		m.InstancesDropped, m.PeersDropped, m.VRRPSyncErrors, m.LastSyncSuccess, m.NotifyFIFOUp, m.FailStatic, m.CanForward,
-		m.ConnSyncDaemons, m.HolderPending, m.HolderWriteErrors, m.HolderEventsDropped)
+		m.ConnSyncDaemons, m.HandoffAdopting, m.HandoffAdopted, m.HolderPending, m.HolderWriteErrors, m.HolderEventsDropped)
 	return m
 }
 

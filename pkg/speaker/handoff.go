@@ -3,6 +3,7 @@ package speaker
 import (
 	"context"
 	"errors"
+	"fmt"
 	"maps"
 	"net/netip"
 	"slices"
@@ -35,31 +36,48 @@ const handoffAPITimeout = 3 * time.Second
 // the node and out of keepalived.conf until keepalived holds them
 // (handoff.Adopt), and the Record's deadline.
 type adoption struct {
-	mu       sync.Mutex
-	vips     map[netip.Prefix]bool
-	deadline time.Time
+	mu    sync.Mutex
+	vips  map[netip.Prefix]bool
+	begun time.Time
+	// deadline is the record's; settled, once set, is when keepalived
+	// should have taken over (begun + handoff.Settle). The adoption ends
+	// at the earlier one.
+	deadline, settled time.Time
 }
 
 // start begins adopting vips until deadline.
-func (a *adoption) start(vips []netip.Prefix, deadline time.Time) {
+func (a *adoption) start(vips []netip.Prefix, begun, deadline time.Time) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.vips = map[netip.Prefix]bool{}
 	for _, p := range vips {
 		a.vips[p] = true
 	}
-	a.deadline = deadline
+	a.begun, a.deadline, a.settled = begun, deadline, time.Time{}
 }
 
-// observe returns the VIPs still adopted, and whether the deadline has
-// passed at now.
+// settleAfter sets, once, when keepalived should have taken the adopted
+// VIPs over: d after the adoption began; trigger runs then.
+func (a *adoption) settleAfter(d time.Duration, trigger func()) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if !a.settled.IsZero() || len(a.vips) == 0 {
+		return
+	}
+	a.settled = a.begun.Add(d)
+	time.AfterFunc(time.Until(a.settled)+10*time.Millisecond, trigger)
+}
+
+// observe returns the VIPs still adopted, and whether the adoption's
+// time is up at now.
 func (a *adoption) observe(now time.Time) (map[netip.Prefix]bool, bool) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if len(a.vips) == 0 {
 		return nil, false
 	}
-	return maps.Clone(a.vips), !now.Before(a.deadline)
+	up := !now.Before(a.deadline) || !a.settled.IsZero() && !now.Before(a.settled)
+	return maps.Clone(a.vips), up
 }
 
 // finish ends the adoption of the VIPs given.
@@ -103,7 +121,8 @@ func (s *Speaker) adoptHandoff(ctx context.Context) []netip.Prefix {
 		return nil
 	}
 	vips := rec.VIPs()
-	s.adoption.start(vips, rec.Deadline)
+	s.adoption.start(vips, time.Now(), rec.Deadline)
+	s.metrics.HandoffAdopting.Set(float64(len(vips)))
 	s.dp.keepFlows()
 	// The sync at the deadline releases what keepalived does not hold by
 	// then.
@@ -121,6 +140,9 @@ func (s *Speaker) adoptionDone(ctx context.Context, links []hostnet.Link, done, 
 	}
 	logger := klog.FromContext(ctx)
 	s.adoption.finish(done, release)
+	s.metrics.HandoffAdopting.Set(float64(s.adoption.pending()))
+	s.metrics.HandoffAdopted.WithLabelValues("held").Add(float64(len(done)))
+	s.metrics.HandoffAdopted.WithLabelValues("released").Add(float64(len(release)))
 	if len(done) > 0 {
 		logger.Info("keepalived holds adopted VIPs", "vips", len(done), "stillAdopting", s.adoption.pending())
 	}
@@ -286,20 +308,23 @@ func ownerDaemonSet(pod *v1.Pod) string {
 // setReadiness records why the speaker is not ready yet, or "": ready
 // once keepalived has reported a state for every instance it runs and
 // no hand-off is being adopted. A rolling update waits for it before it
-// replaces the next node's speaker.
+// replaces the next node's speaker. keepalived may report no state for
+// an instance that starts in FAULT, so missing states stop counting
+// keepalivedStartGrace after the syncs began: readiness paces updates,
+// and must not stop one for good.
 func (s *Speaker) setReadiness(instances []string, states map[string]keepalived.State) {
-	why := ""
 	missing := slices.DeleteFunc(slices.Clone(instances), func(name string) bool { _, ok := states[name]; return ok })
+	s.healthyMu.Lock()
+	defer s.healthyMu.Unlock()
+	why := ""
 	switch {
 	case s.adoption.pending() > 0:
 		why = "adopting the previous speaker's hand-off"
-	case len(missing) > 0:
+	case len(missing) > 0 && time.Since(s.health.synced) < keepalivedStartGrace:
 		why = "keepalived has not reported the state of " + missing[0]
 		if len(missing) > 1 {
-			why += " and others"
+			why += fmt.Sprintf(" and %d more instances", len(missing)-1)
 		}
 	}
-	s.healthyMu.Lock()
 	s.health.applied, s.health.notReady = true, why
-	s.healthyMu.Unlock()
 }

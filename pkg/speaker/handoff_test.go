@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	cbtestutil "k8s.io/component-base/metrics/testutil"
 	"sigs.k8s.io/knftables"
 
 	"github.com/keeplb/keeplb/pkg/handoff"
@@ -20,12 +21,14 @@ import (
 // the adopted VIPs stay on the node and out of keepalived.conf until
 // their instance is MASTER, then go back in; an adopted VIP no instance
 // of this node has is taken off at once; the speaker is not ready while
-// it adopts. After the deadline, what keepalived does not hold is taken
-// off the node.
+// it adopts. After the deadline, or once keepalived had time to take
+// over and did not (another node is master: "outranked"), what
+// keepalived does not hold is taken off the node.
 func TestAdoption(t *testing.T) {
 	held := netip.MustParsePrefix("192.0.2.1/32")
 	gone := netip.MustParsePrefix("192.0.2.99/32") // in the pool, in no instance
-	for _, expired := range []bool{false, true} {
+	for _, tc := range []string{"adopted", "expired", "outranked"} {
+		expired := tc != "adopted"
 		s, k, _ := syncSpeaker(t, nftCluster(), knftables.NewFake(nft.Family, nft.Table))
 		net := k.Net.(*hostnettesting.Fake)
 		net.AddAddress("eth0", held)
@@ -34,14 +37,29 @@ func TestAdoption(t *testing.T) {
 		if err := net.SetAddressLifetime("eth0", held, time.Hour); err != nil {
 			t.Fatal(err)
 		}
-		deadline := time.Now().Add(time.Hour)
-		if expired {
+		begun, deadline := time.Now(), time.Now().Add(time.Hour)
+		switch tc {
+		case "expired":
 			deadline = time.Now().Add(-time.Millisecond)
+		case "outranked":
+			begun = time.Now().Add(-time.Hour) // keepalived had time
 		}
-		s.adoption.start([]netip.Prefix{held, gone}, deadline)
+		s.adoption.start([]netip.Prefix{held, gone}, begun, deadline)
 		s.health.synced = time.Now() // as run sets it before the first sync
 		if err := s.sync(t.Context()); err != nil {
 			t.Fatal(err)
+		}
+		if tc == "outranked" {
+			// keepalived reports BACKUP: another node is master. The
+			// first sync set when keepalived should have taken over.
+			s.statesMu.Lock()
+			for _, in := range s.lastVRRP.instances {
+				s.states[in] = keepalived.StateBackup
+			}
+			s.statesMu.Unlock()
+			if err := s.sync(t.Context()); err != nil {
+				t.Fatal(err)
+			}
 		}
 		onNode := func(p netip.Prefix) bool {
 			links, _ := k.Net.Links()
@@ -61,11 +79,11 @@ func TestAdoption(t *testing.T) {
 		}
 		inConf := func() bool { return strings.Contains(conf(), held.String()+" dev eth0") }
 		if onNode(gone) {
-			t.Errorf("expired %v: %v, adopted but in no instance of this node, is still on it", expired, gone)
+			t.Errorf("%s: %v, adopted but in no instance of this node, is still on it", tc, gone)
 		}
 		if expired {
 			if onNode(held) || !inConf() || s.adoption.pending() != 0 {
-				t.Errorf("after the deadline: %v on the node %v, in keepalived.conf %v, still adopted %d; want off, in, 0", held, onNode(held), inConf(), s.adoption.pending())
+				t.Errorf("%s: %v on the node %v, in keepalived.conf %v, still adopted %d; want off, in, 0", tc, held, onNode(held), inConf(), s.adoption.pending())
 			}
 			continue
 		}
@@ -100,6 +118,9 @@ func TestAdoption(t *testing.T) {
 		}
 		if !onNode(held) || !inConf() || s.adoption.pending() != 0 {
 			t.Errorf("MASTER: %v on the node %v, in keepalived.conf %v, still adopted %d; want on, in, 0", held, onNode(held), inConf(), s.adoption.pending())
+		}
+		if got, _ := cbtestutil.GetCounterMetricValue(s.metrics.HandoffAdopted.WithLabelValues("held")); got != 1 {
+			t.Errorf("keeplb_speaker_handoff_adopted_vips_total{result=held} = %v, want 1", got)
 		}
 		if at, bounded := net.Expires(held); bounded {
 			t.Errorf("MASTER: %v still goes at %v, the hand-off's deadline; keepalived holds it now", held, at)

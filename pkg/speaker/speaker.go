@@ -214,11 +214,8 @@ type Speaker struct {
 	lastLinks  []hostnet.Link
 	lastStates map[string]keepalived.State
 	lastVRRP   *vrrpDesired
-	// adoption is the hand-off this speaker adopts, if any; lastAdopting
-	// and lastAdoptExpired are what the last sync observed of it.
-	adoption         adoption
-	lastAdopting     map[netip.Prefix]bool
-	lastAdoptExpired bool
+	// adoption is the hand-off this speaker adopts, if any.
+	adoption adoption
 }
 
 // newSpeaker assembles a speaker, whole: its informers, its forwarding

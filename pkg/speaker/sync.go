@@ -43,8 +43,7 @@ type observed struct {
 	links   []hostnet.Link
 	states  map[string]keepalived.State
 	// adopting are the VIPs of a hand-off this speaker still adopts, and
-	// adoptExpired says the hand-off's deadline has passed (see
-	// adoption).
+	// adoptExpired says the adoption's time is up (see adoption).
 	adopting     map[netip.Prefix]bool
 	adoptExpired bool
 	// service looks a Service up in the informer's cache, for the events
@@ -90,8 +89,12 @@ type vrrpDesired struct {
 	// instances are the names of the instances keepalivedConf has.
 	instances []string
 	// adoptDone are the adopted VIPs keepalived now holds, adoptRelease
-	// those to take off the node (handoff.Adopt).
+	// those to take off the node (handoff.Adopt); adopting says some were
+	// still adopted, and adoptSettle is how long after the adoption began
+	// keepalived has to take them over (handoff.Settle).
 	adoptDone, adoptRelease map[netip.Prefix]bool
+	adopting                bool
+	adoptSettle             time.Duration
 	configProblems []ConfigProblem
 	renderErr      error
 	// renderTook is how long the plan and keepalived.conf took.
@@ -155,11 +158,11 @@ func (s *Speaker) observe(ch changes, now time.Time) (observed, error) {
 	obs.resync = now.Sub(s.lastResync) >= resyncPeriod
 	obs.full = ch.all || obs.resync
 	obs.adopting, obs.adoptExpired = s.adoption.observe(now)
-	obs.plan = obs.full || s.lastVRRP == nil ||
-		!reflect.DeepEqual(links, s.lastLinks) || !maps.Equal(obs.states, s.lastStates) ||
-		!maps.Equal(obs.adopting, s.lastAdopting) || obs.adoptExpired != s.lastAdoptExpired
+	// While it adopts, every sync recomputes VRRP: the adoption's end is
+	// a matter of time as well as of states.
+	obs.plan = obs.full || s.lastVRRP == nil || len(obs.adopting) > 0 || s.lastVRRP.adopting ||
+		!reflect.DeepEqual(links, s.lastLinks) || !maps.Equal(obs.states, s.lastStates)
 	s.lastLinks, s.lastStates = links, obs.states
-	s.lastAdopting, s.lastAdoptExpired = obs.adopting, obs.adoptExpired
 	if !obs.full {
 		keys := maps.Clone(ch.services)
 		if keys == nil {
@@ -221,6 +224,7 @@ func (s *Speaker) compute(obs observed) desired {
 		cfg, problems := KeepalivedConfig(v.plan, node, pin, obs.links, s.layout)
 		var still map[netip.Prefix]bool
 		still, v.adoptDone, v.adoptRelease = handoff.Adopt(cfg, obs.states, obs.adopting, obs.adoptExpired)
+		v.adopting, v.adoptSettle = len(obs.adopting) > 0, handoff.Settle(cfg)
 		v.keepalivedConfig = handoff.WithoutAdopted(cfg, still)
 		v.keepalivedConf, v.configProblems, v.renderErr = renderVRRP(v.plan, node, pin, v.keepalivedConfig, problems)
 		dropped := map[string]bool{}
@@ -289,6 +293,9 @@ func (s *Speaker) apply(ctx context.Context, obs observed, want desired) error {
 		return errors.Join(dpErr, err)
 	}
 	s.applyHolders(ctx, want.claims, want.vipStates)
+	if want.adopting {
+		s.adoption.settleAfter(want.adoptSettle, s.runner.Trigger)
+	}
 	s.adoptionDone(ctx, obs.links, want.adoptDone, want.adoptRelease)
 	s.setReadiness(want.instances, obs.states)
 	return dpErr
