@@ -8,16 +8,30 @@ import (
 	"github.com/keeplb/keeplb/pkg/keepalived"
 )
 
-// Patient returns c with every instance announcing Patience(timeout, its
+// Patient returns c with every instance announcing Patience(wait, its
 // advert interval): the configuration a leaving speaker reloads
-// keepalived with, so that its backups wait at least timeout for the
-// replacement. It does not change c.
-func Patient(c keepalived.Config, timeout time.Duration) keepalived.Config {
+// keepalived with, so that its backups wait at least wait after the
+// reload's advert. It does not change c.
+func Patient(c keepalived.Config, wait time.Duration) keepalived.Config {
 	c.Instances = slices.Clone(c.Instances)
 	for i := range c.Instances {
-		c.Instances[i].AdvertInterval = Patience(timeout, c.Instances[i].AdvertInterval)
+		c.Instances[i].AdvertInterval = Patience(wait, c.Instances[i].AdvertInterval)
 	}
 	return c
+}
+
+// lifetimeMargin is how much earlier than the backups' takeover the
+// kernel removes a VIP left by a hand-off: the kernel checks IPv4
+// address lifetimes on whole-second timers, up to a second late.
+const lifetimeMargin = 2 * time.Second
+
+// Lifetime returns the address lifetime a leaving speaker gives the VIPs
+// it leaves, timeout being how long after its kill the backups wait: in
+// whole seconds, ending lifetimeMargin before they take over, so that
+// the VIP is never on two nodes when no replacement comes (it is on none
+// for that margin then), and at least a second.
+func Lifetime(timeout time.Duration) time.Duration {
+	return max(time.Second, (timeout - lifetimeMargin).Truncate(time.Second))
 }
 
 // WithoutAdopted returns c without the VIPs in adopting, which the

@@ -53,3 +53,15 @@ func TestConfigTransforms(t *testing.T) {
 		}
 	}
 }
+
+func TestLifetime(t *testing.T) {
+	for _, tc := range []struct{ timeout, want time.Duration }{
+		{30 * time.Second, 28 * time.Second},
+		{10500 * time.Millisecond, 8 * time.Second},
+		{2 * time.Second, time.Second},
+	} {
+		if got := Lifetime(tc.timeout); got != tc.want {
+			t.Errorf("Lifetime(%v) = %v, want %v", tc.timeout, got, tc.want)
+		}
+	}
+}

@@ -184,7 +184,12 @@ func (s *Speaker) handOff(ctx context.Context) bool {
 	s.statesMu.Lock()
 	held := handoff.Held(s.lastVRRP.keepalivedConfig, s.states)
 	s.statesMu.Unlock()
-	data, _, err := keepalived.RenderValid(handoff.Patient(s.lastVRRP.keepalivedConfig, s.opts.HandoffTimeout))
+	settle := handoffSettle
+	if len(held) == 0 {
+		settle = 0 // no adverts to send: this node masters nothing
+	}
+	// The backups count from the reload's advert, settle before the kill.
+	data, _, err := keepalived.RenderValid(handoff.Patient(s.lastVRRP.keepalivedConfig, s.opts.HandoffTimeout+settle))
 	if err != nil {
 		logger.Error(err, "Not handing off: cannot render the hand-off's keepalived configuration")
 		return false
@@ -196,17 +201,13 @@ func (s *Speaker) handOff(ctx context.Context) bool {
 	}
 	hctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	settle := handoffSettle
-	if len(held) == 0 {
-		settle = 0 // no adverts to send: this node masters nothing
-	}
 	if err := s.sup.HandOff(hctx, data, settle); err != nil {
 		logger.Error(err, "Not handing off: keepalived did not take the hand-off's configuration")
 		return false
 	}
 	now := time.Now()
 	rec := handoff.Record{Node: s.opts.NodeName, BootID: boot, Written: now, Deadline: now.Add(s.opts.HandoffTimeout), Instances: held}
-	s.boundVIPs(ctx, rec.VIPs(), max(time.Second, s.opts.HandoffTimeout.Truncate(time.Second)))
+	s.boundVIPs(ctx, rec.VIPs(), handoff.Lifetime(s.opts.HandoffTimeout))
 	if err := handoff.Write(s.opts.HandoffDir, rec); err != nil {
 		// keepalived is gone: the backups take over after the timeout,
 		// and the replacement, finding no record, deletes the VIPs.
