@@ -203,7 +203,7 @@ func (r *Reconciler) sync(ctx context.Context, st State) (Report, error) {
 		return r.guardOnly(ctx, st)
 	}
 	var rep Report
-	rules := nft.Rules{SNAT: st.SNAT, SourceRanges: st.SourceRanges, Guard: st.Guard, Sync: st.Sync, FollowVIP: st.FollowVIP}
+	rules := rulesOf(st)
 	var errs []error
 	if err := r.ensureIPv6(st.IPVS); err != nil {
 		errs = append(errs, err) // IPv4 is unaffected: program anyway
@@ -322,7 +322,7 @@ func (r *Reconciler) syncDelta(ctx context.Context, st State, d Delta) (Report, 
 	}
 	var rep Report
 	ops, desired := diffDelta(r.programmed, st, d)
-	rules := nft.Rules{SNAT: st.SNAT, SourceRanges: st.SourceRanges, Guard: st.Guard, Sync: st.Sync, FollowVIP: st.FollowVIP}
+	rules := rulesOf(st)
 	var errs []error
 	if err := r.ensureIPv6(desired); err != nil {
 		errs = append(errs, err)
@@ -430,6 +430,37 @@ func (r *Reconciler) Exit(ctx context.Context, owns func(ipvs.Key) bool) (Report
 		return rep, errors.Join(err, cerr)
 	}
 	return rep, err
+}
+
+// rulesOf returns the rules of keeplb's table for st. With FollowVIP, the
+// virtual servers that masquerade every real server they have (a Cluster
+// Service's) are masqueraded whatever the real server (nft.Rules.Whole):
+// after a move, the connections the old holder sent to its own pods reach
+// this node by the sync daemon, with real servers this node does not have
+// (nodeport forwarding), and must be masqueraded to the VIP all the same,
+// or those pods would reply past this node.
+func rulesOf(st State) nft.Rules {
+	rules := nft.Rules{SNAT: st.SNAT, SourceRanges: st.SourceRanges, Guard: st.Guard, Sync: st.Sync, FollowVIP: st.FollowVIP}
+	if !st.FollowVIP {
+		return rules
+	}
+	for _, sn := range st.SNAT {
+		e, ok := st.IPVS[sn.Virtual]
+		if !ok || len(e.Reals) != len(sn.Reals) {
+			continue
+		}
+		all := true
+		for _, r := range e.Reals {
+			if _, found := slices.BinarySearchFunc(sn.Reals, r.AddrPort(), netip.AddrPort.Compare); !found {
+				all = false
+				break
+			}
+		}
+		if all {
+			rules.Whole = append(rules.Whole, sn.Virtual)
+		}
+	}
+	return rules
 }
 
 // KeepFlows keeps the conntrack entries of the VIPs' flows at the first

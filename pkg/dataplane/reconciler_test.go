@@ -392,3 +392,45 @@ func TestKeepFlowsAtAdoption(t *testing.T) {
 		}
 	}
 }
+
+// TestRulesWhole: with FollowVIP, a virtual server that masquerades all
+// its real servers (a Cluster Service's) is masqueraded whatever the
+// real server; one that keeps some client addresses (Local) is not; and
+// without FollowVIP nothing is.
+func TestRulesWhole(t *testing.T) {
+	rs := func(s ...string) []ipvs.RealServer {
+		var out []ipvs.RealServer
+		for _, a := range s {
+			ap := netip.MustParseAddrPort(a)
+			out = append(out, ipvs.RealServer{Address: ap.Addr(), Port: ap.Port()})
+		}
+		return out
+	}
+	aps := func(s ...string) []netip.AddrPort {
+		var out []netip.AddrPort
+		for _, a := range s {
+			out = append(out, netip.MustParseAddrPort(a))
+		}
+		return out
+	}
+	cluster := ipvs.Key{Address: netip.MustParseAddr("192.0.2.1"), Protocol: "TCP", Port: 80}
+	local := ipvs.Key{Address: netip.MustParseAddr("192.0.2.2"), Protocol: "TCP", Port: 80}
+	st := State{
+		IPVS: ipvs.Table{
+			cluster: {Virtual: ipvs.VirtualServer{Address: cluster.Address, Protocol: "TCP", Port: 80}, Reals: rs("10.0.0.2:30080", "10.1.1.5:8080")},
+			local:   {Virtual: ipvs.VirtualServer{Address: local.Address, Protocol: "TCP", Port: 80}, Reals: rs("10.0.0.2:30081", "10.1.1.6:8080")},
+		},
+		SNAT: []nft.SNAT{
+			{Virtual: cluster, Reals: aps("10.0.0.2:30080", "10.1.1.5:8080")},
+			{Virtual: local, Reals: aps("10.0.0.2:30081")}, // its own pod keeps the client's address
+		},
+		FollowVIP: true,
+	}
+	if got := rulesOf(st).Whole; !slices.Equal(got, []ipvs.Key{cluster}) {
+		t.Errorf("Whole = %v, want [%v]", got, cluster)
+	}
+	st.FollowVIP = false
+	if got := rulesOf(st).Whole; got != nil {
+		t.Errorf("Whole without FollowVIP = %v, want none", got)
+	}
+}

@@ -53,6 +53,8 @@
 //	set sync-peers-v4, -v6       node addresses sync messages may come from
 //	set snat-vip-v4, -v6         as snat, masqueraded to the VIP (FollowVIP)
 //	set transit-v4, -v6          VIPs whose routed flows take TransitZone
+//	set snat-vip-whole-v4, -v6   VIP . proto . port masqueraded to the VIP
+//	                             whatever the real server (Rules.Whole)
 //	counter vip-guard-dropped
 //	chain ipvs-masquerade type nat hook postrouting priority srcnat
 //	chain source-ranges   type filter hook input priority filter

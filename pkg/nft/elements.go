@@ -45,6 +45,9 @@ type Elements struct {
 	// The sync guard's: ports sorted without 0, peers as the guard's VIPs.
 	syncPorts []uint16
 	syncPeers []netip.Addr
+	// whole are Rules.Whole, sorted; in the snat-vip-whole sets with
+	// followVIP only.
+	whole []ipvs.Key
 	// followVIP puts snat in the snat-vip sets, and vips in the transit
 	// sets too (Rules.FollowVIP).
 	followVIP bool
@@ -94,6 +97,7 @@ func (e *Elements) KeepSNAT(keep *Elements) *Elements {
 	}
 	out := *e
 	out.snat, out.nsnat = unionSNAT(e.snat, keep.snat)
+	out.whole = union(e.whole, keep.whole, ipvs.Key.Compare)
 	return &out
 }
 
@@ -262,6 +266,7 @@ func Update(tx *knftables.Transaction, from, to *Elements) int {
 		diffSNAT(from.snat, nil, func(v ipvs.Key, r netip.AddrPort) { del(from.snatKey(v, r)) }, nil)
 		diffSNAT(nil, to.snat, nil, func(v ipvs.Key, r netip.AddrPort) { add(to.snatKey(v, r)) })
 	}
+	diff(from.followedWhole(), to.followedWhole(), ipvs.Key.Compare, func(k ipvs.Key) { del(wholeKey(k)) }, func(k ipvs.Key) { add(wholeKey(k)) })
 	diff(from.transit(), to.transit(), netip.Addr.Compare, func(a netip.Addr) { del(addrKey(a, family.transitSet)) }, func(a netip.Addr) { add(addrKey(a, family.transitSet)) })
 	diff(from.filtered, to.filtered, ipvs.Key.Compare, func(k ipvs.Key) { del(filteredKey(k)) }, func(k ipvs.Key) { add(filteredKey(k)) })
 	diff(from.allowed, to.allowed, compareAllowed, func(a allowed) { del(allowedKey(a)) }, func(a allowed) { add(allowedKey(a)) })
@@ -314,6 +319,9 @@ func eachElement(e *Elements, add func(set string, key []string)) {
 		for _, a := range ofFamily(e.transit(), f, func(a netip.Addr) netip.Addr { return a }) {
 			add(addrKey(a, family.transitSet))
 		}
+		for _, k := range ofFamily(e.followedWhole(), f, func(k ipvs.Key) netip.Addr { return k.Address }) {
+			add(wholeKey(k))
+		}
 	}
 	for _, p := range e.syncPorts {
 		add(syncPortKey(p))
@@ -361,6 +369,20 @@ func (e *Elements) transit() []netip.Addr {
 	return e.vips
 }
 
+// followedWhole returns the virtual servers whose flows to any real
+// server are masqueraded to the VIP: Rules.Whole with FollowVIP, none
+// without.
+func (e *Elements) followedWhole() []ipvs.Key {
+	if !e.followVIP {
+		return nil
+	}
+	return e.whole
+}
+
+func wholeKey(k ipvs.Key) (string, []string) {
+	return familyOf(k.Address).snatWholeSet(), virtualKey(k)
+}
+
 func filteredKey(k ipvs.Key) (string, []string) {
 	return familyOf(k.Address).filteredSet(), virtualKey(k)
 }
@@ -406,6 +428,16 @@ func Compute(in Rules) (*Elements, error) {
 	}
 	e.filtered = sortCompact(e.filtered, ipvs.Key.Compare)
 	e.allowed = sortCompact(e.allowed, compareAllowed)
+
+	for _, k := range in.Whole {
+		vip, err := virtual(k)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("whole masquerade of %s: %w", k, err))
+			continue
+		}
+		e.whole = append(e.whole, vip)
+	}
+	e.whole = sortCompact(e.whole, ipvs.Key.Compare)
 
 	errs = append(errs, e.guard(in.Guard)...)
 	errs = append(errs, e.sync(in.Sync)...)

@@ -87,6 +87,15 @@ type Rules struct {
 	// survives the move (docs/connections.md). Only Guard.VIPs are put in
 	// the zone.
 	FollowVIP bool
+	// Whole lists the virtual servers that masquerade every real server
+	// they have (a Cluster Service's). With FollowVIP their flows are
+	// masqueraded to the VIP whatever the real server, those to a real
+	// server this node does not have included: the connections the
+	// kernel's sync daemon gave this node from another holder, which
+	// forwarded them to its own pods (nodeport forwarding sends a node's
+	// own share to its own pods, not to its NodePort). Without FollowVIP
+	// it does nothing.
+	Whole []ipvs.Key
 }
 
 // SyncGuard admits the kernel's IPVS connection sync messages from peers
@@ -179,6 +188,7 @@ func (f family) guardChain() string   { return ChainGuard + "-" + f.suffix }
 func (f family) syncPeersSet() string { return "sync-peers-" + f.suffix }
 func (f family) snatVIPSet() string   { return "snat-vip-" + f.suffix }
 func (f family) transitSet() string   { return "transit-" + f.suffix }
+func (f family) snatWholeSet() string { return "snat-vip-whole-" + f.suffix }
 
 // syncPortsSet is the set of the sync daemons' ports, both families'.
 const syncPortsSet = "sync-ports"
@@ -321,6 +331,7 @@ func Write(tx *knftables.Transaction, e *Elements) {
 			{f.snatSet(), vipPort + " . " + f.addr + " . inet_service", "VIP . protocol . port . real server . port to masquerade", false},
 			{f.snatVIPSet(), vipPort + " . " + f.addr + " . inet_service", "VIP . protocol . port . real server . port to masquerade to the VIP", false},
 			{f.transitSet(), f.addr, "VIPs whose routed flows go to the transit conntrack zone", false},
+			{f.snatWholeSet(), vipPort, "VIP . protocol . port whose flows to any real server are masqueraded to the VIP", false},
 			{f.filteredSet(), vipPort, "VIP . protocol . port with loadBalancerSourceRanges", false},
 			{f.allowedSet(), vipPort + " . " + f.addr, "VIP . protocol . port . allowed source range", true},
 			{f.syncPeersSet(), f.addr, "nodes whose IPVS connection sync messages are accepted", false},
@@ -359,6 +370,23 @@ func Write(tx *knftables.Transaction, e *Elements) {
 				),
 			})
 		}
+	}
+	// With FollowVIP, a Cluster Service's flows to any real server, also
+	// one this node does not have (a connection the sync daemon brought):
+	// those IPVS forwarded, which no longer go to a VIP.
+	for _, f := range families() {
+		tx.Add(&knftables.Rule{
+			Family: Family,
+			Table:  Table,
+			Chain:  ChainSNAT,
+			Rule: knftables.Concat(
+				"meta l4proto", protocols,
+				"ct original", f.ip, "daddr . meta l4proto . ct original proto-dst",
+				"@"+f.snatWholeSet(),
+				f.ip, "daddr != @"+f.vipsSet(),
+				"snat", f.ip, "to ct original", f.ip, "daddr",
+			),
+		})
 	}
 	for _, f := range families() {
 		// From a VIP to an address not local: the holder's NAT sending a

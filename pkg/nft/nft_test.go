@@ -96,8 +96,11 @@ var goldenCases = []struct {
 	{"follow-vip", nft.Rules{
 		FollowVIP: true,
 		SNAT:      snat(web4, "10.0.0.1:8080", "10.0.0.2:8080"),
+		Whole:     []ipvs.Key{web4},
 		Guard:     nft.Guard{VIPs: addrs("192.0.2.10", "2001:db8::10"), Ports: []ipvs.Key{web4, web6}},
 	}},
+	// Whole does nothing without FollowVIP.
+	{"ipv4-snat-whole", nft.Rules{SNAT: snat(web4, "10.0.0.1:30080", "10.0.0.2:30080"), Whole: []ipvs.Key{web4}}},
 }
 
 func sync(t *testing.T, fake *knftables.Fake, in nft.Rules) {
@@ -206,13 +209,13 @@ func TestEmpty(t *testing.T) {
 	if got := slices.Sorted(maps.Keys(fake.Table.Chains)); !slices.Equal(got, slices.Sorted(slices.Values(want))) {
 		t.Errorf("chains = %v, want %v", got, want)
 	}
-	for name, n := range map[string]int{nft.ChainSNAT: 4, nft.ChainSourceRanges: 2, nft.ChainGuard: 2, nft.ChainGuard + "-v4": 6, nft.ChainGuard + "-v6": 6, nft.ChainSync: 2, nft.ChainTransit: 4} {
+	for name, n := range map[string]int{nft.ChainSNAT: 6, nft.ChainSourceRanges: 2, nft.ChainGuard: 2, nft.ChainGuard + "-v4": 6, nft.ChainGuard + "-v6": 6, nft.ChainSync: 2, nft.ChainTransit: 4} {
 		if ch := fake.Table.Chains[name]; ch == nil || len(ch.Rules) != n {
 			t.Errorf("chain %s: want %d rules", name, n)
 		}
 	}
-	if len(fake.Table.Sets) != 19 {
-		t.Errorf("%d sets, want 19", len(fake.Table.Sets))
+	if len(fake.Table.Sets) != 21 {
+		t.Errorf("%d sets, want 21", len(fake.Table.Sets))
 	}
 	for name, s := range fake.Table.Sets {
 		if len(s.Elements) != 0 {
@@ -355,6 +358,8 @@ func TestRules(t *testing.T) {
 		// FollowVIP: to the address the client opened the connection to.
 		"meta l4proto { tcp, udp, sctp } ct original ip daddr . meta l4proto . ct original proto-dst . ip daddr . th dport @snat-vip-v4 snat ip to ct original ip daddr",
 		"meta l4proto { tcp, udp, sctp } ct original ip6 daddr . meta l4proto . ct original proto-dst . ip6 daddr . th dport @snat-vip-v6 snat ip6 to ct original ip6 daddr",
+		"meta l4proto { tcp, udp, sctp } ct original ip daddr . meta l4proto . ct original proto-dst @snat-vip-whole-v4 ip daddr != @vips-v4 snat ip to ct original ip daddr",
+		"meta l4proto { tcp, udp, sctp } ct original ip6 daddr . meta l4proto . ct original proto-dst @snat-vip-whole-v6 ip6 daddr != @vips-v6 snat ip6 to ct original ip6 daddr",
 		"filter input filter",
 		"ip daddr . meta l4proto . th dport @filtered-v4 ip daddr . meta l4proto . th dport . ip saddr != @allowed-v4 counter drop",
 		"ip6 daddr . meta l4proto . th dport @filtered-v6 ip6 daddr . meta l4proto . th dport . ip6 saddr != @allowed-v6 counter drop",

@@ -64,6 +64,9 @@ func randomRules(rng *rand.Rand, invalid bool) nft.Rules {
 		if some(2) {
 			in.Guard.Ports = append(in.Guard.Ports, v)
 		}
+		if some(3) {
+			in.Whole = append(in.Whole, v)
+		}
 	}
 	for _, v := range vips {
 		if !some(5) {
@@ -91,6 +94,7 @@ func randomRules(rng *rand.Rand, invalid bool) nft.Rules {
 		in.Sync.Peers = append(in.Sync.Peers, zoned)
 		in.Sync.Ports = append(in.Sync.Ports, 0)
 		in.SNAT = append(in.SNAT, nft.SNAT{Virtual: virtuals[0], Reals: []netip.AddrPort{netip.AddrPortFrom(zoned, 80)}})
+		in.Whole = append(in.Whole, ipvs.Key{Address: zoned, Protocol: "TCP", Port: 80})
 		in.Guard.VIPs = append(in.Guard.VIPs, zoned)
 		in.Guard.Ports = append(in.Guard.Ports, ipvs.Key{Address: vips[0], Protocol: "ICMP", Port: 1})
 	}
