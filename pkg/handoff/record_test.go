@@ -106,8 +106,8 @@ func TestPatience(t *testing.T) {
 	for _, tc := range []struct{ timeout, advert, want time.Duration }{
 		{30 * time.Second, time.Second, 10 * time.Second},
 		{10 * time.Second, time.Second, 3340 * time.Millisecond}, // 3 × 3.34 s ≥ 10 s
-		{time.Second, 2 * time.Second, 2 * time.Second},           // never shorter than today's
-		{10 * time.Minute, time.Second, MaxAdvert},                // what VRRPv3 can carry
+		{time.Second, 2 * time.Second, 2 * time.Second},          // never shorter than today's
+		{10 * time.Minute, time.Second, MaxAdvert},               // what VRRPv3 can carry
 	} {
 		got := Patience(tc.timeout, tc.advert)
 		if got != tc.want {

@@ -95,8 +95,8 @@ type vrrpDesired struct {
 	adoptDone, adoptRelease map[netip.Prefix]bool
 	adopting                bool
 	adoptSettle             time.Duration
-	configProblems []ConfigProblem
-	renderErr      error
+	configProblems          []ConfigProblem
+	renderErr               error
 	// renderTook is how long the plan and keepalived.conf took.
 	renderTook time.Duration
 	// track are the track files' values, by whether this node can
