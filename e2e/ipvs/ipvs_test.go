@@ -94,7 +94,7 @@ func onIPVSKernel(t *testing.T, node func(*testing.T, *rest.Config)) {
 	}
 	opts := vm.Options{Net: true, Memory: "1536M", Shares: []string{dir}}
 	if t.Name() == "TestStreams" && !*streamsTable {
-		// Its default run takes under 2 minutes; a guest kernel stuck in
+		// Its default run takes about 3 minutes; a guest kernel stuck in
 		// softirq (seen once: docs/connections.md) must not take the
 		// package's 30.
 		opts.Timeout = 8 * time.Minute

@@ -67,8 +67,8 @@ const (
 // those whose backend still runs, the longest stall of a survivor, and
 // how many times the VIP moved.
 //
-// By default it measures `pod` Cluster forwarding with --conn-sync and
-// asserts its rows: every stream survives the handover and the failback,
+// By default it measures `pod` Cluster and `nodeport` (Cluster)
+// forwarding with --conn-sync and asserts their rows: every stream survives the handover and the failback,
 // 99% the crash, and the rolling update keeps every stream, fails no new
 // connection and moves no VIP. With -streams.table (make bench) it
 // measures every mode, each with --conn-sync and without, in the same
@@ -139,17 +139,19 @@ func streamTable(t *testing.T, cfg *rest.Config) {
 	}
 	keeplbtest.CreatePool(t, c.dyn, "st", `{addresses: ["`+lab.VIPRange+`"], forwarding: pod, vrrp: {advertisementInterval: "`+streamAdvert.String()+`", failback: Immediate}}`)
 
-	modes := []streamMode{{name: "pod Cluster", svc: "st-cluster", asserted: true}}
+	modes := []streamMode{
+		{name: "pod Cluster", svc: "st-cluster", asserted: true},
+		{name: "nodeport", svc: "st-nodeport", asserted: true, mod: func(s *v1.Service) {
+			s.Annotations[annotations.Forwarding] = "nodeport"
+			s.Spec.Ports[0].NodePort = 30080
+		}},
+	}
 	settings := []bool{true}
 	if *streamsTable {
 		settings = []bool{false, true}
 		modes = append(modes,
 			streamMode{name: "pod Local", svc: "st-local", mod: func(s *v1.Service) {
 				s.Spec.ExternalTrafficPolicy = v1.ServiceExternalTrafficPolicyLocal
-			}},
-			streamMode{name: "nodeport", svc: "st-nodeport", mod: func(s *v1.Service) {
-				s.Annotations[annotations.Forwarding] = "nodeport"
-				s.Spec.Ports[0].NodePort = 30080
 			}},
 		)
 	}
