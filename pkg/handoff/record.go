@@ -110,13 +110,14 @@ func Write(dir string, r Record) error {
 	if err != nil {
 		return err
 	}
-	defer os.Remove(f.Name())
+	// Gone after the rename; left behind only by a failure.
+	defer func() { _ = os.Remove(f.Name()) }()
 	if _, err := f.Write(data); err != nil {
-		f.Close()
+		_ = f.Close()
 		return err
 	}
 	if err := f.Sync(); err != nil {
-		f.Close()
+		_ = f.Close()
 		return err
 	}
 	if err := f.Close(); err != nil {
@@ -138,9 +139,11 @@ func Take(dir, node, bootID string, now time.Time) (r Record, ok bool, why error
 	if err != nil {
 		return Record{}, false, err
 	}
-	defer os.Remove(path)
+	// Read once: a second start must not adopt again. A removal that
+	// fails leaves a record whose deadline voids it soon.
+	defer func() { _ = os.Remove(path) }()
 	data, err := io.ReadAll(io.LimitReader(f, MaxRecordBytes+1))
-	f.Close()
+	_ = f.Close() // read-only: nothing to lose
 	if err != nil {
 		return Record{}, false, err
 	}
