@@ -158,7 +158,7 @@ func (s *Speaker) adoptionDone(ctx context.Context, links []hostnet.Link, done, 
 			if !release[p] {
 				continue
 			}
-			logger.Info("Releasing an adopted VIP that keepalived did not take by the hand-off's deadline, or that this node no longer serves", "address", p, "interface", ln.Name)
+			logger.Info("Releasing an adopted VIP: keepalived did not take it over in time (another node is master, or the hand-off's deadline passed), or no instance of this node has it", "address", p, "interface", ln.Name)
 			if err := s.net.DeleteAddress(ln.Name, p); err != nil {
 				logger.Error(err, "Releasing an adopted VIP", "address", p, "interface", ln.Name)
 			}
@@ -166,7 +166,7 @@ func (s *Speaker) adoptionDone(ctx context.Context, links []hostnet.Link, done, 
 	}
 }
 
-// handOff ends the speaker by a hand-off when one is due (decideHandoff):
+// handOff ends the speaker by a hand-off when one is due (DecideHandoff):
 // keepalived announces the longer advert interval, is killed, and the
 // record is written. It returns false, with keepalived untouched, when
 // the speaker must stop as before.
