@@ -3,6 +3,7 @@ package speaker
 import (
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/spf13/pflag"
 )
@@ -88,6 +89,40 @@ func TestConnSyncFlags(t *testing.T) {
 		{[]string{"--conn-sync", "--conn-sync-port=65500"}, "--conn-sync-port 65500"},
 		{[]string{"--conn-sync-group=not-an-address"}, "conn-sync-group"},
 		{[]string{"--conn-sync-id=256"}, "conn-sync-id"},
+	} {
+		if _, err := parse(tc.args...); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%v: %v; want an error saying %q", tc.args, err, tc.want)
+		}
+	}
+}
+
+// TestHandoffFlags: the hand-off's flags and their checks.
+func TestHandoffFlags(t *testing.T) {
+	parse := func(args ...string) (*Options, error) {
+		o := NewOptions()
+		o.NodeName = "n"
+		fs := pflag.NewFlagSet("speaker", pflag.ContinueOnError)
+		o.AddFlags(fs)
+		if err := fs.Parse(args); err != nil {
+			return o, err
+		}
+		return o, o.Validate()
+	}
+	o, err := parse("--handoff=always", "--handoff-dir=/run/keeplb-handoff", "--handoff-timeout=1m")
+	if err != nil || o.Handoff != HandoffAlways || o.HandoffDir != "/run/keeplb-handoff" || o.HandoffTimeout != time.Minute {
+		t.Errorf("flags gave %q %q %v, %v", o.Handoff, o.HandoffDir, o.HandoffTimeout, err)
+	}
+	if o, err := parse(); err != nil || o.Handoff != HandoffAuto || o.HandoffTimeout != 30*time.Second {
+		t.Errorf("by default: %q %v, %v; want auto, 30s", o.Handoff, o.HandoffTimeout, err)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--handoff=sometimes"}, `--handoff="sometimes"`},
+		{[]string{"--handoff=always"}, "needs --handoff-dir"},
+		{[]string{"--handoff-timeout=0s"}, "--handoff-timeout=0s"},
+		{[]string{"--handoff-timeout=3m"}, "at most 2m2.85s"},
 	} {
 		if _, err := parse(tc.args...); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%v: %v; want an error saying %q", tc.args, err, tc.want)
