@@ -15,14 +15,16 @@ import (
 // replacement will start on the same node soon, which is when its own
 // Pod is being deleted (a DaemonSet rolling update, `kubectl rollout
 // restart`, `kubectl delete pod`), not for a disruption (eviction, the
-// node shutting down: the DisruptionTarget condition), by a DaemonSet
-// that owns it, is not being deleted (keeplb removed), and still selects
-// this node (its template's node selector, required node affinity and
-// tolerations of the node's NoExecute taints). Any of them missing (nil,
-// or unknown because the API server did not answer) means no: the
-// speaker then stops as before, and its VIPs move at once. why says which
-// rule decided, for the log.
-func Decide(pod *v1.Pod, ds *appsv1.DaemonSet, node *v1.Node) (handoff bool, why string) {
+// node shutting down: the DisruptionTarget condition), in a namespace
+// that is not being deleted (`kubectl delete -k` deletes the namespace
+// first, and its pods may go before their DaemonSet does), by a
+// DaemonSet that owns it, is not being deleted (keeplb removed), and
+// still selects this node (its template's node selector, required node
+// affinity and tolerations of the node's NoExecute taints). Any of them
+// missing (nil, or unknown because the API server did not answer) means
+// no: the speaker then stops as before, its VIPs move at once, and it
+// leaves no forwarding behind. why says which rule decided, for the log.
+func Decide(pod *v1.Pod, ns *v1.Namespace, ds *appsv1.DaemonSet, node *v1.Node) (handoff bool, why string) {
 	switch {
 	case pod == nil:
 		return false, "the speaker's own Pod is unknown (set POD_NAME and POD_NAMESPACE, and let the speaker get pods)"
@@ -33,6 +35,12 @@ func Decide(pod *v1.Pod, ds *appsv1.DaemonSet, node *v1.Node) (handoff bool, why
 		if c.Type == v1.DisruptionTarget && c.Status == v1.ConditionTrue {
 			return false, fmt.Sprintf("the Pod is disrupted (%s: %s)", c.Reason, c.Message)
 		}
+	}
+	switch {
+	case ns == nil:
+		return false, "the Pod's namespace is unknown"
+	case ns.DeletionTimestamp != nil || ns.Status.Phase == v1.NamespaceTerminating:
+		return false, fmt.Sprintf("namespace %s is being deleted", ns.Name)
 	}
 	ref := metav1.GetControllerOfNoCopy(pod)
 	switch {

@@ -28,12 +28,21 @@ func TestDecide(t *testing.T) {
 		return &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a", Labels: map[string]string{"kubernetes.io/os": "linux"}},
 			Spec: v1.NodeSpec{Taints: []v1.Taint{{Key: "node.kubernetes.io/not-ready", Effect: v1.TaintEffectNoExecute}}}}
 	}
+	namespace := func() *v1.Namespace {
+		return &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "keeplb-system"}, Status: v1.NamespaceStatus{Phase: v1.NamespaceActive}}
+	}
 	for name, tc := range map[string]struct {
+		ns     func(*v1.Namespace) *v1.Namespace
 		change func(*v1.Pod, *appsv1.DaemonSet, *v1.Node) (*v1.Pod, *appsv1.DaemonSet, *v1.Node)
 		want   bool
 		why    string
 	}{
 		"rolling update": {want: true, why: "will start a replacement"},
+		"namespace deleted": {ns: func(n *v1.Namespace) *v1.Namespace {
+			n.DeletionTimestamp, n.Status.Phase = &now, v1.NamespaceTerminating
+			return n
+		}, why: "namespace keeplb-system is being deleted"},
+		"namespace unknown": {ns: func(*v1.Namespace) *v1.Namespace { return nil }, why: "namespace is unknown"},
 		"pod unknown": {change: func(_ *v1.Pod, d *appsv1.DaemonSet, n *v1.Node) (*v1.Pod, *appsv1.DaemonSet, *v1.Node) {
 			return nil, d, n
 		}, why: "own Pod is unknown"},
@@ -80,11 +89,14 @@ func TestDecide(t *testing.T) {
 		}, want: true, why: "will start a replacement"},
 	} {
 		t.Run(name, func(t *testing.T) {
-			p, d, n := pod(), ds(), node()
+			p, d, n, space := pod(), ds(), node(), namespace()
 			if tc.change != nil {
 				p, d, n = tc.change(p, d, n)
 			}
-			got, why := Decide(p, d, n)
+			if tc.ns != nil {
+				space = tc.ns(space)
+			}
+			got, why := Decide(p, space, d, n)
 			if got != tc.want || !strings.Contains(why, tc.why) {
 				t.Errorf("Decide = %v, %q; want %v, containing %q", got, why, tc.want, tc.why)
 			}

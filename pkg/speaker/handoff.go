@@ -248,9 +248,10 @@ func (s *Speaker) boundVIPs(ctx context.Context, vips []netip.Prefix, valid time
 }
 
 // DecideHandoff says whether the exit of the speaker of o is a hand-off,
-// and why: --handoff, then, for auto, handoff.Decide on its Pod,
-// DaemonSet and Node as client reads them now (with the speaker's
-// permissions: its own namespace's pods and daemonsets, and nodes). An
+// and why: --handoff, then, for auto, handoff.Decide on its Pod, its
+// namespace, its DaemonSet and its Node as client reads them now (with
+// the speaker's permissions: its own namespace, that namespace's pods and
+// daemonsets, and nodes). An
 // API server that does not answer within handoffAPITimeout means no.
 func DecideHandoff(ctx context.Context, client kubernetes.Interface, o *Options) (bool, string) {
 	switch {
@@ -265,6 +266,7 @@ func DecideHandoff(ctx context.Context, client kubernetes.Interface, o *Options)
 	defer cancel()
 	var (
 		pod  *v1.Pod
+		ns   *v1.Namespace
 		ds   *appsv1.DaemonSet
 		errs []error
 	)
@@ -272,6 +274,11 @@ func DecideHandoff(ctx context.Context, client kubernetes.Interface, o *Options)
 		p, err := client.CoreV1().Pods(o.PodNamespace).Get(ctx, o.PodName, metav1.GetOptions{})
 		if err == nil {
 			pod = p
+		}
+		errs = append(errs, err)
+		n, err := client.CoreV1().Namespaces().Get(ctx, o.PodNamespace, metav1.GetOptions{})
+		if err == nil {
+			ns = n
 		}
 		errs = append(errs, err)
 	}
@@ -287,7 +294,7 @@ func DecideHandoff(ctx context.Context, client kubernetes.Interface, o *Options)
 		node = nil
 	}
 	errs = append(errs, err)
-	ok, why := handoff.Decide(pod, ds, node)
+	ok, why := handoff.Decide(pod, ns, ds, node)
 	if err := errors.Join(errs...); err != nil && !ok {
 		why += " (API: " + err.Error() + ")"
 	}
