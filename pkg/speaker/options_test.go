@@ -106,7 +106,8 @@ func TestHandoffFlags(t *testing.T) {
 		if err := fs.Parse(args); err != nil {
 			return o, err
 		}
-		return o, o.Validate()
+		err := o.Validate()
+		return o, err
 	}
 	o, err := parse("--handoff=always", "--handoff-dir=/run/keeplb-handoff", "--handoff-timeout=1m")
 	if err != nil || o.Handoff != HandoffAlways || o.HandoffDir != "/run/keeplb-handoff" || o.HandoffTimeout != time.Minute {
