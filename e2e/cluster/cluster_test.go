@@ -90,11 +90,6 @@ func kustomizeOverlay(t *testing.T, image string) string {
 	}
 	name, tag, _ := strings.Cut(image, ":v")
 	overlay := fmt.Sprintf("resources:\n- %s\nimages:\n- name: ghcr.io/keeplb/keeplb\n  newName: %s\n  newTag: v%s\n", base, name, tag)
-	// A speaker pod takes 70 to 110 s to be replaced under TCG (the old
-	// pod's cleanup, the init container, two probes), not the seconds of
-	// a real node: the hand-off's backups wait 2 minutes here instead of
-	// the default 30 s, so that a rollout hands off as it would there.
-	overlay += "patches:\n- target:\n    kind: DaemonSet\n    name: keeplb-speaker\n  patch: |-\n    - op: add\n      path: /spec/template/spec/containers/0/args/-\n      value: --handoff-timeout=2m\n"
 	if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(overlay), 0o644); err != nil {
 		t.Fatal(err)
 	}
