@@ -463,6 +463,39 @@ func rulesOf(st State) nft.Rules {
 	return rules
 }
 
+// Programmed returns the virtual servers this Reconciler programmed or
+// adopted: what a speaker that hands off passes on, so that its
+// replacement owns them too (AdoptProgrammed).
+func (r *Reconciler) Programmed() []ipvs.Key {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.SortedFunc(maps.Keys(r.programmed), ipvs.Key.Compare)
+}
+
+// AdoptProgrammed takes the virtual servers keys, which a previous
+// speaker programmed and handed off, as programmed by this Reconciler, as
+// the kernel has them now: the first sync then deletes those no Service
+// wants any more (their Services went while no speaker ran), instead of
+// leaving them alone as another program's. Call it before the first
+// Sync.
+func (r *Reconciler) AdoptProgrammed(keys []ipvs.Key) error {
+	if r.k.IPVS == nil || len(keys) == 0 {
+		return nil
+	}
+	want := map[ipvs.Key]bool{}
+	for _, k := range keys {
+		want[k] = true
+	}
+	current, err := ipvs.Dump(r.k.IPVS, func(k ipvs.Key) bool { return want[k] })
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	maps.Copy(r.programmed, current)
+	return nil
+}
+
 // KeepFlows keeps the conntrack entries of the VIPs' flows at the first
 // table write, which deletes them otherwise (see forgetFlows): the
 // speaker calls it before its first sync when it adopts a hand-off, whose

@@ -434,3 +434,35 @@ func TestRulesWhole(t *testing.T) {
 		t.Errorf("Whole without FollowVIP = %v, want none", got)
 	}
 }
+
+// TestAdoptProgrammed: a virtual server in a pool that no Service wants
+// is left alone as another program's, unless the previous speaker handed
+// it off as its own (AdoptProgrammed): then the first sync deletes it.
+// That is a Service deleted while no speaker ran.
+func TestAdoptProgrammed(t *testing.T) {
+	st, _ := Desired(syncInputs(), "n1")
+	gone := ipvs.VirtualServer{Address: netip.MustParseAddr("192.0.2.9"), Protocol: "TCP", Port: 80, Scheduler: "rr"}
+	if !st.Owns(gone.Key()) {
+		t.Fatalf("%v is not in the test's pools: the test proves nothing", gone.Key())
+	}
+	for _, adopt := range []bool{false, true} {
+		fake := ipvstesting.New()
+		if err := fake.AddVirtualServer(gone); err != nil {
+			t.Fatal(err)
+		}
+		r := NewReconciler("n1", Kernel{IPVS: fake, NFT: knftables.NewFake(nft.Family, nft.Table), Conntrack: conntracktesting.New()})
+		if adopt {
+			if err := r.AdoptProgrammed([]ipvs.Key{gone.Key()}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		rep, err := r.Sync(t.Context(), st)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, left := fake.Table()[gone.Key()]
+		if left == adopt {
+			t.Errorf("adopted %v: the virtual server of a deleted Service left %v (foreign %v)", adopt, left, rep.Foreign)
+		}
+	}
+}

@@ -39,6 +39,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/keeplb/keeplb/pkg/ipvs"
 )
 
 // FileName is the Record's file in the hand-off directory.
@@ -72,6 +74,10 @@ type Record struct {
 	// Instances are the VRRP instances the node was master of, by name,
 	// with the VIPs each held.
 	Instances map[string][]netip.Prefix `json:"instances"`
+	// VirtualServers are the IPVS virtual servers the node's speaker
+	// programmed: the replacement owns them too, and deletes those whose
+	// Services went while no speaker ran.
+	VirtualServers []ipvs.Key `json:"virtualServers,omitempty"`
 }
 
 // VIPs returns every VIP of the Record's instances, sorted.
@@ -189,6 +195,11 @@ func Parse(data []byte) (Record, error) {
 		// No backup waits longer: a record that says so is not a
 		// speaker's, and would keep VIPs on the node for as long.
 		return Record{}, fmt.Errorf("deadline %s is more than %v after written %s", r.Deadline, MaxTimeout, r.Written)
+	}
+	for _, k := range r.VirtualServers {
+		if !k.Address.IsValid() || k.Address.Zone() != "" || k.Address.Is4In6() {
+			return Record{}, fmt.Errorf("virtual server %v: not an address keeplb programs", k)
+		}
 	}
 	for name, ps := range r.Instances {
 		if name == "" {

@@ -124,6 +124,11 @@ func (s *Speaker) adoptHandoff(ctx context.Context) []netip.Prefix {
 	s.adoption.start(vips, time.Now(), rec.Deadline)
 	s.metrics.HandoffAdopting.Set(float64(len(vips)))
 	s.dp.keepFlows()
+	if err := s.dp.adoptProgrammed(rec.VirtualServers); err != nil {
+		// They stay as another program's (ForeignVirtualServer events)
+		// unless a Service wants them.
+		logger.Error(err, "Taking over the hand-off's IPVS virtual servers failed")
+	}
 	// The sync at the deadline releases what keepalived does not hold by
 	// then.
 	time.AfterFunc(time.Until(rec.Deadline)+10*time.Millisecond, s.runner.Trigger)
@@ -206,7 +211,8 @@ func (s *Speaker) handOff(ctx context.Context) bool {
 		return false
 	}
 	now := time.Now()
-	rec := handoff.Record{Node: s.opts.NodeName, BootID: boot, Written: now, Deadline: now.Add(s.opts.HandoffTimeout), Instances: held}
+	rec := handoff.Record{Node: s.opts.NodeName, BootID: boot, Written: now, Deadline: now.Add(s.opts.HandoffTimeout), Instances: held,
+		VirtualServers: s.dp.programmed()}
 	s.boundVIPs(ctx, rec.VIPs(), handoff.Lifetime(s.opts.HandoffTimeout))
 	if err := handoff.Write(s.opts.HandoffDir, rec); err != nil {
 		// keepalived is gone: the backups take over after the timeout,

@@ -205,4 +205,7 @@ func TestHandOffExit(t *testing.T) {
 	if !ok || !slices.Equal(rec.Instances[name], []netip.Prefix{vip}) {
 		t.Errorf("record %+v (valid %v, %v), want %s with %v", rec, ok, why, name, vip)
 	}
+	if want := s.dp.programmed(); len(want) == 0 || !slices.Equal(rec.VirtualServers, want) {
+		t.Errorf("record's virtual servers %v, want the %d programmed", rec.VirtualServers, len(want))
+	}
 }

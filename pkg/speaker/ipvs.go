@@ -162,6 +162,24 @@ func (d *ipvsStep) keepFlows() {
 	}
 }
 
+// programmed returns the virtual servers the forwarding step programmed,
+// for a hand-off's record.
+func (d *ipvsStep) programmed() []ipvs.Key {
+	if d == nil || d.r == nil {
+		return nil
+	}
+	return d.r.Programmed()
+}
+
+// adoptProgrammed takes over a hand-off's virtual servers (see
+// dataplane.Reconciler.AdoptProgrammed).
+func (d *ipvsStep) adoptProgrammed(keys []ipvs.Key) error {
+	if d == nil || d.r == nil {
+		return nil
+	}
+	return d.r.AdoptProgrammed(keys)
+}
+
 // exit deletes keeplb's virtual servers (those it programmed) and its
 // table, unless --keep-ipvs-on-exit.
 // holding passes on the VIPs this node has just become the holder of and
