@@ -59,17 +59,7 @@ func TestNegativeDurationsRefused(t *testing.T) {
 // TestConnSyncFlags: the --conn-sync flags reach connsync.Config, and
 // Validate names the flag at fault.
 func TestConnSyncFlags(t *testing.T) {
-	parse := func(args ...string) (*Options, error) {
-		o := NewOptions()
-		o.NodeName = "n"
-		fs := pflag.NewFlagSet("speaker", pflag.ContinueOnError)
-		o.AddFlags(fs)
-		if err := fs.Parse(args); err != nil {
-			return o, err
-		}
-		err := o.Validate()
-		return o, err
-	}
+	parse := parseFlags
 	o, err := parse("--conn-sync", "--conn-sync-interface=bond0", "--conn-sync-id=42", "--conn-sync-group=239.8.8.48", "--conn-sync-port=9000")
 	if err != nil {
 		t.Fatal(err)
@@ -98,17 +88,7 @@ func TestConnSyncFlags(t *testing.T) {
 
 // TestHandoffFlags: the hand-off's flags and their checks.
 func TestHandoffFlags(t *testing.T) {
-	parse := func(args ...string) (*Options, error) {
-		o := NewOptions()
-		o.NodeName = "n"
-		fs := pflag.NewFlagSet("speaker", pflag.ContinueOnError)
-		o.AddFlags(fs)
-		if err := fs.Parse(args); err != nil {
-			return o, err
-		}
-		err := o.Validate()
-		return o, err
-	}
+	parse := parseFlags
 	o, err := parse("--handoff=always", "--handoff-dir=/run/keeplb-handoff", "--handoff-timeout=1m")
 	if err != nil || o.Handoff != HandoffAlways || o.HandoffDir != "/run/keeplb-handoff" || o.HandoffTimeout != time.Minute {
 		t.Errorf("flags gave %q %q %v, %v", o.Handoff, o.HandoffDir, o.HandoffTimeout, err)
@@ -129,4 +109,18 @@ func TestHandoffFlags(t *testing.T) {
 			t.Errorf("%v: %v; want an error saying %q", tc.args, err, tc.want)
 		}
 	}
+}
+
+// parseFlags parses args as the speaker's flags, for node "n", and
+// validates them.
+func parseFlags(args ...string) (*Options, error) {
+	o := NewOptions()
+	o.NodeName = "n"
+	fs := pflag.NewFlagSet("speaker", pflag.ContinueOnError)
+	o.AddFlags(fs)
+	if err := fs.Parse(args); err != nil {
+		return o, err
+	}
+	err := o.Validate()
+	return o, err
 }

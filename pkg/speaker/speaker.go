@@ -371,6 +371,21 @@ func unhealthy(h health, st keepalived.Status, now time.Time) string {
 	return ""
 }
 
+// probe serves a health endpoint: 200 ok when why says "", else 503
+// with the reason.
+func (s *Speaker) probe(why func(health, keepalived.Status, time.Time) string) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		s.healthyMu.Lock()
+		h := s.health
+		s.healthyMu.Unlock()
+		if reason := why(h, s.sup.Status(), time.Now()); reason != "" {
+			http.Error(w, reason, http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ok"))
+	})
+}
+
 // refreshProcessMetrics samples keepalived's status, on every scrape.
 func (s *Speaker) refreshProcessMetrics() {
 	st := s.sup.Status()
@@ -490,24 +505,6 @@ func (s *Speaker) server(ctx context.Context, kube *rest.Config) (*serve.Server,
 			s.refreshProcessMetrics()
 			metricsHandler.ServeHTTP(w, r)
 		}),
-		Health: map[string]http.Handler{"/healthz": http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-			s.healthyMu.Lock()
-			h := s.health
-			s.healthyMu.Unlock()
-			if why := unhealthy(h, s.sup.Status(), time.Now()); why != "" {
-				http.Error(w, why, http.StatusServiceUnavailable)
-				return
-			}
-			_, _ = w.Write([]byte("ok"))
-		}), "/readyz": http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-			s.healthyMu.Lock()
-			h := s.health
-			s.healthyMu.Unlock()
-			if why := unready(h, s.sup.Status(), time.Now()); why != "" {
-				http.Error(w, why, http.StatusServiceUnavailable)
-				return
-			}
-			_, _ = w.Write([]byte("ok"))
-		})},
+		Health: map[string]http.Handler{"/healthz": s.probe(unhealthy), "/readyz": s.probe(unready)},
 	})
 }
