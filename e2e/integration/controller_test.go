@@ -210,7 +210,7 @@ func TestAnnotations(t *testing.T) {
 func TestExhaustion(t *testing.T) {
 	e := newEnv(t)
 	e.pool("small", `{addresses: ["192.0.2.0/30"]}`)
-	metricsAddr := freeAddr(t)
+	metricsAddr := keeplbtest.FreeAddr(t)
 	e.startController(func(o *controller.Options) { o.MetricsBindAddress = metricsAddr })
 	token := keeplbtest.MetricsToken(t, e.client, "prometheus", true)
 	for i := range 6 {

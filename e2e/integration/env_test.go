@@ -3,7 +3,6 @@ package integration
 import (
 	"context"
 	"fmt"
-	"net"
 	"net/netip"
 	"strings"
 	"sync"
@@ -282,17 +281,6 @@ func (e *env) waitEvent(ns, name, eventType, reason string, parts ...string) str
 		return false, strings.Join(seen, " | ")
 	})
 	return msg
-}
-
-// freeAddr returns a loopback address with a port free right now.
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }
 
 // scrape GETs url with token (none if empty), over HTTPS as a Prometheus

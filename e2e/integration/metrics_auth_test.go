@@ -21,7 +21,7 @@ import (
 func TestMetricsNeedAuthorization(t *testing.T) {
 	e := newEnv(t)
 	e.pool("p", `{addresses: ["192.0.2.0/30"]}`)
-	addr := freeAddr(t)
+	addr := keeplbtest.FreeAddr(t)
 	e.startController(func(o *controller.Options) { o.MetricsBindAddress = addr })
 	reader := keeplbtest.MetricsToken(t, e.client, "prometheus", true)
 	stranger := keeplbtest.MetricsToken(t, e.client, "stranger", false)
@@ -58,7 +58,7 @@ func TestMetricsNeedAuthorization(t *testing.T) {
 
 	// A second replica: one of the two stands by, and its reviews must
 	// not be refused by the fence that stops a standby's writes.
-	standby := freeAddr(t)
+	standby := keeplbtest.FreeAddr(t)
 	e.startController(func(o *controller.Options) { o.MetricsBindAddress = standby })
 	eventually(t, 30*time.Second, "both replicas, the standby too, to serve the reader", func() (bool, string) {
 		body, code := scrape(t, "https://"+standby+"/metrics", reader)
@@ -67,7 +67,7 @@ func TestMetricsNeedAuthorization(t *testing.T) {
 
 	// --metrics-secure=false, the escape hatch for tests and demos: plain
 	// HTTP, metrics open to anyone.
-	open := freeAddr(t)
+	open := keeplbtest.FreeAddr(t)
 	e.startController(func(o *controller.Options) { o.MetricsBindAddress, o.MetricsSecure = open, false })
 	eventually(t, 30*time.Second, "plain-HTTP /metrics open to anyone with --metrics-secure=false", func() (bool, string) {
 		resp, err := http.Get("http://" + open + "/metrics")

@@ -172,7 +172,7 @@ func streamTable(t *testing.T, cfg *rest.Config) {
 	c.pods = keeplbtest.NewSpeakerPods(t, c.client, nodes...)
 	c.metrics = map[string]string{}
 	for _, n := range nodes {
-		c.metrics[n] = freeLoopback(t)
+		c.metrics[n] = keeplbtest.FreeAddr(t)
 	}
 	var rows []streamRow
 	for _, on := range settings {
@@ -239,17 +239,6 @@ func (c *cluster) speakerReady(node string) bool {
 	}
 	resp.Body.Close()
 	return resp.StatusCode == http.StatusOK
-}
-
-// freeLoopback returns a loopback address with a port free now.
-func freeLoopback(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }
 
 // streamEvents measures mode's events through vip, with the speakers

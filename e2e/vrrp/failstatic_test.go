@@ -3,7 +3,6 @@ package vrrp
 import (
 	"context"
 	"fmt"
-	"net"
 	"net/http"
 	"net/netip"
 	"slices"
@@ -137,17 +136,6 @@ func metricValue(addr, token, name string) string {
 	return ""
 }
 
-// freeAddr returns a loopback address with a free port.
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
 // TestFailStatic covers issue 9 item 10 with real keepalived: every Node
 // marked NotReady through the API (the node lifecycle controller does
 // that when kubelets cannot reach an overloaded API server) used to make
@@ -163,7 +151,7 @@ func TestFailStatic(t *testing.T) {
 	keeplbtest.CreatePool(t, c.dyn, "vips", fmt.Sprintf(`{addresses: ["10.77.0.200-10.77.0.250"], vrrp: {advertisementInterval: %q}}`, advert))
 	c.service("web")
 	vip := c.vip("web")
-	metricsAddr := freeAddr(t)
+	metricsAddr := keeplbtest.FreeAddr(t)
 	holder := c.startMasterFirst(vip, func(o *speaker.Options) { o.MetricsBindAddress = metricsAddr })
 	token := keeplbtest.MetricsToken(t, c.client, "prometheus", true)
 	// Three master-down intervals of a 1 s advert: far more than a

@@ -42,7 +42,7 @@ func TestHandOff(t *testing.T) {
 		}
 	}
 	for _, ns := range c.tp.nodes {
-		addrs[ns] = freeAddr(t)
+		addrs[ns] = keeplbtest.FreeAddr(t)
 		dir := filepath.Join(os.TempDir(), "keeplb-e2e-handoff-"+ns)
 		_ = os.RemoveAll(dir)
 		t.Cleanup(func() { _ = os.RemoveAll(dir) })

@@ -3,6 +3,7 @@ package keeplbtest
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"sync"
@@ -114,4 +115,16 @@ func (p *SpeakerPods) Roll(node string, stop func()) {
 func (p *SpeakerPods) release(name string) {
 	// Not tb.Context: this runs in cleanups too, after it is cancelled.
 	_, _ = p.client.CoreV1().Pods(speakerNamespace).Patch(context.Background(), name, types.MergePatchType, []byte(`{"metadata":{"finalizers":null}}`), metav1.PatchOptions{})
+}
+
+// FreeAddr returns a loopback address with a port free right now, for a
+// metrics and health server.
+func FreeAddr(tb testing.TB) string {
+	tb.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
 }
