@@ -125,6 +125,6 @@ func FreeAddr(tb testing.TB) string {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	defer l.Close()
+	defer func() { _ = l.Close() }() // it only found a free port
 	return l.Addr().String()
 }
