@@ -305,6 +305,24 @@ func (tp *topology) holdersOn(vip, dev string) []string {
 	return out
 }
 
+// allHolders returns, for every address on a node's eth0, the node
+// namespaces that have it: one command per node, for many VIPs at once.
+func (tp *topology) allHolders() map[string][]string {
+	out := map[string][]string{}
+	for _, ns := range tp.nodes {
+		o, err := exec.Command("ip", "-n", ns, "-br", "addr", "show", "dev", "eth0").CombinedOutput()
+		if err != nil {
+			continue
+		}
+		for _, f := range strings.Fields(string(o)) {
+			if a, _, ok := strings.Cut(f, "/"); ok {
+				out[a] = append(out[a], ns)
+			}
+		}
+	}
+	return out
+}
+
 // mac returns the MAC address of eth0 in ns.
 func (tp *topology) mac(ns string) string {
 	f := strings.Fields(ip(tp.t, "-n", ns, "-br", "link", "show", "dev", "eth0"))

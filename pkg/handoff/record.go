@@ -78,6 +78,12 @@ type Record struct {
 	// programmed: the replacement owns them too, and deletes those whose
 	// Services went while no speaker ran.
 	VirtualServers []ipvs.Key `json:"virtualServers,omitempty"`
+	// Since is when the leaving speaker started serving (or the speaker
+	// whose hand-off it adopted): the replacement's failback holds count
+	// from it, so that a rolling update does not hold the node down on the
+	// instances it masters (vrrp.Hold). Zero, or after Written, counts as
+	// unknown: the replacement counts from its own start.
+	Since time.Time `json:"since,omitzero"`
 }
 
 // VIPs returns every VIP of the Record's instances, sorted.

@@ -51,6 +51,14 @@ type Speaker struct {
 	// HandoffAdopting is the number of VIPs adopted from the previous
 	// speaker's hand-off that keepalived does not hold yet.
 	HandoffAdopting *metrics.Gauge
+	// FailbackHeld is the number of VRRP instances this node is held down
+	// on: it came back to them (failback Delayed) less than the pool's
+	// delay ago, and does not take them over until then.
+	FailbackHeld *metrics.Gauge
+	// NewInstancesDeferred is the number of VRRP instances new to the
+	// cluster that this node, not their planned master, leaves out of its
+	// keepalived.conf for a short grace.
+	NewInstancesDeferred *metrics.Gauge
 	// HandoffAdopted counts the VIPs of hand-offs this speaker adopted,
 	// by result: held (keepalived took them over) or released (taken off
 	// the node: the deadline passed, or no instance has them).
@@ -171,6 +179,16 @@ func NewSpeaker() *Speaker {
 			Help:           "1 for each of the kernel's IPVS connection sync daemons (state master or backup) that runs on this node (--conn-sync). The backup runs only while keeplb's nftables table admits sync messages from the other Nodes alone.",
 			StabilityLevel: metrics.ALPHA,
 		}, []string{"state"}),
+		FailbackHeld: metrics.NewGauge(&metrics.GaugeOpts{
+			Namespace: namespace, Name: "speaker_failback_held_instances",
+			Help:           "VRRP instances of failback Delayed pools that this node came back to (its speaker started, its link came back, it became Ready again) less than the pool's failback delay ago: it ranks below the other nodes on them until then, then takes over those it is the preferred node of.",
+			StabilityLevel: metrics.ALPHA,
+		}),
+		NewInstancesDeferred: metrics.NewGauge(&metrics.GaugeOpts{
+			Namespace: namespace, Name: "speaker_new_instances_deferred",
+			Help:           "VRRP instances new to the cluster (a new pool's, or a new VIP's first in its bucket) that this node, not their planned master, leaves out of its keepalived.conf for a few seconds, so that the new VIPs start on their planned master instead of moving there.",
+			StabilityLevel: metrics.ALPHA,
+		}),
 		HandoffAdopting: metrics.NewGauge(&metrics.GaugeOpts{
 			Namespace: namespace, Name: "speaker_handoff_adopting_vips",
 			Help:           "VIPs adopted from the previous speaker's hand-off (a rolling update) that keepalived does not hold yet; the speaker is not ready meanwhile.",
@@ -230,7 +248,7 @@ func NewSpeaker() *Speaker {
 	}
 	m.registry.MustRegister(m.VRRPState, m.Transitions, m.Reloads, m.Restarts, m.KeepalivedUp, m.RenderDuration, m.Problems,
 		m.InstancesDropped, m.PeersDropped, m.VRRPSyncErrors, m.LastSyncSuccess, m.NotifyFIFOUp, m.FailStatic, m.CanForward,
-		m.ConnSyncDaemons, m.HandoffAdopting, m.HandoffAdopted, m.HolderPending, m.HolderWriteErrors, m.HolderEventsDropped)
+		m.ConnSyncDaemons, m.FailbackHeld, m.NewInstancesDeferred, m.HandoffAdopting, m.HandoffAdopted, m.HolderPending, m.HolderWriteErrors, m.HolderEventsDropped)
 	return m
 }
 

@@ -182,7 +182,6 @@ func KeepalivedConfig(plan vrrp.Plan, node string, in vrrp.Input, links []hostne
 			AdvertInterval: inst.Advert,
 			Version:        inst.Version,
 			IPv6:           inst.Family == allocator.IPv6,
-			PreemptDelay:   inst.PreemptDelay,
 			NoPreempt:      inst.NoPreempt,
 			AdvertAddr:     anchors[inst.Name],
 		}
@@ -350,4 +349,14 @@ func advertAddrs(plan vrrp.Plan, pools []vrrp.Pool) map[string]netip.Addr {
 		}
 	}
 	return out
+}
+
+// withoutInstances returns c without the instances named in drop (their
+// track files stay: keepalived accepts a file no instance uses).
+func withoutInstances(c keepalived.Config, drop map[string]bool) keepalived.Config {
+	if len(drop) == 0 {
+		return c
+	}
+	c.Instances = slices.DeleteFunc(slices.Clone(c.Instances), func(in keepalived.Instance) bool { return drop[in.Name] })
+	return c
 }

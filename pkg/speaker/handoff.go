@@ -121,6 +121,9 @@ func (s *Speaker) adoptHandoff(ctx context.Context) []netip.Prefix {
 		return nil
 	}
 	vips := rec.VIPs()
+	if !rec.Since.IsZero() && !rec.Since.After(rec.Written) {
+		s.since = rec.Since
+	}
 	s.adoption.start(vips, time.Now(), rec.Deadline)
 	s.metrics.HandoffAdopting.Set(float64(len(vips)))
 	s.dp.keepFlows()
@@ -212,7 +215,7 @@ func (s *Speaker) handOff(ctx context.Context) bool {
 	}
 	now := time.Now()
 	rec := handoff.Record{Node: s.opts.NodeName, BootID: boot, Written: now, Deadline: now.Add(s.opts.HandoffTimeout), Instances: held,
-		VirtualServers: s.dp.programmed()}
+		VirtualServers: s.dp.programmed(), Since: s.since}
 	s.boundVIPs(ctx, rec.VIPs(), handoff.Lifetime(s.opts.HandoffTimeout))
 	if err := handoff.Write(s.opts.HandoffDir, rec); err != nil {
 		// keepalived is gone: the backups take over after the timeout,

@@ -162,6 +162,7 @@ func TestUnready(t *testing.T) {
 func TestHandOffExit(t *testing.T) {
 	s, k, proc := syncSpeaker(t, nftCluster(), knftables.NewFake(nft.Family, nft.Table))
 	s.opts.Handoff, s.opts.HandoffDir, s.opts.HandoffTimeout = HandoffAlways, t.TempDir(), 30*time.Second
+	s.since = time.Now().Add(-time.Hour).Truncate(time.Second)
 	net := k.Net.(*hostnettesting.Fake)
 	vip := netip.MustParsePrefix("192.0.2.1/32")
 	net.AddAddress("eth0", vip) // keepalived's doing, as master
@@ -207,5 +208,20 @@ func TestHandOffExit(t *testing.T) {
 	}
 	if want := s.dp.programmed(); len(want) == 0 || !slices.Equal(rec.VirtualServers, want) {
 		t.Errorf("record's virtual servers %v, want the %d programmed", rec.VirtualServers, len(want))
+	}
+	if !rec.Since.Equal(s.since) {
+		t.Errorf("record's since %v, want the speaker's %v: the replacement's failback holds count from it", rec.Since, s.since)
+	}
+
+	// The replacement takes Since over, so that it is not held down on
+	// the instances it adopts.
+	if err := handoff.Write(s.opts.HandoffDir, rec); err != nil {
+		t.Fatal(err)
+	}
+	next, _, _ := syncSpeaker(t, nftCluster(), knftables.NewFake(nft.Family, nft.Table))
+	next.opts.HandoffDir = s.opts.HandoffDir
+	next.since = time.Now()
+	if vips := next.adoptHandoff(t.Context()); len(vips) == 0 || !next.since.Equal(rec.Since) {
+		t.Errorf("the replacement adopted %v and counts its holds from %v, want %v", vips, next.since, rec.Since)
 	}
 }

@@ -216,6 +216,14 @@ type Speaker struct {
 	lastVRRP   *vrrpDesired
 	// adoption is the hand-off this speaker adopts, if any.
 	adoption adoption
+	// since is when this speaker started serving, or the speaker whose
+	// hand-off it adopted: its failback holds count from it (vrrp.Hold).
+	since time.Time
+	// holdMu guards holdTimer, the sync at holdAt, the end of the first
+	// failback hold.
+	holdMu    sync.Mutex
+	holdTimer *time.Timer
+	holdAt    time.Time
 }
 
 // newSpeaker assembles a speaker, whole: its informers, its forwarding
@@ -266,6 +274,7 @@ func (s *Speaker) run(ctx context.Context) error {
 	// VIPs of our pools left on this node by a crash would answer next to
 	// the real holder: remove them before keepalived starts, except those
 	// of a hand-off this speaker adopts.
+	s.since = time.Now()
 	if err := s.removeVIPs(ctx, s.adoptHandoff(ctx)...); err != nil {
 		return err
 	}

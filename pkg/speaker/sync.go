@@ -46,6 +46,9 @@ type observed struct {
 	// adoptExpired says the adoption's time is up (see adoption).
 	adopting     map[netip.Prefix]bool
 	adoptExpired bool
+	// now is when the sync observed: the failback hold is a matter of
+	// time (vrrp.Hold).
+	now time.Time
 	// service looks a Service up in the informer's cache, for the events
 	// about it.
 	service func(key string) *v1.Service
@@ -102,6 +105,14 @@ type vrrpDesired struct {
 	// track are the track files' values, by whether this node can
 	// forward: only applying the forwarding state tells which holds.
 	track map[bool]map[string]int
+	// hold is this node's failback record after this sync, held the
+	// instances it is held down on, deferred the new instances it leaves
+	// out of keepalived.conf (vrrp.Hold.Deferred), and holdUntil when the
+	// first of those holds or deferrals ends (zero when none is).
+	hold      vrrp.Hold
+	held      map[string]bool
+	deferred  map[string]bool
+	holdUntil time.Time
 
 	// claims are the VIPs this node masters, by Service, for the holder
 	// annotations; vipStates the keeplb_vrrp_state value of each VIP of
@@ -146,7 +157,7 @@ func (s *Speaker) sync(ctx context.Context) (err error) {
 // changed (see inPlan; or the node's links, or keepalived's states). Only
 // reading the node's links can fail.
 func (s *Speaker) observe(ch changes, now time.Time) (observed, error) {
-	obs := observed{service: s.lookupService}
+	obs := observed{service: s.lookupService, now: now}
 	links, err := s.net.Links()
 	if err != nil {
 		return observed{}, err
@@ -160,7 +171,9 @@ func (s *Speaker) observe(ch changes, now time.Time) (observed, error) {
 	obs.adopting, obs.adoptExpired = s.adoption.observe(now)
 	// While it adopts, every sync recomputes VRRP: the adoption's end is
 	// a matter of time as well as of states.
+	// So is a failback hold's end.
 	obs.plan = obs.full || s.lastVRRP == nil || len(obs.adopting) > 0 || s.lastVRRP.adopting ||
+		!s.lastVRRP.holdUntil.IsZero() && !now.Before(s.lastVRRP.holdUntil) ||
 		!reflect.DeepEqual(links, s.lastLinks) || !maps.Equal(obs.states, s.lastStates)
 	s.lastLinks, s.lastStates = links, obs.states
 	if !obs.full {
@@ -221,7 +234,19 @@ func (s *Speaker) compute(obs observed) desired {
 		pin, owners := PlanInput(obs.in)
 		v := &want.vrrpDesired
 		v.plan, v.owners = vrrp.Compute(pin), owners
+		prev := vrrp.NewHold(s.since)
+		if s.lastVRRP != nil {
+			prev = s.lastVRRP.hold
+		}
+		v.hold = prev.Next(v.plan, node, obs.states, obs.now)
+		v.held, v.holdUntil = v.hold.Held(v.plan, node, obs.states, obs.now)
+		var deferUntil time.Time
+		v.deferred, deferUntil = v.hold.Deferred(v.plan, node, pin, obs.now)
+		if !deferUntil.IsZero() && (v.holdUntil.IsZero() || deferUntil.Before(v.holdUntil)) {
+			v.holdUntil = deferUntil
+		}
 		cfg, problems := KeepalivedConfig(v.plan, node, pin, obs.links, s.layout)
+		cfg = withoutInstances(cfg, v.deferred)
 		var still map[netip.Prefix]bool
 		still, v.adoptDone, v.adoptRelease = handoff.Adopt(cfg, obs.states, obs.adopting, obs.adoptExpired)
 		v.adopting, v.adoptSettle = len(obs.adopting) > 0, handoff.Settle(cfg)
@@ -240,8 +265,8 @@ func (s *Speaker) compute(obs observed) desired {
 		}
 		v.renderTook = time.Since(start)
 		v.track = map[bool]map[string]int{
-			true:  vrrp.TrackValues(v.plan, node, pin, true),
-			false: vrrp.TrackValues(v.plan, node, pin, false),
+			true:  vrrp.TrackValues(v.plan, node, pin, true, v.held),
+			false: vrrp.TrackValues(v.plan, node, pin, false, v.held),
 		}
 		v.claims, v.vipStates = holderClaims(v.plan, node, owners, obs.states)
 		v.services = map[string]bool{}
@@ -275,7 +300,8 @@ func (s *Speaker) compute(obs observed) desired {
 //  4. the track files, then keepalived.conf (a reload then starts with the
 //     right priorities);
 //  5. the VRRP state metrics and the holder annotations, which it hands to
-//     the holder writer and does not wait for;
+//     the holder writer and does not wait for; a sync at the end of the
+//     first failback hold still running;
 //  6. the end of a hand-off's adoption: the VIPs keepalived now holds
 //     leave the adopted set (this sync's keepalived.conf has them back),
 //     those released are taken off the node; then readiness.
@@ -293,12 +319,34 @@ func (s *Speaker) apply(ctx context.Context, obs observed, want desired) error {
 		return errors.Join(dpErr, err)
 	}
 	s.applyHolders(ctx, want.claims, want.vipStates)
+	s.holdUntil(want.held, want.deferred, want.holdUntil)
 	if want.adopting {
 		s.adoption.settleAfter(want.adoptSettle, s.runner.Trigger)
 	}
 	s.adoptionDone(ctx, obs.links, want.adoptDone, want.adoptRelease)
 	s.setReadiness(want.instances, obs.states)
 	return dpErr
+}
+
+// holdUntil reports the instances this node is held down on and those it
+// defers, and has a sync run when the first of those holds or deferrals
+// ends, which raises the node's priority or adds the instance
+// (vrrp.Hold).
+func (s *Speaker) holdUntil(held, deferred map[string]bool, until time.Time) {
+	s.metrics.FailbackHeld.Set(float64(len(held)))
+	s.metrics.NewInstancesDeferred.Set(float64(len(deferred)))
+	s.holdMu.Lock()
+	defer s.holdMu.Unlock()
+	if until.Equal(s.holdAt) {
+		return
+	}
+	if s.holdTimer != nil {
+		s.holdTimer.Stop()
+	}
+	s.holdAt, s.holdTimer = until, nil
+	if !until.IsZero() {
+		s.holdTimer = time.AfterFunc(time.Until(until)+10*time.Millisecond, s.runner.Trigger)
+	}
 }
 
 // reportObserved reports what a sync learned beyond the plan's own

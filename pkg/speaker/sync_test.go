@@ -120,7 +120,7 @@ func TestSyncAppliesEverything(t *testing.T) {
 	}
 	pin, _ := PlanInput(in)
 	plan := vrrp.Compute(pin)
-	can, cannot := vrrp.TrackValues(plan, "n1", pin, true), vrrp.TrackValues(plan, "n1", pin, false)
+	can, cannot := vrrp.TrackValues(plan, "n1", pin, true, nil), vrrp.TrackValues(plan, "n1", pin, false, nil)
 	if len(can) == 0 {
 		t.Fatal("no track files in the plan: the test proves nothing")
 	}
@@ -129,7 +129,7 @@ func TestSyncAppliesEverything(t *testing.T) {
 	}
 
 	nf.fail = true
-	in.Services = append(in.Services, fwdService("new", "192.0.2.5", 80, 30085)) // a change: the table is written again
+	in.Services = append(in.Services, fwdService("new", "192.0.2.33", 80, 30085)) // a change: the table is written again; 192.0.2.1's instance (32 buckets), not a new one, which n1 would defer
 	_ = s.services.GetStore().Add(in.Services[len(in.Services)-1])
 	s.pending.service(in.Services[len(in.Services)-1]) // as its informer's handler does
 	err = s.sync(t.Context())
@@ -143,7 +143,7 @@ func TestSyncAppliesEverything(t *testing.T) {
 		t.Fatal("can and cannot forward give the same track values: the test proves nothing")
 	}
 	conf, _ = os.ReadFile(s.layout.ConfigPath())
-	if !strings.Contains(string(conf), "192.0.2.5") {
+	if !strings.Contains(string(conf), "192.0.2.33") {
 		t.Errorf("keepalived.conf not applied after the forwarding step failed:\n%s", conf)
 	}
 	if s.health.vrrpErr != nil {

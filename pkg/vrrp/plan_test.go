@@ -321,7 +321,7 @@ func TestInstanceFields(t *testing.T) {
 	}
 	b := instanceByName(t, p, "kl_edge.example_v6_b01")
 	if b.Family != allocator.IPv6 || b.VRID != 41 || b.Version != 3 || b.Advert != 100*time.Millisecond ||
-		!b.Unicast || b.Interface != "eth1" || b.TrackFile || b.PreemptDelay != PreemptDelay {
+		!b.Unicast || b.Interface != "eth1" || !b.TrackFile || b.Local || b.HoldDown != PreemptDelay {
 		t.Errorf("shared instance %+v", b)
 	}
 	// 11 VRIDs: 6 shared instances on 40-45, Local ones on 46-50.
@@ -418,7 +418,7 @@ func TestNodeLeavesAndReturns(t *testing.T) {
 			for i, inst := range back.Instances {
 				if inst.Master() != gone.Instances[i].Master() {
 					moved = append(moved, inst.Name)
-					if inst.PreemptDelay <= 0 {
+					if inst.HoldDown <= 0 {
 						t.Errorf("%s moves back with no preempt delay", inst.Name)
 					}
 				}
@@ -427,7 +427,7 @@ func TestNodeLeavesAndReturns(t *testing.T) {
 				t.Errorf("on return, moved %v; want exactly what %s mastered before: %v", moved, leaving, had)
 			}
 			t.Logf("%d nodes: %s mastered %d of %d instances; on return those %d move back, each after PreemptDelay %s",
-				n, leaving, len(had), len(up.Instances), len(moved), back.Instances[0].PreemptDelay)
+				n, leaving, len(had), len(up.Instances), len(moved), back.Instances[0].HoldDown)
 		})
 	}
 }
@@ -511,7 +511,7 @@ func TestLocalPlanIgnoresEndpoints(t *testing.T) {
 	if got := Compute(changed); !reflect.DeepEqual(got, base) {
 		t.Fatal("the plan changed with the endpoints; endpoint churn would reload keepalived")
 	}
-	if tv := TrackValues(base, "node-3", changed, true); reflect.DeepEqual(tv, TrackValues(base, "node-3", in, true)) {
+	if tv := TrackValues(base, "node-3", changed, true, nil); reflect.DeepEqual(tv, TrackValues(base, "node-3", in, true, nil)) {
 		t.Fatal("track values did not change with the endpoints")
 	}
 }
@@ -619,11 +619,11 @@ func TestProblems(t *testing.T) {
 		sev: Error, reason: ReasonVRIDsExhausted, pool: "tiny",
 		contains: []string{"IPPool tiny", "4 usable IPv4 VRIDs (of 10-13)", "2 shared instances and 3 Local VIPs", "192.0.2.52 are held as if", "at least 6 usable VRIDs"},
 		check: func(t *testing.T, p Plan) {
-			if inst := instanceOf(t, p, "192.0.2.52"); inst.TrackFile {
+			if inst := instanceOf(t, p, "192.0.2.52"); inst.Local {
 				t.Errorf("youngest Local VIP got its own instance %s although VRIDs ran out", inst.Name)
 			}
 			for _, a := range []string{"192.0.2.50", "192.0.2.51"} {
-				if inst := instanceOf(t, p, a); !inst.TrackFile {
+				if inst := instanceOf(t, p, a); !inst.Local {
 					t.Errorf("older Local VIP %s lost its instance", a)
 				}
 			}
@@ -841,7 +841,7 @@ func TestLongNamesFit(t *testing.T) {
 			fam = "_v6_"
 		}
 		suffix := fmt.Sprintf("%s%s", fam, addrName(inst.VIPs[0]))
-		if !inst.TrackFile {
+		if !inst.Local {
 			suffix = fam + "b"
 		}
 		if !strings.Contains(inst.Name, suffix) || !strings.HasPrefix(inst.Name, "kl_") {

@@ -108,8 +108,8 @@ func TestFailback(t *testing.T) {
 				t.Fatalf("%d instances, want a shared and a Local one: %+v", len(plan.Instances), plan.Problems)
 			}
 			for _, inst := range plan.Instances {
-				if inst.PreemptDelay != tc.delay || inst.NoPreempt != tc.noPreempt {
-					t.Errorf("%s: preempt delay %v, nopreempt %v; want %v, %v", inst.Name, inst.PreemptDelay, inst.NoPreempt, tc.delay, tc.noPreempt)
+				if inst.HoldDown != tc.delay || inst.NoPreempt != tc.noPreempt {
+					t.Errorf("%s: preempt delay %v, nopreempt %v; want %v, %v", inst.Name, inst.HoldDown, inst.NoPreempt, tc.delay, tc.noPreempt)
 				}
 			}
 		})

@@ -48,10 +48,11 @@ const (
 	// count of centiseconds.
 	MinAdvert = 10 * time.Millisecond
 	MaxAdvert = 4095 * 10 * time.Millisecond
-	// PreemptDelay is how long a node that ranks above the current master
-	// waits before taking an instance over (keepalived preempt_delay; it
-	// also runs after keepalived starts). It is the anti-flap mechanism: see
-	// the package documentation.
+	// PreemptDelay is failback Delayed's default wait: how long a node that
+	// comes back to an instance (its speaker starts, it leaves FAULT, it
+	// becomes eligible again) ranks below the others before it takes the
+	// instance over. It is the anti-flap mechanism: see the package
+	// documentation and Hold.
 	PreemptDelay = 60 * time.Second
 )
 
@@ -111,8 +112,9 @@ type Pool struct {
 }
 
 // preempt returns how the pool's instances let a node that outranks the
-// master take over: after delay, or never. This is the one translation of
-// the failback policy into keepalived's terms.
+// master take over: once it has been back for delay (the instances'
+// HoldDown; 0 is at once), or never (keepalived's nopreempt). This is the
+// one translation of the failback policy into the plan's terms.
 func (p Pool) preempt() (delay time.Duration, never bool) {
 	switch p.Failback {
 	case v1alpha1.FailbackNever:
@@ -191,18 +193,21 @@ type Instance struct {
 	// Priorities maps every eligible node to its base priority (1-254);
 	// nodes not listed take no part. The highest is the intended master.
 	Priorities map[string]int
-	// TrackFile is set on Local instances and on instances with a
-	// Forwarded VIP: render a track_file with weight 1 whose value each
-	// node writes from TrackValues.
+	// TrackFile is set on Local instances, on instances with a Forwarded
+	// VIP and on those with a HoldDown: render a track_file with weight 1
+	// whose value each node writes from TrackValues.
 	TrackFile bool
 	// Local is set on the instance of one Local address: TrackValues lifts
 	// the nodes with a ready local endpoint.
 	Local bool
-	// PreemptDelay is keepalived's preempt_delay. It needs the instance to
-	// start in state BACKUP, which every instance should.
-	PreemptDelay time.Duration
+	// HoldDown is failback Delayed's wait: a node that comes back to the
+	// instance ranks below every node that did not for this long (see
+	// Hold), then takes it over at once. The speaker does this with the
+	// track file, not with keepalived's preempt_delay, whose timer every
+	// reload restarts.
+	HoldDown time.Duration
 	// NoPreempt is keepalived's nopreempt: a node that outranks the master
-	// never takes over from it (failback Never). PreemptDelay is then 0.
+	// never takes over from it (failback Never). HoldDown is then 0.
 	NoPreempt bool
 }
 
