@@ -3,8 +3,9 @@
 # baseline measured in the same run: the VIP allocator against a naive one
 # that scans the pool from its start on every allocation, the speaker's
 # sync, one endpoint change through the dataplane, the controller against
-# the API server's raw rate, keepalived's reloads and failover, IPVS in the
-# VM, streams across VIP moves, and one speaker at scale. Raw output is kept in _output/; markdown
+# the API server's raw rate, keepalived's reloads and failover, VIP moves
+# per event, IPVS in the VM, streams across VIP moves, and one speaker at
+# scale. Raw output is kept in _output/; markdown
 # tables, ready for docs/benchmarks.md, go to stdout.
 #
 #   hack/bench.sh                 run the benchmarks (about an hour), then the tables
@@ -180,6 +181,17 @@ else
     if (adv ~ /ms$/) { a = adv; sub(/ms$/, "", a); a = a / 1000 } else { a = adv; sub(/s$/, "", a) }
     md = 3 * a + (256 - 252) * a / 256
     printf "| %s | %s | %s | %s | %.3fs |\n", adv, kind, m, b, md }' _output/failover.txt
+
+  # VIP moves no failure caused: a creation burst, churn while a node
+  # that came back is held, a rolling restart with the hand-off, and
+  # the graceful handovers of the failover runs above (about 2 minutes).
+  echo >&2
+  echo ">> VIP moves per event: creation burst, churn, rollout, handover (e2e/vrrp)" >&2
+  hack/e2e-vrrp.sh -run 'TestCreationBurst|TestFailbackDelayedUnderChurn|TestHandOff' > _output/moves.txt 2>&1 || { cat _output/moves.txt >&2; exit 1; }
+  echo
+  echo "| event (3 nodes, real keepalived) | VIP moves |"
+  echo "| --- | --- |"
+  cat _output/moves.txt _output/failover.txt | grep -o 'moves row: .*' | sed 's/^moves row: //' || echo "(no rows: see _output/moves.txt)"
 fi
 
 # A real IPVS kernel: programming 10,000 real servers and the cost of a

@@ -232,6 +232,8 @@ func TestFailbackDelayedUnderChurn(t *testing.T) {
 			t.Errorf("new VIP %s moved %d times: %v; want at most once, to %s at its hold's end (%v after its speaker started)", v, n, moves[v], m, delay)
 		}
 	}
+	t.Logf("moves row: | churn: a Service a second (%d, each a keepalived reload on every node) while a node that came back waits %v (failback Delayed) | new VIPs: %d moves of %d; the returned node's VIP: %d move, back %s after its speaker started |",
+		len(all), delay, len(moved), len(all), len(moves[vip]), back.Round(10*time.Millisecond))
 	t.Logf("failback Delayed 8s: %s back on %s %s after its speaker started, with %d Services added a second apart (each a reload on every node); moves of the new VIPs after their first holder: %d of %d %v",
 		vip, m, back.Round(10*time.Millisecond), len(all), len(moved), len(all), moved)
 }
@@ -308,6 +310,8 @@ func TestCreationBurst(t *testing.T) {
 	for _, m := range planned {
 		per[m]++
 	}
+	t.Logf("moves row: | creation burst: a new pool and %d Services at once, every speaker up | %d of %d VIPs moved; every VIP on its planned master %s after the first Service |",
+		n, moved, n, settled.Round(10*time.Millisecond))
 	t.Logf("a new pool and %d Services created in %s: every VIP on its planned master %s after the first was created, %d moved from their first holder (watched until 12 s after); VIPs per node %v",
 		n, created.Round(10*time.Millisecond), settled.Round(10*time.Millisecond), moved, per)
 }

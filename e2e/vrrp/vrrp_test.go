@@ -9,7 +9,9 @@ package vrrp
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -167,8 +169,10 @@ func TestVRRP(t *testing.T) {
 		t.Run(advert.String(), func(t *testing.T) {
 			c := newCluster(t)
 			keeplbtest.CreatePool(t, c.dyn, "vips", fmt.Sprintf(`{addresses: ["10.77.0.200-10.77.0.250"], vrrp: {advertisementInterval: %q}}`, advert))
+			metrics := map[string]string{}
 			for _, ns := range c.tp.nodes {
-				c.startSpeaker(ns)
+				metrics[ns] = keeplbtest.FreeAddr(t)
+				c.speakers.Start(ns, func(o *speaker.Options) { o.MetricsBindAddress, o.MetricsSecure = metrics[ns], false })
 			}
 			c.service("web")
 			vip := c.vip("web")
@@ -259,6 +263,17 @@ func TestVRRP(t *testing.T) {
 			// holder's (the plan's second choice, or its first when a new
 			// VIP started on the second; the others are vrrp.BackupGap
 			// lower). Read before the stop.
+			// The other nodes leave a new instance to its planned master
+			// for a few seconds (vrrp.Hold.Deferred): wait until
+			// keepalived runs it as BACKUP on both.
+			eventually(t, 20*time.Second, "the other nodes BACKUP of "+vip, func() bool {
+				for _, n := range c.tp.nodes {
+					if n != holder && vrrpState(metrics[n], vip) != "0" {
+						return false
+					}
+				}
+				return true
+			})
 			second, best := "", 0
 			for _, n := range c.tp.nodes {
 				if p := priorityOf(t, n, vip); n != holder && p > best {
@@ -272,6 +287,11 @@ func TestVRRP(t *testing.T) {
 			if h := c.holder(vip, 5*time.Second); h != newHolder {
 				t.Fatalf("holder after graceful failover is %s, client saw %s", h, newHolder)
 			}
+			to := "the planned second choice"
+			if newHolder != second {
+				to = "another backup than the planned second choice"
+			}
+			t.Logf("moves row: | graceful handover (SIGTERM to the holder's speaker, no hand-off), %s adverts | 1 move, to %s |", advert, to)
 			switch {
 			case newHolder == second:
 			case advert >= 100*time.Millisecond:
@@ -299,6 +319,28 @@ func TestVRRP(t *testing.T) {
 			})
 		})
 	}
+}
+
+// vrrpState returns the value of keeplb_vrrp_state for vip that the
+// speaker serving plain-HTTP metrics at addr reports ("1" MASTER, "0"
+// BACKUP, "-1" FAULT), or "" when it reports none.
+func vrrpState(addr, vip string) string {
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		return ""
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return ""
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, "keeplb_vrrp_state{") && strings.Contains(line, `vip="`+vip+`"`) {
+			f := strings.Fields(line)
+			return f[len(f)-1]
+		}
+	}
+	return ""
 }
 
 // priorityOf returns node's priority for the instance holding vip, from

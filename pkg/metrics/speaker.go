@@ -51,9 +51,9 @@ type Speaker struct {
 	// HandoffAdopting is the number of VIPs adopted from the previous
 	// speaker's hand-off that keepalived does not hold yet.
 	HandoffAdopting *metrics.Gauge
-	// FailbackHeld is the number of VRRP instances this node is held down
-	// on: it came back to them (failback Delayed) less than the pool's
-	// delay ago, and does not take them over until then.
+	// FailbackHeld is the number of VRRP instances this node came back
+	// to (failback Delayed) less than the pool's delay ago: it does not
+	// take them over until then.
 	FailbackHeld *metrics.Gauge
 	// NewInstancesDeferred is the number of VRRP instances new to the
 	// cluster that this node, not their planned master, leaves out of its
@@ -181,7 +181,7 @@ func NewSpeaker() *Speaker {
 		}, []string{"state"}),
 		FailbackHeld: metrics.NewGauge(&metrics.GaugeOpts{
 			Namespace: namespace, Name: "speaker_failback_held_instances",
-			Help:           "VRRP instances of failback Delayed pools that this node came back to (its speaker started, its link came back, it became Ready again) less than the pool's failback delay ago: it ranks below the other nodes on them until then, then takes over those it is the preferred node of.",
+			Help:           "VRRP instances of failback Delayed pools that this node came back to (its speaker started, its link came back, it became Ready again) less than the pool's failback delay ago: it does not take them over until then (keepalived's preempt_delay, whose clock the speaker keeps across reloads), then takes over those it is the preferred node of.",
 			StabilityLevel: metrics.ALPHA,
 		}),
 		NewInstancesDeferred: metrics.NewGauge(&metrics.GaugeOpts{

@@ -182,6 +182,7 @@ func KeepalivedConfig(plan vrrp.Plan, node string, in vrrp.Input, links []hostne
 			AdvertInterval: inst.Advert,
 			Version:        inst.Version,
 			IPv6:           inst.Family == allocator.IPv6,
+			PreemptDelay:   inst.HoldDown,
 			NoPreempt:      inst.NoPreempt,
 			AdvertAddr:     anchors[inst.Name],
 		}
@@ -358,5 +359,21 @@ func withoutInstances(c keepalived.Config, drop map[string]bool) keepalived.Conf
 		return c
 	}
 	c.Instances = slices.DeleteFunc(slices.Clone(c.Instances), func(in keepalived.Instance) bool { return drop[in.Name] })
+	return c
+}
+
+// withoutPreemptDelay returns c with the instances named in prompt
+// rendered without preempt_delay: their failback hold just ended, or they
+// are new to the cluster (vrrp.Hold.Prompt).
+func withoutPreemptDelay(c keepalived.Config, prompt map[string]bool) keepalived.Config {
+	if len(prompt) == 0 {
+		return c
+	}
+	c.Instances = slices.Clone(c.Instances)
+	for i := range c.Instances {
+		if prompt[c.Instances[i].Name] {
+			c.Instances[i].PreemptDelay = 0
+		}
+	}
 	return c
 }

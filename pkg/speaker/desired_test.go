@@ -95,17 +95,15 @@ func TestPlanInputSelectsOurVIPs(t *testing.T) {
 }
 
 // TestFailbackRendered: a pool's failback policy reaches every instance of
-// its keepalived.conf: a track file for Delayed (the speaker's hold, never
-// keepalived's preempt_delay, which a reload restarts), nothing for
-// Immediate, nopreempt for Never (each instance starts in BACKUP).
+// its keepalived.conf: preempt_delay for Delayed, nothing for Immediate,
+// nopreempt for Never (each instance starts in BACKUP, which both need).
 func TestFailbackRendered(t *testing.T) {
-	const tracked = "track_file {\n"
 	for _, tc := range []struct {
 		vrrp       *v1alpha1.VRRP
 		want, none string
 	}{
-		{&v1alpha1.VRRP{}, tracked, "preempt"},
-		{&v1alpha1.VRRP{Failback: v1alpha1.FailbackDelayed, FailbackDelay: &metav1.Duration{Duration: 2500 * time.Millisecond}}, tracked, "preempt"},
+		{&v1alpha1.VRRP{}, "preempt_delay 60\n", "nopreempt"},
+		{&v1alpha1.VRRP{Failback: v1alpha1.FailbackDelayed, FailbackDelay: &metav1.Duration{Duration: 2500 * time.Millisecond}}, "preempt_delay 2.5\n", "nopreempt"},
 		{&v1alpha1.VRRP{Failback: v1alpha1.FailbackImmediate}, "state BACKUP", "preempt"},
 		{&v1alpha1.VRRP{Failback: v1alpha1.FailbackNever}, "nopreempt\n", "preempt_delay"},
 	} {

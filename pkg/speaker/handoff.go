@@ -124,6 +124,7 @@ func (s *Speaker) adoptHandoff(ctx context.Context) []netip.Prefix {
 	if !rec.Since.IsZero() && !rec.Since.After(rec.Written) {
 		s.since = rec.Since
 	}
+	s.adopted = true
 	s.adoption.start(vips, time.Now(), rec.Deadline)
 	s.metrics.HandoffAdopting.Set(float64(len(vips)))
 	s.dp.keepFlows()
@@ -329,7 +330,7 @@ func ownerDaemonSet(pod *v1.Pod) string {
 // an instance that starts in FAULT, so missing states stop counting
 // keepalivedStartGrace after the syncs began: readiness paces updates,
 // and must not stop one for good.
-func (s *Speaker) setReadiness(instances []string, states map[string]keepalived.State) {
+func (s *Speaker) setReadiness(instances []string, states map[string]keepalived.State, starting bool) {
 	missing := slices.DeleteFunc(slices.Clone(instances), func(name string) bool { _, ok := states[name]; return ok })
 	s.healthyMu.Lock()
 	defer s.healthyMu.Unlock()
@@ -337,6 +338,10 @@ func (s *Speaker) setReadiness(instances []string, states map[string]keepalived.
 	switch {
 	case s.adoption.pending() > 0:
 		why = "adopting the previous speaker's hand-off"
+	case starting:
+		// A rolling update must not stop the next node while this one
+		// cannot take its instances yet.
+		why = "leaving the instances of other planned masters to them for a few seconds after its start"
 	case len(missing) > 0 && time.Since(s.health.synced) < keepalivedStartGrace:
 		why = "keepalived has not reported the state of " + missing[0]
 		if len(missing) > 1 {

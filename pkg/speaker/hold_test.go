@@ -15,16 +15,17 @@ import (
 )
 
 // TestFailbackHold runs syncs of one speaker at chosen times and checks
-// the track files its failback hold gives (vrrp.Hold): the node is held
-// down for the pool's delay after its speaker started, not on the
-// instance it masters, not after the delay, and again after its instance
-// left FAULT; a sync is due when the hold ends; and a sync after it
-// writes the unheld values without any other change.
+// how its failback hold (vrrp.Hold) renders keepalived.conf: with
+// keepalived's preempt_delay while the node is held, then, from the hold's
+// end (a sync is due then, and that sync's reload ends any delay an
+// earlier reload restarted), without it for a short window, then with it
+// again; reloads during a hold change nothing, and a return from FAULT
+// starts a hold anew.
 func TestFailbackHold(t *testing.T) {
 	s, _, _ := syncSpeaker(t, nftCluster(), knftables.NewFake(nft.Family, nft.Table))
 	t0 := time.Now()
 	s.since = t0
-	at := func(now time.Time, states map[string]keepalived.State) (desired, map[string]int) {
+	at := func(now time.Time, states map[string]keepalived.State) (desired, string) {
 		t.Helper()
 		s.statesMu.Lock()
 		s.states = states
@@ -37,76 +38,61 @@ func TestFailbackHold(t *testing.T) {
 		if err := s.apply(t.Context(), obs, want); err != nil {
 			t.Fatal(err)
 		}
-		return want, trackFiles(t, s, want.track[true])
-	}
-
-	want, got := at(t0.Add(time.Second), nil)
-	p, in := want.plan, s.collect()
-	pin, _ := PlanInput(in)
-	var shared []string
-	for _, inst := range p.For("n1") {
-		if inst.HoldDown == vrrp.PreemptDelay && !inst.Local {
-			shared = append(shared, inst.Name)
+		b, err := os.ReadFile(s.layout.ConfigPath())
+		if err != nil {
+			t.Fatal(err)
 		}
+		return want, string(b)
 	}
-	if len(shared) < 2 {
-		t.Fatalf("n1 takes part in %d shared Delayed instances, want 2 or more: the test proves nothing", len(shared))
+	const delayed = "preempt_delay 60\n"
+	want, conf := at(t0.Add(time.Second), nil)
+	n := len(want.keepalivedConfig.Instances)
+	if n == 0 {
+		t.Fatal("n1 has no instance: the test proves nothing")
 	}
-	all := map[string]bool{}
-	for _, inst := range p.For("n1") {
-		all[inst.Name] = true
-	}
-	held, free := vrrp.TrackValues(p, "n1", pin, true, all), vrrp.TrackValues(p, "n1", pin, true, nil)
-	for _, name := range shared {
-		if held[name] >= free[name] {
-			t.Fatalf("%s: held value %d not below %d", name, held[name], free[name])
-		}
-	}
-	if !mapsEqual(got, held) {
-		t.Errorf("just after start: track files %v, want held %v", got, held)
+	count := func(conf string) int { return strings.Count(conf, delayed) }
+	if count(conf) != n || len(want.held) != n {
+		t.Errorf("just after start: %d of %d instances with %q, %d held; want all", count(conf), n, delayed, len(want.held))
 	}
 	if !s.holdAt.Equal(t0.Add(vrrp.PreemptDelay)) {
 		t.Errorf("next sync for the hold at %v, want %v", s.holdAt, t0.Add(vrrp.PreemptDelay))
 	}
-
-	// The instance it masters is not held; the others still are.
-	master := map[string]keepalived.State{shared[0]: keepalived.StateMaster}
-	for _, name := range shared[1:] {
-		master[name] = keepalived.StateBackup
-	}
-	if _, got = at(t0.Add(10*time.Second), master); got[shared[0]] != free[shared[0]] || got[shared[1]] != held[shared[1]] {
-		t.Errorf("master of %s: its value %d (want %d), %s's %d (want %d, still held)", shared[0], got[shared[0]], free[shared[0]], shared[1], got[shared[1]], held[shared[1]])
-	}
-
-	// The hold's end: a sync with no other change writes the free values.
 	backup := map[string]keepalived.State{}
-	for _, name := range shared {
-		backup[name] = keepalived.StateBackup
+	for _, in := range want.keepalivedConfig.Instances {
+		backup[in.Name] = keepalived.StateBackup
 	}
-	at(t0.Add(20*time.Second), backup)
-	if want, got = at(t0.Add(vrrp.PreemptDelay), backup); want.reused || !mapsEqual(got, free) {
-		t.Errorf("at the hold's end (VRRP recomputed: %v): track files %v, want %v", !want.reused, got, free)
-	}
-	if !s.holdAt.IsZero() || len(want.held) != 0 {
-		t.Errorf("after the hold: %d held, next hold sync at %v", len(want.held), s.holdAt)
+	// Syncs during the hold, as a reload each, change nothing of it.
+	for i := range 3 {
+		if _, conf = at(t0.Add(time.Duration(10+i)*time.Second), backup); count(conf) != n {
+			t.Errorf("a sync during the hold: %d of %d instances with the delay", count(conf), n)
+		}
 	}
 
-	// Its link goes down and comes back: held again, for the delay.
+	// The hold's end: VRRP is recomputed although nothing else changed,
+	// and keepalived.conf has no preempt_delay.
+	if want, conf = at(t0.Add(vrrp.PreemptDelay), backup); want.reused || count(conf) != 0 || len(want.held) != 0 || !s.holdAt.IsZero() {
+		t.Errorf("at the hold's end: recomputed %v, %d instances with the delay, %d held, next hold sync %v; want recomputed, none, none, none",
+			!want.reused, count(conf), len(want.held), s.holdAt)
+	}
+	// After the window, the next sync that computes VRRP (here: a
+	// resync) renders the delay again, for the next return.
+	s.pending.everything()
+	if _, conf = at(t0.Add(vrrp.PreemptDelay+time.Minute), backup); count(conf) != n {
+		t.Errorf("after the window: %d of %d instances with the delay, want all", count(conf), n)
+	}
+
+	// Its link goes down and comes back: held again, from the return.
 	fault := map[string]keepalived.State{}
-	for _, name := range shared {
+	for name := range backup {
 		fault[name] = keepalived.StateFault
 	}
 	back := t0.Add(5 * time.Minute)
 	at(back.Add(-time.Second), fault)
-	if _, got = at(back, backup); !mapsEqual(got, held) {
-		t.Errorf("back from FAULT: track files %v, want held %v", got, held)
+	if want, _ = at(back, backup); len(want.held) != n || !s.holdAt.Equal(back.Add(vrrp.PreemptDelay)) {
+		t.Errorf("back from FAULT: %d of %d held until %v, want all until %v", len(want.held), n, s.holdAt, back.Add(vrrp.PreemptDelay))
 	}
-	// Reloads (here: syncs with the same state) do not restart it.
-	for i := range 3 {
-		at(back.Add(time.Duration(i+1)*10*time.Second), backup)
-	}
-	if _, got = at(back.Add(vrrp.PreemptDelay), backup); !mapsEqual(got, free) {
-		t.Errorf("a delay after the return, syncs between: track files %v, want %v", got, free)
+	if _, conf = at(back.Add(vrrp.PreemptDelay), backup); count(conf) != 0 {
+		t.Errorf("a delay after the return: %d instances with the delay, want none", count(conf))
 	}
 }
 
@@ -186,6 +172,71 @@ func TestNewInstanceDeferred(t *testing.T) {
 	for _, name := range others {
 		if !strings.Contains(conf(), "vrrp_instance "+name+" ") {
 			t.Errorf("after the grace, %s still left out", name)
+		}
+	}
+}
+
+// TestStartDeferred: a speaker that starts afresh leaves the instances it
+// is not the planned master of out of keepalived.conf for the grace, and
+// is not ready meanwhile; one that adopted a hand-off does not.
+func TestStartDeferred(t *testing.T) {
+	for _, adopted := range []bool{false, true} {
+		s, _, _ := syncSpeaker(t, nftCluster(), knftables.NewFake(nft.Family, nft.Table))
+		s.adopted = adopted
+		t0 := time.Now()
+		s.since = t0
+		run := func(now time.Time) desired {
+			t.Helper()
+			obs, err := s.observe(s.pending.take(), now)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := s.compute(obs)
+			if err := s.apply(t.Context(), obs, want); err != nil {
+				t.Fatal(err)
+			}
+			return want
+		}
+		want := run(t0)
+		var mine, others []string
+		grace := time.Duration(0)
+		for _, inst := range want.plan.For("n1") {
+			grace = max(grace, vrrp.NewInstanceGrace(inst))
+			if inst.Master() == "n1" {
+				mine = append(mine, inst.Name)
+			} else {
+				others = append(others, inst.Name)
+			}
+		}
+		if len(mine) == 0 || len(others) == 0 {
+			t.Fatalf("n1 is the planned master of %v, not of %v: want some of both", mine, others)
+		}
+		configured := map[string]bool{}
+		for _, in := range want.keepalivedConfig.Instances {
+			configured[in.Name] = true
+		}
+		s.healthyMu.Lock()
+		notReady := s.health.notReady
+		s.healthyMu.Unlock()
+		for _, name := range mine {
+			if !configured[name] {
+				t.Errorf("adopted %v: n1 left out %s, its own to master", adopted, name)
+			}
+		}
+		for _, name := range others {
+			if configured[name] == !adopted {
+				t.Errorf("adopted %v: %s, another node's to master, configured %v at the start", adopted, name, configured[name])
+			}
+		}
+		if (notReady == "") == !adopted || want.starting == adopted {
+			t.Errorf("adopted %v: starting %v, not ready because %q", adopted, want.starting, notReady)
+		}
+		if adopted {
+			continue
+		}
+		want = run(t0.Add(grace))
+		if len(want.deferred) != 0 || want.starting || len(want.keepalivedConfig.Instances) != len(mine)+len(others) {
+			t.Errorf("after the start's grace: deferred %v, starting %v, %d of %d instances configured", want.deferred, want.starting, len(want.keepalivedConfig.Instances), len(mine)+len(others))
 		}
 	}
 }

@@ -88,14 +88,12 @@ func TestWarnNodes(t *testing.T) {
 // nodeport and pod forwarding, by annotation or by the pool's default,
 // not kube-proxy's.
 func TestPlanInputForwarded(t *testing.T) {
-	// Failback Immediate: a Delayed pool's instances all track (its hold).
-	immediate := &v1alpha1.VRRP{Failback: v1alpha1.FailbackImmediate}
-	kp := ippool("kp", []string{"192.0.2.128/25"}, immediate)
+	kp := ippool("kp", []string{"192.0.2.128/25"}, nil)
 	kp.Spec.Forwarding = v1alpha1.ForwardingKubeProxy
 	in := dataplane.Inputs{
 		Class: "keeplb.io/vip", DefaultClass: true,
 		Nodes: []*v1.Node{node("n1", "10.0.0.1")},
-		Pools: []*v1alpha1.IPPool{ippool("np", []string{"192.0.2.0/25"}, immediate), kp},
+		Pools: []*v1alpha1.IPPool{ippool("np", []string{"192.0.2.0/25"}, nil), kp},
 		Services: []*v1.Service{
 			lbService("ns", "default", "192.0.2.1", false, nil),
 			annotate(lbService("ns", "pod", "192.0.2.2", false, nil), annotations.Forwarding, "pod"),

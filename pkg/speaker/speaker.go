@@ -217,8 +217,11 @@ type Speaker struct {
 	// adoption is the hand-off this speaker adopts, if any.
 	adoption adoption
 	// since is when this speaker started serving, or the speaker whose
-	// hand-off it adopted: its failback holds count from it (vrrp.Hold).
-	since time.Time
+	// hand-off it adopted (adopted): its failback holds count from it, and
+	// only a speaker that started afresh defers the instances of other
+	// planned masters at its start (vrrp.Hold).
+	since   time.Time
+	adopted bool
 	// holdMu guards holdTimer, the sync at holdAt, the end of the first
 	// failback hold.
 	holdMu    sync.Mutex

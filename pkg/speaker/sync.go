@@ -106,13 +106,16 @@ type vrrpDesired struct {
 	// forward: only applying the forwarding state tells which holds.
 	track map[bool]map[string]int
 	// hold is this node's failback record after this sync, held the
-	// instances it is held down on, deferred the new instances it leaves
-	// out of keepalived.conf (vrrp.Hold.Deferred), and holdUntil when the
-	// first of those holds or deferrals ends (zero when none is).
+	// instances it is held on (vrrp.Hold.Held), deferred the new instances
+	// it leaves out of keepalived.conf (vrrp.Hold.Deferred), and holdUntil
+	// when the first of those holds or deferrals ends (zero when none is).
 	hold      vrrp.Hold
 	held      map[string]bool
 	deferred  map[string]bool
 	holdUntil time.Time
+	// starting says some instances are deferred because the speaker has
+	// just started: it is not ready until they are in keepalived.conf.
+	starting bool
 
 	// claims are the VIPs this node masters, by Service, for the holder
 	// annotations; vipStates the keeplb_vrrp_state value of each VIP of
@@ -234,19 +237,19 @@ func (s *Speaker) compute(obs observed) desired {
 		pin, owners := PlanInput(obs.in)
 		v := &want.vrrpDesired
 		v.plan, v.owners = vrrp.Compute(pin), owners
-		prev := vrrp.NewHold(s.since)
+		prev := vrrp.NewHold(s.since, !s.adopted)
 		if s.lastVRRP != nil {
 			prev = s.lastVRRP.hold
 		}
 		v.hold = prev.Next(v.plan, node, obs.states, obs.now)
-		v.held, v.holdUntil = v.hold.Held(v.plan, node, obs.states, obs.now)
+		v.held, v.holdUntil = v.hold.Held(v.plan, node, obs.now)
 		var deferUntil time.Time
-		v.deferred, deferUntil = v.hold.Deferred(v.plan, node, pin, obs.now)
+		v.deferred, v.starting, deferUntil = v.hold.Deferred(v.plan, node, pin, obs.now)
 		if !deferUntil.IsZero() && (v.holdUntil.IsZero() || deferUntil.Before(v.holdUntil)) {
 			v.holdUntil = deferUntil
 		}
 		cfg, problems := KeepalivedConfig(v.plan, node, pin, obs.links, s.layout)
-		cfg = withoutInstances(cfg, v.deferred)
+		cfg = withoutPreemptDelay(withoutInstances(cfg, v.deferred), v.hold.Prompt(v.plan, node, obs.now))
 		var still map[netip.Prefix]bool
 		still, v.adoptDone, v.adoptRelease = handoff.Adopt(cfg, obs.states, obs.adopting, obs.adoptExpired)
 		v.adopting, v.adoptSettle = len(obs.adopting) > 0, handoff.Settle(cfg)
@@ -265,8 +268,8 @@ func (s *Speaker) compute(obs observed) desired {
 		}
 		v.renderTook = time.Since(start)
 		v.track = map[bool]map[string]int{
-			true:  vrrp.TrackValues(v.plan, node, pin, true, v.held),
-			false: vrrp.TrackValues(v.plan, node, pin, false, v.held),
+			true:  vrrp.TrackValues(v.plan, node, pin, true),
+			false: vrrp.TrackValues(v.plan, node, pin, false),
 		}
 		v.claims, v.vipStates = holderClaims(v.plan, node, owners, obs.states)
 		v.services = map[string]bool{}
@@ -324,13 +327,13 @@ func (s *Speaker) apply(ctx context.Context, obs observed, want desired) error {
 		s.adoption.settleAfter(want.adoptSettle, s.runner.Trigger)
 	}
 	s.adoptionDone(ctx, obs.links, want.adoptDone, want.adoptRelease)
-	s.setReadiness(want.instances, obs.states)
+	s.setReadiness(want.instances, obs.states, want.starting)
 	return dpErr
 }
 
-// holdUntil reports the instances this node is held down on and those it
+// holdUntil reports the instances this node is held on and those it
 // defers, and has a sync run when the first of those holds or deferrals
-// ends, which raises the node's priority or adds the instance
+// ends, which renders the instance without preempt_delay, or adds it
 // (vrrp.Hold).
 func (s *Speaker) holdUntil(held, deferred map[string]bool, until time.Time) {
 	s.metrics.FailbackHeld.Set(float64(len(held)))

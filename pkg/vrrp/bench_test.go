@@ -70,7 +70,7 @@ func BenchmarkCompute(b *testing.B) {
 	b.Run("track values", func(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
-			TrackValues(p, "node-1", in, true, nil)
+			TrackValues(p, "node-1", in, true)
 		}
 	})
 	b.Run("unicast peers", func(b *testing.B) {

@@ -82,22 +82,20 @@
 //
 // A node that comes back ranks where it ranked before, so it would take its
 // instances back at once, and a node flapping Ready would drag VIPs (and the
-// connections through its IPVS) back and forth. Every instance of a pool
-// with failback Delayed (the default) therefore carries HoldDown (60 s, or
-// the pool's delay) and a track file: a node that came back to it (its
-// speaker started, the instance left FAULT, the node became eligible again;
-// see Hold) is held down for that long, its track value ranking it below
-// every node that is not, and then takes over at once (keepalived preempts
-// without a delay). This covers Ready flapping at the node-monitor grace
-// period and speaker crash loops; failover of a dead master is not delayed,
-// and a master is never held. The hold is the speaker's, not keepalived's
-// preempt_delay, whose timer every reload restarted: under steady Service
-// churn a node that came back never took its instances back. The price is
-// one planned move per instance a delay after a node returns. nopreempt
-// would avoid even that but never restores balance: after a rolling reboot
-// every VIP would sit on the node rebooted last. A pool chooses
-// (Pool.Failback, from spec.vrrp.failback): Delayed, Immediate (no hold)
-// or Never (nopreempt); every instance of the pool carries it.
+// connections through its IPVS) back and forth. Every instance therefore
+// carries HoldDown (keepalived preempt_delay, 60 s; the instance must start
+// in state BACKUP): a node outranking the current master waits that long
+// before taking over, which covers Ready flapping at the node-monitor grace
+// period and speaker crash loops; failover of a dead master is not delayed.
+// keepalived restarts the delay at every reload, which every VIP change
+// causes, so the speaker keeps its clock (Hold) and reloads without the
+// delay when it has run out. The price is one planned move per instance 60
+// s after a node returns. nopreempt would avoid even that but never restores
+// balance: after a rolling reboot every VIP would sit on the node rebooted
+// last. A pool chooses (Pool.Failback, from spec.vrrp.failback): Delayed
+// (the default, with its own delay if it sets one), Immediate (no delay) or
+// Never (nopreempt); every instance of the pool carries it. A new instance
+// starts on its planned master: the other nodes defer it (Hold.Deferred).
 //
 // # Local Services without reloads
 //
@@ -120,17 +118,16 @@
 // forwarding) is black-holed by a holder that cannot forward: its kernel
 // lacks IPVS, keeplb's nftables table failed to load, or it runs without
 // --ipvs. Its instances (Local ones, and shared ones with such a VIP) carry
-// TrackFile, and TrackValues lowers such a node's value by twice the span
-// of the base priorities and more: it then ranks below every node that can
-// forward, held or not,
+// TrackFile, and TrackValues lowers such a node's value by the number of
+// nodes taking part: it then ranks below every node that can forward,
 // keeps its order among those that cannot, and never faults, so that a
 // cluster where no node can forward still holds its VIPs where the plan
-// puts them. A node that can forward writes 0 (its priority unchanged) when
-// not held, so the track file added to shared instances moves nothing. A
-// node needs no word about the others: lowering its own priority is
-// enough. The lowered priority stops a node from taking a VIP (at start,
-// for instance); a master that loses the ability is replaced at once by a
-// backup that is not held, as any lower-priority master.
+// puts them. A node that can forward writes 0 (its priority unchanged), so
+// the track file added to shared instances moves nothing. A node needs no
+// word about the others: lowering its own priority is enough. The lowered
+// priority stops a node from taking a VIP (at start, for instance); a
+// master that loses the ability is replaced only when its peers' preempt
+// delay has passed, as any lower-priority master.
 //
 // # Interfaces and unicast
 //

@@ -2,7 +2,6 @@ package vrrp
 
 import (
 	"maps"
-	"math/rand/v2"
 	"net/netip"
 	"slices"
 	"testing"
@@ -42,21 +41,45 @@ func TestHold(t *testing.T) {
 		return m
 	}
 	backup := states(keepalived.StateBackup)
-	check := func(what string, h Hold, p Plan, st map[string]keepalived.State, now time.Time, want []string, wantUntil time.Time) {
+	window := promptWindow(p.For(node)[0])
+	check := func(what string, h Hold, p Plan, _ map[string]keepalived.State, now time.Time, want []string, wantUntil time.Time) {
 		t.Helper()
-		held, until := h.Held(p, node, st, now)
+		held, until := h.Held(p, node, now)
 		if got := slices.Sorted(maps.Keys(held)); !slices.Equal(got, want) || !until.Equal(wantUntil) {
 			t.Errorf("%s: held %v until %v, want %v until %v", what, got, until, want, wantUntil)
+		}
+		// Rendered without preempt_delay: within the window after a
+		// hold's end only, and never an instance without a HoldDown.
+		prompt := slices.Sorted(maps.Keys(h.Prompt(p, node, now)))
+		var wantPrompt []string
+		for _, name := range []string{a, b} {
+			if held[name] {
+				continue
+			}
+			if end := h.from(name).Add(delay); !now.Before(end) && now.Before(end.Add(window)) {
+				wantPrompt = append(wantPrompt, name)
+			}
+		}
+		if !slices.Equal(prompt, wantPrompt) {
+			t.Errorf("%s: prompt %v, want %v", what, prompt, wantPrompt)
 		}
 	}
 
 	// The speaker starts: every Delayed instance is held for the delay,
-	// the Immediate ones never; a master is not held.
-	h := NewHold(t0).Next(p, node, nil, t0)
+	// the Immediate ones never, whatever keepalived's state; then each is
+	// rendered without preempt_delay for the prompt window, then with it
+	// again.
+	h := NewHold(t0, false).Next(p, node, nil, t0)
 	check("at start", h, p, nil, t0, []string{a, b}, t0.Add(delay))
-	check("at start, master of one", h, p, map[string]keepalived.State{a: keepalived.StateMaster}, t0.Add(time.Second), []string{b}, t0.Add(delay))
+	check("at start, master of one", h, p, map[string]keepalived.State{a: keepalived.StateMaster}, t0.Add(time.Second), []string{a, b}, t0.Add(delay))
 	check("one delay after start", h, p, backup, t0.Add(delay), nil, time.Time{})
-	if zero := (Hold{}); len(func() map[string]bool { m, _ := zero.Held(p, node, nil, t0); return m }()) != 0 {
+	if got := h.Prompt(p, node, t0.Add(delay)); !got[a] || !got[b] || len(got) != 2 {
+		t.Errorf("at the hold's end: prompt %v, want %s and %s", got, a, b)
+	}
+	if got := h.Prompt(p, node, t0.Add(delay+window)); len(got) != 0 {
+		t.Errorf("after the prompt window: prompt %v, want none", got)
+	}
+	if zero := (Hold{}); len(func() map[string]bool { m, _ := zero.Held(p, node, t0); return m }()) != 0 {
 		t.Errorf("the zero Hold holds instances")
 	}
 
@@ -78,10 +101,14 @@ func TestHold(t *testing.T) {
 	h = h.Next(p, node, backup, back.Add(30*time.Second))
 	check("back from FAULT, after a reload", h, p, backup, back.Add(30*time.Second), []string{a, b}, back.Add(delay))
 	h = h.Next(p, node, backup, back.Add(delay))
-	if len(h.Returned) != 0 {
-		t.Errorf("returns kept after their delay: %v", h.Returned)
-	}
 	check("a delay after the return", h, p, backup, back.Add(delay), nil, time.Time{})
+	if got := h.Prompt(p, node, back.Add(delay+time.Second)); len(got) != 2 {
+		t.Errorf("a delay after the return: prompt %v, want both", got)
+	}
+	h = h.Next(p, node, backup, back.Add(delay+window))
+	if len(h.Returned) != 0 {
+		t.Errorf("returns kept after their delay and window: %v", h.Returned)
+	}
 
 	// keepalived restarted (STOP) is a return; DELETED, then BACKUP (the
 	// instance left this node's config and came back with a new plan) is
@@ -116,75 +143,19 @@ func TestHold(t *testing.T) {
 	pm := Compute(more)
 	h = h.Next(p, node, backup, t5)
 	h = h.Next(pm, node, backup, t5.Add(time.Second))
-	check("a new instance", h, pm, backup, t5.Add(2*time.Second), nil, time.Time{})
-}
-
-// TestTrackValuesHeld checks the ranking the hold and the forwarding
-// penalties give, as keepalived applies them (base + value, within 1-254),
-// for every node of shared and Local instances: a node that is not held
-// above every held one, every node that can forward above every node that
-// cannot, and the plan's order within each class, up to 31 nodes.
-func TestTrackValuesHeld(t *testing.T) {
-	rng := rand.New(rand.NewPCG(7, 11))
-	for _, n := range []int{1, 2, 3, 5, 8, 16, 31} {
-		nodes := readyNodes(n)
-		var endpoints []string
-		for _, nd := range nodes {
-			endpoints = append(endpoints, nd.Name)
+	check("a new instance", h, p, backup, t5.Add(2*time.Second), nil, time.Time{})
+	var fresh string
+	for _, inst := range pm.For(node) {
+		if inst.Pool == "n" {
+			fresh = inst.Name
 		}
-		vips := shared("p", seq("192.0.2.1", 8))
-		vips = append(vips, local("p", netip.MustParseAddr("192.0.2.200"), 0, endpoints...))
-		for i := range vips {
-			vips[i].Forwarded = true
-		}
-		in := Input{Nodes: nodes, Pools: []Pool{{Name: "p", FirstVRID: 1, LastVRID: 255}}, VIPs: vips}
-		p := Compute(in)
-		for range 200 {
-			held, unable := map[string]bool{}, map[string]bool{}
-			for _, nd := range nodes {
-				held[nd.Name], unable[nd.Name] = rng.IntN(2) == 0, rng.IntN(3) == 0
-			}
-			values := map[string]map[string]int{}
-			for _, nd := range nodes {
-				h := map[string]bool{}
-				if held[nd.Name] {
-					for _, inst := range p.For(nd.Name) {
-						h[inst.Name] = true
-					}
-				}
-				values[nd.Name] = TrackValues(p, nd.Name, in, !unable[nd.Name], h)
-			}
-			for _, inst := range p.Instances {
-				class := func(x string) int {
-					c := 0
-					if unable[x] {
-						c += 2
-					}
-					if held[x] {
-						c++
-					}
-					return c
-				}
-				eff := func(x string) int {
-					v := values[x][inst.Name]
-					if v <= TrackFault {
-						t.Fatalf("%d nodes, %s on %s: value %d faults", n, inst.Name, x, v)
-					}
-					return min(254, max(1, inst.Priorities[x]+v))
-				}
-				for x, bx := range inst.Priorities {
-					for y, by := range inst.Priorities {
-						cx, cy := class(x), class(y)
-						if cx < cy || cx == cy && bx > by {
-							if eff(x) <= eff(y) {
-								t.Fatalf("%d nodes, %s: %s (base %d, held %v, can forward %v) at %d, not above %s (base %d, held %v, can forward %v) at %d",
-									n, inst.Name, x, bx, held[x], !unable[x], eff(x), y, by, held[y], !unable[y], eff(y))
-							}
-						}
-					}
-				}
-			}
-		}
+	}
+	if held, _ := h.Held(pm, node, t5.Add(2*time.Second)); held[fresh] || !h.Prompt(pm, node, t5.Add(2*time.Second))[fresh] {
+		t.Errorf("a new instance %s: held %v, prompt %v; want prompt, not held", fresh, held[fresh], h.Prompt(pm, node, t5.Add(2*time.Second))[fresh])
+	}
+	after := t5.Add(time.Second + NewInstanceGrace(pm.For(node)[0]) + window + time.Second)
+	if h = h.Next(pm, node, backup, after); h.Prompt(pm, node, after)[fresh] {
+		t.Errorf("a new instance after its grace and window: still rendered without preempt_delay")
 	}
 }
 
@@ -200,9 +171,22 @@ func TestDeferred(t *testing.T) {
 	p := Compute(in)
 	holds := map[string]Hold{}
 	for _, n := range nodes {
-		holds[n.Name] = NewHold(t0).Next(p, n.Name, nil, t0)
-		if d, until := holds[n.Name].Deferred(p, n.Name, in, t0); len(d) != 0 || !until.IsZero() {
-			t.Errorf("%s at its first sync: deferred %v until %v, want none", n.Name, d, until)
+		holds[n.Name] = NewHold(t0, false).Next(p, n.Name, nil, t0)
+		if d, starting, until := holds[n.Name].Deferred(p, n.Name, in, t0); len(d) != 0 || starting || !until.IsZero() {
+			t.Errorf("%s at its first sync, adopting a hand-off: deferred %v (starting %v) until %v, want none", n.Name, d, starting, until)
+		}
+		// Afresh, it defers those it is not the planned master of, for
+		// the grace.
+		fresh := NewHold(t0, true).Next(p, n.Name, nil, t0)
+		d, starting, until := fresh.Deferred(p, n.Name, in, t0.Add(time.Second))
+		for _, inst := range p.For(n.Name) {
+			if want := inst.Master() != n.Name; d[inst.Name] != want || want && (!starting || !until.Equal(t0.Add(NewInstanceGrace(inst)))) {
+				t.Errorf("%s started afresh: %s (planned master %s) deferred %v (starting %v, until %v)", n.Name, inst.Name, inst.Master(), d[inst.Name], starting, until)
+			}
+		}
+		fresh = fresh.Next(p, n.Name, nil, t0.Add(20*time.Second))
+		if d, starting, _ := fresh.Deferred(p, n.Name, in, t0.Add(20*time.Second)); len(d) != 0 || starting {
+			t.Errorf("%s after its start's grace: deferred %v (starting %v)", n.Name, d, starting)
 		}
 	}
 
@@ -219,7 +203,10 @@ func TestDeferred(t *testing.T) {
 	seen := map[string]bool{}
 	for _, n := range nodes {
 		h := holds[n.Name].Next(pm, n.Name, nil, t1)
-		d, until := h.Deferred(pm, n.Name, more, t1.Add(time.Second))
+		d, starting, until := h.Deferred(pm, n.Name, more, t1.Add(time.Second))
+		if starting {
+			t.Errorf("%s: deferring new instances counts as starting", n.Name)
+		}
 		for _, inst := range pm.For(n.Name) {
 			master := inst.Master()
 			if inst.Local {
@@ -238,7 +225,7 @@ func TestDeferred(t *testing.T) {
 		}
 		after := t1.Add(20 * time.Second)
 		h = h.Next(pm, n.Name, nil, after)
-		if d, _ := h.Deferred(pm, n.Name, more, after); len(d) != 0 || len(h.Born) != 0 {
+		if d, _, _ := h.Deferred(pm, n.Name, more, after); len(d) != 0 {
 			t.Errorf("%s after the grace: deferred %v, born %v", n.Name, d, h.Born)
 		}
 	}

@@ -40,21 +40,16 @@ func (p Plan) For(node string) []Instance {
 // has IPVS, keeplb's nftables table is loaded). A node that cannot must not
 // hold a Forwarded VIP while a node that can is up, so for an instance
 // with a Forwarded VIP its value is lowered by forwardPenalty(n), n the
-// number of nodes taking part. held are the instances this node is held
-// down on (Hold.Held): their value is lowered by holdPenalty(n).
-//
-// Base priorities of the nodes taking part span n-1+BackupGap (see
-// priorities); holdPenalty is one more than that, and forwardPenalty
-// twice holdPenalty, so every held node ranks below every node that is
-// not, every node that cannot forward below every node that can (held or
-// not), and the order within each class is kept. keepalived keeps a
-// priority within 1-254, which keeps that order for up to 52 nodes (31
-// when a node is also held); beyond, the lowest of them tie at 1. None
-// faults (a penalty stops short of TrackFault): when no node can forward, the VIP is still held where the plan
-// puts it. A node needs no word from the others: lowering its own
-// priority is enough. A node that can forward and is not held writes 0
+// number of nodes taking part: a shared instance gets -n-BackupGap instead
+// of 0, and a Local one LocalLift-n-BackupGap instead of LocalLift. Base
+// priorities of the nodes taking part span n-1+BackupGap (see
+// priorities), so every node that cannot forward ranks below every node
+// that can, the order among them is kept (up to 95 nodes for Local
+// instances), and none faults: when no node can forward, the VIP is still
+// held where the plan puts it. A node needs no word from the others:
+// lowering its own priority is enough. A node that can forward writes 0
 // for a shared instance, its base priority unchanged.
-func TrackValues(p Plan, node string, in Input, canForward bool, held map[string]bool) map[string]int {
+func TrackValues(p Plan, node string, in Input, canForward bool) map[string]int {
 	owners := localOwners(in)
 	forwarded := make(map[netip.Addr]bool)
 	for _, v := range in.VIPs {
@@ -71,13 +66,6 @@ func TrackValues(p Plan, node string, in Input, canForward bool, held map[string
 		if !canForward && slices.ContainsFunc(inst.VIPs, func(a netip.Addr) bool { return forwarded[a] }) {
 			penalty = forwardPenalty(len(inst.Priorities))
 		}
-		if held[inst.Name] {
-			penalty += holdPenalty(len(inst.Priorities))
-		}
-		// Never as low as TrackFault, which would put the instance in
-		// FAULT: a lowered node must still hold the VIP when it is all
-		// there is.
-		penalty = min(penalty, -TrackFault-1)
 		if !inst.Local {
 			out[inst.Name] = -penalty
 			continue
@@ -89,12 +77,8 @@ func TrackValues(p Plan, node string, in Input, canForward bool, held map[string
 		case len(endpoints) > 0:
 			out[inst.Name] = TrackFault
 		default:
-			// Nothing to forward to anywhere: nothing to prefer but
-			// the hold.
+			// Nothing to forward to anywhere: nothing to prefer.
 			out[inst.Name] = 0
-			if held[inst.Name] {
-				out[inst.Name] = -holdPenalty(len(inst.Priorities))
-			}
 		}
 	}
 	return out
@@ -260,18 +244,13 @@ func MasterDown(advert time.Duration, priority int) time.Duration {
 	return 3*advert + time.Duration(256-priority)*advert/256
 }
 
-// holdPenalty is what a node held down on an instance takes off its
-// priority where n nodes take part: more than the span of their base
-// priorities (n-1, and the gap after the second choice), so that it ranks
-// below every node that is not held.
-func holdPenalty(n int) int {
+// forwardPenalty is what a node that cannot forward takes off an
+// instance's priority where n nodes take part: more than the span of their
+// base priorities (n-1, and the gap after the second choice), so that it
+// ranks below every node that can.
+func forwardPenalty(n int) int {
 	if n <= 2 {
 		return n
 	}
 	return n + BackupGap
 }
-
-// forwardPenalty is what a node that cannot forward takes off an
-// instance's priority: more than a held node's penalty and the span, so
-// that it ranks below every node that can forward, held or not.
-func forwardPenalty(n int) int { return 2 * holdPenalty(n) }

@@ -8,8 +8,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 )
 
 func TestTrackValues(t *testing.T) {
@@ -48,17 +46,10 @@ func TestTrackValues(t *testing.T) {
 			in := Input{Nodes: nodes, Pools: []Pool{pool}, VIPs: append(tc.vips, shared("p", seq("192.0.2.100", 3))...)}
 			p := Compute(in)
 			for _, n := range nodes {
-				got := TrackValues(p, n.Name, in, true, nil)
+				got := TrackValues(p, n.Name, in, true)
 				want := map[string]int{}
 				if v, ok := tc.want[n.Name]; ok {
 					want[name] = v
-				}
-				// The shared instances (failback Delayed) track too, at
-				// 0 when not held.
-				for _, inst := range p.For(n.Name) {
-					if !inst.Local {
-						want[inst.Name] = 0
-					}
 				}
 				if !reflect.DeepEqual(got, want) {
 					t.Errorf("TrackValues(%s) = %v, want %v", n.Name, got, want)
@@ -70,7 +61,7 @@ func TestTrackValues(t *testing.T) {
 			inst := instanceByName(t, p, name)
 			lowestLifted, highestOther := 255, 0
 			for n, base := range inst.Priorities {
-				switch v := TrackValues(p, n, in, true, nil)[name]; v {
+				switch v := TrackValues(p, n, in, true)[name]; v {
 				case LocalLift:
 					lowestLifted = min(lowestLifted, base+v)
 				case 0:
@@ -92,11 +83,8 @@ func TestTrackValues(t *testing.T) {
 
 func TestTrackValuesOnlyForLocal(t *testing.T) {
 	in := stabilityInput()
-	for i := range in.Pools {
-		in.Pools[i].Failback = v1alpha1.FailbackImmediate // no hold-down, no track file for that
-	}
 	p := Compute(in)
-	got := TrackValues(p, "node-0", in, true, nil)
+	got := TrackValues(p, "node-0", in, true)
 	want := 0
 	for _, inst := range p.For("node-0") {
 		if inst.TrackFile {
@@ -258,9 +246,9 @@ func TestTrackValuesCannotForward(t *testing.T) {
 	in := Input{
 		Nodes: nodes,
 		Pools: []Pool{
-			{Name: "fwd", FirstVRID: 1, LastVRID: 20, Failback: v1alpha1.FailbackImmediate},
-			{Name: "kp", FirstVRID: 21, LastVRID: 40, Failback: v1alpha1.FailbackImmediate},
-			{Name: "mix", FirstVRID: 41, LastVRID: 42, Failback: v1alpha1.FailbackImmediate}, // one shared instance
+			{Name: "fwd", FirstVRID: 1, LastVRID: 20},
+			{Name: "kp", FirstVRID: 21, LastVRID: 40},
+			{Name: "mix", FirstVRID: 41, LastVRID: 42}, // one shared instance
 		},
 		VIPs: slices.Concat(fwd(shared("fwd", seq("192.0.2.1", 40))), shared("kp", seq("192.0.2.65", 40)), mixed, []VIP{lv}),
 	}
@@ -278,7 +266,7 @@ func TestTrackValuesCannotForward(t *testing.T) {
 		t.Fatalf("only %d tracked instances", tracked)
 	}
 	for _, n := range nodes {
-		for name, v := range TrackValues(p, n.Name, in, true, nil) {
+		for name, v := range TrackValues(p, n.Name, in, true) {
 			if inst := instanceByName(t, p, name); !inst.Local && v != 0 {
 				t.Errorf("%s can forward: value %d for shared instance %s, want 0 (base priority unchanged)", n.Name, v, name)
 			}
@@ -291,7 +279,7 @@ func TestTrackValuesCannotForward(t *testing.T) {
 		}
 		values := map[string]map[string]int{}
 		for _, n := range nodes {
-			values[n.Name] = TrackValues(p, n.Name, in, !unable(n.Name), nil)
+			values[n.Name] = TrackValues(p, n.Name, in, !unable(n.Name))
 		}
 		for _, inst := range p.Instances {
 			if !inst.TrackFile {
@@ -335,12 +323,12 @@ func TestTrackValuesCannotForward(t *testing.T) {
 	name := "kl_fwd_v4_198-51-100-7"
 	inst := instanceByName(t, p, name)
 	eff := func(n string, canForward bool) int {
-		return inst.Priorities[n] + TrackValues(p, n, in, canForward, nil)[name]
+		return inst.Priorities[n] + TrackValues(p, n, in, canForward)[name]
 	}
 	if eff("node-1", false) >= eff("node-2", true) || eff("node-2", false) >= eff("node-1", true) {
 		t.Errorf("an endpoint node that cannot forward outranks one that can")
 	}
-	if v := TrackValues(p, "node-0", in, true, nil)[name]; v != TrackFault {
+	if v := TrackValues(p, "node-0", in, true)[name]; v != TrackFault {
 		t.Errorf("node-0 without endpoints: %d, want TrackFault", v)
 	}
 	if eff("node-1", false) <= inst.Priorities["node-0"] || eff("node-2", false) <= inst.Priorities["node-3"] {

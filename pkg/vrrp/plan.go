@@ -343,7 +343,7 @@ func (c *computer) group(p *pool, fam allocator.Family, vs []*address, nodes []N
 			Name: name, Pool: p.Name, Family: fam, VRID: vrid, Version: Version,
 			Advert: p.Advert, Unicast: p.Unicast, Interface: p.Interface,
 			VIPs: vips, Priorities: prio, Local: local, HoldDown: delay, NoPreempt: never,
-			TrackFile: local || delay > 0 || slices.ContainsFunc(vips, func(a netip.Addr) bool { return forwarded[a] }),
+			TrackFile: local || slices.ContainsFunc(vips, func(a netip.Addr) bool { return forwarded[a] }),
 		}
 	}
 	for b, vips := range buckets {

@@ -321,7 +321,7 @@ func TestInstanceFields(t *testing.T) {
 	}
 	b := instanceByName(t, p, "kl_edge.example_v6_b01")
 	if b.Family != allocator.IPv6 || b.VRID != 41 || b.Version != 3 || b.Advert != 100*time.Millisecond ||
-		!b.Unicast || b.Interface != "eth1" || !b.TrackFile || b.Local || b.HoldDown != PreemptDelay {
+		!b.Unicast || b.Interface != "eth1" || b.TrackFile || b.HoldDown != PreemptDelay {
 		t.Errorf("shared instance %+v", b)
 	}
 	// 11 VRIDs: 6 shared instances on 40-45, Local ones on 46-50.
@@ -511,7 +511,7 @@ func TestLocalPlanIgnoresEndpoints(t *testing.T) {
 	if got := Compute(changed); !reflect.DeepEqual(got, base) {
 		t.Fatal("the plan changed with the endpoints; endpoint churn would reload keepalived")
 	}
-	if tv := TrackValues(base, "node-3", changed, true, nil); reflect.DeepEqual(tv, TrackValues(base, "node-3", in, true, nil)) {
+	if tv := TrackValues(base, "node-3", changed, true); reflect.DeepEqual(tv, TrackValues(base, "node-3", in, true)) {
 		t.Fatal("track values did not change with the endpoints")
 	}
 }

@@ -50,9 +50,9 @@ const (
 	MaxAdvert = 4095 * 10 * time.Millisecond
 	// PreemptDelay is failback Delayed's default wait: how long a node that
 	// comes back to an instance (its speaker starts, it leaves FAULT, it
-	// becomes eligible again) ranks below the others before it takes the
-	// instance over. It is the anti-flap mechanism: see the package
-	// documentation and Hold.
+	// becomes eligible again) waits before it takes the instance over
+	// (keepalived's preempt_delay; Hold keeps its clock across reloads). It
+	// is the anti-flap mechanism: see the package documentation.
 	PreemptDelay = 60 * time.Second
 )
 
@@ -113,8 +113,9 @@ type Pool struct {
 
 // preempt returns how the pool's instances let a node that outranks the
 // master take over: once it has been back for delay (the instances'
-// HoldDown; 0 is at once), or never (keepalived's nopreempt). This is the
-// one translation of the failback policy into the plan's terms.
+// HoldDown, keepalived's preempt_delay; 0 is at once), or never
+// (keepalived's nopreempt). This is the one translation of the failback
+// policy into the plan's terms.
 func (p Pool) preempt() (delay time.Duration, never bool) {
 	switch p.Failback {
 	case v1alpha1.FailbackNever:
@@ -200,11 +201,11 @@ type Instance struct {
 	// Local is set on the instance of one Local address: TrackValues lifts
 	// the nodes with a ready local endpoint.
 	Local bool
-	// HoldDown is failback Delayed's wait: a node that comes back to the
-	// instance ranks below every node that did not for this long (see
-	// Hold), then takes it over at once. The speaker does this with the
-	// track file, not with keepalived's preempt_delay, whose timer every
-	// reload restarts.
+	// HoldDown is failback Delayed's wait, keepalived's preempt_delay: a
+	// node that outranks the master takes over once it has been back for
+	// this long. The speaker renders it, but for the windows Hold.Prompt
+	// names, in which keepalived preempts at once: keepalived restarts
+	// the delay at every reload, Hold keeps its clock across them.
 	HoldDown time.Duration
 	// NoPreempt is keepalived's nopreempt: a node that outranks the master
 	// never takes over from it (failback Never). HoldDown is then 0.
