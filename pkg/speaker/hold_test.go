@@ -14,6 +14,20 @@ import (
 	"github.com/keeplb/keeplb/pkg/vrrp"
 )
 
+// syncAt runs one sync of s as if at now: observe, compute, apply.
+func syncAt(t *testing.T, s *Speaker, now time.Time) desired {
+	t.Helper()
+	obs, err := s.observe(s.pending.take(), now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := s.compute(obs)
+	if err := s.apply(t.Context(), obs, want); err != nil {
+		t.Fatal(err)
+	}
+	return want
+}
+
 // TestFailbackHold runs syncs of one speaker at chosen times and checks
 // how its failback hold (vrrp.Hold) renders keepalived.conf: with
 // keepalived's preempt_delay while the node is held, then, from the hold's
@@ -30,14 +44,7 @@ func TestFailbackHold(t *testing.T) {
 		s.statesMu.Lock()
 		s.states = states
 		s.statesMu.Unlock()
-		obs, err := s.observe(s.pending.take(), now)
-		if err != nil {
-			t.Fatal(err)
-		}
-		want := s.compute(obs)
-		if err := s.apply(t.Context(), obs, want); err != nil {
-			t.Fatal(err)
-		}
+		want := syncAt(t, s, now)
 		b, err := os.ReadFile(s.layout.ConfigPath())
 		if err != nil {
 			t.Fatal(err)
@@ -103,18 +110,7 @@ func TestNewInstanceDeferred(t *testing.T) {
 	s, _, _ := syncSpeaker(t, nftCluster(), knftables.NewFake(nft.Family, nft.Table))
 	t0 := time.Now().Add(-time.Hour)
 	s.since = t0
-	run := func(now time.Time) desired {
-		t.Helper()
-		obs, err := s.observe(s.pending.take(), now)
-		if err != nil {
-			t.Fatal(err)
-		}
-		want := s.compute(obs)
-		if err := s.apply(t.Context(), obs, want); err != nil {
-			t.Fatal(err)
-		}
-		return want
-	}
+	run := func(now time.Time) desired { return syncAt(t, s, now) }
 	first := run(t0)
 	if len(first.deferred) != 0 {
 		t.Fatalf("first sync deferred %v: the instances a speaker starts with are no news", first.deferred)
@@ -185,18 +181,7 @@ func TestStartDeferred(t *testing.T) {
 		s.adopted = adopted
 		t0 := time.Now()
 		s.since = t0
-		run := func(now time.Time) desired {
-			t.Helper()
-			obs, err := s.observe(s.pending.take(), now)
-			if err != nil {
-				t.Fatal(err)
-			}
-			want := s.compute(obs)
-			if err := s.apply(t.Context(), obs, want); err != nil {
-				t.Fatal(err)
-			}
-			return want
-		}
+		run := func(now time.Time) desired { return syncAt(t, s, now) }
 		want := run(t0)
 		var mine, others []string
 		grace := time.Duration(0)
