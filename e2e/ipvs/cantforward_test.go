@@ -117,15 +117,24 @@ func cannotForward(t *testing.T, cfg *rest.Config) {
 	release := c.takeNFTTable(master)
 
 	// The others first, so that one of them holds the VIP before the
-	// planned master starts: a new instance goes to whichever node adds
-	// it first, and the planned master takes it over after the preempt
-	// delay, unless it ranks lower, as a node that cannot forward must.
+	// planned master starts; the planned master, which comes back, takes
+	// it over after the preempt delay, unless it ranks lower, as a node
+	// that cannot forward must.
 	for _, n := range c.lab.Nodes {
 		if n.Name != master {
 			c.startSpeaker(n.Name)
 		}
 	}
-	holder := c.holder(vip)
+	// Started afresh, they leave the instance to its planned master for a
+	// grace (vrrp.NewInstanceGrace, 10 s at 1 s adverts), then take it.
+	var holder string
+	c.eventually(90*time.Second, "exactly one holder of "+vip.String()+" among the others", func() bool {
+		h := c.holders(vip)
+		if len(h) == 1 {
+			holder = h[0]
+		}
+		return len(h) == 1
+	})
 	c.startSpeaker(master)
 	var lowered int
 	c.eventually(30*time.Second, master+"'s track value for "+inst.Name+" lowered", func() bool {
