@@ -98,8 +98,39 @@ func TestFailbackHold(t *testing.T) {
 	if want, _ = at(back, backup); len(want.held) != n || !s.holdAt.Equal(back.Add(vrrp.PreemptDelay)) {
 		t.Errorf("back from FAULT: %d of %d held until %v, want all until %v", len(want.held), n, s.holdAt, back.Add(vrrp.PreemptDelay))
 	}
-	if _, conf = at(back.Add(vrrp.PreemptDelay), backup); count(conf) != 0 {
-		t.Errorf("a delay after the return: %d instances with the delay, want none", count(conf))
+	// No reload since the return: keepalived's own delay ends with the
+	// hold, and the configuration keeps it (Local endpoint churn, which
+	// faults and returns instances, causes no reload).
+	if _, conf = at(back.Add(vrrp.PreemptDelay), backup); count(conf) != n {
+		t.Errorf("a delay after a return without a reload: %d of %d instances with the delay, want all", count(conf), n)
+	}
+
+	// Again, with a reload during the hold (a VIP added to an existing
+	// instance): at the hold's end, none has the delay.
+	again := back.Add(10 * time.Minute)
+	at(again.Add(-time.Second), fault)
+	at(again, backup)
+	svc := fwdService("more", "192.0.2.33", 80, 30099) // 192.0.2.1's instance (32 buckets)
+	_ = s.services.GetStore().Add(svc)
+	s.pending.service(svc)
+	if _, conf = at(again.Add(10*time.Second), backup); !strings.Contains(conf, "192.0.2.33") || count(conf) != n {
+		t.Fatalf("a VIP added during the hold: in keepalived.conf %v, %d of %d instances with the delay", strings.Contains(conf, "192.0.2.33"), count(conf), n)
+	}
+	if _, conf = at(again.Add(vrrp.PreemptDelay), backup); count(conf) != 0 {
+		t.Errorf("a delay after a return with a reload during it: %d instances with the delay, want none", count(conf))
+	}
+
+	// Once more without a reload during the hold, but with one in the
+	// sync at its end: that reload would restart the delay, so it goes
+	// without.
+	third := again.Add(10 * time.Minute)
+	at(third.Add(-time.Second), fault)
+	at(third, backup)
+	svc = fwdService("most", "192.0.2.65", 80, 30098) // 192.0.2.1's instance too
+	_ = s.services.GetStore().Add(svc)
+	s.pending.service(svc)
+	if _, conf = at(third.Add(vrrp.PreemptDelay), backup); !strings.Contains(conf, "192.0.2.65") || count(conf) != 0 {
+		t.Errorf("a reload at the hold's end: VIP added %v, %d instances with the delay, want none", strings.Contains(conf, "192.0.2.65"), count(conf))
 	}
 }
 

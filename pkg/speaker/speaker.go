@@ -222,6 +222,9 @@ type Speaker struct {
 	// planned masters at its start (vrrp.Hold).
 	since   time.Time
 	adopted bool
+	// lastReload is when a sync last changed keepalived.conf (the sync's
+	// observed time; only syncs, one at a time, read and write it).
+	lastReload time.Time
 	// holdMu guards holdTimer, the sync at holdAt, the end of the first
 	// failback hold.
 	holdMu    sync.Mutex

@@ -1,6 +1,7 @@
 package speaker
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -47,8 +48,9 @@ type observed struct {
 	adopting     map[netip.Prefix]bool
 	adoptExpired bool
 	// now is when the sync observed: the failback hold is a matter of
-	// time (vrrp.Hold).
-	now time.Time
+	// time (vrrp.Hold); lastReload is when a sync last changed
+	// keepalived.conf (a reload, which restarts keepalived's delays).
+	now, lastReload time.Time
 	// service looks a Service up in the informer's cache, for the events
 	// about it.
 	service func(key string) *v1.Service
@@ -160,7 +162,7 @@ func (s *Speaker) sync(ctx context.Context) (err error) {
 // changed (see inPlan; or the node's links, or keepalived's states). Only
 // reading the node's links can fail.
 func (s *Speaker) observe(ch changes, now time.Time) (observed, error) {
-	obs := observed{service: s.lookupService, now: now}
+	obs := observed{service: s.lookupService, now: now, lastReload: s.lastReload}
 	links, err := s.net.Links()
 	if err != nil {
 		return observed{}, err
@@ -249,12 +251,22 @@ func (s *Speaker) compute(obs observed) desired {
 			v.holdUntil = deferUntil
 		}
 		cfg, problems := KeepalivedConfig(v.plan, node, pin, obs.links, s.layout)
-		cfg = withoutPreemptDelay(withoutInstances(cfg, v.deferred), v.hold.Prompt(v.plan, node, obs.now))
+		prompt := v.hold.Prompt(v.plan, node, obs.lastReload, obs.now)
+		cfg = withoutPreemptDelay(withoutInstances(cfg, v.deferred), prompt)
 		var still map[netip.Prefix]bool
 		still, v.adoptDone, v.adoptRelease = handoff.Adopt(cfg, obs.states, obs.adopting, obs.adoptExpired)
 		v.adopting, v.adoptSettle = len(obs.adopting) > 0, handoff.Settle(cfg)
 		v.keepalivedConfig = handoff.WithoutAdopted(cfg, still)
 		v.keepalivedConf, v.configProblems, v.renderErr = renderVRRP(v.plan, node, pin, v.keepalivedConfig, problems)
+		if last := s.lastVRRP; last != nil && !bytes.Equal(v.keepalivedConf, last.keepalivedConf) {
+			// This sync reloads keepalived anyway, which restarts the
+			// delay of every instance whose hold has just ended: those go
+			// without it too.
+			if p := v.hold.Prompt(v.plan, node, obs.now, obs.now); !maps.Equal(p, prompt) {
+				v.keepalivedConfig = withoutPreemptDelay(v.keepalivedConfig, p)
+				v.keepalivedConf, v.configProblems, v.renderErr = renderVRRP(v.plan, node, pin, v.keepalivedConfig, problems)
+			}
+		}
 		dropped := map[string]bool{}
 		for _, p := range v.configProblems {
 			if p.Dropped {
@@ -313,7 +325,7 @@ func (s *Speaker) apply(ctx context.Context, obs observed, want desired) error {
 	canForward := s.dp.canForward()
 	s.cs.apply(ctx, nodeNamed(obs.in.Nodes, s.opts.NodeName), want.connSync, canForward)
 	s.reportObserved(ctx, obs.in, want, canForward)
-	err := s.applyVRRP(ctx, obs.in, want, canForward)
+	err := s.applyVRRP(ctx, obs.in, want, canForward, obs.now)
 	s.healthyMu.Lock()
 	s.health.vrrpErr = err
 	s.healthyMu.Unlock()
@@ -373,7 +385,7 @@ func (s *Speaker) reportObserved(ctx context.Context, in dataplane.Inputs, want 
 // applyVRRP reports what this node's keepalived.conf leaves out, writes
 // the track files and hands the configuration to the supervisor. It fails
 // only when nothing could be applied.
-func (s *Speaker) applyVRRP(ctx context.Context, in dataplane.Inputs, want desired, canForward bool) error {
+func (s *Speaker) applyVRRP(ctx context.Context, in dataplane.Inputs, want desired, canForward bool, now time.Time) error {
 	if want.renderErr != nil {
 		return fmt.Errorf("render keepalived.conf: %w", want.renderErr)
 	}
@@ -390,6 +402,7 @@ func (s *Speaker) applyVRRP(ctx context.Context, in dataplane.Inputs, want desir
 	if changed, err := s.sup.Apply(want.keepalivedConf); err != nil {
 		return err
 	} else if changed {
+		s.lastReload = now
 		klog.FromContext(ctx).V(2).Info("keepalived.conf changed", "bytes", len(want.keepalivedConf))
 	}
 	return nil

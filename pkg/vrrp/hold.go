@@ -15,10 +15,11 @@ import (
 // reload, and a recreated backup starts the delay anew, so under steady
 // Service churn (a reload each) a node that came back never took its
 // instances back. The speaker therefore keeps the hold itself (Held): when
-// a node's hold on an instance ends, it renders that instance without
-// preempt_delay for a short window (Prompt), a reload that ends any delay a
-// reload restarted, and keepalived preempts at once; the next reload after
-// the window renders the delay again, for the node's next return.
+// a node's hold on an instance ends, and a reload restarted keepalived's
+// delay meanwhile, it renders that instance without preempt_delay for a
+// short window (Prompt), a reload that ends the delay, and keepalived
+// preempts at once; the next reload after the window renders the delay
+// again, for the node's next return.
 //
 // A node comes back to an instance when:
 //   - its speaker starts (Since), unless it adopts a hand-off, which keeps
@@ -139,12 +140,15 @@ func (h Hold) Held(p Plan, node string, now time.Time) (held map[string]bool, un
 }
 
 // Prompt returns the instances of p with a HoldDown that node renders
-// without keepalived's preempt_delay at now: those whose hold ended less
-// than their prompt window ago (a reload during the hold restarted
-// keepalived's delay; this reload ends it), and those new to the cluster
-// (for their NewInstanceGrace and a prompt window after it: their planned
+// without keepalived's preempt_delay at now, given when keepalived was
+// last reloaded (or is about to be, by this sync): those whose hold ended
+// less than their prompt window ago, if a reload since the return
+// restarted keepalived's delay (without one, keepalived's own delay ends
+// with the hold, and Local endpoint churn, which changes no
+// configuration, causes no reload); and those new to the cluster, for
+// their NewInstanceGrace and a prompt window after it (their planned
 // master, and after the grace the best node, takes them at once).
-func (h Hold) Prompt(p Plan, node string, now time.Time) map[string]bool {
+func (h Hold) Prompt(p Plan, node string, reloaded, now time.Time) map[string]bool {
 	out := make(map[string]bool)
 	for _, inst := range p.For(node) {
 		if inst.HoldDown <= 0 {
@@ -154,7 +158,8 @@ func (h Hold) Prompt(p Plan, node string, now time.Time) map[string]bool {
 			out[inst.Name] = true
 			continue
 		}
-		if end := h.from(inst.Name).Add(inst.HoldDown); !now.Before(end) && now.Before(end.Add(promptWindow(inst))) {
+		from := h.from(inst.Name)
+		if end := from.Add(inst.HoldDown); !now.Before(end) && now.Before(end.Add(promptWindow(inst))) && reloaded.After(from) {
 			out[inst.Name] = true
 		}
 	}

@@ -50,7 +50,7 @@ func TestHold(t *testing.T) {
 		}
 		// Rendered without preempt_delay: within the window after a
 		// hold's end only, and never an instance without a HoldDown.
-		prompt := slices.Sorted(maps.Keys(h.Prompt(p, node, now)))
+		prompt := slices.Sorted(maps.Keys(h.Prompt(p, node, now, now)))
 		var wantPrompt []string
 		for _, name := range []string{a, b} {
 			if held[name] {
@@ -73,10 +73,13 @@ func TestHold(t *testing.T) {
 	check("at start", h, p, nil, t0, []string{a, b}, t0.Add(delay))
 	check("at start, master of one", h, p, map[string]keepalived.State{a: keepalived.StateMaster}, t0.Add(time.Second), []string{a, b}, t0.Add(delay))
 	check("one delay after start", h, p, backup, t0.Add(delay), nil, time.Time{})
-	if got := h.Prompt(p, node, t0.Add(delay)); !got[a] || !got[b] || len(got) != 2 {
+	if got := h.Prompt(p, node, t0.Add(delay), t0.Add(delay)); !got[a] || !got[b] || len(got) != 2 {
 		t.Errorf("at the hold's end: prompt %v, want %s and %s", got, a, b)
 	}
-	if got := h.Prompt(p, node, t0.Add(delay+window)); len(got) != 0 {
+	if got := h.Prompt(p, node, t0.Add(-time.Second), t0.Add(delay)); len(got) != 0 {
+		t.Errorf("at the hold's end, no reload since the start: prompt %v, want none (keepalived's own delay ends now)", got)
+	}
+	if got := h.Prompt(p, node, t0.Add(delay+window), t0.Add(delay+window)); len(got) != 0 {
 		t.Errorf("after the prompt window: prompt %v, want none", got)
 	}
 	if zero := (Hold{}); len(func() map[string]bool { m, _ := zero.Held(p, node, t0); return m }()) != 0 {
@@ -102,7 +105,7 @@ func TestHold(t *testing.T) {
 	check("back from FAULT, after a reload", h, p, backup, back.Add(30*time.Second), []string{a, b}, back.Add(delay))
 	h = h.Next(p, node, backup, back.Add(delay))
 	check("a delay after the return", h, p, backup, back.Add(delay), nil, time.Time{})
-	if got := h.Prompt(p, node, back.Add(delay+time.Second)); len(got) != 2 {
+	if got := h.Prompt(p, node, back.Add(delay+time.Second), back.Add(delay+time.Second)); len(got) != 2 {
 		t.Errorf("a delay after the return: prompt %v, want both", got)
 	}
 	h = h.Next(p, node, backup, back.Add(delay+window))
@@ -150,11 +153,11 @@ func TestHold(t *testing.T) {
 			fresh = inst.Name
 		}
 	}
-	if held, _ := h.Held(pm, node, t5.Add(2*time.Second)); held[fresh] || !h.Prompt(pm, node, t5.Add(2*time.Second))[fresh] {
-		t.Errorf("a new instance %s: held %v, prompt %v; want prompt, not held", fresh, held[fresh], h.Prompt(pm, node, t5.Add(2*time.Second))[fresh])
+	if held, _ := h.Held(pm, node, t5.Add(2*time.Second)); held[fresh] || !h.Prompt(pm, node, t5.Add(2*time.Second), t5.Add(2*time.Second))[fresh] {
+		t.Errorf("a new instance %s: held %v, prompt %v; want prompt, not held", fresh, held[fresh], h.Prompt(pm, node, t5.Add(2*time.Second), t5.Add(2*time.Second))[fresh])
 	}
 	after := t5.Add(time.Second + NewInstanceGrace(pm.For(node)[0]) + window + time.Second)
-	if h = h.Next(pm, node, backup, after); h.Prompt(pm, node, after)[fresh] {
+	if h = h.Next(pm, node, backup, after); h.Prompt(pm, node, after, after)[fresh] {
 		t.Errorf("a new instance after its grace and window: still rendered without preempt_delay")
 	}
 }
