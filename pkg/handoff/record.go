@@ -86,6 +86,13 @@ type Record struct {
 	Since time.Time `json:"since,omitzero"`
 }
 
+// Ours reports whether r describes the kernel state of node in this boot
+// (bootID): even once it is void (expired), the IPVS virtual servers it
+// names are still in the kernel, and keeplb's.
+func (r Record) Ours(node, bootID string) bool {
+	return r.Node == node && r.BootID == bootID
+}
+
 // VIPs returns every VIP of the Record's instances, sorted.
 func (r Record) VIPs() []netip.Prefix {
 	var out []netip.Prefix

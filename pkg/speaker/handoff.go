@@ -118,6 +118,18 @@ func (s *Speaker) adoptHandoff(ctx context.Context) []netip.Prefix {
 		logger.Info("Not adopting the hand-off record", "reason", why.Error())
 	}
 	if !ok {
+		// Expired (the replacement came late): the backups have the
+		// VIPs, and the kernel removed them here, but the virtual
+		// servers the previous speaker left are still keeplb's. Unowned,
+		// they would stay for good, those of Services deleted meanwhile
+		// too (a real cluster's uninstall found them).
+		if rec.Ours(s.opts.NodeName, boot) && len(rec.VirtualServers) > 0 {
+			if err := s.dp.adoptProgrammed(rec.VirtualServers); err != nil {
+				logger.Error(err, "Taking over an expired hand-off's IPVS virtual servers failed")
+			} else {
+				logger.Info("Took over the IPVS virtual servers of an expired hand-off", "virtualServers", len(rec.VirtualServers))
+			}
+		}
 		return nil
 	}
 	vips := rec.VIPs()

@@ -13,6 +13,8 @@ import (
 
 	"github.com/keeplb/keeplb/pkg/handoff"
 	hostnettesting "github.com/keeplb/keeplb/pkg/hostnet/testing"
+	"github.com/keeplb/keeplb/pkg/ipvs"
+	ipvstesting "github.com/keeplb/keeplb/pkg/ipvs/testing"
 	"github.com/keeplb/keeplb/pkg/keepalived"
 	"github.com/keeplb/keeplb/pkg/nft"
 )
@@ -223,5 +225,49 @@ func TestHandOffExit(t *testing.T) {
 	next.since = time.Now()
 	if vips := next.adoptHandoff(t.Context()); len(vips) == 0 || !next.since.Equal(rec.Since) {
 		t.Errorf("the replacement adopted %v and counts its holds from %v, want %v", vips, next.since, rec.Since)
+	}
+}
+
+// TestExpiredHandoffVirtualServers: a replacement that comes after the
+// hand-off's deadline adopts no VIP, but takes over the IPVS virtual
+// servers the record names, and deletes those no Service wants any more;
+// the virtual servers of a record from another boot stay another
+// program's. A real cluster's uninstall found a slow replacement's
+// virtual servers left behind for good.
+func TestExpiredHandoffVirtualServers(t *testing.T) {
+	boot, err := handoff.BootID()
+	if err != nil {
+		t.Skip("no boot ID here:", err)
+	}
+	gone := ipvs.Key{Address: netip.MustParseAddr("192.0.2.99"), Protocol: "TCP", Port: 80}
+	for _, tc := range []struct {
+		name   string
+		boot   string
+		cleans bool
+	}{
+		{"expired, this boot", boot, true},
+		{"another boot", "another-boot", false},
+	} {
+		s, k, _ := syncSpeaker(t, nftCluster(), knftables.NewFake(nft.Family, nft.Table))
+		s.opts.HandoffDir = t.TempDir()
+		fake := k.IPVS.(*ipvstesting.Fake)
+		fake.Seed(ipvs.VirtualServer{Address: gone.Address, Protocol: gone.Protocol, Port: gone.Port, Scheduler: "rr"},
+			ipvs.RealServer{Address: netip.MustParseAddr("10.0.0.2"), Port: 30099, Weight: 1})
+		now := time.Now()
+		rec := handoff.Record{Node: "n1", BootID: tc.boot, Written: now.Add(-2 * time.Minute), Deadline: now.Add(-time.Minute),
+			Instances: map[string][]netip.Prefix{"kl_p_v4_b03": {netip.MustParsePrefix("192.0.2.99/32")}}, VirtualServers: []ipvs.Key{gone}}
+		if err := handoff.Write(s.opts.HandoffDir, rec); err != nil {
+			t.Fatal(err)
+		}
+		if vips := s.adoptHandoff(t.Context()); len(vips) != 0 {
+			t.Errorf("%s: adopted VIPs %v of a void record", tc.name, vips)
+		}
+		if err := s.sync(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		_, left := fake.Table()[gone]
+		if left == tc.cleans {
+			t.Errorf("%s: virtual server %s left %v, want %v", tc.name, gone, left, !tc.cleans)
+		}
 	}
 }
