@@ -159,7 +159,7 @@ func TestValues(t *testing.T) {
 		{ds, "spec.template.spec.priorityClassName", nil},
 		{ds, "spec.template.spec.initContainers", nil},
 		{ds, "spec.template.spec.containers.0.image", "registry.example/keeplb:v9.9.9"},
-		{ds, "spec.template.spec.containers.0.args", []any{"speaker", "--metrics-bind-address=[$(HOST_IP)]:10261", "--ipvs"}},
+		{ds, "spec.template.spec.containers.0.args", []any{"speaker", "--metrics-bind-address=[$(HOST_IP)]:10261", "--handoff-dir=/run/keeplb-handoff", "--ipvs"}},
 		{ds, "spec.template.spec.containers.0.resources", map[string]any{}},
 		{ds, "spec.template.spec.containers.0.env.4", map[string]any{"name": "GOMEMLIMIT", "value": "off"}},
 	} {
