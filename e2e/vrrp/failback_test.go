@@ -14,6 +14,7 @@ import (
 
 	"github.com/keeplb/keeplb/pkg/apis/keeplb/v1alpha1"
 	"github.com/keeplb/keeplb/pkg/testing/keeplbtest"
+	"github.com/keeplb/keeplb/pkg/vrrp"
 )
 
 // poolAndIP puts a Service in the named IPPool at the given address.
@@ -135,7 +136,7 @@ func (c *cluster) moves(vips func() []string, stop <-chan struct{}) func() (move
 
 // TestFailbackDelayedUnderChurn: a node that comes back takes its VIP back
 // once the pool's failback delay has passed, although a Service is added
-// every second meanwhile and every one reloads keepalived on every node.
+// every 2 s meanwhile and every one reloads keepalived on every node.
 // keepalived's preempt_delay, which keeplb used before the speaker's hold,
 // restarts at every reload, and the node never took the VIP back. It
 // also checks that the churn's new VIPs start where the plan puts them:
@@ -144,10 +145,20 @@ func (c *cluster) moves(vips func() []string, stop <-chan struct{}) func() (move
 func TestFailbackDelayedUnderChurn(t *testing.T) {
 	c := newCluster(t)
 	const delay = 8 * time.Second
-	keeplbtest.CreatePool(t, c.dyn, "delayed", `{addresses: ["10.77.0.200-10.77.0.249"], vrrp: {advertisementInterval: "100ms", virtualRouterIDs: "100-119", failbackDelay: "8s"}}`)
+	keeplbtest.CreatePool(t, c.dyn, "delayed", `{addresses: ["10.77.0.200-10.77.0.249"], vrrp: {advertisementInterval: "250ms", virtualRouterIDs: "100-119", failbackDelay: "8s"}}`)
 	c.service("watched", inPool("delayed"))
 	vip := c.vip("watched")
-	m := c.startMasterFirst(vip)
+	m := c.plannedMaster(vip)
+	metrics := map[string]string{m: c.startWithMetrics(m)}
+	eventually(t, 15*time.Second, vip+" held by its planned master "+m, func() bool {
+		return slices.Equal(c.tp.holders(vip), []string{m})
+	})
+	for _, ns := range c.tp.nodes {
+		if ns != m {
+			metrics[ns] = c.startWithMetrics(ns)
+		}
+	}
+	c.waitBackups(vip, m, metrics)
 	c.stopSpeaker(m)
 	taker := ""
 	eventually(t, 10*time.Second, vip+" to leave "+m, func() bool {
@@ -159,7 +170,11 @@ func TestFailbackDelayedUnderChurn(t *testing.T) {
 		return false
 	})
 
-	// The churn: a Service a second, each a keepalived reload everywhere.
+	// The churn: a Service every 2 s, each a keepalived reload everywhere.
+	// keepalived restarts a backup's Master_Down_Interval at every reload,
+	// so with reloads more often than that interval no backup ever takes
+	// over: 250 ms adverts (about 0.8 s) leave room between reloads, and
+	// tolerate a reload that stalls adverts on a loaded machine.
 	stop := make(chan struct{})
 	var mu sync.Mutex
 	var names []string
@@ -170,7 +185,7 @@ func TestFailbackDelayedUnderChurn(t *testing.T) {
 			select {
 			case <-stop:
 				return
-			case <-time.After(time.Second):
+			case <-time.After(2 * time.Second):
 			}
 			name := fmt.Sprintf("churn-%02d", i)
 			c.service(name, inPool("delayed"))
@@ -203,7 +218,7 @@ func TestFailbackDelayedUnderChurn(t *testing.T) {
 	// Held: the speaker needs a second or so to start; the hold counts
 	// from its start, so until 2 s before the delay, vip stays.
 	c.steady(m+" held down, "+vip+" stays on "+taker, []string{vip}, map[string][]string{vip: {taker}}, delay-2*time.Second)
-	eventually(t, 10*time.Second, vip+" back on "+m+" while Services keep coming", func() bool {
+	eventually(t, 15*time.Second, vip+" back on "+m+" while Services keep coming", func() bool {
 		return slices.Equal(c.tp.holders(vip), []string{m})
 	})
 	back := time.Since(start)
@@ -216,7 +231,7 @@ func TestFailbackDelayedUnderChurn(t *testing.T) {
 		t.Errorf("%s moved %d times after the churn began, want once (back to %s)", vip, len(moves[vip]), m)
 	}
 	all := churned()[1:]
-	if len(all) < int(delay/time.Second) {
+	if len(all) < int(delay/(2*time.Second)) {
 		t.Fatalf("only %d Services added during the hold: the churn proves nothing", len(all))
 	}
 	// A new VIP starts on its planned master (the other nodes defer a
@@ -232,9 +247,9 @@ func TestFailbackDelayedUnderChurn(t *testing.T) {
 			t.Errorf("new VIP %s moved %d times: %v; want at most once, to %s at its hold's end (%v after its speaker started)", v, n, moves[v], m, delay)
 		}
 	}
-	t.Logf("moves row: | churn: a Service a second (%d, each a keepalived reload on every node) while a node that came back waits %v (failback Delayed) | new VIPs: %d moves of %d; the returned node's VIP: %d move, back %s after its speaker started |",
+	t.Logf("moves row: | churn: a Service every 2 s (%d, each a keepalived reload on every node), 250 ms adverts, while a node that came back waits %v (failback Delayed) | new VIPs: %d moves of %d; the returned node's VIP: %d move, back %s after its speaker started |",
 		len(all), delay, len(moved), len(all), len(moves[vip]), back.Round(10*time.Millisecond))
-	t.Logf("failback Delayed 8s: %s back on %s %s after its speaker started, with %d Services added a second apart (each a reload on every node); moves of the new VIPs after their first holder: %d of %d %v",
+	t.Logf("failback Delayed 8s: %s back on %s %s after its speaker started, with %d Services added 2 s apart (each a reload on every node); moves of the new VIPs after their first holder: %d of %d %v",
 		vip, m, back.Round(10*time.Millisecond), len(all), len(moved), len(all), moved)
 }
 
@@ -250,7 +265,7 @@ func TestCreationBurst(t *testing.T) {
 	for _, ns := range c.tp.nodes {
 		c.startSpeaker(ns)
 	}
-	keeplbtest.CreatePool(t, c.dyn, "burst", `{addresses: ["10.77.0.128-10.77.0.254"], vrrp: {advertisementInterval: "100ms", virtualRouterIDs: "1-64"}}`)
+	keeplbtest.CreatePool(t, c.dyn, "burst", `{addresses: ["10.77.0.128-10.77.0.254"], vrrp: {advertisementInterval: "1s", virtualRouterIDs: "1-64"}}`)
 	// Watch from before the first Service: a VIP that started on another
 	// node and moved within a second would be missed otherwise.
 	stop := make(chan struct{})
@@ -294,9 +309,9 @@ func TestCreationBurst(t *testing.T) {
 		return true
 	})
 	settled := time.Since(start)
-	// Twice the longest grace: a deferred instance comes back into the
-	// others' configurations in that time, and a move would show.
-	time.Sleep(2 * (5*time.Second + time.Second))
+	// Twice the grace: a deferred instance comes back into the others'
+	// configurations in that time, and a move would show.
+	time.Sleep(2 * vrrp.NewInstanceGrace(vrrp.Instance{Advert: time.Second}))
 	close(stop)
 	moves, _ := watch()
 	moved := 0
@@ -312,6 +327,6 @@ func TestCreationBurst(t *testing.T) {
 	}
 	t.Logf("moves row: | creation burst: a new pool and %d Services at once, every speaker up | %d of %d VIPs moved; every VIP on its planned master %s after the first Service |",
 		n, moved, n, settled.Round(10*time.Millisecond))
-	t.Logf("a new pool and %d Services created in %s: every VIP on its planned master %s after the first was created, %d moved from their first holder (watched until 12 s after); VIPs per node %v",
+	t.Logf("a new pool and %d Services created in %s: every VIP on its planned master %s after the first was created, %d moved from their first holder (watched until two graces after); VIPs per node %v",
 		n, created.Round(10*time.Millisecond), settled.Round(10*time.Millisecond), moved, per)
 }

@@ -171,8 +171,7 @@ func TestVRRP(t *testing.T) {
 			keeplbtest.CreatePool(t, c.dyn, "vips", fmt.Sprintf(`{addresses: ["10.77.0.200-10.77.0.250"], vrrp: {advertisementInterval: %q}}`, advert))
 			metrics := map[string]string{}
 			for _, ns := range c.tp.nodes {
-				metrics[ns] = keeplbtest.FreeAddr(t)
-				c.speakers.Start(ns, func(o *speaker.Options) { o.MetricsBindAddress, o.MetricsSecure = metrics[ns], false })
+				metrics[ns] = c.startWithMetrics(ns)
 			}
 			c.service("web")
 			vip := c.vip("web")
@@ -266,14 +265,7 @@ func TestVRRP(t *testing.T) {
 			// The other nodes leave a new instance to its planned master
 			// for a few seconds (vrrp.Hold.Deferred): wait until
 			// keepalived runs it as BACKUP on both.
-			eventually(t, 20*time.Second, "the other nodes BACKUP of "+vip, func() bool {
-				for _, n := range c.tp.nodes {
-					if n != holder && vrrpState(metrics[n], vip) != "0" {
-						return false
-					}
-				}
-				return true
-			})
+			c.waitBackups(vip, holder, metrics)
 			second, best := "", 0
 			for _, n := range c.tp.nodes {
 				if p := priorityOf(t, n, vip); n != holder && p > best {
@@ -319,6 +311,30 @@ func TestVRRP(t *testing.T) {
 			})
 		})
 	}
+}
+
+// startWithMetrics starts ns's speaker with plain-HTTP metrics on a free
+// loopback address, and returns the address.
+func (c *cluster) startWithMetrics(ns string) string {
+	addr := keeplbtest.FreeAddr(c.t)
+	c.speakers.Start(ns, func(o *speaker.Options) { o.MetricsBindAddress, o.MetricsSecure = addr, false })
+	return addr
+}
+
+// waitBackups waits until keepalived runs vip's instance as BACKUP on every
+// node but holder, by their speakers' metrics at metrics[node]: the other
+// nodes leave a new instance, and those of other planned masters after
+// their start, to the planned master for a few seconds (vrrp.Hold).
+func (c *cluster) waitBackups(vip, holder string, metrics map[string]string) {
+	c.t.Helper()
+	eventually(c.t, 30*time.Second, "the other nodes BACKUP of "+vip, func() bool {
+		for _, n := range c.tp.nodes {
+			if n != holder && vrrpState(metrics[n], vip) != "0" {
+				return false
+			}
+		}
+		return true
+	})
 }
 
 // vrrpState returns the value of keeplb_vrrp_state for vip that the
