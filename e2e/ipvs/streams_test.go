@@ -247,6 +247,12 @@ func (c *cluster) speakerReady(node string) bool {
 func (c *cluster) streamEvents(m streamMode, vip netip.Addr, client string, on bool) []streamRow {
 	c.t.Helper()
 	planned := c.holder(vip)
+	// Speakers that start afresh leave the instances of other planned
+	// masters to them for a few seconds, unready (vrrp.Hold): the
+	// backups a handover needs are there once every speaker is ready.
+	for _, n := range c.lab.Nodes {
+		c.eventually(60*time.Second, n.Name+"'s speaker ready", func() bool { return c.speakerReady(n.Name) })
+	}
 	var rows []streamRow
 	row := func(event string, gone []string, run func(*moves) (newConns, newFail int)) {
 		c.t.Helper()
@@ -347,9 +353,9 @@ func (c *cluster) streamEvents(m streamMode, vip netip.Addr, client string, on b
 				c.stopSpeaker(n.Name)
 				c.startStreamSpeaker(n.Name, on)
 				// The next node only once this one's keepalived has run
-				// for a master-down interval, as a readiness gate would
-				// wait: it knows the master then, and is the backup a
-				// handover goes to.
+				// for a master-down interval and it is ready, as a
+				// readiness gate would wait: it knows the master then,
+				// and is the backup a handover goes to.
 				var up time.Time
 				c.eventually(60*time.Second, vip.String()+" on "+planned+" after restarting "+n.Name, func() bool {
 					if _, err := os.Stat(filepath.Join(keeplbtest.RunDir(n.Name), "vrrp.pid")); err != nil {
@@ -359,7 +365,8 @@ func (c *cluster) streamEvents(m streamMode, vip netip.Addr, client string, on b
 						up = time.Now()
 					}
 					h := c.holders(vip)
-					return len(h) == 1 && h[0] == planned && c.syncDaemonsRun(n.Name, on) && time.Since(up) > 3*streamAdvert+streamAdvert/2
+					return len(h) == 1 && h[0] == planned && c.syncDaemonsRun(n.Name, on) && time.Since(up) > 3*streamAdvert+streamAdvert/2 &&
+						c.speakerReady(n.Name)
 				})
 			}
 			return stop()
