@@ -45,7 +45,7 @@ const (
 // moby/ipvs does not.
 func (n *Netlink) VirtualServers() ([]VirtualServer, error) {
 	req := nl.NewNetlinkRequest(int(n.family), unix.NLM_F_DUMP)
-	req.AddData(&nl.Genlmsg{Command: cmdGetService, Version: genlVersion})
+	req.AddData(genlHeader{cmd: cmdGetService})
 	req.Sockets = n.genl
 	var (
 		out  []VirtualServer

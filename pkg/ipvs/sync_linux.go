@@ -33,6 +33,20 @@ const (
 
 var _ SyncDaemons = (*Netlink)(nil)
 
+// genlHeader is a generic netlink message header (struct genlmsghdr: the
+// command, the family's version, two reserved bytes). nl.Genlmsg is not
+// used: it is a 2-byte struct whose Serialize reads 4 bytes through an
+// unsafe cast, past its end, into whatever the heap holds next (the race
+// detector caught it reading another goroutine's memory, about one run in
+// eight of the VM's tests), and sends those 2 bytes as "reserved".
+type genlHeader struct{ cmd uint8 }
+
+// Len implements nl.NetlinkRequestData.
+func (genlHeader) Len() int { return nl.SizeofGenlmsg }
+
+// Serialize implements nl.NetlinkRequestData.
+func (h genlHeader) Serialize() []byte { return []byte{h.cmd, genlVersion, 0, 0} }
+
 // genlSocket opens a generic netlink socket in ns (netns.None(): the
 // calling thread's), for the commands moby/ipvs does not send.
 func genlSocket(ns netns.NsHandle) (map[int]*nl.SocketHandle, error) {
@@ -47,7 +61,7 @@ func genlSocket(ns netns.NsHandle) (map[int]*nl.SocketHandle, error) {
 // after their generic netlink header.
 func (n *Netlink) command(cmd uint8, flags int, attrs ...nl.NetlinkRequestData) ([][]byte, error) {
 	req := nl.NewNetlinkRequest(int(n.family), flags|unix.NLM_F_ACK)
-	req.AddData(&nl.Genlmsg{Command: cmd, Version: genlVersion})
+	req.AddData(genlHeader{cmd: cmd})
 	for _, a := range attrs {
 		req.AddData(a)
 	}
