@@ -8,7 +8,10 @@
 // follows the VIP, it deletes the entries of the VIPs' flows in the
 // default zone when a speaker starts and leaves, so that no stale entry
 // de-NATs a pod's reply to a VIP that moved, or holds the tuple a new
-// holder's NAT needs (docs/connections.md).
+// holder's NAT needs (docs/connections.md); but not those of flows from a
+// VIP to the node's own address, which are kube-proxy's: the holder's
+// nodeport forwarding sent them to this node's NodePort, and kube-proxy's
+// DNAT to a pod lives in that entry.
 //
 // Flow and Matches are pure; Netlink implements Interface over
 // github.com/vishvananda/netlink for one network namespace; package
@@ -51,10 +54,29 @@ func Matches(f Flow, vip, real netip.AddrPort) bool {
 // OfVIPs reports whether f is a flow of zone whose original tuple has one
 // of vips at either end, any protocol and port: opened to a VIP (by a
 // client, or by a pod's reply no entry matched), or sent from one (the
-// holder's NAT, routed to a pod here). These are the flows DeleteOfVIPs
-// deletes. vips must be unmapped.
-func OfVIPs(f Flow, vips map[netip.Addr]bool, zone uint16) bool {
-	return f.Zone == zone && (vips[f.Original.Dst.Addr().Unmap()] || vips[f.Original.Src.Addr().Unmap()])
+// holder's NAT, routed to a pod here), but not sent from one to an
+// address in node. These are the flows DeleteOfVIPs deletes. node are the
+// node's own addresses: a flow from a VIP to one of them is the holder's
+// nodeport forwarding to this node's NodePort, whose entry carries
+// kube-proxy's DNAT to the pod that serves the connection; deleted, the
+// next segment would be DNATed afresh, to another pod, or masqueraded
+// from another port, and the connection reset. vips and node must be
+// unmapped.
+func OfVIPs(f Flow, vips, node map[netip.Addr]bool, zone uint16) bool {
+	if f.Zone != zone {
+		return false
+	}
+	dst := f.Original.Dst.Addr().Unmap()
+	return vips[dst] || vips[f.Original.Src.Addr().Unmap()] && !node[dst]
+}
+
+// set returns addrs, unmapped, as a set.
+func set(addrs []netip.Addr) map[netip.Addr]bool {
+	out := make(map[netip.Addr]bool, len(addrs))
+	for _, a := range addrs {
+		out[a.Unmap()] = true
+	}
+	return out
 }
 
 func same(a, b netip.AddrPort) bool {
@@ -67,7 +89,7 @@ type Interface interface {
 	// from real (see Matches), and returns how many it deleted.
 	DeleteUDP(vip, real netip.AddrPort) (int, error)
 	// DeleteOfVIPs deletes the flows of zone with any of vips at either
-	// end of their original tuple (see OfVIPs), and returns how many it
-	// deleted.
-	DeleteOfVIPs(vips []netip.Addr, zone uint16) (int, error)
+	// end of their original tuple, but those from a VIP to an address in
+	// node, the node's own (see OfVIPs), and returns how many it deleted.
+	DeleteOfVIPs(vips []netip.Addr, zone uint16, node []netip.Addr) (int, error)
 }

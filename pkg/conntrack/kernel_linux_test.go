@@ -121,13 +121,14 @@ func TestKernelDeleteUDP(t *testing.T) {
 
 // TestKernelDeleteOfVIPs makes real conntrack entries in a network
 // namespace of its own, UDP and TCP, to and from two VIPs and to another
-// address, one of them in another zone, and checks that DeleteOfVIPs
+// address, one of them in another zone, one from a VIP to the node's own
+// address (a NodePort flow, kube-proxy's), and checks that DeleteOfVIPs
 // removes exactly those of the zone given with the VIPs it is given at
-// either end.
+// either end, but that one.
 func TestKernelDeleteOfVIPs(t *testing.T) {
 	netnstest.Require(t, "apt-get install iproute2 nftables", "ip", "nft")
 	ns := netnstest.New(t, "ctvip")
-	for _, a := range []string{"192.0.2.1/32", "192.0.2.2/32", "192.0.2.3/32", "10.0.0.2/32"} {
+	for _, a := range []string{"192.0.2.1/32", "192.0.2.2/32", "192.0.2.3/32", "10.0.0.2/32", "10.0.0.7/32"} {
 		if out, err := exec.Command("ip", "-n", ns, "addr", "add", a, "dev", "lo").CombinedOutput(); err != nil {
 			t.Skipf("skipped: ip addr add %s: %v: %s", a, err, out)
 		}
@@ -150,12 +151,13 @@ func TestKernelDeleteOfVIPs(t *testing.T) {
 		t.Skipf("skipped: nftables (and so conntrack) unavailable in a network namespace: %v: %s", err, out)
 	}
 	sends := [][2]string{
-		{"10.0.0.2:40000", "192.0.2.1:53"},   // opened to a VIP: deleted
-		{"10.0.0.2:40001", "192.0.2.1:8080"}, // another port: deleted
-		{"10.0.0.2:40002", "192.0.2.2:53"},   // the other VIP: deleted
-		{"10.0.0.2:40009", "192.0.2.1:53"},   // the transit zone: kept
-		{"10.0.0.2:40003", "192.0.2.3:53"},   // not a VIP given: kept
-		{"192.0.2.1:40004", "10.0.0.2:53"},   // from a VIP: deleted
+		{"10.0.0.2:40000", "192.0.2.1:53"},    // opened to a VIP: deleted
+		{"10.0.0.2:40001", "192.0.2.1:8080"},  // another port: deleted
+		{"10.0.0.2:40002", "192.0.2.2:53"},    // the other VIP: deleted
+		{"10.0.0.2:40009", "192.0.2.1:53"},    // the transit zone: kept
+		{"10.0.0.2:40003", "192.0.2.3:53"},    // not a VIP given: kept
+		{"192.0.2.1:40004", "10.0.0.2:53"},    // from a VIP: deleted
+		{"192.0.2.1:40006", "10.0.0.7:30080"}, // from a VIP to the node's address (its NodePort): kept
 	}
 	if err := netnstest.Do(t, ns, func() error {
 		for _, s := range sends {
@@ -203,6 +205,7 @@ func TestKernelDeleteOfVIPs(t *testing.T) {
 		"17 10.0.0.2:40003>192.0.2.3:53 zone 0",
 		"17 10.0.0.2:40009>192.0.2.1:53 zone 27500",
 		"17 192.0.2.1:40004>10.0.0.2:53 zone 0",
+		"17 192.0.2.1:40006>10.0.0.7:30080 zone 0",
 		"6 10.0.0.2:40005>192.0.2.2:80 zone 0",
 	}
 	switch got := list(); {
@@ -217,23 +220,24 @@ func TestKernelDeleteOfVIPs(t *testing.T) {
 	}
 	defer ct.Close()
 	vips := []netip.Addr{netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("::ffff:192.0.2.2")}
-	n, err := ct.DeleteOfVIPs(vips, 0)
+	node := []netip.Addr{netip.MustParseAddr("::ffff:10.0.0.7")}
+	n, err := ct.DeleteOfVIPs(vips, 0, node)
 	if err != nil {
 		t.Fatalf("DeleteOfVIPs: %v", err)
 	}
-	wantLeft := []string{want[3], want[4]}
+	wantLeft := []string{want[3], want[4], want[6]}
 	if got := list(); n != 5 || !slices.Equal(got, wantLeft) {
 		t.Errorf("DeleteOfVIPs deleted %d entries (want 5), leaving\n%s\nwant\n%s", n, strings.Join(got, "\n"), strings.Join(wantLeft, "\n"))
 	}
-	if n, err := ct.DeleteOfVIPs(vips, 0); err != nil || n != 0 {
+	if n, err := ct.DeleteOfVIPs(vips, 0, node); err != nil || n != 0 {
 		t.Errorf("second DeleteOfVIPs = %d, %v; want 0", n, err)
 	}
 	// The other zone's alone.
-	if n, err := ct.DeleteOfVIPs(vips, 27500); err != nil || n != 1 {
+	if n, err := ct.DeleteOfVIPs(vips, 27500, node); err != nil || n != 1 {
 		t.Errorf("DeleteOfVIPs in zone 27500 = %d, %v; want 1", n, err)
 	}
-	if got := list(); !slices.Equal(got, []string{want[3]}) {
-		t.Errorf("after deleting zone 27500's, left\n%s\nwant\n%s", strings.Join(got, "\n"), want[3])
+	if got := list(); !slices.Equal(got, []string{want[3], want[6]}) {
+		t.Errorf("after deleting zone 27500's, left\n%s\nwant\n%s\n%s", strings.Join(got, "\n"), want[3], want[6])
 	}
 }
 

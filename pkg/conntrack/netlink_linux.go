@@ -60,12 +60,10 @@ func (n *Netlink) DeleteUDP(vip, real netip.AddrPort) (int, error) {
 
 // DeleteOfVIPs is part of Interface. It dumps each family's table that
 // vips have addresses of.
-func (n *Netlink) DeleteOfVIPs(vips []netip.Addr, zone uint16) (int, error) {
-	set := map[netip.Addr]bool{}
+func (n *Netlink) DeleteOfVIPs(vips []netip.Addr, zone uint16, node []netip.Addr) (int, error) {
+	match := ofVIPs{vips: set(vips), node: set(node), zone: zone}
 	families := map[netlink.InetFamily]bool{}
-	for _, v := range vips {
-		v = v.Unmap()
-		set[v] = true
+	for v := range match.vips {
 		if v.Is6() {
 			families[unix.AF_INET6] = true
 		} else {
@@ -77,10 +75,10 @@ func (n *Netlink) DeleteOfVIPs(vips []netip.Addr, zone uint16) (int, error) {
 		if !families[family] {
 			continue
 		}
-		deleted, err := n.h.ConntrackDeleteFilters(netlink.ConntrackTable, family, ofVIPs{vips: set, zone: zone})
+		deleted, err := n.h.ConntrackDeleteFilters(netlink.ConntrackTable, family, match)
 		total += int(deleted)
 		if err != nil {
-			return total, fmt.Errorf("delete conntrack entries of %d VIPs in zone %d: %w", len(set), zone, err)
+			return total, fmt.Errorf("delete conntrack entries of %d VIPs in zone %d: %w", len(match.vips), zone, err)
 		}
 	}
 	return total, nil
@@ -88,13 +86,13 @@ func (n *Netlink) DeleteOfVIPs(vips []netip.Addr, zone uint16) (int, error) {
 
 // ofVIPs is a netlink.CustomConntrackFilter for OfVIPs.
 type ofVIPs struct {
-	vips map[netip.Addr]bool
-	zone uint16
+	vips, node map[netip.Addr]bool
+	zone       uint16
 }
 
 // MatchConntrackFlow is part of netlink.CustomConntrackFilter.
 func (o ofVIPs) MatchConntrackFlow(c *netlink.ConntrackFlow) bool {
-	return OfVIPs(fromNetlink(c), o.vips, o.zone)
+	return OfVIPs(fromNetlink(c), o.vips, o.node, o.zone)
 }
 
 // filter is a netlink.CustomConntrackFilter for Matches.

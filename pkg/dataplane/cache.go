@@ -221,11 +221,12 @@ func (ca *Cache) reset(c *computer) {
 	ca.kubeProxy = map[ipvs.Key]int{}
 	ca.reals = 0
 	ca.st = State{
-		IPVS:         ipvs.Table{},
-		Owners:       map[ipvs.Key]string{},
-		SourceRanges: map[ipvs.Key][]netip.Prefix{},
-		kubeProxy:    map[ipvs.Key]bool{},
-		ranges:       c.st.ranges,
+		IPVS:          ipvs.Table{},
+		Owners:        map[ipvs.Key]string{},
+		SourceRanges:  map[ipvs.Key][]netip.Prefix{},
+		kubeProxy:     map[ipvs.Key]bool{},
+		ranges:        c.st.ranges,
+		NodeAddresses: c.st.NodeAddresses,
 	}
 }
 

@@ -61,6 +61,11 @@ type State struct {
 	// flows routed for a VIP held elsewhere in a conntrack zone of their
 	// own (nft.Rules.FollowVIP), which the caller sets with Sync.
 	FollowVIP bool
+	// NodeAddresses are this node's InternalIPs, unmapped: where the
+	// holders' nodeport forwarding sends this node's share. The entries of
+	// those flows are kube-proxy's, which keeplb's conntrack cleanups keep
+	// (conntrack.OfVIPs).
+	NodeAddresses []netip.Addr
 
 	ranges    []allocator.Range
 	kubeProxy map[ipvs.Key]bool
@@ -161,6 +166,11 @@ func newComputer(in Inputs, node string) *computer {
 		info, view := infoOf(n)
 		if n.Name == node {
 			c.self = n
+			for _, a := range []netip.Addr{info.ip4, info.ip6} {
+				if a.IsValid() {
+					c.st.NodeAddresses = append(c.st.NodeAddresses, a.Unmap())
+				}
+			}
 		}
 		if info.member {
 			members++

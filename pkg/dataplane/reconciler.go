@@ -116,6 +116,10 @@ type Reconciler struct {
 	// filtered virtual server whose filter a later write could not change
 	// keeps its state only while its ranges are these (see withhold).
 	rangesApplied map[ipvs.Key][]netip.Prefix
+	// nodeAddrs are this node's addresses of the last State synced
+	// (State.NodeAddresses): the flows from a VIP to them are kube-proxy's,
+	// which forgetFlows keeps.
+	nodeAddrs []netip.Addr
 	// flowsForgotten is set once the VIPs' flows of the default zone were
 	// deleted after the first table whose masquerade follows the VIP
 	// (see forgetFlows).
@@ -191,6 +195,7 @@ type Report struct {
 // healed; a later one changes only the elements that differ. A sync that
 // changes nothing in the table does not write it.
 func (r *Reconciler) Sync(ctx context.Context, st State) (Report, error) {
+	r.nodeAddrs = st.NodeAddresses
 	r.nftResync = true
 	rep, err := r.sync(ctx, st)
 	r.nftResync = false
@@ -279,6 +284,7 @@ func (r *Reconciler) guardOnly(ctx context.Context, st State) (Report, error) {
 // The kernel can change behind its back (an operator, another program):
 // the caller still runs a full Sync now and then.
 func (r *Reconciler) SyncDelta(ctx context.Context, st State, d Delta) (Report, error) {
+	r.nodeAddrs = st.NodeAddresses
 	r.nftResync = d.Full
 	var rep Report
 	var err error
@@ -533,7 +539,7 @@ func (r *Reconciler) forgetFlows(ctx context.Context, vips []netip.Addr, when st
 	}
 	logger := klog.FromContext(ctx)
 	for _, zone := range zones {
-		n, err := r.k.Conntrack.DeleteOfVIPs(vips, zone)
+		n, err := r.k.Conntrack.DeleteOfVIPs(vips, zone, r.nodeAddrs)
 		if err != nil {
 			logger.Error(err, "Deleting the conntrack entries of the VIPs' flows failed; connections that move with a VIP to or from this node may be reset", "at", when, "zone", zone, "deleted", n)
 			continue

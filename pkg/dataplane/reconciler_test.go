@@ -279,7 +279,9 @@ func TestReconcilerGuardOnly(t *testing.T) {
 // deletes the conntrack entries of the VIPs' flows: both zones' after its
 // first table, the transit zone's of the VIPs it has just acquired, the
 // default zone's of those it has just released, and on exit (its pods' replies must then go to the new
-// holder); never other flows, and later writes delete nothing. A node
+// holder); never other flows, nor those of another holder's nodeport
+// forwarding to this node's NodePort (kube-proxy's DNAT lives in them),
+// and later writes delete nothing. A node
 // that masquerades to itself deletes none, and a failing conntrack fails
 // nothing.
 func TestForgetsFollowedFlows(t *testing.T) {
@@ -293,9 +295,14 @@ func TestForgetsFollowedFlows(t *testing.T) {
 	other := conntrack.Flow{Protocol: conntrack.TCP, Original: tuple("198.51.100.7:40000", "10.0.0.1:22"), Reply: tuple("10.0.0.1:22", "198.51.100.7:40000")}
 	// Routed to this node's pod before its table had the transit zone.
 	routed := conntrack.Flow{Protocol: conntrack.TCP, Original: tuple("192.0.2.1:40003", "10.1.4.1:8080"), Reply: tuple("10.1.4.1:8080", "192.0.2.1:40003")}
+	// Another holder's nodeport forwarding to this node's NodePort (n1 is
+	// 10.0.0.1 and fd00::1), DNATed by kube-proxy: kube-proxy's, never
+	// deleted.
+	nodePort := conntrack.Flow{Protocol: conntrack.TCP, Original: tuple("192.0.2.1:40005", "10.0.0.1:30080"), Reply: tuple("10.1.4.1:8080", "10.0.0.1:40005")}
+	nodePortV6 := conntrack.Flow{Protocol: conntrack.TCP, Original: tuple("[2001:db8::1]:40006", "[fd00::1]:30080"), Reply: tuple("[fd00:1::1]:8080", "[fd00::1]:40006")}
 	// Of a VIP this node does not acquire.
 	otherTransit := conntrack.Flow{Protocol: conntrack.TCP, Original: tuple("192.0.2.2:40004", "10.1.4.1:8080"), Reply: tuple("10.1.4.1:8080", "192.0.2.2:40004"), Zone: nft.TransitZone}
-	all := []conntrack.Flow{opened, openedV6, transit, transitReply, other, routed}
+	all := []conntrack.Flow{opened, openedV6, transit, transitReply, other, routed, nodePort, nodePortV6}
 	later := []conntrack.Flow{opened, routed, transit, otherTransit}
 
 	for _, tc := range []struct {
@@ -307,9 +314,9 @@ func TestForgetsFollowedFlows(t *testing.T) {
 		first, acquired, exit []conntrack.Flow
 	}{
 		{"followed", true, nil,
-			[]conntrack.Flow{other},
-			[]conntrack.Flow{other, opened, routed, otherTransit},
-			[]conntrack.Flow{other, otherTransit}},
+			[]conntrack.Flow{other, nodePort, nodePortV6},
+			[]conntrack.Flow{other, nodePort, nodePortV6, opened, routed, otherTransit},
+			[]conntrack.Flow{other, nodePort, nodePortV6, otherTransit}},
 		{"masqueraded to the node", false, nil, all, append(slices.Clone(all), later...), append(slices.Clone(all), later...)},
 		{"conntrack failing", true, errors.New("injected: operation not permitted"), all, append(slices.Clone(all), later...), append(slices.Clone(all), later...)},
 	} {

@@ -58,17 +58,21 @@ func (f *Fake) DeleteUDP(vip, real netip.AddrPort) (int, error) {
 }
 
 // DeleteOfVIPs is part of conntrack.Interface.
-func (f *Fake) DeleteOfVIPs(vips []netip.Addr, zone uint16) (int, error) {
+func (f *Fake) DeleteOfVIPs(vips []netip.Addr, zone uint16, node []netip.Addr) (int, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.err != nil {
 		return 0, f.err
 	}
-	set := map[netip.Addr]bool{}
-	for _, v := range vips {
-		set[v.Unmap()] = true
+	set := func(addrs []netip.Addr) map[netip.Addr]bool {
+		out := map[netip.Addr]bool{}
+		for _, a := range addrs {
+			out[a.Unmap()] = true
+		}
+		return out
 	}
+	vipSet, own := set(vips), set(node)
 	before := len(f.flows)
-	f.flows = slices.DeleteFunc(f.flows, func(fl conntrack.Flow) bool { return conntrack.OfVIPs(fl, set, zone) })
+	f.flows = slices.DeleteFunc(f.flows, func(fl conntrack.Flow) bool { return conntrack.OfVIPs(fl, vipSet, own, zone) })
 	return before - len(f.flows), nil
 }
