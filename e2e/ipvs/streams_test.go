@@ -4,6 +4,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
@@ -54,6 +55,10 @@ const (
 	handoffGap = 4 * time.Second
 	// handoffEvent is the hand-off row's event.
 	handoffEvent = "rolling update, hand-off"
+	// baselineEvent is the row of streams through which nothing happens,
+	// for baselineWindow.
+	baselineEvent  = "none (baseline)"
+	baselineWindow = 15 * time.Second
 )
 
 // TestStreams measures what long-lived TCP streams through a VIP live
@@ -87,17 +92,27 @@ type streamMode struct {
 	mod       func(*v1.Service)
 	// asserted says the rows with --conn-sync are asserted.
 	asserted bool
+	// viaNodePorts says the holder sends the other nodes' share to their
+	// NodePorts: a move then loses the streams the old holder sent
+	// through the new holder's own NodePort (docs/connections.md), which
+	// a row reports apart.
+	viaNodePorts bool
 }
 
 // streamRow is one measured row.
 type streamRow struct {
-	mode, event       string
-	connSync          bool
-	survived, of      int
-	gone              []string
-	stall             time.Duration
-	moves             int
-	newConns, newFail int
+	mode, event  string
+	connSync     bool
+	survived, of int
+	gone         []string
+	// ownNodePort is how many streams the old holder sent through the
+	// new holder's own NodePort, not counted in of, and ownLost how many
+	// of them failed.
+	ownNodePort, ownLost int
+	ownStall             time.Duration
+	stall                time.Duration
+	moves                int
+	newConns, newFail    int
 }
 
 func (r streamRow) String() string {
@@ -113,7 +128,11 @@ func (r streamRow) String() string {
 	if r.newConns > 0 {
 		news = fmt.Sprintf("%d of %d failed", r.newFail, r.newConns)
 	}
-	return fmt.Sprintf("| %s | %s | %s | %d of %d (%.0f%%) | %s | %d | %s |", r.mode, r.event, sync, r.survived, r.of, pct, r.stall.Round(time.Millisecond), r.moves, news)
+	own := ""
+	if r.ownNodePort > 0 {
+		own = fmt.Sprintf("; through the new holder's own NodePort: %d of %d lost, longest stall %s", r.ownLost, r.ownNodePort, r.ownStall.Round(time.Millisecond))
+	}
+	return fmt.Sprintf("| %s | %s | %s | %d of %d (%.0f%%)%s | %s | %d | %s |", r.mode, r.event, sync, r.survived, r.of, pct, own, r.stall.Round(time.Millisecond), r.moves, news)
 }
 
 func streamTable(t *testing.T, cfg *rest.Config) {
@@ -122,8 +141,8 @@ func streamTable(t *testing.T, cfg *rest.Config) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// A pod per node, and on each node a stream server on NodePort 30080
-	// standing for kube-proxy's NodePort (it names the node).
+	// A pod per node, and on each node NodePort 30080 forwarding to it
+	// as kube-proxy would (lab.NodePort).
 	var pods []endpoint
 	for i, n := range c.lab.Nodes {
 		p, err := c.lab.AddPod(n, "pod"+string(rune('a'+i)))
@@ -131,7 +150,10 @@ func streamTable(t *testing.T, cfg *rest.Config) {
 			t.Fatal(err)
 		}
 		c.serveStreams(p.Name, netip.AddrPortFrom(p.IP, 8080), p.Name)
-		c.serveStreams(n.Name, netip.AddrPortFrom(n.IP, 30080), n.Name)
+		// kube-proxy's NodePort: DNAT to the node's pod, masqueraded.
+		if err := c.lab.NodePort(n, 30080, p, 8080); err != nil {
+			t.Fatal(err)
+		}
 		pods = append(pods, ready(p))
 		if err := speaker.PrepareNode(t.Context(), &speaker.PrepareOptions{IPVS: true, NetNS: n.Name}); err != nil {
 			t.Fatal(err)
@@ -141,7 +163,7 @@ func streamTable(t *testing.T, cfg *rest.Config) {
 
 	modes := []streamMode{
 		{name: "pod Cluster", svc: "st-cluster", asserted: true},
-		{name: "nodeport", svc: "st-nodeport", asserted: true, mod: func(s *v1.Service) {
+		{name: "nodeport", svc: "st-nodeport", asserted: true, viaNodePorts: true, mod: func(s *v1.Service) {
 			s.Annotations[annotations.Forwarding] = "nodeport"
 			s.Spec.Ports[0].NodePort = 30080
 		}},
@@ -198,6 +220,12 @@ func streamTable(t *testing.T, cfg *rest.Config) {
 	}
 	for _, r := range rows {
 		m := modes[slices.IndexFunc(modes, func(m streamMode) bool { return m.name == r.mode })]
+		if r.event == baselineEvent {
+			if r.survived < r.of || r.moves > 0 {
+				t.Errorf("%s, %s, --conn-sync %v: %d of %d streams survived, the VIP moved %d times; want all, none", r.mode, r.event, r.connSync, r.survived, r.of, r.moves)
+			}
+			continue
+		}
 		if r.event == handoffEvent {
 			// The VIP never moves: every mode keeps every stream, with
 			// --conn-sync or without.
@@ -274,14 +302,38 @@ func (c *cluster) streamEvents(m streamMode, vip netip.Addr, client string, on b
 		stopWatch()
 		moved := mv.stop()
 		r := ch.Stop()
-		survived, of := r.SurvivedExcept(gone...)
+		// Under nodeport forwarding, the streams the old holder sent
+		// through the new holder's NodePort reach it on its own address:
+		// IPVS hands such a connection to the socket layer, past
+		// kube-proxy's DNAT, and refuses it anyway for a synced entry.
+		var own []string
+		if m.viaNodePorts && moved > 0 {
+			if h := c.holders(vip); len(h) == 1 {
+				for _, p := range c.lab.Node(h[0]).Pods {
+					if !slices.Contains(gone, p.Name) {
+						own = append(own, p.Name)
+					}
+				}
+			}
+		}
+		survived, of := r.SurvivedExcept(append(slices.Clone(gone), own...)...)
+		others := slices.DeleteFunc(slices.Collect(maps.Keys(r.Backends)), func(b string) bool { return slices.Contains(own, b) })
+		ownKept, ownOf := r.SurvivedExcept(others...)
 		rows = append(rows, streamRow{mode: m.name, event: event, connSync: on, survived: survived, of: of, gone: gone,
-			stall: r.LongestStallExcept(gone...), moves: moved, newConns: n, newFail: nf})
+			ownNodePort: ownOf, ownLost: ownOf - ownKept, ownStall: r.LongestStallExcept(others...),
+			stall: r.LongestStallExcept(append(slices.Clone(gone), own...)...), moves: moved, newConns: n, newFail: nf})
 		c.t.Logf("%s, %s, --conn-sync %v: %s", m.name, event, on, r)
 		for _, f := range r.Failed {
 			c.t.Logf("  a stream of %s failed at %s: %v", f.Backend, f.At.Format("15:04:05.000"), f.Err)
 		}
 	}
+
+	// The baseline: nothing happens for baselineWindow. Its longest
+	// stall is what the lab itself adds to every row's.
+	row(baselineEvent, nil, func(*moves) (int, int) {
+		time.Sleep(baselineWindow) // a measurement window, not a wait for a condition
+		return 0, 0
+	})
 
 	// A graceful handover, then failback: the planned master's speaker
 	// stops, then starts again.
@@ -304,7 +356,7 @@ func (c *cluster) streamEvents(m streamMode, vip netip.Addr, client string, on b
 
 	// A crash: the holder's link goes down, its speaker stops (its
 	// adverts go nowhere). Its pod and NodePort go with it.
-	gone := []string{c.lab.Node(planned).Pods[0].Name, planned}
+	gone := []string{c.lab.Node(planned).Pods[0].Name}
 	row("holder crash", gone, func(*moves) (int, int) {
 		if err := c.lab.SetNodeLink(planned, false); err != nil {
 			c.t.Fatal(err)

@@ -299,3 +299,32 @@ func Sysctls(ns string, kv map[string]string) error {
 		return nil
 	})
 }
+
+// NodePort makes node forward TCP and UDP on its address and port to pod's
+// podPort, as kube-proxy does for a NodePort of a Cluster Service: DNAT
+// in the nat prerouting hook and masquerade to the node, in an nftables
+// table of its own (ip lab-kube-proxy). Nothing listens on the node's
+// port, so a packet that reaches it without passing prerouting (IPVS
+// delivering a connection to a local real server does that) finds no
+// socket, as on a real node.
+func (l *Lab) NodePort(node *Node, port uint16, pod *Pod, podPort uint16) error {
+	var b strings.Builder
+	b.WriteString("table ip lab-kube-proxy {\n")
+	b.WriteString("  chain prerouting { type nat hook prerouting priority dstnat; policy accept; }\n")
+	b.WriteString("  chain postrouting { type nat hook postrouting priority srcnat; policy accept; }\n}\n")
+	for _, proto := range []string{"tcp", "udp"} {
+		fmt.Fprintf(&b, "add rule ip lab-kube-proxy prerouting ip daddr %s %s dport %d dnat to %s:%d\n", node.IP, proto, port, pod.IP, podPort)
+		fmt.Fprintf(&b, "add rule ip lab-kube-proxy postrouting meta l4proto %s ct status dnat ct original ip daddr %s ct original proto-dst %d masquerade\n", proto, node.IP, port)
+	}
+	return nftRun(node.Name, b.String())
+}
+
+// nftRun runs an nft script in namespace ns.
+func nftRun(ns, script string) error {
+	cmd := exec.Command("ip", "netns", "exec", ns, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(script)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("nft -f in %s: %w: %s\n%s", ns, err, strings.TrimSpace(string(out)), script)
+	}
+	return nil
+}

@@ -78,6 +78,25 @@ func TestLab(t *testing.T) {
 	if err != nil || a.Name != "node-one" || a.From.Addr() != clientIP {
 		t.Errorf("GET node1 from the client: %+v, %v; want node-one seeing %s", a, err, clientIP)
 	}
+	// node2's NodePort stand-in: the pod answers on node2's address,
+	// seeing node2 (masqueraded), over TCP and UDP; nothing listens on
+	// the port itself.
+	if err := l.NodePort(n2, 30081, pod, 8080); err != nil {
+		t.Fatal(err)
+	}
+	gw := n2.PodCIDR.Addr().Next()
+	a, err = Get(t.Context(), client, netip.AddrPortFrom(n2.IP, 30081), "/", 3*time.Second)
+	if err != nil || a.Name != "the-pod" || a.From.Addr() != gw {
+		t.Errorf("GET node2's NodePort from the client: %+v, %v; want the-pod seeing %s", a, err, gw)
+	}
+	cu, err := NewUDPClient(client)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cu.Close()
+	if a, err := cu.Query(netip.AddrPortFrom(n2.IP, 30081), 3*time.Second); err != nil || a.Name != "the-pod" {
+		t.Errorf("UDP query to node2's NodePort: %+v, %v; want the-pod", a, err)
+	}
 	// Cut off, node1 answers nobody.
 	if err := SetLink(n1.Name, false); err != nil {
 		t.Fatal(err)
