@@ -167,7 +167,7 @@ func TestSyncDeltaKernelOps(t *testing.T) {
 		es.ResourceVersion = strconv.Itoa(rv)
 		c.take()
 		start := time.Now()
-		st, _, d, ok := ca.Update(map[string]dataplane.ServiceInputs{"ns/" + svc.Name: {Service: svc, Slices: []*discoveryv1.EndpointSlice{es}}})
+		st, _, d, ok := ca.Update(map[string]dataplane.ServiceInputs{"ns/" + svc.Name: {Service: svc, Slices: []*discoveryv1.EndpointSlice{es}}}, nil)
 		if !ok {
 			t.Fatal("Update refused after a Compute")
 		}

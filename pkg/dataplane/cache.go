@@ -156,7 +156,7 @@ func (ca *Cache) Compute(in Inputs, node string) (State, []Problem, Delta) {
 		}
 		key := svc.Namespace + "/" + svc.Name
 		seen[key] = true
-		fp := fingerprint(svc, c.slices[key])
+		fp := c.fingerprint(svc)
 		if p, ok := ca.parts[key]; ok && fp != "" && g != "" && p.fp == fp {
 			ca.Hits++
 			continue
@@ -178,11 +178,16 @@ func (ca *Cache) Compute(in Inputs, node string) (State, []Problem, Delta) {
 // grows with the Services changed and the virtual servers they have, not
 // with the number of Services. It returns false, having done nothing,
 // when there was no Compute before: the caller computes in full.
-func (ca *Cache) Update(changed map[string]ServiceInputs) (State, []Problem, Delta, bool) {
+// successors replace Inputs.Successors for the Services in changed. The
+// others keep theirs: a VIP's successor changes only with the Nodes or
+// the pools (the VRRP plan's base priorities are theirs), which Compute
+// recomputes every part for.
+func (ca *Cache) Update(changed map[string]ServiceInputs, successors map[netip.Addr]string) (State, []Problem, Delta, bool) {
 	if ca.c == nil {
 		return State{}, nil, Delta{}, false
 	}
 	c := ca.c
+	c.in.Successors = successors
 	c.slices = make(map[string][]*discoveryv1.EndpointSlice, len(changed))
 	for key, si := range changed {
 		c.slices[key] = si.Slices
@@ -198,7 +203,7 @@ func (ca *Cache) Update(changed map[string]ServiceInputs) (State, []Problem, Del
 			continue
 		}
 		ca.Misses++
-		ca.replace(key, ca.newPart(svc, fingerprint(svc, c.slices[key])), t)
+		ca.replace(key, ca.newPart(svc, c.fingerprint(svc)), t)
 	}
 	c.slices = nil
 	st, problems, d := ca.finish(t, false)
@@ -522,6 +527,24 @@ func versions[T metav1.Object](objs []T) (string, bool) {
 	}
 	slices.Sort(out)
 	return strings.Join(out, ","), true
+}
+
+// fingerprint is the package's fingerprint of svc and its slices, with
+// the successors of svc's VIPs (Inputs.Successors), which its part depends
+// on too.
+func (c *computer) fingerprint(svc *v1.Service) string {
+	fp := fingerprint(svc, c.slices[svc.Namespace+"/"+svc.Name])
+	if fp == "" || c.in.Successors == nil {
+		return fp
+	}
+	var b strings.Builder
+	b.WriteString(fp)
+	for _, ing := range svc.Status.LoadBalancer.Ingress {
+		if a, err := netip.ParseAddr(ing.IP); err == nil {
+			b.WriteString("\x00" + c.in.Successors[a.Unmap()])
+		}
+	}
+	return b.String()
 }
 
 // fingerprint identifies a Service's own inputs: it and its slices, by

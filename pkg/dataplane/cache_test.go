@@ -233,7 +233,7 @@ func BenchmarkEndpointChange(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
 				flip()
-				st, _, d, _ := ca.Update(map[string]ServiceInputs{svc.Namespace + "/" + svc.Name: {Service: svc, Slices: []*discoveryv1.EndpointSlice{s}}})
+				st, _, d, _ := ca.Update(map[string]ServiceInputs{svc.Namespace + "/" + svc.Name: {Service: svc, Slices: []*discoveryv1.EndpointSlice{s}}}, nil)
 				ops, want := diffDelta(programmed, st, d)
 				if len(ops) != 1 || ops[0].Kind != UpdateReal || d.NFT {
 					b.Fatalf("%v, nftables changed %v; want one UpdateReal, no nftables change", ops, d.NFT)
@@ -257,7 +257,7 @@ func BenchmarkEndpointChange(b *testing.B) {
 				} else {
 					s.Endpoints = full
 				}
-				st, _, d, _ := ca.Update(map[string]ServiceInputs{svc.Namespace + "/" + svc.Name: {Service: svc, Slices: []*discoveryv1.EndpointSlice{s}}})
+				st, _, d, _ := ca.Update(map[string]ServiceInputs{svc.Namespace + "/" + svc.Name: {Service: svc, Slices: []*discoveryv1.EndpointSlice{s}}}, nil)
 				ops, want := diffDelta(programmed, st, d)
 				if len(ops) != 1 || !d.NFT {
 					b.Fatalf("%v, nftables changed %v; want one op and an nftables change", ops, d.NFT)
@@ -361,7 +361,7 @@ func TestUpdateMatchesDesired(t *testing.T) {
 			}
 			changed["ns/"+name] = si
 		}
-		got, gotProblems, d, ok := ca.Update(changed)
+		got, gotProblems, d, ok := ca.Update(changed, nil)
 		if !ok {
 			t.Fatalf("%s: Update refused after a Compute", st.name)
 		}
@@ -394,7 +394,7 @@ func TestUpdateMatchesDesired(t *testing.T) {
 // TestUpdateNeedsCompute: Update has no Nodes or pools to work with before
 // a Compute.
 func TestUpdateNeedsCompute(t *testing.T) {
-	if _, _, _, ok := (&Cache{}).Update(map[string]ServiceInputs{"ns/a": {}}); ok {
+	if _, _, _, ok := (&Cache{}).Update(map[string]ServiceInputs{"ns/a": {}}, nil); ok {
 		t.Error("Update before any Compute succeeded; want false")
 	}
 }

@@ -52,7 +52,7 @@ func (g *deltaRig) change(i int, edit func(*discoveryv1.EndpointSlice)) ([]ipvst
 	s.ResourceVersion = strconv.Itoa(g.rv)
 	svc := g.in.Services[i]
 	g.fake.ResetCalls()
-	st, _, d, ok := g.ca.Update(map[string]ServiceInputs{svc.Namespace + "/" + svc.Name: {Service: svc, Slices: []*discoveryv1.EndpointSlice{s}}})
+	st, _, d, ok := g.ca.Update(map[string]ServiceInputs{svc.Namespace + "/" + svc.Name: {Service: svc, Slices: []*discoveryv1.EndpointSlice{s}}}, nil)
 	if !ok {
 		g.t.Fatal("Update refused")
 	}
@@ -135,7 +135,7 @@ func TestSyncDeltaFallsBackToFull(t *testing.T) {
 		g.fake.ResetCalls()
 		s := g.in.Slices[5]
 		flip(s)
-		st, _, d, _ := g.ca.Update(map[string]ServiceInputs{"ns/s00005": {Service: g.in.Services[5], Slices: []*discoveryv1.EndpointSlice{s}}})
+		st, _, d, _ := g.ca.Update(map[string]ServiceInputs{"ns/s00005": {Service: g.in.Services[5], Slices: []*discoveryv1.EndpointSlice{s}}}, nil)
 		if _, err := g.r.SyncDelta(t.Context(), st, d); !errors.Is(err, syscall.ENOMEM) {
 			t.Fatalf("SyncDelta: %v; want ENOMEM", err)
 		}
@@ -156,7 +156,7 @@ func TestSyncDeltaFallsBackToFull(t *testing.T) {
 	t.Run("a State skipped", func(t *testing.T) {
 		g := newDeltaRig(t, 20)
 		flip(g.in.Slices[5])
-		g.ca.Update(map[string]ServiceInputs{"ns/s00005": {Service: g.in.Services[5], Slices: g.in.Slices[5:6]}}) // never synced
+		g.ca.Update(map[string]ServiceInputs{"ns/s00005": {Service: g.in.Services[5], Slices: g.in.Slices[5:6]}}, nil) // never synced
 		if calls, _, _ := g.change(6, flip); !dumped(calls) {
 			t.Errorf("a Delta that does not follow the last synced State was applied alone: %v", calls)
 		}
@@ -171,7 +171,7 @@ func TestSyncDeltaFallsBackToFull(t *testing.T) {
 		svc := g.in.Services[5]
 		svc.Annotations = map[string]string{"keeplb.io/forwarding": string(v1alpha1.ForwardingKubeProxy)}
 		g.fake.ResetCalls()
-		st, _, d, _ := g.ca.Update(map[string]ServiceInputs{"ns/s00005": {Service: svc, Slices: g.in.Slices[5:6]}})
+		st, _, d, _ := g.ca.Update(map[string]ServiceInputs{"ns/s00005": {Service: svc, Slices: g.in.Slices[5:6]}}, nil)
 		if _, err := g.r.SyncDelta(t.Context(), st, d); err != nil {
 			t.Fatal(err)
 		}
@@ -198,7 +198,7 @@ func TestSyncDeltaFallsBackToFull(t *testing.T) {
 		}
 		svc.Status.LoadBalancer.Ingress[0].IP = "172.16.1.1"
 		g.fake.ResetCalls()
-		st, _, d, _ = g.ca.Update(map[string]ServiceInputs{"ns/s00005": {Service: svc, Slices: g.in.Slices[5:6]}})
+		st, _, d, _ = g.ca.Update(map[string]ServiceInputs{"ns/s00005": {Service: svc, Slices: g.in.Slices[5:6]}}, nil)
 		if _, err := g.r.SyncDelta(t.Context(), st, d); err != nil {
 			t.Fatal(err)
 		}
@@ -284,7 +284,7 @@ func TestSyncDeltaGuardOnly(t *testing.T) {
 	}
 	nf.LastTransaction = nil
 	in.Slices[5].Endpoints = in.Slices[5].Endpoints[1:]
-	st, _, d, _ = ca.Update(map[string]ServiceInputs{"ns/s00005": {Service: in.Services[5], Slices: in.Slices[5:6]}})
+	st, _, d, _ = ca.Update(map[string]ServiceInputs{"ns/s00005": {Service: in.Services[5], Slices: in.Slices[5:6]}}, nil)
 	if _, err := r.SyncDelta(t.Context(), st, d); err != nil {
 		t.Fatal(err)
 	}
@@ -292,7 +292,7 @@ func TestSyncDeltaGuardOnly(t *testing.T) {
 		t.Errorf("an endpoint change rewrote the guard:\n%s", nf.LastTransaction)
 	}
 	in.Services[5].Spec.Ports[0].Port = 81
-	st, _, d, _ = ca.Update(map[string]ServiceInputs{"ns/s00005": {Service: in.Services[5], Slices: in.Slices[5:6]}})
+	st, _, d, _ = ca.Update(map[string]ServiceInputs{"ns/s00005": {Service: in.Services[5], Slices: in.Slices[5:6]}}, nil)
 	if _, err := r.SyncDelta(t.Context(), st, d); err != nil {
 		t.Fatal(err)
 	}

@@ -34,6 +34,14 @@ type Inputs struct {
 	// same rule as the controller.
 	Class        string
 	DefaultClass bool
+	// Successors map VIPs to the node that takes each over from this node
+	// or back from it (vrrp.Plan.Successors). The speaker sets it with
+	// --conn-sync: nodeport forwarding of a Cluster Service then sends no
+	// new connection to that node's NodePort (weight 0), so that none is
+	// synced to it as a connection to its own address, which IPVS there
+	// cannot hand to kube-proxy (see withoutSuccessor). Nil: every
+	// NodePort takes new connections.
+	Successors map[netip.Addr]string
 }
 
 // State is the IPVS table a node should have, and what goes with it.
@@ -339,6 +347,9 @@ func (c *computer) service(svc *v1.Service, vip netip.Addr, pool *v1alpha1.IPPoo
 					unmasqueraded = own // as in pod forwarding: keep the client's address
 				}
 			}
+			if !local {
+				reals = c.withoutSuccessor(reals, vip, uint16(p.NodePort))
+			}
 		case v1alpha1.ForwardingPod:
 			reals = c.podReals(key, p, v6, local)
 			if local {
@@ -465,6 +476,38 @@ func (c *computer) nodePortReals(nodePort uint16, v6, local bool, perNode map[st
 		out = append(out, ipvs.RealServer{Address: ip, Port: nodePort, Weight: w})
 	}
 	return dedupe(out)
+}
+
+// withoutSuccessor returns reals with the NodePort of vip's successor
+// (Inputs.Successors) at weight 0, taking no new connection, unless no
+// other real server would take one. The connections this node sends
+// through that NodePort are synced to the successor with its own address
+// as their real server, and the VIP goes there at a handover, a crash or
+// a failback. IPVS hands a connection to a local real server to the
+// socket layer, past kube-proxy's DNAT, and for a synced one the kernel
+// refuses even that while conntrack tracks the packet (ip_vs_nat_xmit),
+// so those streams stalled for seconds at every move
+// (docs/connections.md). Every pod stays reachable: kube-proxy behind the
+// other NodePorts spreads a Cluster Service over all its endpoints. At
+// weight 0 rather than gone, the connections already sent there (before
+// the successor changed) go on.
+func (c *computer) withoutSuccessor(reals []ipvs.RealServer, vip netip.Addr, nodePort uint16) []ipvs.RealServer {
+	next, ok := c.in.Successors[vip.Unmap()]
+	if !ok {
+		return reals
+	}
+	i := slices.IndexFunc(c.nodes, func(n nodeInfo) bool { return n.name == next })
+	if i < 0 {
+		return reals
+	}
+	addr := c.nodes[i].ip(vip.Is6())
+	at := slices.IndexFunc(reals, func(r ipvs.RealServer) bool { return r.Address == addr && r.Port == nodePort })
+	if at < 0 || !slices.ContainsFunc(reals, func(r ipvs.RealServer) bool { return r.Weight > 0 && (r.Address != addr || r.Port != nodePort) }) {
+		return reals
+	}
+	out := slices.Clone(reals)
+	out[at].Weight = 0
+	return out
 }
 
 // subsetSize is the pool's nodes per Service under nodeport forwarding;

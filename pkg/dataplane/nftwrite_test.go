@@ -139,7 +139,7 @@ func TestSyncDeltaWritesElements(t *testing.T) {
 	// A port of a Service changes: the guard's and the masquerading's
 	// elements move, still by element operations alone.
 	g.in.Services[7].Spec.Ports[0].Port = 81
-	st, _, d, _ := g.ca.Update(map[string]ServiceInputs{"ns/s00007": {Service: g.in.Services[7], Slices: g.in.Slices[7:8]}})
+	st, _, d, _ := g.ca.Update(map[string]ServiceInputs{"ns/s00007": {Service: g.in.Services[7], Slices: g.in.Slices[7:8]}}, nil)
 	if _, err := g.r.SyncDelta(t.Context(), st, d); err != nil {
 		t.Fatal(err)
 	}
@@ -259,7 +259,7 @@ func TestSyncDeltaAfterFailedWrite(t *testing.T) {
 	leaves(s)
 	g.rv++
 	s.ResourceVersion = "changed"
-	st, _, d, _ := g.ca.Update(map[string]ServiceInputs{"ns/s00005": {Service: g.in.Services[5], Slices: []*discoveryv1.EndpointSlice{s}}})
+	st, _, d, _ := g.ca.Update(map[string]ServiceInputs{"ns/s00005": {Service: g.in.Services[5], Slices: []*discoveryv1.EndpointSlice{s}}}, nil)
 	rep, err := g.r.SyncDelta(t.Context(), st, d)
 	if err == nil || rep.NFTFailures != 1 {
 		t.Fatalf("SyncDelta with the table's writes failing: %v, %d failed writes", err, rep.NFTFailures)

@@ -65,6 +65,32 @@ func TestSyncRunsConnSyncBehindItsGuard(t *testing.T) {
 	if ports := nftElements(t, nf.Fake, "sync-ports"); len(ports) != 64 || !slices.Contains(ports, "8848") || !slices.Contains(ports, "8911") {
 		t.Errorf("sync-ports %v; want 8848 to 8911", ports)
 	}
+	// Nodeport forwarding sends no new connection to the NodePort of the
+	// node that would take the VIP from n1 (vrrp.Plan.Successors).
+	// (The forwarding step's Nodes are those of the last full sync.)
+	addrs := map[string]netip.Addr{"n2": netip.MustParseAddr("10.0.0.2"), "n3": netip.MustParseAddr("10.0.0.3")}
+	successorAtZero := func(vip string, port uint16, nodePort uint16) {
+		t.Helper()
+		next := s.lastVRRP.successors[netip.MustParseAddr(vip)]
+		want, ok := addrs[next]
+		if !ok {
+			t.Fatalf("%s's successor from n1 is %q, want n2 or n3", vip, next)
+		}
+		e, ok := kernel.Table()[ipvs.Key{Address: netip.MustParseAddr(vip), Protocol: ipvs.TCP, Port: port}]
+		if !ok {
+			t.Fatalf("no virtual server %s:%d", vip, port)
+		}
+		var zero []netip.Addr
+		for _, r := range e.Reals {
+			if r.Weight == 0 {
+				zero = append(zero, r.Address)
+			}
+		}
+		if len(zero) != 1 || zero[0] != want || len(e.Reals) < 2 {
+			t.Errorf("%s:%d real servers %v: want %s's NodePort (%s:%d) alone at weight 0", vip, port, e.Reals, next, want, nodePort)
+		}
+	}
+	successorAtZero("192.0.2.4", 8080, 30808)
 
 	// n2 moves to another address: a Service-only sync would not rewrite
 	// the table, the guard's change alone does.
@@ -77,6 +103,7 @@ func TestSyncRunsConnSyncBehindItsGuard(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantElements(t, nf.Fake, "sync-peers-v4", "10.0.0.22", "10.0.0.3")
+	successorAtZero("192.0.2.9", 80, 30099) // a Service of an incremental sync
 
 	nf.fail = true
 	svc = fwdService("touch2", "192.0.2.10", 80, 30100)

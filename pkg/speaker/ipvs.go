@@ -111,8 +111,8 @@ func (d *ipvsStep) compute(in dataplane.Inputs) (dataplane.State, []dataplane.Pr
 // update returns this node's desired dataplane state after the Services
 // in changed changed, recomputing those alone (see dataplane.Cache.Update).
 // Only after a compute.
-func (d *ipvsStep) update(changed map[string]dataplane.ServiceInputs) (dataplane.State, []dataplane.Problem, dataplane.Delta) {
-	st, problems, delta, ok := d.desired.Update(changed)
+func (d *ipvsStep) update(changed map[string]dataplane.ServiceInputs, successors map[netip.Addr]string) (dataplane.State, []dataplane.Problem, dataplane.Delta) {
+	st, problems, delta, ok := d.desired.Update(changed, successors)
 	if !ok {
 		panic("speaker: the forwarding step's update before its first compute") // observe makes the first sync full
 	}

@@ -85,6 +85,9 @@ type vrrpDesired struct {
 	// maps each VIP to the Services using it.
 	plan   vrrp.Plan
 	owners map[netip.Addr][]string
+	// successors are plan's Successors from this node, for the
+	// forwarding step with --conn-sync (dataplane.Inputs.Successors).
+	successors map[netip.Addr]string
 	// keepalivedConf is this node's keepalived.conf, and configProblems
 	// what it leaves out; renderErr, when set, says it could not be
 	// rendered at all. keepalivedConfig is what it was rendered from: a
@@ -221,24 +224,12 @@ func (s *Speaker) inPlan(key string, svc *v1.Service, object bool) bool {
 func (s *Speaker) compute(obs observed) desired {
 	node := s.opts.NodeName
 	var want desired
-	if obs.full {
-		want.forwarding, want.forwardingProblems, want.forwardingDelta = s.dp.compute(obs.in)
-		// The safety net: the kernel can change behind the Reconciler.
-		want.forwardingDelta.Full = want.forwardingDelta.Full || obs.resync
-	} else {
-		want.forwarding, want.forwardingProblems, want.forwardingDelta = s.dp.update(obs.changed)
-	}
-	var guardChanged bool
-	want.connSync, guardChanged = s.cs.compute(obs.in.Nodes, obs.links)
-	want.forwarding.Sync = want.connSync.Guard
-	want.forwarding.FollowVIP = want.connSync.FollowVIP
-	want.forwardingDelta.NFT = want.forwardingDelta.NFT || guardChanged
-
 	if obs.plan || s.lastVRRP == nil {
 		start := time.Now()
 		pin, owners := PlanInput(obs.in)
 		v := &want.vrrpDesired
 		v.plan, v.owners = vrrp.Compute(pin), owners
+		v.successors = v.plan.Successors(node)
 		prev := vrrp.NewHold(s.since, !s.adopted)
 		if s.lastVRRP != nil {
 			prev = s.lastVRRP.hold
@@ -295,6 +286,28 @@ func (s *Speaker) compute(obs observed) desired {
 	} else {
 		want.vrrpDesired, want.reused = *s.lastVRRP, true
 	}
+
+	// Forwarding after the plan: with --conn-sync, nodeport forwarding
+	// sends no new connection to the NodePort of the node that would take
+	// a VIP from this one (dataplane.Inputs.Successors).
+	var guardChanged bool
+	want.connSync, guardChanged = s.cs.compute(obs.in.Nodes, obs.links)
+	var successors map[netip.Addr]string
+	if want.connSync.FollowVIP {
+		successors = want.vrrpDesired.successors
+	}
+	if obs.full {
+		in := obs.in
+		in.Successors = successors
+		want.forwarding, want.forwardingProblems, want.forwardingDelta = s.dp.compute(in)
+		// The safety net: the kernel can change behind the Reconciler.
+		want.forwardingDelta.Full = want.forwardingDelta.Full || obs.resync
+	} else {
+		want.forwarding, want.forwardingProblems, want.forwardingDelta = s.dp.update(obs.changed, successors)
+	}
+	want.forwarding.Sync = want.connSync.Guard
+	want.forwarding.FollowVIP = want.connSync.FollowVIP
+	want.forwardingDelta.NFT = want.forwardingDelta.NFT || guardChanged
 
 	want.ignoredAddrs = ignoredAddrs(obs.in.Nodes)
 	return want

@@ -374,6 +374,45 @@ func TestPriorities(t *testing.T) {
 	}
 }
 
+// TestSuccessors: from the planned master a shared VIP's successor is the
+// planned second choice (254 then 253), from every other node the planned
+// master; an unready node is no one's successor; Local VIPs have none.
+func TestSuccessors(t *testing.T) {
+	in := stabilityInput()
+	in.Nodes[3].Ready = false
+	p := Compute(in)
+	byPrio := func(inst Instance, prio int) string {
+		for n, v := range inst.Priorities {
+			if v == prio {
+				return n
+			}
+		}
+		return ""
+	}
+	for _, n := range in.Nodes {
+		succ := p.Successors(n.Name)
+		for _, inst := range p.Instances {
+			for _, v := range inst.VIPs {
+				got, ok := succ[v]
+				want := inst.Master()
+				if want == n.Name {
+					want = byPrio(inst, TopPriority-1)
+				}
+				switch {
+				case inst.Local && ok:
+					t.Errorf("from %s, Local %s has a successor, %s", n.Name, v, got)
+				case !inst.Local && (got != want || got == "" || got == n.Name || got == "node-3"):
+					t.Errorf("from %s, the successor of %s (%s, priorities %v) is %q, want %q", n.Name, v, inst.Name, inst.Priorities, got, want)
+				}
+			}
+		}
+	}
+	one := Compute(Input{Nodes: readyNodes(1), Pools: []Pool{{Name: "p", FirstVRID: 1, LastVRID: 255}}, VIPs: shared("p", seq("192.0.2.1", 3))})
+	if got := one.Successors("node-0"); len(got) != 0 {
+		t.Errorf("a lone node's successors: %v, want none", got)
+	}
+}
+
 func TestNodeLeavesAndReturns(t *testing.T) {
 	for _, n := range []int{2, 3, 5, 7} {
 		t.Run(fmt.Sprint(n, " nodes"), func(t *testing.T) {

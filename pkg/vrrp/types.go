@@ -224,6 +224,41 @@ func (i *Instance) Master() string {
 	return best
 }
 
+// Successor returns the node that takes the instance's VIPs over from
+// node, or back from it: the eligible node with the highest base priority
+// but node's (ties to the smaller name, as Master), or "" when there is
+// none. For the planned master that is the planned second choice, which a
+// graceful handover and a crash send the VIPs to; for any other node,
+// the planned master, which failback sends them back to.
+func (i *Instance) Successor(node string) string {
+	best, bestPrio := "", 0
+	for n, p := range i.Priorities {
+		if n != node && (p > bestPrio || p == bestPrio && n < best) {
+			best, bestPrio = n, p
+		}
+	}
+	return best
+}
+
+// Successors returns, for each VIP of a shared instance, its Successor
+// from node. Local instances are left out: their endpoints, not their
+// base priorities, decide where their VIPs go.
+func (p Plan) Successors(node string) map[netip.Addr]string {
+	out := map[netip.Addr]string{}
+	for i := range p.Instances {
+		inst := &p.Instances[i]
+		if inst.Local {
+			continue
+		}
+		if next := inst.Successor(node); next != "" {
+			for _, v := range inst.VIPs {
+				out[v] = next
+			}
+		}
+	}
+	return out
+}
+
 // Plan is the VRRP layout of the cluster, identical on every speaker.
 type Plan struct {
 	// Instances are sorted by Name.
