@@ -86,6 +86,18 @@ func (c *cluster) serveStreams(ns string, addr netip.AddrPort, name string) {
 	c.lab.OnClose(func() { _ = l.Close() })
 }
 
+// serveGaps answers the UDP gap probes (streams.Gaps) on addr in the
+// network namespace ns, naming itself name, until the lab closes.
+func (c *cluster) serveGaps(ns string, addr netip.AddrPort, name string) {
+	c.t.Helper()
+	var pc net.PacketConn
+	if err := lab.Do(ns, func() (err error) { pc, err = net.ListenPacket("udp", addr.String()); return err }); err != nil {
+		c.t.Fatal(err)
+	}
+	go func() { _ = streams.ServeUDP(pc, name) }()
+	c.lab.OnClose(func() { _ = pc.Close() })
+}
+
 // startSpeaker runs node's speaker, with IPVS, as its ServiceAccount.
 func (c *cluster) startSpeaker(node string) { c.speakers.Start(node) }
 
@@ -130,10 +142,22 @@ func ready(p *lab.Pod) endpoint { return endpoint{pod: p, ready: true, serving: 
 // controller would: port "serve" is 8080 of proto.
 func (c *cluster) slice(svc string, proto v1.Protocol, eps ...endpoint) {
 	c.t.Helper()
+	c.slicePort(svc, "p", proto, eps...)
+}
+
+// slicePort writes the EndpointSlice of the Service's port named port,
+// 8080 of proto on every endpoint: the slice svc-1 for port "p", svc-port
+// for another.
+func (c *cluster) slicePort(svc, port string, proto v1.Protocol, eps ...endpoint) {
+	c.t.Helper()
+	name := svc + "-1"
+	if port != "p" {
+		name = svc + "-" + port
+	}
 	es := &discoveryv1.EndpointSlice{
-		ObjectMeta:  metav1.ObjectMeta{Namespace: ns, Name: svc + "-1", Labels: map[string]string{discoveryv1.LabelServiceName: svc}},
+		ObjectMeta:  metav1.ObjectMeta{Namespace: ns, Name: name, Labels: map[string]string{discoveryv1.LabelServiceName: svc}},
 		AddressType: discoveryv1.AddressTypeIPv4,
-		Ports:       []discoveryv1.EndpointPort{{Name: ptr.To("p"), Port: ptr.To[int32](8080), Protocol: ptr.To(proto)}},
+		Ports:       []discoveryv1.EndpointPort{{Name: ptr.To(port), Port: ptr.To[int32](8080), Protocol: ptr.To(proto)}},
 	}
 	for _, e := range eps {
 		es.Endpoints = append(es.Endpoints, discoveryv1.Endpoint{

@@ -21,6 +21,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 	v1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/rest"
 
 	"github.com/keeplb/keeplb/pkg/annotations"
@@ -69,8 +70,11 @@ const (
 // rolling update with the hand-off (each node's speaker Pod deleted, its
 // speaker stopped, and a replacement started handoffGap later, the next
 // node once it is ready). Each row gives how many streams survived, of
-// those whose backend still runs, the longest stall of a survivor, and
-// how many times the VIP moved.
+// those whose backend still runs, the longest stall of a survivor, the
+// forwarding gap of UDP probes through the same VIP (streams.Gaps: what
+// the dataplane did not forward, without TCP's retransmission backoff),
+// and how many times the VIP moved. A first row in which nothing
+// happens gives the lab's own stall and gap, the baseline of the others.
 //
 // By default it measures `pod` Cluster and `nodeport` (Cluster)
 // forwarding with --conn-sync and asserts their rows: every stream survives the handover and the failback,
@@ -110,9 +114,13 @@ type streamRow struct {
 	// of them failed.
 	ownNodePort, ownLost int
 	ownStall             time.Duration
-	stall                time.Duration
-	moves                int
-	newConns, newFail    int
+	// gap is the longest forwarding gap of the UDP probes (streams.Gaps)
+	// whose backend still runs: what the dataplane itself did not
+	// forward, without TCP's retransmission backoff.
+	gap               time.Duration
+	stall             time.Duration
+	moves             int
+	newConns, newFail int
 }
 
 func (r streamRow) String() string {
@@ -132,7 +140,7 @@ func (r streamRow) String() string {
 	if r.ownNodePort > 0 {
 		own = fmt.Sprintf("; through the new holder's own NodePort: %d of %d lost, longest stall %s", r.ownLost, r.ownNodePort, r.ownStall.Round(time.Millisecond))
 	}
-	return fmt.Sprintf("| %s | %s | %s | %d of %d (%.0f%%)%s | %s | %d | %s |", r.mode, r.event, sync, r.survived, r.of, pct, own, r.stall.Round(time.Millisecond), r.moves, news)
+	return fmt.Sprintf("| %s | %s | %s | %d of %d (%.0f%%)%s | %s | %s | %d | %s |", r.mode, r.event, sync, r.survived, r.of, pct, own, r.stall.Round(time.Millisecond), r.gap.Round(time.Millisecond), r.moves, news)
 }
 
 func streamTable(t *testing.T, cfg *rest.Config) {
@@ -150,6 +158,7 @@ func streamTable(t *testing.T, cfg *rest.Config) {
 			t.Fatal(err)
 		}
 		c.serveStreams(p.Name, netip.AddrPortFrom(p.IP, 8080), p.Name)
+		c.serveGaps(p.Name, netip.AddrPortFrom(p.IP, 8080), p.Name)
 		// kube-proxy's NodePort: DNAT to the node's pod, masqueraded.
 		if err := c.lab.NodePort(n, 30080, p, 8080); err != nil {
 			t.Fatal(err)
@@ -166,6 +175,7 @@ func streamTable(t *testing.T, cfg *rest.Config) {
 		{name: "nodeport", svc: "st-nodeport", asserted: true, viaNodePorts: true, mod: func(s *v1.Service) {
 			s.Annotations[annotations.Forwarding] = "nodeport"
 			s.Spec.Ports[0].NodePort = 30080
+			s.Spec.Ports[1].NodePort = 30080
 		}},
 	}
 	settings := []bool{true}
@@ -178,13 +188,18 @@ func streamTable(t *testing.T, cfg *rest.Config) {
 		)
 	}
 	vips := map[string]netip.Addr{}
+	// Each Service has UDP 80 as well, port "u", for the gap probes.
+	withUDP := func(s *v1.Service) {
+		s.Spec.Ports = append(s.Spec.Ports, v1.ServicePort{Name: "u", Port: 80, TargetPort: intstr.FromString("serve-u"), Protocol: v1.ProtocolUDP})
+	}
 	for _, m := range modes {
-		var mods []func(*v1.Service)
+		mods := []func(*v1.Service){withUDP}
 		if m.mod != nil {
 			mods = append(mods, m.mod)
 		}
 		vips[m.svc] = c.service(m.svc, v1.ProtocolTCP, mods...)
 		c.slice(m.svc, v1.ProtocolTCP, pods...)
+		c.slicePort(m.svc, "u", v1.ProtocolUDP, pods...)
 	}
 
 	var nodes []string
@@ -210,7 +225,7 @@ func streamTable(t *testing.T, cfg *rest.Config) {
 	}
 
 	var b strings.Builder
-	b.WriteString("| mode | event | --conn-sync | streams that survived (of those whose backend runs) | longest stall | VIP moves | new connections |\n| --- | --- | --- | ---: | ---: | ---: | --- |\n")
+	b.WriteString("| mode | event | --conn-sync | streams that survived (of those whose backend runs) | longest stall | forwarding gap (UDP) | VIP moves | new connections |\n| --- | --- | --- | ---: | ---: | ---: | ---: | --- |\n")
 	for _, r := range rows {
 		b.WriteString(r.String() + "\n")
 	}
@@ -291,6 +306,7 @@ func (c *cluster) streamEvents(m streamMode, vip netip.Addr, client string, on b
 			before, _ := ch.Progress()
 			c.eventually(30*time.Second, "the streams flowing", func() bool { now, _ := ch.Progress(); return now >= before+streamCount*5 })
 		}
+		gp := c.openGaps(vip, client)
 		mv := watchMoves(c, vip)
 		stopWatch := c.watchStalls(ch, m.name+" "+event, gone)
 		n, nf := run(mv)
@@ -302,6 +318,7 @@ func (c *cluster) streamEvents(m streamMode, vip netip.Addr, client string, on b
 		stopWatch()
 		moved := mv.stop()
 		r := ch.Stop()
+		gr := gp.Stop()
 		// Under nodeport forwarding, the streams the old holder sent
 		// through the new holder's NodePort reach it on its own address:
 		// IPVS hands such a connection to the socket layer, past
@@ -321,8 +338,9 @@ func (c *cluster) streamEvents(m streamMode, vip netip.Addr, client string, on b
 		ownKept, ownOf := r.SurvivedExcept(others...)
 		rows = append(rows, streamRow{mode: m.name, event: event, connSync: on, survived: survived, of: of, gone: gone,
 			ownNodePort: ownOf, ownLost: ownOf - ownKept, ownStall: r.LongestStallExcept(others...),
+			gap:   gr.LongestExcept(append(slices.Clone(gone), own...)...),
 			stall: r.LongestStallExcept(append(slices.Clone(gone), own...)...), moves: moved, newConns: n, newFail: nf})
-		c.t.Logf("%s, %s, --conn-sync %v: %s", m.name, event, on, r)
+		c.t.Logf("%s, %s, --conn-sync %v: %s; UDP probes: longest gap %s, flows %v, gaps %v", m.name, event, on, r, gr.LongestExcept(gone...).Round(time.Millisecond), gr.Flows, gr.Gaps)
 		for _, f := range r.Failed {
 			c.t.Logf("  a stream of %s failed at %s: %v", f.Backend, f.At.Format("15:04:05.000"), f.Err)
 		}
@@ -455,6 +473,39 @@ func (c *cluster) openStreams(vip netip.Addr, client string) *streams.Checker {
 	}
 	c.t.Cleanup(func() { ch.Stop() })
 	return ch
+}
+
+// Gap probes: a datagram every gapInterval on each of gapFlows UDP flows.
+const (
+	gapFlows    = 6
+	gapInterval = 5 * time.Millisecond
+)
+
+// openGaps starts the UDP gap probes to vip:80 from client, trying for a
+// while as openStreams does.
+func (c *cluster) openGaps(vip netip.Addr, client string) *streams.Gaps {
+	c.t.Helper()
+	var g *streams.Gaps
+	var err error
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		g, err = streams.StartGaps(c.t.Context(), streams.GapOptions{
+			Addr: netip.AddrPortFrom(vip, 80).String(), Flows: gapFlows, Interval: gapInterval,
+			Dial: func(ctx context.Context, network, addr string) (conn net.Conn, err error) {
+				err = lab.Do(client, func() error { conn, err = (&net.Dialer{}).DialContext(ctx, network, addr); return err })
+				return conn, err
+			},
+		})
+		if err == nil || time.Now().After(deadline) {
+			break
+		}
+		c.t.Logf("opening the UDP gap probes: %v; trying again", err)
+		time.Sleep(500 * time.Millisecond)
+	}
+	if err != nil {
+		c.t.Fatalf("%v\n%s", err, c.dump())
+	}
+	c.t.Cleanup(func() { g.Stop() })
+	return g
 }
 
 // waitSynced waits until every node whose speaker runs, but planned, has
