@@ -1,6 +1,7 @@
 package dataplane
 
 import (
+	"maps"
 	"net/netip"
 	"slices"
 	"testing"
@@ -41,16 +42,16 @@ func TestNodePortSuccessor(t *testing.T) {
 	in.Services = []*v1.Service{service("web", []string{"192.0.2.1", "2001:db8::1"})}
 	st, _ := Desired(in, "n1")
 	all := map[netip.Addr]int{addr("10.0.0.2"): 1, addr("10.0.0.3"): 1}
-	if got := nodePortWeights(t, st, "192.0.2.1"); !equalWeights(got, all) {
+	if got := nodePortWeights(t, st, "192.0.2.1"); !maps.Equal(got, all) {
 		t.Errorf("without successors: %v, want %v", got, all)
 	}
 
 	in.Successors = map[netip.Addr]string{addr("192.0.2.1"): "n2", addr("2001:db8::1"): "n3"}
 	st, _ = Desired(in, "n1")
-	if got, want := nodePortWeights(t, st, "192.0.2.1"), map[netip.Addr]int{addr("10.0.0.2"): 0, addr("10.0.0.3"): 1}; !equalWeights(got, want) {
+	if got, want := nodePortWeights(t, st, "192.0.2.1"), map[netip.Addr]int{addr("10.0.0.2"): 0, addr("10.0.0.3"): 1}; !maps.Equal(got, want) {
 		t.Errorf("successor n2: %v, want %v", got, want)
 	}
-	if got, want := nodePortWeights(t, st, "2001:db8::1"), map[netip.Addr]int{addr("fd00::2"): 1, addr("fd00::3"): 0}; !equalWeights(got, want) {
+	if got, want := nodePortWeights(t, st, "2001:db8::1"), map[netip.Addr]int{addr("fd00::2"): 1, addr("fd00::3"): 0}; !maps.Equal(got, want) {
 		t.Errorf("IPv6, successor n3: %v, want %v", got, want)
 	}
 	// This node's own pods keep their share.
@@ -65,7 +66,7 @@ func TestNodePortSuccessor(t *testing.T) {
 	in.Successors = nil
 	without, _ := Desired(in, "n1")
 	in.Successors = succ
-	if got, want := nodePortWeights(t, st, "192.0.2.1"), nodePortWeights(t, without, "192.0.2.1"); !equalWeights(got, want) || got[addr("10.0.0.2")] == 0 {
+	if got, want := nodePortWeights(t, st, "192.0.2.1"), nodePortWeights(t, without, "192.0.2.1"); !maps.Equal(got, want) || got[addr("10.0.0.2")] == 0 {
 		t.Errorf("Local with successors: %v, want as without %v (n2 with its ready endpoint)", got, want)
 	}
 
@@ -77,7 +78,7 @@ func TestNodePortSuccessor(t *testing.T) {
 	in.Services = []*v1.Service{service("web", []string{"192.0.2.1"})}
 	in.Successors = map[netip.Addr]string{addr("192.0.2.1"): "n2"}
 	st, _ = Desired(in, "n1")
-	if got, want := nodePortWeights(t, st, "192.0.2.1"), map[netip.Addr]int{addr("10.0.0.2"): 1}; !equalWeights(got, want) {
+	if got, want := nodePortWeights(t, st, "192.0.2.1"), map[netip.Addr]int{addr("10.0.0.2"): 1}; !maps.Equal(got, want) {
 		t.Errorf("the successor's NodePort alone: %v, want %v", got, want)
 	}
 }
@@ -103,19 +104,7 @@ func TestCacheFollowsSuccessors(t *testing.T) {
 	if !ok {
 		t.Fatal("Update after Compute refused")
 	}
-	if got, want := nodePortWeights(t, st, "192.0.2.1"), map[netip.Addr]int{addr("10.0.0.2"): 0, addr("10.0.0.3"): 1}; !equalWeights(got, want) {
+	if got, want := nodePortWeights(t, st, "192.0.2.1"), map[netip.Addr]int{addr("10.0.0.2"): 0, addr("10.0.0.3"): 1}; !maps.Equal(got, want) {
 		t.Errorf("Update with successor n2: %v, want %v", got, want)
 	}
-}
-
-func equalWeights(a, b map[netip.Addr]int) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for k, v := range a {
-		if w, ok := b[k]; !ok || w != v {
-			return false
-		}
-	}
-	return true
 }
