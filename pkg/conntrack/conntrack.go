@@ -70,8 +70,8 @@ func OfVIPs(f Flow, vips, node map[netip.Addr]bool, zone uint16) bool {
 	return vips[dst] || vips[f.Original.Src.Addr().Unmap()] && !node[dst]
 }
 
-// set returns addrs, unmapped, as a set.
-func set(addrs []netip.Addr) map[netip.Addr]bool {
+// AddrSet returns addrs, unmapped, as a set: what OfVIPs takes.
+func AddrSet(addrs []netip.Addr) map[netip.Addr]bool {
 	out := make(map[netip.Addr]bool, len(addrs))
 	for _, a := range addrs {
 		out[a.Unmap()] = true

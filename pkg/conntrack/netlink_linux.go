@@ -61,7 +61,7 @@ func (n *Netlink) DeleteUDP(vip, real netip.AddrPort) (int, error) {
 // DeleteOfVIPs is part of Interface. It dumps each family's table that
 // vips have addresses of.
 func (n *Netlink) DeleteOfVIPs(vips []netip.Addr, zone uint16, node []netip.Addr) (int, error) {
-	match := ofVIPs{vips: set(vips), node: set(node), zone: zone}
+	match := ofVIPs{vips: AddrSet(vips), node: AddrSet(node), zone: zone}
 	families := map[netlink.InetFamily]bool{}
 	for v := range match.vips {
 		if v.Is6() {

@@ -496,8 +496,8 @@ func (c *computer) withoutSuccessor(reals []ipvs.RealServer, vip netip.Addr, nod
 	if !ok {
 		return reals
 	}
-	i := slices.IndexFunc(c.nodes, func(n nodeInfo) bool { return n.name == next })
-	if i < 0 {
+	i, found := slices.BinarySearchFunc(c.nodes, next, func(n nodeInfo, name string) int { return strings.Compare(n.name, name) })
+	if !found {
 		return reals
 	}
 	addr := c.nodes[i].ip(vip.Is6())

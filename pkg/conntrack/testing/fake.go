@@ -64,14 +64,7 @@ func (f *Fake) DeleteOfVIPs(vips []netip.Addr, zone uint16, node []netip.Addr) (
 	if f.err != nil {
 		return 0, f.err
 	}
-	set := func(addrs []netip.Addr) map[netip.Addr]bool {
-		out := map[netip.Addr]bool{}
-		for _, a := range addrs {
-			out[a.Unmap()] = true
-		}
-		return out
-	}
-	vipSet, own := set(vips), set(node)
+	vipSet, own := conntrack.AddrSet(vips), conntrack.AddrSet(node)
 	before := len(f.flows)
 	f.flows = slices.DeleteFunc(f.flows, func(fl conntrack.Flow) bool { return conntrack.OfVIPs(fl, vipSet, own, zone) })
 	return before - len(f.flows), nil
