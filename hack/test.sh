@@ -19,15 +19,30 @@ summary() {
   printf '  %-12s %5ds\n' total $((SECONDS - start_all))
 }
 
+# digest LOG: what a reader of a failed run's last lines needs. Packages
+# that run in parallel print their output only when they end, so a data
+# race's report can sit thousands of lines above the summary; CI shows the
+# tail. The whole output stays in _output/test-NAME.log.
+digest() {
+  echo
+  echo "==> what failed (from $1)"
+  grep -E '^(--- FAIL|FAIL|panic:|fatal error:)' "$1" | head -40 || true
+  # The first reports of the race detector, each with its stacks.
+  awk '/^WARNING: DATA RACE/ {n++; on = (n <= 3)} on {print} /^==================$/ {on = 0}' "$1" | head -300 || true
+}
+
 # stage NAME CMD...: runs CMD under a header and records its duration.
 stage() {
   local name=$1 start=$SECONDS status=0
   shift
   echo
   echo "==> $name"
-  "$@" || status=$?
+  mkdir -p _output
+  local log=_output/test-$name.log
+  "$@" 2>&1 | tee "$log" || status=${PIPESTATUS[0]}
   if ((status != 0)); then
     timings+=("$(printf '%-12s %5ds  FAILED' "$name" $((SECONDS - start)))")
+    digest "$log"
     summary
     echo "==> $name failed" >&2
     exit "$status"

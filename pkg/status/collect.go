@@ -176,29 +176,39 @@ func condition(cs []metav1.Condition, t string) Condition {
 	return Condition{Status: string(c.Status), Reason: c.Reason, Message: c.Message}
 }
 
-// ours reports whether keeplb handles svc's load balancer; the rule of the
-// controller and the speaker.
-
 // warningIndex holds the most recent Warning event of each Service, by
 // namespace, name and UID (an event about an earlier Service of the same
-// name must not be reported on its successor): the most recent of the
-// components that decide a Service's VIPs (ours), and the most recent of
-// any (all).
-type warningIndex struct{ ours, all map[string]*v1.Event }
+// name must not be reported on its successor), in tiers of preference
+// (see tier): keeplb's own components, then the upstream service
+// controller keeplb runs, then any.
+type warningIndex [tiers]map[string]*v1.Event
 
-// ours reports whether component is an event source whose warnings say
-// why keeplb cannot serve a Service: controller.Component,
-// speaker.Component (a test keeps these names equal to those constants,
-// which this package does not import) and the upstream service
-// controller that keeplb runs. A pending Service also collects other
-// components' warnings (the API server's ClusterIP repair, for one),
-// which would otherwise hide keeplb's reason whenever they are newer.
-func ours(component string) bool {
+// The tiers of warningIndex, most preferred first.
+const (
+	tierKeeplb = iota
+	tierUpstream
+	tierAny
+	tiers
+)
+
+// tier returns the most preferred tier of warningIndex that a warning from
+// component belongs to. keeplb's controller and speaker (controller.Component,
+// speaker.Component: a test keeps these names equal to those constants,
+// which this package does not import) name the reason and the fix. The
+// upstream service controller's warnings wrap the error keeplb's provider
+// returned, which the provider also records as its own event with the
+// reason: whichever of the two the API server stamps later, keeplb's says
+// more. A pending Service also collects other components' warnings (the
+// API server's ClusterIP repair, for one), which would otherwise hide
+// keeplb's reason whenever they are newer.
+func tier(component string) int {
 	switch component {
-	case "keeplb-controller", "keeplb-speaker", "service-controller":
-		return true
+	case "keeplb-controller", "keeplb-speaker":
+		return tierKeeplb
+	case "service-controller":
+		return tierUpstream
 	}
-	return false
+	return tierAny
 }
 
 func warningKey(ns, name string, uid types.UID) string {
@@ -208,7 +218,10 @@ func warningKey(ns, name string, uid types.UID) string {
 // lastWarnings indexes events. The filter repeats the field selector, which
 // not every client (fakes among them) applies.
 func lastWarnings(events []v1.Event) warningIndex {
-	ix := warningIndex{ours: map[string]*v1.Event{}, all: map[string]*v1.Event{}}
+	var ix warningIndex
+	for t := range ix {
+		ix[t] = map[string]*v1.Event{}
+	}
 	for i := range events {
 		ev := &events[i]
 		if ev.Type != v1.EventTypeWarning || ev.InvolvedObject.Kind != "Service" {
@@ -219,24 +232,20 @@ func lastWarnings(events []v1.Event) warningIndex {
 			ns = ev.Namespace
 		}
 		key := warningKey(ns, ev.InvolvedObject.Name, ev.InvolvedObject.UID)
-		maps := []map[string]*v1.Event{ix.all}
-		if ours(ev.Source.Component) || ours(ev.ReportingController) {
-			maps = append(maps, ix.ours)
-		}
-		for _, m := range maps {
-			if prev, ok := m[key]; !ok || eventTime(ev).After(eventTime(prev)) {
-				m[key] = ev
+		// An event counts in its own tier and every less preferred one.
+		for t := min(tier(ev.Source.Component), tier(ev.ReportingController)); t < tiers; t++ {
+			if prev, ok := ix[t][key]; !ok || eventTime(ev).After(eventTime(prev)) {
+				ix[t][key] = ev
 			}
 		}
 	}
 	return ix
 }
 
-// last returns the message of svc's most recent Warning event from the
-// components that serve it, else from any, counting events that name no
-// UID as svc's.
+// last returns the message of svc's most recent Warning event of the most
+// preferred tier that has one, counting events that name no UID as svc's.
 func (ix warningIndex) last(svc *v1.Service) string {
-	for _, m := range []map[string]*v1.Event{ix.ours, ix.all} {
+	for _, m := range ix {
 		var best *v1.Event
 		for _, uid := range []types.UID{svc.UID, ""} {
 			if ev := m[warningKey(svc.Namespace, svc.Name, uid)]; ev != nil && (best == nil || eventTime(ev).After(eventTime(best))) {

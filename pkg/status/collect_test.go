@@ -131,10 +131,11 @@ func TestCollect(t *testing.T) {
 }
 
 // TestProblemPrefersKeeplbsWarning: a pending Service's problem is the
-// latest Warning of keeplb's components (or the upstream service
-// controller it runs), even when another component warned later (the API
-// server's ClusterIP repair did, in the integration suite); a Service
-// with only others' warnings shows the latest of those.
+// latest Warning of keeplb's components, else of the upstream service
+// controller it runs, even when a less preferred component warned later
+// (the API server's ClusterIP repair did, in the integration suite, and
+// the service controller's wrapping of the provider's error did); a
+// Service with only others' warnings shows the latest of those.
 func TestProblemPrefersKeeplbsWarning(t *testing.T) {
 	from := func(ev *v1.Event, component, reporting string) v1.Event {
 		ev.Source.Component, ev.ReportingController = component, reporting
@@ -144,6 +145,7 @@ func TestProblemPrefersKeeplbsWarning(t *testing.T) {
 		*lbService("ns", "a", nil, nil),
 		*lbService("ns", "b", nil, nil),
 		*lbService("ns", "c", nil, nil),
+		*lbService("ns", "d", nil, nil),
 	}
 	for i := range svcs {
 		svcs[i].UID = k8stypes.UID("uid-" + svcs[i].Name)
@@ -151,6 +153,11 @@ func TestProblemPrefersKeeplbsWarning(t *testing.T) {
 	events := []v1.Event{
 		from(warning("ns", "a", "uid-a", "Error syncing load balancer: IPPool small has no free IPv4 address", 0), "service-controller", ""),
 		from(warning("ns", "a", "uid-a", "Cluster IP [IPv4]: 10.96.59.116 is not allocated; repairing", time.Second), "ipallocator-repair-controller", ""),
+		// The provider's own event of the failure the service controller
+		// wrapped above, stamped a little earlier (the integration suite
+		// saw either order).
+		from(warning("ns", "d", "uid-d", "PoolExhausted: IPPool small has no free IPv4 address", 0), controller.Component, ""),
+		from(warning("ns", "d", "uid-d", "Error syncing load balancer: failed to ensure load balancer: keeplb: IPPool small has no free IPv4 address", time.Millisecond), "service-controller", ""),
 		from(warning("ns", "b", "uid-b", "no VRRP instance: VRID range full", 0), "", speaker.Component),
 		from(warning("ns", "b", "uid-b", "ClusterIP repair said something", time.Minute), "", "ipallocator-repair-controller"),
 		from(warning("ns", "c", "uid-c", "only a foreign warning", 0), "someone-else", ""),
@@ -165,12 +172,13 @@ func TestProblemPrefersKeeplbsWarning(t *testing.T) {
 		"a": "Error syncing load balancer: IPPool small has no free IPv4 address",
 		"b": "no VRRP instance: VRID range full",
 		"c": "a later foreign warning",
+		"d": "PoolExhausted: IPPool small has no free IPv4 address",
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("problems %q; want %q", got, want)
 	}
 	for _, c := range []string{controller.Component, speaker.Component} {
-		if !ours(c) {
+		if tier(c) != tierKeeplb {
 			t.Errorf("component %q is not counted as keeplb's", c)
 		}
 	}
