@@ -223,7 +223,7 @@ awk '/^Benchmark/ { n = $1; sub(/-[0-9]+$/, "", n); for (i = 3; i < NF; i++) { i
     if (v && d) printf "| throughput, 4 clients per CPU, a new connection per request | %.0f req/s through the VIP | %.0f req/s direct to the pod | %.2fx |\n", v, d, v / d
   }' _output/bench-ipvs.txt
 
-# Connections across a VIP move: 50 TCP streams and 6 UDP gap probes
+# Connections across a VIP move: 50 TCP streams and 4 UDP gap probes
 # through the VIP of real speakers in the VM, through nothing (the lab's
 # own stall), a graceful handover, failback, a holder crash, a rolling
 # update with the hand-off and a rolling restart without it, in every
@@ -233,7 +233,7 @@ echo >&2
 echo ">> streams across VIP moves, every mode, --conn-sync on and off (e2e/ipvs TestStreams -streams.table)" >&2
 KEEPLB_VM=1 KEEPLB_TOOLS_DIR=$(hack/tools.sh) go test -count=1 -timeout 40m -run 'TestStreams' -v ./e2e/ipvs/ -streams.table > _output/streams.txt 2>&1 || true
 echo
-echo "| mode | event | --conn-sync | streams that survived (of those whose backend runs) | longest stall | forwarding gap (UDP) | VIP moves | new connections |"
+echo "| mode | event | --conn-sync | streams that survived (of those whose backend runs) | longest stall | forwarding gap (UDP), datagrams lost | VIP moves | new connections |"
 echo "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"
 grep -o 'stream row: .*' _output/streams.txt | sed 's/^stream row: //' || echo "(no rows: see _output/streams.txt)"
 

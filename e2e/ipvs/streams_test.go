@@ -79,8 +79,9 @@ const (
 // speaker stopped, and a replacement started handoffGap later, the next
 // node once it is ready). Each row gives how many streams survived, of
 // those whose backend still runs, the longest stall of a survivor, the
-// forwarding gap of UDP probes through the same VIP (streams.Gaps: what
-// the dataplane did not forward, without TCP's retransmission backoff),
+// forwarding gap of UDP probes through the same VIP and the datagrams
+// they lost (streams.Gaps: what the dataplane did not forward, without
+// TCP's retransmission backoff),
 // and how many times the VIP moved. A first row in which nothing
 // happens gives the lab's own stall and gap, the baseline of the others.
 //
@@ -125,8 +126,11 @@ type streamRow struct {
 	ownStall             time.Duration
 	// gap is the longest forwarding gap of the UDP probes (streams.Gaps)
 	// whose backend still runs: what the dataplane itself did not
-	// forward, without TCP's retransmission backoff.
+	// forward, without TCP's retransmission backoff; lost how many of
+	// their datagrams were never answered (a TCP stream that loses none
+	// does not wait for a retransmission).
 	gap               time.Duration
+	lost              int
 	stall             time.Duration
 	moves             int
 	newConns, newFail int
@@ -149,7 +153,7 @@ func (r streamRow) String() string {
 	if r.ownNodePort > 0 {
 		own = fmt.Sprintf("; through the new holder's own NodePort: %d of %d lost, longest stall %s", r.ownLost, r.ownNodePort, r.ownStall.Round(time.Millisecond))
 	}
-	return fmt.Sprintf("| %s | %s | %s | %d of %d (%.0f%%)%s | %s | %s | %d | %s |", r.mode, r.event, sync, r.survived, r.of, pct, own, r.stall.Round(time.Millisecond), r.gap.Round(time.Millisecond), r.moves, news)
+	return fmt.Sprintf("| %s | %s | %s | %d of %d (%.0f%%)%s | %s | %s, %d lost | %d | %s |", r.mode, r.event, sync, r.survived, r.of, pct, own, r.stall.Round(time.Millisecond), r.gap.Round(time.Millisecond), r.lost, r.moves, news)
 }
 
 func streamTable(t *testing.T, cfg *rest.Config) {
@@ -234,7 +238,7 @@ func streamTable(t *testing.T, cfg *rest.Config) {
 	}
 
 	var b strings.Builder
-	b.WriteString("| mode | event | --conn-sync | streams that survived (of those whose backend runs) | longest stall | forwarding gap (UDP) | VIP moves | new connections |\n| --- | --- | --- | ---: | ---: | ---: | ---: | --- |\n")
+	b.WriteString("| mode | event | --conn-sync | streams that survived (of those whose backend runs) | longest stall | forwarding gap (UDP), datagrams lost | VIP moves | new connections |\n| --- | --- | --- | ---: | ---: | ---: | ---: | --- |\n")
 	for _, r := range rows {
 		b.WriteString(r.String() + "\n")
 	}
@@ -364,8 +368,9 @@ func (c *cluster) streamEvents(m streamMode, vip netip.Addr, client string, on b
 		rows = append(rows, streamRow{mode: m.name, event: event, connSync: on, survived: survived, of: of, gone: gone,
 			ownNodePort: ownOf, ownLost: ownOf - ownKept, ownStall: r.LongestStallExcept(others...),
 			gap:   gr.LongestExcept(append(slices.Clone(gone), own...)...),
+			lost:  gr.LostExcept(append(slices.Clone(gone), own...)...),
 			stall: r.LongestStallExcept(append(slices.Clone(gone), own...)...), moves: moved, newConns: n, newFail: nf})
-		c.t.Logf("%s, %s, --conn-sync %v: %s; UDP probes: longest gap %s, flows %v, gaps %v", m.name, event, on, r, gr.LongestExcept(gone...).Round(time.Millisecond), gr.Flows, gr.Gaps)
+		c.t.Logf("%s, %s, --conn-sync %v: %s; UDP probes: longest gap %s, flows %v, gaps %v, lost %v", m.name, event, on, r, gr.LongestExcept(gone...).Round(time.Millisecond), gr.Flows, gr.Gaps, gr.Lost)
 		for _, f := range r.Failed {
 			c.t.Logf("  a stream of %s failed at %s: %v", f.Backend, f.At.Format("15:04:05.000"), f.Err)
 		}

@@ -31,13 +31,17 @@ type GapOptions struct {
 // TCP stream's stall, which grows with its retransmission timeout's
 // backoff (a segment lost at a move is sent again after 200 ms, then 400,
 // 800…), this is how long the dataplane did not forward that flow, to
-// within Interval. A flow keeps its source port, so after a move it
-// takes the connection entry the sync daemon gave the new holder.
+// within Interval. It also counts the datagrams never answered: a TCP
+// stream stalls for a retransmission timeout when it loses one, so a
+// move that loses none is what keeps TCP's stall at the lab's own. A flow
+// keeps its source port, so after a move it takes the connection entry
+// the sync daemon gave the new holder.
 type Gaps struct {
-	opts   GapOptions
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
-	flows  []*gapFlow
+	opts GapOptions
+	// stopSending ends the senders, cancel the receivers too.
+	stopSending, cancel context.CancelFunc
+	senders, receivers  sync.WaitGroup
+	flows               []*gapFlow
 }
 
 type gapFlow struct {
@@ -49,6 +53,10 @@ type gapFlow struct {
 	last    time.Time
 	gap     time.Duration
 	answers int
+	// sent counts the datagrams sent, numbered 0 to sent-1; seen holds
+	// the numbers answered (an answer can come twice, or out of order).
+	sent int
+	seen map[int]bool
 }
 
 // StartGaps opens the flows and starts sending; it fails when a flow
@@ -59,17 +67,19 @@ func StartGaps(ctx context.Context, opts GapOptions) (*Gaps, error) {
 		opts.Dial = d.DialContext
 	}
 	ctx, cancel := context.WithCancel(ctx)
-	g := &Gaps{opts: opts, cancel: cancel}
+	sendCtx, stopSending := context.WithCancel(ctx)
+	g := &Gaps{opts: opts, cancel: cancel, stopSending: stopSending}
 	for range opts.Flows {
 		conn, err := opts.Dial(ctx, "udp", opts.Addr)
 		if err != nil {
 			g.Stop()
 			return nil, fmt.Errorf("open a UDP flow to %s: %w", opts.Addr, err)
 		}
-		f := &gapFlow{}
+		f := &gapFlow{seen: map[int]bool{}}
 		g.flows = append(g.flows, f)
-		g.wg.Add(2)
-		go g.send(ctx, conn, f)
+		g.senders.Add(1)
+		g.receivers.Add(1)
+		go g.send(sendCtx, conn, f)
 		go g.receive(ctx, conn, f)
 	}
 	deadline := time.Now().Add(time.Second)
@@ -91,11 +101,22 @@ func (f *gapFlow) answered() int {
 	return f.answers
 }
 
+// lost counts the datagrams sent and never answered.
+func (f *gapFlow) lost() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.sent - len(f.seen)
+}
+
 func (g *Gaps) send(ctx context.Context, conn net.Conn, f *gapFlow) {
-	defer g.wg.Done()
+	defer g.senders.Done()
 	t := time.NewTicker(g.opts.Interval)
 	defer t.Stop()
 	for seq := 0; ; seq++ {
+		// Counted before it goes, so that its answer finds it counted.
+		f.mu.Lock()
+		f.sent = seq + 1
+		f.mu.Unlock()
 		// A failed write (an ICMP error reported on a connected socket)
 		// is one datagram lost, like any other.
 		_, _ = conn.Write([]byte(strconv.Itoa(seq)))
@@ -108,7 +129,7 @@ func (g *Gaps) send(ctx context.Context, conn net.Conn, f *gapFlow) {
 }
 
 func (g *Gaps) receive(ctx context.Context, conn net.Conn, f *gapFlow) {
-	defer g.wg.Done()
+	defer g.receivers.Done()
 	stop := context.AfterFunc(ctx, func() { _ = conn.Close() })
 	defer stop()
 	buf := make([]byte, 512)
@@ -121,8 +142,15 @@ func (g *Gaps) receive(ctx context.Context, conn net.Conn, f *gapFlow) {
 			continue // an ICMP error: the flow is not forwarded, for now
 		}
 		now := time.Now()
-		_, id, _ := strings.Cut(string(buf[:n]), " ")
+		num, id, _ := strings.Cut(string(buf[:n]), " ")
+		seq, err := strconv.Atoi(num)
+		if err != nil {
+			continue // not an answer of ours
+		}
 		f.mu.Lock()
+		if seq < f.sent {
+			f.seen[seq] = true
+		}
 		if !f.last.IsZero() {
 			f.gap = max(f.gap, now.Sub(f.last))
 		}
@@ -142,6 +170,8 @@ type GapReport struct {
 	Gaps map[string]time.Duration
 	// Flows counts the flows by that backend.
 	Flows map[string]int
+	// Lost counts, by that backend, the datagrams never answered.
+	Lost map[string]int
 }
 
 // LongestExcept returns the longest gap of the flows not first answered
@@ -156,19 +186,46 @@ func (r GapReport) LongestExcept(gone ...string) time.Duration {
 	return out
 }
 
-// Stop ends the flows and reports.
+// LostExcept counts the datagrams never answered on the flows not first
+// answered by a backend in gone.
+func (r GapReport) LostExcept(gone ...string) int {
+	n := 0
+	for b, l := range r.Lost {
+		if !slices.Contains(gone, b) {
+			n += l
+		}
+	}
+	return n
+}
+
+// drainWait bounds how long Stop waits for the answers to the last
+// datagrams sent: an answer later than that counts as lost.
+const drainWait = 500 * time.Millisecond
+
+// Stop ends the flows and reports. A gap runs to the moment Stop is
+// called; the answers to the datagrams sent before it may come until every
+// flow has them all, or drainWait has passed.
 func (g *Gaps) Stop() GapReport {
 	now := time.Now()
+	g.stopSending()
+	g.senders.Wait()
+	deadline := time.Now().Add(drainWait)
+	for _, f := range g.flows {
+		for f.lost() > 0 && time.Now().Before(deadline) {
+			time.Sleep(time.Millisecond)
+		}
+	}
 	g.cancel()
-	g.wg.Wait()
-	r := GapReport{Gaps: map[string]time.Duration{}, Flows: map[string]int{}}
+	g.receivers.Wait()
+	r := GapReport{Gaps: map[string]time.Duration{}, Flows: map[string]int{}, Lost: map[string]int{}}
 	for _, f := range g.flows {
 		gap := f.gap
-		if !f.last.IsZero() {
+		if !f.last.IsZero() && f.last.Before(now) {
 			gap = max(gap, now.Sub(f.last))
 		}
 		r.Gaps[f.backend] = max(r.Gaps[f.backend], gap)
 		r.Flows[f.backend]++
+		r.Lost[f.backend] += f.sent - len(f.seen)
 	}
 	return r
 }

@@ -21,8 +21,9 @@ func (p *pausingEcho) WriteTo(b []byte, addr net.Addr) (int, error) {
 }
 
 // TestGaps: three flows to a UDP echo all answer, by its name; a pause of
-// the echo shows as a gap at least as long on every flow, and a gap
-// counts up to Stop for a flow that never answers again.
+// the echo shows as a gap at least as long on every flow and as datagrams
+// lost, none are lost without one, and a gap counts up to Stop for a flow
+// that never answers again.
 func TestGaps(t *testing.T) {
 	c, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
@@ -59,6 +60,25 @@ func TestGaps(t *testing.T) {
 	}
 	if got := r.LongestExcept("the-echo"); got != 0 {
 		t.Errorf("longest gap without the-echo's flows %s; want 0", got)
+	}
+	// The pause swallowed about 60 answers a flow; 10 a flow is what even
+	// a starved ticker sends in it.
+	if got := r.LostExcept(); got < 3*10 {
+		t.Errorf("%d datagrams lost in a pause of %s at %s on 3 flows; want at least 30", got, pause, 5*time.Millisecond)
+	}
+	if got := r.LostExcept("the-echo"); got != 0 {
+		t.Errorf("%d datagrams lost without the-echo's flows; want 0", got)
+	}
+
+	// Nothing happens: nothing is lost, the last datagrams' answers
+	// included (Stop waits for them).
+	g, err = StartGaps(t.Context(), GapOptions{Addr: c.LocalAddr().String(), Flows: 3, Interval: 5 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond) // datagrams to count, not a wait for a condition
+	if r := g.Stop(); r.LostExcept() != 0 || r.Lost["the-echo"] != 0 {
+		t.Errorf("lost %v without a pause; want none", r.Lost)
 	}
 
 	// Never answered again: the gap runs to Stop.
