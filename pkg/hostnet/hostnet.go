@@ -21,6 +21,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/keeplb/keeplb/pkg/nlattr"
+	"github.com/keeplb/keeplb/pkg/nsthread"
 )
 
 // Link is a network interface with its addresses.
@@ -59,6 +60,10 @@ type Netlink struct {
 	// the address dump that Links parses itself (see addresses).
 	addrs      map[int]*nl.SocketHandle
 	sysctlRoot string
+	// nsPath is the namespace NewAt opened, "" for the process's own:
+	// /proc/sys/net shows the namespace of the thread that reads it, so
+	// its sysctls are read and written on a thread inside (nsthread).
+	nsPath string
 }
 
 var _ Interface = (*Netlink)(nil)
@@ -100,7 +105,12 @@ func NewAt(nsPath string) (*Netlink, error) {
 		return nil, fmt.Errorf("open network namespace %s: %w", nsPath, err)
 	}
 	defer func() { _ = ns.Close() }() // the sockets keep the namespace alive
-	return open(ns, " in "+nsPath)
+	n, err := open(ns, " in "+nsPath)
+	if err != nil {
+		return nil, err
+	}
+	n.nsPath = nsPath
+	return n, nil
 }
 
 // dumpAttempts bounds the reads of Links that the kernel interrupts: a
@@ -346,18 +356,32 @@ func (n *Netlink) SetAddressLifetime(link string, p netip.Prefix, valid time.Dur
 }
 
 // Sysctl is part of Interface. The sysctls of /proc/sys/net are those of
-// the reading process's network namespace.
+// the handle's network namespace: NewAt's, read from inside it.
 func (n *Netlink) Sysctl(name string) (string, error) {
-	b, err := os.ReadFile(n.sysctlPath(name))
-	if err != nil {
-		return "", err
-	}
-	return strings.TrimSpace(string(b)), nil
+	return n.inNamespace(func() (string, error) {
+		b, err := os.ReadFile(n.sysctlPath(name))
+		if err != nil {
+			return "", err
+		}
+		return strings.TrimSpace(string(b)), nil
+	})
 }
 
 // SetSysctl is part of Interface.
 func (n *Netlink) SetSysctl(name, value string) error {
-	return os.WriteFile(n.sysctlPath(name), []byte(value), 0o644)
+	_, err := n.inNamespace(func() (string, error) {
+		return "", os.WriteFile(n.sysctlPath(name), []byte(value), 0o644)
+	})
+	return err
+}
+
+// inNamespace runs f on a thread in the handle's namespace (NewAt's), or
+// where it is for the process's own.
+func (n *Netlink) inNamespace(f func() (string, error)) (string, error) {
+	if n.nsPath == "" {
+		return f()
+	}
+	return nsthread.Call(n.nsPath, f)
 }
 
 func (n *Netlink) sysctlPath(name string) string {

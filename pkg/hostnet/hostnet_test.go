@@ -123,6 +123,19 @@ func TestNetlinkInNamespace(t *testing.T) {
 	if strings.Contains(string(out), "10.251.0.100") || !strings.Contains(string(out), "10.251.0.2/24") {
 		t.Fatalf("after cleanup: %s", out)
 	}
+
+	// The namespace's sysctls, not the process's: d0 is only there, and
+	// a value written is the namespace's. (Read from the process's, a
+	// handle at a namespace read another node's values.)
+	if err := h.SetSysctl("net.ipv4.conf.d0.arp_ignore", "2"); err != nil {
+		t.Fatal(err)
+	}
+	if v, err := h.Sysctl("net.ipv4.conf.d0.arp_ignore"); err != nil || v != "2" {
+		t.Errorf("d0's arp_ignore read through the handle: %q, %v; want 2", v, err)
+	}
+	if out, err := exec.Command("ip", "netns", "exec", ns, "cat", "/proc/sys/net/ipv4/conf/d0/arp_ignore").CombinedOutput(); err != nil || strings.TrimSpace(string(out)) != "2" {
+		t.Errorf("d0's arp_ignore in the namespace: %q, %v; want 2", out, err)
+	}
 }
 
 // TestLinksWhileAddressesChange reads the links while another link's
