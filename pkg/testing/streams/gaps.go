@@ -177,13 +177,7 @@ type GapReport struct {
 // LongestExcept returns the longest gap of the flows not first answered
 // by a backend in gone.
 func (r GapReport) LongestExcept(gone ...string) time.Duration {
-	var out time.Duration
-	for b, d := range r.Gaps {
-		if !slices.Contains(gone, b) {
-			out = max(out, d)
-		}
-	}
-	return out
+	return longestExcept(r.Gaps, gone)
 }
 
 // LostExcept counts the datagrams never answered on the flows not first

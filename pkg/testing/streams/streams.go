@@ -271,8 +271,14 @@ func (r Report) SurvivedExcept(gone ...string) (survived, of int) {
 // LongestStallExcept returns the longest stall of the streams that
 // survived, of those not served by a backend in gone.
 func (r Report) LongestStallExcept(gone ...string) time.Duration {
+	return longestExcept(r.Stalls, gone)
+}
+
+// longestExcept returns the longest of the durations by backend, but
+// those of the backends in gone.
+func longestExcept(by map[string]time.Duration, gone []string) time.Duration {
 	var out time.Duration
-	for b, d := range r.Stalls {
+	for b, d := range by {
 		if !slices.Contains(gone, b) {
 			out = max(out, d)
 		}
