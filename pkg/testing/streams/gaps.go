@@ -219,7 +219,7 @@ func (g *Gaps) Stop() GapReport {
 		}
 		r.Gaps[f.backend] = max(r.Gaps[f.backend], gap)
 		r.Flows[f.backend]++
-		r.Lost[f.backend] += f.sent - len(f.seen)
+		r.Lost[f.backend] += f.lost()
 	}
 	return r
 }
